@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The single GPU check: on a machine with an NVIDIA GPU, build pym4 with CUDA, run the GPU
+# tests, then the GPU benchmarks of every op. Everything it prints also goes under $OUT
+# (default ./gpu_check_out). Uses the machine's own python3 (with torch and triton) and no
+# network. Under 10 minutes in all.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+log() { echo "== $*" | tee -a "$OUT/gpu_check.log"; }
+status=0
+step() {  # step NAME TIMEOUT CMD...: run one step, log it, remember a failure, go on
+  local name=$1 limit=$2; shift 2
+  log "$name"
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 0 ] || { log "$name FAILED (exit $rc)"; status=1; }
+}
+
+nvidia-smi -L 2>&1 | tee -a "$OUT/gpu_check.log"
+step build 300 env PYM4_CUDA=ON PYM4_CUDA_ARCHS="${PYM4_CUDA_ARCHS:-90}" \
+  "$PY" -m pip install --no-build-isolation --no-deps -q -e .
+step build_info 30 "$PY" -c "import json, pym4; print(json.dumps(pym4.build_info(), indent=1))"
+step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+# Benchmarks, one per op (each writes CSV and PNG under $OUT).
+step bench_sinkhorn 120 "$PY" benchmarks/bench_sinkhorn.py --device cuda --out "$OUT"
+log "done (status $status)"
+exit $status

@@ -1,0 +1,34 @@
+// Host-side launchers of the CUDA kernels in kernels/cuda/*.cu. Plain pointers and a
+// stream handle (cudaStream_t passed as void*), so that this header and bindings.cpp
+// need no CUDA headers and the CPU-only build never sees them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace pym4 {
+namespace cuda {
+
+// Throws std::runtime_error carrying the CUDA error string when a launch failed.
+void check_last_error(const char* what);
+
+// ----- Sinkhorn (kernels/cuda/sinkhorn.cu) -----------------------------------------------
+// dtype codes shared by every CUDA entry point.
+enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
+
+// The SwAV / entropic-OT solve of include/pym4/sinkhorn.h on the GPU: x (rows x cols, row
+// stride ld, dtype), alpha, column log-marginals log_b (device, cols doubles, may be null
+// for uniform), rows carry mass exp(log_a_scalar) each, output out (rows x cols, contiguous,
+// same dtype) multiplied by exp(log_out_scale). workspace: device scratch of
+// sinkhorn_workspace_bytes(rows, cols) bytes. non_finite (device int) is set to 1 when the
+// input holds NaN/Inf. Shapes small enough for one block run every iteration in one launch.
+size_t sinkhorn_workspace_bytes(int64_t rows, int64_t cols);
+void sinkhorn_solve(const void* x, DType dtype, int64_t rows, int64_t cols, int64_t ld, double alpha,
+                    const double* log_b, double log_a_scalar, int64_t n_iters, double log_out_scale,
+                    void* out, void* workspace, int* non_finite, void* stream);
+
+// Device count and name of device 0 ("" when none), for build_info.
+int device_count();
+
+}  // namespace cuda
+}  // namespace pym4

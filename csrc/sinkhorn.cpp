@@ -1,0 +1,293 @@
+// CPU kernels of Sinkhorn-Knopp (see include/pym4/sinkhorn.h for the math).
+//
+// Every pass is parallel over rows with OpenMP; each thread keeps its own column
+// accumulators (a block of rows in float, flushed to double) that are summed at the end,
+// so no atomics and a deterministic result for a given thread count.
+#include "pym4/sinkhorn.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "pym4/common.h"
+
+namespace pym4 {
+namespace sinkhorn {
+namespace {
+
+constexpr int64_t kFlushRows = 64;  // rows accumulated in float before adding into double
+
+// Per-thread column accumulators, merged after the parallel region.
+struct ColumnPartials {
+  std::vector<double> sums;  // threads x cols
+  int64_t cols;
+  ColumnPartials(int threads, int64_t cols_) : sums(static_cast<size_t>(threads) * cols_, 0.0), cols(cols_) {}
+  double* of(int t) { return sums.data() + static_cast<size_t>(t) * cols; }
+  void reduce_into(double* out, int threads) const {
+    for (int64_t j = 0; j < cols; ++j) out[j] = 0.0;
+    for (int t = 0; t < threads; ++t) {
+      const double* p = sums.data() + static_cast<size_t>(t) * cols;
+      for (int64_t j = 0; j < cols; ++j) out[j] += p[j];
+    }
+  }
+};
+
+// t_j = alpha * x_j + g_j for one row, into buf; returns the row maximum.
+template <typename T>
+PYM4_SIMD_CLONES T shifted_row(const T* __restrict x, const T* __restrict g, T alpha, T* __restrict buf,
+                               int64_t n) {
+  T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) {
+    const T t = alpha * x[j] + g[j];
+    buf[j] = t;
+    mx = max_bits(mx, t);
+  }
+  return mx;
+}
+
+// buf_j <- exp(buf_j - mx); returns the sum.
+template <typename T>
+PYM4_SIMD_CLONES T exp_row(T* __restrict buf, T mx, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) {
+    const T e = fast_exp(buf[j] - mx);
+    buf[j] = e;
+    s += e;
+  }
+  return s;
+}
+
+// acc_j += c * e_j
+template <typename T>
+PYM4_SIMD_CLONES void axpy_row(T c, const T* __restrict e, T* __restrict acc, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) acc[j] += c * e[j];
+}
+
+// e_j *= c
+template <typename T>
+PYM4_SIMD_CLONES void scale_row(T c, T* __restrict e, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) e[j] *= c;
+}
+
+// One block of rows [i0, i1) of the first column step: update the running column maxima and
+// the sums of exp(alpha x - max) (rescaled when the maximum moves), and the finiteness probe.
+template <typename T>
+PYM4_SIMD_CLONES void column_block_update(const T* __restrict x, int64_t ld, T alpha, int64_t i0, int64_t i1,
+                                          int64_t K, T* __restrict run_max, T* __restrict run_sum,
+                                          T* __restrict blk_max, T* __restrict probe) {
+  for (int64_t j = 0; j < K; ++j) blk_max[j] = -std::numeric_limits<T>::infinity();
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* row = x + i * ld;
+    for (int64_t j = 0; j < K; ++j) {
+      const T t = alpha * row[j];
+      blk_max[j] = max_bits(blk_max[j], t);
+      probe[j] += t * T(0);
+    }
+  }
+  for (int64_t j = 0; j < K; ++j) {
+    const T new_max = max_bits(run_max[j], blk_max[j]);
+    run_sum[j] *= fast_exp(run_max[j] - new_max);
+    run_max[j] = new_max;
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* row = x + i * ld;
+    for (int64_t j = 0; j < K; ++j) run_sum[j] += fast_exp(alpha * row[j] - run_max[j]);
+  }
+}
+
+template <typename T>
+void flush(T* __restrict block, double* __restrict acc, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc[j] += static_cast<double>(block[j]);
+    block[j] = 0;
+  }
+}
+
+// The row step shared by row_pass and write_plan: for every row computes e_ij (into
+// `dest(i)`, a buffer or the output row), the row scale c_i = exp(log a_i) / sum_j e_ij,
+// applies `finish(i, c_i, e)`, and accumulates c_i * e_ij into the column masses.
+template <typename T, typename Dest, typename Finish>
+void for_each_row(const Matrix<T>& m, const double* g, RowMarginal a, double* col_mass,
+                  Dest dest, Finish finish) {
+  const int64_t K = m.cols;
+  std::vector<T> g_t(K);
+  for (int64_t j = 0; j < K; ++j) g_t[j] = static_cast<T>(g[j]);
+  const T alpha = static_cast<T>(m.alpha);
+  const int threads = max_threads();
+  ColumnPartials partials(col_mass ? threads : 0, K);
+
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    const int tid = thread_id();
+    std::vector<T> buf(K);
+    std::vector<T> block(col_mass ? K : 0, T(0));
+    int64_t in_block = 0;
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp for schedule(static)
+#endif
+    for (int64_t i = 0; i < m.rows; ++i) {
+      T* e = dest(i, buf.data());
+      const T mx = shifted_row(m.data + i * m.ld, g_t.data(), alpha, e, K);
+      const T s = exp_row(e, mx, K);
+      // Row i of the plan is exp(log a_i) * e_ij / s: the row maximum cancels out.
+      const double log_c = a.at(i) - std::log(static_cast<double>(s));
+      const T c = static_cast<T>(std::exp(log_c));
+      if (col_mass) {
+        axpy_row(c, e, block.data(), K);
+        if (++in_block == kFlushRows) {
+          flush(block.data(), partials.of(tid), K);
+          in_block = 0;
+        }
+      }
+      finish(i, c, e, log_c - static_cast<double>(mx));
+    }
+    if (col_mass) flush(block.data(), partials.of(tid), K);
+  }
+  if (col_mass) partials.reduce_into(col_mass, threads);
+}
+
+}  // namespace
+
+template <typename T>
+bool column_logsumexp(const Matrix<T>& m, double* col_max, double* col_sum) {
+  const int64_t K = m.cols;
+  const T alpha = static_cast<T>(m.alpha);
+  const int threads = max_threads();
+  std::vector<double> part_max(static_cast<size_t>(threads) * K, -std::numeric_limits<double>::infinity());
+  std::vector<double> part_sum(static_cast<size_t>(threads) * K, 0.0);
+  std::vector<int> part_finite(threads, 1);
+  constexpr int64_t kBlock = 16;  // rows per running-max update
+
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    const int tid = thread_id();
+    std::vector<T> run_max(K, -std::numeric_limits<T>::infinity());
+    std::vector<T> run_sum(K, T(0));
+    std::vector<T> blk_max(K);
+    std::vector<T> probe(K, T(0));  // sums alpha*x*0: NaN iff some entry is NaN or infinite
+    const int64_t n_blocks = (m.rows + kBlock - 1) / kBlock;
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp for schedule(static)
+#endif
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t i0 = b * kBlock, i1 = std::min(m.rows, i0 + kBlock);
+      column_block_update(m.data, m.ld, alpha, i0, i1, K, run_max.data(), run_sum.data(), blk_max.data(),
+                          probe.data());
+    }
+    bool finite = true;
+    for (int64_t j = 0; j < K; ++j) finite = finite && (probe[j] == T(0));
+    part_finite[tid] = finite;
+    for (int64_t j = 0; j < K; ++j) {
+      part_max[static_cast<size_t>(tid) * K + j] = run_max[j];
+      part_sum[static_cast<size_t>(tid) * K + j] = run_sum[j];
+    }
+  }
+  for (int t = 0; t < threads; ++t)
+    if (!part_finite[t]) return false;
+  for (int64_t j = 0; j < K; ++j) {
+    double mx = -std::numeric_limits<double>::infinity();
+    for (int t = 0; t < threads; ++t) mx = std::max(mx, part_max[static_cast<size_t>(t) * K + j]);
+    double s = 0.0;
+    for (int t = 0; t < threads; ++t) {
+      const double pm = part_max[static_cast<size_t>(t) * K + j];
+      if (pm > -std::numeric_limits<double>::infinity()) s += part_sum[static_cast<size_t>(t) * K + j] * std::exp(pm - mx);
+    }
+    col_max[j] = mx;
+    col_sum[j] = s;
+  }
+  return true;
+}
+
+template <typename T>
+void row_pass(const Matrix<T>& m, const double* g, RowMarginal a, double* f_out, double* col_mass) {
+  for_each_row(
+      m, g, a, col_mass, [](int64_t, T* buf) { return buf; },
+      [f_out](int64_t i, T, T*, double f_i) {
+        // f_i = log a_i - LSE_j(alpha x_ij + g_j) = log c_i - (row maximum)
+        if (f_out) f_out[i] = f_i;
+      });
+}
+
+template <typename T>
+void write_plan(const Matrix<T>& m, const double* g, RowMarginal a, T* out, int64_t ld_out, double* col_mass) {
+  // Written in place: the output row is the scratch buffer, then scaled by c_i.
+  for_each_row(
+      m, g, a, col_mass, [out, ld_out](int64_t i, T*) { return out + i * ld_out; },
+      [K = m.cols](int64_t, T c, T* e, double) { scale_row(c, e, K); });
+}
+
+template <typename T>
+Result solve(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_iters, double tol,
+             double log_out_scale, T* out, int64_t ld_out, double* g_out) {
+  const int64_t K = m.cols;
+  Result result;
+  std::vector<double> g(K), col_max(K), col_sum(K), col_mass(K);
+  auto lb = [&](int64_t j) { return log_b ? log_b[j] : -std::log(static_cast<double>(K)); };
+  if (!column_logsumexp(m, col_max.data(), col_sum.data())) {
+    result.finite = false;
+    return result;
+  }
+  // First column step from f = 0: g_j = log b_j - LSE_i(alpha x_ij).
+  for (int64_t j = 0; j < K; ++j) g[j] = lb(j) - (col_max[j] + std::log(col_sum[j]));
+
+  auto marginal_error = [&]() {
+    double e2 = 0.0;
+    for (int64_t j = 0; j < K; ++j) {
+      const double d = col_mass[j] - std::exp(lb(j));
+      e2 += d * d;
+    }
+    return std::sqrt(e2);
+  };
+
+  RowMarginal out_rows = a;  // the write step scales rows by exp(log_out_scale) as well
+  std::vector<double> scaled_log_a;
+  if (a.log_a) {
+    scaled_log_a.assign(a.log_a, a.log_a + m.rows);
+    for (double& v : scaled_log_a) v += log_out_scale;
+    out_rows.log_a = scaled_log_a.data();
+  } else {
+    out_rows.log_a_scalar += log_out_scale;
+  }
+
+  const bool measure = tol > 0;
+  for (int64_t it = 1; it <= n_iters; ++it) {
+    result.iterations = it;
+    if (it == n_iters) break;  // the last row step is the write below
+    row_pass(m, g.data(), a, nullptr, col_mass.data());
+    if (measure) {
+      result.marginal_error = marginal_error();
+      if (result.marginal_error < tol) break;
+    }
+    // Column step: rescale every column to its marginal b_j (a zero-mass column stays at
+    // -inf rather than becoming -inf - (-inf) = NaN).
+    for (int64_t j = 0; j < K; ++j) g[j] = std::isinf(lb(j)) ? lb(j) : g[j] + lb(j) - std::log(col_mass[j]);
+  }
+  // The write pass also measures the column marginals (they have a scale of exp(log_out_scale)).
+  write_plan(m, g.data(), out_rows, out, ld_out, measure ? col_mass.data() : nullptr);
+  if (measure) {
+    const double inv_scale = std::exp(-log_out_scale);
+    for (int64_t j = 0; j < K; ++j) col_mass[j] *= inv_scale;
+    result.marginal_error = marginal_error();
+  }
+  if (g_out) std::copy(g.begin(), g.end(), g_out);
+  return result;
+}
+
+#define PYM4_SINKHORN_INSTANTIATE(T)                                                                   \
+  template bool column_logsumexp<T>(const Matrix<T>&, double*, double*);                               \
+  template void row_pass<T>(const Matrix<T>&, const double*, RowMarginal, double*, double*);           \
+  template void write_plan<T>(const Matrix<T>&, const double*, RowMarginal, T*, int64_t, double*);     \
+  template Result solve<T>(const Matrix<T>&, const double*, RowMarginal, int64_t, double, double, T*, \
+                           int64_t, double*);
+PYM4_SINKHORN_INSTANTIATE(float)
+PYM4_SINKHORN_INSTANTIATE(double)
+
+}  // namespace sinkhorn
+}  // namespace pym4

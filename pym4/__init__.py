@@ -1,0 +1,45 @@
+"""pym4: fair, large-scale self-supervised and contrastive pretraining.
+
+Compiled kernels (C++/OpenMP, CUDA, Triton) for the three hot operations of SwAV/SEER
+and CLIP/SigLIP training and of M4 data balancing, under a thin Python layer:
+
+- :func:`sinkhorn`, :func:`sinkhorn_ot`: Sinkhorn-Knopp equipartition and entropic OT;
+- :func:`build_info`: what the compiled core was built with.
+
+``import pym4`` never needs triton, a GPU or a CUDA build.
+"""
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+from . import _backend
+from .sinkhorn import ConvergenceWarning, sinkhorn, sinkhorn_ot
+
+try:
+    __version__ = _metadata.version("pym4")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = ["build_info", "sinkhorn", "sinkhorn_ot", "ConvergenceWarning", "__version__"]
+
+
+def build_info() -> dict:
+    """What the compiled core was built with, and what this process can use.
+
+    Keys: ``version``, ``compiler``, ``core`` (whether pym4._core is importable),
+    ``openmp``, ``omp_max_threads``, ``simd`` (the ISA clone this CPU runs) and
+    ``simd_clones``, ``cuda`` (CUDA kernels compiled in) and ``cuda_archs``, ``triton``
+    (installed), ``torch``.
+    """
+    import importlib.util
+
+    import torch
+
+    core = _backend.core()
+    info = dict(core.build_info()) if core is not None else {
+        "version": __version__, "compiler": None, "openmp": False, "omp_max_threads": 1,
+        "simd": None, "simd_clones": (), "cuda": False, "cuda_archs": ""}
+    info["core"] = core is not None
+    info["triton"] = importlib.util.find_spec("triton") is not None
+    info["torch"] = torch.__version__
+    return info

@@ -1,0 +1,320 @@
+"""Sinkhorn-Knopp: SwAV/SEER equipartition and general entropic optimal transport.
+
+Both run the same log-domain iteration (``csrc/include/pym4/sinkhorn.h``): the plan is
+``P_ij = exp(alpha * x_ij + g_j + f_i)`` with a column potential ``g`` and a row
+potential ``f``, so one iteration is one read of the matrix, and no exponential can
+overflow whatever epsilon is.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import _backend
+from ._arrays import (check_finite, check_float, check_int_at_least, check_ndim, check_positive_scalar,
+                      from_tensor, to_tensor)
+
+__all__ = ["sinkhorn", "sinkhorn_ot", "ConvergenceWarning"]
+
+_SWAV_BACKENDS = ("cuda", "cpu", "torch")
+_OT_BACKENDS = ("cpu", "torch")
+_CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class ConvergenceWarning(UserWarning):
+    """A solver stopped at its iteration limit before reaching its tolerance."""
+
+
+def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, group=None, backend: Optional[str] = None):
+    """SwAV's Sinkhorn-Knopp equipartition of a batch over prototypes.
+
+    Computes the codes of SwAV (Caron et al., 2020; `distributed_sinkhorn`) and SEER
+    (Goyal et al., 2021): with ``P = exp(scores / epsilon)`` normalised to total mass 1,
+    ``n_iters`` times give every prototype (column) mass 1/K, then every sample (row) mass
+    1/B; return ``B * P``.
+
+    Parameters
+    ----------
+    scores : array (B, K), float32/float16/bfloat16 (float64 accepted)
+        Similarities of B samples to K prototypes (numpy array or torch tensor, CPU or CUDA).
+    epsilon : float, default 0.05
+        Entropic regularisation; 0.01 to 0.1 with scores in [-1, 1] is the usual range.
+    n_iters : int, default 3
+        Number of (column, row) normalisation pairs.
+    group : torch.distributed.ProcessGroup, optional
+        When given, the batch is split across the group's ranks: B is the global batch and
+        the prototype sums are all-reduced every iteration, as SwAV does.
+    backend : {"cpu", "cuda", "torch"}, optional
+        Force an implementation (default: the best available; see ``pym4._backend``).
+
+    Returns
+    -------
+    Q : array (B, K), the type, dtype and device of ``scores``
+        Soft assignments: every row sums to 1; each column sums to about B/K over the
+        global batch (exactly after the last column step, which the final row step follows).
+
+    Computed in float32 (float64 for float64 input) in the log domain, so epsilon down to
+    0.01 and float16 inputs stay finite. Raises ValueError on NaN/Inf scores.
+    """
+    t, origin = to_tensor(scores, "scores")
+    check_float(t, "scores")
+    check_ndim(t, 2, "scores", " (batch, prototypes)")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ValueError(f"scores: expected a non-empty (batch, prototypes) matrix, got shape {tuple(t.shape)}")
+    eps = check_positive_scalar(epsilon, "epsilon")
+    n_iters = check_int_at_least(n_iters, 1, "n_iters")
+    name = _backend.choose("sinkhorn", t.device.type, _SWAV_BACKENDS, backend)
+    alpha = 1.0 / eps
+
+    if group is not None:
+        out = _sinkhorn_distributed(t, alpha, n_iters, group, name)
+    elif name == "cpu":
+        out = _swav_cpu(t, alpha, n_iters)
+    elif name == "cuda":
+        out = _swav_cuda(t, alpha, n_iters)
+    else:
+        check_finite(t, "scores")
+        x = t.to(_compute_dtype(t.dtype))
+        b = t.shape[0]
+        log_b = torch.full((t.shape[1],), -math.log(t.shape[1]), dtype=torch.float64, device=t.device)
+        out, _, _ = _iterate(_TorchPasses(x, alpha), log_b, -math.log(b), n_iters, 0.0, math.log(b))
+    return from_tensor(out, origin)
+
+
+def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-9, backend: Optional[str] = None):
+    """Entropic optimal transport by Sinkhorn-Knopp, the plan of POT's ``ot.sinkhorn``.
+
+    Solves ``min_P <P, C> + reg * sum P (log P - 1)`` subject to ``P 1 = a``, ``P^T 1 = b``,
+    ``P >= 0`` (Cuturi, 2013), whose solution is ``diag(u) exp(-C/reg) diag(v)``; here it is
+    computed in the log domain, so small ``reg`` does not underflow.
+
+    Parameters
+    ----------
+    a : array (n,), b : array (m,)
+        Non-negative marginals with equal total mass; ``None`` for uniform.
+    cost : array (n, m)
+        Cost matrix; float32 or float64 (the plan is computed in the cost's precision).
+    reg : float
+        Entropic regularisation, > 0.
+    n_iters : int, default 1000
+        Maximum number of (column, row) iterations (POT's ``numItermax``).
+    tol : float, default 1e-9
+        Stop once the column marginals are within ``tol`` of ``b`` in l2 norm (POT's
+        ``stopThr``); 0 runs exactly ``n_iters`` iterations.
+
+    Returns
+    -------
+    plan : array (n, m), same type, dtype and device as ``cost``. Its rows sum to ``a``
+    exactly; its columns to ``b`` within ``tol``. A ``ConvergenceWarning`` says when
+    ``n_iters`` was reached first.
+    """
+    c, origin = to_tensor(cost, "cost")
+    check_float(c, "cost")
+    check_ndim(c, 2, "cost", " (n, m)")
+    n, m = c.shape
+    if n == 0 or m == 0:
+        raise ValueError(f"cost: expected a non-empty matrix, got shape {tuple(c.shape)}")
+    reg = check_positive_scalar(reg, "reg")
+    n_iters = check_int_at_least(n_iters, 1, "n_iters")
+    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol: must be a finite number >= 0, got {tol!r}")
+    check_finite(c, "cost")
+    dtype = _compute_dtype(c.dtype)
+    a_t = _marginal(a, n, "a", c.device)
+    b_t = _marginal(b, m, "b", c.device)
+    mass_a, mass_b = float(a_t.sum()), float(b_t.sum())
+    if abs(mass_a - mass_b) > 1e-6 * max(mass_a, mass_b):
+        raise ValueError(f"a, b: marginals must have the same total mass, got sum(a)={mass_a:.9g} and sum(b)={mass_b:.9g}")
+    log_a, log_b = torch.log(a_t), torch.log(b_t)
+    name = _backend.choose("sinkhorn_ot", c.device.type, _OT_BACKENDS, backend)
+    x = c.to(dtype)
+    if name == "cpu":
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        iters, err, _ = _backend.core().sinkhorn_solve(x.numpy(), -1.0 / reg, log_b.numpy(), log_a.numpy(),
+                                                        n_iters, float(tol), 0.0, out.numpy())
+    else:
+        out, iters, err = _iterate(_TorchPasses(x, -1.0 / reg), log_b, log_a, n_iters, float(tol), 0.0)
+    if tol > 0 and not err < tol:
+        warnings.warn(f"sinkhorn_ot: stopped after n_iters={n_iters} iterations with marginal error {err:.3g} "
+                      f"> tol={tol:g}; raise n_iters or reg", ConvergenceWarning, stacklevel=2)
+    return from_tensor(out, origin)
+
+
+# ----- helpers -------------------------------------------------------------------------------
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _marginal(v, n: int, name: str, device) -> torch.Tensor:
+    if v is None or (hasattr(v, "__len__") and len(v) == 0):
+        return torch.full((n,), 1.0 / n, dtype=torch.float64, device=device)
+    t, _ = to_tensor(v, name)
+    check_float(t, name)
+    check_ndim(t, 1, name)
+    if t.shape[0] != n:
+        raise ValueError(f"{name}: expected {n} entries to match cost, got {t.shape[0]}")
+    t = t.to(device=device, dtype=torch.float64)
+    check_finite(t, name)
+    if bool((t < 0).any()):
+        raise ValueError(f"{name}: marginals must be non-negative")
+    if not float(t.sum()) > 0:
+        raise ValueError(f"{name}: marginals must have positive total mass")
+    return t.contiguous()
+
+
+def _swav_cpu(t: torch.Tensor, alpha: float, n_iters: int) -> torch.Tensor:
+    x = t.to(_compute_dtype(t.dtype))
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype)
+    b = x.shape[0]
+    # Rows carry mass 1/B during the iterations; the plan is written times B (rows sum to 1).
+    _backend.core().sinkhorn_solve(x.numpy(), alpha, None, -math.log(b), n_iters, 0.0, math.log(b), out.numpy())
+    return out
+
+
+def _swav_cuda(t: torch.Tensor, alpha: float, n_iters: int) -> torch.Tensor:
+    core = _backend.core()
+    x = t if t.dtype in _CUDA_DTYPE_CODES else t.float()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    b, k = x.shape
+    out = torch.empty((b, k), dtype=x.dtype, device=x.device)
+    workspace = torch.empty(core.sinkhorn_workspace_bytes_cuda(b, k), dtype=torch.uint8, device=x.device)
+    non_finite = torch.zeros(1, dtype=torch.int32, device=x.device)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    with torch.cuda.device(x.device):
+        core.sinkhorn_solve_cuda(x.data_ptr(), _CUDA_DTYPE_CODES[x.dtype], b, k, x.stride(0), alpha, 0,
+                                 -math.log(b), n_iters, math.log(b), out.data_ptr(), workspace.data_ptr(),
+                                 non_finite.data_ptr(), stream)
+    if int(non_finite.item()):
+        raise ValueError("scores: contains NaN or Inf (or overflows once divided by epsilon)")
+    return out
+
+
+class _TorchPasses:
+    """The three passes of the log-domain iteration in plain torch (reference and fallback)."""
+
+    def __init__(self, x: torch.Tensor, alpha: float):
+        self.x, self.alpha = x, alpha
+
+    def column_logsumexp(self):
+        t = self.alpha * self.x
+        col_max = t.max(dim=0).values
+        col_sum = torch.exp(t - col_max).sum(dim=0)
+        return col_max.double(), col_sum.double()
+
+    def _row_step(self, g, log_a):
+        t = self.alpha * self.x + g.to(self.x.dtype)
+        f = log_a - torch.logsumexp(t.double(), dim=1)
+        return torch.exp(t + f.to(self.x.dtype)[:, None])
+
+    def row_pass(self, g, log_a):
+        return self._row_step(g, log_a).sum(dim=0, dtype=torch.float64)
+
+    def write_plan(self, g, log_a):
+        return self._row_step(g, log_a)
+
+
+class _CorePasses:
+    """The same passes through the C++ core (used by the distributed CPU path)."""
+
+    def __init__(self, x: torch.Tensor, alpha: float):
+        self.x = x.contiguous()
+        self.alpha = alpha
+        self.core = _backend.core()
+
+    @staticmethod
+    def _log_a(log_a):
+        return float(log_a) if not isinstance(log_a, torch.Tensor) else log_a.double().contiguous().numpy()
+
+    def column_logsumexp(self):
+        col_max, col_sum = self.core.sinkhorn_column_logsumexp(self.x.numpy(), self.alpha)
+        return torch.from_numpy(col_max), torch.from_numpy(col_sum)
+
+    def row_pass(self, g, log_a):
+        return torch.from_numpy(self.core.sinkhorn_row_pass(self.x.numpy(), self.alpha, g.numpy(), self._log_a(log_a)))
+
+    def write_plan(self, g, log_a):
+        out = torch.empty_like(self.x)
+        self.core.sinkhorn_write_plan(self.x.numpy(), self.alpha, g.numpy(), self._log_a(log_a), out.numpy())
+        return out
+
+
+def _iterate(passes, log_b: torch.Tensor, log_a, n_iters: int, tol: float, log_out_scale: float, group=None):
+    """The loop of ``sinkhorn::solve`` over any passes object, with optional all-reduces.
+
+    Returns (plan, iterations, marginal_error). With ``group``, column statistics are
+    all-reduced over the ranks (the row marginals ``log_a`` are already global).
+    """
+    col_max, col_sum = passes.column_logsumexp()
+    if group is not None:
+        global_max = col_max.clone()
+        _all_reduce(global_max, group, "max")
+        col_sum = col_sum * torch.exp(col_max - global_max).nan_to_num(0.0)
+        _all_reduce(col_sum, group, "sum")
+        col_max = global_max
+    g = log_b - (col_max + torch.log(col_sum))
+    err = 0.0
+    iters = 1
+    for iters in range(1, n_iters + 1):
+        if iters == n_iters:
+            break
+        col_mass = passes.row_pass(g, log_a)
+        if group is not None:
+            _all_reduce(col_mass, group, "sum")
+        if tol > 0:
+            err = float(torch.linalg.vector_norm(col_mass - torch.exp(log_b)))
+            if err < tol:
+                break
+        g = _column_step(g, log_b, col_mass)
+    out = passes.write_plan(g, log_a + log_out_scale)
+    if tol > 0:
+        col_mass = out.sum(dim=0, dtype=torch.float64) * math.exp(-log_out_scale)
+        if group is not None:
+            _all_reduce(col_mass, group, "sum")
+        err = float(torch.linalg.vector_norm(col_mass - torch.exp(log_b)))
+    return out, iters, err
+
+
+def _column_step(g: torch.Tensor, log_b: torch.Tensor, col_mass: torch.Tensor) -> torch.Tensor:
+    # Columns with zero target mass stay at -inf instead of becoming -inf - (-inf) = NaN.
+    return torch.where(torch.isinf(log_b), log_b, g + log_b - torch.log(col_mass))
+
+
+def _all_reduce(t: torch.Tensor, group, op: str) -> None:
+    import torch.distributed as dist
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+
+
+def _sinkhorn_distributed(t: torch.Tensor, alpha: float, n_iters: int, group, name: str) -> torch.Tensor:
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("group: torch.distributed is not initialised")
+    # Every rank checks its shard and learns the global batch size before any work, so a
+    # bad shard raises on all ranks instead of leaving the others blocked in a collective.
+    comm_device = t.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    stats = torch.tensor([float(t.shape[0]), 0.0 if bool(torch.isfinite(t).all()) else 1.0, float(t.shape[1])],
+                         dtype=torch.float64, device=comm_device)
+    k_local = stats[2].clone()
+    _all_reduce(stats, group, "sum")
+    if float(stats[1]) > 0:
+        raise ValueError("scores: contains NaN or Inf on at least one rank")
+    world = dist.get_world_size(group)
+    if float(stats[2]) != float(k_local) * world:
+        raise ValueError("scores: every rank must hold the same number of prototypes (columns)")
+    b_global = int(stats[0])
+    x = t.to(_compute_dtype(t.dtype))
+    passes = _CorePasses(x, alpha) if name == "cpu" else _TorchPasses(x, alpha)
+    k = x.shape[1]
+    log_b = torch.full((k,), -math.log(k), dtype=torch.float64)
+    if comm_device.type != "cpu" or x.device.type != "cpu":
+        log_b = log_b.to(x.device)
+    out, _, _ = _iterate(passes, log_b, -math.log(b_global), n_iters, 0.0, math.log(b_global), group=group)
+    return out
