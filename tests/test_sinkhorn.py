@@ -1,0 +1,335 @@
+"""Sinkhorn-Knopp: SwAV equipartition and POT-compatible entropic OT.
+
+References are written here from the papers' formulas in float64 (SwAV's
+``distributed_sinkhorn`` as published, and POT itself), never through pym4.
+"""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pym4
+from pym4 import _backend
+
+BACKENDS = ["cpu", "torch"]
+
+
+def swav_reference(scores, epsilon=0.05, n_iters=3):
+    """SwAV's distributed_sinkhorn (Caron et al. 2020) on one process, in float64."""
+    q = torch.exp(torch.as_tensor(scores, dtype=torch.float64) / epsilon).t()  # K x B
+    k, b = q.shape
+    q /= q.sum()
+    for _ in range(n_iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    q *= b
+    return q.t()
+
+
+def uniform_scores(b, k, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(b, k, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+
+
+def cosine_scores(b, k, d=32, seed=0):
+    """Scores as SwAV computes them: cosine similarities of features to prototypes."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1)
+    return z @ c.t()
+
+
+# ----- SwAV semantics ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3000), (7, 5), (517, 129), (4096, 3000)])
+def test_matches_swav_reference(backend, shape):
+    if backend == "torch" and shape == (4096, 3000):
+        pytest.skip("the torch reference backend is exercised on the smaller shapes")
+    s = cosine_scores(*shape)
+    q = pym4.sinkhorn(s, backend=backend)
+    ref = swav_reference(s)
+    assert q.shape == shape and q.dtype == torch.float32
+    torch.testing.assert_close(q.double(), ref, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_sum_to_one_and_columns_equipartition(backend):
+    b, k = 600, 40
+    q = pym4.sinkhorn(cosine_scores(b, k), epsilon=0.05, n_iters=50, backend=backend).double()
+    torch.testing.assert_close(q.sum(1), torch.ones(b, dtype=torch.float64), rtol=0, atol=1e-5)
+    # After many iterations the last column step is (almost) undone by nothing: B/K each.
+    torch.testing.assert_close(q.sum(0), torch.full((k,), b / k, dtype=torch.float64), rtol=1e-3, atol=0)
+    assert (q >= 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_iters", [1, 2, 10])
+def test_iteration_count(backend, n_iters):
+    s = uniform_scores(33, 17)
+    torch.testing.assert_close(pym4.sinkhorn(s, 0.05, n_iters, backend=backend).double(),
+                               swav_reference(s, 0.05, n_iters), rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("epsilon", [0.01, 0.02])
+def test_small_epsilon_is_finite_and_exact(backend, epsilon):
+    # exp(1/0.01) = e^100 overflows float32: the log-domain kernel must not.
+    s = uniform_scores(257, 300)
+    s[0, :] = 1.0  # a row tied at the maximum everywhere
+    s[:, 0] = -1.0  # a prototype nobody is close to
+    q = pym4.sinkhorn(s, epsilon=epsilon, n_iters=3, backend=backend)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.double(), swav_reference(s, epsilon, 3), rtol=5e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,rtol,atol", [
+    (torch.float32, 2e-5, 1e-7),
+    (torch.float64, 1e-10, 1e-13),
+    # Half inputs: compared with the float64 reference run on the same (rounded) inputs; the
+    # output itself is rounded to the input precision.
+    (torch.float16, 2e-3, 1e-4),
+    (torch.bfloat16, 1.6e-2, 1e-3),
+])
+def test_dtypes(backend, dtype, rtol, atol):
+    s = uniform_scores(129, 65, dtype=dtype)
+    q = pym4.sinkhorn(s, epsilon=0.05, backend=backend)
+    assert q.dtype == dtype
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.double(), swav_reference(s.double()), rtol=rtol, atol=atol)
+
+
+def test_float16_small_epsilon_finite():
+    s = uniform_scores(64, 3000, dtype=torch.float16)
+    q = pym4.sinkhorn(s, epsilon=0.01)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.double(), swav_reference(s.double(), 0.01), rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("np_dtype", [np.float32, np.float64, np.float16])
+def test_numpy_in_numpy_out(np_dtype):
+    s = uniform_scores(20, 9).numpy().astype(np_dtype)
+    s.setflags(write=False)  # read-only inputs are fine: nothing is written into them
+    before = s.copy()
+    q = pym4.sinkhorn(s)
+    assert isinstance(q, np.ndarray) and q.dtype == np_dtype and q.shape == s.shape
+    np.testing.assert_array_equal(s, before)
+    tol = 2e-3 if np_dtype == np.float16 else 2e-5
+    np.testing.assert_allclose(q.astype(np.float64), swav_reference(s.astype(np.float64)).numpy(), rtol=tol, atol=1e-6)
+
+
+def test_non_contiguous_input():
+    base = uniform_scores(50, 80)
+    s = base.t()  # (80, 50), column-major storage
+    ref = swav_reference(s)
+    torch.testing.assert_close(pym4.sinkhorn(s).double(), ref, rtol=2e-5, atol=1e-7)
+    sliced = uniform_scores(40, 90)[:, 5:70]  # rows strided, columns contiguous
+    torch.testing.assert_close(pym4.sinkhorn(sliced).double(), swav_reference(sliced), rtol=2e-5, atol=1e-7)
+
+
+def test_input_not_modified():
+    s = uniform_scores(30, 20)
+    before = s.clone()
+    pym4.sinkhorn(s)
+    assert torch.equal(s, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic(backend):
+    s = uniform_scores(999, 301)
+    assert torch.equal(pym4.sinkhorn(s, backend=backend), pym4.sinkhorn(s, backend=backend))
+
+
+def test_backends_agree():
+    s = cosine_scores(300, 120)
+    torch.testing.assert_close(pym4.sinkhorn(s, backend="cpu"), pym4.sinkhorn(s, backend="torch"), rtol=2e-5, atol=1e-7)
+
+
+# ----- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scores,exc,match", [
+    (torch.zeros(5), ValueError, "scores: expected a 2-D"),
+    (torch.zeros(2, 3, 4), ValueError, "scores: expected a 2-D"),
+    (torch.zeros(0, 4), ValueError, "scores: expected a non-empty"),
+    (torch.zeros(3, 0), ValueError, "scores: expected a non-empty"),
+    (torch.zeros(3, 4, dtype=torch.int64), TypeError, "scores: expected a floating-point"),
+    (np.zeros((3, 4), dtype=np.int32), TypeError, "scores: expected a floating-point"),
+    ([[0.0, 1.0]], TypeError, "scores: expected a numpy array or a torch tensor"),
+])
+def test_bad_scores(scores, exc, match):
+    with pytest.raises(exc, match=match):
+        pym4.sinkhorn(scores)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scores(backend, bad):
+    s = uniform_scores(40, 30)
+    s[17, 3] = bad
+    with pytest.raises(ValueError, match="scores: contains NaN or Inf"):
+        pym4.sinkhorn(s, backend=backend)
+
+
+def test_overflow_after_division_is_reported():
+    s = torch.full((3, 4), 3e38)
+    with pytest.raises(ValueError, match="scores"):
+        pym4.sinkhorn(s, epsilon=0.01)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"epsilon": 0.0}, ValueError, "epsilon: must be a positive"),
+    ({"epsilon": -0.05}, ValueError, "epsilon: must be a positive"),
+    ({"epsilon": float("nan")}, ValueError, "epsilon: must be a positive"),
+    ({"epsilon": "small"}, TypeError, "epsilon"),
+    ({"n_iters": 0}, ValueError, "n_iters: must be >= 1"),
+    ({"n_iters": 2.5}, TypeError, "n_iters: expected an integer"),
+    ({"backend": "fortran"}, ValueError, "backend: unknown backend"),
+    ({"backend": "triton"}, ValueError, "backend: sinkhorn has no 'triton' backend"),
+    ({"backend": "cuda"}, RuntimeError, "backend: 'cuda' cannot run sinkhorn on cpu"),
+])
+def test_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        pym4.sinkhorn(uniform_scores(4, 3), **kwargs)
+
+
+def test_backend_from_environment(monkeypatch):
+    monkeypatch.setenv("PYM4_BACKEND", "torch")
+    assert _backend.choose("sinkhorn", "cpu", ("cuda", "cpu", "torch")) == "torch"
+    monkeypatch.setenv("PYM4_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cuda"):
+        pym4.sinkhorn(uniform_scores(4, 3))
+
+
+def test_automatic_choice_on_cpu():
+    assert _backend.choose("sinkhorn", "cpu", ("cuda", "cpu", "torch")) == "cpu"
+
+
+# ----- general entropic OT against POT -----------------------------------------------------------
+
+ot = pytest.importorskip("ot")
+
+
+def random_problem(n, m, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    a = rng.random(n) + 0.1
+    b = rng.random(m) + 0.1
+    a /= a.sum()
+    b /= b.sum()
+    x = rng.random((n, 2))
+    y = rng.random((m, 2))
+    cost = ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    return a, b, cost.astype(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,m,reg", [(1, 1, 0.1), (7, 5, 0.05), (64, 50, 0.05), (200, 131, 0.1)])
+def test_ot_matches_pot(backend, n, m, reg):
+    a, b, cost = random_problem(n, m)
+    plan = pym4.sinkhorn_ot(a, b, cost, reg, backend=backend)
+    ref = ot.sinkhorn(a, b, cost, reg, numItermax=10000, stopThr=1e-12)
+    assert isinstance(plan, np.ndarray) and plan.dtype == np.float64
+    np.testing.assert_allclose(plan, ref, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(plan.sum(1), a, rtol=1e-10)
+    assert np.linalg.norm(plan.sum(0) - b) < 1e-9
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ot_fixed_iterations_match_pot(backend):
+    a, b, cost = random_problem(40, 30, seed=3)
+    for n_iters in (1, 3, 7):
+        plan = pym4.sinkhorn_ot(a, b, cost, 0.05, n_iters=n_iters, tol=0, backend=backend)
+        ref = ot.sinkhorn(a, b, cost, 0.05, numItermax=n_iters, stopThr=0, warn=False)
+        np.testing.assert_allclose(plan, ref, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ot_small_reg_log_domain(backend):
+    # reg = 1e-3: exp(-C/reg) underflows, POT's plain method fails; its log method does not.
+    a, b, cost = random_problem(30, 20, seed=1)
+    plan = pym4.sinkhorn_ot(a, b, cost, 1e-3, n_iters=20000, tol=1e-9, backend=backend)
+    ref = ot.sinkhorn(a, b, cost, 1e-3, method="sinkhorn_log", numItermax=20000, stopThr=1e-9)
+    assert np.isfinite(plan).all()
+    np.testing.assert_allclose(plan, ref, rtol=1e-4, atol=1e-9)
+
+
+def test_ot_float32_and_torch():
+    a, b, cost = random_problem(50, 40, seed=2)
+    plan = pym4.sinkhorn_ot(torch.tensor(a), torch.tensor(b), torch.tensor(cost, dtype=torch.float32), 0.1, tol=1e-6)
+    assert isinstance(plan, torch.Tensor) and plan.dtype == torch.float32
+    ref = ot.sinkhorn(a, b, cost, 0.1, stopThr=1e-9)
+    np.testing.assert_allclose(plan.double().numpy(), ref, rtol=1e-4, atol=1e-8)
+
+
+def test_ot_uniform_marginals_by_default():
+    _, _, cost = random_problem(12, 8)
+    plan = pym4.sinkhorn_ot(None, None, cost, 0.1)
+    np.testing.assert_allclose(plan, ot.sinkhorn(np.full(12, 1 / 12), np.full(8, 1 / 8), cost, 0.1, stopThr=1e-12),
+                               rtol=1e-6, atol=1e-13)
+
+
+def test_ot_zero_mass_entries():
+    a, b, cost = random_problem(10, 6, seed=4)
+    a[2] = 0.0
+    b[1] = 0.0
+    a /= a.sum()
+    b /= b.sum()
+    plan = pym4.sinkhorn_ot(a, b, cost, 0.1)
+    assert np.isfinite(plan).all()
+    assert np.all(plan[2] == 0) and np.all(plan[:, 1] == 0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # POT divides by the zero entries
+        ref = ot.sinkhorn(a, b, cost, 0.1, stopThr=1e-12)
+    np.testing.assert_allclose(plan, ref, rtol=1e-6, atol=1e-13)
+
+
+def test_ot_warns_when_not_converged():
+    a, b, cost = random_problem(30, 30)
+    with pytest.warns(pym4.ConvergenceWarning, match="n_iters=2"):
+        pym4.sinkhorn_ot(a, b, cost, 0.01, n_iters=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pym4.sinkhorn_ot(a, b, cost, 0.01, n_iters=2, tol=0)  # fixed iterations: nothing to warn
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (lambda a, b, c: (-a, b, c), ValueError, "a: marginals must be non-negative"),
+    (lambda a, b, c: (a, b * 2, c), ValueError, "a, b: marginals must have the same total mass"),
+    (lambda a, b, c: (a[:-1], b, c), ValueError, "a: expected 10 entries"),
+    (lambda a, b, c: (a, b[:, None], c), ValueError, "b: expected a 1-D"),
+    (lambda a, b, c: (a, b, c[:, :3]), ValueError, "b: expected 3 entries"),
+    (lambda a, b, c: (a, b, c.ravel()), ValueError, "cost: expected a 2-D"),
+    (lambda a, b, c: (a, b, np.where(np.eye(10, 8, dtype=bool), np.nan, c)), ValueError, "cost: contains NaN"),
+    (lambda a, b, c: (np.where(np.arange(10) == 0, np.inf, a), b, c), ValueError, "a: contains NaN or Inf"),
+    (lambda a, b, c: (a, b, c.astype(np.int64)), TypeError, "cost: expected a floating-point"),
+    (lambda a, b, c: (np.zeros(10), np.zeros(8), c), ValueError, "a: marginals must have positive total mass"),
+])
+def test_ot_bad_input(change, exc, match):
+    a, b, cost = random_problem(10, 8)
+    a2, b2, c2 = change(a, b, cost)
+    with pytest.raises(exc, match=match):
+        pym4.sinkhorn_ot(a2, b2, c2, 0.1)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"reg": 0.0}, ValueError, "reg: must be a positive"),
+    ({"reg": 0.1, "n_iters": 0}, ValueError, "n_iters: must be >= 1"),
+    ({"reg": 0.1, "tol": -1.0}, ValueError, "tol: must be a finite number >= 0"),
+])
+def test_ot_bad_parameters(kwargs, exc, match):
+    a, b, cost = random_problem(4, 3)
+    with pytest.raises(exc, match=match):
+        pym4.sinkhorn_ot(a, b, cost, **kwargs)
+
+
+def test_build_info():
+    info = pym4.build_info()
+    for key in ("version", "compiler", "core", "openmp", "omp_max_threads", "simd", "cuda", "cuda_archs", "torch"):
+        assert key in info
+    assert info["core"] is True
+    assert info["version"] == pym4.__version__
+    assert info["omp_max_threads"] >= 1
+    assert isinstance(info["cuda"], bool)
