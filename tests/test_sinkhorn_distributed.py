@@ -1,0 +1,70 @@
+"""Sinkhorn across torch.distributed ranks (gloo): B is the global batch and the prototype
+sums are all-reduced, so the ranks together must give what one process gives on the
+concatenated batch."""
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import pym4
+
+pytestmark = pytest.mark.distributed
+
+
+def _worker(rank, world, init_file, shards, kwargs, out_dir):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        q = pym4.sinkhorn(shards[rank], group=dist.group.WORLD, **kwargs)
+        torch.save({"q": q}, os.path.join(out_dir, f"{rank}.pt"))
+    except Exception as e:  # reported to the test through the file system
+        torch.save({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()},
+                   os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, shards, **kwargs):
+    world = len(shards)
+    mp.spawn(_worker, args=(world, str(tmp_path / "init"), shards, kwargs, str(tmp_path)), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+
+
+def scores(b, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, k, generator=g) * 2 - 1
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_two_ranks_equal_one_process(tmp_path, backend):
+    full = scores(13, 40, seed=1)
+    shards = [full[:5].clone(), full[5:].clone()]  # uneven split on purpose
+    results = run_ranks(tmp_path, shards, epsilon=0.05, n_iters=3, backend=backend)
+    assert all("q" in r for r in results), [r.get("trace") for r in results]
+    q = torch.cat([r["q"] for r in results])
+    torch.testing.assert_close(q, pym4.sinkhorn(full, epsilon=0.05, n_iters=3), rtol=1e-5, atol=1e-7)
+    # Every row sums to 1, and the global column sums are about B/K.
+    torch.testing.assert_close(q.sum(1), torch.ones(13), rtol=0, atol=1e-5)
+
+
+def test_three_ranks_small_epsilon(tmp_path):
+    full = scores(30, 17, seed=2)
+    shards = list(full.chunk(3))
+    results = run_ranks(tmp_path, shards, epsilon=0.01, n_iters=5)
+    assert all("q" in r for r in results), [r.get("trace") for r in results]
+    q = torch.cat([r["q"] for r in results])
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q, pym4.sinkhorn(full, epsilon=0.01, n_iters=5), rtol=2e-5, atol=1e-7)
+
+
+def test_bad_shard_raises_on_every_rank(tmp_path):
+    full = scores(8, 6, seed=3)
+    shards = [full[:4].clone(), full[4:].clone()]
+    shards[1][0, 0] = float("nan")
+    results = run_ranks(tmp_path, shards)
+    for r in results:
+        assert "error" in r and "scores: contains NaN or Inf" in r["error"]
