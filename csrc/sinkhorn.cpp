@@ -116,7 +116,7 @@ void for_each_row(const Matrix<T>& m, const double* g, RowMarginal a, double* co
   std::vector<T> g_t(K);
   for (int64_t j = 0; j < K; ++j) g_t[j] = static_cast<T>(g[j]);
   const T alpha = static_cast<T>(m.alpha);
-  const int threads = max_threads();
+  const int threads = threads_for(m.rows * m.cols);
   ColumnPartials partials(col_mass ? threads : 0, K);
 
 #if defined(PYM4_WITH_OPENMP)
@@ -157,7 +157,7 @@ template <typename T>
 bool column_logsumexp(const Matrix<T>& m, double* col_max, double* col_sum) {
   const int64_t K = m.cols;
   const T alpha = static_cast<T>(m.alpha);
-  const int threads = max_threads();
+  const int threads = threads_for(m.rows * m.cols);
   std::vector<double> part_max(static_cast<size_t>(threads) * K, -std::numeric_limits<double>::infinity());
   std::vector<double> part_sum(static_cast<size_t>(threads) * K, 0.0);
   std::vector<int> part_finite(threads, 1);

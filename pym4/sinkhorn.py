@@ -211,9 +211,12 @@ class _TorchPasses:
         return col_max.double(), col_sum.double()
 
     def _row_step(self, g, log_a):
+        # In the compute dtype (float32 for float32/half inputs): logsumexp subtracts the
+        # row maximum, so nothing overflows, and float64 would make the fallback slow.
         t = self.alpha * self.x + g.to(self.x.dtype)
-        f = log_a - torch.logsumexp(t.double(), dim=1)
-        return torch.exp(t + f.to(self.x.dtype)[:, None])
+        f = log_a - torch.logsumexp(t, dim=1)
+        t += torch.as_tensor(f, dtype=t.dtype, device=t.device).reshape(-1, 1)
+        return t.exp_()
 
     def row_pass(self, g, log_a):
         return self._row_step(g, log_a).sum(dim=0, dtype=torch.float64)

@@ -30,6 +30,15 @@ inline int max_threads() {
 #endif
 }
 
+// Threads worth waking for `work` element-operations: a fork/join costs about as much as
+// a few hundred thousand elements of a streaming pass, so small problems stay on one thread.
+inline int threads_for(int64_t work) {
+  const int64_t per_thread = int64_t(1) << 18;
+  const int64_t useful = work / per_thread;
+  const int t = max_threads();
+  return useful < 1 ? 1 : (useful < t ? static_cast<int>(useful) : t);
+}
+
 inline int thread_id() {
 #if defined(PYM4_WITH_OPENMP)
   return omp_get_thread_num();
