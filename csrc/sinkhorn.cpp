@@ -60,6 +60,21 @@ PYM4_SIMD_CLONES T exp_row(T* __restrict buf, T mx, int64_t n) {
   return s;
 }
 
+// e_j = exp(alpha * x_j + g_j - shift) into out; returns the sum. One loop instead of the
+// max, then exp, of shifted_row + exp_row, for when a safe shift is known in advance.
+template <typename T>
+PYM4_SIMD_CLONES T exp_shifted_row(const T* __restrict x, const T* __restrict g, T alpha, T shift,
+                                   T* __restrict out, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) {
+    const T e = fast_exp(alpha * x[j] + g[j] - shift);
+    out[j] = e;
+    s += e;
+  }
+  return s;
+}
+
 // acc_j += c * e_j
 template <typename T>
 PYM4_SIMD_CLONES void axpy_row(T c, const T* __restrict e, T* __restrict acc, int64_t n) {
@@ -109,8 +124,13 @@ void flush(T* __restrict block, double* __restrict acc, int64_t n) {
 // The row step shared by row_pass and write_plan: for every row computes e_ij (into
 // `dest(i)`, a buffer or the output row), the row scale c_i = exp(log a_i) / sum_j e_ij,
 // applies `finish(i, c_i, e)`, and accumulates c_i * e_ij into the column masses.
+//
+// e_ij = exp(alpha x_ij + g_j - shift_i) needs a shift that keeps the exponents <= ~0 and
+// the row sum away from underflow. The row maximum is always safe but costs a separate
+// loop; `shift` (may be null) gives an upper bound known from the previous pass instead
+// (see solve), and a row whose sum then falls outside [1e-20, 1e30] is redone with its max.
 template <typename T, typename Dest, typename Finish>
-void for_each_row(const Matrix<T>& m, const double* g, RowMarginal a, double* col_mass,
+void for_each_row(const Matrix<T>& m, const double* g, RowMarginal a, const double* shift, double* col_mass,
                   Dest dest, Finish finish) {
   const int64_t K = m.cols;
   std::vector<T> g_t(K);
@@ -132,8 +152,16 @@ void for_each_row(const Matrix<T>& m, const double* g, RowMarginal a, double* co
 #endif
     for (int64_t i = 0; i < m.rows; ++i) {
       T* e = dest(i, buf.data());
-      const T mx = shifted_row(m.data + i * m.ld, g_t.data(), alpha, e, K);
-      const T s = exp_row(e, mx, K);
+      const T* xi = m.data + i * m.ld;
+      T mx, s;
+      if (shift) {
+        mx = static_cast<T>(shift[i]);
+        s = exp_shifted_row(xi, g_t.data(), alpha, mx, e, K);
+      }
+      if (!shift || !(s >= T(1e-20) && s <= T(1e30))) {  // also catches a NaN shift
+        mx = shifted_row(xi, g_t.data(), alpha, e, K);
+        s = exp_row(e, mx, K);
+      }
       // Row i of the plan is exp(log a_i) * e_ij / s: the row maximum cancels out.
       const double log_c = a.at(i) - std::log(static_cast<double>(s));
       const T c = static_cast<T>(std::exp(log_c));
@@ -206,9 +234,10 @@ bool column_logsumexp(const Matrix<T>& m, double* col_max, double* col_sum) {
 }
 
 template <typename T>
-void row_pass(const Matrix<T>& m, const double* g, RowMarginal a, double* f_out, double* col_mass) {
+void row_pass(const Matrix<T>& m, const double* g, RowMarginal a, const double* shift, double* f_out,
+              double* col_mass) {
   for_each_row(
-      m, g, a, col_mass, [](int64_t, T* buf) { return buf; },
+      m, g, a, shift, col_mass, [](int64_t, T* buf) { return buf; },
       [f_out](int64_t i, T, T*, double f_i) {
         // f_i = log a_i - LSE_j(alpha x_ij + g_j) = log c_i - (row maximum)
         if (f_out) f_out[i] = f_i;
@@ -216,10 +245,11 @@ void row_pass(const Matrix<T>& m, const double* g, RowMarginal a, double* f_out,
 }
 
 template <typename T>
-void write_plan(const Matrix<T>& m, const double* g, RowMarginal a, T* out, int64_t ld_out, double* col_mass) {
+void write_plan(const Matrix<T>& m, const double* g, RowMarginal a, const double* shift, T* out, int64_t ld_out,
+                double* col_mass) {
   // Written in place: the output row is the scratch buffer, then scaled by c_i.
   for_each_row(
-      m, g, a, col_mass, [out, ld_out](int64_t i, T*) { return out + i * ld_out; },
+      m, g, a, shift, col_mass, [out, ld_out](int64_t i, T*) { return out + i * ld_out; },
       [K = m.cols](int64_t, T c, T* e, double) { scale_row(c, e, K); });
 }
 
@@ -236,6 +266,11 @@ Result solve(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_i
   }
   // First column step from f = 0: g_j = log b_j - LSE_i(alpha x_ij).
   for (int64_t j = 0; j < K; ++j) g[j] = lb(j) - (col_max[j] + std::log(col_sum[j]));
+  // Row shifts for the fused exp loop. After a column step every entry of the plan is at
+  // most its column's mass, so alpha x_ij + g_j <= max_j log b_j for every row.
+  double max_lb = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < K; ++j) max_lb = std::max(max_lb, lb(j));
+  std::vector<double> f(m.rows), shift(m.rows, max_lb);
 
   auto marginal_error = [&]() {
     double e2 = 0.0;
@@ -260,17 +295,29 @@ Result solve(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_i
   for (int64_t it = 1; it <= n_iters; ++it) {
     result.iterations = it;
     if (it == n_iters) break;  // the last row step is the write below
-    row_pass(m, g.data(), a, nullptr, col_mass.data());
+    row_pass(m, g.data(), a, shift.data(), f.data(), col_mass.data());
     if (measure) {
       result.marginal_error = marginal_error();
       if (result.marginal_error < tol) break;
     }
     // Column step: rescale every column to its marginal b_j (a zero-mass column stays at
     // -inf rather than becoming -inf - (-inf) = NaN).
-    for (int64_t j = 0; j < K; ++j) g[j] = std::isinf(lb(j)) ? lb(j) : g[j] + lb(j) - std::log(col_mass[j]);
+    double max_step = -std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < K; ++j) {
+      if (std::isinf(lb(j))) {
+        g[j] = lb(j);
+        continue;
+      }
+      const double step = lb(j) - std::log(col_mass[j]);
+      g[j] += step;
+      max_step = std::max(max_step, step);
+    }
+    // The row step left alpha x_ij + g_j + f_i <= log a_i, so with the new g the exponents
+    // of row i are at most log a_i - f_i + max_j step_j.
+    for (int64_t i = 0; i < m.rows; ++i) shift[i] = a.at(i) - f[i] + max_step;
   }
   // The write pass also measures the column marginals (they have a scale of exp(log_out_scale)).
-  write_plan(m, g.data(), out_rows, out, ld_out, measure ? col_mass.data() : nullptr);
+  write_plan(m, g.data(), out_rows, shift.data(), out, ld_out, measure ? col_mass.data() : nullptr);
   if (measure) {
     const double inv_scale = std::exp(-log_out_scale);
     for (int64_t j = 0; j < K; ++j) col_mass[j] *= inv_scale;
@@ -282,8 +329,9 @@ Result solve(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_i
 
 #define PYM4_SINKHORN_INSTANTIATE(T)                                                                   \
   template bool column_logsumexp<T>(const Matrix<T>&, double*, double*);                               \
-  template void row_pass<T>(const Matrix<T>&, const double*, RowMarginal, double*, double*);           \
-  template void write_plan<T>(const Matrix<T>&, const double*, RowMarginal, T*, int64_t, double*);     \
+  template void row_pass<T>(const Matrix<T>&, const double*, RowMarginal, const double*, double*, double*); \
+  template void write_plan<T>(const Matrix<T>&, const double*, RowMarginal, const double*, T*, int64_t,   \
+                              double*);                                                                   \
   template Result solve<T>(const Matrix<T>&, const double*, RowMarginal, int64_t, double, double, T*, \
                            int64_t, double*);
 PYM4_SINKHORN_INSTANTIATE(float)

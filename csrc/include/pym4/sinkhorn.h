@@ -41,14 +41,18 @@ bool column_logsumexp(const Matrix<T>& m, double* col_max, double* col_sum);
 // Row step fused with the next column sums: for each row
 //     f_i = log a_i - log sum_j exp(alpha*x_ij + g_j)      (rows now carry mass a_i)
 // and col_mass[j] = sum_i exp(alpha*x_ij + g_j + f_i) (the column marginals of the plan
-// after the row step). f_out may be null.
+// after the row step). f_out may be null. shift (rows, may be null): an upper bound of
+// max_j (alpha*x_ij + g_j) per row, known from the previous step, that saves computing the
+// row maximum; a row where it proves too loose is recomputed with its maximum.
 template <typename T>
-void row_pass(const Matrix<T>& m, const double* g, RowMarginal a, double* f_out, double* col_mass);
+void row_pass(const Matrix<T>& m, const double* g, RowMarginal a, const double* shift, double* f_out,
+              double* col_mass);
 
 // Final row step, writing the plan: out_ij = exp(alpha*x_ij + g_j + f_i) with f as in
-// row_pass (rows of out sum to a_i). out rows are ld_out apart. col_mass may be null.
+// row_pass (rows of out sum to a_i). out rows are ld_out apart. shift as in row_pass;
+// col_mass may be null.
 template <typename T>
-void write_plan(const Matrix<T>& m, const double* g, RowMarginal a, T* out, int64_t ld_out,
+void write_plan(const Matrix<T>& m, const double* g, RowMarginal a, const double* shift, T* out, int64_t ld_out,
                 double* col_mass);
 
 struct Result {
