@@ -130,7 +130,7 @@ py::array_t<double> sinkhorn_row_pass(const py::array& x, double alpha, const py
   double* cm = col_mass.mutable_data();
   {
     py::gil_scoped_release release;
-    pym4::sinkhorn::row_pass<T>(m, gp, a, nullptr, cm);
+    pym4::sinkhorn::row_pass<T>(m, gp, a, nullptr, nullptr, cm);
   }
   return col_mass;
 }
@@ -145,7 +145,7 @@ void sinkhorn_write_plan(const py::array& x, double alpha, const py::object& g, 
   PYM4_CHECK_VALUE(out.shape(0) == m.rows && out.shape(1) == m.cols, "out: shape must match x");
   T* op = static_cast<T*>(out.mutable_data());
   py::gil_scoped_release release;
-  pym4::sinkhorn::write_plan<T>(m, gp, a, op, ld_out, nullptr);
+  pym4::sinkhorn::write_plan<T>(m, gp, a, nullptr, op, ld_out, nullptr);
 }
 
 // Dispatch on the dtype of x (float32 or float64) to the templated entry point.
