@@ -1,0 +1,264 @@
+"""Fused Triton kernels for the CLIP and SigLIP losses (``pym4.clip_loss``, ``pym4.siglip_loss``).
+
+Every kernel gives one program a block of BLOCK_M rows of A and walks all column blocks of
+B, computing the logit tile ``S = s * A_blk @ B_blk^T + b`` (float32 accumulation over D in
+BLOCK_K steps) in registers; nothing of size B x B is ever written. The passes:
+
+- ``_clip_lse_kernel``:   row log-sum-exp of S with a running max and sum (online LSE);
+  run on (x, y) it gives r, on (y, x) it gives c.
+- ``_siglip_fwd_kernel``: per-row sum of softplus(S_ij), minus S at the diagonal.
+- ``_clip_grad_kernel``:  dA = s * G @ B for ``G_ij = w_own_i (e^{S_ij - lse_own_i} - d_ij)
+  + w_oth_j (e^{S_ij - lse_oth_j} - d_ij)``, and the own-term scale gradient per row; run on
+  (x, y) it gives dx, on (y, x) it gives dy (G^T has the same form with roles swapped).
+- ``_siglip_grad_kernel``: the same for ``G_ij = w_i (sigmoid(S_ij) - d_ij)``, with the
+  weight on the rows (dx, ds, db) or on the columns (dy).
+
+The gradient kernels split D into BLOCK_DO-wide output slabs (grid axis 1) so the dA
+accumulator fits in registers; each slab recomputes S. Two passes instead of atomics keep
+the backward deterministic. The diagonal of the loss is at ``(i, offset + i)``, which lets a
+rank pass its local rows against the global columns. Inputs may be float32, float16 or
+bfloat16 with any strides; outputs are float32.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _logit_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, D, sa0, sa1, sb0, sb1, scale, bias,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Return (S, raw) for one tile: raw = A_blk @ B_blk^T in float32, S = scale * raw + bias."""
+    ks = tl.arange(0, BLOCK_K)
+    raw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    row_ok = rows < n_a
+    col_ok = cols < n_b
+    for k0 in range(0, D, BLOCK_K):
+        k = k0 + ks
+        a = tl.load(a_ptr + rows[:, None] * sa0 + k[None, :] * sa1,
+                    mask=row_ok[:, None] & (k[None, :] < D), other=0.0)
+        bt = tl.load(b_ptr + cols[None, :] * sb0 + k[:, None] * sb1,
+                     mask=col_ok[None, :] & (k[:, None] < D), other=0.0)
+        raw = tl.dot(a, bt, raw, input_precision=PRECISION)
+    return raw * scale + bias, raw
+
+
+@triton.jit
+def _clip_lse_kernel(a_ptr, b_ptr, out_ptr, n_a, n_b, D, sa0, sa1, sb0, sb1, scale, bias,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    run_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, n_b, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        s, _ = _logit_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, D, sa0, sa1, sb0, sb1, scale, bias,
+                           BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        s = tl.where((cols < n_b)[None, :], s, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(s, axis=1))
+        # Every block holds at least one real column, so new_max is finite.
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(s - new_max[:, None]), axis=1)
+        run_max = new_max
+    tl.store(out_ptr + rows, run_max + tl.log(run_sum), mask=rows < n_a)
+
+
+@triton.jit
+def _log1p(t):
+    # log(1 + t) for t >= 0 without losing small t (Goldberg's trick); tl has no log1p on
+    # every backend, and the softplus of SigLIP's many negatives (S ~ -10) lives on small t.
+    u = 1.0 + t
+    d = tl.where(u == 1.0, 1.0, u - 1.0)  # no 0/0 in the branch tl.where discards
+    return tl.where(u == 1.0, t, tl.log(u) * (t / d))
+
+
+@triton.jit
+def _siglip_fwd_kernel(a_ptr, b_ptr, out_ptr, n_a, n_b, D, sa0, sa1, sb0, sb1, scale, bias, offset,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, n_b, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        s, _ = _logit_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, D, sa0, sa1, sb0, sb1, scale, bias,
+                           BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        softplus = tl.maximum(s, 0.0) + _log1p(tl.exp(-tl.abs(s)))
+        is_diag = cols[None, :] == rows[:, None] + offset
+        term = tl.where(is_diag, softplus - s, softplus)
+        total += tl.sum(tl.where((cols < n_b)[None, :], term, 0.0), axis=1)
+    tl.store(out_ptr + rows, total, mask=rows < n_a)
+
+
+@triton.jit
+def _clip_grad_kernel(a_ptr, b_ptr, lse_own_ptr, lse_oth_ptr, w_own_ptr, w_oth_ptr, da_ptr, ds_ptr,
+                      n_a, n_b, D, sa0, sa1, sb0, sb1, sd0, scale, bias, offset,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slab = tl.program_id(1)
+    dout = slab * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    row_ok = rows < n_a
+    lse_own = tl.load(lse_own_ptr + rows, mask=row_ok, other=0.0)
+    w_own = tl.load(w_own_ptr + rows, mask=row_ok, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    ds = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, n_b, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_b
+        s, raw = _logit_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, D, sa0, sa1, sb0, sb1, scale, bias,
+                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        lse_oth = tl.load(lse_oth_ptr + cols, mask=col_ok, other=0.0)
+        w_oth = tl.load(w_oth_ptr + cols, mask=col_ok, other=0.0)
+        is_diag = (cols[None, :] == rows[:, None] + offset).to(tl.float32)
+        g_own = w_own[:, None] * (tl.exp(s - lse_own[:, None]) - is_diag)
+        g = g_own + w_oth[None, :] * (tl.exp(s - lse_oth[None, :]) - is_diag)
+        g = tl.where(col_ok[None, :] & row_ok[:, None], g, 0.0)
+        ds += tl.sum(tl.where(col_ok[None, :], g_own * raw, 0.0), axis=1)
+        bv = tl.load(b_ptr + cols[:, None] * sb0 + dout[None, :] * sb1,
+                     mask=col_ok[:, None] & (dout[None, :] < D), other=0.0)
+        acc = tl.dot(g.to(bv.dtype), bv, acc, input_precision=PRECISION)
+    tl.store(da_ptr + rows[:, None] * sd0 + dout[None, :], acc * scale,
+             mask=row_ok[:, None] & (dout[None, :] < D))
+    if slab == 0:
+        tl.store(ds_ptr + rows, ds, mask=row_ok)
+
+
+@triton.jit
+def _siglip_grad_kernel(a_ptr, b_ptr, w_ptr, da_ptr, ds_ptr, dbias_ptr,
+                        n_a, n_b, D, sa0, sa1, sb0, sb1, sd0, scale, bias, offset,
+                        WEIGHT_ON_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slab = tl.program_id(1)
+    dout = slab * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    row_ok = rows < n_a
+    if WEIGHT_ON_ROWS:
+        w_rows = tl.load(w_ptr + rows, mask=row_ok, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    ds = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, n_b, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_b
+        s, raw = _logit_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, D, sa0, sa1, sb0, sb1, scale, bias,
+                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        is_diag = cols[None, :] == rows[:, None] + offset
+        # sigmoid(S) - 1 = -sigmoid(-S): one sigmoid of the signed logit, no cancellation.
+        z = tl.where(is_diag, -s, s)
+        e = tl.exp(-tl.abs(z))
+        sig = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        g = tl.where(is_diag, -sig, sig)
+        if WEIGHT_ON_ROWS:
+            g = g * w_rows[:, None]
+        else:
+            g = g * tl.load(w_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        g = tl.where(col_ok[None, :] & row_ok[:, None], g, 0.0)
+        if WEIGHT_ON_ROWS:
+            ds += tl.sum(g * raw, axis=1)
+            dbias += tl.sum(g, axis=1)
+        bv = tl.load(b_ptr + cols[:, None] * sb0 + dout[None, :] * sb1,
+                     mask=col_ok[:, None] & (dout[None, :] < D), other=0.0)
+        acc = tl.dot(g.to(bv.dtype), bv, acc, input_precision=PRECISION)
+    tl.store(da_ptr + rows[:, None] * sd0 + dout[None, :], acc * scale,
+             mask=row_ok[:, None] & (dout[None, :] < D))
+    if WEIGHT_ON_ROWS:
+        if slab == 0:
+            tl.store(ds_ptr + rows, ds, mask=row_ok)
+            tl.store(dbias_ptr + rows, dbias, mask=row_ok)
+
+
+# ----- host side ---------------------------------------------------------------------------------
+
+def _precision(t: torch.Tensor) -> str:
+    # float32 follows torch's own switch for matmuls (off by default: exact float32), so the
+    # kernels agree with open_clip's logits to float32 rounding unless the caller opted in.
+    if t.dtype == torch.float32 and not _INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _blocks(d: int, grad: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DO, num_warps)."""
+    d_pow2 = max(16, triton.next_power_of_2(d))
+    if _INTERPRET:  # small blocks: many tiles and several output slabs even at test sizes
+        return 32, 32, min(32, d_pow2), min(64, d_pow2), 4
+    if grad:
+        return 64, 64, min(64, d_pow2), min(256, d_pow2), 8
+    return 128, 64, min(64, d_pow2), None, 8
+
+
+class TritonEngine:
+    """The tile passes of ``pym4.contrastive`` as fused Triton kernels (see ChunkedEngine)."""
+
+    def prepare(self, t: torch.Tensor) -> torch.Tensor:
+        if _INTERPRET and t.dtype == torch.bfloat16:
+            # Triton's CPU interpreter (numpy) has no bfloat16 and reads it as garbage; the
+            # native bfloat16 path is exercised by the GPU tests.
+            return t.detach().float()
+        return t.detach()
+
+    @staticmethod
+    def _lse(a, bm, s, b):
+        bm_, bn, bk, _, warps = _blocks(a.shape[1], False)
+        out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+        _clip_lse_kernel[(triton.cdiv(a.shape[0], bm_),)](
+            a, bm, out, a.shape[0], bm.shape[0], a.shape[1], a.stride(0), a.stride(1), bm.stride(0), bm.stride(1),
+            float(s), float(b), BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(a), num_warps=warps)
+        return out
+
+    def clip_forward(self, a, bm, s, b):
+        r = self._lse(a, bm, s, b)
+        c = self._lse(bm, a, s, b)  # the column LSE over these rows: rows of S^T
+        return r, c, torch.ones_like(c)
+
+    @staticmethod
+    def _clip_grad(a, bm, s, b, lse_own, lse_oth, w_own, w_oth, offset):
+        d = a.shape[1]
+        bm_, bn, bk, bdo, warps = _blocks(d, True)
+        da = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+        ds = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+        grid = (triton.cdiv(a.shape[0], bm_), triton.cdiv(d, bdo))
+        _clip_grad_kernel[grid](
+            a, bm, lse_own.float().contiguous(), lse_oth.float().contiguous(), w_own.float().contiguous(),
+            w_oth.float().contiguous(), da, ds, a.shape[0], bm.shape[0], d, a.stride(0), a.stride(1),
+            bm.stride(0), bm.stride(1), da.stride(0), float(s), float(b), int(offset),
+            BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=_precision(a), num_warps=warps)
+        return da, ds
+
+    def clip_backward(self, a, bm, s, b, r, c, w_row, w_col, offset, split_scale):
+        da, ds_row = self._clip_grad(a, bm, s, b, r, c, w_row, w_col, offset)
+        db, ds_col = self._clip_grad(bm, a, s, b, c, r, w_col, w_row, -offset)
+        if split_scale:
+            return da, db, (ds_row, ds_col)
+        return da, db, float(ds_row.sum(dtype=torch.float64) + ds_col.sum(dtype=torch.float64))
+
+    def siglip_forward(self, a, bm, s, b, offset):
+        bm_, bn, bk, _, warps = _blocks(a.shape[1], False)
+        out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+        _siglip_fwd_kernel[(triton.cdiv(a.shape[0], bm_),)](
+            a, bm, out, a.shape[0], bm.shape[0], a.shape[1], a.stride(0), a.stride(1), bm.stride(0), bm.stride(1),
+            float(s), float(b), int(offset), BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(a),
+            num_warps=warps)
+        return out
+
+    @staticmethod
+    def _siglip_grad(a, bm, s, b, w, offset, weight_on_rows):
+        d = a.shape[1]
+        bm_, bn, bk, bdo, warps = _blocks(d, True)
+        da = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+        ds = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+        dbias = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+        grid = (triton.cdiv(a.shape[0], bm_), triton.cdiv(d, bdo))
+        _siglip_grad_kernel[grid](
+            a, bm, w.float().contiguous(), da, ds, dbias, a.shape[0], bm.shape[0], d, a.stride(0), a.stride(1),
+            bm.stride(0), bm.stride(1), da.stride(0), float(s), float(b), int(offset),
+            WEIGHT_ON_ROWS=weight_on_rows, BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo,
+            PRECISION=_precision(a), num_warps=warps)
+        return da, ds, dbias
+
+    def siglip_backward(self, a, bm, s, b, w_row, offset):
+        da, ds, dbias = self._siglip_grad(a, bm, s, b, w_row, offset, True)
+        db, _, _ = self._siglip_grad(bm, a, s, b, w_row, -offset, False)
+        return (da, db, float(ds.sum(dtype=torch.float64)), float(dbias.sum(dtype=torch.float64)))
