@@ -4,6 +4,8 @@ Compiled kernels (C++/OpenMP, CUDA, Triton) for the three hot operations of SwAV
 and CLIP/SigLIP training and of M4 data balancing, under a thin Python layer:
 
 - :func:`sinkhorn`, :func:`sinkhorn_ot`: Sinkhorn-Knopp equipartition and entropic OT;
+- :func:`clip_loss`, :func:`siglip_loss`, :mod:`pym4.nn`: CLIP/SigLIP losses over giant
+  batches (tiled, never B x B), and :func:`similarity_topk` for retrieval;
 - :func:`build_info`: what the compiled core was built with.
 
 ``import pym4`` never needs triton, a GPU or a CUDA build.
@@ -14,13 +16,16 @@ from importlib import metadata as _metadata
 
 from . import _backend
 from .sinkhorn import ConvergenceWarning, sinkhorn, sinkhorn_ot
+from .contrastive import clip_loss, siglip_loss, similarity_topk
+from . import nn
 
 try:
     __version__ = _metadata.version("pym4")
 except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["build_info", "sinkhorn", "sinkhorn_ot", "ConvergenceWarning", "__version__"]
+__all__ = ["build_info", "sinkhorn", "sinkhorn_ot", "ConvergenceWarning", "__version__",
+           "clip_loss", "siglip_loss", "similarity_topk", "nn"]
 
 
 def build_info() -> dict:
