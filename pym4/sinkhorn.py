@@ -29,7 +29,8 @@ class ConvergenceWarning(UserWarning):
     """A solver stopped at its iteration limit before reaching its tolerance."""
 
 
-def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, group=None, backend: Optional[str] = None):
+def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None, chunk: Optional[int] = None,
+             group=None, backend: Optional[str] = None):
     """SwAV's Sinkhorn-Knopp equipartition of a batch over prototypes.
 
     Computes the codes of SwAV (Caron et al., 2020; `distributed_sinkhorn`) and SEER
@@ -41,10 +42,16 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, group=None, bac
     ----------
     scores : array (B, K), float32/float16/bfloat16 (float64 accepted)
         Similarities of B samples to K prototypes (numpy array or torch tensor, CPU or CUDA).
+        With ``prototypes``, this is instead the (B, D) feature matrix z.
     epsilon : float, default 0.05
         Entropic regularisation; 0.01 to 0.1 with scores in [-1, 1] is the usual range.
     n_iters : int, default 3
         Number of (column, row) normalisation pairs.
+    prototypes : array (K, D), optional
+        Features form: the scores ``z @ prototypes.T`` are computed ``chunk`` rows at a time
+        in every pass and never stored, so only the (B, K) result is materialised.
+    chunk : int, optional
+        Rows per block in the features form (default: about 16 MB of scores per block).
     group : torch.distributed.ProcessGroup, optional
         When given, the batch is split across the group's ranks: B is the global batch and
         the prototype sums are all-reduced every iteration, as SwAV does.
@@ -62,26 +69,32 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, group=None, bac
     """
     t, origin = to_tensor(scores, "scores")
     check_float(t, "scores")
-    check_ndim(t, 2, "scores", " (batch, prototypes)")
+    what = " (batch, features)" if prototypes is not None else " (batch, prototypes)"
+    check_ndim(t, 2, "scores", what)
     if t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError(f"scores: expected a non-empty (batch, prototypes) matrix, got shape {tuple(t.shape)}")
+        raise ValueError(f"scores: expected a non-empty{what} matrix, got shape {tuple(t.shape)}")
     eps = check_positive_scalar(epsilon, "epsilon")
     n_iters = check_int_at_least(n_iters, 1, "n_iters")
-    name = _backend.choose("sinkhorn", t.device.type, _SWAV_BACKENDS, backend)
     alpha = 1.0 / eps
+    if prototypes is not None:
+        return from_tensor(_sinkhorn_features(t, prototypes, alpha, n_iters, chunk, group, backend), origin)
+    if chunk is not None:
+        raise ValueError("chunk: only used with prototypes= (the features form)")
+    name = _backend.choose("sinkhorn", t.device.type, _SWAV_BACKENDS, backend)
 
     if group is not None:
-        out = _sinkhorn_distributed(t, alpha, n_iters, group, name)
+        b_global = _global_batch(t.shape[0], t.shape[1], bool(torch.isfinite(t).all()), group, t.device)
+        x = t.to(_compute_dtype(t.dtype))
+        passes = _CorePasses(x, alpha) if name == "cpu" else _TorchPasses(x, alpha)
+        out = _swav_iterate(passes, t.shape[1], b_global, n_iters, x.device, group)
     elif name == "cpu":
         out = _swav_cpu(t, alpha, n_iters)
     elif name == "cuda":
         out = _swav_cuda(t, alpha, n_iters)
     else:
         check_finite(t, "scores")
-        x = t.to(_compute_dtype(t.dtype))
-        b = t.shape[0]
-        log_b = torch.full((t.shape[1],), -math.log(t.shape[1]), dtype=torch.float64, device=t.device)
-        out, _, _ = _iterate(_TorchPasses(x, alpha), log_b, -math.log(b), n_iters, 0.0, math.log(b))
+        out = _swav_iterate(_TorchPasses(t.to(_compute_dtype(t.dtype)), alpha), t.shape[1], t.shape[0], n_iters,
+                            t.device)
     return from_tensor(out, origin)
 
 
@@ -296,28 +309,87 @@ def _all_reduce(t: torch.Tensor, group, op: str) -> None:
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
 
 
-def _sinkhorn_distributed(t: torch.Tensor, alpha: float, n_iters: int, group, name: str) -> torch.Tensor:
+def _swav_iterate(passes, k: int, b_global: int, n_iters: int, device, group=None) -> torch.Tensor:
+    """SwAV through the generic loop: columns get mass 1/K, rows 1/B; the plan comes back times B."""
+    log_b = torch.full((k,), -math.log(k), dtype=torch.float64, device=device)
+    out, _, _ = _iterate(passes, log_b, -math.log(b_global), n_iters, 0.0, math.log(b_global), group=group)
+    return out
+
+
+def _global_batch(b_local: int, k: int, finite: bool, group, device) -> int:
+    """Check every rank's shard and learn the global batch size, before any work: a bad
+    shard raises on all ranks instead of leaving the others blocked in a collective."""
     import torch.distributed as dist
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("group: torch.distributed is not initialised")
-    # Every rank checks its shard and learns the global batch size before any work, so a
-    # bad shard raises on all ranks instead of leaving the others blocked in a collective.
-    comm_device = t.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    stats = torch.tensor([float(t.shape[0]), 0.0 if bool(torch.isfinite(t).all()) else 1.0, float(t.shape[1])],
-                         dtype=torch.float64, device=comm_device)
-    k_local = stats[2].clone()
+    comm_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    stats = torch.tensor([float(b_local), 0.0 if finite else 1.0, float(k)], dtype=torch.float64, device=comm_device)
     _all_reduce(stats, group, "sum")
     if float(stats[1]) > 0:
         raise ValueError("scores: contains NaN or Inf on at least one rank")
-    world = dist.get_world_size(group)
-    if float(stats[2]) != float(k_local) * world:
+    if float(stats[2]) != float(k) * dist.get_world_size(group):
         raise ValueError("scores: every rank must hold the same number of prototypes (columns)")
-    b_global = int(stats[0])
-    x = t.to(_compute_dtype(t.dtype))
-    passes = _CorePasses(x, alpha) if name == "cpu" else _TorchPasses(x, alpha)
-    k = x.shape[1]
-    log_b = torch.full((k,), -math.log(k), dtype=torch.float64)
-    if comm_device.type != "cpu" or x.device.type != "cpu":
-        log_b = log_b.to(x.device)
-    out, _, _ = _iterate(passes, log_b, -math.log(b_global), n_iters, 0.0, math.log(b_global), group=group)
-    return out
+    return int(stats[0])
+
+
+class _FeaturePasses:
+    """Passes over scores = z @ prototypes.T computed block by block and never stored: each
+    pass recomputes a block's scores (a matmul) and runs the dense passes on it."""
+
+    def __init__(self, z: torch.Tensor, prototypes: torch.Tensor, alpha: float, chunk: int, dense):
+        self.z, self.c, self.alpha, self.chunk, self.dense = z, prototypes, alpha, chunk, dense
+
+    def _blocks(self):
+        for start in range(0, self.z.shape[0], self.chunk):
+            block = self.z[start:start + self.chunk] @ self.c.t()
+            yield start, self.dense(block, self.alpha)
+
+    def column_logsumexp(self):
+        col_max = col_sum = None
+        for _, passes in self._blocks():
+            m, s = passes.column_logsumexp()
+            if col_max is None:
+                col_max, col_sum = m, s
+            else:  # merge two (max, sum) pairs of log-sum-exp
+                new_max = torch.maximum(col_max, m)
+                col_sum = col_sum * torch.exp(col_max - new_max) + s * torch.exp(m - new_max)
+                col_max = new_max
+        return col_max, col_sum
+
+    def row_pass(self, g, log_a):
+        return sum(passes.row_pass(g, log_a) for _, passes in self._blocks())
+
+    def write_plan(self, g, log_a):
+        out = torch.empty(self.z.shape[0], self.c.shape[0], dtype=self.z.dtype, device=self.z.device)
+        for start, passes in self._blocks():
+            out[start:start + self.chunk] = passes.write_plan(g, log_a)
+        return out
+
+
+def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, chunk, group, backend):
+    c, _ = to_tensor(prototypes, "prototypes")
+    check_float(c, "prototypes")
+    check_ndim(c, 2, "prototypes", " (prototypes, features)")
+    if c.shape[0] == 0 or c.shape[1] != z.shape[1]:
+        raise ValueError(f"prototypes: expected shape (K >= 1, {z.shape[1]}) to match scores (features), "
+                         f"got {tuple(c.shape)}")
+    if c.device != z.device:
+        raise ValueError(f"prototypes: on {c.device}, but scores (features) are on {z.device}")
+    b, k = z.shape[0], c.shape[0]
+    if chunk is None:
+        chunk = max(1, (1 << 22) // k)  # about 16 MB of float32 scores per block
+    chunk = check_int_at_least(chunk, 1, "chunk")
+    # The core serves CPU tensors; elsewhere the torch passes run on the tensors' device.
+    name = _backend.choose("sinkhorn", z.device.type, ("cpu", "torch"), backend)
+    dtype = _compute_dtype(z.dtype)
+    zc, cc = z.to(dtype), c.to(dtype)
+    finite = bool(torch.isfinite(zc).all()) and bool(torch.isfinite(cc).all())
+    if group is not None:
+        b_global = _global_batch(b, k, finite, group, z.device)
+    else:
+        if not finite:
+            raise ValueError("scores: contains NaN or Inf" if not bool(torch.isfinite(zc).all())
+                             else "prototypes: contains NaN or Inf")
+        b_global = b
+    passes = _FeaturePasses(zc, cc, alpha, chunk, _CorePasses if name == "cpu" else _TorchPasses)
+    return _swav_iterate(passes, k, b_global, n_iters, z.device, group)

@@ -335,3 +335,41 @@ def test_build_info():
     assert info["version"] == pym4.__version__
     assert info["omp_max_threads"] >= 1
     assert isinstance(info["cuda"], bool)
+
+
+# ----- features form: scores computed block by block, never stored ---------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk", [None, 1, 7, 1000])
+def test_features_form_matches_dense(backend, chunk):
+    g = torch.Generator().manual_seed(5)
+    z = torch.nn.functional.normalize(torch.randn(45, 16, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(23, 16, generator=g), dim=1)
+    q = pym4.sinkhorn(z, 0.05, 3, prototypes=c, chunk=chunk, backend=backend)
+    torch.testing.assert_close(q.double(), swav_reference(z.double() @ c.double().t()), rtol=2e-5, atol=1e-7)
+
+
+def test_features_form_numpy_and_small_epsilon():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((30, 8)).astype(np.float32)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    c = rng.standard_normal((12, 8)).astype(np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    q = pym4.sinkhorn(z, 0.01, 4, prototypes=c, chunk=4)
+    assert isinstance(q, np.ndarray) and q.shape == (30, 12) and np.isfinite(q).all()
+    ref = swav_reference(torch.from_numpy(z).double() @ torch.from_numpy(c).double().t(), 0.01, 4).numpy()
+    np.testing.assert_allclose(q, ref, rtol=5e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"prototypes": torch.zeros(5, 3)}, ValueError, "prototypes: expected shape"),
+    ({"prototypes": torch.zeros(0, 4)}, ValueError, "prototypes: expected shape"),
+    ({"prototypes": torch.zeros(5)}, ValueError, "prototypes: expected a 2-D"),
+    ({"prototypes": torch.zeros(5, 4, dtype=torch.int32)}, TypeError, "prototypes: expected a floating-point"),
+    ({"prototypes": torch.full((5, 4), float("nan"))}, ValueError, "prototypes: contains NaN"),
+    ({"prototypes": torch.zeros(5, 4), "chunk": 0}, ValueError, "chunk: must be >= 1"),
+    ({"chunk": 8}, ValueError, "chunk: only used with prototypes="),
+])
+def test_features_form_bad_input(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        pym4.sinkhorn(torch.zeros(6, 4), **kwargs)

@@ -68,3 +68,23 @@ def test_bad_shard_raises_on_every_rank(tmp_path):
     results = run_ranks(tmp_path, shards)
     for r in results:
         assert "error" in r and "scores: contains NaN or Inf" in r["error"]
+
+
+def _features_worker(rank, world, init_file, shards, prototypes, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        q = pym4.sinkhorn(shards[rank], 0.05, 3, prototypes=prototypes, chunk=3, group=dist.group.WORLD)
+        torch.save({"q": q}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_features_form_two_ranks(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    z = torch.nn.functional.normalize(torch.randn(11, 8, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(9, 8, generator=g), dim=1)
+    shards = [z[:6].clone(), z[6:].clone()]
+    mp.spawn(_features_worker, args=(2, str(tmp_path / "init"), shards, c, str(tmp_path)), nprocs=2, join=True)
+    q = torch.cat([torch.load(tmp_path / f"{r}.pt")["q"] for r in range(2)])
+    torch.testing.assert_close(q, pym4.sinkhorn(z @ c.t(), 0.05, 3), rtol=1e-5, atol=1e-7)
