@@ -25,10 +25,22 @@ BACKENDS = ("cpu", "cuda", "triton", "torch")
 @functools.lru_cache(maxsize=None)
 def core():
     """The compiled core module, or None when it was not built (pure-Python checkout)."""
+    # torch ships its own OpenMP runtime and the core links the system's, so two thread
+    # pools share the cores. By default a libgomp worker spins for milliseconds after each
+    # parallel region, starving torch ops that run in between (seen: a 16000-element
+    # torch.log taking 8 ms). The core's pool therefore sleeps as soon as its work is done:
+    # libgomp reads OMP_WAIT_POLICY once, when it is loaded with the core. A user's own
+    # setting wins; the environment is restored afterwards so torch is unaffected.
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    if saved is None:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         return importlib.import_module("pym4._core")
     except ImportError:
         return None
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
 
 
 def core_has_cuda() -> bool:
