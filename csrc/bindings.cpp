@@ -11,6 +11,7 @@
 #include <string>
 
 #include "pym4/common.h"
+#include "pym4/m4.h"
 #include "pym4/sinkhorn.h"
 #if defined(PYM4_WITH_CUDA)
 #include "pym4/cuda.h"
@@ -148,6 +149,81 @@ void sinkhorn_write_plan(const py::array& x, double alpha, const py::object& g, 
   pym4::sinkhorn::write_plan<T>(m, gp, a, nullptr, op, ld_out, nullptr);
 }
 
+// ----- M4 ------------------------------------------------------------------------------------
+// Data travel as a tuple (s, y, y_indptr, y_indices, c, u): s (n, m) uint8; labels dense
+// y (n, c) uint8, or y None with CSR y_indptr (n+1,) int64 and y_indices int32; u None or
+// (n,) float64. The problem is (pi (m,) float64, eta, eps_rep, eps_assoc). The Python layer
+// (pym4/m4.py) has already checked values (0/1, finite, ranges); here only layouts.
+template <typename T>
+const T* m4_array(const py::object& o, const char* name, int ndim, char kind, py::ssize_t rows, py::ssize_t cols = -1) {
+  auto a = py::cast<py::array>(o);
+  PYM4_CHECK_VALUE(a.dtype().kind() == kind && a.itemsize() == static_cast<py::ssize_t>(sizeof(T)),
+                   name << ": wrong dtype " << std::string(py::str(a.dtype())));
+  PYM4_CHECK_VALUE(a.ndim() == ndim, name << ": expected " << ndim << " dimensions, got " << a.ndim());
+  PYM4_CHECK_VALUE(a.shape(0) == rows, name << ": expected " << rows << " rows, got " << a.shape(0));
+  if (ndim == 2 && cols >= 0) PYM4_CHECK_VALUE(a.shape(1) == cols, name << ": expected " << cols << " columns, got " << a.shape(1));
+  PYM4_CHECK_VALUE((a.flags() & py::array::c_style) != 0, name << ": must be C-contiguous");
+  return static_cast<const T*>(a.data());
+}
+
+template <typename T>
+T* m4_out(py::array& a, const char* name, py::ssize_t size) {
+  PYM4_CHECK_VALUE(py::isinstance<py::array_t<T>>(a) && a.itemsize() == static_cast<py::ssize_t>(sizeof(T)),
+                   name << ": wrong dtype");
+  PYM4_CHECK_VALUE(a.ndim() == 1 && a.shape(0) == size, name << ": expected shape (" << size << ",)");
+  PYM4_CHECK_VALUE((a.flags() & py::array::c_style) != 0 && a.writeable(), name << ": must be a writeable contiguous array");
+  return static_cast<T*>(a.mutable_data());
+}
+
+pym4::m4::Data m4_data(const py::tuple& t) {
+  PYM4_CHECK_VALUE(t.size() == 6, "data: expected (s, y, y_indptr, y_indices, c, u)");
+  pym4::m4::Data d;
+  auto s = py::cast<py::array>(t[0]);
+  PYM4_CHECK_VALUE(s.ndim() == 2, "s: expected a 2-D array (examples, groups)");
+  d.n = s.shape(0);
+  d.m = s.shape(1);
+  d.c = py::cast<int64_t>(t[4]);
+  PYM4_CHECK_VALUE(d.m >= 1 && d.c >= 0, "s, y: need at least one group and c >= 0 labels");
+  d.s = m4_array<uint8_t>(t[0], "s", 2, 'u', d.n, d.m);
+  d.ld_s = d.m;
+  if (!t[1].is_none()) {
+    d.y = m4_array<uint8_t>(t[1], "y", 2, 'u', d.n, d.c);
+    d.ld_y = d.c;
+  } else {
+    d.y_indptr = m4_array<int64_t>(t[2], "y_indptr", 1, 'i', d.n + 1);
+    auto idx = py::cast<py::array>(t[3]);
+    PYM4_CHECK_VALUE(idx.ndim() == 1, "y_indices: expected a 1-D array");
+    d.y_indices = m4_array<int32_t>(t[3], "y_indices", 1, 'i', idx.shape(0));
+    PYM4_CHECK_VALUE(d.y_indptr[0] == 0 && d.y_indptr[d.n] == idx.shape(0), "y_indptr: inconsistent with y_indices");
+  }
+  if (!t[5].is_none()) d.u = m4_array<double>(t[5], "u", 1, 'f', d.n);
+  return d;
+}
+
+pym4::m4::Problem m4_problem(const py::tuple& t, int64_t m) {
+  PYM4_CHECK_VALUE(t.size() == 4, "problem: expected (pi, eta, eps_rep, eps_assoc)");
+  pym4::m4::Problem p;
+  p.pi = m4_array<double>(t[0], "target", 1, 'f', m);
+  p.eta = py::cast<double>(t[1]);
+  p.eps_rep = py::cast<double>(t[2]);
+  p.eps_assoc = py::cast<double>(t[3]);
+  return p;
+}
+
+struct M4State {
+  pym4::m4::StreamState st;
+};
+
+M4State m4_state(py::array& v_plus, py::array& v_minus, py::array& avg_w, py::array& curv, py::array& scalars, int64_t p) {
+  M4State s;
+  s.st.v_plus = m4_out<double>(v_plus, "v_plus", p);
+  s.st.v_minus = m4_out<double>(v_minus, "v_minus", p);
+  s.st.avg_w = m4_out<double>(avg_w, "avg_w", p);
+  s.st.curv = m4_out<double>(curv, "curv", p);
+  s.st.scalars = m4_out<double>(scalars, "scalars", 4);
+  return s;
+}
+
 // Dispatch on the dtype of x (float32 or float64) to the templated entry point.
 #define PYM4_DISPATCH_FLOAT(x, FN, ...)                                                          \
   ((x).dtype().kind() == 'f' && (x).itemsize() == 8 ? FN<double>(x, __VA_ARGS__)               \
@@ -225,6 +301,105 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("x"), py::arg("alpha"), py::arg("g"), py::arg("log_a"), py::arg("out"),
         "Final row step, writing the plan into `out`.");
+
+  // ----- M4: data = (s, y, y_indptr, y_indices, c, u), problem = (pi, eta, eps_rep, eps_assoc);
+  // see include/pym4/m4.h.
+  m.def("m4_keep_probability",
+        [](py::tuple data, py::tuple problem, py::array w, double mu, py::array q) {
+          auto d = m4_data(data);
+          auto pr = m4_problem(problem, d.m);
+          const double* wp = m4_array<double>(w, "w", 1, 'f', d.dim());
+          double* qp = m4_out<double>(q, "q", d.n);
+          py::gil_scoped_release release;
+          pym4::m4::keep_probability(d, pr, wp, mu, qp);
+        },
+        py::arg("data"), py::arg("problem"), py::arg("w"), py::arg("mu"), py::arg("q"),
+        "q_i = clip(eta + u_i - a_i^T w - mu, 0, 1) into q.");
+  m.def("m4_weighted_counts",
+        [](py::tuple data, py::object q, py::array counts) {
+          auto d = m4_data(data);
+          const double* qp = q.is_none() ? nullptr : m4_array<double>(q, "q", 1, 'f', d.n);
+          double* cp = m4_out<double>(counts, "counts", pym4::m4::counts_size(d.m, d.c));
+          py::gil_scoped_release release;
+          pym4::m4::weighted_counts(d, qp, cp);
+        },
+        py::arg("data"), py::arg("q"), py::arg("counts"),
+        "Adds [sum q | sum q s_k | sum q y_r | sum q s_k y_r] into counts.");
+  m.def("m4_batch_stats",
+        [](py::tuple data, py::tuple problem, py::array w, double mu) {
+          auto d = m4_data(data);
+          auto pr = m4_problem(problem, d.m);
+          const double* wp = m4_array<double>(w, "w", 1, 'f', d.dim());
+          py::array_t<double> stats(pym4::m4::stats_size(d.dim()));
+          double* sp = stats.mutable_data();
+          {
+            py::gil_scoped_release release;
+            pym4::m4::batch_stats(d, pr, wp, mu, 0, d.n, sp);
+          }
+          return stats;
+        },
+        py::arg("data"), py::arg("problem"), py::arg("w"), py::arg("mu"),
+        "[sum q a (p) | sum a^2 (p) | sum q | count] of one mini-batch.");
+  m.def("m4_apply_update",
+        [](int64_t m_, int64_t c, py::tuple problem, double lr, double gamma, py::array v_plus, py::array v_minus,
+           py::array avg_w, py::array curv, py::array scalars, py::array stats) {
+          const int64_t p = m_ * (c + 1);
+          auto pr = m4_problem(problem, m_);
+          auto s = m4_state(v_plus, v_minus, avg_w, curv, scalars, p);
+          const double* sp = m4_array<double>(stats, "stats", 1, 'f', pym4::m4::stats_size(p));
+          pym4::m4::StreamConfig cfg;
+          cfg.lr = lr;
+          cfg.gamma = gamma;
+          pym4::m4::apply_update(pr, m_, c, cfg, s.st, sp);
+        },
+        py::arg("m"), py::arg("c"), py::arg("problem"), py::arg("lr"), py::arg("gamma"), py::arg("v_plus"),
+        py::arg("v_minus"), py::arg("avg_w"), py::arg("curv"), py::arg("scalars"), py::arg("stats"),
+        "One stochastic dual-ascent step from (all-reduced) mini-batch stats.");
+  m.def("m4_stream_fit",
+        [](py::tuple data, py::tuple problem, double lr, double gamma, int64_t batch_size, py::array v_plus,
+           py::array v_minus, py::array avg_w, py::array curv, py::array scalars) {
+          auto d = m4_data(data);
+          auto pr = m4_problem(problem, d.m);
+          PYM4_CHECK_VALUE(batch_size >= 1, "batch_size: must be >= 1, got " << batch_size);
+          auto s = m4_state(v_plus, v_minus, avg_w, curv, scalars, d.dim());
+          pym4::m4::StreamConfig cfg;
+          cfg.lr = lr;
+          cfg.gamma = gamma;
+          cfg.batch_size = batch_size;
+          py::gil_scoped_release release;
+          return pym4::m4::stream_fit(d, pr, cfg, s.st);
+        },
+        py::arg("data"), py::arg("problem"), py::arg("lr"), py::arg("gamma"), py::arg("batch_size"),
+        py::arg("v_plus"), py::arg("v_minus"), py::arg("avg_w"), py::arg("curv"), py::arg("scalars"),
+        "Stochastic dual ascent over consecutive mini-batches; returns the number of steps.");
+  m.def("m4_solve_exact",
+        [](py::tuple data, py::tuple problem, int64_t max_iter, double tol, double rho, py::array w, py::array q) {
+          auto d = m4_data(data);
+          auto pr = m4_problem(problem, d.m);
+          PYM4_CHECK_VALUE(d.n >= 1, "s: no examples");
+          double* wp = m4_out<double>(w, "w", d.dim());
+          double* qp = m4_out<double>(q, "q", d.n);
+          pym4::m4::ExactConfig cfg;
+          cfg.max_iter = max_iter;
+          cfg.tol = tol;
+          cfg.rho = rho;
+          pym4::m4::ExactResult r;
+          {
+            py::gil_scoped_release release;
+            r = pym4::m4::solve_exact(d, pr, cfg, wp, qp);
+          }
+          py::dict out;
+          out["status"] = static_cast<int>(r.status);
+          out["iterations"] = r.iterations;
+          out["mu"] = r.mu;
+          out["max_violation"] = r.max_violation;
+          out["gap"] = r.gap;
+          out["recession"] = r.recession;
+          return out;
+        },
+        py::arg("data"), py::arg("problem"), py::arg("max_iter"), py::arg("tol"), py::arg("rho"), py::arg("w"),
+        py::arg("q"), "Proximal Newton on the dual; w (p,) in/out, q (n,) out; returns a status dict.");
+  // ----- end M4
 
 #if defined(PYM4_WITH_CUDA)
   // CUDA launchers: device pointers as integers, stream as an integer handle (0 = default).
