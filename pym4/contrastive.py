@@ -350,20 +350,23 @@ class ChunkedEngine:
         for i0 in range(0, n_a, ch):
             ac = a[i0:i0 + ch]
             m = ac.shape[0]
-            raw = ac @ bm.T
-            logits = raw * s
-            if b != 0.0:
-                logits.add_(b)
-            p_row = torch.sub(logits, r[i0:i0 + m, None]).exp_()
-            p_col = logits.sub_(c[None, :]).exp_()  # reuses the logits' storage
+            # The logits exactly as the forward pass rounded them: e^{S - r} must see the
+            # same S as r did, or p - 1 on the diagonal loses its small value at large s.
+            logits = self._logits(ac, bm, s, b)
             rows = torch.arange(m, device=a.device)
             cols = rows + (offset + i0)
             wr, wc = w_row[i0:i0 + m], w_col
+            p_row = torch.sub(logits, r[i0:i0 + m, None]).exp_()
             if split_scale:
-                raw_diag = raw[rows, cols]
-                ds_row[i0:i0 + m] = wr * (torch.linalg.vecdot(p_row, raw, dim=1) - raw_diag)
-                ds_col.add_(wc * torch.linalg.vecdot(p_col, raw, dim=0))
-                ds_col.index_add_(0, cols, -wc[cols] * raw_diag)
+                # sum_j G_ij (S_ij - b) / s, kept apart for the row and the column terms.
+                p_col = torch.sub(logits, c[None, :]).exp_()
+                diag = logits[rows, cols] - b
+                ds_row[i0:i0 + m] = wr * (torch.linalg.vecdot(p_row, logits, dim=1) - b * p_row.sum(1) - diag) / s
+                ds_col.add_(wc * (torch.linalg.vecdot(p_col, logits, dim=0) - b * p_col.sum(0)) / s)
+                ds_col.index_add_(0, cols, -wc[cols] * diag / s)
+                del logits
+            else:
+                p_col = logits.sub_(c[None, :]).exp_()  # reuses the logits' storage
             g = p_row.mul_(wr[:, None]).add_(p_col.mul_(wc[None, :]))
             g[rows, cols] -= wr + wc[cols]
             torch.mm(g, bm, out=da[i0:i0 + m]).mul_(s)

@@ -1,0 +1,110 @@
+"""The fused Triton kernels of the contrastive losses.
+
+Without a GPU they run through Triton's interpreter (conftest sets TRITON_INTERPRET=1) on
+small odd shapes; the `gpu` tests run the same checks natively on CUDA, plus bfloat16 (which
+the interpreter cannot represent) and a larger batch. References are float64 plain torch,
+written from the formulas, as in test_contrastive.py.
+"""
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pym4
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def ref_loss(kind, x, y, s, b):
+    logits = s * x @ y.T + (0.0 if b is None else b)
+    idx = torch.arange(x.shape[0], device=x.device)
+    if kind == "clip":
+        diag = logits[idx, idx]
+        return ((torch.logsumexp(logits, 1) - diag).mean() + (torch.logsumexp(logits, 0) - diag).mean()) / 2
+    labels = 2 * torch.eye(x.shape[0], dtype=logits.dtype, device=x.device) - 1
+    return -F.logsigmoid(labels * logits).sum() / x.shape[0]
+
+
+def features(n, d, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    y = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64) + 1.5 * x, dim=1)
+    return x.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype)
+
+
+def losses_and_grads(fn, x, y, s, b):
+    leaves = [x.detach().clone().requires_grad_(), y.detach().clone().requires_grad_(),
+              s.detach().clone().requires_grad_()] + ([] if b is None else [b.detach().clone().requires_grad_()])
+    loss = fn(*leaves[:3], leaves[3] if b is not None else None)
+    grads = torch.autograd.grad(loss, leaves)
+    return [loss.detach()] + list(grads)
+
+
+def check(kind, n, d, dtype, device, with_bias, rtol, s_value=12.0):
+    x, y = features(n, d, dtype, device)
+    s = torch.tensor(s_value, device=device)
+    b = torch.tensor(-3.0, device=device) if with_bias else None
+    loss_fn = pym4.clip_loss if kind == "clip" else pym4.siglip_loss
+    got = losses_and_grads(lambda *a: loss_fn(*a, backend="triton"), x, y, s, b)
+    want = losses_and_grads(lambda xx, yy, ss, bb: ref_loss(kind, xx.double(), yy.double(), ss.double(),
+                                                           None if bb is None else bb.double()), x, y, s, b)
+    assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == dtype
+    for name, g, w in zip(("loss", "dx", "dy", "ds", "db"), got, want):
+        atol = rtol * max(float(w.abs().max()), 1.0)
+        torch.testing.assert_close(g.double(), w.double(), rtol=rtol, atol=atol,
+                                   msg=lambda m: f"{kind} B={n} D={d} {dtype}: {name}: {m}")
+
+
+SHAPES = [(1, 16), (7, 24), (37, 72), (130, 16)]
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("n,d", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_triton_float32_interpreted(kind, n, d, with_bias):
+    if torch.cuda.is_available():
+        pytest.skip("runs natively in test_triton_gpu")
+    check(kind, n, d, torch.float32, "cpu", with_bias, 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_triton_float16_interpreted(kind):
+    if torch.cuda.is_available():
+        pytest.skip("runs natively in test_triton_gpu")
+    # float16 inputs, float32 accumulation: G is rounded to float16 for the gradient matmul,
+    # as flash-attention does, so gradients carry float16 rounding.
+    check(kind, 37, 24, torch.float16, "cpu", True, 3e-3)
+
+
+def test_triton_rejects_float64_when_forced():
+    x, y = features(4, 16, torch.float64, "cpu")
+    with pytest.raises(TypeError, match="triton backend takes"):
+        pym4.clip_loss(x, y, 1.0, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("n,d", SHAPES + [(1000, 512)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_triton_gpu(kind, n, d, with_bias):
+    check(kind, n, d, torch.float32, "cuda", with_bias, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_triton_gpu_low_precision(kind, dtype, rtol):
+    check(kind, 257, 128, dtype, "cuda", True, rtol)
+
+
+@pytest.mark.gpu
+def test_triton_is_the_default_on_cuda_and_matches_cpu():
+    x, y = features(300, 64, torch.float32, "cuda")
+    loss = pym4.clip_loss(x.requires_grad_(), y, 20.0)
+    assert type(loss.grad_fn).__name__.startswith("_ContrastiveLoss")
+    x = x.detach()
+    cpu = pym4.clip_loss(x.cpu(), y.cpu(), 20.0, backend="cpu")
+    torch.testing.assert_close(loss.cpu(), cpu, rtol=1e-5, atol=1e-6)
+    assert math.isfinite(float(pym4.siglip_loss(x, y, 20.0, -5.0)))
