@@ -20,8 +20,10 @@ enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 // stride ld, dtype), alpha, column log-marginals log_b (device, cols doubles, may be null
 // for uniform), rows carry mass exp(log_a_scalar) each, output out (rows x cols, contiguous,
 // same dtype) multiplied by exp(log_out_scale). workspace: device scratch of
-// sinkhorn_workspace_bytes(rows, cols) bytes. non_finite (device int) is set to 1 when the
-// input holds NaN/Inf. Shapes small enough for one block run every iteration in one launch.
+// sinkhorn_workspace_bytes(rows, cols) bytes (device-independent, O(cols * min(rows, 320))).
+// non_finite (device int, zero on entry) is set to 1 when some alpha * x is NaN/Inf; the
+// output is then unspecified. Up to 2^25 entries every iteration runs in one launch
+// (cooperative when several blocks); larger inputs take one launch per pass.
 size_t sinkhorn_workspace_bytes(int64_t rows, int64_t cols);
 void sinkhorn_solve(const void* x, DType dtype, int64_t rows, int64_t cols, int64_t ld, double alpha,
                     const double* log_b, double log_a_scalar, int64_t n_iters, double log_out_scale,

@@ -1,0 +1,244 @@
+"""GPU tests of the CUDA Sinkhorn kernel (kernels/cuda/sinkhorn.cu), backend="cuda".
+
+References are written here from the formulas, in float64 torch: SwAV's
+``distributed_sinkhorn`` (Caron et al. 2020, one process) and the fixed-iteration
+Sinkhorn-Knopp scaling of entropic OT (Cuturi 2013). Every test is marked ``gpu`` and is
+skipped where no GPU is present; nothing here touches the GPU at import.
+"""
+import math
+
+import pytest
+import torch
+
+import pym4
+from pym4 import _backend
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (rtol, atol, row-sum tolerance): float32 math inside; half-precision outputs are rounded
+# to 11 (float16) or 8 (bfloat16) significant bits, float16 subnormals below 6e-5.
+TOLERANCES = {
+    torch.float32: (5e-4, 1e-8, 1e-4),
+    torch.float16: (3e-3, 1e-7, 2e-3),
+    torch.bfloat16: (1.6e-2, 1e-7, 1e-2),
+}
+
+
+@pytest.fixture(autouse=True)
+def _cuda_core():
+    if not _backend.core_has_cuda():
+        pytest.skip("pym4 core built without CUDA (build with PYM4_CUDA=ON)")
+
+
+def swav_sinkhorn_reference(scores: torch.Tensor, epsilon: float, n_iters: int) -> torch.Tensor:
+    """SwAV's distributed_sinkhorn on one process, in float64.
+
+    Q = exp(S / eps)^T (K x B) normalised to total mass 1; n_iters times: rows of Q
+    (prototypes) to mass 1/K, then columns (samples) to mass 1/B; return (B * Q)^T.
+    The global shift by max(S) cancels in the first normalisation and keeps exp finite.
+    """
+    s = scores.double()
+    q = torch.exp((s - s.max()) / epsilon).t()
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(n_iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    q *= b
+    return q.t()
+
+
+def ot_sinkhorn_reference(cost: torch.Tensor, reg: float, a: torch.Tensor, b: torch.Tensor, n_iters: int):
+    """Fixed-iteration Sinkhorn-Knopp in float64: P = exp(-C/reg), then n_iters times scale
+    columns to b (zero-mass columns to 0), then rows to a."""
+    c = cost.double()
+    p = torch.exp(-(c - c.min()) / reg)
+    for _ in range(n_iters):
+        col = p.sum(dim=0)
+        p *= torch.where(b > 0, b / col, torch.zeros_like(b))
+        p *= (a / p.sum(dim=1))[:, None]
+    return p
+
+
+def make_scores(b: int, k: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """Scores spread over [-1, 1] (harder than cosine similarities of random features)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (2 * torch.rand(b, k, device="cuda", generator=g) - 1).to(dtype)
+
+
+def assert_matches_reference(out: torch.Tensor, x: torch.Tensor, epsilon: float, n_iters: int):
+    rtol, atol, row_tol = TOLERANCES[x.dtype]
+    assert out.dtype == x.dtype and out.device == x.device and out.shape == x.shape
+    assert bool(torch.isfinite(out).all())
+    ref = swav_sinkhorn_reference(x, epsilon, n_iters)
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.double().sum(dim=1), torch.ones(x.shape[0], dtype=torch.float64, device="cuda"),
+                               rtol=0, atol=row_tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("b,k,epsilon,n_iters", [
+    (1, 1, 0.05, 3),
+    (7, 5, 0.05, 3),
+    (64, 3000, 0.05, 3),
+    (16, 16000, 0.03, 10),   # SEER per-GPU shape
+    (4096, 3000, 0.05, 3),
+    (16384, 3000, 0.05, 3),  # the multi-launch path
+])
+def test_matches_swav_reference(b, k, epsilon, n_iters, dtype):
+    x = make_scores(b, k, dtype)
+    out = pym4.sinkhorn(x, epsilon=epsilon, n_iters=n_iters, backend="cuda")
+    assert_matches_reference(out, x, epsilon, n_iters)
+
+
+@pytest.mark.parametrize("path", ["fused", "multi"])
+@pytest.mark.parametrize("b,k,epsilon,n_iters", [
+    (1, 3000, 0.05, 3),
+    (7, 5, 0.05, 3),
+    (517, 129, 0.05, 4),
+    (64, 3000, 0.05, 3),
+    (16, 16000, 0.03, 10),
+    (2000, 700, 0.05, 3),    # > 32 parts: block-wide combine of the partials
+])
+def test_both_launch_paths(b, k, epsilon, n_iters, path, monkeypatch):
+    monkeypatch.setenv("PYM4_SINKHORN_CUDA_PATH", path)
+    x = make_scores(b, k)
+    out = pym4.sinkhorn(x, epsilon=epsilon, n_iters=n_iters, backend="cuda")
+    assert_matches_reference(out, x, epsilon, n_iters)
+
+
+def test_unknown_path_override_raises(monkeypatch):
+    monkeypatch.setenv("PYM4_SINKHORN_CUDA_PATH", "bogus")
+    with pytest.raises(ValueError, match="PYM4_SINKHORN_CUDA_PATH"):
+        pym4.sinkhorn(make_scores(4, 4), backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("b,k", [(256, 3000), (4096, 3000)])
+def test_epsilon_001(b, k, dtype):
+    # exp(1/0.01) = e^100 overflows float32: only the log-domain iteration stays finite.
+    x = make_scores(b, k, dtype, seed=1)
+    out = pym4.sinkhorn(x, epsilon=0.01, n_iters=3, backend="cuda")
+    assert_matches_reference(out, x, 0.01, 3)
+
+
+@pytest.mark.parametrize("b,k", [(8, 40000), (520, 40000)])
+def test_many_prototypes_without_shared_memory(b, k):
+    # 8 bytes per column exceed every GPU's per-block shared memory at K = 40000, so the
+    # column accumulators live in the workspace; (520, K) also has > 32 parts.
+    x = make_scores(b, k, seed=2)
+    for path in ("fused", "multi"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PYM4_SINKHORN_CUDA_PATH", path)
+            out = pym4.sinkhorn(x, epsilon=0.05, n_iters=3, backend="cuda")
+        assert_matches_reference(out, x, 0.05, 3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scores_raise(bad, dtype):
+    x = make_scores(300, 129, dtype)
+    x[217, 77] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pym4.sinkhorn(x, backend="cuda")
+
+
+def test_overflow_once_divided_by_epsilon_raises():
+    x = torch.full((16, 8), 1e4, device="cuda")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pym4.sinkhorn(x, epsilon=1e-35, backend="cuda")  # 1e4 / 1e-35 overflows float32
+
+
+def test_row_strided_input():
+    base = make_scores(64, 3007, seed=3)
+    x = base[:, :3000]
+    assert x.stride() == (3007, 1)
+    out = pym4.sinkhorn(x, backend="cuda")
+    assert_matches_reference(out, x, 0.05, 3)
+    # Same values, same launch: bit-identical to the contiguous copy.
+    assert torch.equal(out, pym4.sinkhorn(x.contiguous(), backend="cuda"))
+
+
+def test_broadcast_rows_input():
+    row = make_scores(1, 3000, seed=4)
+    x = row.expand(64, 3000)  # row stride 0
+    out = pym4.sinkhorn(x, backend="cuda")
+    assert_matches_reference(out, x, 0.05, 3)
+
+
+def test_deterministic():
+    x = make_scores(4096, 3000, torch.bfloat16, seed=5)
+    assert torch.equal(pym4.sinkhorn(x, backend="cuda"), pym4.sinkhorn(x, backend="cuda"))
+
+
+def test_float64_input_comes_back_float64():
+    x = make_scores(33, 65).double()
+    out = pym4.sinkhorn(x, backend="cuda")
+    assert out.dtype == torch.float64 and out.device == x.device
+    torch.testing.assert_close(out, swav_sinkhorn_reference(x, 0.05, 3), rtol=5e-4, atol=1e-8)
+
+
+def test_runs_on_callers_stream():
+    # The input is only written on stream s after a long sleep there. A kernel queued on any
+    # other stream would read the zeros instead and return the uniform plan.
+    src = make_scores(64, 3000, seed=6)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        x = torch.zeros_like(src)
+        s.synchronize()
+        torch.cuda._sleep(100_000_000)  # ~50 ms of GPU time on s
+        x.copy_(src)
+        out = pym4.sinkhorn(x, backend="cuda")
+        out_copy = out.clone()
+    s.synchronize()
+    assert_matches_reference(out_copy, src, 0.05, 3)
+
+
+def test_general_marginals_through_the_launcher():
+    # Entropic OT (alpha = -1/reg) with non-uniform column marginals, one of them zero,
+    # straight through the launcher contract (log_b device pointer, log_a scalar).
+    core = _backend.core()
+    g = torch.Generator(device="cuda").manual_seed(7)
+    n, m, reg, n_iters = 50, 37, 0.1, 20
+    cost = torch.rand(n, m, device="cuda", generator=g)
+    b = torch.rand(m, device="cuda", generator=g, dtype=torch.float64) + 0.1
+    b[3] = 0.0
+    b /= b.sum()
+    log_b = torch.log(b).contiguous()
+    out = torch.empty_like(cost)
+    workspace = torch.empty(core.sinkhorn_workspace_bytes_cuda(n, m), dtype=torch.uint8, device="cuda")
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    core.sinkhorn_solve_cuda(cost.data_ptr(), 0, n, m, cost.stride(0), -1.0 / reg, log_b.data_ptr(), -math.log(n),
+                             n_iters, 0.0, out.data_ptr(), workspace.data_ptr(), flag.data_ptr(),
+                             torch.cuda.current_stream().cuda_stream)
+    assert int(flag.item()) == 0
+    ref = ot_sinkhorn_reference(cost, reg, torch.full((n,), 1.0 / n, dtype=torch.float64, device="cuda"), b, n_iters)
+    torch.testing.assert_close(out.double(), ref, rtol=5e-4, atol=1e-9)
+    assert bool((out[:, 3] == 0).all())
+    # Rows carry exactly a = 1/n after the final row step.
+    torch.testing.assert_close(out.double().sum(dim=1), torch.full((n,), 1.0 / n, dtype=torch.float64, device="cuda"),
+                               rtol=1e-5, atol=0)
+
+
+def test_launcher_rejects_bad_arguments():
+    core = _backend.core()
+    x = make_scores(4, 4)
+    out = torch.empty_like(x)
+    ws = torch.empty(core.sinkhorn_workspace_bytes_cuda(4, 4), dtype=torch.uint8, device="cuda")
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    with pytest.raises(ValueError, match="n_iters"):
+        core.sinkhorn_solve_cuda(x.data_ptr(), 0, 4, 4, 4, 20.0, 0, 0.0, 0, 0.0, out.data_ptr(), ws.data_ptr(),
+                                 flag.data_ptr(), stream)
+    with pytest.raises(ValueError, match="workspace"):
+        core.sinkhorn_solve_cuda(x.data_ptr(), 0, 4, 4, 4, 20.0, 0, 0.0, 3, 0.0, out.data_ptr(), 0,
+                                 flag.data_ptr(), stream)
+    with pytest.raises(ValueError, match="alpha"):
+        core.sinkhorn_solve_cuda(x.data_ptr(), 0, 4, 4, 4, float("inf"), 0, 0.0, 3, 0.0, out.data_ptr(),
+                                 ws.data_ptr(), flag.data_ptr(), stream)
+    with pytest.raises(ValueError, match="empty"):
+        core.sinkhorn_workspace_bytes_cuda(0, 4)
