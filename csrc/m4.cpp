@@ -128,7 +128,43 @@ PYM4_SIMD_CLONES void margins_range(const Data& d, const double* pi, const doubl
 
 PYM4_SIMD_CLONES void stream_range(const Data& d, const Problem& prob, const double* w, double mu, int64_t b,
                                    int64_t e, double* acc) {
-  const int64_t L = d.c + 1, p = d.dim();
+  const int64_t L = d.c + 1, p = d.dim(), c = d.c;
+  if (d.y) {
+    // Dense labels: the row is widened to doubles once and every group's dot product and
+    // both accumulations (q d_k [1;y] and d_k^2 [1;y]) run as straight vector loops.
+    std::vector<double> ybuf(c);
+    double* __restrict yd = ybuf.data();
+    for (int64_t i = b; i < e; ++i) {
+      const uint8_t* __restrict yr = d.y + i * d.ld_y;
+      for (int64_t j = 0; j < c; ++j) yd[j] = static_cast<double>(yr[j]);
+      const uint8_t* s = d.s + i * d.ld_s;
+      double t = 0.0;
+      for (int64_t k = 0; k < d.m; ++k) {
+        const double* __restrict wk = w + k * L + 1;
+        double dot = 0.0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < c; ++j) dot += yd[j] * wk[j];
+        t += (static_cast<double>(s[k]) - prob.pi[k]) * (w[k * L] + dot);
+      }
+      const double q = clip01(prob.eta + (d.u ? d.u[i] : 0.0) - t - mu);
+      for (int64_t k = 0; k < d.m; ++k) {
+        const double dk = static_cast<double>(s[k]) - prob.pi[k];
+        const double cq = q * dk, c2 = dk * dk;
+        double* __restrict g = acc + k * L;
+        double* __restrict h = acc + p + k * L;
+        g[0] += cq;
+        h[0] += c2;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) {
+          g[1 + j] += cq * yd[j];
+          h[1 + j] += c2 * yd[j];
+        }
+      }
+      acc[2 * p] += q;
+      acc[2 * p + 1] += 1.0;
+    }
+    return;
+  }
   for (int64_t i = b; i < e; ++i) {
     const Row r = row_of(d, i);
     const uint8_t* s = d.s + i * d.ld_s;

@@ -1,0 +1,315 @@
+"""M4 data balancing: the exact solver against cvxpy (CLARABEL), the streaming solver against
+the exact objective and a plain numpy implementation of its update, metrics, errors."""
+import numpy as np
+import pytest
+import torch
+
+from pym4 import m4
+
+
+def make_data(n, m=2, c=8, seed=0, utility=False, prev=(0.3, 0.45), coupling=0.4):
+    """Overlapping groups tied to a latent factor; labels associated with the groups."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=n)
+    p = np.linspace(prev[0], prev[1], m)
+    s = (rng.random((n, m)) < p * (1 + 0.5 * np.tanh(z))[:, None]).astype(np.uint8)
+    base = rng.uniform(0.05, 0.4, size=c)
+    logit = np.log(base / (1 - base)) + s @ rng.normal(scale=coupling, size=(m, c))
+    y = (rng.random((n, c)) < 1 / (1 + np.exp(-logit))).astype(np.uint8)
+    u = rng.normal(scale=0.1, size=n) if utility else None
+    return s, y, u
+
+
+def bias_matrix(s, y, pi):
+    """A (N, m (c + 1)): column k (c+1) is s_k - pi_k, column k (c+1) + 1 + r is (s_k - pi_k) y_r."""
+    d = s.astype(np.float64) - pi
+    blocks = []
+    for k in range(s.shape[1]):
+        blocks.append(d[:, [k]])
+        blocks.append(d[:, [k]] * y)
+    return np.concatenate(blocks, axis=1)
+
+
+def bounds(m, c, eta, er, ea):
+    return eta * np.tile(np.r_[er, np.full(c, ea)], m)
+
+
+def cvxpy_solve(s, y, u, pi, eta, er, ea):
+    cp = pytest.importorskip("cvxpy")
+    n = s.shape[0]
+    A = bias_matrix(s, y, pi)
+    q = cp.Variable(n)
+    uu = np.zeros(n) if u is None else u
+    lim = bounds(s.shape[1], y.shape[1], eta, er, ea)
+    prob = cp.Problem(cp.Minimize((0.5 * cp.sum_squares(q - eta) - uu @ q) / n),
+                      [cp.sum(q) / n == eta, cp.abs(A.T @ q / n) <= lim, q >= 0, q <= 1])
+    prob.solve(solver="CLARABEL")
+    return prob.status, prob.value, q.value
+
+
+def objective(q, u, eta):
+    return float(np.mean(0.5 * (q - eta) ** 2 - (0.0 if u is None else u) * q))
+
+
+CASES = [  # n, m, c, eta, eps_rep, eps_assoc, utility, seed
+    (3000, 1, 0, 0.8, 0.01, 0.01, False, 1),
+    (4000, 2, 8, 0.5, 0.01, 0.01, False, 2),
+    (4000, 2, 8, 0.5, 0.01, 0.01, True, 3),
+    (3000, 4, 5, 0.6, 0.02, 0.03, True, 4),
+    (2500, 3, 32, 0.6, 0.01, 0.05, False, 5),
+    (20000, 2, 32, 0.7, 0.01, 0.05, True, 6),
+    (3000, 2, 8, 0.9, 0.01, 0.01, False, 7),   # budget too high for the constraints: infeasible
+    (3000, 4, 5, 0.7, 0.0, 0.0, True, 8),      # exact balance with 4 overlapping groups
+]
+
+
+@pytest.mark.parametrize("n,m,c,eta,er,ea,util,seed", CASES)
+def test_exact_matches_cvxpy(n, m, c, eta, er, ea, util, seed):
+    s, y, u = make_data(n, m, c, seed, util)
+    # One group: the default target is its own share, so ask for another one.
+    pi = np.full(m, s.mean(axis=0).mean()) if m > 1 else np.array([0.45])
+    res = m4.balance(s, y, target=None if m > 1 else 0.45, budget=eta, eps_rep=er, eps_assoc=ea, utility=u)
+    status, value, _ = cvxpy_solve(s, y, u, pi, eta, er, ea)
+    assert status in ("optimal", "infeasible")
+    assert res.status == status, res.message
+    if status == "infeasible":
+        assert res.infeasible_constraints and "infeasible" in res.message
+        return
+    q = res.q
+    assert q.shape == (n,) and q.dtype == np.float64
+    assert q.min() >= 0 and q.max() <= 1
+    assert abs(q.mean() - eta) <= 1e-6
+    viol = np.abs(bias_matrix(s, y, pi).T @ q / n) - bounds(m, c, eta, er, ea)
+    assert viol.max() <= 1e-6
+    assert abs(objective(q, u, eta) - value) <= 1e-4 * abs(value) + 1e-12
+    # q is the closed form of the returned duals.
+    w = (res.v_plus - res.v_minus).reshape(-1)
+    closed = np.clip(eta + (0 if u is None else u) - bias_matrix(s, y, pi) @ w - res.mu, 0, 1)
+    np.testing.assert_allclose(q, closed, atol=1e-9)
+    assert res.rb_after <= er + 1e-6
+
+
+def test_infeasible_empty_group_is_named():
+    s, y, _ = make_data(2000, 3, 4, 10)
+    s[:, 2] = 0
+    res = m4.balance(s, y, target=[0.3, 0.3, 0.3], budget=0.5, group_names=["a", "b", "nobody"])
+    assert res.status == "infeasible"
+    assert "representation[nobody]" in res.infeasible_constraints
+    assert "nobody" in res.message and "no example" in res.message
+    status, _, _ = cvxpy_solve(s, y, None, np.full(3, 0.3), 0.5, 0.01, 0.01)
+    assert status == "infeasible"
+
+
+def test_sparse_labels_match_dense():
+    sp = pytest.importorskip("scipy.sparse")
+    s, y, u = make_data(3000, 2, 200, 11, True, coupling=0.2)
+    dense = m4.balance(s, y, budget=0.6, eps_rep=0.02, eps_assoc=0.05, utility=u)
+    sparse = m4.balance(s, sp.csr_matrix(y), budget=0.6, eps_rep=0.02, eps_assoc=0.05, utility=u)
+    assert dense.status == sparse.status == "optimal"
+    np.testing.assert_allclose(sparse.q, dense.q, atol=1e-8)
+    # c = 200 > the dense-row limit: dense input went through index lists too; check constraints directly.
+    pi = dense.target
+    viol = np.abs(bias_matrix(s, y, pi).T @ dense.q / 3000) - bounds(2, 200, 0.6, 0.02, 0.05)
+    assert viol.max() <= 1e-6
+
+
+def test_stream_one_pass_million():
+    n = 1_000_000
+    s, y, u = make_data(n, 2, 32, 12, coupling=0.6)
+    kw = dict(budget=0.7, eps_rep=0.01, eps_assoc=0.05)
+    exact = m4.balance(s, y, **kw)
+    assert exact.status == "optimal"
+    stream = m4.balance(s, y, method="stream", seed=0, **kw)
+    assert stream.status == "optimal", stream.message
+    pi = exact.target
+    # Constraint values computed here from q, independently of the solver's report.
+    q = stream.q
+    A_q = np.empty(2 * 33)
+    d = s.astype(np.float64) - pi
+    for k in range(2):
+        A_q[k * 33] = d[:, k] @ q / n
+        A_q[k * 33 + 1:(k + 1) * 33] = (q * d[:, k]) @ y / n
+    lim = bounds(2, 32, 0.7, 0.01, 0.05)
+    assert np.all(np.abs(A_q) <= 2 * lim)            # within their tolerance once more
+    assert abs(q.mean() - 0.7) <= 0.01 * 0.7
+    assert abs(stream.objective - exact.objective) <= 0.02 * exact.objective
+
+
+def test_stream_seed_reproducible():
+    s, y, u = make_data(20000, 2, 8, 13, True)
+    a = m4.balance(s, y, budget=0.6, method="stream", seed=5, utility=u)
+    b = m4.balance(s, y, budget=0.6, method="stream", seed=5, utility=u)
+    c = m4.balance(s, y, budget=0.6, method="stream", seed=6, utility=u)
+    np.testing.assert_array_equal(a.q, b.q)
+    assert np.abs(a.q - c.q).max() > 1e-6
+
+
+def numpy_stream(s, y, u, pi, eta, er, ea, lr, gamma, B):
+    """The streaming update written out in numpy (reference for the C++ loop)."""
+    A = bias_matrix(s, y, pi)
+    n, p = A.shape
+    lam = bounds(s.shape[1], y.shape[1], eta, er, ea)
+    vp, vm, mu, curv, seen, avg, amu = np.zeros(p), np.zeros(p), 0.0, np.zeros(p), 0.0, np.zeros(p), 0.0
+    for t, b in enumerate(range(0, n, B), start=1):
+        a = A[b:b + B]
+        q = np.clip(eta + (0 if u is None else u[b:b + B]) - a @ (vp - vm) - mu, 0, 1)
+        curv += (a * a).sum(0)
+        seen += len(a)
+        h = curv / seen + 1e-6
+        g = q @ a / len(a)
+        vp = np.maximum(0, vp + lr * (g - lam) / h)
+        vm = np.maximum(0, vm + lr * (-g - lam) / h)
+        mu += lr * (q.mean() - eta)
+        r = (gamma + 1) / (t + gamma)
+        avg = (1 - r) * avg + r * (vp - vm)
+        amu = (1 - r) * amu + r * mu
+    return vp, vm, avg, amu
+
+
+def test_solver_matches_numpy_update_and_resumes():
+    s, y, u = make_data(5000, 3, 6, 14, True)
+    pi = np.array([0.3, 0.35, 0.4])
+    kw = dict(budget=0.6, eps_rep=0.01, eps_assoc=0.02, lr=0.1, gamma=3.0, batch_size=64)
+    one = m4.M4Solver(pi, **kw).partial_fit(s, y, u)
+    vp, vm, avg, amu = numpy_stream(s, y, u, pi, 0.6, 0.01, 0.02, 0.1, 3.0, 64)
+    np.testing.assert_allclose(one._v_plus, vp, atol=1e-9)
+    np.testing.assert_allclose(one._v_minus, vm, atol=1e-9)
+    np.testing.assert_allclose(one.v_plus.reshape(-1) - one.v_minus.reshape(-1), avg, atol=1e-9)
+    assert one.mu == pytest.approx(amu, abs=1e-9)
+    # Chunks that are multiples of batch_size, with a checkpoint in the middle, give the same state.
+    first = m4.M4Solver(pi, **kw).partial_fit(s[:1280], y[:1280], u[:1280])
+    resumed = m4.M4Solver(0.5).load_state_dict(first.state_dict())
+    resumed.partial_fit(s[1280:], y[1280:], u[1280:])
+    np.testing.assert_allclose(resumed._avg_w, one._avg_w, atol=1e-12)
+    assert resumed.n_seen == 5000 and resumed.steps == one.steps
+    # keep_probability is the closed form of the averaged duals.
+    q = resumed.keep_probability(s, y, u)
+    np.testing.assert_allclose(q, np.clip(0.6 + u - bias_matrix(s, y, pi) @ avg - amu, 0, 1), atol=1e-8)
+    qt = resumed.keep_probability(torch.from_numpy(s), torch.from_numpy(y), torch.from_numpy(u))
+    assert isinstance(qt, torch.Tensor)
+    np.testing.assert_allclose(qt.numpy(), q)
+
+
+def test_torch_path_matches_core():
+    s, y, u = make_data(3000, 2, 5, 15, True)
+    pi = np.array([0.35, 0.4])
+    a = m4.M4Solver(pi, budget=0.6, batch_size=100).partial_fit(s, y, u)
+    b = m4.M4Solver(pi, budget=0.6, batch_size=100)
+    b._fit_torch(torch.from_numpy(s), torch.from_numpy(y), torch.from_numpy(u))
+    np.testing.assert_allclose(b._avg_w, a._avg_w, atol=1e-9)
+    np.testing.assert_allclose(b._scalars, a._scalars, atol=1e-9)
+
+
+def test_metrics_against_numpy():
+    s, y, _ = make_data(4000, 3, 7, 16)
+    w = np.random.default_rng(0).random(4000)
+    pi = np.array([0.2, 0.3, 0.4])
+    shares = (w @ s) / w.sum()
+    assert m4.representation_bias(s, w, pi) == pytest.approx(np.abs(shares - pi).max(), abs=1e-12)
+    best = 0.0
+    for k in range(3):
+        g1, g0 = s[:, k] == 1, s[:, k] == 0
+        p1 = (w[g1] @ y[g1]) / w[g1].sum()
+        p0 = (w[g0] @ y[g0]) / w[g0].sum()
+        best = max(best, np.abs(p1 - p0).max())
+    assert m4.association_bias(s, y, w) == pytest.approx(best, abs=1e-12)
+    uniform = np.abs(s.mean(0) - s.mean(0).mean()).max()
+    assert m4.representation_bias(torch.from_numpy(s)) == pytest.approx(uniform, abs=1e-12)
+
+
+def test_balance_reduces_bias_and_returns_tensors():
+    s, y, _ = make_data(5000, 2, 6, 17, coupling=0.8)
+    res = m4.balance(torch.from_numpy(s).bool(), torch.from_numpy(y).float(), budget=0.6, eps_assoc=0.01)
+    assert res.status == "optimal"
+    assert isinstance(res.q, torch.Tensor)
+    assert res.rb_after < res.rb_before and res.ab_after < res.ab_before
+    summary = res.summary()
+    assert summary["status"] == "optimal" and summary["kept_fraction"] == pytest.approx(0.6)
+
+
+def test_sample():
+    q = np.linspace(0, 1, 100000)
+    a, b = m4.sample(q, seed=3), m4.sample(q, seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == bool and not a[0] and a[-1]
+    assert abs(a.mean() - 0.5) < 0.01
+    t = m4.sample(torch.from_numpy(q), seed=3)
+    assert isinstance(t, torch.Tensor) and bool((t.numpy() == a).all())
+    with pytest.raises(ValueError, match="q: probabilities"):
+        m4.sample(np.array([0.5, 1.5]))
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(s=np.array([[0, 2], [1, 0]])), ValueError, r"s: values must be 0 or 1"),
+    (dict(s=np.array([[0.0, np.nan], [1, 0]])), ValueError, r"s: column 1 has missing values"),
+    (dict(y=np.ones((3, 2))), ValueError, r"y: expected 2 rows"),
+    (dict(target=1.5), ValueError, r"target: proportions must be in \(0, 1\)"),
+    (dict(target=[0.2, 0.3, 0.4]), ValueError, r"target: expected a scalar or 2 proportions"),
+    (dict(budget=0.0), ValueError, r"budget: must be in"),
+    (dict(eps_rep=-1), ValueError, r"eps_rep: must be in"),
+    (dict(method="fast"), ValueError, r"method: expected"),
+    (dict(utility=np.array([np.inf, 0.0])), ValueError, r"utility: contains NaN or Inf"),
+    (dict(s="abc"), TypeError, r"s: expected a numpy array or a torch tensor"),
+])
+def test_bad_input(kwargs, exc, match):
+    args = dict(s=np.array([[0, 1], [1, 0]]), y=np.array([[1], [0]]))
+    args.update(kwargs)
+    s, y = args.pop("s"), args.pop("y")
+    with pytest.raises(exc, match=match):
+        m4.balance(s, y, **args)
+
+
+def test_solver_rejects_shape_change():
+    solver = m4.M4Solver(0.4).partial_fit(np.eye(2, dtype=np.uint8), np.ones((2, 3)))
+    with pytest.raises(ValueError, match="m=2 groups and c=3 labels"):
+        solver.partial_fit(np.eye(2, dtype=np.uint8), np.ones((2, 4)))
+    with pytest.raises(RuntimeError, match="partial_fit"):
+        m4.M4Solver(0.4).keep_probability(np.eye(2))
+
+
+def _distributed_worker(rank, world, init, s, y, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        solver = m4.M4Solver([0.35, 0.4], budget=0.6, batch_size=50, group=dist.group.WORLD)
+        # Rank r holds rows r*50 .. r*50+49 of every block of 100: its i-th mini-batch is
+        # its half of the i-th global mini-batch of 100.
+        idx = np.concatenate([np.arange(b + rank * 50, b + rank * 50 + 50) for b in range(0, len(s), 100)])
+        solver.partial_fit(s[idx[:1950 - rank * 100]], y[idx[:1950 - rank * 100]])  # unequal shards
+        np.save(f"{out_dir}/rank{rank}.npy", np.r_[solver._avg_w, solver._scalars])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_process_gloo_matches_single(tmp_path):
+    import torch.multiprocessing as mp
+    s, y, _ = make_data(4000, 2, 5, 18)
+    mp.spawn(_distributed_worker, args=(2, f"file://{tmp_path}/init", s, y, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
+    np.testing.assert_array_equal(r0, r1)
+    # Single process: the same global mini-batches (rank 0's part then rank 1's part).
+    parts = []
+    for j in range(39):
+        b = j * 100
+        parts.append(np.arange(b, b + 50))
+        if (j + 1) * 50 <= 1850:
+            parts.append(np.arange(b + 50, b + 100))
+    # rank 0 holds 1950 rows (39 batches of 50), rank 1 holds 1850 (37 batches): the last two
+    # global mini-batches contain rank 0's rows only.
+    single = m4.M4Solver([0.35, 0.4], budget=0.6, batch_size=100)
+    for part in parts_by_batch(parts):
+        single.partial_fit(s[part], y[part])
+    np.testing.assert_allclose(r0, np.r_[single._avg_w, single._scalars], atol=1e-10)
+
+
+def parts_by_batch(parts):
+    """Group the index runs into the global mini-batches (one partial_fit call each)."""
+    batches, cur = [], []
+    for run in parts:
+        if cur and run[0] // 100 != cur[0][0] // 100:
+            batches.append(np.concatenate(cur))
+            cur = []
+        cur.append(run)
+    batches.append(np.concatenate(cur))
+    return batches
