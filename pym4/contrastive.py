@@ -315,24 +315,15 @@ class ChunkedEngine:
         """Row log-sum-exps r (n_a) and the columns' running (max, sum of exp) over these rows."""
         n_a, n_b = a.shape[0], bm.shape[0]
         r = torch.empty(n_a, dtype=a.dtype, device=a.device)
-        col_max = torch.full((n_b,), -math.inf, dtype=a.dtype, device=a.device)
-        col_sum = torch.zeros(n_b, dtype=a.dtype, device=a.device)
+        col_lse = torch.full((n_b,), -math.inf, dtype=a.dtype, device=a.device)
         ch = self._chunk(n_b)
-        buf = None
         for i0 in range(0, n_a, ch):
             logits = self._logits(a[i0:i0 + ch], bm, s, b)
-            if buf is None or buf.shape != logits.shape:
-                buf = torch.empty_like(logits)
-            row_max = logits.amax(1, keepdim=True)
-            torch.sub(logits, row_max, out=buf).exp_()
-            r[i0:i0 + ch] = buf.sum(1).log_().add_(row_max[:, 0])
-            # Online log-sum-exp down the columns: rescale the running sum to the new max.
-            new_max = torch.maximum(col_max, logits.amax(0))
-            col_sum.mul_(torch.exp(col_max - new_max))
-            torch.sub(logits, new_max, out=buf).exp_()
-            col_sum.add_(buf.sum(0))
-            col_max = new_max
-        return r, col_max, col_sum
+            r[i0:i0 + ch] = torch.logsumexp(logits, 1)
+            # Online log-sum-exp down the columns, one row chunk at a time.
+            col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, 0))
+        # As (max, sum of exp) with the sum 1: the form the ranks' partial columns merge in.
+        return r, col_lse, torch.ones_like(col_lse)
 
     def clip_backward(self, a, bm, s, b, r, c, w_row, w_col, offset, split_scale):
         """dA, the partial dBm over these rows, and the scale gradient.
@@ -347,16 +338,19 @@ class ChunkedEngine:
         ds_row = torch.zeros(n_a, dtype=a.dtype, device=a.device) if split_scale else None
         ds_col = torch.zeros(n_b, dtype=a.dtype, device=a.device) if split_scale else None
         ch = self._chunk(n_b)
+        positive_w_col = bool((w_col > 0).all())
+        c_shift = c - torch.log(w_col) if positive_w_col else None
         for i0 in range(0, n_a, ch):
             ac = a[i0:i0 + ch]
             m = ac.shape[0]
-            # The logits exactly as the forward pass rounded them: e^{S - r} must see the
-            # same S as r did, or p - 1 on the diagonal loses its small value at large s.
+            # The logits exactly as the forward pass rounded them: e^{S - c} must see the
+            # same S as c did, or p - 1 on the diagonal loses its small value at large s.
             logits = self._logits(ac, bm, s, b)
             rows = torch.arange(m, device=a.device)
             cols = rows + (offset + i0)
             wr, wc = w_row[i0:i0 + m], w_col
-            p_row = torch.sub(logits, r[i0:i0 + m, None]).exp_()
+            # e^{S_ij - r_i} is the row softmax (the rows are complete: all columns are here).
+            p_row = torch.softmax(logits, 1)
             if split_scale:
                 # sum_j G_ij (S_ij - b) / s, kept apart for the row and the column terms.
                 p_col = torch.sub(logits, c[None, :]).exp_()
@@ -365,9 +359,13 @@ class ChunkedEngine:
                 ds_col.add_(wc * (torch.linalg.vecdot(p_col, logits, dim=0) - b * p_col.sum(0)) / s)
                 ds_col.index_add_(0, cols, -wc[cols] * diag / s)
                 del logits
+                p_col.mul_(wc[None, :])
+            elif positive_w_col:
+                # w_j e^{S_ij - c_j} = e^{S_ij - (c_j - log w_j)}: the weight costs no extra pass.
+                p_col = logits.sub_(c_shift[None, :]).exp_()  # reuses the logits' storage
             else:
-                p_col = logits.sub_(c[None, :]).exp_()  # reuses the logits' storage
-            g = p_row.mul_(wr[:, None]).add_(p_col.mul_(wc[None, :]))
+                p_col = logits.sub_(c[None, :]).exp_().mul_(wc[None, :])
+            g = p_row.mul_(wr[:, None]).add_(p_col)
             g[rows, cols] -= wr + wc[cols]
             torch.mm(g, bm, out=da[i0:i0 + m]).mul_(s)
             db_part.addmm_(g.T, ac, alpha=s)
@@ -489,8 +487,11 @@ class _ContrastiveLoss(torch.autograd.Function):
                 # only this rank's loss terms (the other side's weights are zero).
                 zeros = torch.zeros(total, dtype=acc, device=x.device)
                 da, _, (ds_img, _) = eng.clip_backward(a, bm_all, s, b, r, c, w_row, zeros, offset, True)
+                # The image rows' LSEs are not needed there (their weights are zero): an
+                # infinite LSE makes those terms exactly 0 instead of 0 * overflow.
+                never = torch.full((total,), math.inf, dtype=acc, device=x.device)
                 dy, _, (ds_txt, _) = eng.clip_backward(eng.prepare(y), info.x_all, s, b, c[offset:offset + n],
-                                                       zeros, w_row, zeros, offset, True)
+                                                       never, w_row, zeros, offset, True)
                 ds = float(ds_img.sum() + ds_txt.sum())
             else:
                 # Column j's loss terms belong to the rank holding text j: weight them with
