@@ -26,5 +26,6 @@ step build_info 30 "$PY" -c "import json, pym4; print(json.dumps(pym4.build_info
 step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
 # Benchmarks, one per op (each writes CSV and PNG under $OUT).
 step bench_sinkhorn 120 "$PY" benchmarks/bench_sinkhorn.py --device cuda --out "$OUT"
+step bench_contrastive 120 "$PY" benchmarks/bench_contrastive.py --device cuda --out "$OUT"
 log "done (status $status)"
 exit $status
