@@ -404,6 +404,20 @@ PYBIND11_MODULE(_core, m) {
 #if defined(PYM4_WITH_CUDA)
   // CUDA launchers: device pointers as integers, stream as an integer handle (0 = default).
   m.def("cuda_device_count", &pym4::cuda::device_count);
+  // ----- M4 (CUDA): raw device pointers, 0 for null.
+  m.def("m4_batch_cuda",
+        [](uintptr_t s, uintptr_t y, uintptr_t u, int64_t n, int64_t m_, int64_t c, uintptr_t pi, double eta,
+           uintptr_t w, uintptr_t mu, uintptr_t q, uintptr_t stats, uintptr_t stream) {
+          PYM4_CHECK_VALUE(n >= 0 && m_ >= 1 && c >= 0, "m4_batch_cuda: bad sizes");
+          py::gil_scoped_release release;
+          pym4::cuda::m4_batch(reinterpret_cast<const uint8_t*>(s), reinterpret_cast<const uint8_t*>(y),
+                               reinterpret_cast<const double*>(u), n, m_, c, reinterpret_cast<const double*>(pi), eta,
+                               reinterpret_cast<const double*>(w), reinterpret_cast<const double*>(mu),
+                               reinterpret_cast<double*>(q), reinterpret_cast<double*>(stats),
+                               reinterpret_cast<void*>(stream));
+        },
+        py::arg("s"), py::arg("y"), py::arg("u"), py::arg("n"), py::arg("m"), py::arg("c"), py::arg("pi"),
+        py::arg("eta"), py::arg("w"), py::arg("mu"), py::arg("q"), py::arg("stats"), py::arg("stream"));
   m.def("sinkhorn_workspace_bytes_cuda", &pym4::cuda::sinkhorn_workspace_bytes);
   m.def("sinkhorn_solve_cuda",
         [](uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t ld, double alpha, uintptr_t log_b,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -27,8 +28,401 @@ def _run_info(args) -> int:
     return 0
 
 
+# ----- demo (the main job) ------------------------------------------------------------------
+
+def _unit_interval(name: str, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected a number, got {text!r}") from None
+        if not (0.0 < v <= 1.0 if low_open else 0.0 <= v <= 1.0):
+            raise argparse.ArgumentTypeError(f"{name}: expected a number in {'(0, 1]' if low_open else '[0, 1]'}, got {text}")
+        return v
+    return parse
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: M4-balance a biased image-caption set, train CLIP on both, compare",
+                       description="Build a synthetic image-caption set whose captions' concepts correlate with an "
+                                   "unmentioned colour group, balance it with M4, train a tiny CLIP/SigLIP on the "
+                                   "unbalanced and on the balanced data, and compare bias and quality side by side. "
+                                   "With --swav: train SwAV on scikit-learn's digits and compare linear probes.")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (summary.json and PNG plots)")
+    p.add_argument("--swav", action="store_true", help="run the SwAV linear-probe demo on the digits instead")
+    p.add_argument("--size", choices=("tiny", "small", "default"), default="default",
+                   help="problem size: tiny (seconds), small, default (a few minutes on 2 CPU cores)")
+    p.add_argument("--loss", choices=("clip", "siglip"), default="clip", help="contrastive loss (default: clip)")
+    p.add_argument("--association", type=_unit_interval("--association"), default=0.6,
+                   help="strength of the group-concept correlation in the training data, 0..1 (default 0.6)")
+    p.add_argument("--minority-share", type=_unit_interval("--minority-share"), default=0.3,
+                   help="share of the minority colour group in the training data (default 0.3)")
+    p.add_argument("--budget", type=_unit_interval("--budget", low_open=True), default=0.3,
+                   help="M4 budget: expected fraction of the training data kept (default 0.3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    import os
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out: {args.out!r} exists and is not a directory")
+    from . import demo
+
+    try:
+        if args.swav:
+            demo.run_swav_demo(args.out, size=args.size, seed=args.seed, progress=not args.no_progress)
+        else:
+            demo.run_demo(args.out, size=args.size, loss=args.loss, association=args.association,
+                          minority_share=args.minority_share, budget=args.budget, seed=args.seed,
+                          progress=not args.no_progress)
+    except (ValueError, OSError) as e:
+        raise CLIError(str(e)) from e
+    return 0
+
+
+# ----- balance (M4 data balancing) ----------------------------------------------------------
+
+def _add_balance(sub) -> None:
+    p = sub.add_parser(
+        "balance", help="M4 keep probabilities for a Parquet/CSV dataset (pym4.m4.balance)",
+        description="Compute per-example keep probabilities q that balance the sensitive groups and remove "
+                    "their association with the labels (M4, Alabdulmohsin et al., ICLR 2024). Reads INPUT in "
+                    "record batches (never modifies it), writes the id column and q (and a keep flag with "
+                    "--sample) to OUTPUT atomically, and a report (JSON + PNG) beside it.")
+    p.add_argument("input", metavar="INPUT", help="a .parquet or .csv file")
+    p.add_argument("--sensitive", required=True, metavar="COLS", help="comma-separated 0/1 group columns")
+    p.add_argument("--labels", default="", metavar="COLS", help="comma-separated 0/1 label or proxy columns")
+    p.add_argument("--target", default=None, metavar="PI",
+                   help="target proportion(s): one number or one per group, comma-separated "
+                        "(default: the mean of the observed group shares)")
+    p.add_argument("--budget", type=float, default=0.9, help="expected fraction of data kept, in (0, 1] (default 0.9)")
+    p.add_argument("--eps-rep", type=float, default=0.01, help="representation tolerance (default 0.01)")
+    p.add_argument("--eps-assoc", type=float, default=0.01, help="association tolerance (default 0.01)")
+    p.add_argument("--utility", default=None, metavar="COL", help="numeric column: bonus for keeping an example")
+    p.add_argument("--id", default=None, metavar="COL", help="id column copied to the output (default: row number)")
+    p.add_argument("--method", choices=("exact", "stream"), default="exact",
+                   help="exact: dual solved to convergence (columns held in memory as bytes); stream: one-pass "
+                        "stochastic dual ascent, then a second pass writing q (bounded memory)")
+    p.add_argument("--sample", action="store_true", help="also write keep ~ Bernoulli(q)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample and of the stream order (default 0)")
+    p.add_argument("--batch-rows", type=int, default=65536, help="rows per record batch read (default 65536)")
+    p.add_argument("--out", required=True, metavar="OUTPUT", help="output .parquet or .csv file")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(run=_run_balance)
+
+
+def _split_cols(text: str) -> List[str]:
+    return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _file_format(path: str, what: str) -> str:
+    low = path.lower()
+    if low.endswith((".parquet", ".pq")):
+        return "parquet"
+    if low.endswith(".csv"):
+        return "csv"
+    raise CLIError(f"{what}: {path!r} must end in .parquet, .pq or .csv")
+
+
+def _record_batches(path: str, fmt: str, columns: List[str], batch_rows: int):
+    """Yield pyarrow RecordBatches of `columns`, checking first that they exist."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    try:
+        if fmt == "parquet":
+            pf = pq.ParquetFile(path)
+            names = pf.schema_arrow.names
+            total = pf.metadata.num_rows
+        else:
+            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22))
+            names = reader.schema.names
+            total = None
+    except (pa.ArrowInvalid, OSError) as e:
+        if "Empty CSV file" in str(e) or (fmt == "csv" and os.path.getsize(path) == 0):
+            raise CLIError(f"{path}: the file is empty") from None
+        raise CLIError(f"{path}: cannot read it as {fmt}: {e}") from None
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise CLIError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}; "
+                       f"the file has {', '.join(names)}")
+
+    def gen():
+        if fmt == "parquet":
+            yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
+        else:
+            # A fresh reader restricted to the needed columns (the probe above read the header only).
+            r = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22),
+                               convert_options=pacsv.ConvertOptions(include_columns=columns))
+            for batch in r:
+                yield batch
+    return gen(), total
+
+
+def _binary_column(batch, name: str, row0: int):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = batch.column(batch.schema.get_field_index(name))
+    if col.null_count:
+        first = int(pc.index(pc.is_null(col), True).as_py())
+        raise CLIError(f"column {name!r} has a missing value (row {row0 + first}); M4 needs 0/1 everywhere")
+    if pa.types.is_boolean(col.type):
+        return col.to_numpy(zero_copy_only=False).astype(np.uint8)
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        raise CLIError(f"column {name!r} has type {col.type}; expected 0/1 (integer, float or boolean)")
+    arr = col.to_numpy(zero_copy_only=False)
+    bad = ~((arr == 0) | (arr == 1))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise CLIError(f"column {name!r} is not binary: row {row0 + i} has value {arr[i]!r} (expected 0 or 1)")
+    return arr.astype(np.uint8)
+
+
+def _numeric_column(batch, name: str, row0: int):
+    import numpy as np
+    import pyarrow as pa
+
+    col = batch.column(batch.schema.get_field_index(name))
+    if col.null_count or not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        raise CLIError(f"column {name!r} must be numeric without missing values")
+    arr = col.to_numpy(zero_copy_only=False).astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise CLIError(f"column {name!r} has NaN or Inf (row {row0 + int(np.argmax(~np.isfinite(arr)))})")
+    return arr
+
+
+def _run_balance(args) -> int:
+    import os as _os
+
+    import numpy as np
+    import pyarrow as pa
+    from tqdm import tqdm
+
+    from . import m4
+
+    src = _os.path.abspath(args.input)
+    dst = _os.path.abspath(args.out)
+    if not _os.path.isfile(src):
+        raise CLIError(f"INPUT: no such file {args.input!r}")
+    if src == dst:
+        raise CLIError("--out: must differ from INPUT (the input is never modified)")
+    in_fmt, out_fmt = _file_format(args.input, "INPUT"), _file_format(args.out, "--out")
+    groups, labels = _split_cols(args.sensitive), _split_cols(args.labels)
+    if not groups:
+        raise CLIError("--sensitive: give at least one column")
+    if args.batch_rows < 1:
+        raise CLIError("--batch-rows: must be >= 1")
+    extra = [c for c in (args.utility, args.id) if c]
+    columns = list(dict.fromkeys(groups + labels + extra))
+    target = None
+    if args.target is not None:
+        try:
+            vals = [float(v) for v in _split_cols(args.target)]
+        except ValueError:
+            raise CLIError(f"--target: expected numbers, got {args.target!r}") from None
+        target = vals[0] if len(vals) == 1 else vals
+
+    def read_pass(desc):
+        batches, total = _record_batches(args.input, in_fmt, columns, args.batch_rows)
+        bar = tqdm(total=total, unit="rows", desc=desc, disable=args.no_progress, file=sys.stderr)
+        row0 = 0
+        for batch in batches:
+            s = np.stack([_binary_column(batch, c, row0) for c in groups], axis=1)
+            y = (np.stack([_binary_column(batch, c, row0) for c in labels], axis=1) if labels
+                 else np.zeros((batch.num_rows, 0), np.uint8))
+            u = _numeric_column(batch, args.utility, row0) if args.utility else None
+            ids = (batch.column(batch.schema.get_field_index(args.id)) if args.id
+                   else pa.array(np.arange(row0, row0 + batch.num_rows, dtype=np.int64)))
+            yield s, y, u, ids
+            row0 += batch.num_rows
+            bar.update(batch.num_rows)
+        bar.close()
+
+    id_name = args.id or "row"
+    kept = {"q": [], "ids": []}
+    try:
+        if args.method == "exact":
+            parts = list(read_pass("reading"))
+            if not parts or sum(len(p[0]) for p in parts) == 0:
+                raise CLIError(f"{args.input}: the file has no rows")
+            s = np.concatenate([p[0] for p in parts])
+            y = np.concatenate([p[1] for p in parts])
+            u = np.concatenate([p[2] for p in parts]) if args.utility else None
+            ids = pa.chunked_array([p[3] for p in parts])
+            res = m4.balance(s, y, target=target, budget=args.budget, eps_rep=args.eps_rep,
+                             eps_assoc=args.eps_assoc, utility=u, group_names=groups, label_names=labels)
+            kept["q"], kept["ids"] = [res.q], [ids]
+            summary = res.summary()
+            counts_before, counts_after = m4._counts(s, m4._Labels(y.shape[1], dense=y), None), \
+                m4._counts(s, m4._Labels(y.shape[1], dense=y), res.q)
+        else:
+            summary, counts_before, counts_after = _stream_balance(args, read_pass, target, kept, m4)
+    except ValueError as e:  # argument errors of m4.balance (target, budget, ...)
+        raise CLIError(str(e)) from None
+
+    report = _os.path.splitext(dst)[0] + ".report"
+    summary.update({"input": src, "output": dst, "sensitive": groups, "labels": labels,
+                    "budget": args.budget, "eps_rep": args.eps_rep, "eps_assoc": args.eps_assoc})
+    _write_report(report, summary, counts_before, counts_after, groups, labels)
+    if summary["status"] == "infeasible":
+        raise CLIError(f"{summary['message']} (report: {report}.json)")
+
+    q = np.concatenate([np.asarray(x, dtype=np.float64) for x in kept["q"]])
+    ids = pa.chunked_array([c for part in kept["ids"] for c in (part.chunks if hasattr(part, "chunks") else [part])])
+    cols = {id_name: ids, "q": pa.array(q)}
+    if args.sample:
+        cols["keep"] = pa.array(m4.sample(q, seed=args.seed))
+    _write_table_atomic(pa.table(cols), dst, out_fmt)
+    print(json.dumps({k: summary[k] for k in ("status", "kept_fraction", "rb_before", "rb_after", "ab_before",
+                                               "ab_after", "max_violation")}, default=float))
+    if summary["status"] != "optimal":
+        print(f"pym4: warning: {summary['message']}", file=sys.stderr)
+    return 0
+
+
+def _stream_balance(args, read_pass, target, kept, m4):
+    """Pass 1: stream the batches into M4Solver; pass 2: keep probabilities per batch."""
+    import numpy as np
+
+    solver, pi, rows = None, target, 0
+    counts_before = None
+    if pi is None:
+        # The default target is the mean of the group shares: one extra pass to count them.
+        total, sums = 0, None
+        for s, _, _, _ in read_pass("counting groups"):
+            total += len(s)
+            sums = s.sum(axis=0, dtype=np.float64) if sums is None else sums + s.sum(axis=0, dtype=np.float64)
+        if total == 0:
+            raise CLIError(f"{args.input}: the file has no rows")
+        pi = float((sums / total).mean())
+    for s, y, u, _ in read_pass("fitting"):
+        if solver is None:
+            solver = m4.M4Solver(pi, budget=args.budget, eps_rep=args.eps_rep, eps_assoc=args.eps_assoc)
+        order = np.random.default_rng(args.seed + rows).permutation(len(s))
+        solver.partial_fit(s[order], y[order], None if u is None else u[order])
+        lab = m4._Labels(y.shape[1], dense=y)
+        c0 = m4._counts(s, lab, None)
+        counts_before = c0 if counts_before is None else counts_before + c0
+        rows += len(s)
+    if rows == 0:
+        raise CLIError(f"{args.input}: the file has no rows")
+    counts_after, budget_sum = None, 0.0
+    for s, y, u, ids in read_pass("writing"):
+        q = solver.keep_probability(s, y, u)
+        c1 = m4._counts(s, m4._Labels(y.shape[1], dense=y), q)
+        counts_after = c1 if counts_after is None else counts_after + c1
+        kept["q"].append(q)
+        kept["ids"].append(ids)
+    m, c = solver.m, solver.c
+    pi_arr = solver.pi
+    g = m4._constraint_values(counts_after, m, c, pi_arr, rows)
+    lam = np.where(np.arange(m * (c + 1)) % (c + 1) == 0, args.budget * args.eps_rep, args.budget * args.eps_assoc)
+    viol = float(max(np.maximum(np.abs(g) - lam, 0).max(initial=0.0), abs(counts_after[0] / rows - args.budget)))
+    ok = bool(np.all(np.abs(g) <= 2 * lam + 1e-12)) and abs(counts_after[0] / rows - args.budget) <= 0.01 * args.budget
+    summary = {"status": "optimal" if ok else "max_iter", "method": "stream", "iterations": solver.steps,
+               "message": ("stream: one pass" if ok else
+                           "stream: after one pass a constraint is off by more than its tolerance; use --method exact"),
+               "kept_fraction": counts_after[0] / rows, "max_violation": viol,
+               "rb_before": m4._rb_from_counts(counts_before, m, pi_arr),
+               "rb_after": m4._rb_from_counts(counts_after, m, pi_arr),
+               "ab_before": m4._ab_from_counts(counts_before, m, c), "ab_after": m4._ab_from_counts(counts_after, m, c),
+               "target": pi_arr.tolist(), "mu": solver.mu, "infeasible_constraints": []}
+    return summary, counts_before, counts_after
+
+
+def _write_table_atomic(table, dst: str, fmt: str) -> None:
+    import tempfile
+
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    folder = os.path.dirname(dst) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".pym4-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        if fmt == "parquet":
+            pq.write_table(table, tmp)
+        else:
+            pacsv.write_csv(table, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_report(stem: str, summary: dict, before, after, groups: List[str], labels: List[str]) -> None:
+    """stem.json (the summary, group shares and strongest associations) and stem.png."""
+    import tempfile
+
+    import numpy as np
+
+    m, c = len(groups), len(labels)
+
+    def shares(cnt):
+        return (cnt[1:1 + m] / cnt[0]).tolist() if cnt[0] > 0 else [float("nan")] * m
+
+    def assoc(cnt):
+        total, qs = cnt[0], cnt[1:1 + m]
+        qy, qsy = cnt[1 + m:1 + m + c], cnt[1 + m + c:].reshape(m, c)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            diff = qsy / qs[:, None] - (qy - qsy) / (total - qs)[:, None]
+        return np.nan_to_num(diff)
+
+    a0, a1 = assoc(before), assoc(after)
+    top = np.argsort(-np.abs(a0).reshape(-1))[:10] if c else np.array([], dtype=int)
+    summary = dict(summary)
+    summary["group_shares_before"] = dict(zip(groups, shares(before)))
+    summary["group_shares_after"] = dict(zip(groups, shares(after)))
+    summary["strongest_associations"] = [
+        {"group": groups[j // c], "label": labels[j % c], "before": float(a0.reshape(-1)[j]),
+         "after": float(a1.reshape(-1)[j])} for j in top]
+    folder = os.path.dirname(stem) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".pym4-", suffix=".json", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump(summary, f, indent=2, default=float)
+    os.replace(tmp, stem + ".json")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(m)
+    axes[0].bar(x - 0.2, shares(before), 0.4, label="before")
+    axes[0].bar(x + 0.2, shares(after), 0.4, label="after (weighted by q)")
+    for k, t in enumerate(summary.get("target", [])):
+        axes[0].hlines(t, k - 0.45, k + 0.45, colors="k", linestyles="dashed", label="target" if k == 0 else None)
+    axes[0].set_xticks(x, groups, rotation=30, ha="right")
+    axes[0].set_ylabel("group share")
+    axes[0].set_title("Representation")
+    axes[0].legend()
+    if c:
+        names = [f"{groups[j // c]} / {labels[j % c]}" for j in top]
+        yy = np.arange(len(top))
+        axes[1].barh(yy - 0.2, np.abs(a0.reshape(-1)[top]), 0.4, label="before")
+        axes[1].barh(yy + 0.2, np.abs(a1.reshape(-1)[top]), 0.4, label="after")
+        axes[1].set_yticks(yy, names)
+        axes[1].invert_yaxis()
+        axes[1].legend()
+    axes[1].set_xlabel("|P(label | in group) - P(label | not in group)|")
+    axes[1].set_title("Strongest associations")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=".pym4-", suffix=".png", dir=folder)
+    os.close(fd)
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, stem + ".png")
+
+
 # Subcommands in the order `pym4 --help` lists them.
-_SUBCOMMANDS = [_add_info]
+_SUBCOMMANDS = [_add_info, _add_demo, _add_balance]
 
 
 def build_parser() -> argparse.ArgumentParser:

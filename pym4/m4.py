@@ -659,6 +659,13 @@ class M4Solver:
         dev = st.device
         state = {k: torch.from_numpy(getattr(self, "_" + k)).to(dev) for k in ("v_plus", "v_minus", "avg_w", "curv", "scalars")}
         pi = torch.from_numpy(self.pi).to(dev)
+        core = _backend.core()
+        use_kernel = dev.type == "cuda" and _backend.core_has_cuda()
+        if use_kernel:
+            s8 = s_t.to(torch.uint8).contiguous()
+            y8 = y_t.to(torch.uint8).contiguous()
+            if u_t is not None:
+                u_t = u_t.contiguous()
         B = self.batch_size
         steps = -(-n // B)
         if self.group is not None:
@@ -669,8 +676,15 @@ class M4Solver:
         for j in range(steps):
             b, e = min(j * B, n), min((j + 1) * B, n)
             w = state["v_plus"] - state["v_minus"]
-            stats = _batch_stats_torch(s_t[b:e], y_t[b:e], None if u_t is None else u_t[b:e], pi, self.budget,
-                                       w, state["scalars"][0])
+            if use_kernel:
+                stats = torch.zeros(2 * self.m * (self.c + 1) + 2, dtype=torch.float64, device=dev)
+                core.m4_batch_cuda(s8.data_ptr() + b * m, y8.data_ptr() + b * y8.shape[1],
+                                   0 if u_t is None else u_t.data_ptr() + 8 * b, e - b, m, self.c, pi.data_ptr(),
+                                   self.budget, w.data_ptr(), state["scalars"].data_ptr(), 0, stats.data_ptr(),
+                                   torch.cuda.current_stream(dev).cuda_stream)
+            else:
+                stats = _batch_stats_torch(s_t[b:e], y_t[b:e], None if u_t is None else u_t[b:e], pi,
+                                           self.budget, w, state["scalars"][0])
             if self.group is not None:
                 import torch.distributed as dist
                 dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
@@ -693,6 +707,17 @@ class M4Solver:
             u_t = None if utility is None else to_tensor(utility, "utility")[0].to(device=t.device, dtype=torch.float64)
             self._init(st.shape[1], yt.shape[1])
             w = torch.from_numpy(self._avg_w).to(t.device)
+            pi = torch.from_numpy(self.pi).to(t.device)
+            if _backend.core_has_cuda():
+                q = torch.empty(st.shape[0], dtype=torch.float64, device=t.device)
+                mu = torch.tensor([float(self._scalars[1])], dtype=torch.float64, device=t.device)
+                s8, y8 = st.to(torch.uint8).contiguous(), yt.to(torch.uint8).contiguous()
+                u_c = None if u_t is None else u_t.contiguous()
+                _backend.core().m4_batch_cuda(s8.data_ptr(), y8.data_ptr(), 0 if u_c is None else u_c.data_ptr(),
+                                              st.shape[0], st.shape[1], yt.shape[1], pi.data_ptr(), self.budget,
+                                              w.data_ptr(), mu.data_ptr(), q.data_ptr(), 0,
+                                              torch.cuda.current_stream(t.device).cuda_stream)
+                return q
             return _keep_torch(st, yt, u_t, torch.from_numpy(self.pi).to(t.device), self.budget, w,
                                float(self._scalars[1]))
         s8 = _binary_matrix(s, "s")

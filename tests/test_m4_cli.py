@@ -1,0 +1,121 @@
+"""`pym4 balance` on small Parquet/CSV files: outputs, report, and clear errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+pacsv = pytest.importorskip("pyarrow.csv")
+
+from pym4 import cli  # noqa: E402
+
+
+def make_table(n=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    g1 = rng.random(n) < 0.35
+    g2 = rng.random(n) < 0.45
+    cols = {"uid": np.arange(1000, 1000 + n), "women": g1.astype(np.int64), "young": g2,
+            "u": rng.normal(scale=0.1, size=n)}
+    for r in range(4):
+        p = 0.2 + 0.15 * g1 - 0.1 * g2 + 0.05 * r
+        cols[f"lab{r}"] = (rng.random(n) < p).astype(np.float64)
+    return pa.table(cols)
+
+
+def sha(path):
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+ARGS = ["--sensitive", "women,young", "--labels", "lab0,lab1,lab2,lab3", "--budget", "0.6",
+        "--eps-assoc", "0.02", "--no-progress"]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_balance_writes_q_and_report(tmp_path, fmt, capsys):
+    table = make_table()
+    src = tmp_path / f"data.{fmt}"
+    (pq.write_table if fmt == "parquet" else pacsv.write_csv)(table, src)
+    before = sha(src)
+    out = tmp_path / "q.parquet"
+    rc = cli.main(["balance", str(src), *ARGS, "--utility", "u", "--id", "uid", "--sample", "--batch-rows", "700",
+                   "--out", str(out)])
+    assert rc == 0
+    assert sha(src) == before  # the input is untouched
+    res = pq.read_table(out)
+    assert res.column_names == ["uid", "q", "keep"]
+    np.testing.assert_array_equal(res["uid"].to_numpy(), table["uid"].to_numpy())
+    q = res["q"].to_numpy()
+    assert q.min() >= 0 and q.max() <= 1 and abs(q.mean() - 0.6) < 1e-6
+    # Weighted group shares meet the default target (mean of shares) within eps_rep.
+    s = np.stack([table["women"].to_numpy(), table["young"].to_numpy().astype(np.int64)], 1)
+    shares = (q @ s) / q.sum()
+    target = s.mean(0).mean()
+    assert np.abs(shares - target).max() <= 0.01 + 1e-6
+    report = json.loads((tmp_path / "q.report.json").read_text())
+    assert report["status"] == "optimal" and report["rb_after"] < report["rb_before"]
+    assert len(report["strongest_associations"]) == 8
+    assert (tmp_path / "q.report.png").stat().st_size > 1000
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".pym4-")]  # no temp files left
+    assert json.loads(capsys.readouterr().out)["status"] == "optimal"
+
+
+def test_stream_method_csv_output(tmp_path):
+    src = tmp_path / "d.parquet"
+    pq.write_table(make_table(20000, 1), src)
+    out = tmp_path / "q.csv"
+    rc = cli.main(["balance", str(src), *ARGS, "--method", "stream", "--out", str(out)])
+    assert rc == 0
+    res = pacsv.read_csv(out)
+    assert res.column_names == ["row", "q"] and res.num_rows == 20000
+    assert abs(res["q"].to_numpy().mean() - 0.6) < 0.01
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda t: t.drop(["lab2"]), "missing column(s) 'lab2'"),
+    (lambda t: t.set_column(1, "women", pa.array(np.r_[2, np.zeros(t.num_rows - 1, int)])), "'women' is not binary"),
+    (lambda t: t.set_column(1, "women", pa.array([None] + [0] * (t.num_rows - 1), pa.int64())),
+     "'women' has a missing value (row 0)"),
+    (lambda t: t.slice(0, 0), "no rows"),
+])
+def test_clear_errors(tmp_path, capsys, mutate, match):
+    src = tmp_path / "d.parquet"
+    pq.write_table(mutate(make_table(500)), src)
+    rc = cli.main(["balance", str(src), *ARGS, "--out", str(tmp_path / "o.parquet")])
+    assert rc == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_empty_csv_and_infeasible(tmp_path, capsys):
+    empty = tmp_path / "e.csv"
+    empty.write_text("")
+    assert cli.main(["balance", str(empty), *ARGS, "--out", str(tmp_path / "o.csv")]) == 2
+    assert "empty" in capsys.readouterr().err
+    src = tmp_path / "d.parquet"
+    pq.write_table(make_table(800), src)
+    rc = cli.main(["balance", str(src), "--sensitive", "women,young", "--target", "0.9", "--budget", "0.9",
+                   "--no-progress", "--out", str(tmp_path / "o.parquet")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "infeasible" in err and "representation[women]" in err
+    assert not (tmp_path / "o.parquet").exists()
+    assert json.loads((tmp_path / "o.report.json").read_text())["status"] == "infeasible"
+
+
+def test_module_entry_point(tmp_path):
+    src = tmp_path / "d.csv"
+    pacsv.write_csv(make_table(400), src)
+    out = tmp_path / "o.parquet"
+    proc = subprocess.run([sys.executable, "-m", "pym4.cli", "balance", str(src), *ARGS, "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert pq.read_table(out).num_rows == 400
+    bad = subprocess.run([sys.executable, "-m", "pym4.cli", "balance", str(src), "--sensitive", "nope",
+                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "missing column(s) 'nope'" in bad.stderr
