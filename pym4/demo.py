@@ -1,0 +1,335 @@
+"""The main job, ``pym4 demo``: does balancing data with M4 make a CLIP model fairer?
+
+A small-scale replay of "CLIP the Bias" (Alabdulmohsin et al., ICLR 2024) on CPU:
+
+1. build the synthetic image-caption data of :mod:`pym4._synthetic`, in which a colour tone
+   (the sensitive group) is over-represented and correlated with the shapes captions name;
+2. measure the data's representation and association bias (RB, AB);
+3. balance it with M4 (:func:`pym4.m4.balance`), then measure the balanced data's bias;
+4. train the same tiny CLIP (or SigLIP) twice with pym4's loss, on the unbalanced data and on
+   the M4-balanced data (``pym4.data.BalancedSampler``, the same number of steps);
+5. evaluate both on a held-out test set in which group and shape are independent: zero-shot
+   top-1 with prompt ensembles, recall@{1,5,10}, the model's AB (difference between groups in
+   how often images are matched to each shape) and RB (how often grey, group-less images are
+   matched to each colour's prompts), per-group accuracy gaps;
+6. print a side-by-side table, state which of the paper's findings hold here, and write PNG
+   plots and ``summary.json``.
+
+``pym4 demo --swav`` instead trains SwAV (codes from :func:`pym4.sinkhorn`) on scikit-learn's
+8 x 8 digits and compares linear probes of the trained and randomly initialised network.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List
+
+import numpy as np
+import torch
+
+__all__ = ["SIZES", "run_demo", "run_swav_demo"]
+
+# Presets: "tiny" is for tests (seconds), "small" for a quick look, "default" for `make demo`.
+SIZES: Dict[str, Dict[str, int]] = {
+    "tiny": dict(n_train=1024, n_test=300, n_neutral=100, epochs=2, batch_size=128, swav_epochs=1),
+    "small": dict(n_train=8000, n_test=1000, n_neutral=500, epochs=5, batch_size=256, swav_epochs=20),
+    "default": dict(n_train=20000, n_test=2000, n_neutral=1000, epochs=8, batch_size=256, swav_epochs=50),
+}
+
+# Zero-shot prompts: one ensemble per shape, and one per colour tone (the sensitive group).
+CONCEPT_TEMPLATES = ("a photo of a {}", "a picture of a {}", "an image of a {}", "there is a small {}",
+                     "there is a large {}", "a {} at the top left", "a {} at the bottom right")
+GROUP_TEMPLATES = ("a photo of a {} shape", "a picture of a {} thing", "a {} circle", "a {} ring", "a {} square",
+                   "a {} diamond", "a {} cross", "a {} plus", "a {} triangle", "a {} wedge")
+
+
+@dataclass
+class DemoConfig:
+    size: str = "default"
+    loss: str = "clip"
+    association: float = 0.6
+    minority_share: float = 0.3
+    noise: float = 0.3
+    budget: float = 0.3
+    target: float = 0.5
+    seed: int = 0
+
+
+def _check_config(cfg: DemoConfig) -> None:
+    if cfg.size not in SIZES:
+        raise ValueError(f"size: expected one of {', '.join(SIZES)}, got {cfg.size!r}")
+    if cfg.loss not in ("clip", "siglip"):
+        raise ValueError(f"loss: expected 'clip' or 'siglip', got {cfg.loss!r}")
+    for name in ("association", "minority_share"):
+        v = getattr(cfg, name)
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name}: expected a number in [0, 1], got {v}")
+    if not 0.0 < cfg.minority_share < 1.0:
+        raise ValueError(f"minority_share: both groups must occur, got {cfg.minority_share}")
+    if not 0.0 < cfg.budget <= 1.0:
+        raise ValueError(f"budget: expected a number in (0, 1], got {cfg.budget}")
+    if not 0.0 < cfg.target < 1.0:
+        raise ValueError(f"target: expected a number in (0, 1), got {cfg.target}")
+    if not 0.0 <= cfg.noise <= 2.0:
+        raise ValueError(f"noise: expected a number in [0, 2], got {cfg.noise}")
+
+
+def _prepare_out(out) -> str:
+    out = os.fspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out: {out!r} exists and is not a directory")
+    os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise ValueError(f"out: directory {out!r} is not writable")
+    return out
+
+
+def _evaluate(model, test, neutral, loss_kind: str) -> Dict[str, object]:
+    from . import eval as ev
+    from ._synthetic import CONCEPTS, GROUPS
+    from .train import embed
+
+    def encode_text(texts):
+        return embed(model, tokens=test.tokenizer(texts))[1]
+
+    concepts = ev.zero_shot_classifier(encode_text, CONCEPTS, CONCEPT_TEMPLATES)
+    groups = ev.zero_shot_classifier(encode_text, GROUPS, GROUP_TEMPLATES)
+    img, txt = embed(model, test.images, test.tokens)
+    zs = ev.zero_shot_accuracy(img, concepts, test.concept, ks=(1, 3))
+    recall = ev.retrieval_recall(img, txt, (1, 5, 10), image_class=test.caption_class, text_class=test.caption_class)
+    ab = ev.model_association_bias(test.s, zs["predictions"], len(CONCEPTS))
+    neutral_img, _ = embed(model, neutral.images)
+    rb = ev.model_representation_bias(ev.zero_shot_predict(neutral_img, groups), len(GROUPS))
+    gap = ev.group_accuracy_gap(zs["predictions"] == test.concept, test.group, GROUPS)
+    return {"zero_shot": zs, "recall": recall, "ab": ab, "rb": rb, "group_gap": gap}
+
+
+def _findings(data: Dict, model: Dict, details: Dict) -> List[Dict[str, object]]:
+    """The paper's qualitative claims, each checked on this run."""
+    u, b = model["unbalanced"], model["balanced"]
+    du, db = data["unbalanced"], data["balanced"]
+    dz = b["zero_shot_top1"] - u["zero_shot_top1"]
+    out = [
+        {"claim": "M4 removes the data's representation and association bias",
+         "holds": bool(db["rb"] < du["rb"] and db["ab"] < du["ab"]),
+         "detail": f"data RB {du['rb']:.3f} -> {db['rb']:.3f}, AB {du['ab']:.3f} -> {db['ab']:.3f}"},
+        {"claim": "balancing lowers the model's association bias",
+         "holds": bool(b["ab"] < u["ab"]),
+         "detail": f"model AB {u['ab']:.3f} -> {b['ab']:.3f}"},
+        {"claim": "balancing lowers the model's representation bias",
+         "holds": bool(b["rb"] < u["rb"]),
+         "detail": f"model RB {u['rb']:.3f} -> {b['rb']:.3f} (share of group-less images matched to each "
+                   f"colour: {details['unbalanced']['rb_shares']} -> {details['balanced']['rb_shares']})"},
+        {"claim": "zero-shot classification stays close or improves (paper: balancing tends to improve "
+                  "classification); here: no drop larger than 0.03",
+         "holds": bool(dz >= -0.03),
+         "detail": f"zero-shot top-1 {u['zero_shot_top1']:.3f} -> {b['zero_shot_top1']:.3f} ({dz:+.3f})"},
+        {"claim": "retrieval can suffer (paper: balancing can hurt retrieval); here: recall@5 drops",
+         "holds": bool(b["i2t_recall@5"] < u["i2t_recall@5"] or b["t2i_recall@5"] < u["t2i_recall@5"]),
+         "detail": f"i2t recall@5 {u['i2t_recall@5']:.3f} -> {b['i2t_recall@5']:.3f}, "
+                   f"t2i recall@5 {u['t2i_recall@5']:.3f} -> {b['t2i_recall@5']:.3f}"},
+        {"claim": "(SEER-style check, not a claim of the paper) the accuracy gap between groups does not widen",
+         "holds": bool(details["balanced"]["group_accuracy_gap"] <= details["unbalanced"]["group_accuracy_gap"]),
+         "detail": f"gap {details['unbalanced']['group_accuracy_gap']:.3f} -> "
+                   f"{details['balanced']['group_accuracy_gap']:.3f}"},
+    ]
+    return out
+
+
+def _table(rows: List[tuple], header=("", "unbalanced", "balanced")) -> str:
+    w0 = max(len(r[0]) for r in rows + [header])
+    lines = [f"{header[0]:<{w0}}  {header[1]:>12}  {header[2]:>12}", "-" * (w0 + 28)]
+    for name, a, b in rows:
+        fa = a if isinstance(a, str) else f"{a:.3f}"
+        fb = b if isinstance(b, str) else f"{b:.3f}"
+        lines.append(f"{name:<{w0}}  {fa:>12}  {fb:>12}")
+    return "\n".join(lines)
+
+
+def run_demo(out, *, size: str = "default", loss: str = "clip", association: float = 0.6,
+             minority_share: float = 0.3, noise: float = 0.3, budget: float = 0.3, target: float = 0.5,
+             seed: int = 0, progress: bool = True, echo: Callable[[str], None] = print) -> Dict[str, object]:
+    """Run the main job and write its outputs to ``out``; return the summary dict.
+
+    ``out/summary.json`` has the schema ``{"data": {"unbalanced": {"rb", "ab"}, "balanced":
+    {"rb", "ab"}}, "model": {"unbalanced": {"rb", "ab", "zero_shot_top1", "i2t_recall@5",
+    "t2i_recall@5"}, "balanced": {...}}}`` plus ``findings`` (each paper claim, whether it
+    holds here), ``details`` (more metrics, timings) and ``config``. Plots: ``data_bias.png``,
+    ``model_bias.png``, ``zero_shot.png``, ``recall.png``, ``association.png``,
+    ``group_accuracy.png``, ``training.png``, ``samples.png``.
+    """
+    from . import eval as ev
+    from . import m4
+    from ._synthetic import CONCEPTS, GROUPS, images_grid, make_biased_captions
+    from .data import BalancedSampler
+    from .train import ContrastiveConfig, ImageTower, TextTower, TwoTower, train_contrastive
+
+    cfg = DemoConfig(size=size, loss=loss, association=association, minority_share=minority_share, noise=noise,
+                     budget=budget, target=target, seed=seed)
+    _check_config(cfg)
+    out = _prepare_out(out)
+    p = SIZES[size]
+    t_start = time.perf_counter()
+
+    echo(f"pym4 demo: {p['n_train']} biased image-caption pairs ({GROUPS[1]} share {minority_share:.2f}, "
+         f"association {association:.2f}), {loss.upper()}, {p['epochs']} epochs per model")
+    train = make_biased_captions(p["n_train"], association=association, minority_share=minority_share,
+                                 noise=noise, seed=seed)
+    # The test set has equal groups and no association: any association in the model's
+    # predictions comes from what it learnt, not from the test data.
+    test = make_biased_captions(p["n_test"], association=0.0, minority_share=0.5, noise=noise, seed=seed + 1)
+    neutral = make_biased_captions(p["n_neutral"], neutral_share=1.0, noise=noise, seed=seed + 2)
+
+    res = m4.balance(train.s, train.y, target=target, budget=budget, group_names=list(GROUPS),
+                     label_names=list(CONCEPTS))
+    if res.status != "optimal":
+        raise ValueError(f"budget: M4 could not balance the data ({res.status}): {res.message}")
+    q = np.asarray(res.q, dtype=np.float64)
+    data = {"unbalanced": {"rb": float(m4.representation_bias(train.s, target=target)),
+                           "ab": float(m4.association_bias(train.s, train.y))},
+            "balanced": {"rb": float(m4.representation_bias(train.s, weights=q, target=target)),
+                         "ab": float(m4.association_bias(train.s, train.y, weights=q))}}
+    echo(f"M4: kept fraction {q.mean():.3f} (budget {budget}); data RB {data['unbalanced']['rb']:.3f} -> "
+         f"{data['balanced']['rb']:.3f}, AB {data['unbalanced']['ab']:.3f} -> {data['balanced']['ab']:.3f}")
+
+    tcfg = ContrastiveConfig(epochs=p["epochs"], batch_size=p["batch_size"], seed=seed)
+    steps = max(1, len(train) // min(tcfg.batch_size, len(train)))
+    models, histories, evals, times = {}, {}, {}, {}
+    for name in ("unbalanced", "balanced"):
+        torch.manual_seed(seed)
+        model = TwoTower(ImageTower(64, 32, train.images.shape[-1]), TextTower(train.tokenizer.vocab_size, 64),
+                         loss=loss)
+        # Same number of steps on both: the balanced run draws examples with probability ~ q.
+        sampler = None if name == "unbalanced" else BalancedSampler(q, num_samples=len(train), seed=seed)
+        t0 = time.perf_counter()
+        histories[name] = train_contrastive(model, train, ContrastiveConfig(**{**asdict(tcfg), "steps_per_epoch": steps}),
+                                            sampler=sampler, progress=progress, desc=f"{loss.upper()} {name}")
+        times[name] = time.perf_counter() - t0
+        models[name] = model
+        evals[name] = _evaluate(model, test, neutral, loss)
+
+    model = {k: {"rb": e["rb"]["rb"], "ab": e["ab"]["ab"], "zero_shot_top1": e["zero_shot"]["top1"],
+                 "i2t_recall@5": e["recall"]["i2t_recall@5"], "t2i_recall@5": e["recall"]["t2i_recall@5"]}
+             for k, e in evals.items()}
+    details = {k: {"zero_shot_top3": e["zero_shot"]["top3"],
+                   **{kk: vv for kk, vv in e["recall"].items()},
+                   "rb_shares": [round(v, 4) for v in e["rb"]["shares"]],
+                   "ab_worst": {"group": GROUPS[e["ab"]["worst"][0]], "concept": CONCEPTS[e["ab"]["worst"][1]]},
+                   "group_accuracy": e["group_gap"]["accuracy"], "group_accuracy_gap": e["group_gap"]["gap"],
+                   "final_loss": histories[k]["loss"][-1], "logit_scale": histories[k]["logit_scale"][-1],
+                   "train_seconds": times[k]} for k, e in evals.items()}
+    details["m4"] = res.summary()
+    findings = _findings(data, model, details)
+
+    rows = [("data RB", data["unbalanced"]["rb"], data["balanced"]["rb"]),
+            ("data AB", data["unbalanced"]["ab"], data["balanced"]["ab"]),
+            ("model RB (group-less images)", model["unbalanced"]["rb"], model["balanced"]["rb"]),
+            ("model AB (zero-shot, test set)", model["unbalanced"]["ab"], model["balanced"]["ab"]),
+            ("zero-shot top-1", model["unbalanced"]["zero_shot_top1"], model["balanced"]["zero_shot_top1"])]
+    for d in ("i2t", "t2i"):
+        for k in (1, 5, 10):
+            rows.append((f"{d} recall@{k}", details["unbalanced"][f"{d}_recall@{k}"], details["balanced"][f"{d}_recall@{k}"]))
+    rows += [("accuracy gap between groups", details["unbalanced"]["group_accuracy_gap"],
+              details["balanced"]["group_accuracy_gap"]),
+             ("training time (s)", f"{times['unbalanced']:.1f}", f"{times['balanced']:.1f}")]
+    echo("")
+    echo(_table(rows))
+    echo("")
+    echo("The paper's findings on this run:")
+    for f in findings:
+        mark = "HOLDS" if f["holds"] else "DOES NOT HOLD"
+        echo(f"  [{mark}] {f['claim']}: {f['detail']}")
+
+    plt = ev._pyplot()
+    ev.plot_bias(data, os.path.join(out, "data_bias.png"), title="Bias of the training data (M4 before/after)")
+    ev.plot_bias(model, os.path.join(out, "model_bias.png"), title="Bias of the trained models")
+    ev.plot_zero_shot({k: e["zero_shot"] for k, e in evals.items()}, CONCEPTS, os.path.join(out, "zero_shot.png"))
+    ev.plot_recall({k: e["recall"] for k, e in evals.items()}, os.path.join(out, "recall.png"))
+    ev.plot_association({k: e["ab"] for k, e in evals.items()}, CONCEPTS, GROUPS, os.path.join(out, "association.png"))
+    ev.plot_group_accuracy({k: e["group_gap"] for k, e in evals.items()}, os.path.join(out, "group_accuracy.png"),
+                           title="Zero-shot accuracy per group (test set)")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for k, h in histories.items():
+        axes[0].plot(h["loss"], label=k)
+        axes[1].plot(h["logit_scale"], label=k)
+    axes[0].set_title(f"{loss.upper()} training loss")
+    axes[1].set_title("logit scale")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    ev.save_figure(fig, os.path.join(out, "training.png"))
+    idx = [int(i) for g in (0, 1) for i in np.flatnonzero(train.group == g)[:8]]
+    fig, ax = plt.subplots(figsize=(5, 2.8))
+    ax.imshow(images_grid(train, idx), interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title("training images: warm (first 8), cool (last 8)", fontsize=9)
+    ev.save_figure(fig, os.path.join(out, "samples.png"))
+
+    summary = {"data": data, "model": model, "findings": findings, "details": details,
+               "config": {**asdict(cfg), **p, "wall_seconds": time.perf_counter() - t_start}}
+    ev.write_json(os.path.join(out, "summary.json"), summary)
+    echo(f"\nwrote {os.path.join(out, 'summary.json')} and 8 plots in {time.perf_counter() - t_start:.0f} s")
+    return summary
+
+
+def run_swav_demo(out, *, size: str = "default", seed: int = 0, progress: bool = True,
+                  echo: Callable[[str], None] = print) -> Dict[str, object]:
+    """Train SwAV on scikit-learn's digits; linear probes of the trained vs the randomly
+    initialised network (same architecture and initial weights).
+
+    Writes ``out/summary.json`` as ``{"linear_probe": {"swav", "random_init"}}`` (plus
+    ``config`` and ``details``) and ``linear_probe.png``, ``swav_loss.png``.
+    """
+    from sklearn.model_selection import train_test_split
+
+    from . import eval as ev
+    from .train import DigitsNet, SwAVConfig, load_digits, train_swav
+
+    if size not in SIZES:
+        raise ValueError(f"size: expected one of {', '.join(SIZES)}, got {size!r}")
+    out = _prepare_out(out)
+    t_start = time.perf_counter()
+    x, y = load_digits()
+    # The probe's labels are split once (stratified); SwAV itself never sees a label.
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.5, random_state=seed, stratify=y)
+    torch.manual_seed(seed)
+    net = DigitsNet()
+    random_net = copy.deepcopy(net).eval()
+    cfg = SwAVConfig(epochs=SIZES[size]["swav_epochs"], seed=seed)
+    echo(f"pym4 demo --swav: SwAV on {len(y)} digits (8x8), {cfg.epochs} epochs, {cfg.n_prototypes} prototypes, "
+         f"{cfg.n_global}+{cfg.n_local} crops")
+    t0 = time.perf_counter()
+    result = train_swav(net, x, cfg, progress=progress)
+    train_seconds = time.perf_counter() - t0
+
+    def probe(m):
+        with torch.no_grad():
+            f = m.eval()(x)
+        return ev.linear_probe(f[tr], y[tr], f[te], y[te])["accuracy"]
+
+    acc = {"swav": probe(net), "random_init": probe(random_net)}
+    echo("")
+    echo(_table([("linear probe accuracy (digits test half)", acc["random_init"], acc["swav"])],
+                header=("", "random init", "SwAV")))
+    verdict = "beats" if acc["swav"] > acc["random_init"] else "does NOT beat"
+    echo(f"SwAV {verdict} random initialisation by {acc['swav'] - acc['random_init']:+.3f}")
+    plt = ev._pyplot()
+    ev.plot_linear_probe({"random init": acc["random_init"], "SwAV": acc["swav"]}, os.path.join(out, "linear_probe.png"),
+                         title="Linear probe on frozen DigitsNet features")
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(result["loss"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("swapped-prediction loss")
+    ax.set_title("SwAV training")
+    ev.save_figure(fig, os.path.join(out, "swav_loss.png"))
+    summary = {"linear_probe": acc,
+               "details": {"train_seconds": train_seconds, "final_loss": result["loss"][-1],
+                           "n_probe_train": int(len(tr)), "n_probe_test": int(len(te))},
+               "config": {"size": size, "seed": seed, **{k: (list(v) if isinstance(v, tuple) else v)
+                                                         for k, v in asdict(cfg).items()},
+                          "wall_seconds": time.perf_counter() - t_start}}
+    ev.write_json(os.path.join(out, "summary.json"), summary)
+    echo(f"\nwrote {os.path.join(out, 'summary.json')} and 2 plots in {time.perf_counter() - t_start:.0f} s")
+    return summary
