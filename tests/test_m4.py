@@ -313,3 +313,17 @@ def parts_by_batch(parts):
         cur.append(run)
     batches.append(np.concatenate(cur))
     return batches
+
+
+@pytest.mark.gpu
+def test_cuda_stream_and_keep_probability_match_cpu():
+    s, y, u = make_data(5000, 2, 32, 19, True)
+    cpu = m4.M4Solver([0.35, 0.4], budget=0.6, batch_size=256).partial_fit(s, y, u)
+    gpu = m4.M4Solver([0.35, 0.4], budget=0.6, batch_size=256)
+    dev = torch.device("cuda")
+    gpu.partial_fit(torch.from_numpy(s).to(dev), torch.from_numpy(y).to(dev), torch.from_numpy(u).to(dev))
+    np.testing.assert_allclose(gpu._avg_w, cpu._avg_w, atol=1e-8)
+    np.testing.assert_allclose(gpu._scalars, cpu._scalars, atol=1e-8)
+    q_gpu = gpu.keep_probability(torch.from_numpy(s).to(dev), torch.from_numpy(y).to(dev), torch.from_numpy(u).to(dev))
+    assert q_gpu.device.type == "cuda"
+    np.testing.assert_allclose(q_gpu.cpu().numpy(), cpu.keep_probability(s, y, u), atol=1e-8)
