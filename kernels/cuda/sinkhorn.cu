@@ -522,10 +522,15 @@ Path path_override() {
   throw std::invalid_argument(std::string("PYM4_SINKHORN_CUDA_PATH: expected auto, fused or multi, got '") + v + "'");
 }
 
-// Opts a kernel in to `bytes` of dynamic shared memory when above the default 48 KB.
+// Opts a kernel in to `bytes` of dynamic shared memory. The default limit (48 KB) covers
+// static + dynamic together, so with the 4 KB static Scratch a dynamic size of 44..48 KB
+// (cols ~5600..6144) already needs the opt-in: set it whenever dynamic memory is used.
+// Callers pass the device-wide budget, not this solve's size: the attribute belongs to the
+// function, and concurrent solves (the GIL is released) must never lower it under another
+// thread's larger launch.
 template <typename Kernel>
 void set_dynamic_smem(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024)
+  if (bytes > 0)
     PYM4_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
@@ -558,6 +563,7 @@ void solve_typed(Params p, cudaStream_t stream) {
                                  : 0;
   p.smem_mode = smem_needed <= smem_budget ? 1 : 0;
   const size_t dyn_smem = p.smem_mode ? smem_needed : 0;
+  const size_t dyn_limit = p.smem_mode ? smem_budget : 0;  // opt-in size, see set_dynamic_smem
   const int64_t parts_cap = max_parts(p.rows, p.cols);
 
   Path path = path_override();
@@ -566,7 +572,7 @@ void solve_typed(Params p, cudaStream_t stream) {
 
   if (path == Path::Fused) {
     auto kernel = sinkhorn_fused_kernel<T>;
-    set_dynamic_smem(kernel, dyn_smem);
+    set_dynamic_smem(kernel, dyn_limit);
     Params f = p;
     set_parts(f, std::min(parts_cap, resident_blocks(kernel, dyn_smem, sms)));
     if (f.parts == 1) {  // tiny batches: one block, an ordinary launch
@@ -591,8 +597,8 @@ void solve_typed(Params p, cudaStream_t stream) {
   auto lse_kernel = sinkhorn_column_lse_kernel<T>;
   auto acc_kernel = sinkhorn_row_kernel<T, false>;
   auto write_kernel = sinkhorn_row_kernel<T, true>;
-  set_dynamic_smem(acc_kernel, dyn_smem);
-  set_dynamic_smem(write_kernel, dyn_smem);
+  set_dynamic_smem(acc_kernel, dyn_limit);
+  set_dynamic_smem(write_kernel, dyn_limit);
   set_parts(p, std::min(parts_cap, std::max<int64_t>(1, resident_blocks(acc_kernel, dyn_smem, sms))));
   const int tiles = (p.cols + 31) / 32;
   const int combine_blocks = p.parts <= kSmallCombineParts ? (tiles + kWarps - 1) / kWarps : tiles;
