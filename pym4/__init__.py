@@ -6,6 +6,7 @@ and CLIP/SigLIP training and of M4 data balancing, under a thin Python layer:
 - :func:`sinkhorn`, :func:`sinkhorn_ot`: Sinkhorn-Knopp equipartition and entropic OT;
 - :func:`clip_loss`, :func:`siglip_loss`, :mod:`pym4.nn`: CLIP/SigLIP losses over giant
   batches (tiled, never B x B), and :func:`similarity_topk` for retrieval;
+- :mod:`pym4.m4`: M4 data balancing (``balance``, ``M4Solver``, bias metrics);
 - :func:`build_info`: what the compiled core was built with.
 
 ``import pym4`` never needs triton, a GPU or a CUDA build.
@@ -18,13 +19,14 @@ from . import _backend
 from .sinkhorn import ConvergenceWarning, sinkhorn, sinkhorn_ot
 from .contrastive import clip_loss, siglip_loss, similarity_topk
 from . import nn
+from . import m4  # M4 data balancing: balance, M4Solver, representation_bias, ...
 
 try:
     __version__ = _metadata.version("pym4")
 except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["build_info", "sinkhorn", "sinkhorn_ot", "ConvergenceWarning", "__version__",
+__all__ = ["build_info", "m4", "sinkhorn", "sinkhorn_ot", "ConvergenceWarning", "__version__",
            "clip_loss", "siglip_loss", "similarity_topk", "nn"]
 
 
