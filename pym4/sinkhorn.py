@@ -64,8 +64,8 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
         Soft assignments: every row sums to 1; each column sums to about B/K over the
         global batch (exactly after the last column step, which the final row step follows).
 
-    Computed in float32 (float64 for float64 input) in the log domain, so epsilon down to
-    0.01 and float16 inputs stay finite. Raises ValueError on NaN/Inf scores.
+    Computed in float32 (on the CPU, float64 for float64 input) in the log domain, so
+    epsilon down to 0.01 and float16 inputs stay finite. Raises ValueError on NaN/Inf scores.
     """
     t, origin = to_tensor(scores, "scores")
     check_float(t, "scores")

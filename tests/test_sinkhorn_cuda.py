@@ -102,6 +102,7 @@ def test_matches_swav_reference(b, k, epsilon, n_iters, dtype):
     (64, 3000, 0.05, 3),
     (16, 16000, 0.03, 10),
     (2000, 700, 0.05, 3),    # > 32 parts: block-wide combine of the partials
+    (64, 6000, 0.05, 3),     # dynamic shared memory just under 48 KB next to the static part
 ])
 def test_both_launch_paths(b, k, epsilon, n_iters, path, monkeypatch):
     monkeypatch.setenv("PYM4_SINKHORN_CUDA_PATH", path)
