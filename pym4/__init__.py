@@ -50,3 +50,16 @@ def build_info() -> dict:
     info["triton"] = importlib.util.find_spec("triton") is not None
     info["torch"] = torch.__version__
     return info
+
+
+# ----- training, evaluation, data, demo: imported on first access ----------------------------
+# (pym4.eval and pym4.demo pull in scikit-learn/matplotlib when used, never at `import pym4`.)
+_LAZY_SUBMODULES = ("train", "eval", "data", "demo")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -202,7 +202,7 @@ def run_demo(out, *, size: str = "default", loss: str = "clip", association: flo
         model = TwoTower(ImageTower(64, 32, train.images.shape[-1]), TextTower(train.tokenizer.vocab_size, 64),
                          loss=loss)
         # Same number of steps on both: the balanced run draws examples with probability ~ q.
-        sampler = None if name == "unbalanced" else BalancedSampler(q, num_samples=len(train), seed=seed)
+        sampler = None if name == "unbalanced" else BalancedSampler(q, mode="weighted", num_samples=len(train), seed=seed)
         t0 = time.perf_counter()
         histories[name] = train_contrastive(model, train, ContrastiveConfig(**{**asdict(tcfg), "steps_per_epoch": steps}),
                                             sampler=sampler, progress=progress, desc=f"{loss.upper()} {name}")
