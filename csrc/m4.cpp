@@ -18,7 +18,11 @@ namespace pym4 {
 namespace m4 {
 namespace {
 
-constexpr int64_t kParallelMin = 8192;  // examples below which a pass stays on one thread
+// Examples below which a pass stays on one thread. Waking a sleeping OpenMP team costs tens
+// of microseconds (far more on a busy machine), so only passes with real work per example
+// (forming a_i) go parallel, and only on large inputs; the O(1)-per-example passes of the
+// budget search and line search are memory-bound loops that one thread runs at full speed.
+constexpr int64_t kParallelMin = 1 << 16;
 
 // The labels of one example: a dense 0/1 row (y != nullptr) or an index list.
 struct Row {
@@ -234,19 +238,14 @@ struct Line {
 
 // sum_i clip(z_i, 0, 1) and #{0 < z_i < 1}.
 void budget_terms(const Line& ln, double mu, double& sum_q, double& active) {
-  double acc[2] = {0.0, 0.0};
-  parallel_accumulate(ln.n, 2, acc, [&](int64_t b, int64_t e, double* a) {
-    double s = 0.0, c = 0.0;
-    for (int64_t i = b; i < e; ++i) {
-      const double z = ln.z(i, mu);
-      s += clip01(z);
-      c += (z > 0.0 && z < 1.0) ? 1.0 : 0.0;
-    }
-    a[0] += s;
-    a[1] += c;
-  });
-  sum_q = acc[0];
-  active = acc[1];
+  double s = 0.0, c = 0.0;
+  for (int64_t i = 0; i < ln.n; ++i) {
+    const double z = ln.z(i, mu);
+    s += clip01(z);
+    c += (z > 0.0 && z < 1.0) ? 1.0 : 0.0;
+  }
+  sum_q = s;
+  active = c;
 }
 
 // The mu with mean_i clip(z_i(mu), 0, 1) = eta: the left side is continuous, nonincreasing
@@ -254,24 +253,10 @@ void budget_terms(const Line& ln, double mu, double& sum_q, double& active) {
 // they reach its linear piece; bisection guards the rest.
 double solve_mu(const Line& ln, double eta, double mu0) {
   double acc[2] = {std::numeric_limits<double>::infinity(), -std::numeric_limits<double>::infinity()};
-  {
-    const int T = ln.n >= kParallelMin ? max_threads() : 1;
-    std::vector<double> lo(T, acc[0]), hi(T, acc[1]);
-    parallel_ranges(ln.n, [&](int64_t b, int64_t e) {
-      const int t = T == 1 ? 0 : thread_id();
-      double a = lo[t], z = hi[t];
-      for (int64_t i = b; i < e; ++i) {
-        const double v = ln.z(i, 0.0);
-        a = std::min(a, v);
-        z = std::max(z, v);
-      }
-      lo[t] = a;
-      hi[t] = z;
-    });
-    for (int t = 0; t < T; ++t) {
-      acc[0] = std::min(acc[0], lo[t]);
-      acc[1] = std::max(acc[1], hi[t]);
-    }
+  for (int64_t i = 0; i < ln.n; ++i) {
+    const double v = ln.z(i, 0.0);
+    acc[0] = std::min(acc[0], v);
+    acc[1] = std::max(acc[1], v);
   }
   double lo = acc[0] - 1.0, hi = acc[1];  // phi(lo) = 1 - eta >= 0, phi(hi) = -eta < 0
   if (eta >= 1.0) return lo;
@@ -296,15 +281,11 @@ double solve_mu(const Line& ln, double eta, double mu0) {
 // (1/N) sum_i [1/2 (q_i - eta)^2 - q_i (z_i - eta)] - mu eta: the smooth dual at the line point.
 double dual_smooth(const Line& ln, double mu, double eta) {
   double acc = 0.0;
-  parallel_accumulate(ln.n, 1, &acc, [&](int64_t b, int64_t e, double* a) {
-    double s = 0.0;
-    for (int64_t i = b; i < e; ++i) {
-      const double z = ln.z(i, mu);
-      const double q = clip01(z);
-      s += 0.5 * (q - eta) * (q - eta) - q * (z - eta);
-    }
-    a[0] += s;
-  });
+  for (int64_t i = 0; i < ln.n; ++i) {
+    const double z = ln.z(i, mu);
+    const double q = clip01(z);
+    acc += 0.5 * (q - eta) * (q - eta) - q * (z - eta);
+  }
   return acc / static_cast<double>(ln.n) - mu * eta;
 }
 

@@ -77,6 +77,14 @@ _SPARSE_FROM = 128
 
 def _binary_matrix(x: Any, name: str, n: Optional[int] = None) -> np.ndarray:
     """A (n, k) uint8 0/1 array from a bool/int/float array or tensor; checks values."""
+    if isinstance(x, np.ndarray) and x.dtype in (np.uint8, np.bool_) and x.ndim == 2 and \
+            (n is None or x.shape[0] == n):
+        # The common case (bytes already): one max() instead of elementwise comparisons.
+        out = np.ascontiguousarray(x).view(np.uint8) if x.dtype == np.bool_ else np.ascontiguousarray(x)
+        if out.size and out.max() > 1:
+            i, col = (int(v) for v in np.argwhere(out > 1)[0])
+            raise ValueError(f"{name}: values must be 0 or 1 (binary), got {out[i, col]!r} in column {col} (row {i})")
+        return out
     t, _ = to_tensor(x, name)
     if t.dim() == 1:
         t = t[:, None]
