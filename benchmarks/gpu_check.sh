@@ -27,5 +27,6 @@ step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
 # Benchmarks, one per op (each writes CSV and PNG under $OUT).
 step bench_sinkhorn 120 "$PY" benchmarks/bench_sinkhorn.py --device cuda --out "$OUT"
 step bench_contrastive 120 "$PY" benchmarks/bench_contrastive.py --device cuda --out "$OUT"
+step bench_m4 120 "$PY" benchmarks/bench_m4.py --device cuda --sizes 1e5,1e6,1e7 --out "$OUT"
 log "done (status $status)"
 exit $status

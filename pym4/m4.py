@@ -765,9 +765,9 @@ def _batch_stats_torch(s, y, u, pi, eta, w, mu):
 
 def _apply_update_torch(state, stats, m, c, eta, eps_rep, eps_assoc, lr, gamma):
     p = m * (c + 1)
+    # No host sync here: every mini-batch of the loop holds at least one example globally
+    # (the step count is the largest over the ranks), so count > 0.
     count = stats[2 * p + 1]
-    if not float(count) > 0:
-        return
     sc = state["scalars"]
     sc[2] += count
     sc[3] += 1.0
