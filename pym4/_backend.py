@@ -28,19 +28,22 @@ def core():
     # torch ships its own OpenMP runtime and the core links the system's, so two thread
     # pools share the cores. By default a libgomp worker spins for milliseconds after each
     # parallel region, starving torch ops that run in between (seen: a 16000-element
-    # torch.log taking 8 ms). The core's pool therefore sleeps as soon as its work is done:
-    # libgomp reads OMP_WAIT_POLICY once, when it is loaded with the core. A user's own
-    # setting wins; the environment is restored afterwards so torch is unaffected.
-    saved = os.environ.get("OMP_WAIT_POLICY")
-    if saved is None:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    # torch.log taking 8 ms); sleeping at once (OMP_WAIT_POLICY=PASSIVE) instead made
+    # solvers with many short regions far slower. A short spin (about 0.1 ms) covers
+    # back-to-back regions and then yields. libgomp reads this once, when it is loaded with
+    # the core; a user's own OMP_WAIT_POLICY/GOMP_SPINCOUNT wins, and the environment is
+    # restored afterwards so torch's runtime is unaffected.
+    saved = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if all(v is None for v in saved.values()):
+        os.environ["GOMP_SPINCOUNT"] = "20000"
     try:
         return importlib.import_module("pym4._core")
     except ImportError:
         return None
     finally:
-        if saved is None:
-            os.environ.pop("OMP_WAIT_POLICY", None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
 
 
 def core_has_cuda() -> bool:
