@@ -20,6 +20,7 @@ A small-scale replay of "CLIP the Bias" (Alabdulmohsin et al., ICLR 2024) on CPU
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -35,7 +36,7 @@ __all__ = ["SIZES", "run_demo", "run_swav_demo"]
 SIZES: Dict[str, Dict[str, int]] = {
     "tiny": dict(n_train=1024, n_test=300, n_neutral=100, epochs=2, batch_size=128, swav_epochs=1),
     "small": dict(n_train=8000, n_test=1000, n_neutral=500, epochs=5, batch_size=256, swav_epochs=20),
-    "default": dict(n_train=20000, n_test=2000, n_neutral=1000, epochs=8, batch_size=256, swav_epochs=50),
+    "default": dict(n_train=24000, n_test=2000, n_neutral=1000, epochs=10, batch_size=256, swav_epochs=50),
 }
 
 # Zero-shot prompts: one ensemble per shape, and one per colour tone (the sensitive group).
@@ -126,8 +127,9 @@ def _findings(data: Dict, model: Dict, details: Dict) -> List[Dict[str, object]]
                   "classification); here: no drop larger than 0.03",
          "holds": bool(dz >= -0.03),
          "detail": f"zero-shot top-1 {u['zero_shot_top1']:.3f} -> {b['zero_shot_top1']:.3f} ({dz:+.3f})"},
-        {"claim": "retrieval can suffer (paper: balancing can hurt retrieval); here: recall@5 drops",
-         "holds": bool(b["i2t_recall@5"] < u["i2t_recall@5"] or b["t2i_recall@5"] < u["t2i_recall@5"]),
+        {"claim": "retrieval can suffer (paper: balancing can hurt retrieval); here: a recall@5 drops by more "
+                  "than 0.01",
+         "holds": bool(b["i2t_recall@5"] < u["i2t_recall@5"] - 0.01 or b["t2i_recall@5"] < u["t2i_recall@5"] - 0.01),
          "detail": f"i2t recall@5 {u['i2t_recall@5']:.3f} -> {b['i2t_recall@5']:.3f}, "
                    f"t2i recall@5 {u['t2i_recall@5']:.3f} -> {b['t2i_recall@5']:.3f}"},
         {"claim": "(SEER-style check, not a claim of the paper) the accuracy gap between groups does not widen",
@@ -136,6 +138,21 @@ def _findings(data: Dict, model: Dict, details: Dict) -> List[Dict[str, object]]
                    f"{details['balanced']['group_accuracy_gap']:.3f}"},
     ]
     return out
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run torch on one intra-op thread, then restore the setting.
+
+    The demo's networks are tiny (8 x 8 and 16 x 16 inputs): their ops are too small to gain
+    from intra-op threads, and on a shared 2-core machine one thread is several times faster.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _table(rows: List[tuple], header=("", "unbalanced", "balanced")) -> str:
@@ -204,8 +221,9 @@ def run_demo(out, *, size: str = "default", loss: str = "clip", association: flo
         # Same number of steps on both: the balanced run draws examples with probability ~ q.
         sampler = None if name == "unbalanced" else BalancedSampler(q, mode="weighted", num_samples=len(train), seed=seed)
         t0 = time.perf_counter()
-        histories[name] = train_contrastive(model, train, ContrastiveConfig(**{**asdict(tcfg), "steps_per_epoch": steps}),
-                                            sampler=sampler, progress=progress, desc=f"{loss.upper()} {name}")
+        with _one_thread():
+            histories[name] = train_contrastive(model, train, ContrastiveConfig(**{**asdict(tcfg), "steps_per_epoch": steps}),
+                                                sampler=sampler, progress=progress, desc=f"{loss.upper()} {name}")
         times[name] = time.perf_counter() - t0
         models[name] = model
         evals[name] = _evaluate(model, test, neutral, loss)
@@ -301,7 +319,8 @@ def run_swav_demo(out, *, size: str = "default", seed: int = 0, progress: bool =
     echo(f"pym4 demo --swav: SwAV on {len(y)} digits (8x8), {cfg.epochs} epochs, {cfg.n_prototypes} prototypes, "
          f"{cfg.n_global}+{cfg.n_local} crops")
     t0 = time.perf_counter()
-    result = train_swav(net, x, cfg, progress=progress)
+    with _one_thread():
+        result = train_swav(net, x, cfg, progress=progress)
     train_seconds = time.perf_counter() - t0
 
     def probe(m):
