@@ -36,7 +36,7 @@ __all__ = ["SIZES", "run_demo", "run_swav_demo"]
 SIZES: Dict[str, Dict[str, int]] = {
     "tiny": dict(n_train=1024, n_test=300, n_neutral=100, epochs=2, batch_size=128, swav_epochs=1),
     "small": dict(n_train=8000, n_test=1000, n_neutral=500, epochs=5, batch_size=256, swav_epochs=20),
-    "default": dict(n_train=24000, n_test=2000, n_neutral=1000, epochs=10, batch_size=256, swav_epochs=50),
+    "default": dict(n_train=16000, n_test=2000, n_neutral=1000, epochs=6, batch_size=256, swav_epochs=50),
 }
 
 # Zero-shot prompts: one ensemble per shape, and one per colour tone (the sensitive group).
