@@ -12,22 +12,9 @@ import torch
 
 import pym4
 from pym4 import _backend
+from references import swav_sinkhorn as swav_reference
 
 BACKENDS = ["cpu", "torch"]
-
-
-def swav_reference(scores, epsilon=0.05, n_iters=3):
-    """SwAV's distributed_sinkhorn (Caron et al. 2020) on one process, in float64."""
-    q = torch.exp(torch.as_tensor(scores, dtype=torch.float64) / epsilon).t()  # K x B
-    k, b = q.shape
-    q /= q.sum()
-    for _ in range(n_iters):
-        q /= q.sum(dim=1, keepdim=True)
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= b
-    q *= b
-    return q.t()
 
 
 def uniform_scores(b, k, dtype=torch.float32, seed=0):

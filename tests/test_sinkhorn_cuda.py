@@ -12,6 +12,7 @@ import torch
 
 import pym4
 from pym4 import _backend
+from references import swav_sinkhorn
 
 pytestmark = pytest.mark.gpu
 
@@ -29,26 +30,6 @@ TOLERANCES = {
 def _cuda_core():
     if not _backend.core_has_cuda():
         pytest.skip("pym4 core built without CUDA (build with PYM4_CUDA=ON)")
-
-
-def swav_sinkhorn_reference(scores: torch.Tensor, epsilon: float, n_iters: int) -> torch.Tensor:
-    """SwAV's distributed_sinkhorn on one process, in float64.
-
-    Q = exp(S / eps)^T (K x B) normalised to total mass 1; n_iters times: rows of Q
-    (prototypes) to mass 1/K, then columns (samples) to mass 1/B; return (B * Q)^T.
-    The global shift by max(S) cancels in the first normalisation and keeps exp finite.
-    """
-    s = scores.double()
-    q = torch.exp((s - s.max()) / epsilon).t()
-    q /= q.sum()
-    k, b = q.shape
-    for _ in range(n_iters):
-        q /= q.sum(dim=1, keepdim=True)
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= b
-    q *= b
-    return q.t()
 
 
 def ot_sinkhorn_reference(cost: torch.Tensor, reg: float, a: torch.Tensor, b: torch.Tensor, n_iters: int):
@@ -73,7 +54,7 @@ def assert_matches_reference(out: torch.Tensor, x: torch.Tensor, epsilon: float,
     rtol, atol, row_tol = TOLERANCES[x.dtype]
     assert out.dtype == x.dtype and out.device == x.device and out.shape == x.shape
     assert bool(torch.isfinite(out).all())
-    ref = swav_sinkhorn_reference(x, epsilon, n_iters)
+    ref = swav_sinkhorn(x, epsilon, n_iters)
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
     torch.testing.assert_close(out.double().sum(dim=1), torch.ones(x.shape[0], dtype=torch.float64, device="cuda"),
                                rtol=0, atol=row_tol)
@@ -179,7 +160,7 @@ def test_float64_input_comes_back_float64():
     x = make_scores(33, 65).double()
     out = pym4.sinkhorn(x, backend="cuda")
     assert out.dtype == torch.float64 and out.device == x.device
-    torch.testing.assert_close(out, swav_sinkhorn_reference(x, 0.05, 3), rtol=5e-4, atol=1e-8)
+    torch.testing.assert_close(out, swav_sinkhorn(x, 0.05, 3), rtol=5e-4, atol=1e-8)
 
 
 def test_runs_on_callers_stream():

@@ -10,27 +10,15 @@ import torch.nn.functional as F
 
 from pym4 import train as tr
 from pym4._synthetic import CONCEPTS, Tokenizer, make_biased_captions
+from references import swav_sinkhorn
 
 
 # ----- SwAV ----------------------------------------------------------------------------------
 
-def _swav_sinkhorn_reference(out, epsilon, n_iters):
-    """facebookresearch/swav's distributed_sinkhorn (single process), in float64."""
-    q = torch.exp(out.double() / epsilon).t()
-    k, b = q.shape
-    q /= q.sum()
-    for _ in range(n_iters):
-        q /= q.sum(dim=1, keepdim=True)
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= b
-    return (q * b).t()
-
-
 def _swav_loss_reference(scores, n_global, temperature, epsilon, n_iters):
     total = 0.0
     for i in range(n_global):
-        q = _swav_sinkhorn_reference(scores[i].detach(), epsilon, n_iters)
+        q = swav_sinkhorn(scores[i].detach(), epsilon, n_iters)
         sub = 0.0
         for v in range(len(scores)):
             if v != i:
@@ -54,7 +42,7 @@ def test_swav_loss_gradient_is_swapped_prediction_only():
     b, k, t = 8, 5, 0.1
     scores = [(torch.rand(b, k) * 2 - 1).requires_grad_() for _ in range(2)]
     tr.swav_loss(scores, 2, temperature=t).backward()
-    q = [_swav_sinkhorn_reference(s.detach(), 0.05, 3).float() for s in scores]
+    q = [swav_sinkhorn(s.detach(), 0.05, 3).float() for s in scores]
     for v in range(2):
         want = (torch.softmax(scores[v].detach() / t, 1) - q[1 - v]) / (t * b * 2)
         assert torch.allclose(scores[v].grad, want, atol=1e-6)
@@ -68,7 +56,7 @@ def test_swav_loss_with_queue_uses_more_samples_for_codes():
     # reference: codes from the stacked (queue + batch) scores, last b rows kept
     total = 0.0
     for i in range(2):
-        q = _swav_sinkhorn_reference(torch.cat([queue[i], scores[i]]), 0.05, 3)[-b:]
+        q = swav_sinkhorn(torch.cat([queue[i], scores[i]]), 0.05, 3)[-b:]
         total += -(q * F.log_softmax(scores[1 - i].double() / 0.1, 1)).sum(1).mean()
     assert float(got) == pytest.approx(float(total / 2), rel=1e-5)
     assert float(got) != pytest.approx(float(tr.swav_loss(scores, 2)), rel=1e-3)
