@@ -87,8 +87,42 @@ PYM4_SIMD_CLONES void scale_row(T c, T* __restrict e, int64_t n) {
   for (int64_t j = 0; j < n; ++j) e[j] *= c;
 }
 
-// One block of rows [i0, i1) of the first column step: update the running column maxima and
-// the sums of exp(alpha x - max) (rescaled when the maximum moves), and the finiteness probe.
+// One block of rows [i0, i1) of the first column step, optimistically: exponentiate against
+// the running column maxima as they stand, in one loop, and fold the block in afterwards
+// (shifting a column's maximum up by how much the block exceeded it). Returns false, having
+// changed only the probe, when some entry exceeded its column's maximum by more than 60
+// (exp would lose accuracy), and always for a thread's first block (maxima still -inf).
+template <typename T>
+PYM4_SIMD_CLONES bool column_block_optimistic(const T* __restrict x, int64_t ld, T alpha, int64_t i0, int64_t i1,
+                                              int64_t K, T* __restrict run_max, T* __restrict run_sum,
+                                              T* __restrict blk_over, T* __restrict blk_sum, T* __restrict probe) {
+  for (int64_t j = 0; j < K; ++j) {
+    blk_over[j] = -std::numeric_limits<T>::infinity();
+    blk_sum[j] = T(0);
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    const T* row = x + i * ld;
+    for (int64_t j = 0; j < K; ++j) {
+      const T t = alpha * row[j];
+      const T d = t - run_max[j];
+      blk_over[j] = max_bits(blk_over[j], d);
+      blk_sum[j] += fast_exp(d);
+      probe[j] += t * T(0);
+    }
+  }
+  T worst = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : worst)
+  for (int64_t j = 0; j < K; ++j) worst = max_bits(worst, blk_over[j]);
+  if (!(worst <= T(60))) return false;
+  for (int64_t j = 0; j < K; ++j) {
+    const T up = max_bits(blk_over[j], T(0));
+    run_sum[j] = (run_sum[j] + blk_sum[j]) * fast_exp(-up);
+    run_max[j] += up;
+  }
+  return true;
+}
+
+// The same block exactly: the block's column maxima first, then the sums against them.
 template <typename T>
 PYM4_SIMD_CLONES void column_block_update(const T* __restrict x, int64_t ld, T alpha, int64_t i0, int64_t i1,
                                           int64_t K, T* __restrict run_max, T* __restrict run_sum,
@@ -198,7 +232,7 @@ bool column_logsumexp(const Matrix<T>& m, double* col_max, double* col_sum) {
     const int tid = thread_id();
     std::vector<T> run_max(K, -std::numeric_limits<T>::infinity());
     std::vector<T> run_sum(K, T(0));
-    std::vector<T> blk_max(K);
+    std::vector<T> blk_max(K), blk_sum(K);
     std::vector<T> probe(K, T(0));  // sums alpha*x*0: NaN iff some entry is NaN or infinite
     const int64_t n_blocks = (m.rows + kBlock - 1) / kBlock;
 #if defined(PYM4_WITH_OPENMP)
@@ -206,8 +240,10 @@ bool column_logsumexp(const Matrix<T>& m, double* col_max, double* col_sum) {
 #endif
     for (int64_t b = 0; b < n_blocks; ++b) {
       const int64_t i0 = b * kBlock, i1 = std::min(m.rows, i0 + kBlock);
-      column_block_update(m.data, m.ld, alpha, i0, i1, K, run_max.data(), run_sum.data(), blk_max.data(),
-                          probe.data());
+      if (!column_block_optimistic(m.data, m.ld, alpha, i0, i1, K, run_max.data(), run_sum.data(), blk_max.data(),
+                                   blk_sum.data(), probe.data()))
+        column_block_update(m.data, m.ld, alpha, i0, i1, K, run_max.data(), run_sum.data(), blk_max.data(),
+                            probe.data());
     }
     bool finite = true;
     for (int64_t j = 0; j < K; ++j) finite = finite && (probe[j] == T(0));
@@ -248,6 +284,7 @@ template <typename T>
 void write_plan(const Matrix<T>& m, const double* g, RowMarginal a, const double* shift, T* out, int64_t ld_out,
                 double* col_mass) {
   // Written in place: the output row is the scratch buffer, then scaled by c_i.
+  advise_huge_pages(out, static_cast<size_t>(m.rows) * static_cast<size_t>(ld_out) * sizeof(T));
   for_each_row(
       m, g, a, shift, col_mass, [out, ld_out](int64_t i, T*) { return out + i * ld_out; },
       [K = m.cols](int64_t, T c, T* e, double) { scale_row(c, e, K); });

@@ -10,6 +10,9 @@
 #if defined(PYM4_WITH_OPENMP)
 #include <omp.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace pym4 {
 
@@ -37,6 +40,23 @@ inline int threads_for(int64_t work) {
   const int64_t useful = work / per_thread;
   const int t = max_threads();
   return useful < 1 ? 1 : (useful < t ? static_cast<int>(useful) : t);
+}
+
+// Ask for transparent huge pages on a large output buffer that has not been touched yet.
+// A fresh 50 MB result costs ~12,000 page faults with 4 KB pages (measured: 15 ms, more than
+// a whole Sinkhorn pass); with 2 MB pages it costs 25. Only the 2 MB-aligned interior is
+// advised; a no-op where the kernel does not offer THP or on other systems.
+inline void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
 }
 
 inline int thread_id() {
