@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", default="bench_out", help="folder for sinkhorn.csv and sinkhorn.png")
     parser.add_argument("--quick", action="store_true", help="small shapes only (seconds)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--no-pot", action="store_true", help="skip POT (it is slow at large B)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -224,6 +224,8 @@ bool column_logsumexp(const Matrix<T>& m, double* col_max, double* col_sum) {
   std::vector<double> part_sum(static_cast<size_t>(threads) * K, 0.0);
   std::vector<int> part_finite(threads, 1);
   constexpr int64_t kBlock = 16;  // rows per running-max update
+  const int64_t n_blocks = (m.rows + kBlock - 1) / kBlock;
+  const bool by_columns = n_blocks < 2 * threads;
 
 #if defined(PYM4_WITH_OPENMP)
 #pragma omp parallel num_threads(threads)
@@ -234,16 +236,31 @@ bool column_logsumexp(const Matrix<T>& m, double* col_max, double* col_sum) {
     std::vector<T> run_sum(K, T(0));
     std::vector<T> blk_max(K), blk_sum(K);
     std::vector<T> probe(K, T(0));  // sums alpha*x*0: NaN iff some entry is NaN or infinite
-    const int64_t n_blocks = (m.rows + kBlock - 1) / kBlock;
+    // Each thread takes a share of the row blocks, or, when there are too few rows for that
+    // (SEER: 16 x 16000), a slice of the columns over all rows. Unused entries of a thread's
+    // partials stay (-inf, 0) and drop out of the merge below.
+    auto run_blocks = [&](int64_t b0, int64_t b1, int64_t j0, int64_t j1) {
+      bool primed = false;  // a thread's first block sets its maxima exactly
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t i0 = b * kBlock, i1 = std::min(m.rows, i0 + kBlock);
+        const T* x = m.data + j0;
+        const int64_t w = j1 - j0;
+        if (!primed || !column_block_optimistic(x, m.ld, alpha, i0, i1, w, run_max.data() + j0, run_sum.data() + j0,
+                                                blk_max.data(), blk_sum.data(), probe.data() + j0))
+          column_block_update(x, m.ld, alpha, i0, i1, w, run_max.data() + j0, run_sum.data() + j0, blk_max.data(),
+                              probe.data() + j0);
+        primed = true;
+      }
+    };
+    if (by_columns) {
+      const int team = team_size();
+      const int64_t j0 = K * tid / team, j1 = K * (tid + 1) / team;
+      if (j1 > j0) run_blocks(0, n_blocks, j0, j1);
+    } else {
 #if defined(PYM4_WITH_OPENMP)
 #pragma omp for schedule(static)
 #endif
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      const int64_t i0 = b * kBlock, i1 = std::min(m.rows, i0 + kBlock);
-      if (!column_block_optimistic(m.data, m.ld, alpha, i0, i1, K, run_max.data(), run_sum.data(), blk_max.data(),
-                                   blk_sum.data(), probe.data()))
-        column_block_update(m.data, m.ld, alpha, i0, i1, K, run_max.data(), run_sum.data(), blk_max.data(),
-                            probe.data());
+      for (int t = 0; t < threads; ++t) run_blocks(n_blocks * t / threads, n_blocks * (t + 1) / threads, 0, K);
     }
     bool finite = true;
     for (int64_t j = 0; j < K; ++j) finite = finite && (probe[j] == T(0));

@@ -36,7 +36,7 @@ inline int max_threads() {
 // Threads worth waking for `work` element-operations: a fork/join costs about as much as
 // a few hundred thousand elements of a streaming pass, so small problems stay on one thread.
 inline int threads_for(int64_t work) {
-  const int64_t per_thread = int64_t(1) << 18;
+  const int64_t per_thread = int64_t(1) << 15;
   const int64_t useful = work / per_thread;
   const int t = max_threads();
   return useful < 1 ? 1 : (useful < t ? static_cast<int>(useful) : t);
@@ -56,6 +56,15 @@ inline void advise_huge_pages(void* data, size_t bytes) {
 #else
   (void)data;
   (void)bytes;
+#endif
+}
+
+// Threads actually running the current parallel region (may be fewer than asked for).
+inline int team_size() {
+#if defined(PYM4_WITH_OPENMP)
+  return omp_get_num_threads();
+#else
+  return 1;
 #endif
 }
 
