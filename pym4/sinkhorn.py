@@ -30,7 +30,7 @@ class ConvergenceWarning(UserWarning):
 
 
 def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None, chunk: Optional[int] = None,
-             group=None, backend: Optional[str] = None):
+             group=None, out=None, backend: Optional[str] = None):
     """SwAV's Sinkhorn-Knopp equipartition of a batch over prototypes.
 
     Computes the codes of SwAV (Caron et al., 2020; `distributed_sinkhorn`) and SEER
@@ -55,12 +55,16 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
     group : torch.distributed.ProcessGroup, optional
         When given, the batch is split across the group's ranks: B is the global batch and
         the prototype sums are all-reduced every iteration, as SwAV does.
+    out : array (B, K), optional
+        Where to write Q: the same array type, dtype and device as ``scores``, C-contiguous,
+        not overlapping ``scores``. A training loop that passes last step's buffer saves
+        allocating (and the kernel zeroing) a fresh B x K result every step.
     backend : {"cpu", "cuda", "torch"}, optional
         Force an implementation (default: the best available; see ``pym4._backend``).
 
     Returns
     -------
-    Q : array (B, K), the type, dtype and device of ``scores``
+    Q : array (B, K), the type, dtype and device of ``scores`` (``out`` when given)
         Soft assignments: every row sums to 1; each column sums to about B/K over the
         global batch (exactly after the last column step, which the final row step follows).
 
@@ -76,26 +80,59 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
     eps = check_positive_scalar(epsilon, "epsilon")
     n_iters = check_int_at_least(n_iters, 1, "n_iters")
     alpha = 1.0 / eps
+    out_t = None if out is None else _check_out(out, t, origin, prototypes)
     if prototypes is not None:
-        return from_tensor(_sinkhorn_features(t, prototypes, alpha, n_iters, chunk, group, backend), origin)
+        q = _sinkhorn_features(t, prototypes, alpha, n_iters, chunk, group, backend)
+        return _deliver(q, origin, out, out_t)
     if chunk is not None:
         raise ValueError("chunk: only used with prototypes= (the features form)")
     name = _backend.choose("sinkhorn", t.device.type, _SWAV_BACKENDS, backend)
 
+    if name == "cpu" and group is None and out_t is not None and out_t.dtype == _compute_dtype(t.dtype):
+        _swav_cpu(t, alpha, n_iters, out=out_t)  # written in place: no allocation at all
+        return out
     if group is not None:
         b_global = _global_batch(t.shape[0], t.shape[1], bool(torch.isfinite(t).all()), group, t.device)
         x = t.to(_compute_dtype(t.dtype))
         passes = _CorePasses(x, alpha) if name == "cpu" else _TorchPasses(x, alpha)
-        out = _swav_iterate(passes, t.shape[1], b_global, n_iters, x.device, group)
+        q = _swav_iterate(passes, t.shape[1], b_global, n_iters, x.device, group)
     elif name == "cpu":
-        out = _swav_cpu(t, alpha, n_iters)
+        q = _swav_cpu(t, alpha, n_iters)
     elif name == "cuda":
-        out = _swav_cuda(t, alpha, n_iters)
+        q = _swav_cuda(t, alpha, n_iters)
     else:
         check_finite(t, "scores")
-        out = _swav_iterate(_TorchPasses(t.to(_compute_dtype(t.dtype)), alpha), t.shape[1], t.shape[0], n_iters,
-                            t.device)
-    return from_tensor(out, origin)
+        q = _swav_iterate(_TorchPasses(t.to(_compute_dtype(t.dtype)), alpha), t.shape[1], t.shape[0], n_iters,
+                          t.device)
+    return _deliver(q, origin, out, out_t)
+
+
+def _check_out(out, t: torch.Tensor, origin, prototypes) -> torch.Tensor:
+    """Validate a caller's output buffer before any work; returns its torch view."""
+    o, o_origin = to_tensor(out, "out")
+    k = prototypes.shape[0] if prototypes is not None else t.shape[1]
+    if o_origin.is_numpy != origin.is_numpy:
+        raise TypeError(f"out: must be a {'numpy array' if origin.is_numpy else 'torch tensor'} like scores")
+    if tuple(o.shape) != (t.shape[0], k):
+        raise ValueError(f"out: expected shape {(t.shape[0], k)}, got {tuple(o.shape)}")
+    if o.dtype != origin.dtype or o.device != origin.device:
+        raise ValueError(f"out: expected dtype {origin.dtype} on {origin.device} like scores, "
+                         f"got {o.dtype} on {o.device}")
+    if not o.is_contiguous():
+        raise ValueError("out: must be C-contiguous")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError("out: is read-only")
+    if o.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+        raise ValueError("out: must not share memory with scores")
+    return o
+
+
+def _deliver(q: torch.Tensor, origin, out, out_t):
+    """The result in the caller's type, or copied into their ``out`` buffer."""
+    if out_t is None:
+        return from_tensor(q, origin)
+    out_t.copy_(q)
+    return out
 
 
 def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-9, backend: Optional[str] = None):
@@ -181,11 +218,12 @@ def _marginal(v, n: int, name: str, device) -> torch.Tensor:
     return t.contiguous()
 
 
-def _swav_cpu(t: torch.Tensor, alpha: float, n_iters: int) -> torch.Tensor:
+def _swav_cpu(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     x = t.to(_compute_dtype(t.dtype))
     if x.stride(-1) != 1:
         x = x.contiguous()
-    out = torch.empty(x.shape, dtype=x.dtype)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype)
     b = x.shape[0]
     # Rows carry mass 1/B during the iterations; the plan is written times B (rows sum to 1).
     _backend.core().sinkhorn_solve(x.numpy(), alpha, None, -math.log(b), n_iters, 0.0, math.log(b), out.numpy())

@@ -360,3 +360,40 @@ def test_features_form_numpy_and_small_epsilon():
 def test_features_form_bad_input(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         pym4.sinkhorn(torch.zeros(6, 4), **kwargs)
+
+
+# ----- out= : writing into the caller's buffer --------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_out_buffer(backend, dtype):
+    s = uniform_scores(40, 17, dtype=dtype)
+    buf = torch.full((40, 17), float("nan"), dtype=dtype)
+    q = pym4.sinkhorn(s, out=buf, backend=backend)
+    assert q is buf
+    tol = 2e-3 if dtype == torch.float16 else 2e-5
+    torch.testing.assert_close(buf.double(), swav_reference(s.double()), rtol=tol, atol=1e-6)
+
+
+def test_out_buffer_numpy_and_features_form():
+    s = uniform_scores(12, 5).numpy()
+    buf = np.empty((12, 5), dtype=np.float32)
+    assert pym4.sinkhorn(s, out=buf) is buf
+    np.testing.assert_allclose(buf, swav_reference(s).numpy(), rtol=2e-5, atol=1e-7)
+    z, c = torch.randn(9, 4), torch.randn(6, 4)
+    fbuf = torch.empty(9, 6)
+    assert pym4.sinkhorn(z, prototypes=c, out=fbuf) is fbuf
+    torch.testing.assert_close(fbuf.double(), swav_reference(z.double() @ c.double().t()), rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda s: torch.empty(4, 3), ValueError, r"out: expected shape \(5, 3\)"),
+    (lambda s: torch.empty(5, 3, dtype=torch.float64), ValueError, "out: expected dtype torch.float32"),
+    (lambda s: torch.empty(3, 5).t(), ValueError, "out: must be C-contiguous"),
+    (lambda s: np.empty((5, 3), dtype=np.float32), TypeError, "out: must be a torch tensor"),
+    (lambda s: s, ValueError, "out: must not share memory with scores"),
+])
+def test_out_buffer_bad(make, exc, match):
+    s = uniform_scores(5, 3)
+    with pytest.raises(exc, match=match):
+        pym4.sinkhorn(s, out=make(s))
