@@ -20,3 +20,21 @@ def swav_sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3) -> torch.Tens
         q /= b
     q *= b
     return q.t()
+
+
+def open_clip_loss_module():
+    """open_clip's own loss.py (ClipLoss, SigLipLoss), loaded by file path: it needs only
+    torch, while importing the open_clip package pulls torchvision. None when not installed."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    if not os.path.exists(path):
+        return None
+    module_spec = importlib.util.spec_from_file_location("_open_clip_loss_for_tests", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module

@@ -3,7 +3,6 @@
 References are written here from the formulas (DESIGN.md section 2, open_clip semantics)
 in float64 plain torch; gradients come from autograd through those references.
 """
-import importlib.util
 import math
 
 import numpy as np
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 
 import pym4
 import pym4.contrastive as contrastive
+from references import open_clip_loss_module
 
 
 # ----- independent references ----------------------------------------------------------------
@@ -206,24 +206,10 @@ def test_only_chunks_of_the_logits_are_formed(monkeypatch):
 
 # ----- equality with open_clip's own loss.py (when installed) --------------------------------
 
-def _open_clip_loss_module():
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    import os
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    if not os.path.exists(path):
-        return None
-    module_spec = importlib.util.spec_from_file_location("_open_clip_loss_for_tests", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)  # needs only torch (the package itself needs torchvision)
-    return module
-
-
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_nn_modules_equal_open_clip(kind, with_bias):
-    oc = _open_clip_loss_module()
+    oc = open_clip_loss_module()
     if oc is None:
         pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch)")
     x, y = features(33, 40)

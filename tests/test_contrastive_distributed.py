@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from references import open_clip_loss_module
 
 pytestmark = pytest.mark.distributed
 
@@ -27,19 +28,6 @@ def global_batch(total):
     x = F.normalize(torch.randn(total, D, generator=g, dtype=torch.float64), dim=1)
     y = F.normalize(torch.randn(total, D, generator=g, dtype=torch.float64) + x, dim=1)
     return x, y
-
-
-def _open_clip_loss_module():
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    if not os.path.exists(path):
-        return None
-    module_spec = importlib.util.spec_from_file_location("_open_clip_loss_for_tests", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
 
 
 def _grads(loss_fn, x, y, with_bias, upstream):
@@ -73,7 +61,7 @@ def _worker(rank, world, init_file, out_dir, sizes, cases, compare_open_clip):
             results["nan"] = "no error"
         except ValueError as e:
             results["nan"] = str(e)
-        oc = _open_clip_loss_module() if compare_open_clip else None
+        oc = open_clip_loss_module() if compare_open_clip else None
         if oc is not None:
             for local_loss in (False, True):
                 for with_grad in (False, True):
@@ -170,7 +158,7 @@ def test_distributed_equals_one_process(tmp_path, sizes):
         assert abs(mean - float(whole)) <= 1e-5 * abs(float(whole))
     assert all("NaN" in ranks[r]["nan"] or "another rank" in ranks[r]["nan"] for r in range(world)), \
         [ranks[r]["nan"] for r in range(world)]
-    if equal and _open_clip_loss_module() is not None:
+    if equal and open_clip_loss_module() is not None:
         compared = [key for key in ranks[0] if isinstance(key, tuple) and str(key[0]).startswith("open_clip")]
         assert len(compared) == 6
         for key in compared:
