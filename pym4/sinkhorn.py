@@ -255,22 +255,24 @@ class _TorchPasses:
     def __init__(self, x: torch.Tensor, alpha: float):
         self.x, self.alpha = x, alpha
 
+    # Every pass allocates one B x K temporary and works on it in place: a fresh 50 MB
+    # tensor costs more in page faults than the arithmetic on it.
     def column_logsumexp(self):
-        t = self.alpha * self.x
-        col_max = t.max(dim=0).values
-        col_sum = torch.exp(t - col_max).sum(dim=0)
+        t = self.x * self.alpha
+        col_max = t.amax(dim=0)
+        col_sum = t.sub_(col_max).exp_().sum(dim=0)
         return col_max.double(), col_sum.double()
 
     def _row_step(self, g, log_a):
-        # In the compute dtype (float32 for float32/half inputs): logsumexp subtracts the
-        # row maximum, so nothing overflows, and float64 would make the fallback slow.
-        t = self.alpha * self.x + g.to(self.x.dtype)
-        f = log_a - torch.logsumexp(t, dim=1)
-        t += torch.as_tensor(f, dtype=t.dtype, device=t.device).reshape(-1, 1)
-        return t.exp_()
+        # Row i of the plan is a_i * softmax_j(alpha x_ij + g_j), shifted by the row maximum.
+        t = (self.x * self.alpha).add_(g.to(self.x.dtype))
+        t.sub_(t.amax(dim=1, keepdim=True)).exp_()
+        scale = torch.exp(torch.as_tensor(log_a, dtype=torch.float64, device=t.device))
+        scale = (scale.reshape(-1, 1) if scale.dim() else scale) / t.sum(dim=1, keepdim=True).double()
+        return t.mul_(scale.to(t.dtype))
 
     def row_pass(self, g, log_a):
-        return self._row_step(g, log_a).sum(dim=0, dtype=torch.float64)
+        return self._row_step(g, log_a).sum(dim=0).double()
 
     def write_plan(self, g, log_a):
         return self._row_step(g, log_a)
