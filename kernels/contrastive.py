@@ -21,6 +21,7 @@ bfloat16 with any strides; outputs are float32.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -189,6 +190,22 @@ def _blocks(d: int, grad: bool):
     return 128, 64, min(64, d_pow2), None, 8
 
 
+def _weight_unit(a: torch.Tensor, *weights: torch.Tensor) -> float:
+    """A power of two to divide G's weights by before G is rounded to float16 for tl.dot.
+
+    G = w (p - d) with w ~ g / 2B: at B = 32768 without a loss scaler that is ~1e-9, below
+    float16's smallest subnormal (6e-8), and the gradient would silently be 0. Dividing by
+    ~max|w| puts G in [-2, 2]; being a power of two, the float32 results are scaled back
+    exactly. bfloat16 and float32 have float32's range and need nothing.
+    """
+    if a.dtype != torch.float16:
+        return 1.0
+    top = float(torch.stack([w.abs().max() for w in weights]).max())
+    if top == 0.0 or not math.isfinite(top):  # inf/NaN upstream must reach the gradients as is
+        return 1.0
+    return 2.0 ** math.frexp(top)[1]
+
+
 class TritonEngine:
     """The tile passes of ``pym4.contrastive`` as fused Triton kernels (see ChunkedEngine)."""
 
@@ -219,12 +236,16 @@ class TritonEngine:
         bm_, bn, bk, bdo, warps = _blocks(d, True)
         da = torch.empty(a.shape, dtype=torch.float32, device=a.device)
         ds = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+        unit = _weight_unit(a, w_own, w_oth)
         grid = (triton.cdiv(a.shape[0], bm_), triton.cdiv(d, bdo))
         _clip_grad_kernel[grid](
-            a, bm, lse_own.float().contiguous(), lse_oth.float().contiguous(), w_own.float().contiguous(),
-            w_oth.float().contiguous(), da, ds, a.shape[0], bm.shape[0], d, a.stride(0), a.stride(1),
+            a, bm, lse_own.float().contiguous(), lse_oth.float().contiguous(), (w_own.float() / unit).contiguous(),
+            (w_oth.float() / unit).contiguous(), da, ds, a.shape[0], bm.shape[0], d, a.stride(0), a.stride(1),
             bm.stride(0), bm.stride(1), da.stride(0), float(s), float(b), int(offset),
             BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=_precision(a), num_warps=warps)
+        if unit != 1.0:
+            da.mul_(unit)
+            ds.mul_(unit)
         return da, ds
 
     def clip_backward(self, a, bm, s, b, r, c, w_row, w_col, offset, split_scale):
@@ -250,12 +271,18 @@ class TritonEngine:
         da = torch.empty(a.shape, dtype=torch.float32, device=a.device)
         ds = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
         dbias = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+        unit = _weight_unit(a, w)
         grid = (triton.cdiv(a.shape[0], bm_), triton.cdiv(d, bdo))
         _siglip_grad_kernel[grid](
-            a, bm, w.float().contiguous(), da, ds, dbias, a.shape[0], bm.shape[0], d, a.stride(0), a.stride(1),
+            a, bm, (w.float() / unit).contiguous(), da, ds, dbias, a.shape[0], bm.shape[0], d, a.stride(0), a.stride(1),
             bm.stride(0), bm.stride(1), da.stride(0), float(s), float(b), int(offset),
             WEIGHT_ON_ROWS=weight_on_rows, BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo,
             PRECISION=_precision(a), num_warps=warps)
+        if unit != 1.0:
+            da.mul_(unit)
+            if weight_on_rows:  # ds and dbias are written only then
+                ds.mul_(unit)
+                dbias.mul_(unit)
         return da, ds, dbias
 
     def siglip_backward(self, a, bm, s, b, w_row, offset):

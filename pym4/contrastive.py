@@ -224,7 +224,13 @@ def _validate(kind, x, y, logit_scale, logit_bias):
 # ----- dispatch ------------------------------------------------------------------------------
 
 def _contrastive(kind, x, y, logit_scale, logit_bias, group, backend, local_grad=False):
-    scale, bias, problem = _validate(kind, x, y, logit_scale, logit_bias)
+    error = None
+    try:
+        scale, bias, problem = _validate(kind, x, y, logit_scale, logit_bias)
+    except (TypeError, ValueError) as e:
+        if group is None:
+            raise
+        error, problem = e, str(e)  # raised after the other ranks have heard of it
     if group is not None:
         import torch.distributed as dist
         if not dist.is_available() or not dist.is_initialized():
@@ -232,11 +238,18 @@ def _contrastive(kind, x, y, logit_scale, logit_bias, group, backend, local_grad
         if dist.get_world_size(group) == 1:
             group = None
         else:
-            # A bad value on one rank must stop every rank, not leave them in a collective.
-            bad = torch.tensor([0.0 if problem is None else 1.0], device=_comm_device(x, group))
+            # A bad input on one rank (a bad value, or a bad shape or dtype) must stop every
+            # rank, not leave the others waiting in a collective.
+            if isinstance(x, torch.Tensor):
+                dev = _comm_device(x, group)
+            else:
+                dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
+            bad = torch.tensor([0.0 if problem is None else 1.0], device=dev)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
             if problem is None and float(bad) > 0:
-                problem = "image_features, text_features, logit_scale or logit_bias: a bad value on another rank"
+                problem = "image_features, text_features, logit_scale or logit_bias: bad input on another rank"
+    if error is not None:
+        raise error
     if problem is not None:
         raise ValueError(problem)
     device_type = x.device.type
@@ -511,7 +524,28 @@ class _ContrastiveLoss(torch.autograd.Function):
         dy = dy.to(y.dtype) if ctx.needs_input_grad[1] else None
         dscale = torch.full_like(scale, ds) if ctx.needs_input_grad[2] else None
         dbias_t = torch.full_like(bias, dbias) if bias is not None and ctx.needs_input_grad[3] else None
-        return dx, dy, dscale, dbias_t, None
+        grads = (dx, dy, dscale, dbias_t)
+        if torch.is_grad_enabled():
+            # create_graph=True: the tile passes build no graph, so a second derivative through
+            # these gradients would silently be 0; mark them so that one raises instead.
+            inputs = [t for t in saved if t.requires_grad]
+            grads = tuple(None if t is None else _NoSecondOrder.apply(t, *inputs) for t in grads)
+        return (*grads, None)
+
+
+class _NoSecondOrder(torch.autograd.Function):
+    """Identity on ``t`` whose backward raises. It takes the loss's inputs as well, so that
+    differentiating ``t`` with respect to them reaches it (torch's once_differentiable only
+    checks the upstream gradient, which create_graph=True usually leaves without grad)."""
+
+    @staticmethod
+    def forward(ctx, t, *inputs):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("clip_loss/siglip_loss: double backward is not supported by the cpu and triton "
+                           "backends; use backend='torch' for higher-order gradients")
 
 
 # ----- distributed plumbing ----------------------------------------------------------------------

@@ -302,3 +302,24 @@ def test_similarity_topk_numpy_and_errors():
         pym4.similarity_topk(q.index_fill(0, torch.tensor([0]), math.nan), keys, 1)
     with pytest.raises(ValueError, match="chunk"):
         pym4.similarity_topk(q, keys, 1, chunk=0)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_double_backward_raises_instead_of_dropping_the_second_derivative(kind):
+    # The chunked backward builds no graph: a gradient penalty through it would silently
+    # lose its second-order term. First-order gradients under create_graph stay exact.
+    x0, y = features(6, 5)
+    x0, y = x0.clone().requires_grad_(), y.clone().requires_grad_()
+    s = torch.tensor(4.0, requires_grad=True)
+    x = x0 * 1.0  # a non-leaf, as features coming out of a model
+    loss = LOSS[kind](x, y, s, -1.0, backend="cpu")
+    dx, ds = torch.autograd.grad(loss, [x, s], create_graph=True)
+    want = reference(kind, x, y, s, torch.tensor(-1.0))
+    torch.testing.assert_close(dx.detach().double(), want[1], rtol=1e-5, atol=1e-6)
+    for wrt in (x0, y, s):
+        with pytest.raises(RuntimeError, match="double backward is not supported"):
+            torch.autograd.grad((dx ** 2).sum() + ds + (x0 ** 2).sum(), wrt, retain_graph=True)
+    # The torch backend is plain autograd and supports it.
+    loss = LOSS[kind](x, y, s, -1.0, backend="torch")
+    dx, = torch.autograd.grad(loss, x, create_graph=True)
+    assert torch.autograd.grad((dx ** 2).sum(), x0)[0].abs().sum() > 0

@@ -7,6 +7,7 @@ autograd through that sum, in float64 plain torch on the concatenated batch. The
 are also compared with open_clip's own ClipLoss/SigLipLoss in all distributed modes when
 open_clip_torch is installed.
 """
+import datetime
 import importlib.util
 import os
 
@@ -42,7 +43,9 @@ def _grads(loss_fn, x, y, with_bias, upstream):
 
 def _worker(rank, world, init_file, out_dir, sizes, cases, compare_open_clip):
     import pym4
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # A timeout, so that a rank left waiting in a collective fails the test instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         x_all, y_all = global_batch(sum(sizes))
         lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
@@ -61,6 +64,13 @@ def _worker(rank, world, init_file, out_dir, sizes, cases, compare_open_clip):
             results["nan"] = "no error"
         except ValueError as e:
             results["nan"] = str(e)
+        # So does a bad shape on one rank (it used to raise there before the collective check,
+        # leaving the other ranks waiting).
+        try:
+            pym4.siglip_loss(x, y[:-1] if rank == 1 else y, SCALE, BIAS, group=dist.group.WORLD)
+            results["shape"] = "no error"
+        except ValueError as e:
+            results["shape"] = str(e)
         oc = open_clip_loss_module() if compare_open_clip else None
         if oc is not None:
             for local_loss in (False, True):
@@ -158,6 +168,9 @@ def test_distributed_equals_one_process(tmp_path, sizes):
         assert abs(mean - float(whole)) <= 1e-5 * abs(float(whole))
     assert all("NaN" in ranks[r]["nan"] or "another rank" in ranks[r]["nan"] for r in range(world)), \
         [ranks[r]["nan"] for r in range(world)]
+    assert "text_features: expected shape" in ranks[1]["shape"], ranks[1]["shape"]
+    assert all("another rank" in ranks[r]["shape"] for r in range(world) if r != 1), \
+        [ranks[r]["shape"] for r in range(world)]
     if equal and open_clip_loss_module() is not None:
         compared = [key for key in ranks[0] if isinstance(key, tuple) and str(key[0]).startswith("open_clip")]
         assert len(compared) == 6

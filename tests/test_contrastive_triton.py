@@ -108,3 +108,29 @@ def test_triton_is_the_default_on_cuda_and_matches_cpu():
     cpu = pym4.clip_loss(x.cpu(), y.cpu(), 20.0, backend="cpu")
     torch.testing.assert_close(loss.cpu(), cpu, rtol=1e-5, atol=1e-6)
     assert math.isfinite(float(pym4.siglip_loss(x, y, 20.0, -5.0)))
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_triton_float16_gradient_does_not_underflow(kind):
+    # G = g (p - d) / 2B is rounded to float16 for the gradient matmul; with g / 2B small
+    # (a large batch, or no loss scaler) it fell below float16's smallest subnormal (6e-8)
+    # and the gradient came out 0. The engine now works on G / max|weight|.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from pym4.kernels.contrastive import TritonEngine
+    x, y = features(37, 24, torch.float16, device)
+    s, b, w = 12.0, -3.0, 1e-9
+    weights = torch.full((37,), w, dtype=torch.float32, device=device)
+    logits = s * x.double() @ y.double().T + b
+    idx = torch.arange(37, device=device)
+    eye = torch.zeros_like(logits)
+    eye[idx, idx] = 1.0
+    if kind == "clip":
+        r, c = torch.logsumexp(logits, 1), torch.logsumexp(logits, 0)
+        g = w * (torch.exp(logits - r[:, None]) - eye) + w * (torch.exp(logits - c[None, :]) - eye)
+        dx, dy, _ = TritonEngine().clip_backward(x, y, s, b, r.float(), c.float(), weights, weights, 0, False)
+    else:
+        g = w * (torch.sigmoid(logits) - eye)
+        dx, dy, _, _ = TritonEngine().siglip_backward(x, y, s, b, weights, 0)
+    for name, got, want in (("dx", dx, s * g @ y.double()), ("dy", dy, s * g.T @ x.double())):
+        torch.testing.assert_close(got.double(), want, rtol=3e-3, atol=3e-3 * float(want.abs().max()),
+                                   msg=lambda m: f"{kind} {name}: {m}")
