@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 
@@ -210,8 +211,11 @@ def _run_balance(args) -> int:
     dst = _os.path.abspath(args.out)
     if not _os.path.isfile(src):
         raise CLIError(f"INPUT: no such file {args.input!r}")
-    if src == dst:
+    # Through symlinks too: replacing a link's target would replace the input's data.
+    if src == dst or _os.path.realpath(src) == _os.path.realpath(dst):
         raise CLIError("--out: must differ from INPUT (the input is never modified)")
+    if not _os.path.isdir(_os.path.dirname(dst)):
+        raise CLIError(f"--out: folder {_os.path.dirname(dst)!r} does not exist")
     in_fmt, out_fmt = _file_format(args.input, "INPUT"), _file_format(args.out, "--out")
     groups, labels = _split_cols(args.sensitive), _split_cols(args.labels)
     if not groups:
@@ -255,8 +259,10 @@ def _run_balance(args) -> int:
             y = np.concatenate([p[1] for p in parts])
             u = np.concatenate([p[2] for p in parts]) if args.utility else None
             ids = pa.chunked_array([p[3] for p in parts])
-            res = m4.balance(s, y, target=target, budget=args.budget, eps_rep=args.eps_rep,
-                             eps_assoc=args.eps_assoc, utility=u, group_names=groups, label_names=labels)
+            with warnings.catch_warnings():  # a non-optimal status is reported below, once
+                warnings.filterwarnings("ignore", message="pym4.m4.balance: ", category=RuntimeWarning)
+                res = m4.balance(s, y, target=target, budget=args.budget, eps_rep=args.eps_rep,
+                                 eps_assoc=args.eps_assoc, utility=u, group_names=groups, label_names=labels)
             kept["q"], kept["ids"] = [res.q], [ids]
             summary = res.summary()
             counts_before, counts_after = m4._counts(s, m4._Labels(y.shape[1], dense=y), None), \
@@ -333,6 +339,18 @@ def _stream_balance(args, read_pass, target, kept, m4):
                "rb_after": m4._rb_from_counts(counts_after, m, pi_arr),
                "ab_before": m4._ab_from_counts(counts_before, m, c), "ab_after": m4._ab_from_counts(counts_after, m, c),
                "target": pi_arr.tolist(), "mu": solver.mu, "infeasible_constraints": []}
+    # The certificate balance() uses too: a group with no example (or every example) cannot
+    # reach a target farther than eps_rep from 0 (or 1), whatever q is.
+    total, shares = counts_before[0], counts_before[1:1 + m]
+    empty = [k for k in range(m) if (shares[k] == 0 and pi_arr[k] > args.eps_rep) or
+             (shares[k] == total and 1 - pi_arr[k] > args.eps_rep)]
+    if empty:
+        groups = _split_cols(args.sensitive)
+        names = [f"representation[{groups[k]}]" for k in empty]
+        why = "; ".join(f"group {groups[k]!r} has {'no' if shares[k] == 0 else 'every'} example but its target "
+                        f"proportion is {pi_arr[k]:g}" for k in empty)
+        summary.update(status="infeasible", infeasible_constraints=names,
+                       message=f"infeasible: {why}; no keep probabilities satisfy {', '.join(names)}")
     return summary, counts_before, counts_after
 
 

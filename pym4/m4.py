@@ -20,6 +20,7 @@ No N x m(c+1) matrix is ever built.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -115,6 +116,14 @@ def _labels(y: Any, n: int) -> _Labels:
             y = y.tocsr()
         if y.shape[0] != n:
             raise ValueError(f"y: expected {n} rows (one per example), got {y.shape[0]}")
+        # scipy does not check a CSR built from raw arrays; the core indexes with these directly.
+        indptr = np.asarray(y.indptr, dtype=np.int64)
+        if indptr.shape != (n + 1,) or indptr[0] != 0 or indptr[-1] > len(y.indices) or np.any(np.diff(indptr) < 0):
+            raise ValueError("y: sparse labels have an inconsistent indptr")
+        indices = np.asarray(y.indices)[:indptr[-1]]
+        if indices.size and (indices.min() < 0 or indices.max() >= y.shape[1]):
+            raise ValueError(f"y: sparse label indices must be in [0, {y.shape[1]}), got "
+                             f"{int(indices.min())}..{int(indices.max())}")
         y = y.copy()
         y.sum_duplicates()
         data = np.asarray(y.data)
@@ -374,7 +383,8 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     Returns
     -------
     BalanceResult; an infeasible problem gives ``status="infeasible"`` and a message naming
-    the constraints that cannot hold together (a certificate of the dual's recession).
+    the constraints that cannot hold together (a certificate of the dual's recession). Any
+    status other than "optimal" also emits a RuntimeWarning carrying ``message``.
     """
     s8 = _binary_matrix(s, "s")
     n, m = s8.shape
@@ -448,6 +458,8 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     message = _message(status, method, infeasible, empty, gnames, pi, s8, eta, max_viol, iterations)
     objective = float(np.mean(0.5 * (q - eta) ** 2 - (0.0 if u is None else u) * q))
     vp, vm = np.maximum(w, 0.0), np.maximum(-w, 0.0)
+    if status != "optimal":  # q does not solve the problem: say so even to callers who skip .status
+        warnings.warn(f"pym4.m4.balance: {message}", RuntimeWarning, stacklevel=2)
     q_out = q if origin.is_numpy else torch.from_numpy(q).to(t_in.device)
     return BalanceResult(
         q=q_out, v_plus=vp.reshape(m, lab.c + 1), v_minus=vm.reshape(m, lab.c + 1), mu=mu, status=status,
@@ -654,15 +666,11 @@ class M4Solver:
             y_t = torch.zeros((n, 0), dtype=torch.float64, device=st.device)
         else:
             yt, _ = to_tensor(y, "y")
-            y_t = (yt[:, None] if yt.dim() == 1 else yt).to(torch.float64)
-        for name, t in (("s", s_t), ("y", y_t)):
-            if not bool(((t == 0) | (t == 1)).all()):
-                raise ValueError(f"{name}: values must be 0 or 1 (binary)")
+            y_t = (yt[:, None] if yt.dim() == 1 else yt).to(device=st.device, dtype=torch.float64)
         u_t = None
         if utility is not None:
             u_t = to_tensor(utility, "utility")[0].to(device=st.device, dtype=torch.float64)
-            if not bool(torch.isfinite(u_t).all()):
-                raise ValueError("utility: contains NaN or Inf")
+        _check_torch_inputs(s_t, y_t, u_t)
         self._init(m, y_t.shape[1])
         dev = st.device
         state = {k: torch.from_numpy(getattr(self, "_" + k)).to(dev) for k in ("v_plus", "v_minus", "avg_w", "curv", "scalars")}
@@ -710,9 +718,10 @@ class M4Solver:
         if t.device.type == "cuda":
             st = (t[:, None] if t.dim() == 1 else t).to(torch.float64)
             yt = torch.zeros((st.shape[0], 0), dtype=torch.float64, device=t.device) if y is None else \
-                to_tensor(y, "y")[0].to(torch.float64)
+                to_tensor(y, "y")[0].to(device=t.device, dtype=torch.float64)
             yt = yt[:, None] if yt.dim() == 1 else yt
             u_t = None if utility is None else to_tensor(utility, "utility")[0].to(device=t.device, dtype=torch.float64)
+            _check_torch_inputs(st, yt, u_t)
             self._init(st.shape[1], yt.shape[1])
             w = torch.from_numpy(self._avg_w).to(t.device)
             pi = torch.from_numpy(self.pi).to(t.device)
@@ -740,6 +749,22 @@ class M4Solver:
 
 
 # ----- torch implementation (GPU path and reference) -------------------------------------------
+
+def _check_torch_inputs(s, y, u) -> None:
+    """Shapes and values of the device path, checked before the kernel reads raw pointers."""
+    if s.dim() != 2:
+        raise ValueError(f"s: expected a 1-D or 2-D array (examples, columns), got shape {tuple(s.shape)}")
+    n = s.shape[0]
+    if y.dim() != 2 or y.shape[0] != n:
+        raise ValueError(f"y: expected {n} rows (one per example), got shape {tuple(y.shape)}")
+    if u is not None and (u.dim() != 1 or u.shape[0] != n):
+        raise ValueError(f"utility: expected shape ({n},), got {tuple(u.shape)}")
+    for name, t in (("s", s), ("y", y)):
+        if not bool(((t == 0) | (t == 1)).all()):
+            raise ValueError(f"{name}: values must be 0 or 1 (binary)")
+    if u is not None and not bool(torch.isfinite(u).all()):
+        raise ValueError("utility: contains NaN or Inf")
+
 
 def _margins_torch(s, y, pi, w):
     m, L = s.shape[1], y.shape[1] + 1

@@ -1,5 +1,7 @@
 """M4 data balancing: the exact solver against cvxpy (CLARABEL), the streaming solver against
 the exact objective and a plain numpy implementation of its update, metrics, errors."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -68,10 +70,15 @@ def test_exact_matches_cvxpy(n, m, c, eta, er, ea, util, seed):
     s, y, u = make_data(n, m, c, seed, util)
     # One group: the default target is its own share, so ask for another one.
     pi = np.full(m, s.mean(axis=0).mean()) if m > 1 else np.array([0.45])
-    res = m4.balance(s, y, target=None if m > 1 else 0.45, budget=eta, eps_rep=er, eps_assoc=ea, utility=u)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = m4.balance(s, y, target=None if m > 1 else 0.45, budget=eta, eps_rep=er, eps_assoc=ea, utility=u)
     status, value, _ = cvxpy_solve(s, y, u, pi, eta, er, ea)
     assert status in ("optimal", "infeasible")
     assert res.status == status, res.message
+    # A status other than "optimal" is also a RuntimeWarning; an optimal solve is silent.
+    assert [str(w.message) for w in caught if w.category is RuntimeWarning] == \
+        ([] if status == "optimal" else [f"pym4.m4.balance: {res.message}"])
     if status == "infeasible":
         assert res.infeasible_constraints and "infeasible" in res.message
         return
@@ -92,12 +99,39 @@ def test_exact_matches_cvxpy(n, m, c, eta, er, ea, util, seed):
 def test_infeasible_empty_group_is_named():
     s, y, _ = make_data(2000, 3, 4, 10)
     s[:, 2] = 0
-    res = m4.balance(s, y, target=[0.3, 0.3, 0.3], budget=0.5, group_names=["a", "b", "nobody"])
+    with pytest.warns(RuntimeWarning, match="infeasible"):
+        res = m4.balance(s, y, target=[0.3, 0.3, 0.3], budget=0.5, group_names=["a", "b", "nobody"])
     assert res.status == "infeasible"
     assert "representation[nobody]" in res.infeasible_constraints
     assert "nobody" in res.message and "no example" in res.message
     status, _, _ = cvxpy_solve(s, y, None, np.full(3, 0.3), 0.5, 0.01, 0.01)
     assert status == "infeasible"
+
+
+def test_max_iter_is_reported_and_warned():
+    s, y, u = make_data(3000, 4, 5, 8, True)
+    with pytest.warns(RuntimeWarning, match="max_iter=1"):
+        res = m4.balance(s, y, budget=0.7, eps_rep=0.0, eps_assoc=0.0, utility=u, max_iter=1)
+    assert res.status == "max_iter" and res.iterations == 1
+    # The reported violation is the one of q, measured here independently.
+    viol = np.abs(bias_matrix(s, y, res.target).T @ res.q / 3000).max()
+    assert res.max_violation == pytest.approx(viol, rel=1e-9) and viol > 1e-6
+
+
+@pytest.mark.parametrize("indices,indptr,match", [
+    ([0, 1, 7, 2], [0, 1, 2, 3, 4], r"indices must be in \[0, 3\)"),
+    ([0, 1, -2, 2], [0, 1, 2, 3, 4], r"indices must be in \[0, 3\)"),
+    ([0, 1, 1, 2], [0, 2, 1, 3, 4], "inconsistent indptr"),
+])
+def test_sparse_labels_out_of_range_rejected(indices, indptr, match):
+    # scipy accepts these raw CSR arrays unchecked; the core used to index with them (segfault).
+    sp = pytest.importorskip("scipy.sparse")
+    y = sp.csr_matrix((np.ones(4), np.array(indices), np.array(indptr)), shape=(4, 3))
+    s = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], np.uint8)
+    with pytest.raises(ValueError, match=match):
+        m4.association_bias(s, y)
+    with pytest.raises(ValueError, match=match):
+        m4.balance(s, y, target=0.4)
 
 
 def test_sparse_labels_match_dense():
@@ -198,6 +232,16 @@ def test_torch_path_matches_core():
     b._fit_torch(torch.from_numpy(s), torch.from_numpy(y), torch.from_numpy(u))
     np.testing.assert_allclose(b._avg_w, a._avg_w, atol=1e-9)
     np.testing.assert_allclose(b._scalars, a._scalars, atol=1e-9)
+
+
+@pytest.mark.parametrize("y_rows,u_len,match", [(2999, 3000, "y: expected 3000 rows"),
+                                                 (3000, 1, r"utility: expected shape \(3000,\)")])
+def test_torch_path_checks_shapes(y_rows, u_len, match):
+    # The device path hands raw pointers to the CUDA kernel: short y or u must fail first.
+    s, y, u = make_data(3000, 2, 5, 15, True)
+    solver = m4.M4Solver([0.35, 0.4], budget=0.6, batch_size=100)
+    with pytest.raises(ValueError, match=match):
+        solver._fit_torch(torch.from_numpy(s), torch.from_numpy(y[:y_rows]), torch.from_numpy(u[:u_len]))
 
 
 def test_metrics_against_numpy():

@@ -119,3 +119,33 @@ def test_module_entry_point(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pym4.cli", "balance", str(src), "--sensitive", "nope",
                           "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "missing column(s) 'nope'" in bad.stderr
+
+
+def test_out_never_replaces_the_input_through_a_symlink(tmp_path, capsys):
+    data = tmp_path / "data.csv"
+    pacsv.write_csv(make_table(400), data)
+    before = sha(data)
+    link = tmp_path / "link.csv"
+    link.symlink_to(data)
+    # INPUT is a link to OUTPUT, or OUTPUT a link to INPUT: either way the same file.
+    for src, out in ((link, data), (data, link)):
+        assert cli.main(["balance", str(src), *ARGS, "--out", str(out)]) == 2
+        assert "must differ from INPUT" in capsys.readouterr().err
+    assert sha(data) == before and link.is_symlink()
+    # A missing output folder is a clear error too, not a traceback.
+    assert cli.main(["balance", str(data), *ARGS, "--out", str(tmp_path / "nowhere" / "o.csv")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_stream_reports_an_empty_group_as_infeasible(tmp_path, capsys):
+    table = make_table(600)
+    table = table.set_column(2, "young", pa.array(np.zeros(600, dtype=bool)))  # nobody is young
+    src = tmp_path / "d.parquet"
+    pq.write_table(table, src)
+    out = tmp_path / "o.csv"
+    rc = cli.main(["balance", str(src), *ARGS, "--target", "0.3", "--method", "stream", "--out", str(out)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "infeasible" in err and "representation[young]" in err and "'young' has no example" in err
+    assert not out.exists()
+    assert json.loads((tmp_path / "o.report.json").read_text())["status"] == "infeasible"
