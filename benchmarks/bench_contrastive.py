@@ -28,8 +28,9 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
+
+from pym4._io import atomic_output
 
 METHODS = ("pym4-clip", "open_clip-clip", "pym4-siglip", "open_clip-siglip", "inf_cl-clip")
 # Bytes per B^2 logit element that open_clip needs in float32 forward+backward (measured here:
@@ -181,12 +182,10 @@ def run_cpu_subprocess(method, n, d, dtype_name, repeats, timeout):
 
 def write_csv(rows, path):
     fields = ["device", "method", "B", "D", "dtype", "status", "time_s", "peak_mb"]
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def plot(rows, path, title):
@@ -215,11 +214,9 @@ def plot(rows, path, title):
     axes[1].set_title("x: out of memory / not run", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

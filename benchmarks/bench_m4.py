@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pym4 import m4  # noqa: E402
+from pym4._io import atomic_output  # noqa: E402
 
 ETA, EPS_REP, EPS_ASSOC = 0.7, 0.01, 0.05
 
@@ -280,7 +281,8 @@ def plot(rows, path):
     axes[1].set_title("Objective vs pym4 exact")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -306,7 +308,7 @@ def main(argv=None):
         run_cpu(args, rows)
     keys = ["kind", "n", "m", "c", "method", "time_s", "examples_per_s", "objective", "objective_rel_to_exact",
             "max_violation", "status"]
-    with open(os.path.join(args.out, f"bench_m4_{args.device}.csv"), "w", newline="") as f:
+    with atomic_output(os.path.join(args.out, f"bench_m4_{args.device}.csv")) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for r in rows:

@@ -25,6 +25,7 @@ import torch
 
 import pym4
 from pym4 import _backend
+from pym4._io import atomic_output
 
 # (label, B, K, n_iters, epsilon)
 SHAPES = [
@@ -162,11 +163,10 @@ def main(argv=None) -> int:
         print(f"ratio {label}: swav-reference / pym4-reuse-out = {times['swav-reference'] / times['pym4-reuse-out']:.2f}x")
 
     csv_path = os.path.join(args.out, "sinkhorn.csv")
-    with open(csv_path + ".tmp", "w", newline="") as f:
+    with atomic_output(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(csv_path + ".tmp", csv_path)
     png_path = plot(rows, args.out, device)
     print(f"wrote {csv_path}" + (f" and {png_path}" if png_path else ""))
     return 0
@@ -197,9 +197,9 @@ def plot(rows, out_dir: str, device: str):
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = os.path.join(out_dir, "sinkhorn.png")
-    fig.savefig(path + ".tmp.png", dpi=120)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
     return path
 
 

@@ -355,31 +355,23 @@ def _stream_balance(args, read_pass, target, kept, m4):
 
 
 def _write_table_atomic(table, dst: str, fmt: str) -> None:
-    import tempfile
-
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    folder = os.path.dirname(dst) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".pym4-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    from ._io import atomic_output
+
+    with atomic_output(dst) as tmp:
         if fmt == "parquet":
             pq.write_table(table, tmp)
         else:
             pacsv.write_csv(table, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write_report(stem: str, summary: dict, before, after, groups: List[str], labels: List[str]) -> None:
     """stem.json (the summary, group shares and strongest associations) and stem.png."""
-    import tempfile
-
     import numpy as np
+
+    from ._io import atomic_output
 
     m, c = len(groups), len(labels)
 
@@ -401,11 +393,8 @@ def _write_report(stem: str, summary: dict, before, after, groups: List[str], la
     summary["strongest_associations"] = [
         {"group": groups[j // c], "label": labels[j % c], "before": float(a0.reshape(-1)[j]),
          "after": float(a1.reshape(-1)[j])} for j in top]
-    folder = os.path.dirname(stem) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".pym4-", suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as f:
+    with atomic_output(stem + ".json") as tmp, open(tmp, "w") as f:
         json.dump(summary, f, indent=2, default=float)
-    os.replace(tmp, stem + ".json")
 
     import matplotlib
     matplotlib.use("Agg")
@@ -432,11 +421,11 @@ def _write_report(stem: str, summary: dict, before, after, groups: List[str], la
     axes[1].set_xlabel("|P(label | in group) - P(label | not in group)|")
     axes[1].set_title("Strongest associations")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".pym4-", suffix=".png", dir=folder)
-    os.close(fd)
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, stem + ".png")
+    try:
+        with atomic_output(stem + ".png") as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 # Subcommands in the order `pym4 --help` lists them.

@@ -24,6 +24,7 @@ import contextlib
 import copy
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List
 
@@ -199,8 +200,10 @@ def run_demo(out, *, size: str = "default", loss: str = "clip", association: flo
     test = make_biased_captions(p["n_test"], association=0.0, minority_share=0.5, noise=noise, seed=seed + 1)
     neutral = make_biased_captions(p["n_neutral"], neutral_share=1.0, noise=noise, seed=seed + 2)
 
-    res = m4.balance(train.s, train.y, target=target, budget=budget, group_names=list(GROUPS),
-                     label_names=list(CONCEPTS))
+    with warnings.catch_warnings():  # a non-optimal status is turned into a clear error below
+        warnings.filterwarnings("ignore", message="pym4.m4.balance: ", category=RuntimeWarning)
+        res = m4.balance(train.s, train.y, target=target, budget=budget, group_names=list(GROUPS),
+                         label_names=list(CONCEPTS))
     if res.status != "optimal":
         raise ValueError(f"budget: M4 could not balance the data ({res.status}): {res.message}")
     q = np.asarray(res.q, dtype=np.float64)

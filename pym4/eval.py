@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+
+from ._io import atomic_output
 
 __all__ = ["zero_shot_classifier", "zero_shot_predict", "zero_shot_accuracy", "retrieval_recall",
            "linear_probe", "model_representation_bias", "model_association_bias", "group_accuracy_gap",
@@ -322,33 +323,18 @@ def group_accuracy_gap(correct, groups, group_names: Optional[Sequence[str]] = N
 
 def write_json(path, obj) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (a temp file in the same folder, then os.replace)."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, allow_nan=False)
+        f.write("\n")
 
 
 def save_figure(fig, path) -> None:
     """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     finally:
         plt.close(fig)
 
