@@ -24,14 +24,20 @@ class BalancedSampler(Sampler[int]):
         proportional to q (with replacement unless ``replacement=False``); default
         ``num_samples = round(sum q)``, the expected number kept. A fixed epoch length.
 
-    Epochs are reproducible from ``(seed, epoch)``; the epoch advances after each full
-    iteration, or is set with :meth:`set_epoch` (as with DistributedSampler).
+    Epochs are reproducible from ``(seed, epoch)``. A completed iteration moves on to the
+    next epoch, and :meth:`set_epoch` chooses one (as with DistributedSampler); ``len()`` is
+    the length of the epoch about to be (or being) iterated.
+
+    Distributed training: with ``num_replicas`` and ``rank`` (default: from an initialised
+    torch.distributed), every rank draws the same epoch from the same seed and takes every
+    ``num_replicas``-th index starting at ``rank``; the epoch is padded by repeating its
+    first indices so that every rank yields the same number (DDP needs equal batch counts).
 
     q : (N,) probabilities in [0, 1] (numpy array or tensor), e.g. ``balance(...).q``.
     """
 
     def __init__(self, q, *, mode: str = "bernoulli", num_samples: Optional[int] = None, replacement: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, num_replicas: Optional[int] = None, rank: Optional[int] = None):
         t, _ = to_tensor(q, "q")
         if t.dim() != 1:
             raise ValueError(f"q: expected a 1-D array of keep probabilities, got shape {tuple(t.shape)}")
@@ -54,6 +60,7 @@ class BalancedSampler(Sampler[int]):
         self.num_samples = int(num_samples)
         self.replacement = bool(replacement)
         self.seed = int(seed)
+        self.num_replicas, self.rank = _replicas(num_replicas, rank)
         self.epoch = 0
         self._cache = None  # (epoch, indices)
 
@@ -69,13 +76,30 @@ class BalancedSampler(Sampler[int]):
             idx = rng.permutation(kept)
         else:
             idx = rng.choice(self.q.shape[0], size=self.num_samples, replace=self.replacement, p=self.q / self.q.sum())
+        if self.num_replicas > 1:
+            per_rank = -(-idx.shape[0] // self.num_replicas)  # ceil
+            padded = np.resize(idx, per_rank * self.num_replicas) if idx.shape[0] else idx
+            idx = padded[self.rank::self.num_replicas]
         self._cache = (self.epoch, idx)
         return idx
 
     def __iter__(self) -> Iterator[int]:
-        idx = self._indices()
-        self.epoch += 1
-        return iter(idx.tolist())
+        yield from self._indices().tolist()
+        self.epoch += 1  # only once the epoch was used up
 
     def __len__(self) -> int:
-        return int(self._indices().shape[0]) if self.mode == "bernoulli" else self.num_samples
+        return int(self._indices().shape[0])
+
+
+def _replicas(num_replicas, rank):
+    if num_replicas is None and rank is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+    if num_replicas is None or rank is None:
+        raise ValueError("num_replicas, rank: give both or neither")
+    if isinstance(num_replicas, bool) or not isinstance(num_replicas, (int, np.integer)) or num_replicas < 1:
+        raise ValueError(f"num_replicas: must be a positive integer, got {num_replicas!r}")
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < num_replicas:
+        raise ValueError(f"rank: must be an integer in [0, {num_replicas}), got {rank!r}")
+    return int(num_replicas), int(rank)

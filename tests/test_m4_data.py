@@ -49,3 +49,40 @@ def test_weighted_fixed_length_and_dataloader():
 def test_bad_input(q, kw, match):
     with pytest.raises(ValueError, match=match):
         BalancedSampler(q, **kw)
+
+
+def test_len_describes_the_epoch_being_iterated_and_set_epoch_repeats():
+    q = np.linspace(0.05, 0.95, 400)
+    sampler = BalancedSampler(q, seed=3)
+    first_len = len(sampler)
+    it = iter(sampler)
+    first = [next(it)]
+    assert len(sampler) == first_len       # during the epoch, len() still describes it
+    first += list(it)
+    assert len(first) == first_len
+    second_len = len(sampler)              # a used-up epoch moves on to the next
+    second = list(sampler)
+    assert len(second) == second_len and second != first
+    sampler.set_epoch(0)
+    assert list(sampler) == first          # epochs are reproducible
+
+
+@pytest.mark.parametrize("mode", ["bernoulli", "weighted"])
+def test_ranks_partition_the_epoch_with_equal_lengths(mode):
+    q = np.random.default_rng(0).random(101)
+    whole = list(BalancedSampler(q, mode=mode, seed=7))
+    shards = [list(BalancedSampler(q, mode=mode, seed=7, num_replicas=3, rank=r)) for r in range(3)]
+    assert len({len(sh) for sh in shards}) == 1                 # equal batch counts for DDP
+    merged = [i for group in zip(*shards) for i in group]         # rank r took positions r, r+3, ...
+    assert merged[:len(whole)] == whole                           # together: the whole epoch...
+    assert merged[len(whole):] == whole[:len(merged) - len(whole)]  # ...padded with its first indices
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"num_replicas": 2}, "num_replicas, rank: give both"),
+    ({"num_replicas": 0, "rank": 0}, "num_replicas: must be a positive"),
+    ({"num_replicas": 2, "rank": 2}, r"rank: must be an integer in \[0, 2\)"),
+])
+def test_bad_replicas(kw, match):
+    with pytest.raises(ValueError, match=match):
+        BalancedSampler(np.full(10, 0.5), **kw)
