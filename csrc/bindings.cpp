@@ -104,7 +104,7 @@ py::tuple sinkhorn_solve(const py::array& x, double alpha, const py::object& log
     r = pym4::sinkhorn::solve<T>(m, lb, a, n_iters, tol, log_out_scale, out_ptr, ld_out, g_ptr);
   }
   PYM4_CHECK_VALUE(r.finite, "scores: contains NaN or Inf (or overflows once divided by epsilon)");
-  return py::make_tuple(r.iterations, r.marginal_error, g);
+  return py::make_tuple(r.iterations, r.marginal_error, g, r.kernel_form ? "kernel" : "log");
 }
 
 template <typename T>
@@ -285,7 +285,8 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("x"), py::arg("alpha"), py::arg("log_b"), py::arg("log_a"), py::arg("n_iters"), py::arg("tol"),
         py::arg("log_out_scale"), py::arg("out"),
-        "Whole log-domain Sinkhorn solve into `out`; returns (iterations, marginal_error, g).");
+        "Whole Sinkhorn solve into `out`; returns (iterations, marginal_error, g, \"kernel\" or \"log\"),\n"
+        "the last saying which form ran (see include/pym4/sinkhorn.h).");
   m.def("sinkhorn_column_logsumexp",
         [](const py::array& x, double alpha) { return PYM4_DISPATCH_FLOAT(x, sinkhorn_column_logsumexp, alpha); },
         py::arg("x"), py::arg("alpha"), "(col_max, col_sum) with LSE_i(alpha x_ij) = col_max + log(col_sum).");

@@ -147,6 +147,39 @@ PYM4_SIMD_CLONES void column_block_update(const T* __restrict x, int64_t ld, T a
   }
 }
 
+// t_j = alpha * x_j into out; returns max_j t_j, and min_j t_j in *mn. *probe gets the sum of
+// t_j * 0, which is NaN when some t_j is NaN or infinite.
+template <typename T>
+PYM4_SIMD_CLONES T scaled_row_stats(const T* __restrict x, T alpha, T* __restrict out, int64_t n, T* mn, T* probe) {
+  T mx = -std::numeric_limits<T>::infinity(), lo = std::numeric_limits<T>::infinity(), pr = 0;
+#pragma omp simd reduction(max : mx) reduction(min : lo) reduction(+ : pr)
+  for (int64_t j = 0; j < n; ++j) {
+    const T t = alpha * x[j];
+    out[j] = t;
+    mx = max_bits(mx, t);
+    lo = t < lo ? t : lo;
+    pr += t * T(0);
+  }
+  *mn = lo;
+  *probe += pr;
+  return mx;
+}
+
+// sum_j e_j w_j
+template <typename T>
+PYM4_SIMD_CLONES T dot_row(const T* __restrict e, const T* __restrict w, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += e[j] * w[j];
+  return s;
+}
+
+// e_j <- c * e_j * w_j
+template <typename T>
+PYM4_SIMD_CLONES void scale_row_by(T c, const T* __restrict w, T* __restrict e, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) e[j] = c * e[j] * w[j];
+}
+
 template <typename T>
 void flush(T* __restrict block, double* __restrict acc, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
@@ -307,9 +340,12 @@ void write_plan(const Matrix<T>& m, const double* g, RowMarginal a, const double
       [K = m.cols](int64_t, T c, T* e, double) { scale_row(c, e, K); });
 }
 
+namespace {
+
+// The log-domain solve: three kinds of streaming pass, an exponential per entry per pass.
 template <typename T>
-Result solve(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_iters, double tol,
-             double log_out_scale, T* out, int64_t ld_out, double* g_out) {
+Result solve_log_domain(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_iters, double tol,
+                        double log_out_scale, T* out, int64_t ld_out, double* g_out) {
   const int64_t K = m.cols;
   Result result;
   std::vector<double> g(K), col_max(K), col_sum(K), col_mass(K);
@@ -379,6 +415,165 @@ Result solve(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_i
   }
   if (g_out) std::copy(g.begin(), g.end(), g_out);
   return result;
+}
+
+// Largest spread of alpha * x for which the kernel form is exact: every entry of
+// exp(alpha x - max) then stays a normal number (float: e^-80 > 1.2e-38).
+template <typename T>
+constexpr double kernel_form_range() { return sizeof(T) == 4 ? 80.0 : 650.0; }
+
+// The kernel (scaling) form, used when the spread of alpha * x allows it: the first pass
+// stores E_ij = exp(alpha x_ij - m_i) (m_i the row maximum) in `out` and takes the first
+// column sums; every later iteration is then one read of E with two multiply-adds per entry
+// (r_i = E_i . w, then column sums of (a_i / r_i) E_i) and no exponential, and the last
+// pass scales E into the plan in place: P_ij = E_ij w_j a_i / r_i, w_j = exp(g_j + M) with
+// M = max_ij alpha x_ij. Returns false, with nothing written that the caller keeps, when the
+// spread is too large or a scaling factor leaves the float range; the caller then runs the
+// log-domain solve, which is exact for any spread.
+template <typename T>
+bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_iters, double tol,
+                       double log_out_scale, T* out, int64_t ld_out, double* g_out, Result& result) {
+  const int64_t K = m.cols, B = m.rows;
+  const T alpha = static_cast<T>(m.alpha);
+  // Rows are cut into `shares` contiguous ranges, one per thread; partial sums are kept per
+  // share, so the result does not depend on which thread ran which share.
+  const int shares = threads_for(B * K);
+  auto share_rows = [&](int t) { return std::make_pair(B * t / shares, B * (t + 1) / shares); };
+  auto lb = [&](int64_t j) { return log_b ? log_b[j] : -std::log(static_cast<double>(K)); };
+
+  advise_huge_pages(out, static_cast<size_t>(B) * static_cast<size_t>(ld_out) * sizeof(T));
+  // Pass 1: E into out; per share, column sums of E_ij exp(m_i - R_t) with R_t the share's
+  // first row maximum, the share's extremes of alpha x, and the NaN/Inf probe.
+  ColumnPartials first(shares, K);
+  std::vector<double> ref(shares), hi(shares), lo(shares), probe(shares);
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(shares)
+#endif
+  for (int t = 0; t < shares; ++t) {
+    const auto [r0, r1] = share_rows(t);
+    std::vector<T> block(K, T(0));
+    T t_probe = 0, t_lo = std::numeric_limits<T>::infinity(), t_hi = -std::numeric_limits<T>::infinity(), r_t = 0;
+    for (int64_t i = r0; i < r1; ++i) {
+      T* e = out + i * ld_out;
+      T row_lo;
+      const T mx = scaled_row_stats(m.data + i * m.ld, alpha, e, K, &row_lo, &t_probe);
+      if (i == r0) r_t = mx;
+      t_lo = std::min(t_lo, row_lo);
+      t_hi = std::max(t_hi, mx);
+      exp_row(e, mx, K);
+      axpy_row(static_cast<T>(fast_exp(mx - r_t)), e, block.data(), K);
+      if ((i - r0 + 1) % kFlushRows == 0) flush(block.data(), first.of(t), K);
+    }
+    flush(block.data(), first.of(t), K);
+    ref[t] = r_t;
+    hi[t] = t_hi;
+    lo[t] = t_lo;
+    probe[t] = t_probe;
+  }
+  double global_hi = -std::numeric_limits<double>::infinity(), global_lo = std::numeric_limits<double>::infinity();
+  for (int t = 0; t < shares; ++t) {
+    if (!(probe[t] == 0.0)) {  // NaN or Inf somewhere in alpha * x
+      result.finite = false;
+      return true;
+    }
+    global_hi = std::max(global_hi, hi[t]);
+    global_lo = std::min(global_lo, lo[t]);
+  }
+  if (!(global_hi - global_lo <= kernel_form_range<T>())) return false;
+
+  // First column step: w_j = b_j / sum_i exp(alpha x_ij - M), the sums rebased from R_t to M.
+  std::vector<double> col(K, 0.0);
+  for (int t = 0; t < shares; ++t) {
+    const double rebase = std::exp(ref[t] - global_hi);
+    const double* p = first.of(t);
+    for (int64_t j = 0; j < K; ++j) col[j] += p[j] * rebase;
+  }
+  std::vector<T> w(K);
+  auto set_w = [&](int64_t j, double v) {  // false when w_j leaves the float range
+    w[j] = static_cast<T>(v);
+    return std::isfinite(static_cast<double>(w[j])) && (w[j] > T(0) || std::isinf(lb(j)));
+  };
+  for (int64_t j = 0; j < K; ++j)
+    if (!set_w(j, std::exp(lb(j)) / col[j])) return false;
+
+  auto marginal_error = [&](const std::vector<double>& mass) {
+    double e2 = 0.0;
+    for (int64_t j = 0; j < K; ++j) {
+      const double d = mass[j] - std::exp(lb(j));
+      e2 += d * d;
+    }
+    return std::sqrt(e2);
+  };
+  // One read of E: the row sums r_i = E_i . w and the plan's column masses after the row
+  // step, w_j sum_i (a_i / r_i) E_ij. With `write`, the plan times exp(log_out_scale)
+  // replaces E. Returns false when some r_i is not a positive float (before any write,
+  // every row of E still holds only positive entries, so this cannot happen mid-write).
+  auto pass = [&](bool write, std::vector<double>* mass) {
+    ColumnPartials acc(mass ? shares : 0, K);
+    int bad = 0;
+    const double extra = write ? log_out_scale : 0.0;
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(shares) reduction(| : bad)
+#endif
+    for (int t = 0; t < shares; ++t) {
+      const auto [r0, r1] = share_rows(t);
+      std::vector<T> block(mass ? K : 0, T(0));
+      for (int64_t i = r0; i < r1; ++i) {
+        T* e = out + i * ld_out;
+        const T r = dot_row(e, w.data(), K);
+        if (!(r > T(0)) || !(r < std::numeric_limits<T>::infinity())) {
+          bad = 1;
+          continue;
+        }
+        const T c = static_cast<T>(std::exp(a.at(i) + extra) / static_cast<double>(r));
+        if (write) scale_row_by(c, w.data(), e, K);
+        if (mass) {
+          axpy_row(write ? T(1) : c, e, block.data(), K);
+          if ((i - r0 + 1) % kFlushRows == 0) flush(block.data(), acc.of(t), K);
+        }
+      }
+      if (mass) flush(block.data(), acc.of(t), K);
+    }
+    if (mass) {
+      acc.reduce_into(mass->data(), shares);
+      for (int64_t j = 0; j < K; ++j) (*mass)[j] *= write ? std::exp(-extra) : static_cast<double>(w[j]);
+    }
+    return bad == 0;
+  };
+
+  const bool measure = tol > 0;
+  std::vector<double> col_mass(K);
+  for (int64_t it = 1; it <= n_iters; ++it) {
+    result.iterations = it;
+    if (it == n_iters) break;  // the last row step is the write below
+    if (!pass(false, &col_mass)) return false;
+    if (measure) {
+      result.marginal_error = marginal_error(col_mass);
+      if (result.marginal_error < tol) break;
+    }
+    for (int64_t j = 0; j < K; ++j)  // column step; zero-mass columns keep w_j = 0
+      if (!std::isinf(lb(j)) && !set_w(j, static_cast<double>(w[j]) * std::exp(lb(j)) / col_mass[j])) return false;
+  }
+  // Every E_ij >= e^-range > 0 and every w_j is a positive float (or 0 for a zero-mass
+  // column, which every row still has others beside), so the row sums of the write are positive.
+  pass(true, measure ? &col_mass : nullptr);
+  if (measure) result.marginal_error = marginal_error(col_mass);
+  if (g_out)
+    for (int64_t j = 0; j < K; ++j) g_out[j] = std::log(static_cast<double>(w[j])) - global_hi;
+  return true;
+}
+
+}  // namespace
+
+template <typename T>
+Result solve(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_iters, double tol,
+             double log_out_scale, T* out, int64_t ld_out, double* g_out) {
+  Result result;
+  if (solve_kernel_form(m, log_b, a, n_iters, tol, log_out_scale, out, ld_out, g_out, result)) {
+    result.kernel_form = result.finite;
+    return result;
+  }
+  return solve_log_domain(m, log_b, a, n_iters, tol, log_out_scale, out, ld_out, g_out);
 }
 
 #define PYM4_SINKHORN_INSTANTIATE(T)                                                                   \

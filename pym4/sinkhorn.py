@@ -185,7 +185,7 @@ def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-
     if name == "cpu":
         x = x.contiguous()
         out = torch.empty_like(x)
-        iters, err, _ = _backend.core().sinkhorn_solve(x.numpy(), -1.0 / reg, log_b.numpy(), log_a.numpy(),
+        iters, err, _, _ = _backend.core().sinkhorn_solve(x.numpy(), -1.0 / reg, log_b.numpy(), log_a.numpy(),
                                                         n_iters, float(tol), 0.0, out.numpy())
     else:
         out, iters, err = _iterate(_TorchPasses(x, -1.0 / reg), log_b, log_a, n_iters, float(tol), 0.0)

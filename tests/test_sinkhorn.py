@@ -397,3 +397,29 @@ def test_out_buffer_bad(make, exc, match):
     s = uniform_scores(5, 3)
     with pytest.raises(exc, match=match):
         pym4.sinkhorn(s, out=make(s))
+
+
+# ----- the two forms of the CPU solve ------------------------------------------------------------
+
+@pytest.mark.parametrize("spread,form", [(79.0, "kernel"), (81.0, "log"), (30.0, "kernel"), (400.0, "log")])
+def test_kernel_and_log_forms_on_both_sides_of_the_switch(spread, form):
+    # alpha * x spans `spread`: up to 80 the kernel form is exact in float32, beyond it the
+    # log domain takes over; both must give the reference.
+    s = uniform_scores(301, 207)  # in [-1, 1], spread 2 / epsilon
+    s[0, 0], s[1, 1] = -1.0, 1.0
+    eps = 2.0 / spread
+    out = np.empty((301, 207), dtype=np.float32)
+    b = 301
+    result = _backend.core().sinkhorn_solve(s.numpy(), 1.0 / eps, None, -math.log(b), 3, 0.0, math.log(b), out)
+    assert result[3] == form
+    np.testing.assert_allclose(out, swav_reference(s, eps, 3).numpy(), rtol=5e-5, atol=1e-7)
+
+
+def test_kernel_form_underflow_free_for_dominated_rows():
+    # A row far below every other in every column is where a kernel form without the spread
+    # check would lose whole rows to underflow: at a spread of 70 it must still be exact.
+    s = uniform_scores(50, 40) * 0.1
+    s[7, :] = -0.5
+    s[3, :] = 0.5
+    q = pym4.sinkhorn(s, epsilon=1.0 / 70.0, n_iters=5)
+    torch.testing.assert_close(q.double(), swav_reference(s, 1.0 / 70.0, 5), rtol=5e-5, atol=1e-7)

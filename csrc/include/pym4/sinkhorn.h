@@ -59,9 +59,13 @@ struct Result {
   int64_t iterations = 0;     // column+row step pairs done
   double marginal_error = 0;  // ||col_mass - b||_2 after the last row step (0 if not measured)
   bool finite = true;         // false: the input had NaN/Inf (nothing was written)
+  bool kernel_form = false;   // true: solved in the kernel form (no exp after the first pass)
 };
 
-// Whole solve on one process. log_b: column log-marginals (cols), or null for the
+// Whole solve on one process. When the spread of alpha * x is small enough for
+// exp(alpha x - row max) to stay a normal number (80 for float, 650 for double), it runs in
+// the kernel form: one exponential per entry, stored in `out`, then two multiply-adds per
+// entry per iteration; otherwise in the log domain above, an exponential per entry per pass. log_b: column log-marginals (cols), or null for the
 // uniform 1/cols. a: row log-marginals. Runs n_iters (column step, row step) pairs, or stops
 // once ||col_mass - b||_2 < tol (tol <= 0: never measures, as SwAV). The plan is written
 // multiplied by exp(log_out_scale) (SwAV returns B * P, whose rows sum to 1). g_out (cols)
