@@ -694,10 +694,11 @@ class M4Solver:
             w = state["v_plus"] - state["v_minus"]
             if use_kernel:
                 stats = torch.zeros(2 * self.m * (self.c + 1) + 2, dtype=torch.float64, device=dev)
-                core.m4_batch_cuda(s8.data_ptr() + b * m, y8.data_ptr() + b * y8.shape[1],
-                                   0 if u_t is None else u_t.data_ptr() + 8 * b, e - b, m, self.c, pi.data_ptr(),
-                                   self.budget, w.data_ptr(), state["scalars"].data_ptr(), 0, stats.data_ptr(),
-                                   torch.cuda.current_stream(dev).cuda_stream)
+                with torch.cuda.device(dev):  # the kernel launches on the current device: the data's
+                    core.m4_batch_cuda(s8.data_ptr() + b * m, y8.data_ptr() + b * y8.shape[1],
+                                       0 if u_t is None else u_t.data_ptr() + 8 * b, e - b, m, self.c,
+                                       pi.data_ptr(), self.budget, w.data_ptr(), state["scalars"].data_ptr(), 0,
+                                       stats.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
             else:
                 stats = _batch_stats_torch(s_t[b:e], y_t[b:e], None if u_t is None else u_t[b:e], pi,
                                            self.budget, w, state["scalars"][0])
@@ -730,10 +731,12 @@ class M4Solver:
                 mu = torch.tensor([float(self._scalars[1])], dtype=torch.float64, device=t.device)
                 s8, y8 = st.to(torch.uint8).contiguous(), yt.to(torch.uint8).contiguous()
                 u_c = None if u_t is None else u_t.contiguous()
-                _backend.core().m4_batch_cuda(s8.data_ptr(), y8.data_ptr(), 0 if u_c is None else u_c.data_ptr(),
-                                              st.shape[0], st.shape[1], yt.shape[1], pi.data_ptr(), self.budget,
-                                              w.data_ptr(), mu.data_ptr(), q.data_ptr(), 0,
-                                              torch.cuda.current_stream(t.device).cuda_stream)
+                with torch.cuda.device(t.device):  # the kernel launches on the current device: the data's
+                    _backend.core().m4_batch_cuda(s8.data_ptr(), y8.data_ptr(),
+                                                  0 if u_c is None else u_c.data_ptr(), st.shape[0], st.shape[1],
+                                                  yt.shape[1], pi.data_ptr(), self.budget, w.data_ptr(),
+                                                  mu.data_ptr(), q.data_ptr(), 0,
+                                                  torch.cuda.current_stream(t.device).cuda_stream)
                 return q
             return _keep_torch(st, yt, u_t, torch.from_numpy(self.pi).to(t.device), self.budget, w,
                                float(self._scalars[1]))
