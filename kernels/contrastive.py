@@ -21,6 +21,7 @@ bfloat16 with any strides; outputs are float32.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -206,6 +207,11 @@ def _weight_unit(a: torch.Tensor, *weights: torch.Tensor) -> float:
     return 2.0 ** math.frexp(top)[1]
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 class TritonEngine:
     """The tile passes of ``pym4.contrastive`` as fused Triton kernels (see ChunkedEngine)."""
 
@@ -220,9 +226,10 @@ class TritonEngine:
     def _lse(a, bm, s, b):
         bm_, bn, bk, _, warps = _blocks(a.shape[1], False)
         out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
-        _clip_lse_kernel[(triton.cdiv(a.shape[0], bm_),)](
-            a, bm, out, a.shape[0], bm.shape[0], a.shape[1], a.stride(0), a.stride(1), bm.stride(0), bm.stride(1),
-            float(s), float(b), BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(a), num_warps=warps)
+        with _on_device(a):
+            _clip_lse_kernel[(triton.cdiv(a.shape[0], bm_),)](
+                a, bm, out, a.shape[0], bm.shape[0], a.shape[1], a.stride(0), a.stride(1), bm.stride(0), bm.stride(1),
+                float(s), float(b), BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(a), num_warps=warps)
         return out
 
     def clip_forward(self, a, bm, s, b):
@@ -238,11 +245,12 @@ class TritonEngine:
         ds = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
         unit = _weight_unit(a, w_own, w_oth)
         grid = (triton.cdiv(a.shape[0], bm_), triton.cdiv(d, bdo))
-        _clip_grad_kernel[grid](
-            a, bm, lse_own.float().contiguous(), lse_oth.float().contiguous(), (w_own.float() / unit).contiguous(),
-            (w_oth.float() / unit).contiguous(), da, ds, a.shape[0], bm.shape[0], d, a.stride(0), a.stride(1),
-            bm.stride(0), bm.stride(1), da.stride(0), float(s), float(b), int(offset),
-            BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=_precision(a), num_warps=warps)
+        with _on_device(a):
+            _clip_grad_kernel[grid](
+                a, bm, lse_own.float().contiguous(), lse_oth.float().contiguous(), (w_own.float() / unit).contiguous(),
+                (w_oth.float() / unit).contiguous(), da, ds, a.shape[0], bm.shape[0], d, a.stride(0), a.stride(1),
+                bm.stride(0), bm.stride(1), da.stride(0), float(s), float(b), int(offset),
+                BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=_precision(a), num_warps=warps)
         if unit != 1.0:
             da.mul_(unit)
             ds.mul_(unit)
@@ -258,10 +266,11 @@ class TritonEngine:
     def siglip_forward(self, a, bm, s, b, offset):
         bm_, bn, bk, _, warps = _blocks(a.shape[1], False)
         out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
-        _siglip_fwd_kernel[(triton.cdiv(a.shape[0], bm_),)](
-            a, bm, out, a.shape[0], bm.shape[0], a.shape[1], a.stride(0), a.stride(1), bm.stride(0), bm.stride(1),
-            float(s), float(b), int(offset), BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(a),
-            num_warps=warps)
+        with _on_device(a):
+            _siglip_fwd_kernel[(triton.cdiv(a.shape[0], bm_),)](
+                a, bm, out, a.shape[0], bm.shape[0], a.shape[1], a.stride(0), a.stride(1), bm.stride(0), bm.stride(1),
+                float(s), float(b), int(offset), BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(a),
+                num_warps=warps)
         return out
 
     @staticmethod
@@ -273,11 +282,12 @@ class TritonEngine:
         dbias = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
         unit = _weight_unit(a, w)
         grid = (triton.cdiv(a.shape[0], bm_), triton.cdiv(d, bdo))
-        _siglip_grad_kernel[grid](
-            a, bm, (w.float() / unit).contiguous(), da, ds, dbias, a.shape[0], bm.shape[0], d, a.stride(0), a.stride(1),
-            bm.stride(0), bm.stride(1), da.stride(0), float(s), float(b), int(offset),
-            WEIGHT_ON_ROWS=weight_on_rows, BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo,
-            PRECISION=_precision(a), num_warps=warps)
+        with _on_device(a):
+            _siglip_grad_kernel[grid](
+                a, bm, (w.float() / unit).contiguous(), da, ds, dbias, a.shape[0], bm.shape[0], d, a.stride(0), a.stride(1),
+                bm.stride(0), bm.stride(1), da.stride(0), float(s), float(b), int(offset),
+                WEIGHT_ON_ROWS=weight_on_rows, BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo,
+                PRECISION=_precision(a), num_warps=warps)
         if unit != 1.0:
             da.mul_(unit)
             if weight_on_rows:  # ds and dbias are written only then
