@@ -20,13 +20,19 @@ step() {  # step NAME TIMEOUT CMD...: run one step, log it, remember a failure, 
 }
 
 nvidia-smi -L 2>&1 | tee -a "$OUT/gpu_check.log"
-step build 300 env PYM4_CUDA=ON PYM4_CUDA_ARCHS="${PYM4_CUDA_ARCHS:-90}" \
-  "$PY" -m pip install --no-build-isolation --no-deps -q -e .
+# Installed into a folder of its own (the machine's environment may be read-only), which
+# then comes first on the path; PYTHONSAFEPATH keeps the source tree's pym4/ (no compiled
+# core) from shadowing it when pytest runs from the repository root.
+SITE=${PYM4_GPU_SITE:-/tmp/pym4-gpu-site}
+step build 200 env PYM4_CUDA=ON PYM4_CUDA_ARCHS="${PYM4_CUDA_ARCHS:-90}" \
+  "$PY" -m pip install --no-build-isolation --no-deps -q --upgrade --target "$SITE" .
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
 step build_info 30 "$PY" -c "import json, pym4; print(json.dumps(pym4.build_info(), indent=1))"
-step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
-# Benchmarks, one per op (each writes CSV and PNG under $OUT).
-step bench_sinkhorn 120 "$PY" benchmarks/bench_sinkhorn.py --device cuda --out "$OUT"
-step bench_contrastive 120 "$PY" benchmarks/bench_contrastive.py --device cuda --out "$OUT"
-step bench_m4 120 "$PY" benchmarks/bench_m4.py --device cuda --sizes 1e5,1e6,1e7 --out "$OUT"
+step tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+# Benchmarks, one per op (each writes CSV and PNG under $OUT); the step limits keep the
+# whole script under 10 minutes.
+step bench_sinkhorn 70 "$PY" benchmarks/bench_sinkhorn.py --device cuda --out "$OUT"
+step bench_contrastive 70 "$PY" benchmarks/bench_contrastive.py --device cuda --out "$OUT"
+step bench_m4 70 "$PY" benchmarks/bench_m4.py --device cuda --sizes 1e5,1e6,1e7 --out "$OUT"
 log "done (status $status)"
 exit $status
