@@ -33,6 +33,17 @@ struct ColumnPartials {
   }
 };
 
+// Column marginals b_j and log b_j (uniform 1/K when log_b is null).
+struct ColumnMarginals {
+  std::vector<double> log_b, b;
+  ColumnMarginals(const double* log_b_in, int64_t K) : log_b(K), b(K) {
+    for (int64_t j = 0; j < K; ++j) {
+      log_b[j] = log_b_in ? log_b_in[j] : -std::log(static_cast<double>(K));
+      b[j] = std::exp(log_b[j]);
+    }
+  }
+};
+
 // t_j = alpha * x_j + g_j for one row, into buf; returns the row maximum.
 template <typename T>
 PYM4_SIMD_CLONES T shifted_row(const T* __restrict x, const T* __restrict g, T alpha, T* __restrict buf,
@@ -349,7 +360,9 @@ Result solve_log_domain(const Matrix<T>& m, const double* log_b, RowMarginal a, 
   const int64_t K = m.cols;
   Result result;
   std::vector<double> g(K), col_max(K), col_sum(K), col_mass(K);
-  auto lb = [&](int64_t j) { return log_b ? log_b[j] : -std::log(static_cast<double>(K)); };
+  // The column marginals, in log and linear form, computed once (not per column per iteration).
+  const ColumnMarginals marg(log_b, K);
+  auto lb = [&](int64_t j) { return marg.log_b[j]; };
   if (!column_logsumexp(m, col_max.data(), col_sum.data())) {
     result.finite = false;
     return result;
@@ -365,7 +378,7 @@ Result solve_log_domain(const Matrix<T>& m, const double* log_b, RowMarginal a, 
   auto marginal_error = [&]() {
     double e2 = 0.0;
     for (int64_t j = 0; j < K; ++j) {
-      const double d = col_mass[j] - std::exp(lb(j));
+      const double d = col_mass[j] - marg.b[j];
       e2 += d * d;
     }
     return std::sqrt(e2);
@@ -439,7 +452,9 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
   // share, so the result does not depend on which thread ran which share.
   const int shares = threads_for(B * K);
   auto share_rows = [&](int t) { return std::make_pair(B * t / shares, B * (t + 1) / shares); };
-  auto lb = [&](int64_t j) { return log_b ? log_b[j] : -std::log(static_cast<double>(K)); };
+  // The column marginals, in log and linear form, computed once (not per column per iteration).
+  const ColumnMarginals marg(log_b, K);
+  auto lb = [&](int64_t j) { return marg.log_b[j]; };
 
   advise_huge_pages(out, static_cast<size_t>(B) * static_cast<size_t>(ld_out) * sizeof(T));
   // Pass 1: E into out; per share, column sums of E_ij exp(m_i - R_t) with R_t the share's
@@ -494,12 +509,12 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
     return std::isfinite(static_cast<double>(w[j])) && (w[j] > T(0) || std::isinf(lb(j)));
   };
   for (int64_t j = 0; j < K; ++j)
-    if (!set_w(j, std::exp(lb(j)) / col[j])) return false;
+    if (!set_w(j, marg.b[j] / col[j])) return false;
 
   auto marginal_error = [&](const std::vector<double>& mass) {
     double e2 = 0.0;
     for (int64_t j = 0; j < K; ++j) {
-      const double d = mass[j] - std::exp(lb(j));
+      const double d = mass[j] - marg.b[j];
       e2 += d * d;
     }
     return std::sqrt(e2);
@@ -508,8 +523,12 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
   // step, w_j sum_i (a_i / r_i) E_ij. With `write`, the plan times exp(log_out_scale)
   // replaces E. Returns false when some r_i is not a positive float (before any write,
   // every row of E still holds only positive entries, so this cannot happen mid-write).
+  // Scratch shared by every pass (allocated once: at SEER's 16 x 16000 a pass is only tens of
+  // microseconds, as long as allocating and zeroing these): per share, the column sums in
+  // double and a float block of rows not yet flushed into them (flush leaves it zeroed).
+  ColumnPartials acc(shares, K);
+  std::vector<T> blocks(static_cast<size_t>(shares) * K, T(0));
   auto pass = [&](bool write, std::vector<double>* mass) {
-    ColumnPartials acc(mass ? shares : 0, K);
     int bad = 0;
     const double extra = write ? log_out_scale : 0.0;
 #if defined(PYM4_WITH_OPENMP)
@@ -517,7 +536,8 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
 #endif
     for (int t = 0; t < shares; ++t) {
       const auto [r0, r1] = share_rows(t);
-      std::vector<T> block(mass ? K : 0, T(0));
+      T* block = blocks.data() + static_cast<size_t>(t) * K;
+      if (mass) std::fill(acc.of(t), acc.of(t) + K, 0.0);
       for (int64_t i = r0; i < r1; ++i) {
         T* e = out + i * ld_out;
         const T r = dot_row(e, w.data(), K);
@@ -528,11 +548,11 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
         const T c = static_cast<T>(std::exp(a.at(i) + extra) / static_cast<double>(r));
         if (write) scale_row_by(c, w.data(), e, K);
         if (mass) {
-          axpy_row(write ? T(1) : c, e, block.data(), K);
-          if ((i - r0 + 1) % kFlushRows == 0) flush(block.data(), acc.of(t), K);
+          axpy_row(write ? T(1) : c, e, block, K);
+          if ((i - r0 + 1) % kFlushRows == 0) flush(block, acc.of(t), K);
         }
       }
-      if (mass) flush(block.data(), acc.of(t), K);
+      if (mass) flush(block, acc.of(t), K);
     }
     if (mass) {
       acc.reduce_into(mass->data(), shares);
@@ -552,7 +572,7 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
       if (result.marginal_error < tol) break;
     }
     for (int64_t j = 0; j < K; ++j)  // column step; zero-mass columns keep w_j = 0
-      if (!std::isinf(lb(j)) && !set_w(j, static_cast<double>(w[j]) * std::exp(lb(j)) / col_mass[j])) return false;
+      if (!std::isinf(lb(j)) && !set_w(j, static_cast<double>(w[j]) * marg.b[j] / col_mass[j])) return false;
   }
   // Every E_ij >= e^-range > 0 and every w_j is a positive float (or 0 for a zero-mass
   // column, which every row still has others beside), so the row sums of the write are positive.
