@@ -110,7 +110,7 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
 def _check_out(out, t: torch.Tensor, origin, prototypes) -> torch.Tensor:
     """Validate a caller's output buffer before any work; returns its torch view."""
     o, o_origin = to_tensor(out, "out")
-    k = prototypes.shape[0] if prototypes is not None else t.shape[1]
+    k = to_tensor(prototypes, "prototypes")[0].shape[0] if prototypes is not None else t.shape[1]
     if o_origin.is_numpy != origin.is_numpy:
         raise TypeError(f"out: must be a {'numpy array' if origin.is_numpy else 'torch tensor'} like scores")
     if tuple(o.shape) != (t.shape[0], k):
