@@ -66,11 +66,8 @@ def make_sparse(n, c, seed=0, per_example=8):
 
 def violation(s, y, q, pi):
     """max over constraints of (|value| - bound)_+, and the budget error, from q."""
-    lab = m4._labels(y, s.shape[0])
-    counts = m4._counts(s, lab, q)
-    g = m4._constraint_values(counts, s.shape[1], lab.c, pi, s.shape[0])
-    lam = np.where(np.arange(g.size) % (lab.c + 1) == 0, ETA * EPS_REP, ETA * EPS_ASSOC)
-    return float(max(np.maximum(np.abs(g) - lam, 0).max(), abs(counts[0] / s.shape[0] - ETA)))
+    return m4.report(m4.weighted_counts(s, y), m4.weighted_counts(s, y, q), target=pi, budget=ETA,
+                     eps_rep=EPS_REP, eps_assoc=EPS_ASSOC).max_violation
 
 
 def objective(q):
@@ -156,7 +153,7 @@ def run_cpu(args, rows):
         rows.append(dict(instance, method="pym4-stream", time_s=t, objective=res.objective,
                          max_violation=violation(s, y, np.asarray(res.q), pi), status=res.status))
         # The streaming core alone (data already bytes, no closed-form pass): the throughput figure.
-        lab = m4._labels(y, n)
+        lab = m4._inputs.as_labels(y, n)
         t, _ = timed(lambda: m4.M4Solver(pi, budget=ETA, eps_rep=EPS_REP, eps_assoc=EPS_ASSOC)._fit_core(s, lab, None),
                      rep)
         rows.append(dict(instance, method="pym4-stream-core", time_s=t, objective=float("nan"),

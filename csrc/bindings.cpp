@@ -153,7 +153,7 @@ void sinkhorn_write_plan(const py::array& x, double alpha, const py::object& g, 
 // Data travel as a tuple (s, y, y_indptr, y_indices, c, u): s (n, m) uint8; labels dense
 // y (n, c) uint8, or y None with CSR y_indptr (n+1,) int64 and y_indices int32; u None or
 // (n,) float64. The problem is (pi (m,) float64, eta, eps_rep, eps_assoc). The Python layer
-// (pym4/m4.py) has already checked values (0/1, finite, ranges); here only layouts.
+// (pym4/m4/) has already checked values (0/1, finite, ranges); here only layouts.
 template <typename T>
 const T* m4_array(const py::object& o, const char* name, int ndim, char kind, py::ssize_t rows, py::ssize_t cols = -1) {
   auto a = py::cast<py::array>(o);
@@ -404,21 +404,24 @@ PYBIND11_MODULE(_core, m) {
 
 #if defined(PYM4_WITH_CUDA)
   // CUDA launchers: device pointers as integers, stream as an integer handle (0 = default).
-  m.def("cuda_device_count", &pym4::cuda::device_count);
-  // ----- M4 (CUDA): raw device pointers, 0 for null.
+  // ----- M4 (CUDA): base pointers of whole (rows x m), (rows x c) and (rows,) arrays, 0 for
+  // null; the kernel works on rows [row0, row0 + n) and offsets the pointers itself.
   m.def("m4_batch_cuda",
-        [](uintptr_t s, uintptr_t y, uintptr_t u, int64_t n, int64_t m_, int64_t c, uintptr_t pi, double eta,
-           uintptr_t w, uintptr_t mu, uintptr_t q, uintptr_t stats, uintptr_t stream) {
-          PYM4_CHECK_VALUE(n >= 0 && m_ >= 1 && c >= 0, "m4_batch_cuda: bad sizes");
+        [](uintptr_t s, uintptr_t y, uintptr_t u, int64_t rows, int64_t row0, int64_t n, int64_t m_, int64_t c,
+           uintptr_t pi, double eta, uintptr_t w, uintptr_t mu, uintptr_t q, uintptr_t stats, uintptr_t stream) {
+          PYM4_CHECK_VALUE(m_ >= 1 && c >= 0, "m4_batch_cuda: need m >= 1 groups and c >= 0 labels");
+          PYM4_CHECK_VALUE(row0 >= 0 && n >= 0 && row0 + n <= rows,
+                           "m4_batch_cuda: rows [" << row0 << ", " << row0 + n << ") outside the " << rows << " rows");
           py::gil_scoped_release release;
           pym4::cuda::m4_batch(reinterpret_cast<const uint8_t*>(s), reinterpret_cast<const uint8_t*>(y),
-                               reinterpret_cast<const double*>(u), n, m_, c, reinterpret_cast<const double*>(pi), eta,
-                               reinterpret_cast<const double*>(w), reinterpret_cast<const double*>(mu),
+                               reinterpret_cast<const double*>(u), row0, n, m_, c, reinterpret_cast<const double*>(pi),
+                               eta, reinterpret_cast<const double*>(w), reinterpret_cast<const double*>(mu),
                                reinterpret_cast<double*>(q), reinterpret_cast<double*>(stats),
                                reinterpret_cast<void*>(stream));
         },
-        py::arg("s"), py::arg("y"), py::arg("u"), py::arg("n"), py::arg("m"), py::arg("c"), py::arg("pi"),
-        py::arg("eta"), py::arg("w"), py::arg("mu"), py::arg("q"), py::arg("stats"), py::arg("stream"));
+        py::arg("s"), py::arg("y"), py::arg("u"), py::arg("rows"), py::arg("row0"), py::arg("n"), py::arg("m"),
+        py::arg("c"), py::arg("pi"), py::arg("eta"), py::arg("w"), py::arg("mu"), py::arg("q"), py::arg("stats"),
+        py::arg("stream"));
   m.def("sinkhorn_workspace_bytes_cuda", &pym4::cuda::sinkhorn_workspace_bytes);
   m.def("sinkhorn_solve_cuda",
         [](uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t ld, double alpha, uintptr_t log_b,

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from pym4 import _backend
+
+# Triton decides at its import whether kernels run interpreted; this module follows it.
+_INTERPRET = _backend.triton_interpret()
 
 
 @triton.jit
@@ -224,12 +226,12 @@ class TritonEngine:
 
     @staticmethod
     def _lse(a, bm, s, b):
-        bm_, bn, bk, _, warps = _blocks(a.shape[1], False)
+        block_m, bn, bk, _, warps = _blocks(a.shape[1], False)
         out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
         with _on_device(a):
-            _clip_lse_kernel[(triton.cdiv(a.shape[0], bm_),)](
+            _clip_lse_kernel[(triton.cdiv(a.shape[0], block_m),)](
                 a, bm, out, a.shape[0], bm.shape[0], a.shape[1], a.stride(0), a.stride(1), bm.stride(0), bm.stride(1),
-                float(s), float(b), BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(a), num_warps=warps)
+                float(s), float(b), BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(a), num_warps=warps)
         return out
 
     def clip_forward(self, a, bm, s, b):
@@ -240,17 +242,17 @@ class TritonEngine:
     @staticmethod
     def _clip_grad(a, bm, s, b, lse_own, lse_oth, w_own, w_oth, offset):
         d = a.shape[1]
-        bm_, bn, bk, bdo, warps = _blocks(d, True)
+        block_m, bn, bk, bdo, warps = _blocks(d, True)
         da = torch.empty(a.shape, dtype=torch.float32, device=a.device)
         ds = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
         unit = _weight_unit(a, w_own, w_oth)
-        grid = (triton.cdiv(a.shape[0], bm_), triton.cdiv(d, bdo))
+        grid = (triton.cdiv(a.shape[0], block_m), triton.cdiv(d, bdo))
         with _on_device(a):
             _clip_grad_kernel[grid](
                 a, bm, lse_own.float().contiguous(), lse_oth.float().contiguous(), (w_own.float() / unit).contiguous(),
                 (w_oth.float() / unit).contiguous(), da, ds, a.shape[0], bm.shape[0], d, a.stride(0), a.stride(1),
                 bm.stride(0), bm.stride(1), da.stride(0), float(s), float(b), int(offset),
-                BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=_precision(a), num_warps=warps)
+                BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=_precision(a), num_warps=warps)
         if unit != 1.0:
             da.mul_(unit)
             ds.mul_(unit)
@@ -264,29 +266,29 @@ class TritonEngine:
         return da, db, float(ds_row.sum(dtype=torch.float64) + ds_col.sum(dtype=torch.float64))
 
     def siglip_forward(self, a, bm, s, b, offset):
-        bm_, bn, bk, _, warps = _blocks(a.shape[1], False)
+        block_m, bn, bk, _, warps = _blocks(a.shape[1], False)
         out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
         with _on_device(a):
-            _siglip_fwd_kernel[(triton.cdiv(a.shape[0], bm_),)](
+            _siglip_fwd_kernel[(triton.cdiv(a.shape[0], block_m),)](
                 a, bm, out, a.shape[0], bm.shape[0], a.shape[1], a.stride(0), a.stride(1), bm.stride(0), bm.stride(1),
-                float(s), float(b), int(offset), BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(a),
+                float(s), float(b), int(offset), BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(a),
                 num_warps=warps)
         return out
 
     @staticmethod
     def _siglip_grad(a, bm, s, b, w, offset, weight_on_rows):
         d = a.shape[1]
-        bm_, bn, bk, bdo, warps = _blocks(d, True)
+        block_m, bn, bk, bdo, warps = _blocks(d, True)
         da = torch.empty(a.shape, dtype=torch.float32, device=a.device)
         ds = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
         dbias = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
         unit = _weight_unit(a, w)
-        grid = (triton.cdiv(a.shape[0], bm_), triton.cdiv(d, bdo))
+        grid = (triton.cdiv(a.shape[0], block_m), triton.cdiv(d, bdo))
         with _on_device(a):
             _siglip_grad_kernel[grid](
                 a, bm, (w.float() / unit).contiguous(), da, ds, dbias, a.shape[0], bm.shape[0], d, a.stride(0), a.stride(1),
                 bm.stride(0), bm.stride(1), da.stride(0), float(s), float(b), int(offset),
-                WEIGHT_ON_ROWS=weight_on_rows, BLOCK_M=bm_, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo,
+                WEIGHT_ON_ROWS=weight_on_rows, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo,
                 PRECISION=_precision(a), num_warps=warps)
         if unit != 1.0:
             da.mul_(unit)

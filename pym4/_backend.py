@@ -1,15 +1,17 @@
 """Backend dispatch: which implementation of an op runs for a given call.
 
-Backends:
-  ``cpu``    the compiled C++ core (``pym4._core``), OpenMP on the host;
-  ``cuda``   CUDA kernels compiled into the core (only when built with CUDA);
-  ``triton`` Triton kernels from ``pym4.kernels`` (GPU, or the CPU under TRITON_INTERPRET=1);
-  ``torch``  a plain PyTorch implementation, always available.
+Backends (each name means one thing, for every op):
+  ``cpu``      the compiled C++ core (``pym4._core``), OpenMP on the host;
+  ``cuda``     CUDA kernels compiled into the core (only when built with CUDA);
+  ``triton``   Triton kernels from ``pym4.kernels`` (GPU, or the CPU under TRITON_INTERPRET=1);
+  ``chunked``  tiled torch code that never forms a B x B matrix (any device);
+  ``torch``    the plain PyTorch reference, always available.
 
-Each op lists the backends it has, in order of preference for each device. ``backend=``
-or the ``PYM4_BACKEND`` environment variable forces one: a forced backend that cannot
-run raises; an automatic choice falls back to the next one. Nothing here touches the GPU
-or imports triton at import time.
+:data:`OPS` lists, per op and device type, the backends the op has, best first. ``backend=``
+or the ``PYM4_BACKEND`` environment variable forces one: a forced backend runs exactly that
+backend or raises; an automatic choice takes the first one that can run. This module is the
+only reader of ``PYM4_BACKEND`` and ``TRITON_INTERPRET``. Nothing here imports torch or
+triton, or touches the GPU, at import time.
 """
 from __future__ import annotations
 
@@ -17,9 +19,38 @@ import functools
 import importlib
 import importlib.util
 import os
-from typing import Optional, Sequence
+from typing import Dict, Optional, Tuple
 
-BACKENDS = ("cpu", "cuda", "triton", "torch")
+BACKENDS = ("cpu", "cuda", "triton", "chunked", "torch")
+
+# The contrastive losses: on CPU the tiled torch code is the fast path (Triton there is the
+# interpreter, for tests, and runs only when forced); on CUDA the fused kernels, then the
+# tiled code for what Triton cannot take (no triton, float64), so no automatic choice ever
+# falls back to the B x B reference.
+_LOSS = {"cpu": ("chunked", "triton", "torch"), "cuda": ("triton", "chunked", "torch")}
+# M4 on the data's device: the core's CPU or CUDA kernels, else the torch implementation.
+_M4 = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "torch")}
+
+OPS: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    "sinkhorn": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "torch")},
+    # sinkhorn(group=...): the prototype sums are all-reduced between passes, which the
+    # one-launch CUDA kernel does not stop for.
+    "sinkhorn_distributed": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
+    # sinkhorn(prototypes=...): scores formed block by block from features.
+    "sinkhorn_features": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
+    "sinkhorn_ot": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
+    "clip_loss": _LOSS,
+    "siglip_loss": _LOSS,
+    # M4's exact dual solve exists only in the core; the streaming solver everywhere.
+    "m4_exact": {"cpu": ("cpu",)},
+    "m4_counts": {"cpu": ("cpu", "torch")},  # weighted counts of host data (reports, biases)
+    "m4_fit": _M4,
+    "m4_keep_probability": _M4,
+}
+
+_PORTABLE = ("chunked", "torch")
+# Backends that take only some input dtypes (names as torch spells them, without "torch.").
+_DTYPES = {"triton": ("float32", "float16", "bfloat16")}
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,16 +92,12 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def available(backend: str, device_type: str, *, needs_core: bool = True) -> bool:
-    """Whether ``backend`` can run an op on tensors of ``device_type`` ("cpu" or "cuda").
-
-    ``needs_core=False`` is for ops whose ``cpu`` backend is plain torch code (the chunked
-    contrastive losses), so it does not depend on the compiled core.
-    """
-    if backend == "torch":
+def available(backend: str, device_type: str) -> bool:
+    """Whether ``backend`` can run on tensors of ``device_type`` ("cpu" or "cuda") here."""
+    if backend in _PORTABLE:
         return True
     if backend == "cpu":
-        return device_type == "cpu" and (core() is not None or not needs_core)
+        return device_type == "cpu" and core() is not None
     if backend == "cuda":
         return device_type == "cuda" and core_has_cuda()
     if backend == "triton":
@@ -80,27 +107,41 @@ def available(backend: str, device_type: str, *, needs_core: bool = True) -> boo
     raise ValueError(f"backend: unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
-def choose(op: str, device_type: str, preference: Sequence[str], backend: Optional[str] = None,
-           *, needs_core: bool = True) -> str:
-    """Pick the backend for one call of ``op`` on ``device_type``.
+def choose(op: str, device_type: str, backend: Optional[str] = None, *, dtype: Optional[str] = None) -> str:
+    """The backend for one call of ``op`` on tensors of ``device_type``.
 
-    ``preference`` lists the op's backends, best first. ``backend`` (or PYM4_BACKEND when
-    it is None) forces one.
+    ``backend`` (or PYM4_BACKEND when it is None) forces one: it is returned if it can run,
+    else ValueError (unknown, or the op has none of that name on this device), TypeError
+    (it does not take ``dtype``, e.g. "float64") or RuntimeError (not available here).
+    Otherwise the first backend of ``OPS[op][device_type]`` that can run.
     """
+    if op not in OPS:
+        raise ValueError(f"op: unknown op {op!r}; expected one of {tuple(OPS)}")
+    table = OPS[op]
+    # Other device types (mps, xpu, ...) get the op's portable torch backends.
+    options = table.get(device_type) or tuple(dict.fromkeys(
+        name for names in table.values() for name in names if name in _PORTABLE))
     forced = backend if backend is not None else (os.environ.get("PYM4_BACKEND") or None)
     if forced is not None:
         if forced not in BACKENDS:
             raise ValueError(f"backend: unknown backend {forced!r}; expected one of {BACKENDS}")
-        if forced not in preference:
-            raise ValueError(f"backend: {op} has no {forced!r} backend; it has {tuple(preference)}")
-        if not available(forced, device_type, needs_core=needs_core):
+        if forced not in options:
+            if any(forced in names for names in table.values()):
+                raise RuntimeError(f"backend: {forced!r} cannot run {op} on {device_type} tensors "
+                                   f"(there it has {options})")
+            has = tuple(dict.fromkeys(name for names in table.values() for name in names))
+            raise ValueError(f"backend: {op} has no {forced!r} backend; it has {has}")
+        if dtype is not None and dtype not in _DTYPES.get(forced, (dtype,)):
+            raise TypeError(f"backend: the {forced} backend takes {', '.join(_DTYPES[forced])}, got {dtype}")
+        if not available(forced, device_type):
             raise RuntimeError(f"backend: {forced!r} cannot run {op} on {device_type} tensors here "
                                f"({_why_unavailable(forced, device_type)})")
         return forced
-    for name in preference:
-        if available(name, device_type, needs_core=needs_core):
+    for name in options:
+        if (dtype is None or dtype in _DTYPES.get(name, (dtype,))) and available(name, device_type):
             return name
-    return "torch"
+    raise RuntimeError(f"backend: no backend of {op} runs on {device_type} tensors here "
+                       f"(it has {options or 'none'} there)")
 
 
 def _why_unavailable(backend: str, device_type: str) -> str:

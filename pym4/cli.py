@@ -264,20 +264,18 @@ def _run_balance(args) -> int:
                 res = m4.balance(s, y, target=target, budget=args.budget, eps_rep=args.eps_rep,
                                  eps_assoc=args.eps_assoc, utility=u, group_names=groups, label_names=labels)
             kept["q"], kept["ids"] = [res.q], [ids]
-            summary = res.summary()
-            counts_before, counts_after = m4._counts(s, m4._Labels(y.shape[1], dense=y), None), \
-                m4._counts(s, m4._Labels(y.shape[1], dense=y), res.q)
+            summary, report = res.summary(), res.report
         else:
-            summary, counts_before, counts_after = _stream_balance(args, read_pass, target, kept, m4)
+            summary, report = _stream_balance(args, read_pass, target, kept, groups, labels)
     except ValueError as e:  # argument errors of m4.balance (target, budget, ...)
         raise CLIError(str(e)) from None
 
-    report = _os.path.splitext(dst)[0] + ".report"
+    stem = _os.path.splitext(dst)[0] + ".report"
     summary.update({"input": src, "output": dst, "sensitive": groups, "labels": labels,
                     "budget": args.budget, "eps_rep": args.eps_rep, "eps_assoc": args.eps_assoc})
-    _write_report(report, summary, counts_before, counts_after, groups, labels)
+    _write_report(stem, summary, report)
     if summary["status"] == "infeasible":
-        raise CLIError(f"{summary['message']} (report: {report}.json)")
+        raise CLIError(f"{summary['message']} (report: {stem}.json)")
 
     q = np.concatenate([np.asarray(x, dtype=np.float64) for x in kept["q"]])
     ids = pa.chunked_array([c for part in kept["ids"] for c in (part.chunks if hasattr(part, "chunks") else [part])])
@@ -292,66 +290,43 @@ def _run_balance(args) -> int:
     return 0
 
 
-def _stream_balance(args, read_pass, target, kept, m4):
-    """Pass 1: stream the batches into M4Solver; pass 2: keep probabilities per batch."""
+def _stream_balance(args, read_pass, target, kept, groups: List[str], labels: List[str]):
+    """Pass 1: stream the batches into M4Solver; pass 2: keep probabilities per batch; the
+    report from the two passes' weighted counts."""
     import numpy as np
 
-    solver, pi, rows = None, target, 0
-    counts_before = None
-    if pi is None:
-        # The default target is the mean of the group shares: one extra pass to count them.
-        total, sums = 0, None
+    from . import m4
+
+    def total(acc, counts):
+        return counts if acc is None else acc + counts
+
+    pi = target
+    if pi is None:  # the default target needs the group shares: one extra pass to count them
+        shares = None
         for s, _, _, _ in read_pass("counting groups"):
-            total += len(s)
-            sums = s.sum(axis=0, dtype=np.float64) if sums is None else sums + s.sum(axis=0, dtype=np.float64)
-        if total == 0:
+            shares = total(shares, m4.weighted_counts(s))
+        if shares is None or shares[0] == 0:
             raise CLIError(f"{args.input}: the file has no rows")
-        pi = float((sums / total).mean())
+        pi = m4.target_from_counts(shares, len(groups))
+    solver = m4.M4Solver(pi, budget=args.budget, eps_rep=args.eps_rep, eps_assoc=args.eps_assoc)
+    before, rows = None, 0
     for s, y, u, _ in read_pass("fitting"):
-        if solver is None:
-            solver = m4.M4Solver(pi, budget=args.budget, eps_rep=args.eps_rep, eps_assoc=args.eps_assoc)
         order = np.random.default_rng(args.seed + rows).permutation(len(s))
         solver.partial_fit(s[order], y[order], None if u is None else u[order])
-        lab = m4._Labels(y.shape[1], dense=y)
-        c0 = m4._counts(s, lab, None)
-        counts_before = c0 if counts_before is None else counts_before + c0
+        before = total(before, m4.weighted_counts(s, y))
         rows += len(s)
     if rows == 0:
         raise CLIError(f"{args.input}: the file has no rows")
-    counts_after, budget_sum = None, 0.0
+    after = None
     for s, y, u, ids in read_pass("writing"):
         q = solver.keep_probability(s, y, u)
-        c1 = m4._counts(s, m4._Labels(y.shape[1], dense=y), q)
-        counts_after = c1 if counts_after is None else counts_after + c1
+        after = total(after, m4.weighted_counts(s, y, q))
         kept["q"].append(q)
         kept["ids"].append(ids)
-    m, c = solver.m, solver.c
-    pi_arr = solver.pi
-    g = m4._constraint_values(counts_after, m, c, pi_arr, rows)
-    lam = np.where(np.arange(m * (c + 1)) % (c + 1) == 0, args.budget * args.eps_rep, args.budget * args.eps_assoc)
-    viol = float(max(np.maximum(np.abs(g) - lam, 0).max(initial=0.0), abs(counts_after[0] / rows - args.budget)))
-    ok = bool(np.all(np.abs(g) <= 2 * lam + 1e-12)) and abs(counts_after[0] / rows - args.budget) <= 0.01 * args.budget
-    summary = {"status": "optimal" if ok else "max_iter", "method": "stream", "iterations": solver.steps,
-               "message": ("stream: one pass" if ok else
-                           "stream: after one pass a constraint is off by more than its tolerance; use --method exact"),
-               "kept_fraction": counts_after[0] / rows, "max_violation": viol,
-               "rb_before": m4._rb_from_counts(counts_before, m, pi_arr),
-               "rb_after": m4._rb_from_counts(counts_after, m, pi_arr),
-               "ab_before": m4._ab_from_counts(counts_before, m, c), "ab_after": m4._ab_from_counts(counts_after, m, c),
-               "target": pi_arr.tolist(), "mu": solver.mu, "infeasible_constraints": []}
-    # The certificate balance() uses too: a group with no example (or every example) cannot
-    # reach a target farther than eps_rep from 0 (or 1), whatever q is.
-    total, shares = counts_before[0], counts_before[1:1 + m]
-    empty = [k for k in range(m) if (shares[k] == 0 and pi_arr[k] > args.eps_rep) or
-             (shares[k] == total and 1 - pi_arr[k] > args.eps_rep)]
-    if empty:
-        groups = _split_cols(args.sensitive)
-        names = [f"representation[{groups[k]}]" for k in empty]
-        why = "; ".join(f"group {groups[k]!r} has {'no' if shares[k] == 0 else 'every'} example but its target "
-                        f"proportion is {pi_arr[k]:g}" for k in empty)
-        summary.update(status="infeasible", infeasible_constraints=names,
-                       message=f"infeasible: {why}; no keep probabilities satisfy {', '.join(names)}")
-    return summary, counts_before, counts_after
+    report = m4.report(before, after, target=solver.pi, budget=args.budget, eps_rep=args.eps_rep,
+                       eps_assoc=args.eps_assoc, method="stream", iterations=solver.steps,
+                       group_names=groups, label_names=labels)
+    return {**report.summary(), "mu": solver.mu}, report
 
 
 def _write_table_atomic(table, dst: str, fmt: str) -> None:
@@ -367,65 +342,45 @@ def _write_table_atomic(table, dst: str, fmt: str) -> None:
             pacsv.write_csv(table, tmp)
 
 
-def _write_report(stem: str, summary: dict, before, after, groups: List[str], labels: List[str]) -> None:
-    """stem.json (the summary, group shares and strongest associations) and stem.png."""
+def _write_report(stem: str, summary: dict, report) -> None:
+    """stem.json (the summary, group shares and strongest associations of ``report``, a
+    pym4.m4.Report) and stem.png. The plot is drawn on its own Agg canvas, so the caller's
+    matplotlib backend and pyplot state stay as they are."""
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from ._io import atomic_output
 
-    m, c = len(groups), len(labels)
-
-    def shares(cnt):
-        return (cnt[1:1 + m] / cnt[0]).tolist() if cnt[0] > 0 else [float("nan")] * m
-
-    def assoc(cnt):
-        total, qs = cnt[0], cnt[1:1 + m]
-        qy, qsy = cnt[1 + m:1 + m + c], cnt[1 + m + c:].reshape(m, c)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            diff = qsy / qs[:, None] - (qy - qsy) / (total - qs)[:, None]
-        return np.nan_to_num(diff)
-
-    a0, a1 = assoc(before), assoc(after)
-    top = np.argsort(-np.abs(a0).reshape(-1))[:10] if c else np.array([], dtype=int)
-    summary = dict(summary)
-    summary["group_shares_before"] = dict(zip(groups, shares(before)))
-    summary["group_shares_after"] = dict(zip(groups, shares(after)))
-    summary["strongest_associations"] = [
-        {"group": groups[j // c], "label": labels[j % c], "before": float(a0.reshape(-1)[j]),
-         "after": float(a1.reshape(-1)[j])} for j in top]
+    details = report.details()
     with atomic_output(stem + ".json") as tmp, open(tmp, "w") as f:
-        json.dump(summary, f, indent=2, default=float)
+        json.dump({**summary, **details}, f, indent=2, default=float)
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    x = np.arange(m)
-    axes[0].bar(x - 0.2, shares(before), 0.4, label="before")
-    axes[0].bar(x + 0.2, shares(after), 0.4, label="after (weighted by q)")
-    for k, t in enumerate(summary.get("target", [])):
+    groups, assoc = report.group_names, details["strongest_associations"]
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    x = np.arange(len(groups))
+    axes[0].bar(x - 0.2, list(details["group_shares_before"].values()), 0.4, label="before")
+    axes[0].bar(x + 0.2, list(details["group_shares_after"].values()), 0.4, label="after (weighted by q)")
+    for k, t in enumerate(report.target):
         axes[0].hlines(t, k - 0.45, k + 0.45, colors="k", linestyles="dashed", label="target" if k == 0 else None)
     axes[0].set_xticks(x, groups, rotation=30, ha="right")
     axes[0].set_ylabel("group share")
     axes[0].set_title("Representation")
     axes[0].legend()
-    if c:
-        names = [f"{groups[j // c]} / {labels[j % c]}" for j in top]
-        yy = np.arange(len(top))
-        axes[1].barh(yy - 0.2, np.abs(a0.reshape(-1)[top]), 0.4, label="before")
-        axes[1].barh(yy + 0.2, np.abs(a1.reshape(-1)[top]), 0.4, label="after")
-        axes[1].set_yticks(yy, names)
+    if assoc:
+        yy = np.arange(len(assoc))
+        axes[1].barh(yy - 0.2, [abs(a["before"]) for a in assoc], 0.4, label="before")
+        axes[1].barh(yy + 0.2, [abs(a["after"]) for a in assoc], 0.4, label="after")
+        axes[1].set_yticks(yy, [f"{a['group']} / {a['label']}" for a in assoc])
         axes[1].invert_yaxis()
         axes[1].legend()
     axes[1].set_xlabel("|P(label | in group) - P(label | not in group)|")
     axes[1].set_title("Strongest associations")
     fig.tight_layout()
-    try:
-        with atomic_output(stem + ".png") as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-    finally:
-        plt.close(fig)
+    with atomic_output(stem + ".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
 
 
 # Subcommands in the order `pym4 --help` lists them.

@@ -12,9 +12,10 @@ Both equal open_clip's ``ClipLoss`` / ``SigLipLoss``. The B x B matrix is never 
 forward pass walks it tile by tile keeping only ``r`` and ``c`` (online log-sum-exp), and
 the backward pass recomputes each tile to form ``G = dL/dS`` and accumulate
 ``dx = s G y``, ``dy = s G^T x``, ``ds = sum G_ij x_i . y_j`` and ``db = sum G_ij``
-(DESIGN.md section 2). Backends: ``cpu`` (chunked torch matmuls in an autograd.Function,
-memory O(B * chunk + B * D)), ``triton`` (fused kernels in ``pym4.kernels.contrastive``),
-``torch`` (the plain materialised formula, for reference and as the fallback).
+(DESIGN.md section 2). Backends (``pym4._backend.OPS``): ``chunked`` (row chunks of torch
+matmuls in an autograd.Function, any device, memory O(B * chunk + B * D)), ``triton`` (fused
+kernels in ``pym4.kernels.contrastive``), ``torch`` (the plain materialised formula: the
+reference, never chosen automatically).
 """
 from __future__ import annotations
 
@@ -30,12 +31,8 @@ from ._arrays import check_int_at_least, from_tensor, to_tensor
 
 __all__ = ["clip_loss", "siglip_loss", "similarity_topk"]
 
-# Triton runs CPU tensors only under TRITON_INTERPRET=1 and only when forced (it is listed
-# after "torch", which is always available).
-_PREFERENCE = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch", "triton")}
 _FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The CPU backend works on row chunks of the logits whose size is about this many elements
+# The chunked backend works on row chunks of the logits whose size is about this many elements
 # (16 MB in float32): large enough for efficient matmuls, small enough to stay O(B).
 _CPU_CHUNK_ELEMENTS = 1 << 22
 
@@ -67,9 +64,10 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
         the other ranks' losses, so that averaging gradients over ranks (DDP) gives exactly
         the gradients of one process on the concatenated batch. Only the text features are
         gathered (B x D); no rank forms more than a chunk of its B_r x B logits.
-    backend : {"cpu", "triton", "torch"}, optional
-        Force an implementation; default: ``triton`` for CUDA tensors, ``cpu`` (chunked) for
-        CPU tensors, ``torch`` as the fallback (see ``pym4._backend``).
+    backend : {"chunked", "triton", "torch"}, optional
+        Force an implementation; default: ``triton`` for CUDA tensors (``chunked`` without
+        triton or for float64), ``chunked`` for CPU tensors (see ``pym4._backend``).
+        ``torch`` forms the B x B logits (with ``group``, of the gathered batch).
 
     Returns
     -------
@@ -192,7 +190,7 @@ def _as_scalar(value, name: str, device) -> Tuple[torch.Tensor, bool]:
     return torch.tensor(float(value), dtype=torch.float32, device=device), False
 
 
-def _validate(kind, x, y, logit_scale, logit_bias):
+def _validate(x, y, logit_scale, logit_bias):
     _check_features(x, "image_features")
     _check_features(y, "text_features")
     if x.shape != y.shape:
@@ -226,7 +224,7 @@ def _validate(kind, x, y, logit_scale, logit_bias):
 def _contrastive(kind, x, y, logit_scale, logit_bias, group, backend, local_grad=False):
     error = None
     try:
-        scale, bias, problem = _validate(kind, x, y, logit_scale, logit_bias)
+        scale, bias, problem = _validate(x, y, logit_scale, logit_bias)
     except (TypeError, ValueError) as e:
         if group is None:
             raise
@@ -252,27 +250,16 @@ def _contrastive(kind, x, y, logit_scale, logit_bias, group, backend, local_grad
         raise error
     if problem is not None:
         raise ValueError(problem)
-    device_type = x.device.type
-    preference = _PREFERENCE.get(device_type, ("torch",))
-    name = _backend.choose(f"{kind}_loss", device_type, preference, backend, needs_core=False)
-    if name == "triton" and x.dtype not in _TRITON_DTYPES:
-        if backend is not None or _env_forced():
-            raise TypeError(f"image_features: the triton backend takes float32, float16 or bfloat16, got {x.dtype}")
-        name = "torch"
-    if group is not None:
-        return _ContrastiveLoss.apply(x, y, scale, bias, _Spec(kind, _engine(name), group, local_grad))
+    name = _backend.choose(f"{kind}_loss", x.device.type, backend, dtype=str(x.dtype).replace("torch.", ""))
     if name == "torch":
+        if group is not None:
+            return _reference_group(kind, x, y, scale, bias, group, local_grad)
         return _reference(kind, x, y, scale, bias)
-    return _ContrastiveLoss.apply(x, y, scale, bias, _Spec(kind, _engine(name), None))
+    return _ContrastiveLoss.apply(x, y, scale, bias, _Spec(kind, _engine(name), group, local_grad))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _env_forced() -> bool:
-    import os
-    return bool(os.environ.get("PYM4_BACKEND"))
 
 
 def _engine(name: str):
@@ -298,7 +285,29 @@ def _reference(kind, x, y, scale, bias):
     return loss.to(x.dtype)
 
 
-# ----- the chunked CPU engine ------------------------------------------------------------------
+def _reference_group(kind, x, y, scale, bias, group, local_grad):
+    """The plain formula on a group: this rank's rows against the gathered batch, the same
+    per-rank loss and gradients as the tiled engines (see :func:`clip_loss`)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs, ys = x.to(dtype), y.to(dtype)
+    s = scale.to(dtype).reshape(())
+    b = 0.0 if bias is None else bias.to(dtype).reshape(())
+    y_all, info = _gather_rows(ys, group, with_grad=not local_grad)
+    n, total, world = xs.shape[0], info.total, info.world
+    logits = s * xs @ y_all.T + b  # this rank's rows of S
+    if kind == "clip":
+        x_all, _ = _gather_rows(xs, group, with_grad=not local_grad)
+        cols = torch.logsumexp(s * x_all @ ys.T + b, 0)  # the columns of this rank's texts
+        diag = s * (xs * ys).sum(1) + b
+        loss = (torch.logsumexp(logits, 1).sum() + cols.sum() - 2 * diag.sum()) * (world / (2 * total))
+    else:
+        labels = -torch.ones_like(logits)
+        labels[torch.arange(n, device=x.device), torch.arange(n, device=x.device) + info.offset] = 1.0
+        loss = -F.logsigmoid(labels * logits).sum() * (world / total)
+    return loss.to(x.dtype)
+
+
+# ----- the chunked engine ------------------------------------------------------------------
 
 class ChunkedEngine:
     """The tile passes in plain torch, on row chunks of the logits (any device).
@@ -544,8 +553,32 @@ class _NoSecondOrder(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError("clip_loss/siglip_loss: double backward is not supported by the cpu and triton "
+        raise RuntimeError("clip_loss/siglip_loss: double backward is not supported by the chunked and triton "
                            "backends; use backend='torch' for higher-order gradients")
+
+
+class _GatheredRows(torch.autograd.Function):
+    """Identity from this rank's rows to the gathered ``info.y_all``; the backward sums the
+    gradient over the ranks and keeps this rank's rows (open_clip's gather_with_grad)."""
+
+    @staticmethod
+    def forward(ctx, t, info):
+        ctx.info = info
+        return info.y_all.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_rows(grad, ctx.info), None
+
+
+def _gather_rows(t: torch.Tensor, group, with_grad: bool):
+    """(every rank's rows of t concatenated, the gather's _DistInfo). Without ``with_grad``
+    only this rank's own rows carry a gradient (gather_with_grad=False)."""
+    info = _gather_columns(t.detach(), group)
+    if with_grad:
+        return _GatheredRows.apply(t, info), info
+    lo, hi = info.offset, info.offset + t.shape[0]
+    return torch.cat([info.y_all[:lo], t, info.y_all[hi:]]), info
 
 
 # ----- distributed plumbing ----------------------------------------------------------------------

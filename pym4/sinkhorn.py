@@ -1,9 +1,11 @@
 """Sinkhorn-Knopp: SwAV/SEER equipartition and general entropic optimal transport.
 
-Both run the same log-domain iteration (``csrc/include/pym4/sinkhorn.h``): the plan is
+Both run the same iteration (``csrc/include/pym4/sinkhorn.h``): the plan is
 ``P_ij = exp(alpha * x_ij + g_j + f_i)`` with a column potential ``g`` and a row
-potential ``f``, so one iteration is one read of the matrix, and no exponential can
-overflow whatever epsilon is.
+potential ``f``, so one iteration is one read of the matrix. On the CPU it runs in the
+kernel (scaling) form, one exponential per entry, when the spread of ``alpha * x`` keeps
+those normal, and in the log domain otherwise, so no exponential overflows whatever
+epsilon is.
 """
 from __future__ import annotations
 
@@ -20,8 +22,6 @@ from ._arrays import (check_finite, check_float, check_int_at_least, check_ndim,
 
 __all__ = ["sinkhorn", "sinkhorn_ot", "ConvergenceWarning"]
 
-_SWAV_BACKENDS = ("cuda", "cpu", "torch")
-_OT_BACKENDS = ("cpu", "torch")
 _CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -68,8 +68,8 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
         Soft assignments: every row sums to 1; each column sums to about B/K over the
         global batch (exactly after the last column step, which the final row step follows).
 
-    Computed in float32 (on the CPU, float64 for float64 input) in the log domain, so
-    epsilon down to 0.01 and float16 inputs stay finite. Raises ValueError on NaN/Inf scores.
+    Computed in float32 (on the CPU, float64 for float64 input), in the log domain wherever
+    the kernel form could overflow, so epsilon down to 0.01 and float16 inputs stay finite. Raises ValueError on NaN/Inf scores.
     """
     t, origin = to_tensor(scores, "scores")
     check_float(t, "scores")
@@ -86,7 +86,7 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
         return _deliver(q, origin, out, out_t)
     if chunk is not None:
         raise ValueError("chunk: only used with prototypes= (the features form)")
-    name = _backend.choose("sinkhorn", t.device.type, _SWAV_BACKENDS, backend)
+    name = _backend.choose("sinkhorn" if group is None else "sinkhorn_distributed", t.device.type, backend)
 
     if name == "cpu" and group is None and out_t is not None and out_t.dtype == _compute_dtype(t.dtype):
         _swav_cpu(t, alpha, n_iters, out=out_t)  # written in place: no allocation at all
@@ -180,7 +180,7 @@ def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-
     if abs(mass_a - mass_b) > 1e-6 * max(mass_a, mass_b):
         raise ValueError(f"a, b: marginals must have the same total mass, got sum(a)={mass_a:.9g} and sum(b)={mass_b:.9g}")
     log_a, log_b = torch.log(a_t), torch.log(b_t)
-    name = _backend.choose("sinkhorn_ot", c.device.type, _OT_BACKENDS, backend)
+    name = _backend.choose("sinkhorn_ot", c.device.type, backend)
     x = c.to(dtype)
     if name == "cpu":
         x = x.contiguous()
@@ -420,7 +420,7 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
         chunk = max(1, (1 << 22) // k)  # about 16 MB of float32 scores per block
     chunk = check_int_at_least(chunk, 1, "chunk")
     # The core serves CPU tensors; elsewhere the torch passes run on the tensors' device.
-    name = _backend.choose("sinkhorn", z.device.type, ("cpu", "torch"), backend)
+    name = _backend.choose("sinkhorn_features", z.device.type, backend)
     dtype = _compute_dtype(z.dtype)
     zc, cc = z.to(dtype), c.to(dtype)
     finite = bool(torch.isfinite(zc).all()) and bool(torch.isfinite(cc).all())

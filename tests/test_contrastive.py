@@ -84,7 +84,7 @@ def assert_close(got, want, rtol, what):
 # ----- equality with the formula -------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
 @pytest.mark.parametrize("n,d", [(1, 16), (7, 24), (37, 72), (130, 24)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_loss_and_gradients_match_reference(kind, backend, n, d, with_bias, monkeypatch):
@@ -104,9 +104,9 @@ def test_float64_is_exact_and_gradcheck(kind, monkeypatch):
     monkeypatch.setattr(contrastive, "_CPU_CHUNK_ELEMENTS", 64)
     x, y = features(9, 5, torch.float64)
     s, b = torch.tensor(3.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
-    assert_close(run(kind, x, y, s, b, backend="cpu"), reference(kind, x, y, s, b), 1e-12, kind)
+    assert_close(run(kind, x, y, s, b, backend="chunked"), reference(kind, x, y, s, b), 1e-12, kind)
     inputs = [t.clone().requires_grad_() for t in (x, y, s, b)]
-    assert torch.autograd.gradcheck(lambda *t: LOSS[kind](*t, backend="cpu"), inputs)
+    assert torch.autograd.gradcheck(lambda *t: LOSS[kind](*t, backend="chunked"), inputs)
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
@@ -115,7 +115,7 @@ def test_large_scale_and_bias_stay_finite_and_exact(kind):
     # without the running max.
     x, y = features(64, 32)
     s, b = torch.tensor(100.0), torch.tensor(-10.0)
-    got = run(kind, x, y, s, b, backend="cpu")
+    got = run(kind, x, y, s, b, backend="chunked")
     assert all(bool(torch.isfinite(t).all()) for t in got)
     want = reference(kind, x, y, s, b)
     # Logits of size 100 carry float32 rounding of ~1e-5: the yardstick is the plain float32
@@ -133,8 +133,8 @@ def test_large_scale_and_bias_stay_finite_and_exact(kind):
 def test_clip_bias_gradient_is_zero_and_bias_does_not_change_loss():
     x, y = features(20, 8)
     s = torch.tensor(10.0)
-    with_b = run("clip", x, y, s, torch.tensor(3.0), backend="cpu")
-    without = run("clip", x, y, s, None, backend="cpu")
+    with_b = run("clip", x, y, s, torch.tensor(3.0), backend="chunked")
+    without = run("clip", x, y, s, None, backend="chunked")
     assert float(with_b[4]) == 0.0
     torch.testing.assert_close(with_b[0], without[0], rtol=1e-6, atol=1e-6)
 
@@ -144,7 +144,7 @@ def test_clip_bias_gradient_is_zero_and_bias_does_not_change_loss():
 def test_low_precision_inputs(kind, dtype):
     x, y = features(50, 32, dtype)
     s, b = torch.tensor(20.0), torch.tensor(-3.0)
-    got = run(kind, x, y, s, b, backend="cpu")
+    got = run(kind, x, y, s, b, backend="chunked")
     want = reference(kind, x, y, s, b)  # the same rounded inputs, in float64
     assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == dtype
     # float32 accumulation inside: only the rounding of the outputs to dtype remains.
@@ -198,7 +198,7 @@ def test_only_chunks_of_the_logits_are_formed(monkeypatch):
 
     monkeypatch.setattr(torch, "mm", spy_mm)
     for kind in ("clip", "siglip"):
-        run(kind, *features(n, d), torch.tensor(5.0), torch.tensor(1.0), backend="cpu")
+        run(kind, *features(n, d), torch.tensor(5.0), torch.tensor(1.0), backend="chunked")
     assert shapes, "the spy saw no matrix product"
     assert max(r * c for r, c in shapes) <= 32 * n
     assert all(r <= 32 for r, c in shapes if c == n)
@@ -312,7 +312,7 @@ def test_double_backward_raises_instead_of_dropping_the_second_derivative(kind):
     x0, y = x0.clone().requires_grad_(), y.clone().requires_grad_()
     s = torch.tensor(4.0, requires_grad=True)
     x = x0 * 1.0  # a non-leaf, as features coming out of a model
-    loss = LOSS[kind](x, y, s, -1.0, backend="cpu")
+    loss = LOSS[kind](x, y, s, -1.0, backend="chunked")
     dx, ds = torch.autograd.grad(loss, [x, s], create_graph=True)
     want = reference(kind, x, y, s, torch.tensor(-1.0))
     torch.testing.assert_close(dx.detach().double(), want[1], rtol=1e-5, atol=1e-6)

@@ -139,7 +139,7 @@ def assert_grads_close(got, want, what, rtol=1e-5):
 
 
 def _cases():
-    cases = [(k, "cpu", wb) for k in ("clip", "siglip") for wb in (False, True)]
+    cases = [(k, "chunked", wb) for k in ("clip", "siglip") for wb in (False, True)]
     cases += [("clip", "torch", True), ("siglip", "torch", True)]
     if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET", "0") != "0":
         cases += [("clip", "triton", True), ("siglip", "triton", True)]

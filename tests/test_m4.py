@@ -206,15 +206,15 @@ def test_solver_matches_numpy_update_and_resumes():
     kw = dict(budget=0.6, eps_rep=0.01, eps_assoc=0.02, lr=0.1, gamma=3.0, batch_size=64)
     one = m4.M4Solver(pi, **kw).partial_fit(s, y, u)
     vp, vm, avg, amu = numpy_stream(s, y, u, pi, 0.6, 0.01, 0.02, 0.1, 3.0, 64)
-    np.testing.assert_allclose(one._v_plus, vp, atol=1e-9)
-    np.testing.assert_allclose(one._v_minus, vm, atol=1e-9)
+    np.testing.assert_allclose(one.state.v_plus, vp, atol=1e-9)
+    np.testing.assert_allclose(one.state.v_minus, vm, atol=1e-9)
     np.testing.assert_allclose(one.v_plus.reshape(-1) - one.v_minus.reshape(-1), avg, atol=1e-9)
     assert one.mu == pytest.approx(amu, abs=1e-9)
     # Chunks that are multiples of batch_size, with a checkpoint in the middle, give the same state.
     first = m4.M4Solver(pi, **kw).partial_fit(s[:1280], y[:1280], u[:1280])
     resumed = m4.M4Solver(0.5).load_state_dict(first.state_dict())
     resumed.partial_fit(s[1280:], y[1280:], u[1280:])
-    np.testing.assert_allclose(resumed._avg_w, one._avg_w, atol=1e-12)
+    np.testing.assert_allclose(resumed.state.avg_w, one.state.avg_w, atol=1e-12)
     assert resumed.n_seen == 5000 and resumed.steps == one.steps
     # keep_probability is the closed form of the averaged duals.
     q = resumed.keep_probability(s, y, u)
@@ -228,10 +228,10 @@ def test_torch_path_matches_core():
     s, y, u = make_data(3000, 2, 5, 15, True)
     pi = np.array([0.35, 0.4])
     a = m4.M4Solver(pi, budget=0.6, batch_size=100).partial_fit(s, y, u)
-    b = m4.M4Solver(pi, budget=0.6, batch_size=100)
-    b._fit_torch(torch.from_numpy(s), torch.from_numpy(y), torch.from_numpy(u))
-    np.testing.assert_allclose(b._avg_w, a._avg_w, atol=1e-9)
-    np.testing.assert_allclose(b._scalars, a._scalars, atol=1e-9)
+    b = m4.M4Solver(pi, budget=0.6, batch_size=100, backend="torch")
+    b.partial_fit(torch.from_numpy(s), torch.from_numpy(y), torch.from_numpy(u))
+    np.testing.assert_allclose(b.state.avg_w, a.state.avg_w, atol=1e-9)
+    np.testing.assert_allclose(b.state.scalars(), a.state.scalars(), atol=1e-9)
 
 
 @pytest.mark.parametrize("y_rows,u_len,match", [(2999, 3000, "y: expected 3000 rows"),
@@ -239,9 +239,9 @@ def test_torch_path_matches_core():
 def test_torch_path_checks_shapes(y_rows, u_len, match):
     # The device path hands raw pointers to the CUDA kernel: short y or u must fail first.
     s, y, u = make_data(3000, 2, 5, 15, True)
-    solver = m4.M4Solver([0.35, 0.4], budget=0.6, batch_size=100)
+    solver = m4.M4Solver([0.35, 0.4], budget=0.6, batch_size=100, backend="torch")
     with pytest.raises(ValueError, match=match):
-        solver._fit_torch(torch.from_numpy(s), torch.from_numpy(y[:y_rows]), torch.from_numpy(u[:u_len]))
+        solver.partial_fit(torch.from_numpy(s), torch.from_numpy(y[:y_rows]), torch.from_numpy(u[:u_len]))
 
 
 def test_metrics_against_numpy():
@@ -320,7 +320,7 @@ def _distributed_worker(rank, world, init, s, y, out_dir):
         # its half of the i-th global mini-batch of 100.
         idx = np.concatenate([np.arange(b + rank * 50, b + rank * 50 + 50) for b in range(0, len(s), 100)])
         solver.partial_fit(s[idx[:1950 - rank * 100]], y[idx[:1950 - rank * 100]])  # unequal shards
-        np.save(f"{out_dir}/rank{rank}.npy", np.r_[solver._avg_w, solver._scalars])
+        np.save(f"{out_dir}/rank{rank}.npy", np.r_[solver.state.avg_w, solver.state.scalars()])
     finally:
         dist.destroy_process_group()
 
@@ -344,7 +344,7 @@ def test_two_process_gloo_matches_single(tmp_path):
     single = m4.M4Solver([0.35, 0.4], budget=0.6, batch_size=100)
     for part in parts_by_batch(parts):
         single.partial_fit(s[part], y[part])
-    np.testing.assert_allclose(r0, np.r_[single._avg_w, single._scalars], atol=1e-10)
+    np.testing.assert_allclose(r0, np.r_[single.state.avg_w, single.state.scalars()], atol=1e-10)
 
 
 def parts_by_batch(parts):
@@ -366,8 +366,8 @@ def test_cuda_stream_and_keep_probability_match_cpu():
     gpu = m4.M4Solver([0.35, 0.4], budget=0.6, batch_size=256)
     dev = torch.device("cuda")
     gpu.partial_fit(torch.from_numpy(s).to(dev), torch.from_numpy(y).to(dev), torch.from_numpy(u).to(dev))
-    np.testing.assert_allclose(gpu._avg_w, cpu._avg_w, atol=1e-8)
-    np.testing.assert_allclose(gpu._scalars, cpu._scalars, atol=1e-8)
+    np.testing.assert_allclose(gpu.state.avg_w, cpu.state.avg_w, atol=1e-8)
+    np.testing.assert_allclose(gpu.state.scalars(), cpu.state.scalars(), atol=1e-8)
     q_gpu = gpu.keep_probability(torch.from_numpy(s).to(dev), torch.from_numpy(y).to(dev), torch.from_numpy(u).to(dev))
     assert q_gpu.device.type == "cuda"
     np.testing.assert_allclose(q_gpu.cpu().numpy(), cpu.keep_probability(s, y, u), atol=1e-8)

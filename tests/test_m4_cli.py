@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -149,3 +150,61 @@ def test_stream_reports_an_empty_group_as_infeasible(tmp_path, capsys):
     assert "infeasible" in err and "representation[young]" in err and "'young' has no example" in err
     assert not out.exists()
     assert json.loads((tmp_path / "o.report.json").read_text())["status"] == "infeasible"
+
+
+def _arrays(table):
+    s = np.stack([table["women"].to_numpy(), table["young"].to_numpy().astype(np.int64)], 1).astype(np.uint8)
+    y = np.stack([table[f"lab{r}"].to_numpy() for r in range(4)], 1).astype(np.uint8)
+    return s, y
+
+
+@pytest.mark.parametrize("empty_group", [False, True])
+def test_report_json_agrees_with_balance_summary(tmp_path, capsys, empty_group):
+    from pym4 import m4
+
+    table = make_table(900)
+    if empty_group:
+        table = table.set_column(2, "young", pa.array(np.zeros(900, dtype=bool)))  # nobody is young
+    src = tmp_path / "d.parquet"
+    pq.write_table(table, src)
+    rc = cli.main(["balance", str(src), *ARGS, "--target", "0.4", "--out", str(tmp_path / "o.parquet")])
+    assert rc == (2 if empty_group else 0)
+    capsys.readouterr()
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    s, y = _arrays(table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = m4.balance(s, y, target=0.4, budget=0.6, eps_assoc=0.02, group_names=["women", "young"],
+                         label_names=[f"lab{r}" for r in range(4)])
+    want = res.summary()
+    assert want["status"] == ("infeasible" if empty_group else "optimal")
+    for key, value in want.items():
+        if isinstance(value, float):
+            assert report[key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), key
+        else:
+            assert report[key] == value, key
+    # The associations listed skip a group with no example (undefined there), and the
+    # strongest one listed is the data's association bias.
+    groups = {a["group"] for a in report["strongest_associations"]}
+    assert groups == ({"women"} if empty_group else {"women", "young"})
+    assert max(abs(a["before"]) for a in report["strongest_associations"]) == pytest.approx(want["ab_before"])
+    # The same report from counts alone (what a streaming caller has).
+    from_counts = m4.report(m4.weighted_counts(s, y), m4.weighted_counts(s, y, res.q), target=0.4, budget=0.6,
+                            eps_assoc=0.02, method="exact", iterations=res.iterations,
+                            group_names=["women", "young"], label_names=[f"lab{r}" for r in range(4)])
+    for key, value in from_counts.summary().items():
+        assert (value == pytest.approx(want[key], nan_ok=True)) if isinstance(value, float) else value == want[key], key
+
+
+def test_report_leaves_the_matplotlib_backend_alone(tmp_path, capsys):
+    matplotlib = pytest.importorskip("matplotlib")
+    saved = matplotlib.get_backend()
+    matplotlib.use("svg")  # a user's non-Agg backend: the report must not switch it
+    try:
+        src = tmp_path / "d.parquet"
+        pq.write_table(make_table(300), src)
+        assert cli.main(["balance", str(src), *ARGS, "--out", str(tmp_path / "o.parquet")]) == 0
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(saved)
+    assert (tmp_path / "o.report.png").stat().st_size > 1000

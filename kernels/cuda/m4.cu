@@ -89,10 +89,15 @@ __global__ void m4_batch_kernel(const uint8_t* __restrict__ s, const uint8_t* __
 
 }  // namespace
 
-void m4_batch(const uint8_t* s, const uint8_t* y, const double* u, int64_t n, int64_t m, int64_t c,
+void m4_batch(const uint8_t* s, const uint8_t* y, const double* u, int64_t row0, int64_t n, int64_t m, int64_t c,
               const double* pi, double eta, const double* w, const double* mu, double* q, double* stats,
               void* stream) {
   if (n <= 0) return;
+  // Rows [row0, row0 + n) of the whole arrays: the offsets are computed here, once.
+  s += row0 * m;
+  y += row0 * c;
+  if (u) u += row0;
+  if (q) q += row0;
   const int64_t p = m * (c + 1);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   int device = 0, sms = 1;

@@ -119,8 +119,8 @@ inline float fast_expf(float x) {
   return result * static_cast<float>(x >= -87.0f);
 }
 
-// exp for double: the CPU kernels use double only for the float64 path of general OT,
-// where accuracy matters more than speed, so libm is fine there.
+// exp for double: the float64 paths (float64 input to SwAV or general OT) ask for
+// accuracy more than speed, so libm is fine there.
 inline double fast_exp(double x) { return std::exp(x); }
 inline float fast_exp(float x) { return fast_expf(x); }
 

@@ -30,11 +30,12 @@ void sinkhorn_solve(const void* x, DType dtype, int64_t rows, int64_t cols, int6
                     void* out, void* workspace, int* non_finite, void* stream);
 
 // ----- M4 (kernels/cuda/m4.cu) -----------------------------------------------------------
-// One mini-batch of M4 on the GPU: s (n x m) and y (n x c) uint8 0/1, contiguous; u (n
-// doubles) or null; pi (m), w (p = m (c + 1)) and mu (one double) device pointers. Writes
-// q (n doubles) when non-null and, when stats is non-null, ADDS [sum q a (p) | sum a^2 (p) |
-// sum q | count] into stats (2p + 2 doubles; the caller zeroes it).
-void m4_batch(const uint8_t* s, const uint8_t* y, const double* u, int64_t n, int64_t m, int64_t c,
+// One mini-batch of M4 on the GPU: rows [row0, row0 + n) of s (rows x m) and y (rows x c)
+// uint8 0/1, contiguous, and of u (rows doubles) or null; pi (m), w (p = m (c + 1)) and mu
+// (one double) device pointers. Writes q[row0, row0 + n) (q: rows doubles) when non-null and,
+// when stats is non-null, ADDS [sum q a (p) | sum a^2 (p) | sum q | count] into stats (2p + 2
+// doubles; the caller zeroes it).
+void m4_batch(const uint8_t* s, const uint8_t* y, const double* u, int64_t row0, int64_t n, int64_t m, int64_t c,
               const double* pi, double eta, const double* w, const double* mu, double* q, double* stats,
               void* stream);
 

@@ -1,0 +1,165 @@
+"""balance(): validate, solve (exact or one stream pass), report; and sample()."""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import _backend
+from .._arrays import to_tensor
+from . import _inputs, _problem
+from ._solver import M4Solver
+
+_STATUS = {0: "optimal", 1: "infeasible", 2: "max_iter"}
+
+
+@dataclass
+class BalanceResult:
+    """The output of :func:`balance`.
+
+    q : (N,) keep probabilities (float64, the caller's array type).
+    v_plus, v_minus : (m, c + 1) duals of the upper/lower bias constraints; column 0 is the
+        representation constraint of each group, column 1 + r the association with label r.
+    mu : dual of the budget.
+    status : "optimal", "infeasible" or "max_iter"; ``message`` says why (naming constraints).
+    violations : per constraint, how far it is exceeded: ``budget`` |mean q - eta|,
+        ``representation`` (m,) and ``association`` (m, c), each max(|value| - bound, 0).
+    rb_before/rb_after, ab_before/ab_after: representation and association bias of the
+        data, uniform and weighted by q.
+    report : the :class:`~pym4.m4.Report` these fields come from (also its ``details()``).
+    """
+    q: Any
+    v_plus: np.ndarray
+    v_minus: np.ndarray
+    mu: float
+    status: str
+    message: str
+    objective: float
+    violations: Dict[str, Any]
+    max_violation: float
+    rb_before: float
+    rb_after: float
+    ab_before: float
+    ab_after: float
+    target: np.ndarray
+    method: str
+    iterations: int
+    infeasible_constraints: List[str] = field(default_factory=list)
+    report: Optional[_problem.Report] = field(default=None, repr=False)
+
+    def summary(self) -> Dict[str, Any]:
+        """JSON-serialisable summary (no per-example arrays): the report's, with the
+        objective and the budget's dual."""
+        return {**self.report.summary(), "objective": self.objective, "mu": self.mu}
+
+
+def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.01, eps_assoc: float = 0.01,
+            utility=None, method: str = "exact", seed: int = 0, max_iter: int = 100, tol: float = 1e-10,
+            batch_size: int = 256, lr: float = 0.1, shuffle: bool = True,
+            group_names: Optional[Sequence[str]] = None, label_names: Optional[Sequence[str]] = None,
+            backend: Optional[str] = None) -> BalanceResult:
+    """Keep probabilities that balance a dataset (M4; see :mod:`pym4.m4` for the problem).
+
+    Parameters
+    ----------
+    s : (N, m) array, bool/uint8 or 0/1 floats
+        Sensitive-group indicators; groups may overlap, rows may be all zero (unknown).
+    y : (N, c) array (0/1) or scipy.sparse CSR matrix, optional
+        Labels or proxies whose association with the groups is removed. c in the hundreds
+        or thousands is handled through index lists.
+    target : None, float or (m,) array in (0, 1)
+        Target proportions pi. None: every group at the mean of the observed group shares.
+    budget : float in (0, 1]
+        eta, the expected fraction of data kept.
+    eps_rep, eps_assoc : float >= 0
+        Tolerances of the representation and association constraints (relative to eta).
+    utility : (N,) array, optional
+        u_i, a bonus for keeping example i.
+    method : "exact" or "stream"
+        "exact": the dual solved to ``tol`` (proximal Newton, C++/OpenMP; needs the compiled
+        core). "stream": one pass of stochastic dual ascent over the examples in an order
+        shuffled with ``seed`` (``batch_size``, ``lr``), as :class:`M4Solver` does on data
+        that does not fit in memory (the core, or torch without it).
+    backend : {"cpu", "torch"}, optional
+        Force an implementation of the stream (``method="exact"`` is the core's alone).
+
+    Returns
+    -------
+    BalanceResult; an infeasible problem gives ``status="infeasible"`` and a message naming
+    the constraints that cannot hold together (a certificate of the dual's recession). Any
+    status other than "optimal" also emits a RuntimeWarning carrying ``message``.
+    """
+    s8 = _inputs.binary_matrix(s, "s")
+    n, m = s8.shape
+    if n == 0:
+        raise ValueError("s: no examples")
+    lab = _inputs.as_labels(y, n)
+    u = _inputs.utility(utility, n)
+    t_in, origin = to_tensor(s, "s")
+    problem = _problem.make_problem(target, m, s8, budget, eps_rep, eps_assoc)
+    if method not in ("exact", "stream"):
+        raise ValueError(f"method: expected 'exact' or 'stream', got {method!r}")
+    max_iter = _inputs.positive_int(max_iter, "max_iter")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol: must be a positive number, got {tol!r}")
+    gnames, lnames = _inputs.names(group_names, m, "group"), _inputs.names(label_names, lab.c, "label")
+    p = m * (lab.c + 1)
+    data = _inputs.data_tuple(s8, lab, u)
+
+    infeasible: List[str] = []
+    if method == "exact":
+        try:
+            _backend.choose("m4_exact", "cpu", backend)
+        except RuntimeError as e:
+            raise RuntimeError(f"balance: method='exact' runs in the compiled core ({e}); "
+                               f"method='stream' runs without it") from None
+        w, q = np.zeros(p), np.empty(n)
+        info = _backend.core().m4_solve_exact(data, problem.core(), max_iter, float(tol), 1e6, w, q)
+        status, iterations, mu = _STATUS[info["status"]], int(info["iterations"]), float(info["mu"])
+        if status == "infeasible":
+            big = np.abs(w) >= 1e-3 * np.abs(w).max()
+            order = np.argsort(-np.abs(w))
+            infeasible = [_problem.constraint_name(int(j), lab.c, gnames, lnames) for j in order if big[j]]
+    else:
+        solver = M4Solver(problem.target, budget=problem.budget, eps_rep=problem.eps_rep,
+                          eps_assoc=problem.eps_assoc, lr=lr, batch_size=batch_size, backend=backend)
+        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+        solver.partial_fit(s8[order], lab.take(order), None if u is None else u[order])
+        w, mu = solver.state.avg_w.copy(), float(solver.state.mu_avg)
+        q = np.asarray(solver.keep_probability(s8, lab, u))
+        iterations, status = solver.steps, "optimal"
+
+    rep = _problem.evaluate(problem, _problem.counts(s8, lab, None), _problem.counts(s8, lab, q), lab.c,
+                            method=method, iterations=iterations, status=status, infeasible=infeasible,
+                            group_names=gnames, label_names=lnames)
+    objective = float(np.mean(0.5 * (q - problem.budget) ** 2 - (0.0 if u is None else u) * q))
+    if rep.status != "optimal":  # q does not solve the problem: say so even to callers who skip .status
+        warnings.warn(f"pym4.m4.balance: {rep.message}", RuntimeWarning, stacklevel=2)
+    q_out = q if origin.is_numpy else torch.from_numpy(q).to(t_in.device)
+    vp, vm = np.maximum(w, 0.0), np.maximum(-w, 0.0)
+    return BalanceResult(
+        q=q_out, v_plus=vp.reshape(m, lab.c + 1), v_minus=vm.reshape(m, lab.c + 1), mu=mu, status=rep.status,
+        message=rep.message, objective=objective, violations=rep.violations, max_violation=rep.max_violation,
+        rb_before=rep.rb_before, rb_after=rep.rb_after, ab_before=rep.ab_before, ab_after=rep.ab_after,
+        target=problem.target, method=method, iterations=iterations,
+        infeasible_constraints=rep.infeasible_constraints, report=rep)
+
+
+
+def sample(q, seed: int = 0):
+    """Keep mask: ``keep_i ~ Bernoulli(q_i)`` independently, reproducible from ``seed``.
+
+    q : (N,) probabilities in [0, 1] (numpy array or tensor); returns a bool mask of the same type.
+    """
+    t, origin = to_tensor(q, "q")
+    if t.dim() != 1:
+        raise ValueError(f"q: expected a 1-D array, got shape {tuple(t.shape)}")
+    arr = t.detach().cpu().double().numpy()
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr > 1):
+        raise ValueError("q: probabilities must be finite and in [0, 1]")
+    keep = np.random.default_rng(seed).random(arr.shape[0]) < arr
+    return keep if origin.is_numpy else torch.from_numpy(keep).to(origin.device)

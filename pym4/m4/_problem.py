@@ -1,0 +1,328 @@
+"""The M4 problem and its report, from weighted counts alone.
+
+Everything a report needs is in the weighted counts of the data,
+``[sum w | sum w s_k (m) | sum w y_r (c) | sum w s_k y_r (m c)]`` (the core's layout), once
+with w = 1 (the data) and once with w = q (the kept data): the constraint values, the
+violations, the biases, the infeasibility certificate of an empty group, the status and
+the message. So a caller that streams the data in passes (the CLI, a cluster job) adds
+per-batch counts and gets the same report as :func:`pym4.m4.balance` on the data in memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .. import _backend
+from . import _inputs
+
+
+@dataclass(frozen=True)
+class Problem:
+    """pi (m,) target proportions in (0, 1), eta the budget, eps_rep and eps_assoc the
+    tolerances (relative to eta)."""
+    target: np.ndarray
+    budget: float
+    eps_rep: float
+    eps_assoc: float
+
+    @property
+    def m(self) -> int:
+        return int(self.target.shape[0])
+
+    def tolerances(self, c: int) -> np.ndarray:
+        """lambda (m (c + 1),): eta eps_rep for representation constraint k (c + 1), eta
+        eps_assoc for association k (c + 1) + 1 + r; the layout of include/pym4/m4.h."""
+        rep = np.arange(self.m * (c + 1)) % (c + 1) == 0
+        return np.where(rep, self.budget * self.eps_rep, self.budget * self.eps_assoc)
+
+    def core(self):
+        """The core's problem argument: (pi, eta, eps_rep, eps_assoc)."""
+        return (self.target, self.budget, self.eps_rep, self.eps_assoc)
+
+
+def make_problem(target, m: int, s8: Optional[np.ndarray], budget, eps_rep, eps_assoc) -> Problem:
+    """A checked :class:`Problem` (target None: the default of s8)."""
+    eta = _inputs.scalar(budget, "budget", 0.0, 1.0, lo_open=True)
+    er = _inputs.scalar(eps_rep, "eps_rep", 0.0, float("inf"))
+    ea = _inputs.scalar(eps_assoc, "eps_assoc", 0.0, float("inf"))
+    return Problem(_inputs.target(target, m, s8), eta, er, ea)
+
+
+# ----- counts -----------------------------------------------------------------------------------
+
+def counts_size(m: int, c: int) -> int:
+    return 1 + m + c + m * c
+
+
+def counts(s8: np.ndarray, lab: _inputs.Labels, q: Optional[np.ndarray]) -> np.ndarray:
+    """Weighted counts (float64, :func:`counts_size`) of checked inputs; q None: weight 1."""
+    m, c = s8.shape[1], lab.c
+    out = np.zeros(counts_size(m, c))
+    if _backend.choose("m4_counts", "cpu") == "cpu":
+        _backend.core().m4_weighted_counts(_inputs.data_tuple(s8, lab, None), q, out)
+        return out
+    import torch  # the reference: float64 matrix products
+
+    w = torch.ones(s8.shape[0], dtype=torch.float64) if q is None else torch.from_numpy(q)
+    y = torch.from_numpy(lab.to_dense()).to(torch.float64)
+    sf = torch.from_numpy(s8).to(torch.float64)
+    out[0] = float(w.sum())
+    out[1:1 + m] = (w @ sf).numpy()
+    out[1 + m:1 + m + c] = (w @ y).numpy()
+    out[1 + m + c:] = ((sf * w[:, None]).T @ y).reshape(-1).numpy()
+    return out
+
+
+def weighted_counts(s, y=None, weights=None) -> np.ndarray:
+    """``[sum w | sum w s_k (m) | sum w y_r (c) | sum w s_k y_r (m c)]``, float64.
+
+    s : (N, m) 0/1; y : (N, c) 0/1 or scipy CSR, optional; weights : (N,) >= 0 (default 1).
+    Counts of disjoint parts of a dataset add up to the counts of the whole, which is what
+    :func:`report` takes.
+    """
+    s8 = _inputs.binary_matrix(s, "s")
+    return counts(s8, _inputs.as_labels(y, s8.shape[0]), _inputs.weights(weights, s8.shape[0]))
+
+
+def _parts(cnt: np.ndarray, m: int, c: int):
+    cnt = np.asarray(cnt, dtype=np.float64)
+    if cnt.shape != (counts_size(m, c),):
+        raise ValueError(f"counts: expected {counts_size(m, c)} values for m={m} groups and c={c} labels, "
+                         f"got shape {cnt.shape}")
+    return cnt[0], cnt[1:1 + m], cnt[1 + m:1 + m + c], cnt[1 + m + c:].reshape(m, c)
+
+
+def group_shares(cnt: np.ndarray, m: int, c: int = 0) -> np.ndarray:
+    """(m,) E_w[s_k] / E_w[1]; NaN when the total weight is 0."""
+    total, qs, _, _ = _parts(cnt, m, c)
+    return qs / total if total > 0 else np.full(m, np.nan)
+
+
+def target_from_counts(cnt: np.ndarray, m: int, c: int = 0) -> np.ndarray:
+    """The default target (see :func:`pym4.m4.default_target`) from unweighted counts."""
+    if _parts(cnt, m, c)[0] <= 0:
+        raise ValueError("counts: no examples")
+    return _inputs.target_from_shares(group_shares(cnt, m, c))
+
+
+def constraint_values(cnt: np.ndarray, m: int, c: int, pi: np.ndarray, n: float) -> np.ndarray:
+    """g (m (c + 1),): ``(1/n) sum_i w_i (s_ik - pi_k) [1; y_i]`` in the layout of lambda."""
+    total, qs, qy, qsy = _parts(cnt, m, c)
+    g = np.empty((m, c + 1))
+    g[:, 0] = qs - pi * total
+    g[:, 1:] = qsy - pi[:, None] * qy[None, :]
+    return g.reshape(-1) / n
+
+
+def association_gaps(cnt: np.ndarray, m: int, c: int) -> np.ndarray:
+    """(m, c) ``P_w(y_r | s_k = 1) - P_w(y_r | s_k = 0)``; a row is NaN where group k holds
+    no weight or all of it (the difference is undefined there)."""
+    total, qs, qy, qsy = _parts(cnt, m, c)
+    out = np.full((m, c), np.nan)
+    for k in range(m):
+        n1, n0 = qs[k], total - qs[k]
+        if n1 > 0 and n0 > 0:
+            out[k] = qsy[k] / n1 - (qy - qsy[k]) / n0
+    return out
+
+
+def representation_bias_from_counts(cnt: np.ndarray, m: int, pi: np.ndarray, c: int = 0) -> float:
+    """RB = max_k |E_w[s_k] / E_w[1] - pi_k|; NaN when the total weight is 0."""
+    shares = group_shares(cnt, m, c)
+    return float(np.max(np.abs(shares - pi))) if np.all(np.isfinite(shares)) else float("nan")
+
+
+def association_bias_from_counts(cnt: np.ndarray, m: int, c: int) -> float:
+    """AB = max over defined (k, r) of |association_gaps|; 0 when none is defined."""
+    gaps = np.abs(association_gaps(cnt, m, c))
+    return float(np.nanmax(gaps)) if c and np.isfinite(gaps).any() else 0.0
+
+
+def representation_bias(s, weights=None, target=None) -> float:
+    """Representation bias ``RB = max_k |E_q[s_k] / E_q[1] - pi_k|`` (DESIGN.md §3).
+
+    s : (N, m) 0/1 sensitive groups; weights : (N,) non-negative (default uniform);
+    target : scalar or (m,) proportions (default: the mean of the unweighted group shares).
+    """
+    s8 = _inputs.binary_matrix(s, "s")
+    q = _inputs.weights(weights, s8.shape[0])
+    pi = _inputs.target(target, s8.shape[1], s8)
+    return representation_bias_from_counts(counts(s8, _inputs.Labels.none(s8.shape[0]), q), s8.shape[1], pi)
+
+
+def association_bias(s, y, weights=None) -> float:
+    """Association bias ``AB = max_{k,r} |P_q(y_r | s_k = 1) - P_q(y_r | s_k = 0)|``.
+
+    s : (N, m) 0/1; y : (N, c) 0/1 (or scipy CSR); weights : (N,) non-negative (default uniform).
+    Groups that contain every example or none are skipped (the difference is undefined).
+    """
+    s8 = _inputs.binary_matrix(s, "s")
+    lab = _inputs.as_labels(y, s8.shape[0])
+    q = _inputs.weights(weights, s8.shape[0])
+    return association_bias_from_counts(counts(s8, lab, q), s8.shape[1], lab.c)
+
+
+# ----- the report -------------------------------------------------------------------------------
+
+def constraint_name(j: int, c: int, groups: Sequence[str], labels: Sequence[str]) -> str:
+    k, r = divmod(j, c + 1)
+    if r == 0:
+        return f"representation[{groups[k]}]"
+    return f"association[{groups[k]}, {labels[r - 1]}]"
+
+
+def empty_groups(before: np.ndarray, problem: Problem, c: int) -> List[int]:
+    """Groups whose target no q can reach: with no example (or every example) the kept
+    share is 0 (or 1) whatever q is, farther than eps_rep from the target."""
+    total, qs, _, _ = _parts(before, problem.m, c)
+    pi, er = problem.target, problem.eps_rep
+    return [k for k in range(problem.m) if (qs[k] == 0 and pi[k] > er) or (qs[k] == total and 1 - pi[k] > er)]
+
+
+@dataclass
+class Report:
+    """What a solve achieved, from counts: see :func:`report`.
+
+    violations: ``budget`` |kept fraction - eta|, ``representation`` (m,) and
+    ``association`` (m, c), each max(|constraint value| - bound, 0).
+    """
+    status: str
+    message: str
+    method: str
+    iterations: int
+    violations: Dict[str, Any]
+    max_violation: float
+    kept_fraction: float
+    rb_before: float
+    rb_after: float
+    ab_before: float
+    ab_after: float
+    target: np.ndarray
+    infeasible_constraints: List[str]
+    counts_before: np.ndarray = field(repr=False)
+    counts_after: np.ndarray = field(repr=False)
+    group_names: List[str] = field(repr=False)
+    label_names: List[str] = field(repr=False)
+
+    def summary(self) -> Dict[str, Any]:
+        """JSON-serialisable summary (no per-example arrays)."""
+        return {"status": self.status, "message": self.message, "method": self.method,
+                "iterations": self.iterations, "max_violation": self.max_violation,
+                "budget_error": self.violations["budget"], "kept_fraction": self.kept_fraction,
+                "rb_before": self.rb_before, "rb_after": self.rb_after,
+                "ab_before": self.ab_before, "ab_after": self.ab_after,
+                "target": self.target.tolist(), "infeasible_constraints": list(self.infeasible_constraints)}
+
+    def details(self, top: int = 10) -> Dict[str, Any]:
+        """Group shares before/after (by name) and the ``top`` strongest associations of
+        the data, before and after; undefined ones (a group with no example) are left out."""
+        m, c = len(self.group_names), len(self.label_names)
+        gaps0 = association_gaps(self.counts_before, m, c).reshape(-1)
+        gaps1 = association_gaps(self.counts_after, m, c).reshape(-1)
+        defined = np.flatnonzero(np.isfinite(gaps0))
+        order = defined[np.argsort(-np.abs(gaps0[defined]), kind="stable")][:top]
+        return {"group_shares_before": dict(zip(self.group_names, group_shares(self.counts_before, m, c).tolist())),
+                "group_shares_after": dict(zip(self.group_names, group_shares(self.counts_after, m, c).tolist())),
+                "strongest_associations": [
+                    {"group": self.group_names[j // c], "label": self.label_names[j % c],
+                     "before": float(gaps0[j]), "after": float(gaps1[j])} for j in order]}
+
+
+def evaluate(problem: Problem, before: np.ndarray, after: np.ndarray, c: int, *, method: str, iterations: int,
+             status: str = "optimal", infeasible: Sequence[str] = (),
+             group_names: Optional[Sequence[str]] = None, label_names: Optional[Sequence[str]] = None) -> Report:
+    """The report of keep probabilities q from the counts of the data (``before``, w = 1)
+    and of the kept data (``after``, w = q).
+
+    ``status`` is the solver's ("optimal", "infeasible" with the dual's ``infeasible``
+    constraint names, or "max_iter"). Here it becomes "infeasible" when a group is empty
+    (the certificate of :func:`empty_groups`), and a one-pass "stream" solve counts as
+    "optimal" only when every constraint holds within twice its tolerance and the budget
+    within 1 %.
+    """
+    m = problem.m
+    gnames, lnames = _inputs.names(group_names, m, "group"), _inputs.names(label_names, c, "label")
+    n = float(_parts(before, m, c)[0])
+    if n <= 0:
+        raise ValueError("counts: no examples")
+    lam = problem.tolerances(c)
+    g = constraint_values(after, m, c, problem.target, n)
+    viol = np.maximum(np.abs(g) - lam, 0.0)
+    kept = float(after[0] / n)
+    budget_err = abs(kept - problem.budget)
+    max_viol = float(max(viol.max(initial=0.0), budget_err))
+    names = list(infeasible)
+    empty = empty_groups(before, problem, c)
+    if empty:
+        status = "infeasible"
+        for k in reversed(empty):
+            name = f"representation[{gnames[k]}]"
+            if name not in names:
+                names.insert(0, name)
+    if method == "stream" and status == "optimal":
+        # One pass is an estimate: accept it when every constraint holds within its own
+        # tolerance once more and the budget within 1 %.
+        if np.any(np.abs(g) > 2 * lam + 1e-12) or budget_err > 0.01 * problem.budget:
+            status = "max_iter"
+    shares = group_shares(before, m, c)
+    message = _message(status, method, names, [(gnames[k], shares[k], problem.target[k]) for k in empty],
+                       problem.budget, max_viol, iterations)
+    violations = {"budget": float(budget_err), "representation": viol.reshape(m, c + 1)[:, 0].copy(),
+                  "association": viol.reshape(m, c + 1)[:, 1:].copy()}
+    return Report(status=status, message=message, method=method, iterations=int(iterations), violations=violations,
+                  max_violation=max_viol, kept_fraction=kept,
+                  rb_before=representation_bias_from_counts(before, m, problem.target, c),
+                  rb_after=representation_bias_from_counts(after, m, problem.target, c),
+                  ab_before=association_bias_from_counts(before, m, c),
+                  ab_after=association_bias_from_counts(after, m, c), target=problem.target,
+                  infeasible_constraints=names, counts_before=np.asarray(before, dtype=np.float64),
+                  counts_after=np.asarray(after, dtype=np.float64), group_names=gnames, label_names=lnames)
+
+
+def _message(status, method, infeasible, empty, eta, max_viol, iterations) -> str:
+    if status == "optimal":
+        return f"{method}: solved in {iterations} iterations (max constraint violation {max_viol:.2e})"
+    if status == "infeasible":
+        parts = [f"group {name!r} has {'no' if share == 0 else 'every'} example but its target proportion is {pi:g}"
+                 for name, share, pi in empty]
+        names = ", ".join(infeasible[:8]) + (f" and {len(infeasible) - 8} more" if len(infeasible) > 8 else "")
+        why = "; ".join(parts) + ("; " if parts else "")
+        return (f"infeasible: {why}no keep probabilities in [0, 1] with budget {eta:g} satisfy together: {names} "
+                f"(loosen eps_rep/eps_assoc, change the target, or lower the budget)")
+    if method == "stream":
+        return (f"stream: after one pass ({iterations} steps) a constraint is still off by more than its tolerance "
+                f"(max violation {max_viol:.2e}); stream more data, or use method='exact'")
+    return f"exact: stopped at max_iter={iterations} (max constraint violation {max_viol:.2e}); raise max_iter"
+
+
+def report(counts_before, counts_after, *, target, budget: float, eps_rep: float = 0.01, eps_assoc: float = 0.01,
+           method: str = "stream", iterations: int = 0, group_names: Optional[Sequence[str]] = None,
+           label_names: Optional[Sequence[str]] = None) -> Report:
+    """The report of a solve from weighted counts (see :func:`weighted_counts`): the counts
+    of the data (weights 1) and of the kept data (weights q), summed over any number of
+    batches. ``target`` is a scalar or (m,) proportions; m and c follow from
+    ``group_names``/``label_names``, or from ``target`` and the counts' length.
+    Same rules and wording as :func:`pym4.m4.balance`.
+    """
+    before = np.asarray(counts_before, dtype=np.float64).reshape(-1)
+    after = np.asarray(counts_after, dtype=np.float64).reshape(-1)
+    if group_names is not None:
+        m = len(group_names)
+    elif np.ndim(target) == 1:
+        m = len(target)
+    else:
+        raise ValueError("group_names: required with a scalar target (it gives the number of groups)")
+    # 1 + m + c (1 + m) values: c from the length.
+    c, rest = divmod(before.shape[0] - 1 - m, 1 + m)
+    if rest or c < 0 or (label_names is not None and len(label_names) != c):
+        raise ValueError(f"counts_before: {before.shape[0]} values do not fit m={m} groups"
+                         + ("" if label_names is None else f" and c={len(label_names)} labels"))
+    if after.shape != before.shape:
+        raise ValueError(f"counts_after: expected {before.shape[0]} values like counts_before, got {after.shape[0]}")
+    if method not in ("exact", "stream"):
+        raise ValueError(f"method: expected 'exact' or 'stream', got {method!r}")
+    problem = make_problem(target, m, None, budget, eps_rep, eps_assoc)
+    return evaluate(problem, before, after, c, method=method, iterations=iterations,
+                    group_names=group_names, label_names=label_names)

@@ -1,0 +1,293 @@
+"""The streaming M4 solver: one-pass stochastic projected dual ascent, bounded memory."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from .. import _backend
+from .._arrays import to_tensor
+from . import _device, _inputs
+from ._problem import Problem
+
+_ARRAYS = ("v_plus", "v_minus", "avg_w", "curv")
+_SCALARS = ("mu", "mu_avg", "n_seen", "steps")  # the core's `scalars` layout, in this order
+
+
+@dataclass
+class StreamState:
+    """The dual state of :class:`M4Solver` (p = m (c + 1) constraints, float64).
+
+    v_plus, v_minus : (p,) current iterates of the duals of the upper/lower constraints.
+    avg_w : (p,) polynomial-decay average of v_plus - v_minus (what q is computed from).
+    curv : (p,) running sum of a_ij^2 over the examples seen (the preconditioner).
+    mu, mu_avg : the budget's dual and its average; n_seen, steps : examples and steps so far.
+    Fields are numpy arrays and floats, or (inside the torch path) tensors on one device.
+    """
+    v_plus: Any
+    v_minus: Any
+    avg_w: Any
+    curv: Any
+    mu: Any = 0.0
+    mu_avg: Any = 0.0
+    n_seen: Any = 0.0
+    steps: Any = 0.0
+
+    @classmethod
+    def zeros(cls, p: int) -> "StreamState":
+        return cls(*(np.zeros(p) for _ in _ARRAYS))
+
+    def scalars(self) -> np.ndarray:
+        """(4,) [mu, mu_avg, n_seen, steps]: the core's in/out argument."""
+        return np.array([float(getattr(self, k)) for k in _SCALARS])
+
+    def set_scalars(self, values) -> None:
+        for k, v in zip(_SCALARS, np.asarray(values, dtype=np.float64).reshape(-1)):
+            setattr(self, k, float(v))
+
+    def to_torch(self, device: torch.device) -> "StreamState":
+        return StreamState(*(torch.from_numpy(getattr(self, k)).to(device) for k in _ARRAYS),
+                           *(torch.tensor(float(getattr(self, k)), dtype=torch.float64, device=device)
+                             for k in _SCALARS))
+
+    def to_numpy(self) -> "StreamState":
+        return StreamState(*(getattr(self, k).cpu().numpy().copy() for k in _ARRAYS),
+                           *(float(getattr(self, k)) for k in _SCALARS))
+
+    def copy(self) -> "StreamState":
+        return dataclasses.replace(self, **{k: getattr(self, k).copy() for k in _ARRAYS})
+
+
+class M4Solver:
+    """Streaming M4: one-pass stochastic projected dual ascent with bounded memory.
+
+    Each mini-batch of ``batch_size`` examples gives ``g = mean q_i a_i`` and
+    ``g_mu = mean q_i - eta`` at the current duals; then
+    ``v+ <- max(0, v+ + lr (g - lambda) / h)``, ``v- <- max(0, v- + lr (-g - lambda) / h)``,
+    ``mu <- mu + lr g_mu`` with ``h`` the running mean of ``a_ij^2`` (a diagonal
+    preconditioner), and the duals used by :meth:`keep_probability` are the polynomial-decay
+    average of the iterates (Shamir & Zhang, 2013). Memory is O(m (c + 1)), whatever N.
+
+    Parameters
+    ----------
+    target : float or (m,) array in (0, 1)
+        Target group proportions (a stream has no data to take a default from).
+    budget, eps_rep, eps_assoc : as in :func:`balance`.
+    lr, gamma, batch_size : step size, averaging parameter, mini-batch size.
+    group : torch.distributed.ProcessGroup, optional
+        Every rank calls :meth:`partial_fit` with its own shard; the mini-batch statistics
+        are all-reduced, so all ranks hold the same duals: those of one process streaming
+        the union of the ranks' i-th mini-batches as its i-th mini-batch.
+    backend : {"cpu", "cuda", "torch"}, optional
+        Force an implementation (default: ``cpu`` (the core) for host data, ``cuda`` for
+        CUDA tensors, ``torch`` where those are not built; see ``pym4._backend``).
+    """
+
+    def __init__(self, target, *, budget: float = 0.9, eps_rep: float = 0.01, eps_assoc: float = 0.01,
+                 lr: float = 0.1, gamma: float = 3.0, batch_size: int = 256, group=None,
+                 backend: Optional[str] = None):
+        self.budget = _inputs.scalar(budget, "budget", 0.0, 1.0, lo_open=True)
+        self.eps_rep = _inputs.scalar(eps_rep, "eps_rep", 0.0, float("inf"))
+        self.eps_assoc = _inputs.scalar(eps_assoc, "eps_assoc", 0.0, float("inf"))
+        self.lr = _inputs.scalar(lr, "lr", 0.0, float("inf"), lo_open=True)
+        self.gamma = _inputs.scalar(gamma, "gamma", 0.0, float("inf"))
+        self.batch_size = _inputs.positive_int(batch_size, "batch_size")
+        self.group = group
+        self.backend = backend
+        if target is None:
+            raise ValueError("target: required for streaming (a scalar or one proportion per group)")
+        self._target_arg = target  # checked once the first batch gives the number of groups
+        self.problem: Optional[Problem] = None
+        self.state: Optional[StreamState] = None
+        self.m: Optional[int] = None
+        self.c: Optional[int] = None
+
+    # state ------------------------------------------------------------------------------------
+    def _init(self, m: int, c: int) -> None:
+        if self.m is None:
+            self.problem = Problem(_inputs.target(self._target_arg, m, None), self.budget, self.eps_rep,
+                                   self.eps_assoc)
+            self.m, self.c = m, c
+            self.state = StreamState.zeros(m * (c + 1))
+        elif (m, c) != (self.m, self.c):
+            raise ValueError(f"s, y: this solver was fitted with m={self.m} groups and c={self.c} labels, "
+                             f"got m={m}, c={c}")
+
+    @property
+    def pi(self) -> np.ndarray:
+        self._check_fitted()
+        return self.problem.target
+
+    @property
+    def n_seen(self) -> int:
+        return 0 if self.m is None else int(self.state.n_seen)
+
+    @property
+    def steps(self) -> int:
+        return 0 if self.m is None else int(self.state.steps)
+
+    @property
+    def v_plus(self) -> np.ndarray:
+        """Averaged duals of the upper constraints, (m, c + 1)."""
+        self._check_fitted()
+        return np.maximum(self.state.avg_w, 0).reshape(self.m, self.c + 1)
+
+    @property
+    def v_minus(self) -> np.ndarray:
+        self._check_fitted()
+        return np.maximum(-self.state.avg_w, 0).reshape(self.m, self.c + 1)
+
+    @property
+    def mu(self) -> float:
+        self._check_fitted()
+        return float(self.state.mu_avg)
+
+    def _check_fitted(self) -> None:
+        if self.m is None:
+            raise RuntimeError("M4Solver: call partial_fit (or load_state_dict) first")
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume: configuration and dual state (numpy arrays, copies)."""
+        self._check_fitted()
+        pr, st = self.problem, self.state
+        return {"m": self.m, "c": self.c, "target": pr.target.copy(), "budget": pr.budget, "eps_rep": pr.eps_rep,
+                "eps_assoc": pr.eps_assoc, "lr": self.lr, "gamma": self.gamma, "batch_size": self.batch_size,
+                **{k: getattr(st, k).copy() for k in _ARRAYS}, "scalars": st.scalars()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> "M4Solver":
+        need = {"m", "c", "target", "budget", "eps_rep", "eps_assoc", "lr", "gamma", "batch_size", *_ARRAYS,
+                "scalars"}
+        missing = need - set(state)
+        if missing:
+            raise ValueError(f"state: missing keys {sorted(missing)}")
+        m, c = int(state["m"]), int(state["c"])
+        p = m * (c + 1)
+        arrays = {}
+        for key, size in (*((k, p) for k in _ARRAYS), ("scalars", 4), ("target", m)):
+            a = np.array(torch.as_tensor(state[key]).cpu().numpy(), dtype=np.float64).reshape(-1)
+            if a.shape[0] != size or not np.all(np.isfinite(a)):
+                raise ValueError(f"state[{key!r}]: expected {size} finite values")
+            arrays[key] = a
+        self.m, self.c = m, c
+        self.budget, self.eps_rep, self.eps_assoc = (float(state[k]) for k in ("budget", "eps_rep", "eps_assoc"))
+        self.problem = Problem(arrays["target"], self.budget, self.eps_rep, self.eps_assoc)
+        self.lr, self.gamma, self.batch_size = float(state["lr"]), float(state["gamma"]), int(state["batch_size"])
+        self.state = StreamState(*(arrays[k] for k in _ARRAYS))
+        self.state.set_scalars(arrays["scalars"])
+        return self
+
+    # fitting ----------------------------------------------------------------------------------
+    def _backend_for(self, op: str, s) -> str:
+        device = s.device.type if isinstance(s, torch.Tensor) else "cpu"
+        return _backend.choose(op, device, self.backend)
+
+    def partial_fit(self, s, y=None, utility=None) -> "M4Solver":
+        """One batch of the stream: consecutive mini-batches of ``batch_size`` (the last may
+        be shorter), one dual-ascent step each. s (n, m), y (n, c) or CSR, utility (n,).
+
+        Runs where the data are: the core for host data, its CUDA kernel (else torch) on
+        the GPU for CUDA tensors; ``backend=`` forces one.
+        """
+        name = self._backend_for("m4_fit", s)
+        if name == "cpu":
+            s8 = _inputs.binary_matrix(s, "s")
+            lab = _inputs.as_labels(y, s8.shape[0])
+            self._fit_core(s8, lab, _inputs.utility(utility, s8.shape[0]))
+        else:
+            device = s.device if isinstance(s, torch.Tensor) else torch.device("cpu")
+            self._fit_torch(*_device.as_rows(s, y, utility, device), use_kernel=name == "cuda")
+        return self
+
+    def _steps(self, n: int, device=None) -> int:
+        """Mini-batches this call runs: the largest count over the ranks, so that every
+        rank joins every all-reduce (a rank out of data contributes zeros)."""
+        steps = -(-n // self.batch_size)
+        if self.group is not None:
+            import torch.distributed as dist
+            t = torch.tensor([float(steps)], dtype=torch.float64, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            steps = int(t.item())
+        return steps
+
+    def _fit_core(self, s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray]) -> None:
+        n, m = s8.shape
+        self._init(m, lab.c)
+        core, st, pr = _backend.core(), self.state, self.problem.core()
+        scalars = st.scalars()
+        arrays = (st.v_plus, st.v_minus, st.avg_w, st.curv, scalars)
+        if self.group is None:
+            if n:
+                core.m4_stream_fit(_inputs.data_tuple(s8, lab, u), pr, self.lr, self.gamma, self.batch_size, *arrays)
+            st.set_scalars(scalars)
+            return
+        import torch.distributed as dist
+        B, p = self.batch_size, m * (lab.c + 1)
+        for j in range(self._steps(n)):
+            b, e = min(j * B, n), min((j + 1) * B, n)
+            if e > b:
+                data = _inputs.data_tuple(s8[b:e], lab.slice(b, e), None if u is None else u[b:e])
+                stats = core.m4_batch_stats(data, pr, st.v_plus - st.v_minus, float(scalars[0]))
+            else:
+                stats = np.zeros(2 * p + 2)
+            t = torch.from_numpy(stats)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+            core.m4_apply_update(m, lab.c, pr, self.lr, self.gamma, *arrays, t.numpy())
+        st.set_scalars(scalars)
+
+    def _fit_torch(self, s, y, u, use_kernel: bool) -> None:
+        """Mini-batch statistics on the data's device (the CUDA kernel, or torch), the update in torch."""
+        n, m = s.shape
+        self._init(m, y.shape[1])
+        dev = s.device
+        state = self.state.to_torch(dev)
+        pi = torch.from_numpy(self.problem.target).to(dev)
+        lam = torch.from_numpy(self.problem.tolerances(self.c)).to(dev)
+        eta = self.problem.budget
+        if use_kernel:
+            s8, y8, u_k = _device.cuda_rows(s, y, u)
+        B = self.batch_size
+        for j in range(self._steps(n, dev)):
+            b, e = min(j * B, n), min((j + 1) * B, n)
+            w = state.v_plus - state.v_minus
+            if use_kernel:
+                stats = torch.zeros(2 * lam.shape[0] + 2, dtype=torch.float64, device=dev)
+                _device.cuda_batch(s8, y8, u_k, b, e - b, pi, eta, w, state.mu, stats=stats)
+            else:
+                stats = _device.batch_stats(s[b:e], y[b:e], None if u is None else u[b:e], pi, eta, w, state.mu)
+            if self.group is not None:
+                import torch.distributed as dist
+                dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
+            _device.apply_update(state, stats, lam, eta, self.lr, self.gamma)
+        self.state = state.to_numpy()
+
+    # inference --------------------------------------------------------------------------------
+    def keep_probability(self, s, y=None, utility=None):
+        """q_i = clip(eta + u_i - a_i^T (v+ - v-) - mu, 0, 1) with the averaged duals: a pure
+        function of the state and the example, (n,) float64 in the caller's array type."""
+        self._check_fitted()
+        name = self._backend_for("m4_keep_probability", s)
+        t, origin = to_tensor(s, "s")
+        if name != "cpu":
+            st, yt, ut = _device.as_rows(s, y, utility, t.device)
+            self._init(st.shape[1], yt.shape[1])
+            w = torch.from_numpy(self.state.avg_w).to(t.device)
+            pi = torch.from_numpy(self.problem.target).to(t.device)
+            mu = torch.tensor([float(self.state.mu_avg)], dtype=torch.float64, device=t.device)
+            if name == "cuda":
+                q = torch.empty(st.shape[0], dtype=torch.float64, device=t.device)
+                _device.cuda_batch(*_device.cuda_rows(st, yt, ut), 0, st.shape[0], pi, self.problem.budget, w, mu, q=q)
+            else:
+                q = _device.keep_probability(st, yt, ut, pi, self.problem.budget, w, mu[0])
+            return q.cpu().numpy() if origin.is_numpy else q
+        s8 = _inputs.binary_matrix(s, "s")
+        lab = _inputs.as_labels(y, s8.shape[0])
+        u = _inputs.utility(utility, s8.shape[0])
+        self._init(s8.shape[1], lab.c)
+        q = np.empty(s8.shape[0])
+        if s8.shape[0]:
+            _backend.core().m4_keep_probability(_inputs.data_tuple(s8, lab, u), self.problem.core(),
+                                                self.state.avg_w, float(self.state.mu_avg), q)
+        return q if origin.is_numpy else torch.from_numpy(q).to(t.device)
