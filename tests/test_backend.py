@@ -1,0 +1,105 @@
+"""The dispatch table (pym4._backend): automatic choices, forced backends, and M4 and the
+losses asking it (no core, float64 or no Triton on CUDA, PYM4_BACKEND)."""
+import numpy as np
+import pytest
+import torch
+
+import pym4
+from pym4 import _backend, m4
+
+
+def test_every_op_lists_backends_per_device_best_first():
+    for op, table in _backend.OPS.items():
+        assert table, op
+        for device, names in table.items():
+            assert device in ("cpu", "cuda") and names, (op, device)
+            assert set(names) <= set(_backend.BACKENDS), (op, names)
+    # Names mean one thing: the core is "cpu"/"cuda", tiled torch code "chunked".
+    assert _backend.OPS["clip_loss"]["cpu"][0] == "chunked"
+    assert "cpu" not in _backend.OPS["siglip_loss"]["cpu"]
+    assert _backend.OPS["m4_fit"] == {"cpu": ("cpu", "torch"), "cuda": ("cuda", "torch")}
+
+
+def test_losses_never_fall_back_to_the_b_by_b_reference(monkeypatch):
+    # On CUDA: float64 (Triton cannot take it) and a machine without triton both get the
+    # tiled engine, not the torch formula.
+    assert _backend.choose("clip_loss", "cuda", dtype="float64") == "chunked"
+    monkeypatch.setattr(_backend, "_triton_importable", lambda: False)
+    assert _backend.choose("siglip_loss", "cuda", dtype="float32") == "chunked"
+    assert _backend.choose("clip_loss", "cpu") == "chunked"
+    assert _backend.choose("clip_loss", "mps") == "chunked"  # other devices: the portable backends
+
+
+def test_forced_backend_runs_exactly_or_raises(monkeypatch):
+    monkeypatch.delenv("PYM4_BACKEND", raising=False)
+    assert _backend.choose("clip_loss", "cpu", "torch") == "torch"
+    with pytest.raises(ValueError, match="clip_loss has no 'cpu' backend"):
+        _backend.choose("clip_loss", "cpu", "cpu")
+    with pytest.raises(TypeError, match="the triton backend takes float32, float16, bfloat16, got float64"):
+        _backend.choose("clip_loss", "cuda", "triton", dtype="float64")
+    with pytest.raises(RuntimeError, match="'cuda' cannot run sinkhorn on cpu"):
+        _backend.choose("sinkhorn", "cpu", "cuda")
+    with pytest.raises(ValueError, match="sinkhorn_distributed has no 'cuda' backend"):
+        _backend.choose("sinkhorn_distributed", "cuda", "cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        _backend.choose("sinkhorn", "cpu", "numpy")
+    with pytest.raises(ValueError, match="unknown op"):
+        _backend.choose("sinkhorn_gpu", "cpu")
+    monkeypatch.setattr(_backend, "core", lambda: None)
+    with pytest.raises(RuntimeError, match="pym4._core is not built"):
+        _backend.choose("m4_fit", "cpu", "cpu")
+    assert _backend.choose("m4_fit", "cpu") == "torch"
+
+
+def test_environment_forces_every_op(monkeypatch):
+    monkeypatch.setenv("PYM4_BACKEND", "torch")
+    assert _backend.choose("m4_keep_probability", "cpu") == "torch"
+    assert _backend.choose("clip_loss", "cpu") == "torch"
+    x = torch.randn(6, 4)
+    loss = pym4.clip_loss(x, x.flip(0), 3.0)
+    assert not type(loss.grad_fn).__name__.startswith("_ContrastiveLoss")  # the plain formula ran
+    # M4 asks too: the exact solve has no torch backend, so the forced choice raises.
+    with pytest.raises(ValueError, match="m4_exact has no 'torch' backend"):
+        m4.balance(np.eye(4, 2, dtype=np.uint8), target=0.5)
+
+
+def test_triton_interpret_is_read_in_one_place(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.triton_interpret()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not _backend.triton_interpret()
+
+
+def _data(n=2000, seed=0):
+    rng = np.random.default_rng(seed)
+    s = (rng.random((n, 2)) < [0.3, 0.5]).astype(np.uint8)
+    y = (rng.random((n, 3)) < 0.2 + 0.3 * s[:, :1]).astype(np.uint8)
+    return s, y
+
+
+def test_m4_torch_backend_equals_the_core():
+    s, y = _data()
+    kw = dict(budget=0.6, batch_size=128)
+    core = m4.M4Solver([0.35, 0.4], **kw).partial_fit(s, y)
+    ref = m4.M4Solver([0.35, 0.4], backend="torch", **kw).partial_fit(s, y)
+    np.testing.assert_allclose(ref.state.avg_w, core.state.avg_w, atol=1e-9)
+    np.testing.assert_allclose(ref.state.scalars(), core.state.scalars(), atol=1e-9)
+    q_ref = ref.keep_probability(s, y)
+    assert isinstance(q_ref, np.ndarray)
+    np.testing.assert_allclose(q_ref, core.keep_probability(s, y), atol=1e-9)
+    with pytest.raises(RuntimeError, match="'cuda' cannot run m4_fit on cpu"):
+        m4.M4Solver(0.4, backend="cuda").partial_fit(s, y)
+
+
+def test_balance_without_the_core_streams_in_torch(monkeypatch):
+    s, y = _data()
+    kw = dict(target=[0.35, 0.4], budget=0.6, eps_rep=0.05, eps_assoc=0.1, method="stream", seed=1)
+    with_core = m4.balance(s, y, **kw)
+    monkeypatch.setattr(_backend, "core", lambda: None)
+    without = m4.balance(s, y, **kw)
+    np.testing.assert_allclose(without.q, with_core.q, atol=1e-9)
+    assert without.summary()["rb_after"] == pytest.approx(with_core.summary()["rb_after"], abs=1e-9)
+    # Counts (and so the biases) have their torch reference too.
+    assert m4.association_bias(s, y, without.q) == pytest.approx(without.ab_after, abs=1e-12)
+    with pytest.raises(RuntimeError, match="method='exact' runs in the compiled core"):
+        m4.balance(s, y, target=[0.35, 0.4])
