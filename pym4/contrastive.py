@@ -12,7 +12,7 @@ Both equal open_clip's ``ClipLoss`` / ``SigLipLoss``. The B x B matrix is never 
 forward pass walks it tile by tile keeping only ``r`` and ``c`` (online log-sum-exp), and
 the backward pass recomputes each tile to form ``G = dL/dS`` and accumulate
 ``dx = s G y``, ``dy = s G^T x``, ``ds = sum G_ij x_i . y_j`` and ``db = sum G_ij``
-(DESIGN.md section 2). Backends (``pym4._backend.OPS``): ``chunked`` (row chunks of torch
+(DESIGN.md section 2). Backends (``pym4._backend.OPS``): ``chunked`` (pym4/_chunked.py: row chunks of torch
 matmuls in an autograd.Function, any device, memory O(B * chunk + B * D)), ``triton`` (fused
 kernels in ``pym4.kernels.contrastive``), ``torch`` (the plain materialised formula: the
 reference, never chosen automatically).
@@ -26,14 +26,16 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import _backend
+from . import _backend, _exchange
 from ._arrays import check_int_at_least, from_tensor, to_tensor
+from ._chunked import ChunkedEngine
 
 __all__ = ["clip_loss", "siglip_loss", "similarity_topk"]
 
 _FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# The chunked backend works on row chunks of the logits whose size is about this many elements
-# (16 MB in float32): large enough for efficient matmuls, small enough to stay O(B).
+# The chunked backend (pym4/_chunked.py) works on row chunks of the logits whose size is
+# about this many elements (16 MB in float32): large enough for efficient matmuls, small
+# enough to stay O(B).
 _CPU_CHUNK_ELEMENTS = 1 << 22
 
 
@@ -239,7 +241,7 @@ def _contrastive(kind, x, y, logit_scale, logit_bias, group, backend, local_grad
             # A bad input on one rank (a bad value, or a bad shape or dtype) must stop every
             # rank, not leave the others waiting in a collective.
             if isinstance(x, torch.Tensor):
-                dev = _comm_device(x, group)
+                dev = _exchange.comm_device(x, group)
             else:
                 dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
             bad = torch.tensor([0.0 if problem is None else 1.0], device=dev)
@@ -266,7 +268,7 @@ def _engine(name: str):
     if name == "triton":
         from .kernels import contrastive as kernels  # lazy: triton is optional
         return kernels.TritonEngine()
-    return ChunkedEngine()
+    return ChunkedEngine(_CPU_CHUNK_ELEMENTS)
 
 
 def _reference(kind, x, y, scale, bias):
@@ -292,11 +294,11 @@ def _reference_group(kind, x, y, scale, bias, group, local_grad):
     xs, ys = x.to(dtype), y.to(dtype)
     s = scale.to(dtype).reshape(())
     b = 0.0 if bias is None else bias.to(dtype).reshape(())
-    y_all, info = _gather_rows(ys, group, with_grad=not local_grad)
+    y_all, info = _exchange.gather_rows(ys, group, with_grad=not local_grad)
     n, total, world = xs.shape[0], info.total, info.world
     logits = s * xs @ y_all.T + b  # this rank's rows of S
     if kind == "clip":
-        x_all, _ = _gather_rows(xs, group, with_grad=not local_grad)
+        x_all, _ = _exchange.gather_rows(xs, group, with_grad=not local_grad)
         cols = torch.logsumexp(s * x_all @ ys.T + b, 0)  # the columns of this rank's texts
         diag = s * (xs * ys).sum(1) + b
         loss = (torch.logsumexp(logits, 1).sum() + cols.sum() - 2 * diag.sum()) * (world / (2 * total))
@@ -305,134 +307,6 @@ def _reference_group(kind, x, y, scale, bias, group, local_grad):
         labels[torch.arange(n, device=x.device), torch.arange(n, device=x.device) + info.offset] = 1.0
         loss = -F.logsigmoid(labels * logits).sum() * (world / total)
     return loss.to(x.dtype)
-
-
-# ----- the chunked engine ------------------------------------------------------------------
-
-class ChunkedEngine:
-    """The tile passes in plain torch, on row chunks of the logits (any device).
-
-    Every method takes A (n_a x D) as the rows and Bm (n_b x D) as the columns of
-    ``S = s * A @ Bm.T + b``; the diagonal of the loss sits at ``(i, offset + i)``. All
-    results are float32 (float64 for float64 input); the logits never exceed
-    ``chunk x n_b`` elements.
-    """
-
-    def prepare(self, t: torch.Tensor) -> torch.Tensor:
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-        return t.detach().to(dtype).contiguous()
-
-    @staticmethod
-    def _chunk(n_b: int) -> int:
-        return max(16, _CPU_CHUNK_ELEMENTS // max(n_b, 1))
-
-    @staticmethod
-    def _logits(a: torch.Tensor, bm: torch.Tensor, s: float, b: float) -> torch.Tensor:
-        out = (a * s) @ bm.T
-        if b != 0.0:
-            out.add_(b)
-        return out
-
-    def clip_forward(self, a, bm, s, b):
-        """Row log-sum-exps r (n_a) and the columns' running (max, sum of exp) over these rows."""
-        n_a, n_b = a.shape[0], bm.shape[0]
-        r = torch.empty(n_a, dtype=a.dtype, device=a.device)
-        col_lse = torch.full((n_b,), -math.inf, dtype=a.dtype, device=a.device)
-        ch = self._chunk(n_b)
-        for i0 in range(0, n_a, ch):
-            logits = self._logits(a[i0:i0 + ch], bm, s, b)
-            r[i0:i0 + ch] = torch.logsumexp(logits, 1)
-            # Online log-sum-exp down the columns, one row chunk at a time.
-            col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, 0))
-        # As (max, sum of exp) with the sum 1: the form the ranks' partial columns merge in.
-        return r, col_lse, torch.ones_like(col_lse)
-
-    def clip_backward(self, a, bm, s, b, r, c, w_row, w_col, offset, split_scale):
-        """dA, the partial dBm over these rows, and the scale gradient.
-
-        ``G_ij = w_row_i (e^{S_ij - r_i} - d_ij) + w_col_j (e^{S_ij - c_j} - d_ij)``. With
-        ``split_scale`` the scale gradient comes as (per-row row-term part (n_a), per-column
-        column-term part (n_b)); otherwise as one number.
-        """
-        n_a, n_b = a.shape[0], bm.shape[0]
-        da = torch.empty_like(a)
-        db_part = torch.zeros_like(bm)
-        ds_row = torch.zeros(n_a, dtype=a.dtype, device=a.device) if split_scale else None
-        ds_col = torch.zeros(n_b, dtype=a.dtype, device=a.device) if split_scale else None
-        ch = self._chunk(n_b)
-        positive_w_col = bool((w_col > 0).all())
-        c_shift = c - torch.log(w_col) if positive_w_col else None
-        for i0 in range(0, n_a, ch):
-            ac = a[i0:i0 + ch]
-            m = ac.shape[0]
-            # The logits exactly as the forward pass rounded them: e^{S - c} must see the
-            # same S as c did, or p - 1 on the diagonal loses its small value at large s.
-            logits = self._logits(ac, bm, s, b)
-            rows = torch.arange(m, device=a.device)
-            cols = rows + (offset + i0)
-            wr, wc = w_row[i0:i0 + m], w_col
-            # e^{S_ij - r_i} is the row softmax (the rows are complete: all columns are here).
-            p_row = torch.softmax(logits, 1)
-            if split_scale:
-                # sum_j G_ij (S_ij - b) / s, kept apart for the row and the column terms.
-                p_col = torch.sub(logits, c[None, :]).exp_()
-                diag = logits[rows, cols] - b
-                ds_row[i0:i0 + m] = wr * (torch.linalg.vecdot(p_row, logits, dim=1) - b * p_row.sum(1) - diag) / s
-                ds_col.add_(wc * (torch.linalg.vecdot(p_col, logits, dim=0) - b * p_col.sum(0)) / s)
-                ds_col.index_add_(0, cols, -wc[cols] * diag / s)
-                del logits
-                p_col.mul_(wc[None, :])
-            elif positive_w_col:
-                # w_j e^{S_ij - c_j} = e^{S_ij - (c_j - log w_j)}: the weight costs no extra pass.
-                p_col = logits.sub_(c_shift[None, :]).exp_()  # reuses the logits' storage
-            else:
-                p_col = logits.sub_(c[None, :]).exp_().mul_(wc[None, :])
-            g = p_row.mul_(wr[:, None]).add_(p_col)
-            g[rows, cols] -= wr + wc[cols]
-            torch.mm(g, bm, out=da[i0:i0 + m]).mul_(s)
-            db_part.addmm_(g.T, ac, alpha=s)
-        ds = (ds_row, ds_col) if split_scale else float((a * da).sum()) / s
-        return da, db_part, ds
-
-    def siglip_forward(self, a, bm, s, b, offset):
-        """Per-row sum_j softplus(S_ij) - S_{i, offset+i} (n_a)."""
-        n_a, n_b = a.shape[0], bm.shape[0]
-        out = torch.empty(n_a, dtype=a.dtype, device=a.device)
-        ch = self._chunk(n_b)
-        for i0 in range(0, n_a, ch):
-            logits = self._logits(a[i0:i0 + ch], bm, s, b)
-            m = logits.shape[0]
-            rows = torch.arange(m, device=a.device)
-            diag = logits[rows, rows + offset + i0]
-            out[i0:i0 + m] = F.softplus(logits).sum(1) - diag
-        return out
-
-    def siglip_backward(self, a, bm, s, b, w_row, offset):
-        """dA, the partial dBm, ds and db for ``G_ij = w_row_i (sigmoid(S_ij) - d_ij)``.
-
-        Each G row belongs to its row's owner, so ``ds = <A, dA> / s`` holds per rank too.
-        """
-        n_b = bm.shape[0]
-        da = torch.empty_like(a)
-        db_part = torch.zeros_like(bm)
-        db = torch.zeros((), dtype=a.dtype, device=a.device)
-        ch = self._chunk(n_b)
-        for i0 in range(0, a.shape[0], ch):
-            ac = a[i0:i0 + ch]
-            m = ac.shape[0]
-            logits = self._logits(ac, bm, s, b)
-            rows = torch.arange(m, device=a.device)
-            cols = rows + offset + i0
-            diag = logits[rows, cols]
-            g = logits.sigmoid_()
-            # sigmoid(S) - 1 = -sigmoid(-S), without the cancellation when S >> 0.
-            g[rows, cols] = -torch.sigmoid(-diag)
-            g.mul_(w_row[i0:i0 + m, None])
-            db += g.sum()
-            torch.mm(g, bm, out=da[i0:i0 + m]).mul_(s)
-            db_part.addmm_(g.T, ac, alpha=s)
-        ds = float((a * da).sum()) / s
-        return da, db_part, ds, float(db)
 
 
 # ----- autograd --------------------------------------------------------------------------------
@@ -459,11 +333,11 @@ class _ContrastiveLoss(torch.autograd.Function):
         bm = eng.prepare(y)
         dist_info = None
         if spec.group is not None:
-            dist_info = _gather_columns(bm, spec.group)
+            dist_info = _exchange.gather_columns(bm, spec.group)
             bm_all, offset, total = dist_info.y_all, dist_info.offset, dist_info.total
             world = dist_info.world
             if spec.local_grad:
-                dist_info.x_all = _gather_columns(a, spec.group).y_all
+                dist_info.x_all = _exchange.gather_columns(a, spec.group).y_all
         else:
             bm_all, offset, total, world = bm, 0, a.shape[0], 1
         n = a.shape[0]
@@ -472,7 +346,7 @@ class _ContrastiveLoss(torch.autograd.Function):
         if spec.kind == "clip":
             r, col_max, col_sum = eng.clip_forward(a, bm_all, s, b)
             if dist_info is not None:
-                col_max, col_sum = _combine_lse(col_max, col_sum, dist_info)
+                col_max, col_sum = _exchange.combine_lse(col_max, col_sum, dist_info)
             c = col_max + torch.log(col_sum)
             loss = (r.sum() + c[offset:offset + n].sum() - 2 * diag.sum()) * (world / (2 * total))
             ctx.save_for_backward(x, y, scale, *(() if bias is None else (bias,)))
@@ -518,17 +392,17 @@ class _ContrastiveLoss(torch.autograd.Function):
             else:
                 # Column j's loss terms belong to the rank holding text j: weight them with
                 # that rank's upstream gradient.
-                g_ranks = _all_gather_scalar(g, info)
+                g_ranks = _exchange.all_gather_scalar(g, info)
                 w_col = torch.repeat_interleave(g_ranks.to(acc) * coef, info.sizes_t)
                 da, db_part, (ds_row, ds_col) = eng.clip_backward(a, bm_all, s, b, r, c, w_row, w_col, offset, True)
                 # One collective for the text gradients and the column part of ds.
-                aug = _reduce_rows(torch.cat([db_part, ds_col[:, None]], 1), info)
+                aug = _exchange.reduce_rows(torch.cat([db_part, ds_col[:, None]], 1), info)
                 dy, ds = aug[:, :-1], float(ds_row.sum() + aug[:, -1].sum())
         else:
             a, bm_all = ctx.stats
             w_row = torch.full((n,), float(g) * world / total, dtype=acc, device=x.device)
             da, db_part, ds, dbias = eng.siglip_backward(a, bm_all, s, b, w_row, offset)
-            dy = _reduce_rows(db_part, info) if info is not None else db_part
+            dy = _exchange.reduce_rows(db_part, info) if info is not None else db_part
         dx = da.to(x.dtype) if ctx.needs_input_grad[0] else None
         dy = dy.to(y.dtype) if ctx.needs_input_grad[1] else None
         dscale = torch.full_like(scale, ds) if ctx.needs_input_grad[2] else None
@@ -555,103 +429,3 @@ class _NoSecondOrder(torch.autograd.Function):
     def backward(ctx, grad):
         raise RuntimeError("clip_loss/siglip_loss: double backward is not supported by the chunked and triton "
                            "backends; use backend='torch' for higher-order gradients")
-
-
-class _GatheredRows(torch.autograd.Function):
-    """Identity from this rank's rows to the gathered ``info.y_all``; the backward sums the
-    gradient over the ranks and keeps this rank's rows (open_clip's gather_with_grad)."""
-
-    @staticmethod
-    def forward(ctx, t, info):
-        ctx.info = info
-        return info.y_all.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_rows(grad, ctx.info), None
-
-
-def _gather_rows(t: torch.Tensor, group, with_grad: bool):
-    """(every rank's rows of t concatenated, the gather's _DistInfo). Without ``with_grad``
-    only this rank's own rows carry a gradient (gather_with_grad=False)."""
-    info = _gather_columns(t.detach(), group)
-    if with_grad:
-        return _GatheredRows.apply(t, info), info
-    lo, hi = info.offset, info.offset + t.shape[0]
-    return torch.cat([info.y_all[:lo], t, info.y_all[hi:]]), info
-
-
-# ----- distributed plumbing ----------------------------------------------------------------------
-
-@dataclass
-class _DistInfo:
-    group: object
-    rank: int
-    world: int
-    sizes: list
-    sizes_t: torch.Tensor
-    offset: int
-    total: int
-    y_all: torch.Tensor
-    comm_device: torch.device
-    x_all: Optional[torch.Tensor] = None
-
-
-def _comm_device(t: torch.Tensor, group) -> torch.device:
-    import torch.distributed as dist
-    return t.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-
-
-def _gather_columns(bm: torch.Tensor, group) -> _DistInfo:
-    """All ranks' text features (B x D), after checking that every rank's input is usable."""
-    import torch.distributed as dist
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    dev = _comm_device(bm, group)
-    meta = torch.tensor([bm.shape[0], bm.shape[1]], dtype=torch.int64, device=dev)
-    metas = [torch.empty_like(meta) for _ in range(world)]
-    dist.all_gather(metas, meta, group=group)
-    metas = [m.tolist() for m in metas]
-    if any(m[1] != bm.shape[1] for m in metas):
-        raise ValueError(f"text_features: every rank must have the same feature dimension, got {[m[1] for m in metas]}")
-    sizes = [m[0] for m in metas]
-    width = max(sizes)
-    padded = torch.zeros((width, bm.shape[1]), dtype=bm.dtype, device=dev)
-    padded[:bm.shape[0]] = bm.to(dev)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded, group=group)
-    y_all = torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(bm.device)
-    return _DistInfo(group, rank, world, sizes, torch.tensor(sizes, device=bm.device), sum(sizes[:rank]),
-                     sum(sizes), y_all, dev)
-
-
-def _combine_lse(col_max, col_sum, info: _DistInfo):
-    """Merge every rank's partial column (max, sum of exp) into the global ones."""
-    import torch.distributed as dist
-    gmax = col_max.to(info.comm_device).clone()
-    dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=info.group)
-    gmax = gmax.to(col_max.device)
-    scaled = (col_sum * torch.exp(col_max - gmax)).to(info.comm_device)
-    dist.all_reduce(scaled, op=dist.ReduceOp.SUM, group=info.group)
-    return gmax, scaled.to(col_sum.device)
-
-
-def _all_gather_scalar(v: torch.Tensor, info: _DistInfo) -> torch.Tensor:
-    import torch.distributed as dist
-    t = v.reshape(1).to(info.comm_device, torch.float64)
-    parts = [torch.empty_like(t) for _ in range(info.world)]
-    dist.all_gather(parts, t, group=info.group)
-    return torch.cat(parts).to(v.device)
-
-
-def _reduce_rows(t: torch.Tensor, info: _DistInfo) -> torch.Tensor:
-    """Sum a (B x k) tensor over the ranks and keep this rank's rows (a reduce-scatter)."""
-    import torch.distributed as dist
-    lo, hi = info.offset, info.offset + info.sizes[info.rank]
-    if dist.get_backend(info.group) == "nccl" and len(set(info.sizes)) == 1:
-        out = torch.empty((hi - lo, t.shape[1]), dtype=t.dtype, device=t.device)
-        dist.reduce_scatter_tensor(out, t.contiguous(), op=dist.ReduceOp.SUM, group=info.group)
-        return out
-    # gloo has no reduce-scatter: all-reduce and slice (twice the traffic, same result).
-    buf = t.to(info.comm_device).contiguous()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=info.group)
-    return buf[lo:hi].to(t.device)
