@@ -12,10 +12,10 @@ Both equal open_clip's ``ClipLoss`` / ``SigLipLoss``. The B x B matrix is never 
 forward pass walks it tile by tile keeping only ``r`` and ``c`` (online log-sum-exp), and
 the backward pass recomputes each tile to form ``G = dL/dS`` and accumulate
 ``dx = s G y``, ``dy = s G^T x``, ``ds = sum G_ij x_i . y_j`` and ``db = sum G_ij``
-(DESIGN.md section 2). Backends (``pym4._backend.OPS``): ``chunked`` (pym4/_chunked.py: row chunks of torch
-matmuls in an autograd.Function, any device, memory O(B * chunk + B * D)), ``triton`` (fused
-kernels in ``pym4.kernels.contrastive``), ``torch`` (the plain materialised formula: the
-reference, never chosen automatically).
+(DESIGN.md section 2). Backends (``pym4._backend.OPS``): ``chunked`` (row chunks of torch
+matmuls, ``pym4/_chunked.py``, in an autograd.Function; any device, memory
+O(B * chunk + B * D)), ``triton`` (fused kernels in ``pym4.kernels.contrastive``), ``torch``
+(the plain materialised formula: the reference, never chosen automatically).
 """
 from __future__ import annotations
 
