@@ -58,9 +58,16 @@ def test_environment_forces_every_op(monkeypatch):
     x = torch.randn(6, 4)
     loss = pym4.clip_loss(x, x.flip(0), 3.0)
     assert not type(loss.grad_fn).__name__.startswith("_ContrastiveLoss")  # the plain formula ran
-    # M4 asks too: the exact solve has no torch backend, so the forced choice raises.
+    # M4 asks too: the exact solve has no torch backend, so forcing it raises, and the
+    # automatic method is the stream, in torch.
+    s, y = _data()
     with pytest.raises(ValueError, match="m4_exact has no 'torch' backend"):
-        m4.balance(np.eye(4, 2, dtype=np.uint8), target=0.5)
+        m4.balance(s, y, target=0.5, method="exact")
+    kw = dict(target=[0.35, 0.4], budget=0.6, eps_rep=0.05, eps_assoc=0.1, seed=1)
+    res = m4.balance(s, y, **kw)
+    assert res.method == "stream"
+    monkeypatch.delenv("PYM4_BACKEND")
+    np.testing.assert_allclose(res.q, m4.balance(s, y, method="stream", **kw).q, atol=1e-9)
 
 
 def test_triton_interpret_is_read_in_one_place(monkeypatch):
@@ -102,4 +109,8 @@ def test_balance_without_the_core_streams_in_torch(monkeypatch):
     # Counts (and so the biases) have their torch reference too.
     assert m4.association_bias(s, y, without.q) == pytest.approx(without.ab_after, abs=1e-12)
     with pytest.raises(RuntimeError, match="method='exact' runs in the compiled core"):
-        m4.balance(s, y, target=[0.35, 0.4])
+        m4.balance(s, y, target=[0.35, 0.4], method="exact")
+    # Without a method, the automatic choice streams instead of raising.
+    auto = m4.balance(s, y, **{k: v for k, v in kw.items() if k != "method"})
+    assert auto.method == "stream"
+    np.testing.assert_allclose(auto.q, with_core.q, atol=1e-9)

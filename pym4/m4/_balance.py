@@ -58,7 +58,7 @@ class BalanceResult:
 
 
 def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.01, eps_assoc: float = 0.01,
-            utility=None, method: str = "exact", seed: int = 0, max_iter: int = 100, tol: float = 1e-10,
+            utility=None, method: Optional[str] = None, seed: int = 0, max_iter: int = 100, tol: float = 1e-10,
             batch_size: int = 256, lr: float = 0.1, shuffle: bool = True,
             group_names: Optional[Sequence[str]] = None, label_names: Optional[Sequence[str]] = None,
             backend: Optional[str] = None) -> BalanceResult:
@@ -79,13 +79,14 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         Tolerances of the representation and association constraints (relative to eta).
     utility : (N,) array, optional
         u_i, a bonus for keeping example i.
-    method : "exact" or "stream"
-        "exact": the dual solved to ``tol`` (proximal Newton, C++/OpenMP; needs the compiled
-        core). "stream": one pass of stochastic dual ascent over the examples in an order
+    method : None, "exact" or "stream"
+        "exact": the dual solved to ``tol`` (proximal Newton, C++/OpenMP; the compiled core
+        only). "stream": one pass of stochastic dual ascent over the examples in an order
         shuffled with ``seed`` (``batch_size``, ``lr``), as :class:`M4Solver` does on data
-        that does not fit in memory (the core, or torch without it).
+        that does not fit in memory (the core, or torch). None: "exact" where the core can
+        run it, else "stream" (a pure-Python install, or ``backend="torch"``).
     backend : {"cpu", "torch"}, optional
-        Force an implementation of the stream (``method="exact"`` is the core's alone).
+        Force an implementation (``pym4._backend``; PYM4_BACKEND when None).
 
     Returns
     -------
@@ -101,8 +102,8 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     u = _inputs.utility(utility, n)
     t_in, origin = to_tensor(s, "s")
     problem = _problem.make_problem(target, m, s8, budget, eps_rep, eps_assoc)
-    if method not in ("exact", "stream"):
-        raise ValueError(f"method: expected 'exact' or 'stream', got {method!r}")
+    if method not in (None, "exact", "stream"):
+        raise ValueError(f"method: expected 'exact', 'stream' or None, got {method!r}")
     max_iter = _inputs.positive_int(max_iter, "max_iter")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol: must be a positive number, got {tol!r}")
@@ -110,13 +111,21 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     p = m * (lab.c + 1)
     data = _inputs.data_tuple(s8, lab, u)
 
-    infeasible: List[str] = []
-    if method == "exact":
+    if method is None:  # an automatic choice: the exact solve where it can run
+        try:
+            _backend.choose("m4_exact", "cpu", backend)
+            method = "exact"
+        except (RuntimeError, ValueError):
+            method = "stream"
+    elif method == "exact":
         try:
             _backend.choose("m4_exact", "cpu", backend)
         except RuntimeError as e:
             raise RuntimeError(f"balance: method='exact' runs in the compiled core ({e}); "
                                f"method='stream' runs without it") from None
+
+    infeasible: List[str] = []
+    if method == "exact":
         w, q = np.zeros(p), np.empty(n)
         info = _backend.core().m4_solve_exact(data, problem.core(), max_iter, float(tol), 1e6, w, q)
         status, iterations, mu = _STATUS[info["status"]], int(info["iterations"]), float(info["mu"])
