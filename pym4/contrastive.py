@@ -227,7 +227,8 @@ def _contrastive(kind, x, y, logit_scale, logit_bias, group, backend, local_grad
     error = None
     try:
         scale, bias, problem = _validate(x, y, logit_scale, logit_bias)
-    except (TypeError, ValueError) as e:
+        name = _backend.choose(f"{kind}_loss", x.device.type, backend, dtype=str(x.dtype).replace("torch.", ""))
+    except (TypeError, ValueError, RuntimeError) as e:
         if group is None:
             raise
         error, problem = e, str(e)  # raised after the other ranks have heard of it
@@ -238,8 +239,8 @@ def _contrastive(kind, x, y, logit_scale, logit_bias, group, backend, local_grad
         if dist.get_world_size(group) == 1:
             group = None
         else:
-            # A bad input on one rank (a bad value, or a bad shape or dtype) must stop every
-            # rank, not leave the others waiting in a collective.
+            # A bad input on one rank (a bad value, shape or dtype, or a backend that cannot
+            # run it) must stop every rank, not leave the others waiting in a collective.
             if isinstance(x, torch.Tensor):
                 dev = _exchange.comm_device(x, group)
             else:
@@ -252,7 +253,6 @@ def _contrastive(kind, x, y, logit_scale, logit_bias, group, backend, local_grad
         raise error
     if problem is not None:
         raise ValueError(problem)
-    name = _backend.choose(f"{kind}_loss", x.device.type, backend, dtype=str(x.dtype).replace("torch.", ""))
     if name == "torch":
         if group is not None:
             return _reference_group(kind, x, y, scale, bias, group, local_grad)
