@@ -124,11 +124,11 @@ def as_labels(y: Any, n: int) -> Labels:
     return lab
 
 
-def _float_vector(x: Any, n: int, name: str) -> np.ndarray:
+def _float_vector(x: Any, n: int, name: str, numeric_only: bool) -> np.ndarray:
     t, _ = to_tensor(x, name)
     if t.dim() != 1 or t.shape[0] != n:
         raise ValueError(f"{name}: expected shape ({n},), got {tuple(t.shape)}")
-    if t.dtype == torch.bool or t.is_complex():
+    if numeric_only and (t.dtype == torch.bool or t.is_complex()):
         raise TypeError(f"{name}: expected a numeric array, got {t.dtype}")
     return np.ascontiguousarray(t.detach().cpu().numpy().astype(np.float64))
 
@@ -137,7 +137,7 @@ def utility(u: Any, n: int) -> Optional[np.ndarray]:
     """(n,) float64 utilities, or None."""
     if u is None:
         return None
-    arr = _float_vector(u, n, "utility")
+    arr = _float_vector(u, n, "utility", numeric_only=True)
     if not np.all(np.isfinite(arr)):
         raise ValueError("utility: contains NaN or Inf")
     return arr
@@ -147,7 +147,7 @@ def weights(w: Any, n: int) -> Optional[np.ndarray]:
     """(n,) float64 non-negative weights, or None (uniform)."""
     if w is None:
         return None
-    arr = _float_vector(w, n, "weights")
+    arr = _float_vector(w, n, "weights", numeric_only=False)  # a keep mask counts as 0/1 weights
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
         raise ValueError("weights: must be finite and non-negative")
     return arr
