@@ -68,17 +68,23 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     import os
 
+    from .demo import INSTALL_HINT, missing_requirements
+
+    # Before any work: a base install lacks the demo's plotting and digits packages.
+    missing = missing_requirements()
+    if missing:
+        raise CLIError(f"the demo needs {' and '.join(missing)} (not installed): {INSTALL_HINT}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CLIError(f"--out: {args.out!r} exists and is not a directory")
-    from . import demo
+    from .demo.run import run_demo, run_swav_demo
 
     try:
         if args.swav:
-            demo.run_swav_demo(args.out, size=args.size, seed=args.seed, progress=not args.no_progress)
+            run_swav_demo(args.out, size=args.size, seed=args.seed, progress=not args.no_progress)
         else:
-            demo.run_demo(args.out, size=args.size, loss=args.loss, association=args.association,
-                          minority_share=args.minority_share, budget=args.budget, seed=args.seed,
-                          progress=not args.no_progress)
+            run_demo(args.out, size=args.size, loss=args.loss, association=args.association,
+                     minority_share=args.minority_share, budget=args.budget, seed=args.seed,
+                     progress=not args.no_progress)
     except (ValueError, OSError) as e:
         raise CLIError(str(e)) from e
     return 0

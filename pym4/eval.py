@@ -17,14 +17,15 @@ so any encoder can be measured:
 - :func:`group_accuracy_gap`: accuracy per sensitive group and the largest gap, as in the
   SEER fairness indicators (Goyal et al., "Fairness Indicators for Systematic Assessments of
   Visual Feature Extractors", FAccT 2022).
-- ``plot_*``: one PNG per metric (matplotlib, Agg backend), written atomically.
+- ``plot_*``: one PNG per metric, written atomically; figures come from :func:`subplots`
+  (matplotlib's Agg canvas, never pyplot), so plotting leaves the caller's backend alone.
 
 scikit-learn and matplotlib are imported only by the functions that need them.
 """
 from __future__ import annotations
 
 import json
-import os
+import sys
 import warnings
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
@@ -36,7 +37,7 @@ from ._io import atomic_output
 __all__ = ["zero_shot_classifier", "zero_shot_predict", "zero_shot_accuracy", "retrieval_recall",
            "linear_probe", "model_representation_bias", "model_association_bias", "group_accuracy_gap",
            "plot_zero_shot", "plot_recall", "plot_linear_probe", "plot_bias", "plot_association",
-           "plot_group_accuracy", "save_figure", "write_json"]
+           "plot_group_accuracy", "subplots", "save_figure", "write_json"]
 
 
 # ----- helpers -------------------------------------------------------------------------------
@@ -328,25 +329,34 @@ def write_json(path, obj) -> None:
         f.write("\n")
 
 
-def save_figure(fig, path) -> None:
-    """Save a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize=(6.4, 4.8), **kwargs):
+    """A new matplotlib figure and its axes (as ``pyplot.subplots``), drawn by the Agg canvas.
 
+    The figure is a plain ``matplotlib.figure.Figure`` with a ``FigureCanvasAgg``: pyplot is
+    never imported, so the caller's backend, open windows and figure list stay as they were.
+    ``kwargs`` go to ``Figure.subplots`` (``sharey``, ``squeeze``, ...). Returns ``(fig, axes)``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def save_figure(fig, path) -> None:
+    """Save a matplotlib figure as PNG atomically (a temp file in the same folder, then os.replace).
+
+    A figure made by :func:`subplots` needs no closing; one the caller made with pyplot is
+    closed afterwards, as pyplot would keep it alive.
+    """
     try:
         with atomic_output(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     finally:
-        plt.close(fig)
-
-
-def _pyplot():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() != "agg":
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+        pyplot = sys.modules.get("matplotlib.pyplot")  # only an already imported pyplot can hold it
+        if pyplot is not None:
+            pyplot.close(fig)
 
 
 def _grouped_bars(ax, categories: Sequence[str], series: Mapping[str, Sequence[float]], fmt: str = "{:.2f}"):
@@ -367,8 +377,7 @@ def _grouped_bars(ax, categories: Sequence[str], series: Mapping[str, Sequence[f
 
 def plot_zero_shot(results: Mapping[str, Mapping], classnames: Sequence[str], path) -> None:
     """Per-class zero-shot top-1 accuracy of each model (``results[label] = zero_shot_accuracy(...)``)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = subplots(figsize=(8, 3.5))
     _grouped_bars(ax, list(classnames), {f"{k} (top-1 {v['top1']:.2f})": v["per_class"] for k, v in results.items()})
     ax.set_ylabel("zero-shot top-1 accuracy")
     ax.set_ylim(0, 1.08)
@@ -378,8 +387,7 @@ def plot_zero_shot(results: Mapping[str, Mapping], classnames: Sequence[str], pa
 
 def plot_recall(results: Mapping[str, Mapping[str, float]], path) -> None:
     """Recall@K curves, image->text and text->image (``results[label] = retrieval_recall(...)``)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(8, 3.2), sharey=True)
     for ax, direction, title in zip(axes, ("i2t", "t2i"), ("image -> text", "text -> image")):
         for label, r in results.items():
             ks = sorted(int(k.split("@")[1]) for k in r if k.startswith(direction))
@@ -395,8 +403,7 @@ def plot_recall(results: Mapping[str, Mapping[str, float]], path) -> None:
 
 def plot_linear_probe(accuracies: Mapping[str, float], path, title: str = "Linear probe on frozen features") -> None:
     """Bar chart of linear-probe accuracies (``accuracies[label] = float``)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = subplots(figsize=(4.5, 3.2))
     labels = list(accuracies)
     bars = ax.bar(labels, [accuracies[k] for k in labels], color=["tab:blue", "tab:gray", "tab:orange"][: len(labels)])
     for b in bars:
@@ -409,8 +416,7 @@ def plot_linear_probe(accuracies: Mapping[str, float], path, title: str = "Linea
 
 def plot_bias(results: Mapping[str, Mapping[str, float]], path, title: str = "Bias") -> None:
     """RB and AB side by side (``results[label] = {"rb": ..., "ab": ...}``)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = subplots(figsize=(5, 3.2))
     _grouped_bars(ax, ["RB", "AB"], {k: [v["rb"], v["ab"]] for k, v in results.items()}, fmt="{:.3f}")
     ax.set_ylabel("bias (lower is fairer)")
     ax.set_title(title)
@@ -420,8 +426,7 @@ def plot_bias(results: Mapping[str, Mapping[str, float]], path, title: str = "Bi
 def plot_association(results: Mapping[str, Mapping], classnames: Sequence[str], group_names: Sequence[str],
                      path) -> None:
     """P(prediction = concept | group) per group, one panel per model (``model_association_bias`` results)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.2), squeeze=False, sharey=True)
+    fig, axes = subplots(1, len(results), figsize=(4.2 * len(results), 3.2), squeeze=False, sharey=True)
     for ax, (label, res) in zip(axes[0], results.items()):
         rates = np.asarray(res["rates"])  # (m, 2, C): [k][s_k = 1] is rates[k, 1]
         series = {f"{g}": rates[k, 1] for k, g in enumerate(group_names)}
@@ -433,8 +438,7 @@ def plot_association(results: Mapping[str, Mapping], classnames: Sequence[str], 
 
 def plot_group_accuracy(results: Mapping[str, Mapping], path, title: str = "Accuracy per group") -> None:
     """Per-group accuracy of each model (``results[label] = group_accuracy_gap(...)``)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = subplots(figsize=(5, 3.2))
     groups = list(next(iter(results.values()))["accuracy"])
     _grouped_bars(ax, groups, {f"{k} (gap {v['gap']:.3f})": [v["accuracy"][g] for g in groups]
                                for k, v in results.items()}, fmt="{:.3f}")
