@@ -58,7 +58,7 @@ def _features(x, name: str) -> torch.Tensor:
     return x.detach()
 
 
-def _labels(x, n: int, name: str, high: Optional[int] = None) -> np.ndarray:
+def _class_ids(x, n: int, name: str, high: Optional[int] = None) -> np.ndarray:
     a = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)
     if a.ndim != 1 or a.shape[0] != n:
         raise ValueError(f"{name}: expected shape ({n},), got {a.shape}")
@@ -128,7 +128,7 @@ def zero_shot_accuracy(image_features, classifier, labels, ks: Sequence[int] = (
     """
     x = _features(image_features, "image_features")
     w = _features(classifier, "classifier")
-    y = _labels(labels, x.shape[0], "labels", w.shape[0])
+    y = _class_ids(labels, x.shape[0], "labels", w.shape[0])
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"ks: expected positive integers, got {ks}")
@@ -177,8 +177,8 @@ def retrieval_recall(image_features, text_features, ks: Sequence[int] = (1, 5, 1
             raise ValueError(f"text_features: expected {x.shape[0]} rows (one caption per image), got {t.shape[0]}")
         ic, tc = np.arange(x.shape[0]), np.arange(t.shape[0])
     else:
-        ic = _labels(image_class, x.shape[0], "image_class")
-        tc = _labels(text_class, t.shape[0], "text_class")
+        ic = _class_ids(image_class, x.shape[0], "image_class")
+        tc = _class_ids(text_class, t.shape[0], "text_class")
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"ks: expected positive integers, got {ks}")
@@ -211,8 +211,8 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *, C:
     xte = _features(test_features, "test_features").double().cpu().numpy()
     if xtr.shape[1] != xte.shape[1]:
         raise ValueError(f"test_features: expected {xtr.shape[1]} features, got shape {xte.shape}")
-    ytr = _labels(train_labels, xtr.shape[0], "train_labels")
-    yte = _labels(test_labels, xte.shape[0], "test_labels")
+    ytr = _class_ids(train_labels, xtr.shape[0], "train_labels")
+    yte = _class_ids(test_labels, xte.shape[0], "test_labels")
     if np.unique(ytr).size < 2:
         raise ValueError("train_labels: need at least two classes")
     if not C > 0:
@@ -247,7 +247,7 @@ def model_representation_bias(group_predictions, n_groups: int, target=None) -> 
                    else group_predictions)
     if p.ndim != 1 or p.size == 0:
         raise ValueError(f"group_predictions: expected a non-empty 1-D array, got shape {p.shape}")
-    p = _labels(p, p.shape[0], "group_predictions", n_groups)
+    p = _class_ids(p, p.shape[0], "group_predictions", n_groups)
     pi = np.full(n_groups, 1.0 / n_groups) if target is None else np.broadcast_to(
         np.asarray(target, dtype=np.float64), (n_groups,)).copy()
     if not np.all((pi >= 0) & (pi <= 1)):
@@ -277,7 +277,7 @@ def model_association_bias(s, predictions, n_classes: int) -> Dict[str, object]:
     if not np.isin(sa, (0, 1)).all():
         raise ValueError("s: expected 0/1 group indicators")
     sa = sa.astype(bool)
-    pred = _labels(predictions, sa.shape[0], "predictions", n_classes)
+    pred = _class_ids(predictions, sa.shape[0], "predictions", n_classes)
     onehot = np.eye(n_classes)[pred]
     m = sa.shape[1]
     rates = np.full((m, 2, n_classes), np.nan)
