@@ -52,7 +52,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (summary.json and PNG plots)")
     p.add_argument("--swav", action="store_true", help="run the SwAV linear-probe demo on the digits instead")
     p.add_argument("--size", choices=("tiny", "small", "default"), default="default",
-                   help="problem size: tiny (seconds), small, default (a few minutes on 2 CPU cores)")
+                   help="problem size: tiny (seconds), small, default (about a minute on 2 CPU cores)")
     p.add_argument("--loss", choices=("clip", "siglip"), default="clip", help="contrastive loss (default: clip)")
     p.add_argument("--association", type=_unit_interval("--association"), default=0.6,
                    help="strength of the group-concept correlation in the training data, 0..1 (default 0.6)")
