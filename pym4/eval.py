@@ -329,12 +329,13 @@ def write_json(path, obj) -> None:
         f.write("\n")
 
 
-def subplots(nrows: int = 1, ncols: int = 1, *, figsize=(6.4, 4.8), **kwargs):
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, **kwargs):
     """A new matplotlib figure and its axes (as ``pyplot.subplots``), drawn by the Agg canvas.
 
     The figure is a plain ``matplotlib.figure.Figure`` with a ``FigureCanvasAgg``: pyplot is
     never imported, so the caller's backend, open windows and figure list stay as they were.
-    ``kwargs`` go to ``Figure.subplots`` (``sharey``, ``squeeze``, ...). Returns ``(fig, axes)``.
+    ``figsize`` (inches) defaults to rcParams; ``kwargs`` go to ``Figure.subplots`` (``sharey``,
+    ``squeeze``, ...). Returns ``(fig, axes)``.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
