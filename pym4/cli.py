@@ -52,7 +52,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (summary.json and PNG plots)")
     p.add_argument("--swav", action="store_true", help="run the SwAV linear-probe demo on the digits instead")
     p.add_argument("--size", choices=("tiny", "small", "default"), default="default",
-                   help="problem size: tiny (seconds), small, default (a few minutes on 2 CPU cores)")
+                   help="problem size: tiny (seconds), small, default (about a minute on 2 CPU cores)")
     p.add_argument("--loss", choices=("clip", "siglip"), default="clip", help="contrastive loss (default: clip)")
     p.add_argument("--association", type=_unit_interval("--association"), default=0.6,
                    help="strength of the group-concept correlation in the training data, 0..1 (default 0.6)")
@@ -68,17 +68,23 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> int:
     import os
 
+    from .demo import INSTALL_HINT, missing_requirements
+
+    # Before any work: a base install lacks the demo's plotting and digits packages.
+    missing = missing_requirements()
+    if missing:
+        raise CLIError(f"the demo needs {' and '.join(missing)} (not installed): {INSTALL_HINT}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CLIError(f"--out: {args.out!r} exists and is not a directory")
-    from . import demo
+    from .demo.run import run_demo, run_swav_demo
 
     try:
         if args.swav:
-            demo.run_swav_demo(args.out, size=args.size, seed=args.seed, progress=not args.no_progress)
+            run_swav_demo(args.out, size=args.size, seed=args.seed, progress=not args.no_progress)
         else:
-            demo.run_demo(args.out, size=args.size, loss=args.loss, association=args.association,
-                          minority_share=args.minority_share, budget=args.budget, seed=args.seed,
-                          progress=not args.no_progress)
+            run_demo(args.out, size=args.size, loss=args.loss, association=args.association,
+                     minority_share=args.minority_share, budget=args.budget, seed=args.seed,
+                     progress=not args.no_progress)
     except (ValueError, OSError) as e:
         raise CLIError(str(e)) from e
     return 0

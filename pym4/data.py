@@ -8,7 +8,6 @@ import torch
 from torch.utils.data import Sampler
 
 from ._arrays import to_tensor
-from ._synthetic import BiasedCaptions, Tokenizer, make_biased_captions  # noqa: F401 (synthetic biased data)
 
 __all__ = ["BalancedSampler"]
 

@@ -17,14 +17,15 @@ so any encoder can be measured:
 - :func:`group_accuracy_gap`: accuracy per sensitive group and the largest gap, as in the
   SEER fairness indicators (Goyal et al., "Fairness Indicators for Systematic Assessments of
   Visual Feature Extractors", FAccT 2022).
-- ``plot_*``: one PNG per metric (matplotlib, Agg backend), written atomically.
+- ``plot_*``: one PNG per metric, written atomically; figures come from :func:`subplots`
+  (matplotlib's Agg canvas, never pyplot), so plotting leaves the caller's backend alone.
 
 scikit-learn and matplotlib are imported only by the functions that need them.
 """
 from __future__ import annotations
 
 import json
-import os
+import sys
 import warnings
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
@@ -36,7 +37,7 @@ from ._io import atomic_output
 __all__ = ["zero_shot_classifier", "zero_shot_predict", "zero_shot_accuracy", "retrieval_recall",
            "linear_probe", "model_representation_bias", "model_association_bias", "group_accuracy_gap",
            "plot_zero_shot", "plot_recall", "plot_linear_probe", "plot_bias", "plot_association",
-           "plot_group_accuracy", "save_figure", "write_json"]
+           "plot_group_accuracy", "subplots", "save_figure", "write_json"]
 
 
 # ----- helpers -------------------------------------------------------------------------------
@@ -57,7 +58,7 @@ def _features(x, name: str) -> torch.Tensor:
     return x.detach()
 
 
-def _labels(x, n: int, name: str, high: Optional[int] = None) -> np.ndarray:
+def _class_ids(x, n: int, name: str, high: Optional[int] = None) -> np.ndarray:
     a = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x)
     if a.ndim != 1 or a.shape[0] != n:
         raise ValueError(f"{name}: expected shape ({n},), got {a.shape}")
@@ -127,7 +128,7 @@ def zero_shot_accuracy(image_features, classifier, labels, ks: Sequence[int] = (
     """
     x = _features(image_features, "image_features")
     w = _features(classifier, "classifier")
-    y = _labels(labels, x.shape[0], "labels", w.shape[0])
+    y = _class_ids(labels, x.shape[0], "labels", w.shape[0])
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"ks: expected positive integers, got {ks}")
@@ -176,8 +177,8 @@ def retrieval_recall(image_features, text_features, ks: Sequence[int] = (1, 5, 1
             raise ValueError(f"text_features: expected {x.shape[0]} rows (one caption per image), got {t.shape[0]}")
         ic, tc = np.arange(x.shape[0]), np.arange(t.shape[0])
     else:
-        ic = _labels(image_class, x.shape[0], "image_class")
-        tc = _labels(text_class, t.shape[0], "text_class")
+        ic = _class_ids(image_class, x.shape[0], "image_class")
+        tc = _class_ids(text_class, t.shape[0], "text_class")
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"ks: expected positive integers, got {ks}")
@@ -210,8 +211,8 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *, C:
     xte = _features(test_features, "test_features").double().cpu().numpy()
     if xtr.shape[1] != xte.shape[1]:
         raise ValueError(f"test_features: expected {xtr.shape[1]} features, got shape {xte.shape}")
-    ytr = _labels(train_labels, xtr.shape[0], "train_labels")
-    yte = _labels(test_labels, xte.shape[0], "test_labels")
+    ytr = _class_ids(train_labels, xtr.shape[0], "train_labels")
+    yte = _class_ids(test_labels, xte.shape[0], "test_labels")
     if np.unique(ytr).size < 2:
         raise ValueError("train_labels: need at least two classes")
     if not C > 0:
@@ -246,7 +247,7 @@ def model_representation_bias(group_predictions, n_groups: int, target=None) -> 
                    else group_predictions)
     if p.ndim != 1 or p.size == 0:
         raise ValueError(f"group_predictions: expected a non-empty 1-D array, got shape {p.shape}")
-    p = _labels(p, p.shape[0], "group_predictions", n_groups)
+    p = _class_ids(p, p.shape[0], "group_predictions", n_groups)
     pi = np.full(n_groups, 1.0 / n_groups) if target is None else np.broadcast_to(
         np.asarray(target, dtype=np.float64), (n_groups,)).copy()
     if not np.all((pi >= 0) & (pi <= 1)):
@@ -276,7 +277,7 @@ def model_association_bias(s, predictions, n_classes: int) -> Dict[str, object]:
     if not np.isin(sa, (0, 1)).all():
         raise ValueError("s: expected 0/1 group indicators")
     sa = sa.astype(bool)
-    pred = _labels(predictions, sa.shape[0], "predictions", n_classes)
+    pred = _class_ids(predictions, sa.shape[0], "predictions", n_classes)
     onehot = np.eye(n_classes)[pred]
     m = sa.shape[1]
     rates = np.full((m, 2, n_classes), np.nan)
@@ -328,25 +329,35 @@ def write_json(path, obj) -> None:
         f.write("\n")
 
 
-def save_figure(fig, path) -> None:
-    """Save a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, **kwargs):
+    """A new matplotlib figure and its axes (as ``pyplot.subplots``), drawn by the Agg canvas.
 
+    The figure is a plain ``matplotlib.figure.Figure`` with a ``FigureCanvasAgg``: pyplot is
+    never imported, so the caller's backend, open windows and figure list stay as they were.
+    ``figsize`` (inches) defaults to rcParams; ``kwargs`` go to ``Figure.subplots`` (``sharey``,
+    ``squeeze``, ...). Returns ``(fig, axes)``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def save_figure(fig, path) -> None:
+    """Save a matplotlib figure as PNG atomically (a temp file in the same folder, then os.replace).
+
+    A figure made by :func:`subplots` needs no closing; one the caller made with pyplot is
+    closed afterwards, as pyplot would keep it alive.
+    """
     try:
         with atomic_output(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     finally:
-        plt.close(fig)
-
-
-def _pyplot():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() != "agg":
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+        pyplot = sys.modules.get("matplotlib.pyplot")  # only an already imported pyplot can hold it
+        if pyplot is not None:
+            pyplot.close(fig)
 
 
 def _grouped_bars(ax, categories: Sequence[str], series: Mapping[str, Sequence[float]], fmt: str = "{:.2f}"):
@@ -367,8 +378,7 @@ def _grouped_bars(ax, categories: Sequence[str], series: Mapping[str, Sequence[f
 
 def plot_zero_shot(results: Mapping[str, Mapping], classnames: Sequence[str], path) -> None:
     """Per-class zero-shot top-1 accuracy of each model (``results[label] = zero_shot_accuracy(...)``)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig, ax = subplots(figsize=(8, 3.5))
     _grouped_bars(ax, list(classnames), {f"{k} (top-1 {v['top1']:.2f})": v["per_class"] for k, v in results.items()})
     ax.set_ylabel("zero-shot top-1 accuracy")
     ax.set_ylim(0, 1.08)
@@ -378,8 +388,7 @@ def plot_zero_shot(results: Mapping[str, Mapping], classnames: Sequence[str], pa
 
 def plot_recall(results: Mapping[str, Mapping[str, float]], path) -> None:
     """Recall@K curves, image->text and text->image (``results[label] = retrieval_recall(...)``)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), sharey=True)
+    fig, axes = subplots(1, 2, figsize=(8, 3.2), sharey=True)
     for ax, direction, title in zip(axes, ("i2t", "t2i"), ("image -> text", "text -> image")):
         for label, r in results.items():
             ks = sorted(int(k.split("@")[1]) for k in r if k.startswith(direction))
@@ -395,8 +404,7 @@ def plot_recall(results: Mapping[str, Mapping[str, float]], path) -> None:
 
 def plot_linear_probe(accuracies: Mapping[str, float], path, title: str = "Linear probe on frozen features") -> None:
     """Bar chart of linear-probe accuracies (``accuracies[label] = float``)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = subplots(figsize=(4.5, 3.2))
     labels = list(accuracies)
     bars = ax.bar(labels, [accuracies[k] for k in labels], color=["tab:blue", "tab:gray", "tab:orange"][: len(labels)])
     for b in bars:
@@ -409,8 +417,7 @@ def plot_linear_probe(accuracies: Mapping[str, float], path, title: str = "Linea
 
 def plot_bias(results: Mapping[str, Mapping[str, float]], path, title: str = "Bias") -> None:
     """RB and AB side by side (``results[label] = {"rb": ..., "ab": ...}``)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = subplots(figsize=(5, 3.2))
     _grouped_bars(ax, ["RB", "AB"], {k: [v["rb"], v["ab"]] for k, v in results.items()}, fmt="{:.3f}")
     ax.set_ylabel("bias (lower is fairer)")
     ax.set_title(title)
@@ -420,8 +427,7 @@ def plot_bias(results: Mapping[str, Mapping[str, float]], path, title: str = "Bi
 def plot_association(results: Mapping[str, Mapping], classnames: Sequence[str], group_names: Sequence[str],
                      path) -> None:
     """P(prediction = concept | group) per group, one panel per model (``model_association_bias`` results)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.2), squeeze=False, sharey=True)
+    fig, axes = subplots(1, len(results), figsize=(4.2 * len(results), 3.2), squeeze=False, sharey=True)
     for ax, (label, res) in zip(axes[0], results.items()):
         rates = np.asarray(res["rates"])  # (m, 2, C): [k][s_k = 1] is rates[k, 1]
         series = {f"{g}": rates[k, 1] for k, g in enumerate(group_names)}
@@ -433,8 +439,7 @@ def plot_association(results: Mapping[str, Mapping], classnames: Sequence[str], 
 
 def plot_group_accuracy(results: Mapping[str, Mapping], path, title: str = "Accuracy per group") -> None:
     """Per-group accuracy of each model (``results[label] = group_accuracy_gap(...)``)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = subplots(figsize=(5, 3.2))
     groups = list(next(iter(results.values()))["accuracy"])
     _grouped_bars(ax, groups, {f"{k} (gap {v['gap']:.3f})": [v["accuracy"][g] for g in groups]
                                for k, v in results.items()}, fmt="{:.3f}")

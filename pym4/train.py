@@ -12,8 +12,9 @@ A thin layer over torch; the hot operations are pym4's:
   :func:`train_contrastive` with :func:`pym4.clip_loss` / :func:`pym4.siglip_loss`, any
   sampler (e.g. M4's ``pym4.data.BalancedSampler``), and, when torch.distributed is
   initialised, DistributedDataParallel plus the losses' cross-rank feature exchange.
-- Small reference networks for the demo: :class:`DigitsNet` (8 x 8 digits),
-  :class:`ImageTower`, :class:`TextTower`.
+
+Both loops take any backbone or encoders (``nn.Module``); the small networks ``pym4 demo``
+trains live in :mod:`pym4.demo.networks`.
 """
 from __future__ import annotations
 
@@ -21,14 +22,12 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SwAVHead", "SwAVQueue", "swav_loss", "multi_crop", "SwAVConfig", "train_swav", "DigitsNet",
-           "load_digits", "ImageTower", "TextTower", "TwoTower", "ContrastiveConfig", "train_contrastive",
-           "embed"]
+__all__ = ["SwAVHead", "SwAVQueue", "swav_loss", "multi_crop", "SwAVConfig", "train_swav", "TwoTower",
+           "ContrastiveConfig", "train_contrastive", "embed"]
 
 
 def _progress(iterable=None, total=None, desc=None, enabled=True):
@@ -199,36 +198,6 @@ def multi_crop(x: torch.Tensor, n: int, size: int, scale: Tuple[float, float], *
     return out
 
 
-class DigitsNet(nn.Module):
-    """A small conv net for 1 x 8 x 8 digits (any input size >= 2): ``out_dim``-d globally pooled features.
-
-    The default width is small on purpose: its 16-d features at random initialisation are a weak
-    baseline (about 0.75 linear-probe accuracy on digits), which SwAV training lifts to about 0.97.
-    """
-
-    def __init__(self, width: int = 16, out_dim: int = 16):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, out_dim, 3, padding=1), nn.BatchNorm2d(out_dim), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.out_dim = out_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-
-def load_digits() -> Tuple[torch.Tensor, np.ndarray]:
-    """scikit-learn's bundled 8 x 8 digits: float32 images (1797, 1, 8, 8) in [0, 1] and labels (1797,)."""
-    from sklearn.datasets import load_digits as _load
-
-    d = _load()
-    x = torch.from_numpy((d.images / 16.0).astype(np.float32))[:, None]
-    return x, d.target.astype(np.int64)
-
-
 @dataclass
 class SwAVConfig:
     """Hyper-parameters of :func:`train_swav` (defaults: tuned for 8 x 8 digits on a CPU)."""
@@ -356,37 +325,6 @@ def _all_reduce_grads(params, group) -> None:
 
 
 # ===== CLIP / SigLIP =========================================================================
-
-class ImageTower(nn.Module):
-    """Conv net for small RGB images (3 x H x W, H and W multiples of 4) -> ``embed_dim``."""
-
-    def __init__(self, embed_dim: int = 64, width: int = 32, image_size: int = 16, in_channels: int = 3):
-        super().__init__()
-        if image_size % 4:
-            raise ValueError(f"image_size: expected a multiple of 4, got {image_size}")
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(2 * width * (image_size // 4) ** 2, 4 * width), nn.ReLU(inplace=True),
-            nn.Linear(4 * width, embed_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-class TextTower(nn.Module):
-    """Bag-of-words text encoder: mean of token embeddings (padding id 0 ignored) -> MLP -> ``embed_dim``."""
-
-    def __init__(self, vocab_size: int, embed_dim: int = 64, width: int = 64):
-        super().__init__()
-        self.embedding = nn.Embedding(vocab_size, width, padding_idx=0)
-        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(inplace=True), nn.Linear(2 * width, embed_dim))
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        mask = (tokens != 0).unsqueeze(-1).float()
-        h = (self.embedding(tokens) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return self.mlp(h)
-
 
 class TwoTower(nn.Module):
     """A CLIP/SigLIP model: image and text encoders, a learnable logit scale and bias.

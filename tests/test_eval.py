@@ -177,3 +177,18 @@ def test_plots_are_png(tmp_path):
     assert names == sorted(["zs.png", "recall.png", "probe.png", "bias.png", "assoc.png", "gap.png"])
     for n in names:
         assert (tmp_path / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_subplots_bypass_pyplot_and_save_figure_closes_only_its_figures(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    open_before = plt.get_fignums()
+    fig, axes = ev.subplots(1, 2, figsize=(4, 2))
+    assert len(axes) == 2 and plt.get_fignums() == open_before  # never registered with pyplot
+    axes[0].plot([0, 1], [1, 0])
+    ev.save_figure(fig, tmp_path / "canvas.png")
+    user_fig = plt.figure()  # a figure the caller made with pyplot is closed once saved, as before
+    assert len(plt.get_fignums()) == len(open_before) + 1
+    ev.save_figure(user_fig, tmp_path / "pyplot.png")
+    assert plt.get_fignums() == open_before
+    for n in ("canvas.png", "pyplot.png"):
+        assert (tmp_path / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,5 +1,5 @@
 """Training layer: SwAV pieces against a plain SwAV reference, short training runs, the
-CLIP/SigLIP two-tower loop (samplers, DDP), and the synthetic biased dataset."""
+CLIP/SigLIP two-tower loop (samplers, DDP). The networks and data are the demo's."""
 import os
 import socket
 
@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from pym4 import train as tr
-from pym4._synthetic import CONCEPTS, Tokenizer, make_biased_captions
+from pym4.demo.digits import load_digits
+from pym4.demo.networks import DigitsNet, ImageTower, TextTower
+from pym4.demo.synthetic import make_biased_captions
 from references import swav_sinkhorn
 
 
@@ -102,9 +104,9 @@ def test_multi_crop_identity_and_shapes():
 
 
 def test_train_swav_few_steps_lowers_loss():
-    x, y = tr.load_digits()
+    x, y = load_digits()
     assert x.shape == (1797, 1, 8, 8) and float(x.max()) == 1.0 and y.shape == (1797,)
-    net = tr.DigitsNet(width=8, out_dim=16)
+    net = DigitsNet(width=8, out_dim=16)
     cfg = tr.SwAVConfig(epochs=4, batch_size=64, n_prototypes=10, warmup_steps=2, freeze_prototypes_steps=2,
                         queue_length=128, queue_start_epoch=1)
     before = [p.detach().clone() for p in net.parameters()]
@@ -133,7 +135,7 @@ def _siglip_reference(x, y, scale, bias):
 
 
 def _small_model(vocab, loss="clip"):
-    return tr.TwoTower(tr.ImageTower(16, 8, 16), tr.TextTower(vocab, 16, 16), loss=loss)
+    return tr.TwoTower(ImageTower(16, 8, 16), TextTower(vocab, 16, 16), loss=loss)
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
@@ -238,68 +240,3 @@ def test_train_contrastive_ddp_two_ranks(tmp_path):
     assert len(t0["loss"]) == 2 * (16 // 8)
     for a, b in zip(t0["params"], t1["params"]):
         assert torch.equal(a, b)
-
-
-# ----- the synthetic biased dataset ----------------------------------------------------------
-
-def _ab(s, y):
-    # max_{k,r} |P(y_r | s_k=1) - P(y_r | s_k=0)|, written out for two one-hot groups
-    return max(abs(y[s[:, k] == 1].mean(0) - y[s[:, k] == 0].mean(0)).max() for k in range(s.shape[1]))
-
-
-@pytest.mark.parametrize("association", [0.0, 0.6, 1.0])
-def test_synthetic_bias_is_controlled(association):
-    d = make_biased_captions(20000, association=association, minority_share=0.3, noise=0.0, seed=0)
-    s, y = d.s.astype(float), d.y.astype(float)
-    assert s.sum(1).max() == 1 and y.sum(1).min() == 1
-    assert s[:, 1].mean() == pytest.approx(0.3, abs=0.015)
-    # favoured half of group k has P = (1 + a) / 2 over 4 concepts: AB = a / 4
-    assert _ab(s, y) == pytest.approx(association / 4, abs=0.02)
-
-
-def test_synthetic_captions_tokens_and_metadata():
-    d = make_biased_captions(2000, mention_prob=0.25, neutral_share=0.1, seed=5)
-    assert d.images.shape == (2000, 3, 16, 16) and d.images.dtype == torch.float32
-    neutral = d.group == -1
-    assert d.s[neutral].sum() == 0 and 0.07 < neutral.mean() < 0.13
-    for i in range(50):
-        words = d.captions[i].split()
-        assert CONCEPTS[d.concept[i]] in words
-        assert ("warm" in words or "cool" in words) == (not neutral[i] and
-                                                        any(w in words for w in ("warm", "cool")))
-        assert d.caption_class[i] == (d.concept[i] * 2 + d.size[i]) * 4 + d.position[i]
-    mentioned = np.mean([("warm" in c.split() or "cool" in c.split()) for c in d.captions])
-    assert 0.18 < mentioned < 0.27  # 0.25 of the 90% with a group
-    tok = Tokenizer()
-    ids = tok(["a large ring", "zebra"])
-    inv = {v: k for k, v in tok.vocab.items()}
-    assert [inv[int(i)] for i in ids[0, :3]] == ["a", "large", "ring"] and int(ids[0, 3]) == 0
-    assert int(ids[1, 0]) == Tokenizer.UNK
-    assert torch.equal(d.tokens, tok(d.captions))
-    sub = d.subset(d.group == 1)
-    assert len(sub) == int((d.group == 1).sum()) and (sub.s[:, 1] == 1).all()
-    img, toks = d.get_batch(torch.tensor([3, 1]))
-    assert torch.equal(img[1], d.images[1]) and torch.equal(toks[0], d.tokens[3])
-
-
-def test_synthetic_colour_is_the_group():
-    # Noise-free shape pixels are warm (red > blue) or cool (blue > red): the attribute is visible.
-    d = make_biased_captions(200, noise=0.0, neutral_share=0.2, seed=6)
-    fg = d.images.amax(dim=(2, 3))  # brightest value per channel ~ the shape's colour
-    warm, cool, grey = d.group == 0, d.group == 1, d.group == -1
-    assert bool((fg[warm, 0] > fg[warm, 2] + 0.4).all())
-    assert bool((fg[cool, 2] > fg[cool, 0] + 0.4).all())
-    assert bool(((fg[grey, 0] - fg[grey, 2]).abs() < 0.2).all())
-
-
-def test_synthetic_bad_arguments():
-    with pytest.raises(ValueError, match="association"):
-        make_biased_captions(10, association=1.5)
-    with pytest.raises(ValueError, match="n"):
-        make_biased_captions(0)
-    with pytest.raises(ValueError, match="image_size"):
-        make_biased_captions(10, image_size=8)
-    with pytest.raises(ValueError, match="noise"):
-        make_biased_captions(10, noise=float("nan"))
-    with pytest.raises(TypeError, match="texts"):
-        Tokenizer()("a single string")

@@ -14,7 +14,7 @@ pair having one member in each half. A group-``k`` image draws its concept from 
 half with probability ``(1 + association) / 2`` (uniformly within the half), so
 ``association = 0`` makes concept and group independent and ``association = 1`` makes the
 group decide the half. With four concepts per half, the data's association bias
-(DESIGN.md section 3) is ``AB = association / 4``; the share of the ``cool`` group is
+(:func:`pym4.m4.association_bias`) is ``AB = association / 4``; the share of the ``cool`` group is
 ``minority_share``, so the representation bias against ``target = 0.5`` is
 ``|0.5 - minority_share|``.
 
@@ -30,13 +30,14 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["CONCEPTS", "GROUPS", "SIZES", "POSITIONS", "Tokenizer", "BiasedCaptions", "make_biased_captions", "images_grid"]
+__all__ = ["CONCEPTS", "GROUPS", "SHAPE_SIZES", "POSITIONS", "Tokenizer", "BiasedCaptions", "make_biased_captions",
+           "images_grid"]
 
 # Pairs of look-alike shapes; the first of each pair is favoured by group 0, the second by group 1.
 CONCEPTS = ("circle", "ring", "square", "diamond", "cross", "plus", "triangle", "wedge")
 FAVOURED_HALF = np.array([0, 1, 0, 1, 0, 1, 0, 1])
 GROUPS = ("warm", "cool")
-SIZES = ("small", "large")
+SHAPE_SIZES = ("small", "large")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 _PREFIXES = ("a photo of", "a picture of", "an image of", "there is")
 # Every word a caption or a zero-shot prompt may use; anything else maps to <unk>.
@@ -54,7 +55,7 @@ class Tokenizer:
     PAD, UNK = 0, 1
 
     def __init__(self, max_len: int = 12):
-        words = set(_EXTRA_WORDS) | set(CONCEPTS) | set(GROUPS) | set(SIZES)
+        words = set(_EXTRA_WORDS) | set(CONCEPTS) | set(GROUPS) | set(SHAPE_SIZES)
         words |= {w for p in POSITIONS + _PREFIXES for w in p.split()}
         self.vocab = {w: i + 2 for i, w in enumerate(sorted(words))}
         self.max_len = int(max_len)
@@ -85,7 +86,7 @@ class BiasedCaptions(torch.utils.data.Dataset):
     s : uint8 array (N, 2), one-hot sensitive group (warm, cool); all-zero for neutral images
     y : uint8 array (N, 8), one-hot concept
     group : int64 array (N,), 0 (warm), 1 (cool) or -1 (neutral)
-    concept, size, position : int64 arrays (N,), indices into CONCEPTS, SIZES, POSITIONS
+    concept, size, position : int64 arrays (N,), indices into CONCEPTS, SHAPE_SIZES, POSITIONS
     caption_class : int64 array (N,), ``(concept * 2 + size) * 4 + position``: images with the
         same class fit the same captions (colour aside); retrieval relevance uses it
     tokenizer : Tokenizer
@@ -189,7 +190,7 @@ def make_biased_captions(n: int, *, association: float = 0.6, minority_share: fl
     captions = []
     for i in range(n):
         colour = f"{GROUPS[group[i]]} " if mention[i] else ""
-        captions.append(f"{_PREFIXES[prefix[i]]} a {SIZES[size[i]]} {colour}{CONCEPTS[concept[i]]} "
+        captions.append(f"{_PREFIXES[prefix[i]]} a {SHAPE_SIZES[size[i]]} {colour}{CONCEPTS[concept[i]]} "
                         f"at the {POSITIONS[position[i]]}")
     tokenizer = Tokenizer()
     s = np.zeros((n, 2), dtype=np.uint8)

@@ -1,8 +1,8 @@
-"""The main job, ``pym4 demo``: does balancing data with M4 make a CLIP model fairer?
+"""The two runs of ``pym4 demo``: the CLIP-the-Bias replay and the SwAV linear probe.
 
-A small-scale replay of "CLIP the Bias" (Alabdulmohsin et al., ICLR 2024) on CPU:
+:func:`run_demo` (``pym4 demo``), on CPU:
 
-1. build the synthetic image-caption data of :mod:`pym4._synthetic`, in which a colour tone
+1. build the synthetic image-caption data of :mod:`pym4.demo.synthetic`, in which a colour tone
    (the sensitive group) is over-represented and correlated with the shapes captions name;
 2. measure the data's representation and association bias (RB, AB);
 3. balance it with M4 (:func:`pym4.m4.balance`), then measure the balanced data's bias;
@@ -13,10 +13,11 @@ A small-scale replay of "CLIP the Bias" (Alabdulmohsin et al., ICLR 2024) on CPU
    how often images are matched to each shape) and RB (how often grey, group-less images are
    matched to each colour's prompts), per-group accuracy gaps;
 6. print a side-by-side table, state which of the paper's findings hold here, and write PNG
-   plots and ``summary.json``.
+   plots (:mod:`pym4.demo.plots`) and ``summary.json``.
 
-``pym4 demo --swav`` instead trains SwAV (codes from :func:`pym4.sinkhorn`) on scikit-learn's
-8 x 8 digits and compares linear probes of the trained and randomly initialised network.
+:func:`run_swav_demo` (``pym4 demo --swav``) trains SwAV (codes from :func:`pym4.sinkhorn`)
+on scikit-learn's 8 x 8 digits and compares linear probes of the trained and randomly
+initialised network.
 """
 from __future__ import annotations
 
@@ -31,10 +32,13 @@ from typing import Callable, Dict, List
 import numpy as np
 import torch
 
-__all__ = ["SIZES", "run_demo", "run_swav_demo"]
+from .synthetic import CONCEPTS, GROUPS, make_biased_captions
 
-# Presets: "tiny" is for tests (seconds), "small" for a quick look, "default" for `make demo`.
-SIZES: Dict[str, Dict[str, int]] = {
+__all__ = ["PRESETS", "run_demo", "run_swav_demo"]
+
+# Problem sizes (``--size``): "tiny" is for tests (seconds), "small" for a quick look,
+# "default" for `make demo`.
+PRESETS: Dict[str, Dict[str, int]] = {
     "tiny": dict(n_train=1024, n_test=300, n_neutral=100, epochs=2, batch_size=128, swav_epochs=1),
     "small": dict(n_train=8000, n_test=1000, n_neutral=500, epochs=5, batch_size=256, swav_epochs=20),
     "default": dict(n_train=16000, n_test=2000, n_neutral=1000, epochs=6, batch_size=256, swav_epochs=50),
@@ -60,8 +64,8 @@ class DemoConfig:
 
 
 def _check_config(cfg: DemoConfig) -> None:
-    if cfg.size not in SIZES:
-        raise ValueError(f"size: expected one of {', '.join(SIZES)}, got {cfg.size!r}")
+    if cfg.size not in PRESETS:
+        raise ValueError(f"size: expected one of {', '.join(PRESETS)}, got {cfg.size!r}")
     if cfg.loss not in ("clip", "siglip"):
         raise ValueError(f"loss: expected 'clip' or 'siglip', got {cfg.loss!r}")
     for name in ("association", "minority_share"):
@@ -88,10 +92,9 @@ def _prepare_out(out) -> str:
     return out
 
 
-def _evaluate(model, test, neutral, loss_kind: str) -> Dict[str, object]:
-    from . import eval as ev
-    from ._synthetic import CONCEPTS, GROUPS
-    from .train import embed
+def _evaluate(model, test, neutral) -> Dict[str, object]:
+    from .. import eval as ev
+    from ..train import embed
 
     def encode_text(texts):
         return embed(model, tokens=test.tokenizer(texts))[1]
@@ -178,17 +181,18 @@ def run_demo(out, *, size: str = "default", loss: str = "clip", association: flo
     ``model_bias.png``, ``zero_shot.png``, ``recall.png``, ``association.png``,
     ``group_accuracy.png``, ``training.png``, ``samples.png``.
     """
-    from . import eval as ev
-    from . import m4
-    from ._synthetic import CONCEPTS, GROUPS, images_grid, make_biased_captions
-    from .data import BalancedSampler
-    from .train import ContrastiveConfig, ImageTower, TextTower, TwoTower, train_contrastive
+    from .. import eval as ev
+    from .. import m4
+    from ..data import BalancedSampler
+    from ..train import ContrastiveConfig, TwoTower, train_contrastive
+    from .networks import ImageTower, TextTower
+    from .plots import write_demo_plots
 
     cfg = DemoConfig(size=size, loss=loss, association=association, minority_share=minority_share, noise=noise,
                      budget=budget, target=target, seed=seed)
     _check_config(cfg)
     out = _prepare_out(out)
-    p = SIZES[size]
+    p = PRESETS[size]
     t_start = time.perf_counter()
 
     echo(f"pym4 demo: {p['n_train']} biased image-caption pairs ({GROUPS[1]} share {minority_share:.2f}, "
@@ -216,7 +220,7 @@ def run_demo(out, *, size: str = "default", loss: str = "clip", association: flo
 
     tcfg = ContrastiveConfig(epochs=p["epochs"], batch_size=p["batch_size"], seed=seed)
     steps = max(1, len(train) // min(tcfg.batch_size, len(train)))
-    models, histories, evals, times = {}, {}, {}, {}
+    histories, evals, times = {}, {}, {}
     for name in ("unbalanced", "balanced"):
         torch.manual_seed(seed)
         model = TwoTower(ImageTower(64, 32, train.images.shape[-1]), TextTower(train.tokenizer.vocab_size, 64),
@@ -228,8 +232,7 @@ def run_demo(out, *, size: str = "default", loss: str = "clip", association: flo
             histories[name] = train_contrastive(model, train, ContrastiveConfig(**{**asdict(tcfg), "steps_per_epoch": steps}),
                                                 sampler=sampler, progress=progress, desc=f"{loss.upper()} {name}")
         times[name] = time.perf_counter() - t0
-        models[name] = model
-        evals[name] = _evaluate(model, test, neutral, loss)
+        evals[name] = _evaluate(model, test, neutral)
 
     model = {k: {"rb": e["rb"]["rb"], "ab": e["ab"]["ab"], "zero_shot_top1": e["zero_shot"]["top1"],
                  "i2t_recall@5": e["recall"]["i2t_recall@5"], "t2i_recall@5": e["recall"]["t2i_recall@5"]}
@@ -263,35 +266,12 @@ def run_demo(out, *, size: str = "default", loss: str = "clip", association: flo
         mark = "HOLDS" if f["holds"] else "DOES NOT HOLD"
         echo(f"  [{mark}] {f['claim']}: {f['detail']}")
 
-    plt = ev._pyplot()
-    ev.plot_bias(data, os.path.join(out, "data_bias.png"), title="Bias of the training data (M4 before/after)")
-    ev.plot_bias(model, os.path.join(out, "model_bias.png"), title="Bias of the trained models")
-    ev.plot_zero_shot({k: e["zero_shot"] for k, e in evals.items()}, CONCEPTS, os.path.join(out, "zero_shot.png"))
-    ev.plot_recall({k: e["recall"] for k, e in evals.items()}, os.path.join(out, "recall.png"))
-    ev.plot_association({k: e["ab"] for k, e in evals.items()}, CONCEPTS, GROUPS, os.path.join(out, "association.png"))
-    ev.plot_group_accuracy({k: e["group_gap"] for k, e in evals.items()}, os.path.join(out, "group_accuracy.png"),
-                           title="Zero-shot accuracy per group (test set)")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for k, h in histories.items():
-        axes[0].plot(h["loss"], label=k)
-        axes[1].plot(h["logit_scale"], label=k)
-    axes[0].set_title(f"{loss.upper()} training loss")
-    axes[1].set_title("logit scale")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-    ev.save_figure(fig, os.path.join(out, "training.png"))
-    idx = [int(i) for g in (0, 1) for i in np.flatnonzero(train.group == g)[:8]]
-    fig, ax = plt.subplots(figsize=(5, 2.8))
-    ax.imshow(images_grid(train, idx), interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title("training images: warm (first 8), cool (last 8)", fontsize=9)
-    ev.save_figure(fig, os.path.join(out, "samples.png"))
+    plots = write_demo_plots(out, data, model, evals, histories, train, loss)
 
     summary = {"data": data, "model": model, "findings": findings, "details": details,
                "config": {**asdict(cfg), **p, "wall_seconds": time.perf_counter() - t_start}}
     ev.write_json(os.path.join(out, "summary.json"), summary)
-    echo(f"\nwrote {os.path.join(out, 'summary.json')} and 8 plots in {time.perf_counter() - t_start:.0f} s")
+    echo(f"\nwrote {os.path.join(out, 'summary.json')} and {len(plots)} plots in {time.perf_counter() - t_start:.0f} s")
     return summary
 
 
@@ -305,11 +285,14 @@ def run_swav_demo(out, *, size: str = "default", seed: int = 0, progress: bool =
     """
     from sklearn.model_selection import train_test_split
 
-    from . import eval as ev
-    from .train import DigitsNet, SwAVConfig, load_digits, train_swav
+    from .. import eval as ev
+    from ..train import SwAVConfig, train_swav
+    from .digits import load_digits
+    from .networks import DigitsNet
+    from .plots import write_swav_plots
 
-    if size not in SIZES:
-        raise ValueError(f"size: expected one of {', '.join(SIZES)}, got {size!r}")
+    if size not in PRESETS:
+        raise ValueError(f"size: expected one of {', '.join(PRESETS)}, got {size!r}")
     out = _prepare_out(out)
     t_start = time.perf_counter()
     x, y = load_digits()
@@ -318,7 +301,7 @@ def run_swav_demo(out, *, size: str = "default", seed: int = 0, progress: bool =
     torch.manual_seed(seed)
     net = DigitsNet()
     random_net = copy.deepcopy(net).eval()
-    cfg = SwAVConfig(epochs=SIZES[size]["swav_epochs"], seed=seed)
+    cfg = SwAVConfig(epochs=PRESETS[size]["swav_epochs"], seed=seed)
     echo(f"pym4 demo --swav: SwAV on {len(y)} digits (8x8), {cfg.epochs} epochs, {cfg.n_prototypes} prototypes, "
          f"{cfg.n_global}+{cfg.n_local} crops")
     t0 = time.perf_counter()
@@ -337,15 +320,7 @@ def run_swav_demo(out, *, size: str = "default", seed: int = 0, progress: bool =
                 header=("", "random init", "SwAV")))
     verdict = "beats" if acc["swav"] > acc["random_init"] else "does NOT beat"
     echo(f"SwAV {verdict} random initialisation by {acc['swav'] - acc['random_init']:+.3f}")
-    plt = ev._pyplot()
-    ev.plot_linear_probe({"random init": acc["random_init"], "SwAV": acc["swav"]}, os.path.join(out, "linear_probe.png"),
-                         title="Linear probe on frozen DigitsNet features")
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(result["loss"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("swapped-prediction loss")
-    ax.set_title("SwAV training")
-    ev.save_figure(fig, os.path.join(out, "swav_loss.png"))
+    plots = write_swav_plots(out, acc, result["loss"])
     summary = {"linear_probe": acc,
                "details": {"train_seconds": train_seconds, "final_loss": result["loss"][-1],
                            "n_probe_train": int(len(tr)), "n_probe_test": int(len(te))},
@@ -353,5 +328,5 @@ def run_swav_demo(out, *, size: str = "default", seed: int = 0, progress: bool =
                                                          for k, v in asdict(cfg).items()},
                           "wall_seconds": time.perf_counter() - t_start}}
     ev.write_json(os.path.join(out, "summary.json"), summary)
-    echo(f"\nwrote {os.path.join(out, 'summary.json')} and 2 plots in {time.perf_counter() - t_start:.0f} s")
+    echo(f"\nwrote {os.path.join(out, 'summary.json')} and {len(plots)} plots in {time.perf_counter() - t_start:.0f} s")
     return summary
