@@ -29,7 +29,10 @@ import os
 import subprocess
 import sys
 
-from _harness import Case, references, time_interleaved, write_results
+# _harness.py lies beside this file; put it on the path explicitly, as under PYTHONSAFEPATH
+# (gpu_check.sh) the script's folder is not.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import Case, references, time_interleaved, write_results  # noqa: E402
 
 METHODS = ("pym4-clip", "open_clip-clip", "pym4-siglip", "open_clip-siglip", "inf_cl-clip")
 # Bytes per B^2 logit element that open_clip needs in float32 forward+backward (measured here:

@@ -24,11 +24,13 @@ import time
 
 import numpy as np
 
-from _harness import Case, references, time_interleaved, write_results
+from pym4 import m4
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from pym4 import m4  # noqa: E402
+# _harness.py lies beside this file; put it on the path explicitly, as under PYTHONSAFEPATH
+# (gpu_check.sh) the script's folder is not. The repository root is not added: the installed
+# pym4 (editable, or the GPU check's build) must not be shadowed by the source tree.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import Case, references, time_interleaved, write_results  # noqa: E402
 
 ETA, EPS_REP, EPS_ASSOC = 0.7, 0.01, 0.05
 REF = references()  # the numpy stream and the constraint values from q, shared with the tests
