@@ -43,7 +43,6 @@ _ANCHOR_BYTES_PER_ELEMENT = {"open_clip-clip": 4.5 * 4, "open_clip-siglip": 7 * 
 
 def make_step(method, device, dtype_name):
     """A function (x, y, log_scale, bias) -> loss for one method, or None when unavailable."""
-    import torch
     if method.startswith("pym4"):
         import pym4
         if method == "pym4-clip":
