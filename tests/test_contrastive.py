@@ -1,7 +1,7 @@
 """CLIP and SigLIP losses on the CPU (chunked backend and torch reference) and similarity_topk.
 
-References are written here from the formulas (DESIGN.md section 2, open_clip semantics)
-in float64 plain torch; gradients come from autograd through those references.
+References are written from the formulas (DESIGN.md section 2, open_clip semantics) in
+float64 plain torch, in references.py; gradients come from autograd through them.
 """
 import math
 
@@ -12,26 +12,11 @@ import torch.nn.functional as F
 
 import pym4
 import pym4.contrastive as contrastive
+from references import clip_loss as ref_clip
 from references import open_clip_loss_module
+from references import siglip_loss as ref_siglip
 
-
-# ----- independent references ----------------------------------------------------------------
-
-def ref_clip(x, y, s, b):
-    logits = s * x @ y.T + (0.0 if b is None else b)
-    n = x.shape[0]
-    idx = torch.arange(n)
-    img = (torch.logsumexp(logits, 1) - logits[idx, idx]).mean()
-    txt = (torch.logsumexp(logits, 0) - logits[idx, idx]).mean()
-    return (img + txt) / 2
-
-
-def ref_siglip(x, y, s, b):
-    logits = s * x @ y.T + (0.0 if b is None else b)
-    labels = 2 * torch.eye(x.shape[0], dtype=logits.dtype) - 1
-    return -F.logsigmoid(labels * logits).sum() / x.shape[0]
-
-
+# The independent references (float64 plain torch, from the formulas) are in references.py.
 REF = {"clip": ref_clip, "siglip": ref_siglip}
 LOSS = {"clip": pym4.clip_loss, "siglip": pym4.siglip_loss}
 

@@ -3,7 +3,7 @@
 Without a GPU they run through Triton's interpreter (conftest sets TRITON_INTERPRET=1) on
 small odd shapes; the `gpu` tests run the same checks natively on CUDA, plus bfloat16 (which
 the interpreter cannot represent) and a larger batch. References are float64 plain torch,
-written from the formulas, as in test_contrastive.py.
+written from the formulas, in references.py.
 """
 import importlib.util
 import math
@@ -13,18 +13,13 @@ import torch
 import torch.nn.functional as F
 
 import pym4
+import references
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 def ref_loss(kind, x, y, s, b):
-    logits = s * x @ y.T + (0.0 if b is None else b)
-    idx = torch.arange(x.shape[0], device=x.device)
-    if kind == "clip":
-        diag = logits[idx, idx]
-        return ((torch.logsumexp(logits, 1) - diag).mean() + (torch.logsumexp(logits, 0) - diag).mean()) / 2
-    labels = 2 * torch.eye(x.shape[0], dtype=logits.dtype, device=x.device) - 1
-    return -F.logsigmoid(labels * logits).sum() / x.shape[0]
+    return (references.clip_loss if kind == "clip" else references.siglip_loss)(x, y, s, b)
 
 
 def features(n, d, dtype, device, seed=0):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pym4 import m4
+from references import m4_stream  # the streaming update written out in numpy
 
 
 def make_data(n, m=2, c=8, seed=0, utility=False, prev=(0.3, 0.45), coupling=0.4):
@@ -147,6 +148,7 @@ def test_sparse_labels_match_dense():
     assert viol.max() <= 1e-6
 
 
+@pytest.mark.slow
 def test_stream_one_pass_million():
     n = 1_000_000
     s, y, u = make_data(n, 2, 32, 12, coupling=0.6)
@@ -178,34 +180,12 @@ def test_stream_seed_reproducible():
     assert np.abs(a.q - c.q).max() > 1e-6
 
 
-def numpy_stream(s, y, u, pi, eta, er, ea, lr, gamma, B):
-    """The streaming update written out in numpy (reference for the C++ loop)."""
-    A = bias_matrix(s, y, pi)
-    n, p = A.shape
-    lam = bounds(s.shape[1], y.shape[1], eta, er, ea)
-    vp, vm, mu, curv, seen, avg, amu = np.zeros(p), np.zeros(p), 0.0, np.zeros(p), 0.0, np.zeros(p), 0.0
-    for t, b in enumerate(range(0, n, B), start=1):
-        a = A[b:b + B]
-        q = np.clip(eta + (0 if u is None else u[b:b + B]) - a @ (vp - vm) - mu, 0, 1)
-        curv += (a * a).sum(0)
-        seen += len(a)
-        h = curv / seen + 1e-6
-        g = q @ a / len(a)
-        vp = np.maximum(0, vp + lr * (g - lam) / h)
-        vm = np.maximum(0, vm + lr * (-g - lam) / h)
-        mu += lr * (q.mean() - eta)
-        r = (gamma + 1) / (t + gamma)
-        avg = (1 - r) * avg + r * (vp - vm)
-        amu = (1 - r) * amu + r * mu
-    return vp, vm, avg, amu
-
-
 def test_solver_matches_numpy_update_and_resumes():
     s, y, u = make_data(5000, 3, 6, 14, True)
     pi = np.array([0.3, 0.35, 0.4])
     kw = dict(budget=0.6, eps_rep=0.01, eps_assoc=0.02, lr=0.1, gamma=3.0, batch_size=64)
     one = m4.M4Solver(pi, **kw).partial_fit(s, y, u)
-    vp, vm, avg, amu = numpy_stream(s, y, u, pi, 0.6, 0.01, 0.02, 0.1, 3.0, 64)
+    vp, vm, avg, amu = m4_stream(s, y, pi, 0.6, 0.01, 0.02, lr=0.1, gamma=3.0, batch=64, utility=u)
     np.testing.assert_allclose(one.state.v_plus, vp, atol=1e-9)
     np.testing.assert_allclose(one.state.v_minus, vm, atol=1e-9)
     np.testing.assert_allclose(one.v_plus.reshape(-1) - one.v_minus.reshape(-1), avg, atol=1e-9)
