@@ -492,13 +492,16 @@ PYBIND11_MODULE(_core, m) {
   m.def("m4_exact_result",
         [](int64_t m_, int64_t c, py::array state) {
           double* sp = m4_exact_state(state, m_, c);
-          py::array_t<double> w(m_ * (c + 1));
-          auto r = pym4::m4::exact_result(m_, c, sp, w.mutable_data());
+          py::array_t<double> w(m_ * (c + 1)), dw(m_ * (c + 1));
+          auto r = pym4::m4::exact_result(m_, c, sp, w.mutable_data(), dw.mutable_data());
           py::dict out = m4_result_dict(r);
           out["w"] = w;
+          out["dw"] = dw;
+          out["dmu"] = r.dmu;
           return out;
         },
-        py::arg("m"), py::arg("c"), py::arg("state"), "The duals w (p,) and the status fields of a state.");
+        py::arg("m"), py::arg("c"), py::arg("state"),
+        "The duals w (p,), the last Newton direction (dw (p,), dmu) and the status fields of a state.");
   m.def("m4_pattern_table",
         [](py::tuple data, py::object counts, int64_t max_patterns) -> py::object {
           auto d = m4_data(data);

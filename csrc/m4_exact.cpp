@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <stdexcept>
@@ -44,6 +45,7 @@ enum Slot : int64_t {
   kTol, kMaxIter, kRho,
   kHaveHess, kHessWeight,  // cached Hessian blocks valid; the row weight they were summed over
   kLastR,                  // optimality measure at the previous accepted point of this phase
+  kAccepted,               // the candidate of the last pass that the duals now are (-1: none)
   kSteps,                  // kCandidates step lengths
   kHeader = kSteps + kCandidates
 };
@@ -51,23 +53,76 @@ enum Slot : int64_t {
 constexpr double kDone = 2.0;
 constexpr int64_t kBlockShift = 6;  // the warm-start sample takes whole blocks of 64 rows
 
+// Rows are grouped into classes by their groups s_i. With few groups (2^m at most twice the
+// pair blocks' count: m <= 4) a row's class is its s-pattern sigma, and a_i = d_sigma (x) ytil
+// with d_sigma = sigma - pi: a row touches one margin vector, one gradient accumulator and
+// one Hessian block (the Kronecker blocks per s-pattern). With more groups the classes are
+// block 0 (every row, coefficient -pi) plus one per group it belongs to, and the Hessian
+// blocks are 0 and the pairs k <= l of its groups (s_k s_l ytil ytil^T).
 struct Layout {
-  int64_t m, c, L, p, nb;
-  Layout(int64_t m_, int64_t c_) : m(m_), c(c_), L(c_ + 1), p(m_ * (c_ + 1)), nb(1 + m_ * (m_ + 1) / 2) {}
-  // state: header | w (p) | dw (p) | Hessian blocks (nb L L)
+  int64_t m, c, L, p;
+  bool by_pattern;
+  int64_t nC, nH;  // margin/gradient classes, Hessian blocks
+  Layout(int64_t m_, int64_t c_)
+      : m(m_), c(c_), L(c_ + 1), p(m_ * (c_ + 1)), by_pattern(m_ <= 4),
+        nC(m_ <= 4 ? (int64_t(1) << m_) : 1 + m_), nH(m_ <= 4 ? (int64_t(1) << m_) : 1 + m_ * (m_ + 1) / 2) {}
+  // state: header | w (p) | dw (p) | Hessian blocks (nH L L)
   int64_t w() const { return kHeader; }
   int64_t dw() const { return kHeader + p; }
   int64_t hess() const { return kHeader + 2 * p; }
-  int64_t state_size() const { return hess() + nb * L * L; }
-  // stats: [weight | direction recession] | kCandidates x candidate | Hessian blocks
-  // candidate: [sum q | sum phi | sum min(0, a^T w + mu) | active weight | T0 (L) | T_k (m L)]
-  // with T0 = sum q ytil, T_k = sum q s_k ytil (all weighted by the row counts).
-  int64_t cand_size() const { return 4 + (m + 1) * L; }
+  int64_t state_size() const { return hess() + nH * L * L; }
+  // stats: [weight | direction recession] | kCandidates x candidate | Hessian blocks (nH L L),
+  // candidate: [sum q | sum phi | sum min(0, a^T w + mu) | active weight | T (nC x L)] with
+  // T_b = sum over the rows of class b of q ytil (all weighted by the row counts).
+  int64_t cand_size() const { return 4 + nC * L; }
   int64_t cand(int64_t k) const { return 2 + k * cand_size(); }
   int64_t shess() const { return 2 + kCandidates * cand_size(); }
-  int64_t stats_size() const { return shess() + nb * L * L; }
-  // Block of the pair of groups k <= l (block 0: all rows).
+  int64_t stats_size() const { return shess() + nH * L * L; }
+  // Hessian block of the pair of groups k <= l (pair layout; block 0: all rows).
   int64_t pair(int64_t k, int64_t l) const { return 1 + k * m - k * (k - 1) / 2 + (l - k); }
+
+  // The coefficients tying classes and blocks to groups:
+  //   a_i^T w = ytil^T sum_{b in classes(i)} V_b,  V_b = sum_k alpha(b, k) w_k,
+  //   g_k = (1/W) sum_b alpha(b, k) T_b,
+  //   sum_A d_k d_l ytil ytil^T = sum_h beta(h, k, l) H_h,  sum_A d_k ytil = sum_h gamma(h, k) H_h[0, :],
+  //   |A| = sum_h eps(h) H_h[0, 0].
+  struct Coef {
+    std::vector<double> alpha, beta, gamma, eps;
+  };
+  Coef coef(const double* pi) const {
+    Coef cf;
+    cf.alpha.assign(nC * m, 0.0);
+    cf.beta.assign(nH * m * m, 0.0);
+    cf.gamma.assign(nH * m, 0.0);
+    cf.eps.assign(nH, 0.0);
+    if (by_pattern) {
+      for (int64_t sg = 0; sg < nC; ++sg) {
+        cf.eps[sg] = 1.0;
+        for (int64_t k = 0; k < m; ++k) {
+          const double dk = static_cast<double>((sg >> k) & 1) - pi[k];
+          cf.alpha[sg * m + k] = dk;
+          cf.gamma[sg * m + k] = dk;
+          for (int64_t l = 0; l < m; ++l)
+            cf.beta[(sg * m + k) * m + l] = dk * (static_cast<double>((sg >> l) & 1) - pi[l]);
+        }
+      }
+      return cf;
+    }
+    cf.eps[0] = 1.0;
+    for (int64_t k = 0; k < m; ++k) {
+      cf.alpha[k] = -pi[k];
+      cf.alpha[(1 + k) * m + k] = 1.0;
+      cf.gamma[k] = -pi[k];
+      cf.gamma[pair(k, k) * m + k] = 1.0;
+      for (int64_t l = 0; l < m; ++l) {  // d_k d_l = s_k s_l - pi_l s_k - pi_k s_l + pi_k pi_l
+        cf.beta[(0 * m + k) * m + l] += pi[k] * pi[l];
+        cf.beta[(pair(std::min(k, l), std::max(k, l)) * m + k) * m + l] += 1.0;
+        cf.beta[(pair(k, k) * m + k) * m + l] -= pi[l];
+        cf.beta[(pair(l, l) * m + k) * m + l] -= pi[k];
+      }
+    }
+    return cf;
+  }
 };
 
 inline uint64_t mix64(uint64_t x) {  // splitmix64 finaliser
@@ -82,12 +137,44 @@ struct Lists {
   std::vector<int32_t> J, G;
   int nJ = 0, nG = 0;
   Lists(int64_t m, int64_t c) : J(c + 1), G(m) {}
+  // The row's margin/gradient classes and Hessian blocks (see Layout).
+  int classes(const Layout& Ly, int64_t* C) const {
+    if (Ly.by_pattern) {
+      int64_t sg = 0;
+      for (int g = 0; g < nG; ++g) sg |= int64_t(1) << G[g];
+      C[0] = sg;
+      return 1;
+    }
+    C[0] = 0;
+    for (int g = 0; g < nG; ++g) C[1 + g] = 1 + G[g];
+    return 1 + nG;
+  }
+  int hessian_blocks(const Layout& Ly, int64_t* Hb) const {
+    if (Ly.by_pattern) return classes(Ly, Hb);
+    int nb = 0;
+    Hb[nb++] = 0;
+    for (int g1 = 0; g1 < nG; ++g1)
+      for (int g2 = g1; g2 < nG; ++g2) Hb[nb++] = Ly.pair(G[g1], G[g2]);
+    return nb;
+  }
   void load(const Data& d, int64_t i) {
     J[0] = 0;
     int n = 1;
-    if (!d.y_indptr) {  // dense rows (or no labels at all)
+    if (!d.y_indptr) {  // dense 0/1 rows (or no labels at all)
       const uint8_t* y = d.y + i * d.ld_y;
-      for (int64_t j = 0; j < d.c; ++j) {  // branch-free compaction
+      int64_t j = 0;
+      // Eight labels at a time: the multiply gathers bit 0 of each byte into the top byte
+      // (byte k -> bit 56 + k), then the set bits are walked; ~nnz steps instead of c.
+      for (; j + 8 <= d.c; j += 8) {
+        uint64_t x;
+        std::memcpy(&x, y + j, 8);
+        uint32_t bits = static_cast<uint32_t>(((x & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56);
+        while (bits) {
+          J[n++] = static_cast<int32_t>(j + 1 + __builtin_ctz(bits));
+          bits &= bits - 1;
+        }
+      }
+      for (; j < d.c; ++j) {
         J[n] = static_cast<int32_t>(j + 1);
         n += y[j] != 0;
       }
@@ -145,7 +232,8 @@ void for_rows(int64_t b, int64_t e, int64_t row_offset, int64_t rate, Body body)
 // ----- one pass ------------------------------------------------------------------------------
 
 PYM4_SIMD_CLONES void partial_range(const Data& d, const int64_t* count, const Problem& prob, const double* state,
-                                    const double* V, int64_t row_offset, int64_t b, int64_t e, double* acc) {
+                                    const double* V, int64_t row_offset, int64_t b, int64_t e, double* acc,
+                                    double* q_out) {
   const Layout Ly(d.m, d.c);
   const int64_t L = Ly.L;
   const int K = static_cast<int>(state[kK]);
@@ -153,24 +241,21 @@ PYM4_SIMD_CLONES void partial_range(const Data& d, const int64_t* count, const P
   const double* steps = state + kSteps;
   const double mu = state[kMu], dmu = state[kDmu], eta = prob.eta;
   Lists ls(d.m, d.c);
-  std::vector<int64_t> blocks(Ly.nb);
+  std::vector<int64_t> C(Ly.nC), Hb(Ly.nH);
   double* H = acc + Ly.shess();
   for_rows(b, e, row_offset, static_cast<int64_t>(state[kRate]), [&](int64_t i) {
     ls.load(d, i);
     const int32_t* J = ls.J.data();
     const int nJ = ls.nJ;
+    const int nc = ls.classes(Ly, C.data());
     const double cnt = count ? static_cast<double>(count[i]) : 1.0;
-    // (a^T w, a^T dw): V holds interleaved (w, dw) per entry, block 0 = -sum_k pi_k (w_k, dw_k).
+    // (a^T w, a^T dw): V holds per class the interleaved (V_b, dV_b) of ytil's entries.
     double cw = 0.0, cd = 0.0;
-    for (int t = 0; t < nJ; ++t) {
-      cw += V[2 * J[t]];
-      cd += V[2 * J[t] + 1];
-    }
-    for (int g = 0; g < ls.nG; ++g) {
-      const double* Vg = V + 2 * (1 + ls.G[g]) * L;
+    for (int ci = 0; ci < nc; ++ci) {
+      const double* Vb = V + 2 * C[ci] * L;
       for (int t = 0; t < nJ; ++t) {
-        cw += Vg[2 * J[t]];
-        cd += Vg[2 * J[t] + 1];
+        cw += Vb[2 * J[t]];
+        cd += Vb[2 * J[t] + 1];
       }
     }
     const double m0 = cw + mu, md = cd + dmu;
@@ -180,6 +265,7 @@ PYM4_SIMD_CLONES void partial_range(const Data& d, const int64_t* count, const P
     for (int k = 0; k < K; ++k) {
       const double t = steps[k];
       const double z = z0 - t * md, q = clip01(z);
+      if (k == 0 && q_out) q_out[i] = q;
       double* A = acc + Ly.cand(k);
       A[0] += cnt * q;
       A[1] += cnt * (0.5 * (q - eta) * (q - eta) - q * (z - eta));
@@ -188,21 +274,16 @@ PYM4_SIMD_CLONES void partial_range(const Data& d, const int64_t* count, const P
       if (active) A[3] += cnt;
       if (q != 0.0) {
         const double cq = cnt * q;
-        double* T0 = A + 4;
-        for (int u = 0; u < nJ; ++u) T0[J[u]] += cq;
-        for (int g = 0; g < ls.nG; ++g) {
-          double* Tg = A + 4 + (1 + ls.G[g]) * L;
-          for (int u = 0; u < nJ; ++u) Tg[J[u]] += cq;
+        for (int ci = 0; ci < nc; ++ci) {
+          double* T = A + 4 + C[ci] * L;
+          for (int u = 0; u < nJ; ++u) T[J[u]] += cq;
         }
       }
       if (k == hess_at && active) {
-        // Upper triangles (J ascending) of block 0 and of the blocks of the row's group pairs.
-        int nb = 0;
-        blocks[nb++] = 0;
-        for (int g1 = 0; g1 < ls.nG; ++g1)
-          for (int g2 = g1; g2 < ls.nG; ++g2) blocks[nb++] = Ly.pair(ls.G[g1], ls.G[g2]);
-        for (int bi = 0; bi < nb; ++bi) {
-          double* B = H + blocks[bi] * L * L;
+        // Upper triangles (J ascending) of the row's Hessian blocks.
+        const int nh = ls.hessian_blocks(Ly, Hb.data());
+        for (int bi = 0; bi < nh; ++bi) {
+          double* B = H + Hb[bi] * L * L;
           for (int a = 0; a < nJ; ++a) {
             double* row = B + static_cast<int64_t>(J[a]) * L;
             for (int u = a; u < nJ; ++u) row[J[u]] += cnt;
@@ -247,29 +328,34 @@ double newton_direction(const Layout& Ly, const Problem& prob, const double* hes
                         double g_mu, const double* w, const std::vector<double>& lam, double rho, double* dw,
                         double& dmu) {
   const int64_t m = Ly.m, L = Ly.L, p = Ly.p;
-  const double* pi = prob.pi;
+  const Layout::Coef cf = Ly.coef(prob.pi);
   auto B = [&](int64_t blk, int64_t a, int64_t b) {  // upper-triangular storage
     return hess[blk * L * L + std::min(a, b) * L + std::max(a, b)];
   };
   // Model Hessian (1/W) sum_A [a; 1][a; 1]^T: Kww (p x p), kwm = S / W, kmm = |A| / W.
-  std::vector<double> Kww(static_cast<size_t>(p) * p), kwm(p);
+  std::vector<double> Kww(static_cast<size_t>(p) * p, 0.0), kwm(p, 0.0);
   const double inv = 1.0 / Wh;
-  for (int64_t k = 0; k < m; ++k) {
-    const int64_t bkk = Ly.pair(k, k);
-    for (int64_t a = 0; a < L; ++a) kwm[k * L + a] = (B(bkk, 0, a) - pi[k] * B(0, 0, a)) * inv;
-    for (int64_t l = 0; l < m; ++l) {
-      const int64_t bkl = Ly.pair(std::min(k, l), std::max(k, l)), bll = Ly.pair(l, l);
-      for (int64_t a = 0; a < L; ++a) {
-        double* out = Kww.data() + static_cast<size_t>(k * L + a) * p + l * L;
-        for (int64_t b = 0; b < L; ++b)
-          out[b] = (B(bkl, a, b) - pi[l] * B(bkk, a, b) - pi[k] * B(bll, a, b) + pi[k] * pi[l] * B(0, a, b)) * inv;
+  double count_A = 0.0;
+  for (int64_t h = 0; h < Ly.nH; ++h) {
+    count_A += cf.eps[h] * B(h, 0, 0);
+    for (int64_t k = 0; k < m; ++k) {
+      const double gk = cf.gamma[h * m + k];
+      if (gk != 0.0)
+        for (int64_t a = 0; a < L; ++a) kwm[k * L + a] += gk * B(h, 0, a) * inv;
+      for (int64_t l = 0; l < m; ++l) {
+        const double bkl = cf.beta[(h * m + k) * m + l] * inv;
+        if (bkl == 0.0) continue;
+        for (int64_t a = 0; a < L; ++a) {
+          double* out = Kww.data() + static_cast<size_t>(k * L + a) * p + l * L;
+          for (int64_t b = 0; b < L; ++b) out[b] += bkl * B(h, a, b);
+        }
       }
     }
   }
   double max_diag = 0.0;
   for (int64_t j = 0; j < p; ++j) max_diag = std::max(max_diag, Kww[static_cast<size_t>(j) * p + j]);
   const double damping = 1e-10 * std::max(max_diag, 1e-6) + 1e-14;
-  const double kmm = B(0, 0, 0) * inv + damping;
+  const double kmm = count_A * inv + damping;
   // Eliminate dmu from the model: dmu = (g_mu - kwm^T dw) / kmm leaves the Schur complement.
   std::vector<double> Kr(Kww), gr(p);
   for (int64_t a = 0; a < p; ++a) {
@@ -328,23 +414,25 @@ void exact_init(const Problem& prob, int64_t m, int64_t c, const ExactConfig& cf
 }
 
 void exact_partial(const Data& d, const int64_t* count, const Problem& prob, const double* S, int64_t row_offset,
-                   double* stats) {
+                   double* stats, double* q_first) {
   const Layout Ly(d.m, d.c);
   if (S[kPhase] == kDone || d.n == 0) return;
-  // V: interleaved (w, dw), block 0 = -sum_k pi_k (w_k, dw_k), block 1 + k = (w_k, dw_k).
+  // V: per class b the interleaved (sum_k alpha(b, k) w_k, sum_k alpha(b, k) dw_k).
   const double* w = S + Ly.w();
   const double* dw = S + Ly.dw();
-  std::vector<double> V(2 * (Ly.m + 1) * Ly.L, 0.0);
-  for (int64_t k = 0; k < Ly.m; ++k)
-    for (int64_t a = 0; a < Ly.L; ++a) {
-      const int64_t j = k * Ly.L + a;
-      V[2 * ((1 + k) * Ly.L + a)] = w[j];
-      V[2 * ((1 + k) * Ly.L + a) + 1] = dw[j];
-      V[2 * a] -= prob.pi[k] * w[j];
-      V[2 * a + 1] -= prob.pi[k] * dw[j];
+  const Layout::Coef cf = Ly.coef(prob.pi);
+  std::vector<double> V(2 * Ly.nC * Ly.L, 0.0);
+  for (int64_t b = 0; b < Ly.nC; ++b)
+    for (int64_t k = 0; k < Ly.m; ++k) {
+      const double al = cf.alpha[b * Ly.m + k];
+      if (al == 0.0) continue;
+      for (int64_t a = 0; a < Ly.L; ++a) {
+        V[2 * (b * Ly.L + a)] += al * w[k * Ly.L + a];
+        V[2 * (b * Ly.L + a) + 1] += al * dw[k * Ly.L + a];
+      }
     }
   parallel_accumulate(d.n, Ly.stats_size(), stats, [&](int64_t b, int64_t e, double* acc) {
-    partial_range(d, count, prob, S, V.data(), row_offset, b, e, acc);
+    partial_range(d, count, prob, S, V.data(), row_offset, b, e, acc, S[kRate] <= 1.0 ? q_first : nullptr);
   });
 }
 
@@ -353,6 +441,7 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
   const Layout Ly(m, c);
   const int64_t p = Ly.p;
   const double W = stats[0];
+  S[kAccepted] = -1.0;
   if (!(W > 0.0)) throw std::invalid_argument("m4 exact: a pass over the data saw no rows (empty data)");
   const double eta = prob.eta, tol = S[kTol];
   const std::vector<double> lam = lambdas(prob, Ly);
@@ -395,7 +484,9 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
     S[kLastR] = 0.0;
     std::fill(dw, dw + p, 0.0);
     S[kDmu] = 0.0;
-    set_steps(S, {0.0}, -1);
+    // The sample's duals are close: the Hessian on every row there makes the next steps
+    // full Newton steps (fewer passes than contracting with the sample's Hessian).
+    set_steps(S, {0.0}, 0);
     S[kEvaluate] = 1.0;
   };
   if (acc < 0) {
@@ -404,21 +495,26 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
       if (sample) to_full(); else fallback();
       return S[kPhase] == kDone;
     }
-    set_steps(S, {tmin / 2, tmin / 4, tmin / 8, tmin / 16}, -1);
+    set_steps(S, {tmin / 2, tmin / 4, tmin / 8, tmin / 16}, sample ? 0 : -1);
     return false;
   }
 
   // Accept candidate acc.
+  S[kAccepted] = acc;
   const double t = S[kSteps + acc];
   for (int64_t j = 0; j < p; ++j) w[j] += t * dw[j];
   const double mu_new = mu + t * dmu;
   S[kMu] = mu_new;
   S[kF] = F_new;
   const double* A = stats + Ly.cand(acc);
-  std::vector<double> g(p);
-  for (int64_t k = 0; k < m; ++k)
-    for (int64_t a = 0; a < Ly.L; ++a)
-      g[k * Ly.L + a] = (A[4 + (1 + k) * Ly.L + a] - prob.pi[k] * A[4 + a]) / W;
+  std::vector<double> g(p, 0.0);
+  const Layout::Coef cf = Ly.coef(prob.pi);
+  for (int64_t b = 0; b < Ly.nC; ++b)
+    for (int64_t k = 0; k < m; ++k) {
+      const double al = cf.alpha[b * m + k] / W;
+      if (al == 0.0) continue;
+      for (int64_t a = 0; a < Ly.L; ++a) g[k * Ly.L + a] += al * A[4 + b * Ly.L + a];
+    }
   const double g_mu = A[0] / W - eta;
   double viol = std::abs(g_mu), gap = l1(lam, w) - mu_new * g_mu;
   for (int64_t j = 0; j < p; ++j) {
@@ -482,19 +578,22 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
     return S[kPhase] == kDone;
   }
   // The next pass: a fresh Hessian in the sample phase (cheap) and on the full data when the
-  // reused one stops contracting fast; fewer candidates once full steps are taken.
+  // reused one stops contracting fast. Once full steps are taken only the full step is
+  // evaluated (a rejected one costs a pass of shorter candidates); after a shortened step,
+  // four lengths at once.
   const bool need_hess = sample || (last_r > 0.0 && r > 0.05 * last_r) || (!evaluated && t < 1.0);
   const int h = need_hess ? 0 : -1;
-  if (!evaluated && acc == 0 && t == 1.0)
-    set_steps(S, {1.0, 0.5}, h);
+  if (evaluated || (acc == 0 && t == 1.0))
+    set_steps(S, {1.0}, h);
   else
     set_steps(S, {1.0, 0.5, 0.25, 0.125}, h);
   return false;
 }
 
-ExactResult exact_result(int64_t m, int64_t c, const double* S, double* w) {
+ExactResult exact_result(int64_t m, int64_t c, const double* S, double* w, double* dw) {
   const Layout Ly(m, c);
   if (w) std::copy(S + Ly.w(), S + Ly.w() + Ly.p, w);
+  if (dw) std::copy(S + Ly.dw(), S + Ly.dw() + Ly.p, dw);
   ExactResult r;
   r.status = static_cast<Status>(static_cast<int>(S[kStatus]));
   if (S[kPhase] != kDone) r.status = Status::MaxIter;
@@ -503,6 +602,7 @@ ExactResult exact_result(int64_t m, int64_t c, const double* S, double* w) {
   r.sample_passes = static_cast<int64_t>(S[kSamplePasses]);
   r.hessian_passes = static_cast<int64_t>(S[kHessPasses]);
   r.mu = S[kMu];
+  r.dmu = S[kDmu];
   r.max_violation = std::max(S[kMaxViol], 0.0);
   r.gap = S[kGap];
   r.recession = S[kRecession];
@@ -665,15 +765,52 @@ bool pattern_table(const Data& d, const int64_t* count, int64_t max_patterns, Pa
 // ----- the in-memory driver ----------------------------------------------------------------------
 namespace {
 
+constexpr int64_t kMaxPatterns = int64_t(1) << 24;  // ~16M patterns: a table of a few hundred MB at most
+
+// A table of a spread-out sample of 2^15 rows: when more than half of them are distinct, the
+// full table would not halve the rows either (the distinct fraction only falls with more
+// rows, but slowly), and building it would cost more than a pass.
+bool likely_compresses(const Data& d) {
+  constexpr int64_t kProbe = int64_t(1) << 15;
+  if (d.n <= 4 * kProbe) return true;
+  const int64_t stride = d.n / kProbe;
+  Data sd = d;
+  sd.n = kProbe;
+  std::vector<int64_t> ip;
+  std::vector<int32_t> ix;
+  if (d.y_indptr) {
+    ip.assign(kProbe + 1, 0);
+    for (int64_t r = 0; r < kProbe; ++r) {
+      const int64_t i = r * stride;
+      ix.insert(ix.end(), d.y_indices + d.y_indptr[i], d.y_indices + d.y_indptr[i + 1]);
+      ip[r + 1] = static_cast<int64_t>(ix.size());
+    }
+    sd.y_indptr = ip.data();
+    sd.y_indices = ix.data();
+  } else {
+    sd.ld_y = d.ld_y * stride;  // a strided view of the dense rows
+  }
+  sd.ld_s = d.ld_s * stride;
+  if (!d.y_indptr && d.c == 0) sd.y = nullptr;
+  PatternTable probe;
+  return pattern_table(sd, nullptr, kProbe / 2, probe);
+}
+
 ExactResult run_passes(const Data& d, const int64_t* count, const Problem& prob, const ExactConfig& cfg,
-                       double* w) {
+                       double* w, double* q = nullptr, bool* q_done = nullptr) {
   const Layout Ly(d.m, d.c);
   std::vector<double> state(Ly.state_size()), stats(Ly.stats_size());
   exact_init(prob, d.m, d.c, cfg, d.n, w, state.data());
   for (;;) {
     std::fill(stats.begin(), stats.end(), 0.0);
-    exact_partial(d, count, prob, state.data(), 0, stats.data());
-    if (exact_step(prob, d.m, d.c, state.data(), stats.data())) break;
+    // The rows' q at the first candidate: when the solve ends on it, that is the answer
+    // (no separate pass for q).
+    const bool write_q = q && state[kRate] <= 1.0 && state[kK] >= 1;
+    exact_partial(d, count, prob, state.data(), 0, stats.data(), write_q ? q : nullptr);
+    if (exact_step(prob, d.m, d.c, state.data(), stats.data())) {
+      if (q_done) *q_done = write_q && state[kAccepted] == 0.0;
+      break;
+    }
   }
   return exact_result(d.m, d.c, state.data(), w);
 }
@@ -685,17 +822,18 @@ ExactResult solve_exact(const Data& d, const Problem& prob, const ExactConfig& c
   ExactResult res;
   bool compressed = false;
   int64_t patterns = 0;
-  if (!d.u && d.n >= 2) {
+  if (!d.u && d.n >= 2 && likely_compresses(d)) {
     PatternTable tab;
-    if (pattern_table(d, nullptr, std::min<int64_t>(d.n / 2, int64_t(1) << 24), tab)) {
+    if (pattern_table(d, nullptr, std::min<int64_t>(d.n / 2, kMaxPatterns), tab)) {
       const Data dt = tab.data();
       res = run_passes(dt, tab.count.data(), prob, cfg, w);
       compressed = true;
       patterns = tab.n;
     }
   }
-  if (!compressed) res = run_passes(d, nullptr, prob, cfg, w);
-  keep_probability(d, prob, w, res.mu, q);
+  bool q_done = false;
+  if (!compressed) res = run_passes(d, nullptr, prob, cfg, w, q, &q_done);
+  if (!q_done) keep_probability(d, prob, w, res.mu, q);
   if (info) {
     info->compressed = compressed;
     info->patterns = patterns;

@@ -136,6 +136,7 @@ struct ExactResult {
   int64_t sample_passes = 0;   // passes of the warm-start phase (over ~sample_rows rows)
   int64_t hessian_passes = 0;  // full-data passes that also accumulated the Hessian
   double mu = 0.0;
+  double dmu = 0.0;            // the last Newton direction's mu part
   double max_violation = 0.0;  // max(max_j (|g_j| - lambda_j)_+, |mean q - eta|) at the returned duals
   double gap = 0.0;            // duality gap lambda^T |w| - w^T g - mu g_mu
   double recession = 0.0;      // best D_inf seen (> 0 certifies infeasibility)
@@ -156,14 +157,17 @@ void exact_init(const Problem& prob, int64_t m, int64_t c, const ExactConfig& cf
 // stats += the sums of the rows of d (count: per-row integer weights, null: 1) at the points
 // the state asks for. row_offset is the global index of d's first row (it places the
 // warm-start sample; any fixed numbering of the rows works).
+// q_first (n, may be null) receives every row's q at the first candidate point (passes over
+// all rows only), so a driver whose solve ends on that point needs no pass to write q.
 void exact_partial(const Data& d, const int64_t* count, const Problem& prob, const double* state, int64_t row_offset,
-                   double* stats);
+                   double* stats, double* q_first = nullptr);
 
 // One driver step from the merged stats of a pass; returns true when the solve is finished.
 bool exact_step(const Problem& prob, int64_t m, int64_t c, double* state, const double* stats);
 
-// The current duals (w: p doubles) and the result fields.
-ExactResult exact_result(int64_t m, int64_t c, const double* state, double* w);
+// The current duals (w: p doubles), the last Newton direction (dw: p doubles; either may be
+// null) and the result fields.
+ExactResult exact_result(int64_t m, int64_t c, const double* state, double* w, double* dw = nullptr);
 
 // ----- pattern compression ------------------------------------------------------------------
 // Without utilities, q_i depends on the row only through (s_i, y_i): rows with equal
