@@ -134,9 +134,9 @@ def test_compressed_equals_uncompressed():
     rng = np.random.default_rng(34)
     n = 40000
     s = (rng.random((n, 2)) < [0.3, 0.45]).astype(np.uint8)
-    y = (rng.random((n, 4)) < 0.2 + 0.3 * s[:, :1]).astype(np.uint8)  # associated with group 0
+    y = (rng.random((n, 4)) < 0.2 + 0.1 * s[:, :1]).astype(np.uint8)  # associated with group 0
     pi = target(s)
-    problem = (pi, 0.7, 0.01, 0.02)
+    problem = (pi, 0.6, 0.02, 0.05)
     data = data_of(s, y)
     rows = passes.solve(lambda: [data], problem, 2, 4, tol=1e-10)
     table = passes.pattern_table([data], max_patterns=1000)
