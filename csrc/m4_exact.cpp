@@ -442,12 +442,17 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
   const int64_t p = Ly.p;
   const double W = stats[0];
   S[kAccepted] = -1.0;
-  if (!(W > 0.0)) throw std::invalid_argument("m4 exact: a pass over the data saw no rows (empty data)");
   const double eta = prob.eta, tol = S[kTol];
   const std::vector<double> lam = lambdas(prob, Ly);
   double* w = S + Ly.w();
   double* dw = S + Ly.dw();
   const bool sample = S[kPhase] == 0.0;
+  if (!(W > 0.0) && sample) {  // a tiny input whose sample drew no block: solve on every row
+    S[kPhase] = 1.0;
+    S[kRate] = 1.0;
+    return false;
+  }
+  if (!(W > 0.0)) throw std::invalid_argument("m4 exact: a pass over the data saw no rows (empty data)");
   S[sample ? kSamplePasses : kPasses] += 1.0;
   if (!sample && S[kHessAt] >= 0) S[kHessPasses] += 1.0;
   const int K = static_cast<int>(S[kK]);

@@ -230,3 +230,19 @@ def test_bad_input(call, exc, match):
     d = passes.shard_data((rng.random((10, 2)) < 0.5), (rng.random((10, 3)) < 0.5))
     with pytest.raises(exc, match=match):
         call(d, (np.array([0.4, 0.4]), 0.5, 0.01, 0.01))
+
+
+def test_in_memory_exact_is_the_passes_solver():
+    # balance(method="exact") runs m4_solve_exact: the same partial/step loop over one shard.
+    s, y, u = make_data(4000, 2, 8, 38, True)
+    pi = target(s)
+    problem = (pi, 0.6, 0.01, 0.02)
+    data = data_of(s, y, u)
+    w, q = np.zeros(18), np.empty(4000)
+    info = core.m4_solve_exact(data, problem, 100, 1e-10, 1e6, w, q)
+    res = passes.solve(lambda: [data], problem, 2, 8, tol=1e-10)
+    assert (info["status"], info["passes"], info["iterations"]) == (0, res.passes, res.iterations)
+    np.testing.assert_allclose(w, res.w, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(q, keep(data, problem, res), rtol=0, atol=1e-12)
+    bal = m4.balance(s, y, target=pi, budget=0.6, eps_rep=0.01, eps_assoc=0.02, utility=u)
+    np.testing.assert_allclose(bal.q, q, rtol=0, atol=1e-12)

@@ -109,14 +109,18 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
 // One pass evaluates up to kCandidates points x + t_k d along the current Newton direction
 // d (a_i^T w and a_i^T d once per row, then each candidate is a few flops): the dual value,
 // the gradient and the recession terms at each, and, when asked, the Hessian at one of them
-// as Kronecker blocks sum_A s_k s_l [1;y][1;y]^T (pair blocks, ~nnz^2/2 increments per row).
+// as Kronecker blocks: a_i = (s_i - pi) (x) [1; y_i] with y binary, so an active row adds
+// the outer product of its set-label indices (~nnz^2/2 increments) to the block of its
+// s-pattern (m <= 4), or to the blocks sum_A s_k s_l [1;y][1;y]^T of its group pairs.
 // The step takes the longest candidate with sufficient ascent (Armijo), tests convergence on
 // that candidate's full-data stats (every constraint, the budget and the duality gap
 // lambda^T|w| - w^T g - mu g_mu), then solves the l1-regularised Newton model (mu eliminated
 // in the model, coordinate descent on the Schur complement). The Hessian is reused while the
 // iteration contracts fast (an inexact Newton step converges when the gradient is exact each
 // pass). Large inputs start with a solve on a block subsample of the rows (the "sample"
-// phase, whose Hessian and duals warm-start the full passes). Infeasibility is certified by
+// phase, ~sample_rows rows in 64-row blocks); its duals start the full passes, the first of
+// which also builds the Hessian, so that the next step is a full Newton step (at N = 1e7,
+// m = 2, c = 32: two full passes to 1e-9). Infeasibility is certified by
 // the recession function D_inf(w, mu) = (1/N) sum_i min(0, a_i^T w + mu) - mu eta -
 // sum_j lambda_j |w_j| > 0 at an iterate or along the direction (D is then unbounded above,
 // so by weak duality no feasible q exists).
@@ -187,9 +191,10 @@ struct PatternTable {
 };
 bool pattern_table(const Data& d, const int64_t* count, int64_t max_patterns, PatternTable& out);
 
-// The in-memory exact solve: pattern table when d has no utility and at most
-// max(1, n / 2) patterns (compressed = true), else passes over d; then q (n) at the duals.
-// w (p, in/out: the start point), q (n, out).
+// The in-memory exact solve: over the pattern table when d has no utility, a probe of 2^15
+// spread-out rows is at most half distinct, and the table has at most n / 2 patterns (then
+// compressed = true); else passes over d, the last of which writes q (n) when it ends on its
+// first candidate, otherwise one more pass does. w (p, in/out: the start point), q (n, out).
 struct ExactInfo {
   bool compressed = false;
   int64_t patterns = 0;
