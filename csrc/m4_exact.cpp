@@ -538,7 +538,7 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
   const double rec_pt = A[2] / W - mu_new * eta - l1(lam, w);
   const double rec_dir = evaluated ? -std::numeric_limits<double>::infinity()
                                    : stats[1] / W - dmu * eta - l1(lam, dw);
-  S[kRecession] = std::max({S[kRecession], rec_pt, rec_dir});
+  if (!sample) S[kRecession] = std::max({S[kRecession], rec_pt, rec_dir});  // of the full data only
   const bool have_fresh_hess = S[kHessAt] == acc;
   if (have_fresh_hess) {
     std::copy(stats + Ly.shess(), stats + Ly.stats_size(), S + Ly.hess());
