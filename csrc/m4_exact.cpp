@@ -431,7 +431,10 @@ void exact_partial(const Data& d, const int64_t* count, const Problem& prob, con
         V[2 * (b * Ly.L + a) + 1] += al * dw[k * Ly.L + a];
       }
     }
-  parallel_accumulate(d.n, Ly.stats_size(), stats, [&](int64_t b, int64_t e, double* acc) {
+  // Per-thread accumulators cover the Hessian blocks only when the pass builds them (they
+  // are most of the stats once there are hundreds of labels).
+  const int64_t width = S[kHessAt] >= 0 ? Ly.stats_size() : Ly.shess();
+  parallel_accumulate(d.n, width, stats, [&](int64_t b, int64_t e, double* acc) {
     partial_range(d, count, prob, S, V.data(), row_offset, b, e, acc, S[kRate] <= 1.0 ? q_first : nullptr);
   });
 }
