@@ -5,6 +5,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
@@ -224,6 +226,47 @@ M4State m4_state(py::array& v_plus, py::array& v_minus, py::array& avg_w, py::ar
   return s;
 }
 
+pym4::m4::ExactConfig m4_exact_config(int64_t max_iter, double tol, double rho, int64_t sample_rows = 1 << 17) {
+  PYM4_CHECK_VALUE(max_iter >= 1, "max_iter: must be >= 1, got " << max_iter);
+  PYM4_CHECK_VALUE(tol > 0.0 && std::isfinite(tol), "tol: must be a positive number, got " << tol);
+  PYM4_CHECK_VALUE(rho > 0.0, "rho: must be positive, got " << rho);
+  PYM4_CHECK_VALUE(sample_rows >= 0, "sample_rows: must be >= 0, got " << sample_rows);
+  pym4::m4::ExactConfig cfg;
+  cfg.max_iter = max_iter;
+  cfg.tol = tol;
+  cfg.rho = rho;
+  cfg.sample_rows = sample_rows;
+  return cfg;
+}
+
+py::dict m4_result_dict(const pym4::m4::ExactResult& r) {
+  py::dict out;
+  out["status"] = static_cast<int>(r.status);
+  out["iterations"] = r.iterations;
+  out["passes"] = r.passes;
+  out["sample_passes"] = r.sample_passes;
+  out["hessian_passes"] = r.hessian_passes;
+  out["mu"] = r.mu;
+  out["max_violation"] = r.max_violation;
+  out["gap"] = r.gap;
+  out["recession"] = r.recession;
+  out["objective"] = r.objective;
+  return out;
+}
+
+// Per-row integer weights (None: 1 each), checked non-negative.
+const int64_t* m4_counts(const py::object& counts, int64_t n) {
+  if (counts.is_none()) return nullptr;
+  const int64_t* c = m4_array<int64_t>(counts, "counts", 1, 'i', n);
+  for (int64_t i = 0; i < n; ++i) PYM4_CHECK_VALUE(c[i] >= 0, "counts: must be >= 0, got " << c[i] << " at row " << i);
+  return c;
+}
+
+// The exact solver's state: a float64 vector of exact_state_size(m, c).
+double* m4_exact_state(py::array& state, int64_t m, int64_t c) {
+  return m4_out<double>(state, "state", pym4::m4::exact_state_size(m, c));
+}
+
 // Dispatch on the dtype of x (float32 or float64) to the templated entry point.
 #define PYM4_DISPATCH_FLOAT(x, FN, ...)                                                          \
   ((x).dtype().kind() == 'f' && (x).itemsize() == 8 ? FN<double>(x, __VA_ARGS__)               \
@@ -380,26 +423,115 @@ PYBIND11_MODULE(_core, m) {
           PYM4_CHECK_VALUE(d.n >= 1, "s: no examples");
           double* wp = m4_out<double>(w, "w", d.dim());
           double* qp = m4_out<double>(q, "q", d.n);
-          pym4::m4::ExactConfig cfg;
-          cfg.max_iter = max_iter;
-          cfg.tol = tol;
-          cfg.rho = rho;
+          auto cfg = m4_exact_config(max_iter, tol, rho);
           pym4::m4::ExactResult r;
+          pym4::m4::ExactInfo info;
           {
             py::gil_scoped_release release;
-            r = pym4::m4::solve_exact(d, pr, cfg, wp, qp);
+            r = pym4::m4::solve_exact(d, pr, cfg, wp, qp, &info);
           }
-          py::dict out;
-          out["status"] = static_cast<int>(r.status);
-          out["iterations"] = r.iterations;
-          out["mu"] = r.mu;
-          out["max_violation"] = r.max_violation;
-          out["gap"] = r.gap;
-          out["recession"] = r.recession;
+          py::dict out = m4_result_dict(r);
+          out["compressed"] = info.compressed;
+          out["patterns"] = info.patterns;
           return out;
         },
         py::arg("data"), py::arg("problem"), py::arg("max_iter"), py::arg("tol"), py::arg("rho"), py::arg("w"),
-        py::arg("q"), "Proximal Newton on the dual; w (p,) in/out, q (n,) out; returns a status dict.");
+        py::arg("q"),
+        "Newton on the dual as passes over the data (over its pattern table when there is no utility\n"
+        "and it compresses); w (p,) in/out, q (n,) out; returns a status dict (see include/pym4/m4.h).");
+  // ----- M4 exact solver as passes: partial(rows, state) -> stats, stats merge by addition
+  // (flat float64 sums), step(state, stats) -> state; see include/pym4/m4.h and pym4/_m4_passes.py.
+  m.def("m4_exact_sizes",
+        [](int64_t m_, int64_t c) {
+          PYM4_CHECK_VALUE(m_ >= 1 && c >= 0, "m, c: need at least one group and c >= 0 labels");
+          return py::make_tuple(pym4::m4::exact_state_size(m_, c), pym4::m4::exact_stats_size(m_, c));
+        },
+        py::arg("m"), py::arg("c"), "(state size, stats size) of the exact solver, in float64 entries.");
+  m.def("m4_exact_init",
+        [](py::tuple problem, int64_t m_, int64_t c, int64_t rows, int64_t max_iter, double tol, double rho,
+           py::object w0, int64_t sample_rows) {
+          PYM4_CHECK_VALUE(m_ >= 1 && c >= 0, "m, c: need at least one group and c >= 0 labels");
+          PYM4_CHECK_VALUE(rows >= 1, "rows: the data has no rows");
+          auto pr = m4_problem(problem, m_);
+          auto cfg = m4_exact_config(max_iter, tol, rho, sample_rows);
+          const double* wp = w0.is_none() ? nullptr : m4_array<double>(w0, "w0", 1, 'f', m_ * (c + 1));
+          py::array_t<double> state(pym4::m4::exact_state_size(m_, c));
+          pym4::m4::exact_init(pr, m_, c, cfg, rows, wp, state.mutable_data());
+          return state;
+        },
+        py::arg("problem"), py::arg("m"), py::arg("c"), py::arg("rows"), py::arg("max_iter"), py::arg("tol"),
+        py::arg("rho"), py::arg("w0") = py::none(), py::arg("sample_rows") = 1 << 17,
+        "A fresh exact-solver state for `rows` rows in all (w0: (p,) start, default zeros).");
+  m.def("m4_partial",
+        [](py::tuple data, py::object counts, py::tuple problem, py::array state, int64_t row_offset) {
+          auto d = m4_data(data);
+          auto pr = m4_problem(problem, d.m);
+          const int64_t* cp = m4_counts(counts, d.n);
+          PYM4_CHECK_VALUE(row_offset >= 0, "row_offset: must be >= 0, got " << row_offset);
+          const double* sp = m4_exact_state(state, d.m, d.c);
+          py::array_t<double> stats(pym4::m4::exact_stats_size(d.m, d.c));
+          double* out = stats.mutable_data();
+          {
+            py::gil_scoped_release release;
+            std::fill(out, out + stats.size(), 0.0);
+            pym4::m4::exact_partial(d, cp, pr, sp, row_offset, out);
+          }
+          return stats;
+        },
+        py::arg("data"), py::arg("counts"), py::arg("problem"), py::arg("state"), py::arg("row_offset") = 0,
+        "Stats of one shard at the points the state asks for (merge shards' stats by adding them).");
+  m.def("m4_step",
+        [](py::tuple problem, int64_t m_, int64_t c, py::array state, py::array stats) {
+          auto pr = m4_problem(problem, m_);
+          double* sp = m4_exact_state(state, m_, c);
+          const double* st = m4_array<double>(stats, "stats", 1, 'f', pym4::m4::exact_stats_size(m_, c));
+          return pym4::m4::exact_step(pr, m_, c, sp, st);
+        },
+        py::arg("problem"), py::arg("m"), py::arg("c"), py::arg("state"), py::arg("stats"),
+        "One driver step from the merged stats of a pass (state in/out); True when finished.");
+  m.def("m4_exact_result",
+        [](int64_t m_, int64_t c, py::array state) {
+          double* sp = m4_exact_state(state, m_, c);
+          py::array_t<double> w(m_ * (c + 1)), dw(m_ * (c + 1));
+          auto r = pym4::m4::exact_result(m_, c, sp, w.mutable_data(), dw.mutable_data());
+          py::dict out = m4_result_dict(r);
+          out["w"] = w;
+          out["dw"] = dw;
+          out["dmu"] = r.dmu;
+          return out;
+        },
+        py::arg("m"), py::arg("c"), py::arg("state"),
+        "The duals w (p,), the last Newton direction (dw (p,), dmu) and the status fields of a state.");
+  m.def("m4_pattern_table",
+        [](py::tuple data, py::object counts, int64_t max_patterns) -> py::object {
+          auto d = m4_data(data);
+          PYM4_CHECK_VALUE(d.u == nullptr, "utility: a pattern table needs data without utilities");
+          PYM4_CHECK_VALUE(max_patterns >= 1, "max_patterns: must be >= 1, got " << max_patterns);
+          const int64_t* cp = m4_counts(counts, d.n);
+          pym4::m4::PatternTable t;
+          bool ok;
+          {
+            py::gil_scoped_release release;
+            ok = pym4::m4::pattern_table(d, cp, max_patterns, t);
+          }
+          if (!ok) return py::none();
+          auto vec = [](const auto& v, std::vector<py::ssize_t> shape) {
+            using T = typename std::decay_t<decltype(v)>::value_type;
+            py::array_t<T> a(shape);
+            std::copy(v.begin(), v.end(), a.mutable_data());
+            return a;
+          };
+          py::object s = vec(t.s, {t.n, t.m});
+          py::object tbl;
+          if (t.dense) tbl = py::make_tuple(s, vec(t.y, {t.n, t.c}), py::none(), py::none(), t.c, py::none());
+          else
+            tbl = py::make_tuple(s, py::none(), vec(t.y_indptr, {t.n + 1}),
+                                 vec(t.y_indices, {static_cast<py::ssize_t>(t.y_indices.size())}), t.c, py::none());
+          return py::make_tuple(tbl, vec(t.count, {t.n}));
+        },
+        py::arg("data"), py::arg("counts"), py::arg("max_patterns"),
+        "(table data tuple, counts int64) of the distinct (s, y) rows, or None past max_patterns;\n"
+        "tables merge by aggregating their concatenation with their counts.");
   // ----- end M4
 
 #if defined(PYM4_WITH_CUDA)

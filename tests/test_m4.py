@@ -114,8 +114,9 @@ def test_max_iter_is_reported_and_warned():
     with pytest.warns(RuntimeWarning, match="max_iter=1"):
         res = m4.balance(s, y, budget=0.7, eps_rep=0.0, eps_assoc=0.0, utility=u, max_iter=1)
     assert res.status == "max_iter" and res.iterations == 1
-    # The reported violation is the one of q, measured here independently.
-    viol = np.abs(bias_matrix(s, y, res.target).T @ res.q / 3000).max()
+    # The reported violation is the one of q, measured here independently. The budget's dual
+    # is a Newton variable like the others, so a stopped solve can miss the budget too.
+    viol = max(np.abs(bias_matrix(s, y, res.target).T @ res.q / 3000).max(), abs(res.q.mean() - 0.7))
     assert res.max_violation == pytest.approx(viol, rel=1e-9) and viol > 1e-6
 
 

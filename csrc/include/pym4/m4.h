@@ -95,36 +95,112 @@ void apply_update(const Problem& prob, int64_t m, int64_t c, const StreamConfig&
 // may be shorter). Returns the number of steps taken.
 int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st);
 
-// ----- method="exact": proximal Newton on the dual ----------------------------------------
-// mu is eliminated exactly (for given w, mean_i clip(b_i - mu, 0, 1) = eta is a monotone
-// piecewise-linear equation, solved by safeguarded Newton), leaving the concave
-//     F(w) = max_mu D(w, mu) - sum_j lambda_j |w_j|,  |w_j| <= rho,
-// whose smooth part has gradient g = (1/N) sum q_i a_i and generalised Hessian
-// -(1/N) [sum_A a_i a_i^T - S S^T / |A|] (A: examples with 0 < q_i < 1, S = sum_A a_i).
-// Each iteration solves the l1-regularised quadratic model by coordinate descent and
-// backtracks on F. The Hessian is kept as Kronecker blocks sum s_k s_l [1;y][1;y]^T and
-// updated only for the examples whose activity changed. Infeasibility is certified by the
-// recession function of the dual, D_inf(w) = max_mu (1/N) sum_i min(0, a_i^T w + mu) - mu eta
-// - sum_j lambda_j |w_j| > 0 (no feasible q exists then, by weak duality).
+// ----- method="exact": Newton on the dual, as passes over the data (DESIGN.md §3b) -------
+// With x = (w, mu) and z_i = eta + u_i - a_i^T w - mu, the dual to maximise is
+//     D(w, mu) = (1/N) sum_i phi(z_i) - mu eta - sum_j lambda_j |w_j|,
+//     phi(z) = 1/2 (q - eta)^2 - q (z - eta),  q = clip(z, 0, 1),
+// concave in (w, mu) jointly (the budget is an equality), with gradient
+// (1/N) sum_i q_i [a_i; 1] - [0; eta] and generalised Hessian -(1/N) sum_A [a_i; 1][a_i; 1]^T
+// (A: examples with 0 < z_i < 1). Every quantity a step needs is a sum over examples of
+// per-example terms of size O(p) or O(p^2), p = m (c + 1), so one step is
+//     exact_partial(rows, state) -> stats    (any split of the rows into shards, in any order:
+//                                             stats are flat float64 sums, merged by adding)
+//     exact_step(state, stats)   -> state    (driver side, a few KB)
+// One pass evaluates up to kCandidates points x + t_k d along the current Newton direction
+// d (a_i^T w and a_i^T d once per row, then each candidate is a few flops): the dual value,
+// the gradient and the recession terms at each, and, when asked, the Hessian at one of them
+// as Kronecker blocks: a_i = (s_i - pi) (x) [1; y_i] with y binary, so an active row adds
+// the outer product of its set-label indices (~nnz^2/2 increments) to the block of its
+// s-pattern (m <= 4), or to the blocks sum_A s_k s_l [1;y][1;y]^T of its group pairs.
+// The step takes the longest candidate with sufficient ascent (Armijo), tests convergence on
+// that candidate's full-data stats (every constraint, the budget and the duality gap
+// lambda^T|w| - w^T g - mu g_mu), then solves the l1-regularised Newton model (mu eliminated
+// in the model, coordinate descent on the Schur complement). The Hessian is reused while the
+// iteration contracts fast (an inexact Newton step converges when the gradient is exact each
+// pass). Large inputs start with a solve on a block subsample of the rows (the "sample"
+// phase, ~sample_rows rows in 64-row blocks); its duals start the full passes, the first of
+// which also builds the Hessian, so that the next step is a full Newton step (at N = 1e7,
+// m = 2, c = 32: two full passes to 1e-9). Infeasibility is certified by
+// the recession function D_inf(w, mu) = (1/N) sum_i min(0, a_i^T w + mu) - mu eta -
+// sum_j lambda_j |w_j| > 0 at an iterate or along the direction (D is then unbounded above,
+// so by weak duality no feasible q exists).
 struct ExactConfig {
-  int64_t max_iter = 100;
-  double tol = 1e-10;  // on constraint violations and on the duality gap (relative)
-  double rho = 1e6;    // box on the duals
+  int64_t max_iter = 100;      // steps over the full data
+  double tol = 1e-10;          // on constraint violations (budget included) and the relative gap
+  double rho = 1e6;            // box on the duals
+  int64_t sample_rows = 1 << 17;  // target rows of the warm-start sample (0: no sample phase)
 };
 
 enum class Status : int { Optimal = 0, Infeasible = 1, MaxIter = 2 };
 
 struct ExactResult {
   Status status = Status::MaxIter;
-  int64_t iterations = 0;
+  int64_t iterations = 0;      // Newton steps over the full data
+  int64_t passes = 0;          // passes over the full data (candidates evaluated)
+  int64_t sample_passes = 0;   // passes of the warm-start phase (over ~sample_rows rows)
+  int64_t hessian_passes = 0;  // full-data passes that also accumulated the Hessian
   double mu = 0.0;
-  double max_violation = 0.0;  // max_j (|g_j| - lambda_j)_+ at the returned q
-  double gap = 0.0;            // duality gap sum_j lambda_j |w_j| - w_j g_j
-  double recession = 0.0;      // D_inf(w) (> 0 certifies infeasibility)
+  double dmu = 0.0;            // the last Newton direction's mu part
+  double max_violation = 0.0;  // max(max_j (|g_j| - lambda_j)_+, |mean q - eta|) at the returned duals
+  double gap = 0.0;            // duality gap lambda^T |w| - w^T g - mu g_mu
+  double recession = 0.0;      // best D_inf seen (> 0 certifies infeasibility)
+  double objective = 0.0;      // dual value D(w, mu)
 };
 
-// w (p, in/out: the start point, zeros for a cold start), q (n, out).
-ExactResult solve_exact(const Data& d, const Problem& prob, const ExactConfig& cfg, double* w, double* q);
+constexpr int64_t kCandidates = 4;
+
+// Sizes of the flat arrays (doubles) for m groups and c labels.
+int64_t exact_state_size(int64_t m, int64_t c);
+int64_t exact_stats_size(int64_t m, int64_t c);
+
+// A fresh state for a problem over `rows` rows in total (all shards; it sets the sample
+// rate), starting from w0 (p doubles, null: zeros) and mu = 0.
+void exact_init(const Problem& prob, int64_t m, int64_t c, const ExactConfig& cfg, int64_t rows, const double* w0,
+                double* state);
+
+// stats += the sums of the rows of d (count: per-row integer weights, null: 1) at the points
+// the state asks for. row_offset is the global index of d's first row (it places the
+// warm-start sample; any fixed numbering of the rows works).
+// q_first (n, may be null) receives every row's q at the first candidate point (passes over
+// all rows only), so a driver whose solve ends on that point needs no pass to write q.
+void exact_partial(const Data& d, const int64_t* count, const Problem& prob, const double* state, int64_t row_offset,
+                   double* stats, double* q_first = nullptr);
+
+// One driver step from the merged stats of a pass; returns true when the solve is finished.
+bool exact_step(const Problem& prob, int64_t m, int64_t c, double* state, const double* stats);
+
+// The current duals (w: p doubles), the last Newton direction (dw: p doubles; either may be
+// null) and the result fields.
+ExactResult exact_result(int64_t m, int64_t c, const double* state, double* w, double* dw = nullptr);
+
+// ----- pattern compression ------------------------------------------------------------------
+// Without utilities, q_i depends on the row only through (s_i, y_i): rows with equal
+// patterns are one row weighted by its count. A hash aggregate over the rows (count: input
+// weights, null: 1; several tables merge by aggregating their concatenation with their
+// counts) returns false, leaving `out` empty, when more than max_patterns distinct patterns
+// occur. The table keeps the input's label layout (dense rows, or CSR index lists sorted
+// as given).
+struct PatternTable {
+  int64_t n = 0, m = 0, c = 0;
+  bool dense = true;
+  std::vector<uint8_t> s, y;        // n x m, n x c (dense)
+  std::vector<int64_t> y_indptr;    // n + 1 (CSR)
+  std::vector<int32_t> y_indices;
+  std::vector<int64_t> count;       // n
+  Data data() const;
+};
+bool pattern_table(const Data& d, const int64_t* count, int64_t max_patterns, PatternTable& out);
+
+// The in-memory exact solve: over the pattern table when d has no utility, a probe of 2^15
+// spread-out rows is at most half distinct, and the table has at most n / 2 patterns (then
+// compressed = true); else passes over d, the last of which writes q (n) when it ends on its
+// first candidate, otherwise one more pass does. w (p, in/out: the start point), q (n, out).
+struct ExactInfo {
+  bool compressed = false;
+  int64_t patterns = 0;
+};
+ExactResult solve_exact(const Data& d, const Problem& prob, const ExactConfig& cfg, double* w, double* q,
+                        ExactInfo* info = nullptr);
 
 }  // namespace m4
 }  // namespace pym4

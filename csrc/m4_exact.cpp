@@ -1,0 +1,853 @@
+// M4 method="exact" as passes (see include/pym4/m4.h): exact_partial, exact_step, the
+// in-memory driver solve_exact, and the pattern table.
+//
+// Rows are read through two short index lists: J = [0] + [1 + r for labels r of the row]
+// (positions in ytil = [1; y], L = c + 1 entries) and G = the row's groups. With them
+//     a_i^T w = sum_{j in J} (V0[j] + sum_{k in G} w_k[j]),  V0 = -sum_k pi_k w_k,
+// and every accumulation is a handful of scattered adds per set label, for dense uint8 rows
+// and CSR index lists alike.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <initializer_list>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#include "m4_rows.h"
+#include "pym4/common.h"
+#include "pym4/m4.h"
+
+namespace pym4 {
+namespace m4 {
+namespace {
+
+using namespace detail;
+
+// ----- layouts of the flat state and stats arrays -------------------------------------------
+
+// State header slots. The request for the next pass (candidate steps, which candidate gets
+// the Hessian, the sample rate) lives in the state, so partial() needs nothing else.
+enum Slot : int64_t {
+  kPhase = 0,       // 0 sample, 1 full, 2 done
+  kStatus,          // Status once done
+  kPasses,          // full-data passes
+  kSamplePasses,
+  kHessPasses,      // full-data passes that accumulated the Hessian
+  kIterations,      // accepted Newton steps on the full data
+  kK,               // candidates in the request
+  kHessAt,          // candidate whose Hessian is accumulated (-1: none)
+  kRate,            // sample one 64-row block in kRate (1: every row)
+  kEvaluate,        // 1: the request only evaluates the current point
+  kMu, kDmu, kF, kPred,
+  kMaxViol, kGap, kRecession,
+  kTol, kMaxIter, kRho,
+  kHaveHess, kHessWeight,  // cached Hessian blocks valid; the row weight they were summed over
+  kLastR,                  // optimality measure at the previous accepted point of this phase
+  kAccepted,               // the candidate of the last pass that the duals now are (-1: none)
+  kSteps,                  // kCandidates step lengths
+  kHeader = kSteps + kCandidates
+};
+
+constexpr double kDone = 2.0;
+constexpr int64_t kBlockShift = 6;  // the warm-start sample takes whole blocks of 64 rows
+
+// Rows are grouped into classes by their groups s_i. With few groups (2^m at most twice the
+// pair blocks' count: m <= 4) a row's class is its s-pattern sigma, and a_i = d_sigma (x) ytil
+// with d_sigma = sigma - pi: a row touches one margin vector, one gradient accumulator and
+// one Hessian block (the Kronecker blocks per s-pattern). With more groups the classes are
+// block 0 (every row, coefficient -pi) plus one per group it belongs to, and the Hessian
+// blocks are 0 and the pairs k <= l of its groups (s_k s_l ytil ytil^T).
+struct Layout {
+  int64_t m, c, L, p;
+  bool by_pattern;
+  int64_t nC, nH;  // margin/gradient classes, Hessian blocks
+  Layout(int64_t m_, int64_t c_)
+      : m(m_), c(c_), L(c_ + 1), p(m_ * (c_ + 1)), by_pattern(m_ <= 4),
+        nC(m_ <= 4 ? (int64_t(1) << m_) : 1 + m_), nH(m_ <= 4 ? (int64_t(1) << m_) : 1 + m_ * (m_ + 1) / 2) {}
+  // state: header | w (p) | dw (p) | Hessian blocks (nH L L)
+  int64_t w() const { return kHeader; }
+  int64_t dw() const { return kHeader + p; }
+  int64_t hess() const { return kHeader + 2 * p; }
+  int64_t state_size() const { return hess() + nH * L * L; }
+  // stats: [weight | direction recession] | kCandidates x candidate | Hessian blocks (nH L L),
+  // candidate: [sum q | sum phi | sum min(0, a^T w + mu) | active weight | T (nC x L)] with
+  // T_b = sum over the rows of class b of q ytil (all weighted by the row counts).
+  int64_t cand_size() const { return 4 + nC * L; }
+  int64_t cand(int64_t k) const { return 2 + k * cand_size(); }
+  int64_t shess() const { return 2 + kCandidates * cand_size(); }
+  int64_t stats_size() const { return shess() + nH * L * L; }
+  // Hessian block of the pair of groups k <= l (pair layout; block 0: all rows).
+  int64_t pair(int64_t k, int64_t l) const { return 1 + k * m - k * (k - 1) / 2 + (l - k); }
+
+  // The coefficients tying classes and blocks to groups:
+  //   a_i^T w = ytil^T sum_{b in classes(i)} V_b,  V_b = sum_k alpha(b, k) w_k,
+  //   g_k = (1/W) sum_b alpha(b, k) T_b,
+  //   sum_A d_k d_l ytil ytil^T = sum_h beta(h, k, l) H_h,  sum_A d_k ytil = sum_h gamma(h, k) H_h[0, :],
+  //   |A| = sum_h eps(h) H_h[0, 0].
+  struct Coef {
+    std::vector<double> alpha, beta, gamma, eps;
+  };
+  Coef coef(const double* pi) const {
+    Coef cf;
+    cf.alpha.assign(nC * m, 0.0);
+    cf.beta.assign(nH * m * m, 0.0);
+    cf.gamma.assign(nH * m, 0.0);
+    cf.eps.assign(nH, 0.0);
+    if (by_pattern) {
+      for (int64_t sg = 0; sg < nC; ++sg) {
+        cf.eps[sg] = 1.0;
+        for (int64_t k = 0; k < m; ++k) {
+          const double dk = static_cast<double>((sg >> k) & 1) - pi[k];
+          cf.alpha[sg * m + k] = dk;
+          cf.gamma[sg * m + k] = dk;
+          for (int64_t l = 0; l < m; ++l)
+            cf.beta[(sg * m + k) * m + l] = dk * (static_cast<double>((sg >> l) & 1) - pi[l]);
+        }
+      }
+      return cf;
+    }
+    cf.eps[0] = 1.0;
+    for (int64_t k = 0; k < m; ++k) {
+      cf.alpha[k] = -pi[k];
+      cf.alpha[(1 + k) * m + k] = 1.0;
+      cf.gamma[k] = -pi[k];
+      cf.gamma[pair(k, k) * m + k] = 1.0;
+      for (int64_t l = 0; l < m; ++l) {  // d_k d_l = s_k s_l - pi_l s_k - pi_k s_l + pi_k pi_l
+        cf.beta[(0 * m + k) * m + l] += pi[k] * pi[l];
+        cf.beta[(pair(std::min(k, l), std::max(k, l)) * m + k) * m + l] += 1.0;
+        cf.beta[(pair(k, k) * m + k) * m + l] -= pi[l];
+        cf.beta[(pair(l, l) * m + k) * m + l] -= pi[k];
+      }
+    }
+    return cf;
+  }
+};
+
+inline uint64_t mix64(uint64_t x) {  // splitmix64 finaliser
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// The index lists of row i (J sorted ascending, J[0] = 0).
+struct Lists {
+  std::vector<int32_t> J, G;
+  int nJ = 0, nG = 0;
+  Lists(int64_t m, int64_t c) : J(c + 1), G(m) {}
+  // The row's margin/gradient classes and Hessian blocks (see Layout).
+  int classes(const Layout& Ly, int64_t* C) const {
+    if (Ly.by_pattern) {
+      int64_t sg = 0;
+      for (int g = 0; g < nG; ++g) sg |= int64_t(1) << G[g];
+      C[0] = sg;
+      return 1;
+    }
+    C[0] = 0;
+    for (int g = 0; g < nG; ++g) C[1 + g] = 1 + G[g];
+    return 1 + nG;
+  }
+  int hessian_blocks(const Layout& Ly, int64_t* Hb) const {
+    if (Ly.by_pattern) return classes(Ly, Hb);
+    int nb = 0;
+    Hb[nb++] = 0;
+    for (int g1 = 0; g1 < nG; ++g1)
+      for (int g2 = g1; g2 < nG; ++g2) Hb[nb++] = Ly.pair(G[g1], G[g2]);
+    return nb;
+  }
+  void load(const Data& d, int64_t i) {
+    J[0] = 0;
+    int n = 1;
+    if (!d.y_indptr) {  // dense 0/1 rows (or no labels at all)
+      const uint8_t* y = d.y + i * d.ld_y;
+      int64_t j = 0;
+      // Eight labels at a time: the multiply gathers bit 0 of each byte into the top byte
+      // (byte k -> bit 56 + k), then the set bits are walked; ~nnz steps instead of c.
+      for (; j + 8 <= d.c; j += 8) {
+        uint64_t x;
+        std::memcpy(&x, y + j, 8);
+        uint32_t bits = static_cast<uint32_t>(((x & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56);
+        while (bits) {
+          J[n++] = static_cast<int32_t>(j + 1 + __builtin_ctz(bits));
+          bits &= bits - 1;
+        }
+      }
+      for (; j < d.c; ++j) {
+        J[n] = static_cast<int32_t>(j + 1);
+        n += y[j] != 0;
+      }
+    } else {
+      const int64_t b = d.y_indptr[i], e = d.y_indptr[i + 1];
+      bool sorted = true;
+      for (int64_t t = b; t < e; ++t) {
+        J[n] = d.y_indices[t] + 1;
+        sorted &= J[n] > J[n - 1];
+        ++n;
+      }
+      if (!sorted) std::sort(J.begin() + 1, J.begin() + n);
+    }
+    nJ = n;
+    const uint8_t* s = d.s + i * d.ld_s;
+    int g = 0;
+    for (int64_t k = 0; k < d.m; ++k) {
+      G[g] = static_cast<int32_t>(k);
+      g += s[k] != 0;
+    }
+    nG = g;
+  }
+};
+
+double l1(const std::vector<double>& lam, const double* x, const double* dx = nullptr, double t = 0.0) {
+  double s = 0.0;
+  for (size_t j = 0; j < lam.size(); ++j) s += lam[j] * std::abs(x[j] + (dx ? t * dx[j] : 0.0));
+  return s;
+}
+
+std::vector<double> lambdas(const Problem& prob, const Layout& Ly) {
+  std::vector<double> lam(Ly.p);
+  for (int64_t j = 0; j < Ly.p; ++j) lam[j] = prob.lambda(j, Ly.c);
+  return lam;
+}
+
+// The rows of [b, e) the request reads: all, or the sampled 64-row blocks.
+template <typename Body>
+void for_rows(int64_t b, int64_t e, int64_t row_offset, int64_t rate, Body body) {
+  if (rate <= 1) {
+    for (int64_t i = b; i < e; ++i) body(i);
+    return;
+  }
+  int64_t i = b;
+  while (i < e) {
+    const int64_t g = row_offset + i;
+    const int64_t block = g >> kBlockShift;
+    const int64_t block_end = std::min(e, ((block + 1) << kBlockShift) - row_offset);
+    if (mix64(static_cast<uint64_t>(block)) % static_cast<uint64_t>(rate) == 0)
+      for (; i < block_end; ++i) body(i);
+    i = block_end;
+  }
+}
+
+// ----- one pass ------------------------------------------------------------------------------
+
+PYM4_SIMD_CLONES void partial_range(const Data& d, const int64_t* count, const Problem& prob, const double* state,
+                                    const double* V, int64_t row_offset, int64_t b, int64_t e, double* acc,
+                                    double* q_out) {
+  const Layout Ly(d.m, d.c);
+  const int64_t L = Ly.L;
+  const int K = static_cast<int>(state[kK]);
+  const int hess_at = static_cast<int>(state[kHessAt]);
+  const double* steps = state + kSteps;
+  const double mu = state[kMu], dmu = state[kDmu], eta = prob.eta;
+  Lists ls(d.m, d.c);
+  std::vector<int64_t> C(Ly.nC), Hb(Ly.nH);
+  double* H = acc + Ly.shess();
+  for_rows(b, e, row_offset, static_cast<int64_t>(state[kRate]), [&](int64_t i) {
+    ls.load(d, i);
+    const int32_t* J = ls.J.data();
+    const int nJ = ls.nJ;
+    const int nc = ls.classes(Ly, C.data());
+    const double cnt = count ? static_cast<double>(count[i]) : 1.0;
+    // (a^T w, a^T dw): V holds per class the interleaved (V_b, dV_b) of ytil's entries.
+    double cw = 0.0, cd = 0.0;
+    for (int ci = 0; ci < nc; ++ci) {
+      const double* Vb = V + 2 * C[ci] * L;
+      for (int t = 0; t < nJ; ++t) {
+        cw += Vb[2 * J[t]];
+        cd += Vb[2 * J[t] + 1];
+      }
+    }
+    const double m0 = cw + mu, md = cd + dmu;
+    const double z0 = eta + (d.u ? d.u[i] : 0.0) - m0;
+    acc[0] += cnt;
+    acc[1] += cnt * std::min(0.0, md);
+    for (int k = 0; k < K; ++k) {
+      const double t = steps[k];
+      const double z = z0 - t * md, q = clip01(z);
+      if (k == 0 && q_out) q_out[i] = q;
+      double* A = acc + Ly.cand(k);
+      A[0] += cnt * q;
+      A[1] += cnt * (0.5 * (q - eta) * (q - eta) - q * (z - eta));
+      A[2] += cnt * std::min(0.0, m0 + t * md);
+      const bool active = z > 0.0 && z < 1.0;
+      if (active) A[3] += cnt;
+      if (q != 0.0) {
+        const double cq = cnt * q;
+        for (int ci = 0; ci < nc; ++ci) {
+          double* T = A + 4 + C[ci] * L;
+          for (int u = 0; u < nJ; ++u) T[J[u]] += cq;
+        }
+      }
+      if (k == hess_at && active) {
+        // Upper triangles (J ascending) of the row's Hessian blocks.
+        const int nh = ls.hessian_blocks(Ly, Hb.data());
+        for (int bi = 0; bi < nh; ++bi) {
+          double* B = H + Hb[bi] * L * L;
+          for (int a = 0; a < nJ; ++a) {
+            double* row = B + static_cast<int64_t>(J[a]) * L;
+            for (int u = a; u < nJ; ++u) row[J[u]] += cnt;
+          }
+        }
+      }
+    }
+  });
+}
+
+// ----- the Newton model ----------------------------------------------------------------------
+
+// Coordinate descent on min_x 1/2 (x - w)^T K (x - w) - g^T (x - w) + sum_j lam_j |x_j|,
+// |x_j| <= rho (K symmetric positive definite, row-major); returns d = x - w.
+void prox_newton_direction(int64_t p, const std::vector<double>& K, const std::vector<double>& g, const double* w,
+                           const std::vector<double>& lam, double rho, double* d) {
+  std::vector<double> x(w, w + p), Kd(p, 0.0);
+  for (int sweep = 0; sweep < 500; ++sweep) {
+    double max_change = 0.0, max_x = 0.0;
+    for (int64_t j = 0; j < p; ++j) {
+      const double kjj = K[static_cast<size_t>(j) * p + j];
+      const double v = x[j] - (Kd[j] - g[j]) / kjj;
+      double nv = std::min(std::max(std::abs(v) - lam[j] / kjj, 0.0), rho);
+      nv = v < 0 ? -nv : nv;
+      const double dx = nv - x[j];
+      if (dx != 0.0) {
+        const double* kj = K.data() + static_cast<size_t>(j) * p;
+        for (int64_t i = 0; i < p; ++i) Kd[i] += kj[i] * dx;
+        x[j] = nv;
+        max_change = std::max(max_change, std::abs(dx));
+      }
+      max_x = std::max(max_x, std::abs(x[j]));
+    }
+    if (max_change <= 1e-15 * (1.0 + max_x)) break;
+  }
+  for (int64_t j = 0; j < p; ++j) d[j] = x[j] - w[j];
+}
+
+// The Newton direction (dw, dmu) of the model with Hessian blocks `hess` (summed over weight
+// Wh) at gradient (g, g_mu); returns the predicted ascent of the full step.
+double newton_direction(const Layout& Ly, const Problem& prob, const double* hess, double Wh, const double* g,
+                        double g_mu, const double* w, const std::vector<double>& lam, double rho, double* dw,
+                        double& dmu) {
+  const int64_t m = Ly.m, L = Ly.L, p = Ly.p;
+  const Layout::Coef cf = Ly.coef(prob.pi);
+  auto B = [&](int64_t blk, int64_t a, int64_t b) {  // upper-triangular storage
+    return hess[blk * L * L + std::min(a, b) * L + std::max(a, b)];
+  };
+  // Model Hessian (1/W) sum_A [a; 1][a; 1]^T: Kww (p x p), kwm = S / W, kmm = |A| / W.
+  std::vector<double> Kww(static_cast<size_t>(p) * p, 0.0), kwm(p, 0.0);
+  const double inv = 1.0 / Wh;
+  double count_A = 0.0;
+  for (int64_t h = 0; h < Ly.nH; ++h) {
+    count_A += cf.eps[h] * B(h, 0, 0);
+    for (int64_t k = 0; k < m; ++k) {
+      const double gk = cf.gamma[h * m + k];
+      if (gk != 0.0)
+        for (int64_t a = 0; a < L; ++a) kwm[k * L + a] += gk * B(h, 0, a) * inv;
+      for (int64_t l = 0; l < m; ++l) {
+        const double bkl = cf.beta[(h * m + k) * m + l] * inv;
+        if (bkl == 0.0) continue;
+        for (int64_t a = 0; a < L; ++a) {
+          double* out = Kww.data() + static_cast<size_t>(k * L + a) * p + l * L;
+          for (int64_t b = 0; b < L; ++b) out[b] += bkl * B(h, a, b);
+        }
+      }
+    }
+  }
+  double max_diag = 0.0;
+  for (int64_t j = 0; j < p; ++j) max_diag = std::max(max_diag, Kww[static_cast<size_t>(j) * p + j]);
+  const double damping = 1e-10 * std::max(max_diag, 1e-6) + 1e-14;
+  const double kmm = count_A * inv + damping;
+  // Eliminate dmu from the model: dmu = (g_mu - kwm^T dw) / kmm leaves the Schur complement.
+  std::vector<double> Kr(Kww), gr(p);
+  for (int64_t a = 0; a < p; ++a) {
+    gr[a] = g[a] - kwm[a] * g_mu / kmm;
+    double* row = Kr.data() + static_cast<size_t>(a) * p;
+    for (int64_t b = 0; b < p; ++b) row[b] -= kwm[a] * kwm[b] / kmm;
+    row[a] += damping;
+  }
+  prox_newton_direction(p, Kr, gr, w, lam, rho, dw);
+  double kd = 0.0;
+  for (int64_t j = 0; j < p; ++j) kd += kwm[j] * dw[j];
+  dmu = (g_mu - kd) / kmm;
+  double pred = g_mu * dmu + l1(lam, w) - l1(lam, w, dw, 1.0);
+  for (int64_t j = 0; j < p; ++j) pred += g[j] * dw[j];
+  return pred;
+}
+
+void set_steps(double* S, std::initializer_list<double> steps, int hess_at) {
+  int k = 0;
+  for (double t : steps) S[kSteps + k++] = t;
+  for (int j = k; j < kCandidates; ++j) S[kSteps + j] = 0.0;
+  S[kK] = k;
+  S[kHessAt] = hess_at;
+  S[kEvaluate] = 0.0;
+}
+
+void finish(double* S, Status st) {
+  S[kStatus] = static_cast<double>(static_cast<int>(st));
+  S[kPhase] = kDone;
+  S[kK] = 0;
+}
+
+}  // namespace
+
+// ----- public: the passes ---------------------------------------------------------------------
+
+int64_t exact_state_size(int64_t m, int64_t c) { return Layout(m, c).state_size(); }
+int64_t exact_stats_size(int64_t m, int64_t c) { return Layout(m, c).stats_size(); }
+
+void exact_init(const Problem& prob, int64_t m, int64_t c, const ExactConfig& cfg, int64_t rows, const double* w0,
+                double* S) {
+  (void)prob;
+  const Layout Ly(m, c);
+  std::fill(S, S + Ly.state_size(), 0.0);
+  if (w0) std::copy(w0, w0 + Ly.p, S + Ly.w());
+  // A warm-start sample only pays off when it is much smaller than the data.
+  const int64_t rate = cfg.sample_rows > 0 ? rows / cfg.sample_rows : 0;
+  S[kPhase] = rate >= 4 ? 0.0 : 1.0;
+  S[kRate] = rate >= 4 ? static_cast<double>(rate) : 1.0;
+  S[kTol] = cfg.tol;
+  S[kMaxIter] = static_cast<double>(cfg.max_iter);
+  S[kRho] = cfg.rho;
+  S[kRecession] = -std::numeric_limits<double>::infinity();
+  set_steps(S, {0.0}, 0);  // evaluate the start point, with its Hessian
+  S[kEvaluate] = 1.0;
+}
+
+void exact_partial(const Data& d, const int64_t* count, const Problem& prob, const double* S, int64_t row_offset,
+                   double* stats, double* q_first) {
+  const Layout Ly(d.m, d.c);
+  if (S[kPhase] == kDone || d.n == 0) return;
+  // V: per class b the interleaved (sum_k alpha(b, k) w_k, sum_k alpha(b, k) dw_k).
+  const double* w = S + Ly.w();
+  const double* dw = S + Ly.dw();
+  const Layout::Coef cf = Ly.coef(prob.pi);
+  std::vector<double> V(2 * Ly.nC * Ly.L, 0.0);
+  for (int64_t b = 0; b < Ly.nC; ++b)
+    for (int64_t k = 0; k < Ly.m; ++k) {
+      const double al = cf.alpha[b * Ly.m + k];
+      if (al == 0.0) continue;
+      for (int64_t a = 0; a < Ly.L; ++a) {
+        V[2 * (b * Ly.L + a)] += al * w[k * Ly.L + a];
+        V[2 * (b * Ly.L + a) + 1] += al * dw[k * Ly.L + a];
+      }
+    }
+  // Per-thread accumulators cover the Hessian blocks only when the pass builds them (they
+  // are most of the stats once there are hundreds of labels).
+  const int64_t width = S[kHessAt] >= 0 ? Ly.stats_size() : Ly.shess();
+  parallel_accumulate(d.n, width, stats, [&](int64_t b, int64_t e, double* acc) {
+    partial_range(d, count, prob, S, V.data(), row_offset, b, e, acc, S[kRate] <= 1.0 ? q_first : nullptr);
+  });
+}
+
+bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const double* stats) {
+  if (S[kPhase] == kDone) return true;
+  const Layout Ly(m, c);
+  const int64_t p = Ly.p;
+  const double W = stats[0];
+  S[kAccepted] = -1.0;
+  const double eta = prob.eta, tol = S[kTol];
+  const std::vector<double> lam = lambdas(prob, Ly);
+  double* w = S + Ly.w();
+  double* dw = S + Ly.dw();
+  const bool sample = S[kPhase] == 0.0;
+  if (!(W > 0.0) && sample) {  // a tiny input whose sample drew no block: solve on every row
+    S[kPhase] = 1.0;
+    S[kRate] = 1.0;
+    return false;
+  }
+  if (!(W > 0.0)) throw std::invalid_argument("m4 exact: a pass over the data saw no rows (empty data)");
+  S[sample ? kSamplePasses : kPasses] += 1.0;
+  if (!sample && S[kHessAt] >= 0) S[kHessPasses] += 1.0;
+  const int K = static_cast<int>(S[kK]);
+  const double mu = S[kMu], dmu = S[kDmu];
+  auto F_at = [&](int k) {
+    const double t = S[kSteps + k];
+    return stats[Ly.cand(k) + 1] / W - (mu + t * dmu) * eta - l1(lam, w, dw, t);
+  };
+
+  // Line search: the longest candidate with sufficient ascent (rounding slack near the optimum).
+  int acc = -1;
+  double F_new = 0.0;
+  if (S[kEvaluate] != 0.0) {
+    acc = 0;
+    F_new = F_at(0);
+  } else {
+    const double F = S[kF], slack = 1e-13 * std::max(1.0, std::abs(F));
+    for (int k = 0; k < K && acc < 0; ++k) {
+      const double Fk = F_at(k);
+      if (Fk >= F + 1e-4 * S[kSteps + k] * S[kPred] - slack) {
+        acc = k;
+        F_new = Fk;
+      }
+    }
+  }
+  const bool evaluated = S[kEvaluate] != 0.0;
+  auto fallback = [&]() {  // no further progress possible: optimal if the measure says so
+    const bool ok = S[kMaxViol] <= std::max(tol, 1e-9) && std::abs(S[kGap]) <= 1e-8 * std::max(1.0, std::abs(S[kF]));
+    finish(S, ok ? Status::Optimal : Status::MaxIter);
+  };
+  auto to_full = [&]() {  // leave the sample phase: evaluate the point on every row
+    S[kPhase] = 1.0;
+    S[kRate] = 1.0;
+    S[kLastR] = 0.0;
+    std::fill(dw, dw + p, 0.0);
+    S[kDmu] = 0.0;
+    // The sample's duals are close: the Hessian on every row there makes the next steps
+    // full Newton steps (fewer passes than contracting with the sample's Hessian).
+    set_steps(S, {0.0}, 0);
+    S[kEvaluate] = 1.0;
+  };
+  if (acc < 0) {
+    const double tmin = S[kSteps + K - 1];
+    if (tmin < 1e-10) {
+      if (sample) to_full(); else fallback();
+      return S[kPhase] == kDone;
+    }
+    set_steps(S, {tmin / 2, tmin / 4, tmin / 8, tmin / 16}, sample ? 0 : -1);
+    return false;
+  }
+
+  // Accept candidate acc.
+  S[kAccepted] = acc;
+  const double t = S[kSteps + acc];
+  for (int64_t j = 0; j < p; ++j) w[j] += t * dw[j];
+  const double mu_new = mu + t * dmu;
+  S[kMu] = mu_new;
+  S[kF] = F_new;
+  const double* A = stats + Ly.cand(acc);
+  std::vector<double> g(p, 0.0);
+  const Layout::Coef cf = Ly.coef(prob.pi);
+  for (int64_t b = 0; b < Ly.nC; ++b)
+    for (int64_t k = 0; k < m; ++k) {
+      const double al = cf.alpha[b * m + k] / W;
+      if (al == 0.0) continue;
+      for (int64_t a = 0; a < Ly.L; ++a) g[k * Ly.L + a] += al * A[4 + b * Ly.L + a];
+    }
+  const double g_mu = A[0] / W - eta;
+  double viol = std::abs(g_mu), gap = l1(lam, w) - mu_new * g_mu;
+  for (int64_t j = 0; j < p; ++j) {
+    viol = std::max(viol, std::abs(g[j]) - lam[j]);
+    gap -= w[j] * g[j];
+  }
+  S[kMaxViol] = viol;
+  S[kGap] = gap;
+  const double r = std::max(viol, std::abs(gap) / std::max(1.0, std::abs(F_new)));
+  // Recession at the accepted point and along the direction that led to it.
+  double wsum = std::abs(mu_new), dsum = std::abs(dmu);
+  for (int64_t j = 0; j < p; ++j) {
+    wsum += std::abs(w[j]);
+    dsum += std::abs(dw[j]);
+  }
+  const double rec_pt = A[2] / W - mu_new * eta - l1(lam, w);
+  const double rec_dir = evaluated ? -std::numeric_limits<double>::infinity()
+                                   : stats[1] / W - dmu * eta - l1(lam, dw);
+  if (!sample) S[kRecession] = std::max({S[kRecession], rec_pt, rec_dir});  // of the full data only
+  const bool have_fresh_hess = S[kHessAt] == acc;
+  if (have_fresh_hess) {
+    std::copy(stats + Ly.shess(), stats + Ly.stats_size(), S + Ly.hess());
+    S[kHaveHess] = 1.0;
+    S[kHessWeight] = W;
+  }
+  const double last_r = S[kLastR];
+  S[kLastR] = r;
+
+  if (!sample) {
+    if (!evaluated) S[kIterations] += 1.0;
+    if (viol <= tol && std::abs(gap) <= tol * std::max(1.0, std::abs(F_new))) {
+      finish(S, Status::Optimal);
+      return true;
+    }
+    if (viol > tol && (rec_pt > 1e-10 * wsum || rec_dir > 1e-10 * dsum)) {
+      finish(S, Status::Infeasible);
+      return true;
+    }
+    if (S[kIterations] >= S[kMaxIter]) {
+      finish(S, Status::MaxIter);
+      return true;
+    }
+  } else if (r <= std::max(tol, 1e-9) || S[kSamplePasses] >= 40 ||
+             (viol > tol && (rec_pt > 1e-10 * wsum || rec_dir > 1e-10 * dsum))) {
+    to_full();
+    return false;
+  }
+  if (S[kHaveHess] == 0.0) {  // the Hessian candidate was rejected before any was cached
+    set_steps(S, {0.0}, 0);
+    S[kEvaluate] = 1.0;
+    return false;
+  }
+
+  double dmu_new = 0.0;
+  const double pred = newton_direction(Ly, prob, S + Ly.hess(), S[kHessWeight], g.data(), g_mu, w, lam, S[kRho],
+                                       dw, dmu_new);
+  S[kDmu] = dmu_new;
+  S[kPred] = pred;
+  if (!(pred > 1e-300)) {  // the model sees no ascent left
+    if (sample) to_full(); else fallback();
+    return S[kPhase] == kDone;
+  }
+  // The next pass: a fresh Hessian in the sample phase (cheap) and on the full data when the
+  // reused one stops contracting fast. Once full steps are taken only the full step is
+  // evaluated (a rejected one costs a pass of shorter candidates); after a shortened step,
+  // four lengths at once.
+  const bool need_hess = sample || (last_r > 0.0 && r > 0.05 * last_r) || (!evaluated && t < 1.0);
+  const int h = need_hess ? 0 : -1;
+  if (evaluated || (acc == 0 && t == 1.0))
+    set_steps(S, {1.0}, h);
+  else
+    set_steps(S, {1.0, 0.5, 0.25, 0.125}, h);
+  return false;
+}
+
+ExactResult exact_result(int64_t m, int64_t c, const double* S, double* w, double* dw) {
+  const Layout Ly(m, c);
+  if (w) std::copy(S + Ly.w(), S + Ly.w() + Ly.p, w);
+  if (dw) std::copy(S + Ly.dw(), S + Ly.dw() + Ly.p, dw);
+  ExactResult r;
+  r.status = static_cast<Status>(static_cast<int>(S[kStatus]));
+  if (S[kPhase] != kDone) r.status = Status::MaxIter;
+  r.iterations = static_cast<int64_t>(S[kIterations]);
+  r.passes = static_cast<int64_t>(S[kPasses]);
+  r.sample_passes = static_cast<int64_t>(S[kSamplePasses]);
+  r.hessian_passes = static_cast<int64_t>(S[kHessPasses]);
+  r.mu = S[kMu];
+  r.dmu = S[kDmu];
+  r.max_violation = std::max(S[kMaxViol], 0.0);
+  r.gap = S[kGap];
+  r.recession = S[kRecession];
+  r.objective = S[kF];
+  return r;
+}
+
+// ----- pattern table ---------------------------------------------------------------------------
+namespace {
+
+// Open-addressing hash aggregate of variable-length word keys.
+struct KeyTable {
+  std::vector<uint64_t> words;     // keys, concatenated
+  std::vector<int64_t> start{0};   // entry e: words [start[e], start[e + 1])
+  std::vector<uint64_t> hashes;
+  std::vector<int64_t> counts, first_row;
+  std::vector<int64_t> slots = std::vector<int64_t>(1024, -1);
+
+  int64_t size() const { return static_cast<int64_t>(counts.size()); }
+
+  void grow() {
+    std::vector<int64_t> fresh(slots.size() * 2, -1);
+    const uint64_t mask = fresh.size() - 1;
+    for (int64_t e = 0; e < size(); ++e) {
+      uint64_t h = hashes[e] & mask;
+      while (fresh[h] >= 0) h = (h + 1) & mask;
+      fresh[h] = e;
+    }
+    slots.swap(fresh);
+  }
+
+  void add(const uint64_t* key, int64_t len, uint64_t hash, int64_t cnt, int64_t row) {
+    const uint64_t mask = slots.size() - 1;
+    uint64_t h = hash & mask;
+    while (slots[h] >= 0) {
+      const int64_t e = slots[h];
+      if (hashes[e] == hash && start[e + 1] - start[e] == len &&
+          std::equal(key, key + len, words.begin() + start[e])) {
+        counts[e] += cnt;
+        return;
+      }
+      h = (h + 1) & mask;
+    }
+    slots[h] = size();
+    words.insert(words.end(), key, key + len);
+    start.push_back(static_cast<int64_t>(words.size()));
+    hashes.push_back(hash);
+    counts.push_back(cnt);
+    first_row.push_back(row);
+    if (2 * size() > static_cast<int64_t>(slots.size())) grow();
+  }
+};
+
+// The key of row i: group bits, then label bits (dense) or the label count and indices (CSR).
+int64_t row_key(const Data& d, int64_t i, std::vector<uint64_t>& key) {
+  key.clear();
+  auto put_bits = [&](const uint8_t* x, int64_t n) {
+    for (int64_t b = 0; b < n; b += 64) {
+      uint64_t word = 0;
+      const int64_t e = std::min(n, b + 64);
+      for (int64_t j = b; j < e; ++j) word |= static_cast<uint64_t>(x[j] != 0) << (j - b);
+      key.push_back(word);
+    }
+  };
+  put_bits(d.s + i * d.ld_s, d.m);
+  if (!d.y_indptr) {
+    put_bits(d.y + i * d.ld_y, d.c);
+  } else {
+    const int64_t b = d.y_indptr[i], e = d.y_indptr[i + 1];
+    key.push_back(static_cast<uint64_t>(e - b));
+    for (int64_t t = b; t < e; t += 2)
+      key.push_back(static_cast<uint32_t>(d.y_indices[t]) |
+                    (t + 1 < e ? static_cast<uint64_t>(static_cast<uint32_t>(d.y_indices[t + 1])) << 32 : 0));
+  }
+  return static_cast<int64_t>(key.size());
+}
+
+uint64_t key_hash(const std::vector<uint64_t>& key) {
+  uint64_t h = 0x243F6A8885A308D3ull;
+  for (uint64_t w : key) h = mix64(h ^ w);
+  return h;
+}
+
+}  // namespace
+
+Data PatternTable::data() const {
+  Data d;
+  d.n = n;
+  d.m = m;
+  d.c = c;
+  d.s = s.data();
+  d.ld_s = m;
+  if (dense) {
+    d.y = y.data();
+    d.ld_y = c;
+  } else {
+    d.y_indptr = y_indptr.data();
+    d.y_indices = y_indices.data();
+  }
+  return d;
+}
+
+bool pattern_table(const Data& d, const int64_t* count, int64_t max_patterns, PatternTable& out) {
+  out = PatternTable();
+  const int T = d.n >= kParallelMin ? max_threads() : 1;
+  std::vector<KeyTable> tables(T);
+  std::atomic<bool> over{false};
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp parallel num_threads(T)
+#endif
+  {
+    const int t = T == 1 ? 0 : thread_id();
+    int64_t b, e;
+    range_of(d.n, t, T, b, e);
+    std::vector<uint64_t> key;
+    KeyTable& tab = tables[t];
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t len = row_key(d, i, key);
+      tab.add(key.data(), len, key_hash(key), count ? count[i] : 1, i);
+      if ((i & 4095) == 0 && (tab.size() > max_patterns || over.load(std::memory_order_relaxed))) {
+        over.store(true, std::memory_order_relaxed);
+        break;
+      }
+    }
+  }
+  if (over.load()) return false;
+  KeyTable& all = tables[0];
+  for (int t = 1; t < T; ++t) {
+    const KeyTable& tab = tables[t];
+    for (int64_t e = 0; e < tab.size(); ++e) {
+      all.add(tab.words.data() + tab.start[e], tab.start[e + 1] - tab.start[e], tab.hashes[e], tab.counts[e],
+              tab.first_row[e]);
+      if (all.size() > max_patterns) return false;
+    }
+    tables[t] = KeyTable();
+  }
+  if (all.size() > max_patterns) return false;
+  const int64_t P = all.size();
+  out.n = P;
+  out.m = d.m;
+  out.c = d.c;
+  out.dense = d.y_indptr == nullptr;
+  out.s.resize(static_cast<size_t>(P) * d.m);
+  out.count = all.counts;
+  if (out.dense) out.y.resize(static_cast<size_t>(P) * d.c);
+  else out.y_indptr.assign(P + 1, 0);
+  for (int64_t e = 0; e < P; ++e) {
+    const int64_t i = all.first_row[e];
+    std::copy(d.s + i * d.ld_s, d.s + i * d.ld_s + d.m, out.s.begin() + e * d.m);
+    if (out.dense) {
+      std::copy(d.y + i * d.ld_y, d.y + i * d.ld_y + d.c, out.y.begin() + e * d.c);
+    } else {
+      out.y_indices.insert(out.y_indices.end(), d.y_indices + d.y_indptr[i], d.y_indices + d.y_indptr[i + 1]);
+      out.y_indptr[e + 1] = static_cast<int64_t>(out.y_indices.size());
+    }
+  }
+  return true;
+}
+
+// ----- the in-memory driver ----------------------------------------------------------------------
+namespace {
+
+constexpr int64_t kMaxPatterns = int64_t(1) << 24;  // ~16M patterns: a table of a few hundred MB at most
+
+// A table of a spread-out sample of 2^15 rows: when more than half of them are distinct, the
+// full table would not halve the rows either (the distinct fraction only falls with more
+// rows, but slowly), and building it would cost more than a pass.
+bool likely_compresses(const Data& d) {
+  constexpr int64_t kProbe = int64_t(1) << 15;
+  if (d.n <= 4 * kProbe) return true;
+  const int64_t stride = d.n / kProbe;
+  Data sd = d;
+  sd.n = kProbe;
+  std::vector<int64_t> ip;
+  std::vector<int32_t> ix;
+  if (d.y_indptr) {
+    ip.assign(kProbe + 1, 0);
+    for (int64_t r = 0; r < kProbe; ++r) {
+      const int64_t i = r * stride;
+      ix.insert(ix.end(), d.y_indices + d.y_indptr[i], d.y_indices + d.y_indptr[i + 1]);
+      ip[r + 1] = static_cast<int64_t>(ix.size());
+    }
+    sd.y_indptr = ip.data();
+    sd.y_indices = ix.data();
+  } else {
+    sd.ld_y = d.ld_y * stride;  // a strided view of the dense rows
+  }
+  sd.ld_s = d.ld_s * stride;
+  if (!d.y_indptr && d.c == 0) sd.y = nullptr;
+  PatternTable probe;
+  return pattern_table(sd, nullptr, kProbe / 2, probe);
+}
+
+ExactResult run_passes(const Data& d, const int64_t* count, const Problem& prob, const ExactConfig& cfg,
+                       double* w, double* q = nullptr, bool* q_done = nullptr) {
+  const Layout Ly(d.m, d.c);
+  std::vector<double> state(Ly.state_size()), stats(Ly.stats_size());
+  exact_init(prob, d.m, d.c, cfg, d.n, w, state.data());
+  for (;;) {
+    std::fill(stats.begin(), stats.end(), 0.0);
+    // The rows' q at the first candidate: when the solve ends on it, that is the answer
+    // (no separate pass for q).
+    const bool write_q = q && state[kRate] <= 1.0 && state[kK] >= 1;
+    exact_partial(d, count, prob, state.data(), 0, stats.data(), write_q ? q : nullptr);
+    if (exact_step(prob, d.m, d.c, state.data(), stats.data())) {
+      if (q_done) *q_done = write_q && state[kAccepted] == 0.0;
+      break;
+    }
+  }
+  return exact_result(d.m, d.c, state.data(), w);
+}
+
+}  // namespace
+
+ExactResult solve_exact(const Data& d, const Problem& prob, const ExactConfig& cfg, double* w, double* q,
+                        ExactInfo* info) {
+  ExactResult res;
+  bool compressed = false;
+  int64_t patterns = 0;
+  if (!d.u && d.n >= 2 && likely_compresses(d)) {
+    PatternTable tab;
+    if (pattern_table(d, nullptr, std::min<int64_t>(d.n / 2, kMaxPatterns), tab)) {
+      const Data dt = tab.data();
+      res = run_passes(dt, tab.count.data(), prob, cfg, w);
+      compressed = true;
+      patterns = tab.n;
+    }
+  }
+  bool q_done = false;
+  if (!compressed) res = run_passes(d, nullptr, prob, cfg, w, q, &q_done);
+  if (!q_done) keep_probability(d, prob, w, res.mu, q);
+  if (info) {
+    info->compressed = compressed;
+    info->patterns = patterns;
+  }
+  return res;
+}
+
+}  // namespace m4
+}  // namespace pym4
