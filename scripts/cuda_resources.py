@@ -3,7 +3,8 @@
 
 Usage:
     cuda_resources.py --log BUILD_LOG            parse a build's output (make cuda-check)
-    cuda_resources.py --nvcc 90 [--nvcc 80 ...]  compile kernels/cuda/*.cu itself (gpu_check.sh)
+    cuda_resources.py --nvcc 90 [--nvcc 80 ...]  compile kernels/cuda/*.cu itself
+    cuda_resources.py --nvcc native               ... for the GPU of this machine (gpu_check.sh)
 
 Every kernel ptxas reports is listed (no fixed list): arch, registers, stack frame, spill
 stores/loads and static shared memory. Exits 1 when a kernel spills more than
@@ -232,11 +233,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--log", type=Path, help="a build log holding nvcc's ptxas -v output")
-    src.add_argument("--nvcc", type=int, action="append", metavar="CC", help="compile for sm_CC (repeatable)")
+    src.add_argument("--nvcc", action="append", metavar="CC", help="compile for sm_CC, or the GPU here: native (repeatable)")
     ap.add_argument("--nvcc-path", default="nvcc", help="the nvcc to run with --nvcc")
     ap.add_argument("--spill-budget", type=int, default=gpu_limits.SPILL_BUDGET_BYTES, help="bytes per thread")
     args = ap.parse_args(argv)
-    text = args.log.read_text(errors="replace") if args.log else run_nvcc(args.nvcc, args.nvcc_path)
+    if args.log:
+        text = args.log.read_text(errors="replace")
+    else:
+        text = run_nvcc([gpu_limits.native_arch() if a == "native" else int(a) for a in args.nvcc], args.nvcc_path)
     kernels = parse_ptxas(text)
     if not kernels:
         print("cuda_resources: no ptxas -v output found (was the build run with -Xptxas -v and the .cu files "

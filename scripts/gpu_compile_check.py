@@ -124,18 +124,6 @@ def compile_one(job: tuple[int, int]) -> dict:
     return row
 
 
-def native_arch() -> int:
-    """Compute capability of GPU 0, from nvidia-smi: no CUDA context in this process, whose
-    workers are forked."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
-                             text=True, check=True).stdout.split()
-    except (OSError, subprocess.CalledProcessError) as e:
-        raise SystemExit(f"--arch native: nvidia-smi found no GPU ({e})")
-    major, minor = out[0].split(".")
-    return 10 * int(major) + int(minor)
-
-
 def describe(cfg: dict) -> str:
     """dtype / precision, and the launch shape, for the table."""
     ptrs = [t[1:] for t in cfg["signature"].values() if t.startswith("*")]
@@ -150,7 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="only configs whose name contains this")
     ap.add_argument("--spill-budget", type=int, default=gpu_limits.SPILL_BUDGET_BYTES, help="bytes per thread")
     args = ap.parse_args(argv)
-    archs = [native_arch() if a == "native" else int(a) for a in (args.arch or ["90", "80"])]
+    archs = [gpu_limits.native_arch() if a == "native" else int(a) for a in (args.arch or ["90", "80"])]
     limits = {cc: gpu_limits.arch(cc) for cc in archs}
 
     import triton

@@ -7,6 +7,7 @@ the occupancy calculator's allocation granularities), for the GPUs pym4 targets.
 """
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 
 # Bytes of local memory per thread a kernel may spill (CUDA: ptxas "spill stores"; Triton:
@@ -61,6 +62,18 @@ def arch(cc: int) -> Arch:
     if cc not in ARCHS:
         raise ValueError(f"arch: no resource limits known for sm_{cc} (known: {sorted(ARCHS)})")
     return ARCHS[cc]
+
+
+def native_arch() -> int:
+    """Compute capability x 10 of GPU 0, from nvidia-smi (no CUDA context in the calling
+    process, whose workers may be forked)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, check=True).stdout.split()
+        major, minor = out[0].split(".")
+    except (OSError, subprocess.CalledProcessError, IndexError, ValueError) as e:
+        raise SystemExit(f"arch native: nvidia-smi reports no GPU ({e})")
+    return 10 * int(major) + int(minor)
 
 
 def fmt_kb(n: int) -> str:
