@@ -149,12 +149,21 @@ def launch_constants(header: Path = HEADER) -> dict[str, int]:
 
 
 def check_source_agrees(consts: dict[str, int]) -> list[str]:
-    """sinkhorn.cu's own copies of the launch constants, if it still has any, must equal cuda.h's."""
+    """sinkhorn.cu's own copies of the launch constants, where it still states them as numbers
+    instead of taking cuda.h's, must equal cuda.h's; so must the fused kernel's launch bounds."""
     errors = []
     src = (ROOT / "kernels" / "cuda" / "sinkhorn.cu").read_text()
     for name, expr in _CONST.findall(src):
-        if name in consts and _value(expr) != consts[name]:
-            errors.append(f"sinkhorn.cu: {name} = {_value(expr)} but cuda.h's sinkhorn_launch::{name} = {consts[name]}")
+        try:
+            value = _value(expr)
+        except ValueError:
+            continue  # e.g. `= sinkhorn_launch::kThreads`: the header's value by construction
+        if name in consts and value != consts[name]:
+            errors.append(f"sinkhorn.cu: {name} = {value} but cuda.h's sinkhorn_launch::{name} = {consts[name]}")
+    m = re.search(r"__launch_bounds__\(\s*(\w+)\s*,\s*(\w+)\s*\)\s*" + FUSED, src)
+    if m and m.group(2).isdigit() and int(m.group(2)) != consts["kMinBlocksPerSm"]:
+        errors.append(f"sinkhorn.cu: {FUSED} has __launch_bounds__(..., {m.group(2)}) but cuda.h's "
+                      f"sinkhorn_launch::kMinBlocksPerSm = {consts['kMinBlocksPerSm']}")
     return errors
 
 
@@ -168,9 +177,19 @@ def fused_request(rows: int, cols: int, resident: int, c: dict[str, int]) -> int
     return -(-rows // per_part)
 
 
+def launcher_clamps() -> bool:
+    """Whether sinkhorn.cu's fused path caps its grid at the occupancy query's answer
+    (set_parts(f, min(cap, resident_blocks(...)))). Without that clamp the launcher asks for
+    max_parts() blocks whatever fits, and the check below models it so."""
+    src = (ROOT / "kernels" / "cuda" / "sinkhorn.cu").read_text()
+    return re.search(r"set_parts\(\s*f\s*,[^;]*resident_blocks\(", src) is not None
+
+
 def coresidency(kernels: list[Kernel], c: dict[str, int]) -> tuple[list[str], list[str]]:
     """(report lines, errors) of the cooperative Sinkhorn kernel on each GPU of gpu_limits."""
-    lines, errors = [], []
+    clamped = launcher_clamps()
+    lines = [f"  launcher caps the grid at the occupancy query: {'yes' if clamped else 'NO'}"]
+    errors = []
     threads = c["kThreads"]
     fused = [k for k in kernels if k.name.startswith(FUSED)]
     if not fused:
@@ -199,7 +218,7 @@ def coresidency(kernels: list[Kernel], c: dict[str, int]) -> tuple[list[str], li
             for r in sorted({1, 2, 3, 1000, rows}):
                 if r > rows:
                     continue
-                asked = fused_request(r, cols, fit, c)
+                asked = fused_request(r, cols, fit if clamped else 1 << 62, c)
                 if asked > fit:
                     errors.append(f"{k.name} sm_{k.arch}: rows={r} cols={cols}: the launcher asks for {asked} "
                                   f"blocks, {fit} are co-resident on {a.gpu}")
@@ -207,7 +226,7 @@ def coresidency(kernels: list[Kernel], c: dict[str, int]) -> tuple[list[str], li
                 worst = (cols, fit)
             if cols in (64, 3000, 16000):
                 lines.append(f"  {k.name:34s} sm_{k.arch} {a.gpu:9s} cols={cols:6d}: {per_sm} blocks/SM x {a.sms} SMs "
-                             f"= {fit:4d} co-resident; asked at most {fused_request(rows, cols, fit, c):4d} "
+                             f"= {fit:4d} co-resident; asked at most {fused_request(rows, cols, fit if clamped else 1 << 62, c):4d} "
                              f"(cap kMaxParts={c['kMaxParts']})")
         if worst is not None:
             lines.append(f"  {k.name:34s} sm_{k.arch} {a.gpu:9s} fewest co-resident: {worst[1]} (cols={worst[0]})")
