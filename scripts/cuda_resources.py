@@ -225,11 +225,11 @@ def coresidency(kernels: list[Kernel], c: dict[str, int]) -> tuple[list[str], li
             if worst is None or fit < worst[1]:
                 worst = (cols, fit)
             if cols in (64, 3000, 16000):
-                lines.append(f"  {k.name:34s} sm_{k.arch} {a.gpu:9s} cols={cols:6d}: {per_sm} blocks/SM x {a.sms} SMs "
+                lines.append(f"  {k.name:37s} sm_{k.arch} {a.gpu:9s} cols={cols:6d}: {per_sm} blocks/SM x {a.sms} SMs "
                              f"= {fit:4d} co-resident; asked at most {fused_request(rows, cols, fit if clamped else 1 << 62, c):4d} "
                              f"(cap kMaxParts={c['kMaxParts']})")
         if worst is not None:
-            lines.append(f"  {k.name:34s} sm_{k.arch} {a.gpu:9s} fewest co-resident: {worst[1]} (cols={worst[0]})")
+            lines.append(f"  {k.name:37s} sm_{k.arch} {a.gpu:9s} fewest co-resident: {worst[1]} (cols={worst[0]})")
     return lines, errors
 
 
