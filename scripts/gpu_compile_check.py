@@ -43,6 +43,9 @@ _CONFIGS: list[dict] = []  # filled before the worker pool forks, read by index 
 
 def discover(root: Path = ROOT) -> list[dict]:
     """compile_configs() of every kernels/*.py that defines one, in file order."""
+    # Under TRITON_INTERPRET=1, @triton.jit makes interpreter functions that cannot be compiled.
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("gpu_compile_check: unset TRITON_INTERPRET (native compiles need @triton.jit functions)")
     sys.path.insert(0, str(root))
     configs = []
     for path in sorted((root / "kernels").glob("*.py")):
@@ -124,6 +127,17 @@ def compile_one(job: tuple[int, int]) -> dict:
     return row
 
 
+def judge(row: dict, lim: gpu_limits.Arch, spill_budget: int) -> list[str]:
+    """What is wrong with one compiled kernel (resources from compile_one) on arch `lim`."""
+    problems = []
+    if row["smem"] > lim.smem_per_block:
+        problems.append(f"shared memory {gpu_limits.fmt_kb(row['smem'])} above {gpu_limits.fmt_kb(lim.smem_per_block)}")
+    spill = max(row["stack"], row["local"])
+    if spill > spill_budget:
+        problems.append(f"spills {spill} B > {spill_budget} B")
+    return problems
+
+
 def describe(cfg: dict) -> str:
     """dtype / precision, and the launch shape, for the table."""
     ptrs = [t[1:] for t in cfg["signature"].values() if t.startswith("*")]
@@ -137,6 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiles in parallel")
     ap.add_argument("--only", default="", help="only configs whose name contains this")
     ap.add_argument("--spill-budget", type=int, default=gpu_limits.SPILL_BUDGET_BYTES, help="bytes per thread")
+    ap.add_argument("--root", type=Path, default=ROOT, help="the tree whose kernels/ to check (default: this one)")
     args = ap.parse_args(argv)
     archs = [gpu_limits.native_arch() if a == "native" else int(a) for a in (args.arch or ["90", "80"])]
     limits = {cc: gpu_limits.arch(cc) for cc in archs}
@@ -146,7 +161,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"triton {triton.__version__} is older than this check supports "
                          f"({'.'.join(map(str, MIN_TRITON))}+, as pyproject.toml states)")
     t0 = time.perf_counter()
-    _CONFIGS.extend(c for c in discover() if args.only in c["name"])
+    _CONFIGS.extend(c for c in discover(args.root) if args.only in c["name"])
     if not _CONFIGS:
         print("gpu_compile_check: no compile_configs() found in kernels/*.py", file=sys.stderr)
         return 1
@@ -166,12 +181,7 @@ def main(argv=None) -> int:
             print(f"{head} {'':>4s} {'':>6s} {'':>9s}  COMPILE FAILED")
             errors.append(f"{cfg['name']} sm_{row['cc']}: compile failed: {row['error']}")
             continue
-        status = []
-        if row["smem"] > lim.smem_per_block:
-            status.append(f"shared memory above {gpu_limits.fmt_kb(lim.smem_per_block)}")
-        spill = max(row["stack"], row["local"])
-        if spill > args.spill_budget:
-            status.append(f"spills {spill} B > {args.spill_budget} B")
+        status = judge(row, lim, args.spill_budget)
         print(f"{head} {row['regs']:4d} {row['stack']:6d} {gpu_limits.fmt_kb(row['smem']):>9s}  "
               f"{'; '.join(status) or 'ok'}")
         errors += [f"{cfg['name']} sm_{row['cc']}: {s}" for s in status]

@@ -1,17 +1,21 @@
-"""The arithmetic and parsing of the GPU resource checks (scripts/gpu_limits.py,
-scripts/cuda_resources.py), which CI runs without a GPU. The compiles themselves run in
-`make cuda-check` and `make gpu-compile-check`, not here (minutes, not seconds).
+"""The GPU resource checks CI runs without a GPU (scripts/gpu_limits.py, cuda_resources.py,
+gpu_compile_check.py): occupancy arithmetic, ptxas parsing, the launcher model, and the Triton
+check end to end on one tiny kernel. The real kernels compile in `make cuda-check` and
+`make gpu-compile-check` (minutes, not seconds), not here.
 
 Occupancy references are worked out by hand from NVIDIA's limits (65536 registers and 2048
 threads per SM, registers allocated per warp in 256s across 4 schedulers, 1 KB of shared memory
 reserved per block, 228 KB per SM on sm_90 and 164 KB on sm_80).
 """
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
 import cuda_resources  # noqa: E402
 import gpu_limits  # noqa: E402
 
@@ -96,3 +100,79 @@ def test_launch_constants_are_read_from_cuda_h():
     assert set(CONSTS) <= set(consts)
     assert consts["kFusedMaxElements"] == 1 << 25 and consts["kThreads"] % 32 == 0
     assert cuda_resources.check_source_agrees(consts) == []
+
+
+TINY_KERNELS = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _double_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * 2.0, mask=offs < n)
+
+
+def compile_configs():
+    sig = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}
+    for block in (256, 100):  # 100: tl.arange needs a power of two, the compile fails
+        yield {"name": f"double[{block}]", "fn": _double_kernel, "signature": sig, "constexprs": {"BLOCK": block},
+               "num_warps": 4, "num_stages": 1}
+'''
+
+
+@pytest.fixture
+def tiny_kernels(tmp_path):
+    pytest.importorskip("triton")
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    (tmp_path / "kernels" / "tiny.py").write_text(TINY_KERNELS)
+    (tmp_path / "kernels" / "no_configs.py").write_text("X = 1\n")  # not a kernel module of the check
+    return tmp_path
+
+
+def run_check(root, *args):
+    # A process of its own: this one has imported triton under conftest's TRITON_INTERPRET=1,
+    # after which nothing compiles natively in it.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(SCRIPTS / "gpu_compile_check.py"), "--root", str(root), "--jobs", "1",
+                           *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_compile_check_discovers_compiles_and_reports(tiny_kernels):
+    r = run_check(tiny_kernels, "--arch", "90")
+    rows = {line.split()[0]: line for line in r.stdout.splitlines() if line.startswith("double[")}
+    assert set(rows) == {"double[256]", "double[100]"}, r.stdout + r.stderr
+    fields = rows["double[256]"].split()
+    assert fields[1] == "sm_90" and fields[-1] == "ok" and 0 < int(fields[4]) <= 255 and fields[5] == "0"
+    assert "COMPILE FAILED" in rows["double[100]"]
+    assert r.returncode == 1 and "double[100] sm_90: compile failed" in r.stderr and "power of 2" in r.stderr
+
+
+def test_compile_check_refuses_interpreter_mode(tiny_kernels):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, str(SCRIPTS / "gpu_compile_check.py"), "--root", str(tiny_kernels)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode != 0 and "unset TRITON_INTERPRET" in r.stderr
+
+
+def test_compile_check_flags_shared_memory_and_spills():
+    import gpu_compile_check as gcc
+    row = {"regs": 255, "stack": 0, "local": 0, "smem": 200 * 1024}
+    assert gcc.judge(row, H100, 64) == []
+    assert "above 163.0 KB" in gcc.judge(row, A100, 64)[0]
+    assert gcc.judge(dict(row, stack=600), H100, 64) == ["spills 600 B > 64 B"]
+
+
+def test_compile_check_refuses_a_config_that_misnames_arguments():
+    import gpu_compile_check as gcc
+
+    class FakeKernel:
+        arg_names = ["x_ptr", "y_ptr", "n", "BLOCK"]
+    cfg = {"name": "k", "fn": FakeKernel(), "signature": {"x_ptr": "*fp32", "n": "i32"}, "constexprs": {"BLOCK": 4},
+           "num_warps": 4, "num_stages": 1}
+    with pytest.raises(SystemExit, match="the kernel takes"):
+        gcc.validate(cfg, "tiny.py")
+    with pytest.raises(SystemExit, match="argument order"):
+        gcc.validate(dict(cfg, signature={"y_ptr": "*fp32", "x_ptr": "*fp32", "n": "i32"}), "tiny.py")
+    assert gcc.validate(dict(cfg, signature={"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32"}), "tiny.py")["module"] == "tiny.py"
