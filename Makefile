@@ -9,7 +9,7 @@ OUT    ?= demo_out
 PYTEST_ARGS ?=
 comma  := ,
 
-.PHONY: setup demo test bench cuda-check wheel clean
+.PHONY: setup demo test bench cuda-check gpu-compile-check wheel clean
 
 setup: $(STAMP)
 
@@ -35,12 +35,36 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sinkhorn.py --out bench_out
 
-# Compile and link every kernels/cuda/*.cu into the core for one arch (sm_90), with no GPU needed.
+# Compile and link every kernels/cuda/*.cu into the core for sm_80 and sm_90, with no GPU
+# needed; ptxas -v reports each kernel's registers, spills and shared memory, which
+# scripts/cuda_resources.py tabulates and checks (spill budget, co-residency of the
+# cooperative Sinkhorn launch on H100/H200 and A100). The .cu objects are rebuilt every time,
+# so that their ptxas report is always in the log.
+CUDA_CHECK := build/cuda-check
 cuda-check: $(STAMP)
-	$(VENV)/bin/cmake -S . -B build/cuda-check -G Ninja -DPYM4_CUDA=ON -DPYM4_CUDA_ARCHS=90 \
-	  -DCMAKE_CUDA_COMPILER=$${CUDACXX:-/usr/local/cuda/bin/nvcc} \
+	$(VENV)/bin/cmake -S . -B $(CUDA_CHECK) -G Ninja -DPYM4_CUDA=ON "-DPYM4_CUDA_ARCHS=80;90" \
+	  -DCMAKE_CUDA_FLAGS=-Xptxas=-v -DCMAKE_CUDA_COMPILER=$${CUDACXX:-/usr/local/cuda/bin/nvcc} \
 	  -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) -DPython_EXECUTABLE=$(abspath $(PY))
-	$(VENV)/bin/cmake --build build/cuda-check -j 2
+	find $(CUDA_CHECK) -name '*.cu.o' -delete
+	$(VENV)/bin/cmake --build $(CUDA_CHECK) -j 2 > $(CUDA_CHECK)/build.log 2>&1; rc=$$?; \
+	  grep -v '^ptxas info' $(CUDA_CHECK)/build.log | grep -v 'bytes stack frame'; exit $$rc
+	$(PY) scripts/cuda_resources.py --log $(CUDA_CHECK)/build.log
+
+# Every Triton kernel in kernels/ (those whose module defines compile_configs()) compiled
+# natively for sm_90 and sm_80 with no GPU, against the highest supported Triton (.venv) and
+# the lowest (a small venv of its own: the torch CPU wheel first, then that Triton and numpy).
+# The lowest version is read from pyproject.toml's triton extra, the one place it is stated.
+TRITON_MIN := $(shell sed -n 's/^triton = \["triton>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+VENV_TMIN  := .venv-triton-min
+$(VENV_TMIN)/.stamp: pyproject.toml
+	test -x $(VENV_TMIN)/bin/python || $(PYTHON) -m venv $(VENV_TMIN)
+	$(VENV_TMIN)/bin/python -m pip install -q torch==2.13.0
+	$(VENV_TMIN)/bin/python -m pip install -q "triton==$(TRITON_MIN).*" numpy
+	touch $@
+
+gpu-compile-check: $(STAMP) $(VENV_TMIN)/.stamp
+	$(PY) scripts/gpu_compile_check.py
+	$(VENV_TMIN)/bin/python scripts/gpu_compile_check.py
 
 # The wheel a user installs elsewhere: CUDA kernels for sm_80 and sm_90 compiled in (cudart
 # static, the core links no torch: one wheel for every torch version), repaired by auditwheel
@@ -57,4 +81,4 @@ wheel: $(STAMP)
 	PYM4_WHEEL_ARCHS="$(subst ;,$(comma),$(WHEEL_ARCHS))" scripts/wheel-smoke.sh dist/pym4-*.whl
 
 clean:
-	rm -rf build $(VENV) bench_out demo_out dist
+	rm -rf build $(VENV) $(VENV_TMIN) bench_out demo_out dist

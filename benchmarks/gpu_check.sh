@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The single GPU check: on a machine with an NVIDIA GPU, build pym4 with CUDA, run the GPU
-# tests, then the GPU benchmarks of every op. Everything it prints also goes under $OUT
+# tests, then the GPU benchmarks of every op, then the resource table (registers, spills,
+# shared memory) of every Triton and CUDA kernel compiled for this GPU's arch, the figures the
+# CI compile checks give without a GPU. Everything it prints also goes under $OUT
 # (default ./gpu_check_out). Uses the machine's own python3 (with torch and triton) and no
-# network. Under 10 minutes in all.
+# network. Under 10 minutes in all when every step takes its usual time (the limits are caps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
@@ -34,5 +36,9 @@ step tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
 step bench_sinkhorn 70 "$PY" benchmarks/bench_sinkhorn.py --device cuda --out "$OUT"
 step bench_contrastive 70 "$PY" benchmarks/bench_contrastive.py --device cuda --out "$OUT"
 step bench_m4 70 "$PY" benchmarks/bench_m4.py --device cuda --sizes 1e5,1e6,1e7 --out "$OUT"
+# Resources of every kernel for this GPU's arch, next to the timings above (the same tables
+# as make gpu-compile-check and make cuda-check print for sm_90 / sm_80 without a GPU).
+step resources_triton 120 "$PY" scripts/gpu_compile_check.py --arch native
+step resources_cuda 120 "$PY" scripts/cuda_resources.py --nvcc native --nvcc-path "${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}"
 log "done (status $status)"
 exit $status

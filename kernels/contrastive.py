@@ -183,14 +183,106 @@ def _precision(t: torch.Tensor) -> str:
     return "ieee"
 
 
-def _blocks(d: int, grad: bool):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_DO, num_warps)."""
+# Tiles per dtype and precision, chosen from the native sm_90 and sm_80 compiles of
+# scripts/gpu_compile_check.py (registers, stack, shared memory; issue 12). Half precision
+# feeds the tensor cores 16-bit operands and fits 255 registers with no spill at 64-wide K
+# steps. float32 holds twice the bytes per operand: with the half tiles every float32 kernel
+# spilled 0.5-2 KB per thread (to local memory, i.e. DRAM), so its K step is smaller and the
+# gradient's output slab at most 128 wide (the dA accumulator, BLOCK_M x BLOCK_DO float32, is
+# what fills the register file). "ieee" (exact products, FMA instead of tensor cores) needs the
+# smallest tiles: at BLOCK_N 64 its gradient still spilled ~350 B on sm_80.
+# (BLOCK_M, BLOCK_N, BLOCK_K cap, BLOCK_DO cap, num_warps, num_stages) per (mode, grad?).
+_TILES = {
+    ("half", False): (128, 64, 64, None, 8, 3),
+    ("half", True): (64, 64, 64, 256, 8, 3),
+    ("tf32", False): (64, 64, 32, None, 8, 3),
+    ("tf32", True): (64, 64, 16, 128, 8, 3),
+    ("ieee", False): (64, 64, 16, None, 8, 3),
+    ("ieee", True): (64, 32, 16, 128, 8, 3),
+}
+# Triton's CPU interpreter: small blocks, so that the test sizes cover many tiles and several
+# output slabs; never compiled natively (compile_configs leaves it out).
+_INTERPRETER_TILES = {False: (32, 32, 32, None, 4, 1), True: (32, 32, 32, 64, 4, 1)}
+
+_TL_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _config(dtype: torch.dtype, precision: str, d: int, grad: bool, interpret: bool = False) -> dict:
+    """The launch configuration of one contrastive kernel, shared by the launcher and compile_configs().
+
+    dtype: the inputs' (float32, float16 or bfloat16); precision: tl.dot's input_precision
+    ("ieee" or "tf32", see _precision); d: the feature size D; grad: a gradient kernel (which
+    also gets BLOCK_DO, the width of its output slab). Returns {"BLOCK_M", "BLOCK_N",
+    "BLOCK_K"[, "BLOCK_DO"], "num_warps", "num_stages"}; BLOCK_K and BLOCK_DO shrink to D's
+    next power of two (at least 16) so a small D does not load masked-out columns.
+    """
+    if interpret:
+        block_m, bn, bk, bdo, warps, stages = _INTERPRETER_TILES[grad]
+    else:
+        if dtype not in _TL_DTYPE or precision not in ("ieee", "tf32"):
+            raise ValueError(f"no contrastive kernel configuration for dtype {dtype}, precision {precision!r}")
+        block_m, bn, bk, bdo, warps, stages = _TILES[("half" if dtype != torch.float32 else precision, grad)]
     d_pow2 = max(16, triton.next_power_of_2(d))
-    if _INTERPRET:  # small blocks: many tiles and several output slabs even at test sizes
-        return 32, 32, min(32, d_pow2), min(64, d_pow2), 4
+    cfg = {"BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": min(bk, d_pow2)}
     if grad:
-        return 64, 64, min(64, d_pow2), min(256, d_pow2), 8
-    return 128, 64, min(64, d_pow2), None, 8
+        cfg["BLOCK_DO"] = min(bdo, d_pow2)
+    cfg.update(num_warps=warps, num_stages=stages)
+    return cfg
+
+
+def _launch_config(a: torch.Tensor, grad: bool) -> dict:
+    """_config for the tensor a kernel is launched on (its dtype, precision mode and D)."""
+    return _config(a.dtype, _precision(a), a.shape[1], grad, interpret=_INTERPRET)
+
+
+def _signature(fn, dt: str, constexprs: dict) -> dict:
+    """Triton types of fn's non-constexpr arguments, in order: A and B (a_ptr, b_ptr) in the
+    input dtype dt, every other pointer float32, scale and bias float32, the rest (sizes,
+    strides, the diagonal offset) int32, as the launcher passes them."""
+    def kind(name):
+        if name in ("a_ptr", "b_ptr"):
+            return "*" + dt
+        if name.endswith("_ptr"):
+            return "*fp32"
+        return "fp32" if name in ("scale", "bias") else "i32"
+    return {name: kind(name) for name in fn.arg_names if name not in constexprs}
+
+
+def compile_configs():
+    """Every configuration the launcher can choose on a GPU (interpreter-only ones excluded),
+    for the native compile check (scripts/gpu_compile_check.py). Yields one dict per kernel
+    instance: name, fn, signature (non-constexpr arguments in order, Triton types), constexprs,
+    num_warps, num_stages.
+
+    Covers float32 ("ieee" and "tf32"), float16 and bfloat16, D from 16 to 2048 (larger D
+    reuse the D = 2048 blocks), both directions of the SigLIP gradient.
+    """
+    modes = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "ieee"), (torch.bfloat16, "ieee")]
+    kernels = [(_clip_lse_kernel, False, [{}]), (_siglip_fwd_kernel, False, [{}]), (_clip_grad_kernel, True, [{}]),
+               (_siglip_grad_kernel, True, [{"WEIGHT_ON_ROWS": True}, {"WEIGHT_ON_ROWS": False}])]
+    for fn, grad, variants in kernels:
+        for dtype, precision in modes:
+            seen = {}
+            for d in (2 ** k for k in range(4, 12)):  # 16 .. 2048
+                cfg = _config(dtype, precision, d, grad)
+                key = tuple(sorted(cfg.items()))
+                seen.setdefault(key, []).append(d)
+            for key, ds in seen.items():
+                cfg = dict(key)
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                d_range = f"D={ds[0]}" if len(ds) == 1 else f"D={ds[0]}..{ds[-1]}"
+                for extra in variants:
+                    constexprs = dict(extra, **cfg, PRECISION=precision)
+                    constexprs = {k: constexprs[k] for k in fn.arg_names if k in constexprs}
+                    tag = "".join(f",{k}={int(v)}" for k, v in extra.items())
+                    yield {
+                        "name": f"{fn.__name__}[{_TL_DTYPE[dtype]},{precision},{d_range}{tag}]",
+                        "fn": fn,
+                        "signature": _signature(fn, _TL_DTYPE[dtype], constexprs),
+                        "constexprs": constexprs,
+                        "num_warps": warps,
+                        "num_stages": stages,
+                    }
 
 
 def _weight_unit(a: torch.Tensor, *weights: torch.Tensor) -> float:
@@ -226,12 +318,12 @@ class TritonEngine:
 
     @staticmethod
     def _lse(a, bm, s, b):
-        block_m, bn, bk, _, warps = _blocks(a.shape[1], False)
+        cfg = _launch_config(a, False)
         out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
         with _on_device(a):
-            _clip_lse_kernel[(triton.cdiv(a.shape[0], block_m),)](
+            _clip_lse_kernel[(triton.cdiv(a.shape[0], cfg["BLOCK_M"]),)](
                 a, bm, out, a.shape[0], bm.shape[0], a.shape[1], a.stride(0), a.stride(1), bm.stride(0), bm.stride(1),
-                float(s), float(b), BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(a), num_warps=warps)
+                float(s), float(b), PRECISION=_precision(a), **cfg)
         return out
 
     def clip_forward(self, a, bm, s, b):
@@ -242,17 +334,17 @@ class TritonEngine:
     @staticmethod
     def _clip_grad(a, bm, s, b, lse_own, lse_oth, w_own, w_oth, offset):
         d = a.shape[1]
-        block_m, bn, bk, bdo, warps = _blocks(d, True)
+        cfg = _launch_config(a, True)
         da = torch.empty(a.shape, dtype=torch.float32, device=a.device)
         ds = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
         unit = _weight_unit(a, w_own, w_oth)
-        grid = (triton.cdiv(a.shape[0], block_m), triton.cdiv(d, bdo))
+        grid = (triton.cdiv(a.shape[0], cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
         with _on_device(a):
             _clip_grad_kernel[grid](
                 a, bm, lse_own.float().contiguous(), lse_oth.float().contiguous(), (w_own.float() / unit).contiguous(),
                 (w_oth.float() / unit).contiguous(), da, ds, a.shape[0], bm.shape[0], d, a.stride(0), a.stride(1),
                 bm.stride(0), bm.stride(1), da.stride(0), float(s), float(b), int(offset),
-                BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo, PRECISION=_precision(a), num_warps=warps)
+                PRECISION=_precision(a), **cfg)
         if unit != 1.0:
             da.mul_(unit)
             ds.mul_(unit)
@@ -266,30 +358,28 @@ class TritonEngine:
         return da, db, float(ds_row.sum(dtype=torch.float64) + ds_col.sum(dtype=torch.float64))
 
     def siglip_forward(self, a, bm, s, b, offset):
-        block_m, bn, bk, _, warps = _blocks(a.shape[1], False)
+        cfg = _launch_config(a, False)
         out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
         with _on_device(a):
-            _siglip_fwd_kernel[(triton.cdiv(a.shape[0], block_m),)](
+            _siglip_fwd_kernel[(triton.cdiv(a.shape[0], cfg["BLOCK_M"]),)](
                 a, bm, out, a.shape[0], bm.shape[0], a.shape[1], a.stride(0), a.stride(1), bm.stride(0), bm.stride(1),
-                float(s), float(b), int(offset), BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, PRECISION=_precision(a),
-                num_warps=warps)
+                float(s), float(b), int(offset), PRECISION=_precision(a), **cfg)
         return out
 
     @staticmethod
     def _siglip_grad(a, bm, s, b, w, offset, weight_on_rows):
         d = a.shape[1]
-        block_m, bn, bk, bdo, warps = _blocks(d, True)
+        cfg = _launch_config(a, True)
         da = torch.empty(a.shape, dtype=torch.float32, device=a.device)
         ds = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
         dbias = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
         unit = _weight_unit(a, w)
-        grid = (triton.cdiv(a.shape[0], block_m), triton.cdiv(d, bdo))
+        grid = (triton.cdiv(a.shape[0], cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_DO"]))
         with _on_device(a):
             _siglip_grad_kernel[grid](
                 a, bm, (w.float() / unit).contiguous(), da, ds, dbias, a.shape[0], bm.shape[0], d, a.stride(0), a.stride(1),
                 bm.stride(0), bm.stride(1), da.stride(0), float(s), float(b), int(offset),
-                WEIGHT_ON_ROWS=weight_on_rows, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=bdo,
-                PRECISION=_precision(a), num_warps=warps)
+                WEIGHT_ON_ROWS=weight_on_rows, PRECISION=_precision(a), **cfg)
         if unit != 1.0:
             da.mul_(unit)
             if weight_on_rows:  # ds and dbias are written only then

@@ -129,3 +129,43 @@ def test_triton_float16_gradient_does_not_underflow(kind):
     for name, got, want in (("dx", dx, s * g @ y.double()), ("dy", dy, s * g.T @ x.double())):
         torch.testing.assert_close(got.double(), want, rtol=3e-3, atol=3e-3 * float(want.abs().max()),
                                    msg=lambda m: f"{kind} {name}: {m}")
+
+
+def test_compile_configs_are_what_the_launcher_chooses():
+    # The native compile check (scripts/gpu_compile_check.py) compiles exactly these; every
+    # GPU launch must be one of them, for every dtype, precision mode and D, or the check would
+    # vouch for kernels that never run and miss those that do.
+    from pym4.kernels import contrastive as kc
+    configs = list(kc.compile_configs())
+    names = [c["name"] for c in configs]
+    assert len(names) == len(set(names)), "compile_configs names must be unique"
+    listed = set()
+    for c in configs:
+        assert list(c["signature"]) + [a for a in c["fn"].arg_names if a in c["constexprs"]] == list(c["fn"].arg_names)
+        assert c["signature"]["a_ptr"] == c["signature"]["b_ptr"]
+        listed.add((c["fn"].__name__, c["signature"]["a_ptr"], tuple(sorted(c["constexprs"].items())),
+                    c["num_warps"], c["num_stages"]))
+    tl_dtype = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+    kernels = [("_clip_lse_kernel", False, [{}]), ("_siglip_fwd_kernel", False, [{}]), ("_clip_grad_kernel", True, [{}]),
+               ("_siglip_grad_kernel", True, [{"WEIGHT_ON_ROWS": True}, {"WEIGHT_ON_ROWS": False}])]
+    modes = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float16, "ieee"), (torch.bfloat16, "ieee")]
+    for name, grad, variants in kernels:
+        for dtype, precision in modes:
+            for d in (1, 16, 24, 100, 512, 768, 2048, 4096):
+                cfg = kc._config(dtype, precision, d, grad)
+                assert cfg["BLOCK_K"] <= max(16, 2 ** math.ceil(math.log2(d)))
+                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                for extra in variants:
+                    key = (name, tl_dtype[dtype], tuple(sorted(dict(cfg, PRECISION=precision, **extra).items())),
+                           warps, stages)
+                    assert key in listed, f"launch choice {key} is not in compile_configs()"
+    # Interpreter-only blocks are not native configurations.
+    assert kc._config(torch.float32, "ieee", 512, True, interpret=True) != kc._config(torch.float32, "ieee", 512, True)
+
+
+def test_config_rejects_what_no_kernel_serves():
+    from pym4.kernels import contrastive as kc
+    with pytest.raises(ValueError, match="float64"):
+        kc._config(torch.float64, "ieee", 64, False)
+    with pytest.raises(ValueError, match="tf32x3"):
+        kc._config(torch.float32, "tf32x3", 64, False)

@@ -25,6 +25,19 @@ enum class DType : int { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 // output is then unspecified. Up to 2^25 entries every iteration runs in one launch
 // (cooperative when several blocks); larger inputs take one launch per pass.
 size_t sinkhorn_workspace_bytes(int64_t rows, int64_t cols);
+
+// Launch geometry of the Sinkhorn kernels, stated once: the launcher in sinkhorn.cu and
+// scripts/cuda_resources.py (which checks, from the registers and shared memory ptxas
+// reports, that the cooperative launch never asks for more blocks than are co-resident on
+// an H100/H200 or A100) both read it. Plain integer literals and shifts: the script parses them.
+namespace sinkhorn_launch {
+constexpr int kThreads = 512;                                // threads per block, every kernel
+constexpr int kMinBlocksPerSm = 2;                           // __launch_bounds__(kThreads, this)
+constexpr int64_t kMinRowsPerPart = 2;                       // fewer rows per block: partials cost more than rows
+constexpr int64_t kMaxParts = 320;                           // >= 2 blocks x SMs of current GPUs (H100 132, B200 148)
+constexpr int64_t kMaxPartialEntries = int64_t(1) << 22;     // parts * cols cap: 32 MB of partials
+constexpr int64_t kFusedMaxElements = int64_t(1) << 25;      // rows * cols at most for the one-launch path
+}  // namespace sinkhorn_launch
 void sinkhorn_solve(const void* x, DType dtype, int64_t rows, int64_t cols, int64_t ld, double alpha,
                     const double* log_b, double log_a_scalar, int64_t n_iters, double log_out_scale,
                     void* out, void* workspace, int* non_finite, void* stream);
