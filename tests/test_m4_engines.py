@@ -20,6 +20,10 @@ from pym4._m4_stages import resolve_columns, weighted_counts, write_keep_probabi
 from pym4.engines import engine_for, list_shards
 from pym4.engines.local import LocalEngine
 
+# Ray and PySpark warn about their own deprecations and versions; those are not pym4's.
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),
+              pytest.mark.filterwarnings("ignore::FutureWarning:pyspark.*")]
+
 N = 997
 LAYOUTS = {"one": [N], "seven": [1, 311, 40, 2, 500, 13, 130], "empty": [400, 0, 597]}
 
@@ -189,9 +193,10 @@ def test_engine_choice_errors(tmp_path):
 def ray_session():
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
 
