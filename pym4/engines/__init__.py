@@ -80,6 +80,15 @@ def _check_out(out: str) -> str:
     return out
 
 
+def data_error_from_worker(text: str) -> Optional[DataError]:
+    """The DataError a worker raised, from the traceback text an engine brings back (Ray's
+    RayTaskError, Spark's PythonException), or None when it was another error."""
+    mark = DataError.__module__ + ".DataError: "
+    if mark not in text:
+        return None
+    return DataError(text.split(mark, 1)[1].split("\n", 1)[0])
+
+
 # ----- Parquet files as shards ---------------------------------------------------------------------
 
 @dataclass

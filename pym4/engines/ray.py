@@ -16,7 +16,7 @@ import pickle
 from typing import Any, List, Optional
 
 from .._m4_columns import ColumnSpec, DataError, check_schema
-from . import Engine, _check_out, list_shards
+from . import Engine, _check_out, data_error_from_worker, list_shards
 from .local import part_name, reduce_shard, write_shard
 
 __all__ = ["RayEngine"]
@@ -25,6 +25,19 @@ __all__ = ["RayEngine"]
 def _result_table(obj):
     import pyarrow as pa
     return pa.table({"result": pa.array([pickle.dumps(obj)], type=pa.binary())})
+
+
+def _data_errors(run):
+    """Run a Ray action; a DataError raised in a task comes back wrapped in a RayTaskError
+    (with the task's traceback): raise it as the DataError it was."""
+    from ray.exceptions import RayTaskError
+    try:
+        return run()
+    except RayTaskError as e:
+        err = data_error_from_worker(str(e))
+        if err is not None:
+            raise err from e
+        raise
 
 
 class _ShardTask:
@@ -104,13 +117,13 @@ class RayEngine(Engine):
         import ray.data
         n = len(self.shards.fragments)
         items = ray.data.from_items([{"shard": i} for i in range(n)], override_num_blocks=max(n, 1))
-        rows = items.map_batches(task, batch_size=1, batch_format="pyarrow").take_all()
+        rows = _data_errors(items.map_batches(task, batch_size=1, batch_format="pyarrow").take_all)
         return [pickle.loads(r["result"]) for r in rows]
 
     def partials(self, stage) -> List[Any]:
         if self.shards is not None:
             return self._over_shards(_ShardTask(self.shards, stage, self.batch_rows))
-        rows = self.ds.map_batches(_BlockTask(stage), batch_size=None, batch_format="pyarrow").take_all()
+        rows = _data_errors(self.ds.map_batches(_BlockTask(stage), batch_size=None, batch_format="pyarrow").take_all)
         return [pickle.loads(r["result"]) for r in rows]
 
     def write(self, stage, out: str) -> List[str]:
@@ -121,5 +134,6 @@ class RayEngine(Engine):
         if stage.needs_rows:
             raise DataError(f"{self.source}: a Ray Dataset has no file order to number rows by; "
                             f"give an id column (id=...)")
-        self.ds.map_batches(_TransformTask(stage), batch_size=None, batch_format="pyarrow").write_parquet(out)
+        ds = self.ds.map_batches(_TransformTask(stage), batch_size=None, batch_format="pyarrow")
+        _data_errors(lambda: ds.write_parquet(out))
         return sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".parquet"))

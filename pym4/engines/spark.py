@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 from urllib.parse import unquote, urlparse
 
 from .._m4_columns import ROW, ColumnSpec, DataError, check_schema
-from . import Engine, _check_out, list_shards
+from . import Engine, _check_out, data_error_from_worker, list_shards
 
 __all__ = ["SparkEngine"]
 
@@ -51,6 +51,19 @@ def _runs(batch, stage, files: bool):
     names = enc.dictionary.to_pylist()
     for b, e in zip(starts[:-1], starts[1:]):
         yield batch.slice(b, e - b), _local_path(names[codes[b]]), int(index[b]), index[b:e]
+
+
+def _data_errors(run):
+    """Run a Spark action; a DataError raised in a Python worker comes back to the driver as
+    a PythonException carrying the worker's traceback: raise it as the DataError it was."""
+    from pyspark.errors import PythonException
+    try:
+        return run()
+    except PythonException as e:
+        err = data_error_from_worker(str(e))
+        if err is not None:
+            raise err from e
+        raise
 
 
 class _Partials:
@@ -129,8 +142,8 @@ class SparkEngine(Engine):
         return self.df.select(*cols)
 
     def partials(self, stage) -> List[Any]:
-        rows = self._select(stage.columns).mapInArrow(_Partials(stage, self.shards is not None),
-                                                      "result binary").collect()
+        df = self._select(stage.columns).mapInArrow(_Partials(stage, self.shards is not None), "result binary")
+        rows = _data_errors(df.collect)
         return [pickle.loads(r["result"]) for r in rows]
 
     def write(self, stage, out: str) -> List[str]:
@@ -143,6 +156,6 @@ class SparkEngine(Engine):
         offsets = None
         if self.shards is not None:
             offsets = {os.path.abspath(p): o for p, o in zip(self.shards.paths, self.shards.offsets)}
-        (self._select(stage.columns).mapInArrow(_Transform(stage, offsets), from_arrow_schema(stage.output_schema))
-         .write.parquet(out))
+        df = self._select(stage.columns).mapInArrow(_Transform(stage, offsets), from_arrow_schema(stage.output_schema))
+        _data_errors(lambda: df.write.parquet(out))
         return sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".parquet"))
