@@ -227,65 +227,57 @@ def seven(table, tmp_path_factory):
     return str(folder / "d"), str(folder), res, M4Model.load(str(folder / "model.json")), rs
 
 
-def test_ray_equals_local(ray_session, seven, tmp_path):
+def _check_given_dataset(eng, name, table, rs, res, with_q, model, out):
+    """An engine over a dataset it was handed: its counts, the q that the model applied in the
+    user's own map gave (``with_q``: a table with id and q), and no row numbers to write by."""
+    assert eng.name == name
+    s, y = _arrays(table, {"sensitive": ["g0", "g1"], "labels": ["l0"], "labels_from": "tags"})
+    np.testing.assert_allclose(weighted_counts(eng, rs), counts_reference(s, y), atol=1e-9)
+    got = with_q.sort_by("id")
+    want = pa.table({"id": table.column("id"), "q": res.q}).sort_by("id")
+    np.testing.assert_array_equal(got.column("id").to_numpy(), want.column("id").to_numpy())
+    np.testing.assert_allclose(got.column("q").to_numpy(), want.column("q").to_numpy(), atol=1e-12)
+    with pytest.raises(DataError, match="give an id column"):
+        write_keep_probability(eng, model, out)
+
+
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_engine_equals_local(engine, request, seven, tmp_path):
+    request.getfixturevalue("ray_session" if engine == "ray" else "spark")
     src, _, res, model, rs = seven
-    local, ray_eng = LocalEngine(src), engine_for(src, engine="ray")
-    assert ray_eng.name == "ray"
-    assert resolve_columns(ray_eng, rs.spec).tags == rs.tags
-    np.testing.assert_allclose(weighted_counts(ray_eng, rs, model), weighted_counts(local, rs, model), atol=1e-9)
+    local, other = LocalEngine(src), engine_for(src, engine=engine)
+    assert other.name == engine
+    assert resolve_columns(other, rs.spec).tags == rs.tags
+    np.testing.assert_allclose(weighted_counts(other, rs, model), weighted_counts(local, rs, model), atol=1e-9)
     write_keep_probability(local, model, str(tmp_path / "local"))
-    write_keep_probability(ray_eng, model, str(tmp_path / "ray"))
+    write_keep_probability(other, model, str(tmp_path / engine))
     lp, lt = _read_parts(str(tmp_path / "local"))
-    rp, rt = _read_parts(str(tmp_path / "ray"))
-    assert [os.path.basename(p) for p in lp] == [os.path.basename(p) for p in rp]  # one part per shard
-    assert rt.equals(lt)
-    np.testing.assert_allclose(rt.column("q").to_numpy(), res.q, atol=1e-12)
+    op, ot = _read_parts(str(tmp_path / engine))
+    if engine == "ray":  # one task, and one part, per input file, named as local names it
+        assert [os.path.basename(p) for p in op] == [os.path.basename(p) for p in lp]
+    assert ot.sort_by("row").equals(lt)  # the same row numbers and q (Spark writes per partition)
+    np.testing.assert_array_equal(lt.column("row").to_numpy(), np.arange(N))
+    np.testing.assert_allclose(lt.column("q").to_numpy(), res.q, atol=1e-12)
 
 
 def test_ray_dataset_and_model_in_map_batches(ray_session, seven, table, tmp_path):
     import ray.data
     src, _, res, model, rs = seven
     ds = ray.data.read_parquet(src, include_paths=True)
-    eng = engine_for(ds)
-    assert eng.name == "ray"
-    s, y = _arrays(table, {"sensitive": ["g0", "g1"], "labels": ["l0"], "labels_from": "tags"})
-    np.testing.assert_allclose(weighted_counts(eng, rs), counts_reference(s, y), atol=1e-9)
     # The user's own job: the loaded model inside map_batches.
     out = ds.map_batches(model.transform, batch_format="pyarrow").select_columns(["id", "q"]).to_arrow_refs()
-    got = pa.concat_tables(ray.get(out)).sort_by("id")
-    want = pa.table({"id": table.column("id"), "q": res.q}).sort_by("id")
-    np.testing.assert_allclose(got.column("q").to_numpy(), want.column("q").to_numpy(), atol=1e-12)
-    with pytest.raises(DataError, match="give an id column"):
-        write_keep_probability(eng, model, str(tmp_path / "q"))
-
-
-def test_spark_equals_local(spark, seven, tmp_path):
-    src, _, res, model, rs = seven
-    local, sp = LocalEngine(src), engine_for(src, engine="spark")
-    assert sp.name == "spark"
-    assert resolve_columns(sp, rs.spec).tags == rs.tags
-    np.testing.assert_allclose(weighted_counts(sp, rs, model), weighted_counts(local, rs, model), atol=1e-9)
-    write_keep_probability(sp, model, str(tmp_path / "spark"))
-    _, got = _read_parts(str(tmp_path / "spark"))
-    got = got.sort_by("row")
-    np.testing.assert_array_equal(got.column("row").to_numpy(), np.arange(N))
-    np.testing.assert_allclose(got.column("q").to_numpy(), res.q, atol=1e-12)
+    _check_given_dataset(engine_for(ds), "ray", table, rs, res, pa.concat_tables(ray.get(out)), model,
+                         str(tmp_path / "q"))
 
 
 def test_spark_dataframe_and_model_in_map_in_arrow(spark, seven, table, tmp_path):
     src, _, res, model, rs = seven
     df = spark.read.parquet(src)
-    eng = engine_for(df)
-    assert eng.name == "spark"
-    s, y = _arrays(table, {"sensitive": ["g0", "g1"], "labels": ["l0"], "labels_from": "tags"})
-    np.testing.assert_allclose(weighted_counts(eng, rs), counts_reference(s, y), atol=1e-9)
+    # The user's own job: the loaded model inside mapInArrow.
     out = df.select("id", "g0", "g1", "l0", "tags", "u").mapInArrow(
         model.transform_batches, "id long, g0 boolean, g1 byte, l0 double, tags array<string>, u double, q double")
-    got = pa.Table.from_pylist([r.asDict() for r in out.select("id", "q").collect()]).sort_by("id")
-    want = pa.table({"id": table.column("id"), "q": res.q}).sort_by("id")
-    np.testing.assert_allclose(got.column("q").to_numpy(), want.column("q").to_numpy(), atol=1e-12)
-    with pytest.raises(DataError, match="give an id column"):
-        write_keep_probability(eng, model, str(tmp_path / "q"))
+    got = pa.Table.from_pylist([r.asDict() for r in out.select("id", "q").collect()])
+    _check_given_dataset(engine_for(df), "spark", table, rs, res, got, model, str(tmp_path / "q"))
 
 
 @pytest.mark.parametrize("engine", ["ray", "spark"])

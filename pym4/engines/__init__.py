@@ -80,13 +80,18 @@ def _check_out(out: str) -> str:
     return out
 
 
-def data_error_from_worker(text: str) -> Optional[DataError]:
-    """The DataError a worker raised, from the traceback text an engine brings back (Ray's
-    RayTaskError, Spark's PythonException), or None when it was another error."""
-    mark = DataError.__module__ + ".DataError: "
-    if mark not in text:
-        return None
-    return DataError(text.split(mark, 1)[1].split("\n", 1)[0])
+def reraise_data_errors(run, worker_error):
+    """``run()``, an engine action. A DataError raised in a worker comes back to the driver
+    as ``worker_error`` (Ray's RayTaskError, Spark's PythonException) carrying the worker's
+    traceback as text: raise it as the DataError it was, shard and column named."""
+    try:
+        return run()
+    except worker_error as e:
+        mark = DataError.__module__ + ".DataError: "
+        text = str(e)
+        if mark not in text:
+            raise
+        raise DataError(text.split(mark, 1)[1].split("\n", 1)[0]) from e
 
 
 # ----- Parquet files as shards ---------------------------------------------------------------------

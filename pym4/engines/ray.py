@@ -16,7 +16,7 @@ import pickle
 from typing import Any, List, Optional
 
 from .._m4_columns import ColumnSpec, DataError, check_schema
-from . import Engine, _check_out, data_error_from_worker, list_shards
+from . import Engine, _check_out, list_shards, reraise_data_errors
 from .local import part_name, reduce_shard, write_shard
 
 __all__ = ["RayEngine"]
@@ -28,16 +28,8 @@ def _result_table(obj):
 
 
 def _data_errors(run):
-    """Run a Ray action; a DataError raised in a task comes back wrapped in a RayTaskError
-    (with the task's traceback): raise it as the DataError it was."""
     from ray.exceptions import RayTaskError
-    try:
-        return run()
-    except RayTaskError as e:
-        err = data_error_from_worker(str(e))
-        if err is not None:
-            raise err from e
-        raise
+    return reraise_data_errors(run, RayTaskError)
 
 
 class _ShardTask:

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 from urllib.parse import unquote, urlparse
 
 from .._m4_columns import ROW, ColumnSpec, DataError, check_schema
-from . import Engine, _check_out, data_error_from_worker, list_shards
+from . import Engine, _check_out, list_shards, reraise_data_errors
 
 __all__ = ["SparkEngine"]
 
@@ -54,16 +54,8 @@ def _runs(batch, stage, files: bool):
 
 
 def _data_errors(run):
-    """Run a Spark action; a DataError raised in a Python worker comes back to the driver as
-    a PythonException carrying the worker's traceback: raise it as the DataError it was."""
     from pyspark.errors import PythonException
-    try:
-        return run()
-    except PythonException as e:
-        err = data_error_from_worker(str(e))
-        if err is not None:
-            raise err from e
-        raise
+    return reraise_data_errors(run, PythonException)
 
 
 class _Partials:
