@@ -71,21 +71,13 @@ def _read_parts(out):
 
 
 @pytest.mark.parametrize("layout", ["one", "seven", "empty", "hive"])
-def test_local_counts_equal_in_memory(table, tmp_path, layout):
-    src, ordered, kw = _layout(table, tmp_path, layout)
-    eng = LocalEngine(src, workers=2, batch_rows=64)
-    rs = resolve_columns(eng, ColumnSpec.make(**kw))
-    s, y = _arrays(ordered, kw)
-    assert rs.m == s.shape[1] and rs.c == y.shape[1]
-    np.testing.assert_allclose(weighted_counts(eng, rs), counts_reference(s, y), rtol=0, atol=1e-9)
-
-
-@pytest.mark.parametrize("layout", ["one", "seven", "empty", "hive"])
-def test_local_q_equal_in_memory(table, tmp_path, layout):
+def test_local_equals_in_memory(table, tmp_path, layout):
     src, ordered, kw = _layout(table, tmp_path, layout)
     eng = LocalEngine(src, workers=2, batch_rows=50)
     rs = resolve_columns(eng, ColumnSpec.make(**kw))
     s, y = _arrays(ordered, kw)
+    assert rs.m == s.shape[1] and rs.c == y.shape[1]
+    np.testing.assert_allclose(weighted_counts(eng, rs), counts_reference(s, y), rtol=0, atol=1e-9)
     # hive: the three regions partition the rows, so their targets must add up to one
     res, model = _fit(s, y, rs, target=[0.3, 1 / 3, 1 / 3, 1 / 3] if layout == "hive" else 0.3)
     assert res.status == "optimal"
@@ -258,6 +250,13 @@ def test_engine_equals_local(engine, request, seven, tmp_path):
     assert ot.sort_by("row").equals(lt)  # the same row numbers and q (Spark writes per partition)
     np.testing.assert_array_equal(lt.column("row").to_numpy(), np.arange(N))
     np.testing.assert_allclose(lt.column("q").to_numpy(), res.q, atol=1e-12)
+    # hive partitions: the partition column (from the paths) as the groups
+    hive, _, kw = _layout(metadata(N, seed=11), tmp_path, "hive")
+    spec = ColumnSpec.make(**kw)
+    hl, ho = LocalEngine(hive), engine_for(hive, engine=engine)
+    rs_l, rs_o = resolve_columns(hl, spec), resolve_columns(ho, spec)
+    assert rs_o == rs_l and rs_l.group_names == ["g0", "region=east", "region=north", "region=west"]
+    np.testing.assert_allclose(weighted_counts(ho, rs_o), weighted_counts(hl, rs_l), atol=1e-9)
 
 
 def test_ray_dataset_and_model_in_map_batches(ray_session, seven, table, tmp_path):
