@@ -40,6 +40,13 @@ def _finite(x, name: str) -> float:
     return v
 
 
+def _plain(o):
+    """numpy scalars and arrays in ``info`` as plain JSON numbers and lists."""
+    if isinstance(o, (np.generic, np.ndarray)):
+        return o.tolist()
+    raise TypeError(f"info: {type(o).__name__} is not JSON-serialisable")
+
+
 @dataclass
 class M4Model:
     """The problem and the duals of a fitted M4 balance.
@@ -218,7 +225,7 @@ class M4Model:
         """Write the model as JSON, atomically (the file appears whole or not at all).
         Floats are written with repr, so :meth:`load` gives back the same duals bit for bit."""
         with atomic_output(path) as tmp, open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=1, allow_nan=False)
+            json.dump(self.to_json(), f, indent=1, allow_nan=False, default=_plain)
 
     @classmethod
     def load(cls, path) -> "M4Model":
