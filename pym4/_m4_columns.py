@@ -318,7 +318,8 @@ def _binary_column(col, name: str, shard: str, row0: int) -> np.ndarray:
         raise DataError(f"{shard}: column {name!r} has a missing value (null) at row {row0 + _first_null(col)}; "
                         f"M4 needs 0 or 1 everywhere")
     if pa.types.is_boolean(col.type):
-        return col.to_numpy(zero_copy_only=False).astype(np.uint8)
+        # Arrow unpacks the bits straight into bytes (to_numpy would make bools, then a copy).
+        return col.cast(pa.uint8()).to_numpy()
     arr = col.to_numpy(zero_copy_only=False)
     bad = ~((arr == 0) | (arr == 1))  # NaN fails both
     if bad.any():
