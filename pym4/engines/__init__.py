@@ -140,8 +140,8 @@ class Shards:
 
 def list_shards(source) -> Shards:
     """The Parquet shards of ``source``: a file, a directory (hive partitions ``key=value/``
-    included), a glob, a list of files, or a ``pyarrow.dataset.Dataset`` (its files are
-    kept in its own order only when it was not built from a path; paths are sorted)."""
+    included), a glob, a list of files, or a ``pyarrow.dataset.Dataset`` of files. The
+    files are always ordered by path (that order defines the row numbers)."""
     import pyarrow.dataset as pads
 
     if isinstance(source, pads.Dataset):

@@ -121,6 +121,7 @@ class RayEngine(Engine):
     def write(self, stage, out: str) -> List[str]:
         out = _check_out(out)
         if self.shards is not None:
+            self.shards.offsets  # read every footer once here, not again in each task
             os.makedirs(out)
             return sorted(self._over_shards(_ShardTask(self.shards, stage, self.batch_rows, os.path.abspath(out))))
         if stage.needs_rows:
