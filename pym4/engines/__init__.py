@@ -1,0 +1,191 @@
+"""Executors: where a stage runs. One interface, three adapters (DESIGN.md §3b).
+
+A *stage* says what to compute on a batch; an *engine* says where batches come from and
+how the per-task results get back to the driver. Swapping the engine changes no stage.
+
+A stage is any object with
+
+    columns                          the columns it reads
+    needs_rows                       whether batches must carry the ``row`` column
+    partial(batch, where, row0)      a small result of one pyarrow batch (reduce passes)
+    merge(a, b)                      associative, order-independent merge of two results
+    transform(batch, where, row0)    the output rows of one batch (write passes)
+    output_schema                    the pyarrow schema ``transform`` returns
+
+``where`` names the shard (a file path, or a partition/block of an engine's dataset) and
+``row0`` is the row number of the batch's first row within it, both for error messages.
+
+Row numbers. When a write pass has no id column, each row gets ``row``, its number within
+the dataset: the Parquet files are ordered by path (as :func:`list_shards` sorts them),
+and ``row = (rows of all earlier files) + (position of the row within its file)``. Every
+engine computes exactly this (local from its scan, Ray per file task, Spark from
+``_metadata.row_index``), so the same row gets the same number everywhere. A Ray Dataset or
+Spark DataFrame handed in has no file order: a write pass over one needs an id column.
+
+Engines: :class:`~pym4.engines.local.LocalEngine` (pyarrow.dataset, a thread pool over
+files; the core releases the GIL), :class:`~pym4.engines.ray.RayEngine` (``pym4[ray]``),
+:class:`~pym4.engines.spark.SparkEngine` (``pym4[spark]``). Ray and pyspark are imported
+only when their engine is chosen.
+"""
+from __future__ import annotations
+
+import abc
+import functools
+import glob
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
+
+from .._m4_columns import ROW, ColumnSpec, DataError, check_same_schema
+
+__all__ = ["Engine", "Shards", "list_shards", "engine_for", "ENGINES", "ROW"]
+
+ENGINES = ("local", "ray", "spark")
+
+
+class Engine(abc.ABC):
+    """Runs stages over a dataset; see the module docstring."""
+    name: str = ""
+    source: str = ""  # how the data was named, for messages
+
+    @abc.abstractmethod
+    def field(self, name: str):
+        """The pyarrow field of column ``name``."""
+
+    @abc.abstractmethod
+    def check(self, spec: ColumnSpec) -> None:
+        """Schema checks (missing / duplicate columns, types, shards that disagree), before any pass."""
+
+    @abc.abstractmethod
+    def partials(self, stage) -> List[Any]:
+        """``stage.partial`` over every batch, merged within each task; one result per task."""
+
+    def reduce(self, stage) -> Any:
+        """The merge of every task's partial result (None when the dataset has no batch)."""
+        parts = [p for p in self.partials(stage) if p is not None]
+        return functools.reduce(stage.merge, parts) if parts else None
+
+    @abc.abstractmethod
+    def write(self, stage, out: str) -> List[str]:
+        """``stage.transform`` over every batch, written as Parquet parts into folder ``out``
+        (created; it must not exist yet); returns the part paths."""
+
+
+def _check_out(out: str) -> str:
+    out = os.fspath(out)
+    if os.path.exists(out):
+        raise FileExistsError(f"out: {out!r} already exists")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise FileNotFoundError(f"out: folder {os.path.dirname(os.path.abspath(out))!r} does not exist")
+    return out
+
+
+def reraise_data_errors(run, worker_error):
+    """``run()``, an engine action. A DataError raised in a worker comes back to the driver
+    as ``worker_error`` (Ray's RayTaskError, Spark's PythonException) carrying the worker's
+    traceback as text: raise it as the DataError it was, shard and column named."""
+    try:
+        return run()
+    except worker_error as e:
+        mark = DataError.__module__ + ".DataError: "
+        text = str(e)
+        if mark not in text:
+            raise
+        raise DataError(text.split(mark, 1)[1].split("\n", 1)[0]) from e
+
+
+# ----- Parquet files as shards ---------------------------------------------------------------------
+
+@dataclass
+class Shards:
+    """The Parquet files of a dataset, in row-number order, with what every engine needs:
+    paths, per-file row counts and offsets, the schemas of the files (partition columns
+    included), and the hive partitioning base folder if any."""
+    dataset: Any                        # pyarrow.dataset.Dataset
+    fragments: list                     # pyarrow.dataset.ParquetFileFragment, sorted by path
+    base: Optional[str]                 # the directory given (hive partitions are read from it)
+    source: str                         # how the user named it, for messages
+
+    @property
+    def paths(self) -> List[str]:
+        return [f.path for f in self.fragments]
+
+    @functools.cached_property
+    def rows(self) -> List[int]:
+        return [f.metadata.num_rows if f.metadata is not None else f.count_rows() for f in self.fragments]
+
+    @functools.cached_property
+    def offsets(self) -> List[int]:
+        out, acc = [], 0
+        for r in self.rows:
+            out.append(acc)
+            acc += r
+        return out
+
+    def schema_of(self, i: int):
+        """File ``i``'s own schema plus the hive partition columns its path gives."""
+        import pyarrow.dataset as pads
+        frag = self.fragments[i]
+        schema = frag.physical_schema
+        for key in pads.get_partition_keys(frag.partition_expression):
+            if key not in schema.names:
+                schema = schema.append(self.dataset.schema.field(key))
+        return schema
+
+    def check(self, spec: ColumnSpec) -> None:
+        check_same_schema(spec, [(self.paths[i], self.schema_of(i)) for i in range(len(self.fragments))])
+        if not self.fragments:
+            raise DataError(f"{self.source}: no Parquet files")
+
+
+def list_shards(source) -> Shards:
+    """The Parquet shards of ``source``: a file, a directory (hive partitions ``key=value/``
+    included), a glob, a list of files, or a ``pyarrow.dataset.Dataset`` of files. The
+    files are always ordered by path (that order defines the row numbers)."""
+    import pyarrow.dataset as pads
+
+    if isinstance(source, pads.Dataset):
+        if not isinstance(source, pads.FileSystemDataset):
+            raise TypeError(f"data: a pyarrow Dataset of files is needed, got {type(source).__name__}")
+        ds, base, name = source, None, "dataset"
+    else:
+        if isinstance(source, (list, tuple)):
+            paths = [os.fspath(p) for p in source]
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                raise FileNotFoundError(f"data: no such file {missing[0]!r}")
+            base, name = None, f"{len(paths)} files"
+        else:
+            path = os.fspath(source)
+            name = path
+            if os.path.isdir(path):
+                paths, base = path, path
+            elif os.path.isfile(path):
+                paths, base = [path], None
+            else:
+                paths, base = sorted(glob.glob(path, recursive=True)), None
+                if not paths:
+                    raise FileNotFoundError(f"data: no file matches {path!r}")
+        ds = pads.dataset(paths, format="parquet", partitioning="hive" if base else None)
+    frags = sorted(ds.get_fragments(), key=lambda f: f.path)
+    return Shards(ds, frags, base, name)
+
+
+def engine_for(data, engine: Optional[str] = None, **options) -> Engine:
+    """The engine for ``data``: "ray" for a Ray Dataset, "spark" for a Spark DataFrame,
+    "local" for paths and pyarrow datasets unless ``engine`` says "ray" or "spark"."""
+    if engine is not None and engine not in ENGINES:
+        raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
+    module = type(data).__module__
+    kind = "ray" if module.startswith("ray.data") else "spark" if module.startswith("pyspark.sql") else None
+    if kind is not None and engine not in (None, kind):
+        raise ValueError(f"engine: data is a {kind} dataset ({type(data).__name__}); engine={engine!r} cannot read it")
+    chosen = kind or engine or "local"
+    if chosen == "local":
+        from .local import LocalEngine
+        return LocalEngine(data, **options)
+    if chosen == "ray":
+        from .ray import RayEngine
+        return RayEngine(data, **options)
+    from .spark import SparkEngine
+    return SparkEngine(data, **options)

@@ -1,0 +1,132 @@
+"""The Ray Data engine (``pip install 'pym4[ray]'``).
+
+- A Ray ``Dataset`` handed in (from ``ray.data.read_parquet`` or any pipeline):
+  ``map_batches(batch_format="pyarrow")`` computes each block's partial result, which comes
+  back to the driver as one pickled row and is merged there (never ``Dataset.aggregate``,
+  which materialises its inputs); a write pass is ``map_batches`` + ``write_parquet``.
+- Parquet files (a path, glob, directory or list): one Ray task per file runs the same
+  per-file code as the local engine (streamed in record batches), so row numbers are
+  exact (``read_parquet`` does not say where in its file a row was) and the final pass
+  writes one part per input file, named as the local engine names it.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any, List, Optional
+
+from .._m4_columns import ColumnSpec, DataError, check_schema
+from . import Engine, _check_out, list_shards, reraise_data_errors
+from .local import part_name, reduce_shard, write_shard
+
+__all__ = ["RayEngine"]
+
+
+def _result_table(obj):
+    import pyarrow as pa
+    return pa.table({"result": pa.array([pickle.dumps(obj)], type=pa.binary())})
+
+
+def _data_errors(run):
+    from ray.exceptions import RayTaskError
+    return reraise_data_errors(run, RayTaskError)
+
+
+class _ShardTask:
+    """A Ray task over one file: the partial result (reduce) or the part written (write)."""
+
+    def __init__(self, shards, stage, batch_rows: int, out: Optional[str] = None):
+        self.shards, self.stage, self.batch_rows, self.out = shards, stage, batch_rows, out
+
+    def __call__(self, batch):
+        results = []
+        for i in batch.column("shard").to_pylist():
+            if self.out is None:
+                results.append(reduce_shard(self.shards, i, self.stage, self.batch_rows))
+            else:
+                results.append(write_shard(self.shards, i, self.stage, self.batch_rows,
+                                           os.path.join(self.out, part_name(i))))
+        import pyarrow as pa
+        return pa.table({"result": pa.array([pickle.dumps(r) for r in results], type=pa.binary())})
+
+
+class _BlockTask:
+    """A Ray map over the blocks of a Dataset: the merged partial result of a block."""
+
+    def __init__(self, stage):
+        self.stage = stage
+
+    def __call__(self, batch):
+        # read_parquet(include_paths=True) leaves the file in 'path': name it in errors.
+        where = "ray dataset block"
+        if "path" in batch.schema.names and "path" not in self.stage.columns and batch.num_rows:
+            where = str(batch.column("path")[0].as_py())
+        return _result_table(self.stage.partial(batch.select(self.stage.columns), where, 0))
+
+
+class _TransformTask:
+    def __init__(self, stage):
+        self.stage = stage
+
+    def __call__(self, batch):
+        return self.stage.transform(batch.select(self.stage.columns), "ray dataset block", 0)
+
+
+class RayEngine(Engine):
+    """data: a ``ray.data.Dataset``, or Parquet files as for :class:`LocalEngine`.
+    Ray must be initialised (``ray.init``) by the caller, or is started locally."""
+    name = "ray"
+
+    def __init__(self, data, *, batch_rows: int = 1 << 16):
+        import ray
+        import ray.data
+
+        if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
+            raise ValueError(f"batch_rows: must be an integer >= 1, got {batch_rows!r}")
+        self.batch_rows = batch_rows
+        if isinstance(data, ray.data.Dataset):
+            self.ds, self.shards, self.source = data, None, "ray dataset"
+        else:
+            self.ds, self.shards = None, list_shards(data)
+            self.source = self.shards.source
+
+    def _schema(self):
+        if self.shards is not None:
+            return self.shards.dataset.schema
+        schema = self.ds.schema()
+        return getattr(schema, "base_schema", schema)
+
+    def field(self, name: str):
+        return self._schema().field(name)
+
+    def check(self, spec: ColumnSpec) -> None:
+        if self.shards is not None:
+            self.shards.check(spec)
+        else:
+            check_schema(spec, self._schema(), self.source)
+
+    def _over_shards(self, task) -> List[Any]:
+        import ray.data
+        n = len(self.shards.fragments)
+        items = ray.data.from_items([{"shard": i} for i in range(n)], override_num_blocks=max(n, 1))
+        rows = _data_errors(items.map_batches(task, batch_size=1, batch_format="pyarrow").take_all)
+        return [pickle.loads(r["result"]) for r in rows]
+
+    def partials(self, stage) -> List[Any]:
+        if self.shards is not None:
+            return self._over_shards(_ShardTask(self.shards, stage, self.batch_rows))
+        rows = _data_errors(self.ds.map_batches(_BlockTask(stage), batch_size=None, batch_format="pyarrow").take_all)
+        return [pickle.loads(r["result"]) for r in rows]
+
+    def write(self, stage, out: str) -> List[str]:
+        out = _check_out(out)
+        if self.shards is not None:
+            self.shards.offsets  # read every footer once here, not again in each task
+            os.makedirs(out)
+            return sorted(self._over_shards(_ShardTask(self.shards, stage, self.batch_rows, os.path.abspath(out))))
+        if stage.needs_rows:
+            raise DataError(f"{self.source}: a Ray Dataset has no file order to number rows by; "
+                            f"give an id column (id=...)")
+        ds = self.ds.map_batches(_TransformTask(stage), batch_size=None, batch_format="pyarrow")
+        _data_errors(lambda: ds.write_parquet(out))
+        return sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".parquet"))

@@ -1,0 +1,151 @@
+"""pym4._m4_columns: pyarrow batches to the core's data tuple, tag columns, and the checks
+that name the shard and the column."""
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from m4_datasets import VOCAB, counts_reference, dense, metadata, tags_dense
+from pym4 import _backend
+from pym4._m4_columns import ColumnSpec, DataError, TagSpec, binary_matrix, parse_tags
+
+
+def _counts(data):
+    s, c = data[0], data[4]
+    out = np.zeros(1 + s.shape[1] + c + s.shape[1] * c)
+    _backend.core().m4_weighted_counts(data[:5] + (None,), None, out)
+    return out
+
+
+def _csr_dense(data):
+    s, y, indptr, indices, c, _ = data
+    if y is not None:
+        return y.astype(np.float64)
+    out = np.zeros((s.shape[0], c))
+    rows = np.repeat(np.arange(s.shape[0]), np.diff(indptr))
+    out[rows, indices] = 1
+    return out
+
+
+def test_parse_tags():
+    assert parse_tags("tags", "labels_from") == TagSpec("tags")
+    assert parse_tags(" tags : doctor, nurse ,pilot", "labels_from") == TagSpec("tags", ("doctor", "nurse", "pilot"))
+    assert parse_tags(None, "labels_from") is None
+    with pytest.raises(ValueError, match="labels_from: no values"):
+        parse_tags("tags:", "labels_from")
+    with pytest.raises(ValueError, match="labels_from: values listed twice: 'a'"):
+        parse_tags("tags:a,b,a", "labels_from")
+    with pytest.raises(ValueError, match="sensitive_from: no column name"):
+        parse_tags(":a", "sensitive_from")
+
+
+def test_spec_checks():
+    with pytest.raises(ValueError, match="sensitive: give at least one"):
+        ColumnSpec.make(labels=["l0"])
+    with pytest.raises(ValueError, match="labels: column 'g0' is already used as sensitive"):
+        ColumnSpec.make(sensitive=["g0"], labels=["g0"])
+    with pytest.raises(ValueError, match="sensitive: columns listed twice"):
+        ColumnSpec.make(sensitive=["g0", "g0"])
+
+
+def test_binary_columns_match_numpy():
+    t = metadata(300)
+    rs = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0", "l1", "l2"], utility="u").resolve()
+    data = rs.data_tuple(t, "t.parquet")
+    s, y = dense(t, ["g0", "g1"]), dense(t, ["l0", "l1", "l2"])
+    np.testing.assert_array_equal(data[0], s)
+    np.testing.assert_array_equal(data[1], y)
+    np.testing.assert_array_equal(data[5], t.column("u").to_numpy())
+    assert rs.group_names == ["g0", "g1"] and rs.label_names == ["l0", "l1", "l2"]
+    np.testing.assert_allclose(_counts(data), counts_reference(s, y), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("as_string", [False, True])
+def test_tag_labels_equal_dense_columns(as_string):
+    t = metadata(400, seed=1)
+    if as_string:  # one tag per row, as a string column (rows without tags get "none")
+        t = t.set_column(t.schema.get_field_index("tags"), "tags",
+                         pa.array([v[0] if v else "none" for v in t.column("tags").to_pylist()]))
+    vocab = sorted(set(sum(([v] if isinstance(v, str) else v for v in t.column("tags").to_pylist()), [])))
+    spec = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l1"], labels_from="tags")
+    rs = spec.resolve({"tags": set(vocab)})
+    assert rs.label_names == ["l1"] + [f"tags={v}" for v in vocab]
+    data = rs.data_tuple(t, "t.parquet")
+    assert data[1] is None and data[2].dtype == np.int64 and data[3].dtype == np.int32  # CSR
+    y_ref = np.concatenate([dense(t, ["l1"]), tags_dense(t, "tags", vocab)], axis=1)
+    np.testing.assert_array_equal(_csr_dense(data), y_ref)
+    # indices sorted and unique within each row (a tag repeated in a row is one label)
+    for b, e in zip(data[2][:-1], data[2][1:]):
+        assert np.all(np.diff(data[3][b:e]) > 0)
+    np.testing.assert_allclose(_counts(data), counts_reference(dense(t, ["g0", "g1"]), y_ref), atol=1e-9)
+
+
+def test_tag_subset_and_sensitive_from():
+    t = metadata(200, seed=2)
+    rs = ColumnSpec.make(sensitive_from="region:west,east", labels_from="tags:pilot,doctor,absent").resolve()
+    assert rs.group_names == ["region=west", "region=east"]
+    assert rs.label_names == ["tags=pilot", "tags=doctor", "tags=absent"]
+    data = rs.data_tuple(t, "t")
+    np.testing.assert_array_equal(data[0], tags_dense(t, "region", ["west", "east"]))
+    np.testing.assert_array_equal(_csr_dense(data), tags_dense(t, "tags", ["pilot", "doctor", "absent"]))
+
+
+def test_vocabulary_needed():
+    with pytest.raises(ValueError, match="vocabulary has not been found"):
+        ColumnSpec.make(sensitive=["g0"], labels_from="tags").resolve()
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", r"shard-3\.parquet: missing column 'g9'"),
+    ("duplicate", r"shard-3\.parquet: column name 'g0' appears 2 times"),
+    ("nonbinary", r"shard-3\.parquet: column 'g1' is not binary: row 17 has value 2"),
+    ("null", r"shard-3\.parquet: column 'l0' has a missing value \(null\) at row 17"),
+    ("nan", r"shard-3\.parquet: column 'l0' is not binary: row 17 has value nan"),
+    ("string_group", r"shard-3\.parquet: column 'region' has type string; expected 0/1"),
+    ("tag_type", r"shard-3\.parquet: column 'u' \(labels_from\) has type double; expected a tag column"),
+    ("tag_null", r"shard-3\.parquet: column 'tags' has a missing value \(null\) at row 17"),
+    ("tag_null_value", r"shard-3\.parquet: column 'tags' has a missing tag \(null\) at row 17"),
+    ("utility_nan", r"shard-3\.parquet: column 'u' \(utility\) has nan at row 17"),
+])
+def test_bad_input_names_shard_and_column(case, match):
+    t = metadata(40, seed=3)
+    kw = dict(sensitive=["g0", "g1"], labels=["l0"], labels_from="tags:doctor")
+    if case == "missing":
+        kw["sensitive"] = ["g0", "g9"]
+    elif case == "duplicate":
+        t = t.append_column("g0", pa.array(np.zeros(40, bool)))
+    elif case == "nonbinary":
+        g1 = t.column("g1").to_numpy().copy()
+        g1[17] = 2
+        t = t.set_column(t.schema.get_field_index("g1"), "g1", pa.array(g1))
+    elif case in ("null", "nan"):
+        l0 = t.column("l0").to_pylist()
+        l0[17] = None if case == "null" else float("nan")
+        t = t.set_column(t.schema.get_field_index("l0"), "l0", pa.array(l0, pa.float64()))
+    elif case == "string_group":
+        kw["sensitive"] = ["g0", "region"]
+    elif case == "tag_type":
+        kw["labels_from"] = "u:1"
+        kw["utility"] = None
+    elif case in ("tag_null", "tag_null_value"):
+        tags = t.column("tags").to_pylist()
+        tags[17] = None if case == "tag_null" else ["doctor", None]
+        t = t.set_column(t.schema.get_field_index("tags"), "tags", pa.array(tags, pa.list_(pa.string())))
+    elif case == "utility_nan":
+        u = t.column("u").to_numpy().copy()
+        u[17] = np.nan
+        t = t.set_column(t.schema.get_field_index("u"), "u", pa.array(u))
+        kw["utility"] = "u"
+    rs = ColumnSpec.make(**kw).resolve()
+    with pytest.raises(DataError, match=match):
+        rs.data_tuple(t.to_batches()[0] if case != "duplicate" else t, "shard-3.parquet")
+
+
+def test_binary_matrix():
+    np.testing.assert_array_equal(binary_matrix([[True, False]], "s"), [[1, 0]])
+    assert binary_matrix(np.array([0.0, 1.0]), "s").shape == (2, 1)
+    with pytest.raises(ValueError, match=r"s: values must be 0 or 1, got 0.5 in column 1 \(row 0\)"):
+        binary_matrix([[1.0, 0.5]], "s")
+    with pytest.raises(TypeError, match="y: expected 0/1 numbers"):
+        binary_matrix(np.array([["a"]]), "y")
+    with pytest.raises(ValueError, match="s: expected 3 rows"):
+        binary_matrix(np.zeros((2, 1)), "s", 3)

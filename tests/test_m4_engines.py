@@ -1,0 +1,289 @@
+"""Engines (pym4/engines): local on odd shard layouts equal to in-memory; Ray and Spark
+equal to local; M4Model applied inside Ray map_batches and Spark mapInArrow; bad input named
+by shard and column before any output exists. One Ray and one Spark start per session."""
+import glob
+import os
+import sys
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from m4_datasets import VOCAB, counts_reference, dense, metadata, tags_dense, write_hive, write_shards
+import pym4.m4
+from pym4._m4_columns import ColumnSpec, DataError
+from pym4._m4_model import M4Model
+from pym4._m4_stages import resolve_columns, weighted_counts, write_keep_probability
+from pym4.engines import engine_for, list_shards
+from pym4.engines.local import LocalEngine
+
+# Ray and PySpark warn about their own deprecations and versions; those are not pym4's.
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),
+              pytest.mark.filterwarnings("ignore::FutureWarning:pyspark.*")]
+
+N = 997
+LAYOUTS = {"one": [N], "seven": [1, 311, 40, 2, 500, 13, 130], "empty": [400, 0, 597]}
+
+
+@pytest.fixture(scope="module")
+def table():
+    return metadata(N, seed=11)
+
+
+def _layout(table, tmp_path, layout):
+    """(source path, table in file order, spec) for a layout."""
+    if layout == "hive":
+        ordered = write_hive(table, str(tmp_path / "hive"))
+        return str(tmp_path / "hive"), ordered, dict(sensitive=["g0"], sensitive_from="region", labels=["l0"],
+                                                     labels_from="tags")
+    write_shards(table, str(tmp_path / "shards"), LAYOUTS[layout])
+    return str(tmp_path / "shards"), table, dict(sensitive=["g0", "g1"], labels=["l0", "l2"], labels_from="tags")
+
+
+def _arrays(t, spec):
+    """Dense s, y (float64) of the in-memory table, written from the spec with numpy only."""
+    s = dense(t, spec.get("sensitive", []))
+    if spec.get("sensitive_from"):
+        col = spec["sensitive_from"]
+        s = np.concatenate([s, tags_dense(t, col, sorted(set(t.column(col).to_pylist())))], axis=1)
+    y = dense(t, spec.get("labels", []))
+    if spec.get("labels_from"):
+        y = np.concatenate([y, tags_dense(t, spec["labels_from"], sorted(VOCAB))], axis=1)
+    return s, y
+
+
+def _fit(s, y, rs, target=0.3, **kw):
+    """Duals from the in-memory exact solver (the stand-in for fit_dataset's passes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = pym4.m4.balance(s, y, target=target, budget=0.8, eps_rep=0.02, eps_assoc=0.05, **kw)
+    model = M4Model.from_duals(rs, target=res.target, budget=0.8, eps_rep=0.02, eps_assoc=0.05,
+                               v_plus=res.v_plus, v_minus=res.v_minus, mu=res.mu)
+    return res, model
+
+
+def _read_parts(out):
+    parts = sorted(glob.glob(os.path.join(out, "*.parquet")))
+    return parts, pa.concat_tables([pq.read_table(p) for p in parts])
+
+
+@pytest.mark.parametrize("layout", ["one", "seven", "empty", "hive"])
+def test_local_equals_in_memory(table, tmp_path, layout):
+    src, ordered, kw = _layout(table, tmp_path, layout)
+    eng = LocalEngine(src, workers=2, batch_rows=50)
+    rs = resolve_columns(eng, ColumnSpec.make(**kw))
+    s, y = _arrays(ordered, kw)
+    assert rs.m == s.shape[1] and rs.c == y.shape[1]
+    np.testing.assert_allclose(weighted_counts(eng, rs), counts_reference(s, y), rtol=0, atol=1e-9)
+    # hive: the three regions partition the rows, so their targets must add up to one
+    res, model = _fit(s, y, rs, target=[0.3, 1 / 3, 1 / 3, 1 / 3] if layout == "hive" else 0.3)
+    assert res.status == "optimal"
+    out = str(tmp_path / "q")
+    write_keep_probability(eng, model, out)
+    parts, got = _read_parts(out)
+    assert len(parts) == len(eng.shards.fragments)  # one part per input file, empty ones included
+    assert got.column_names == ["row", "q"]
+    np.testing.assert_array_equal(got.column("row").to_numpy(), np.arange(N))  # files in path order
+    np.testing.assert_allclose(got.column("q").to_numpy(), res.q, rtol=0, atol=1e-12)
+    # weighted by q, the counts are those of the in-memory solution
+    np.testing.assert_allclose(weighted_counts(eng, rs, model), counts_reference(s, y, res.q), atol=1e-9)
+
+
+def test_sources_glob_list_dataset_and_id(table, tmp_path):
+    paths = write_shards(table, str(tmp_path / "d"), LAYOUTS["seven"])
+    kw = dict(sensitive=["g0", "g1"], labels=["l0"], utility="u", id="id")
+    s, y = dense(table, ["g0", "g1"]), dense(table, ["l0"])
+    ref = counts_reference(s, y)
+    for src in (str(tmp_path / "d" / "shard-*.parquet"), paths[::-1], pads.dataset(paths), paths[2]):
+        eng = engine_for(src)
+        assert eng.name == "local"
+        rs = resolve_columns(eng, ColumnSpec.make(**kw))
+        if src is paths[2]:
+            np.testing.assert_allclose(weighted_counts(eng, rs), counts_reference(s[312:352], y[312:352]))
+        else:
+            np.testing.assert_allclose(weighted_counts(eng, rs), ref, atol=1e-9)
+    res, model = _fit(s, y, rs, utility=table.column("u").to_numpy())
+    eng = engine_for(paths[::-1], workers=1)
+    write_keep_probability(eng, model, str(tmp_path / "q"))
+    _, got = _read_parts(str(tmp_path / "q"))
+    assert got.column_names == ["id", "q"]
+    np.testing.assert_array_equal(got.column("id").to_numpy(), table.column("id").to_numpy())
+    np.testing.assert_allclose(got.column("q").to_numpy(), res.q, atol=1e-12)
+
+
+def _broken(table, folder, case):
+    paths = write_shards(table, folder, LAYOUTS["seven"])
+    if case == "schema":
+        t = pq.read_table(paths[2])
+        t = t.set_column(t.schema.get_field_index("g1"), "g1", pa.array([str(v) for v in t.column("g1").to_pylist()]))
+        pq.write_table(t, paths[2])
+        return paths[2], r"shard-002\.parquet: column 'g1' has type string; expected 0/1"
+    if case == "missing":
+        pq.write_table(pq.read_table(paths[5]).drop_columns(["l0"]), paths[5])
+        return paths[5], r"shard-005\.parquet: missing column 'l0'"
+    if case == "type_differs":
+        t = pq.read_table(paths[3])
+        pq.write_table(t.set_column(t.schema.get_field_index("g1"), "g1", t.column("g1").cast(pa.int64())), paths[3])
+        return paths[3], r"shard-003\.parquet: column 'g1' has type int64, but int8 in .*shard-000\.parquet"
+    if case == "duplicate":
+        t = pq.read_table(paths[6])
+        pq.write_table(t.append_column("l0", t.column("l0")), paths[6])
+        return paths[6], r"shard-006\.parquet: column name 'l0' appears 2 times"
+    if case == "value":
+        t = pq.read_table(paths[4])
+        l0 = t.column("l0").to_numpy().copy()
+        l0[123] = 0.5
+        pq.write_table(t.set_column(t.schema.get_field_index("l0"), "l0", pa.array(l0)), paths[4])
+        return paths[4], r"shard-004\.parquet: column 'l0' is not binary: row 123 has value 0\.5"
+    if case == "empty":
+        for p in paths:
+            pq.write_table(pq.read_table(p).slice(0, 0), p)
+        return folder, "the dataset has no rows"
+    if case == "no_tags":
+        for p in paths:
+            t = pq.read_table(p)
+            pq.write_table(t.set_column(t.schema.get_field_index("tags"), "tags",
+                                        pa.array([[]] * t.num_rows, pa.list_(pa.string()))), p)
+        return folder, "column 'tags' has no tag values"
+    raise AssertionError(case)
+
+
+def _run_all(eng, spec, model, out):
+    """The driver's order: checks, vocabulary, counts (every value read), then the write."""
+    rs = resolve_columns(eng, spec)
+    weighted_counts(eng, rs)
+    write_keep_probability(eng, model, out)
+
+
+@pytest.mark.parametrize("case", ["schema", "missing", "type_differs", "duplicate", "value", "empty", "no_tags"])
+def test_bad_shard_named_before_output(table, tmp_path, case):
+    _, match = _broken(table, str(tmp_path / "d"), case)
+    spec = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0"], labels_from="tags" if case == "no_tags" else None)
+    rs = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0"]).resolve()
+    model = M4Model(np.full(2, 0.3), 0.8, 0.01, 0.01, np.zeros(4), 0.0, rs)
+    out = str(tmp_path / "q")
+    with pytest.raises(DataError, match=match):
+        _run_all(LocalEngine(str(tmp_path / "d")), spec, model, out)
+    assert not os.path.exists(out)
+
+
+def test_engine_choice_errors(tmp_path):
+    with pytest.raises(ValueError, match="engine: expected one of"):
+        engine_for("x.parquet", engine="dask")
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        list_shards(str(tmp_path / "nothing-*.parquet"))
+    with pytest.raises(ValueError, match="batch_rows: must be an integer >= 1"):
+        LocalEngine(str(tmp_path), batch_rows=0)
+
+
+# ----- Ray and Spark (one start each per session) ----------------------------------------------------
+
+@pytest.fixture(scope="session")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def spark():
+    pytest.importorskip("pyspark")
+    from pyspark.sql import SparkSession
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    session = (SparkSession.builder.master("local[2]").appName("pym4-tests")
+               .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
+               .config("spark.sql.execution.arrow.maxRecordsPerBatch", "200").getOrCreate())
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="module")
+def seven(table, tmp_path_factory):
+    """Seven uneven shards and the fitted model (saved and loaded), shared by the engine tests."""
+    folder = tmp_path_factory.mktemp("seven")
+    write_shards(table, str(folder / "d"), LAYOUTS["seven"])
+    kw = dict(sensitive=["g0", "g1"], labels=["l0"], labels_from="tags", utility="u")
+    rs = resolve_columns(LocalEngine(str(folder / "d")), ColumnSpec.make(**kw))
+    s, y = _arrays(table, kw)
+    res, model = _fit(s, y, rs, utility=table.column("u").to_numpy())
+    model.save(str(folder / "model.json"))
+    return str(folder / "d"), str(folder), res, M4Model.load(str(folder / "model.json")), rs
+
+
+def _check_given_dataset(eng, name, table, rs, res, with_q, model, out):
+    """An engine over a dataset it was handed: its counts, the q that the model applied in the
+    user's own map gave (``with_q``: a table with id and q), and no row numbers to write by."""
+    assert eng.name == name
+    s, y = _arrays(table, {"sensitive": ["g0", "g1"], "labels": ["l0"], "labels_from": "tags"})
+    np.testing.assert_allclose(weighted_counts(eng, rs), counts_reference(s, y), atol=1e-9)
+    got = with_q.sort_by("id")
+    want = pa.table({"id": table.column("id"), "q": res.q}).sort_by("id")
+    np.testing.assert_array_equal(got.column("id").to_numpy(), want.column("id").to_numpy())
+    np.testing.assert_allclose(got.column("q").to_numpy(), want.column("q").to_numpy(), atol=1e-12)
+    with pytest.raises(DataError, match="give an id column"):
+        write_keep_probability(eng, model, out)
+
+
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_engine_equals_local(engine, request, seven, tmp_path):
+    request.getfixturevalue("ray_session" if engine == "ray" else "spark")
+    src, _, res, model, rs = seven
+    local, other = LocalEngine(src), engine_for(src, engine=engine)
+    assert other.name == engine
+    assert resolve_columns(other, rs.spec).tags == rs.tags
+    np.testing.assert_allclose(weighted_counts(other, rs, model), weighted_counts(local, rs, model), atol=1e-9)
+    write_keep_probability(local, model, str(tmp_path / "local"))
+    write_keep_probability(other, model, str(tmp_path / engine))
+    lp, lt = _read_parts(str(tmp_path / "local"))
+    op, ot = _read_parts(str(tmp_path / engine))
+    if engine == "ray":  # one task, and one part, per input file, named as local names it
+        assert [os.path.basename(p) for p in op] == [os.path.basename(p) for p in lp]
+    assert ot.sort_by("row").equals(lt)  # the same row numbers and q (Spark writes per partition)
+    np.testing.assert_array_equal(lt.column("row").to_numpy(), np.arange(N))
+    np.testing.assert_allclose(lt.column("q").to_numpy(), res.q, atol=1e-12)
+    # hive partitions: the partition column (from the paths) as the groups
+    hive, _, kw = _layout(metadata(N, seed=11), tmp_path, "hive")
+    spec = ColumnSpec.make(**kw)
+    hl, ho = LocalEngine(hive), engine_for(hive, engine=engine)
+    rs_l, rs_o = resolve_columns(hl, spec), resolve_columns(ho, spec)
+    assert rs_o == rs_l and rs_l.group_names == ["g0", "region=east", "region=north", "region=west"]
+    np.testing.assert_allclose(weighted_counts(ho, rs_o), weighted_counts(hl, rs_l), atol=1e-9)
+
+
+def test_ray_dataset_and_model_in_map_batches(ray_session, seven, table, tmp_path):
+    import ray.data
+    src, _, res, model, rs = seven
+    ds = ray.data.read_parquet(src, include_paths=True)
+    # The user's own job: the loaded model inside map_batches.
+    out = ds.map_batches(model.transform, batch_format="pyarrow").select_columns(["id", "q"]).to_arrow_refs()
+    _check_given_dataset(engine_for(ds), "ray", table, rs, res, pa.concat_tables(ray.get(out)), model,
+                         str(tmp_path / "q"))
+
+
+def test_spark_dataframe_and_model_in_map_in_arrow(spark, seven, table, tmp_path):
+    src, _, res, model, rs = seven
+    df = spark.read.parquet(src)
+    # The user's own job: the loaded model inside mapInArrow.
+    out = df.select("id", "g0", "g1", "l0", "tags", "u").mapInArrow(
+        model.transform_batches, "id long, g0 boolean, g1 byte, l0 double, tags array<string>, u double, q double")
+    got = pa.Table.from_pylist([r.asDict() for r in out.select("id", "q").collect()])
+    _check_given_dataset(engine_for(df), "spark", table, rs, res, got, model, str(tmp_path / "q"))
+
+
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_engines_name_bad_shard(engine, request, table, tmp_path):
+    request.getfixturevalue("ray_session" if engine == "ray" else "spark")
+    _broken(table, str(tmp_path / "d"), "value")
+    eng = engine_for(str(tmp_path / "d"), engine=engine)
+    rs = resolve_columns(eng, ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0"]))
+    with pytest.raises(DataError, match=r"^/.*/shard-004\.parquet: column 'l0' is not binary: row 123 has value 0\.5"):
+        weighted_counts(eng, rs)
