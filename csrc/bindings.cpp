@@ -95,6 +95,7 @@ py::tuple sinkhorn_solve(const py::array& x, double alpha, const py::object& log
   PYM4_CHECK_VALUE(out.shape(0) == m.rows && out.shape(1) == m.cols, "out: shape must match x");
   PYM4_CHECK_VALUE(out.writeable(), "out: must be writeable");
   PYM4_CHECK_VALUE(n_iters >= 1, "n_iters: must be >= 1, got " << n_iters);
+  PYM4_CHECK_VALUE(out.data() != x.data() || ld_out == m.ld, "out: an in-place solve needs the same row stride as x");
   py::array_t<double> g(m.cols);
   T* out_ptr = static_cast<T*>(out.mutable_data());
   double* g_ptr = g.mutable_data();
@@ -104,7 +105,7 @@ py::tuple sinkhorn_solve(const py::array& x, double alpha, const py::object& log
     r = pym4::sinkhorn::solve<T>(m, lb, a, n_iters, tol, log_out_scale, out_ptr, ld_out, g_ptr);
   }
   PYM4_CHECK_VALUE(r.finite, "scores: contains NaN or Inf (or overflows once divided by epsilon)");
-  return py::make_tuple(r.iterations, r.marginal_error, g, r.kernel_form ? "kernel" : "log");
+  return py::make_tuple(r.iterations, r.marginal_error, g, !r.solved ? "none" : r.kernel_form ? "kernel" : "log");
 }
 
 template <typename T>
@@ -285,8 +286,9 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("x"), py::arg("alpha"), py::arg("log_b"), py::arg("log_a"), py::arg("n_iters"), py::arg("tol"),
         py::arg("log_out_scale"), py::arg("out"),
-        "Whole Sinkhorn solve into `out`; returns (iterations, marginal_error, g, \"kernel\" or \"log\"),\n"
-        "the last saying which form ran (see include/pym4/sinkhorn.h).");
+        "Whole Sinkhorn solve into `out` (which may be x itself); returns (iterations, marginal_error, g,\n"
+        "form), form saying what ran: \"kernel\", \"log\", or \"none\" for an in-place solve the kernel\n"
+        "form declined (x overwritten; see include/pym4/sinkhorn.h).");
   m.def("sinkhorn_column_logsumexp",
         [](const py::array& x, double alpha) { return PYM4_DISPATCH_FLOAT(x, sinkhorn_column_logsumexp, alpha); },
         py::arg("x"), py::arg("alpha"), "(col_max, col_sum) with LSE_i(alpha x_ij) = col_max + log(col_sum).");

@@ -159,9 +159,10 @@ PYM4_SIMD_CLONES void column_block_update(const T* __restrict x, int64_t ld, T a
 }
 
 // t_j = alpha * x_j into out; returns max_j t_j, and min_j t_j in *mn. *probe gets the sum of
-// t_j * 0, which is NaN when some t_j is NaN or infinite.
+// t_j * 0, which is NaN when some t_j is NaN or infinite. out may be x itself (an in-place
+// solve): each entry is read before it is written, in the same iteration, so no __restrict.
 template <typename T>
-PYM4_SIMD_CLONES T scaled_row_stats(const T* __restrict x, T alpha, T* __restrict out, int64_t n, T* mn, T* probe) {
+PYM4_SIMD_CLONES T scaled_row_stats(const T* x, T alpha, T* out, int64_t n, T* mn, T* probe) {
   T mx = -std::numeric_limits<T>::infinity(), lo = std::numeric_limits<T>::infinity(), pr = 0;
 #pragma omp simd reduction(max : mx) reduction(min : lo) reduction(+ : pr)
   for (int64_t j = 0; j < n; ++j) {
@@ -591,6 +592,10 @@ Result solve(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_i
   Result result;
   if (solve_kernel_form(m, log_b, a, n_iters, tol, log_out_scale, out, ld_out, g_out, result)) {
     result.kernel_form = result.finite;
+    return result;
+  }
+  if (static_cast<const void*>(m.data) == static_cast<const void*>(out)) {
+    result.solved = false;  // in place: the input is gone, the log domain cannot run on it
     return result;
   }
   return solve_log_domain(m, log_b, a, n_iters, tol, log_out_scale, out, ld_out, g_out);

@@ -20,7 +20,10 @@ from ._arrays import (check_finite, check_float, check_int_at_least, check_ndim,
 
 __all__ = ["sinkhorn", "sinkhorn_ot", "ConvergenceWarning"]
 
-_SWAV_BACKENDS = ("cuda", "cpu", "torch")
+# Per device, best first (an automatic choice takes the first that can run; the rest can be
+# forced with backend=). On CUDA the Triton kernel serves a core built without CUDA; on the
+# CPU it runs only when forced (under TRITON_INTERPRET=1, for tests).
+_SWAV_BACKENDS = {"cuda": ("cuda", "triton", "torch", "cpu"), "cpu": ("cpu", "torch", "triton", "cuda")}
 _OT_BACKENDS = ("cpu", "torch")
 _CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -82,11 +85,11 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
     alpha = 1.0 / eps
     out_t = None if out is None else _check_out(out, t, origin, prototypes)
     if prototypes is not None:
-        q = _sinkhorn_features(t, prototypes, alpha, n_iters, chunk, group, backend)
-        return _deliver(q, origin, out, out_t)
+        q = _sinkhorn_features(t, prototypes, alpha, n_iters, chunk, group, backend, out_t)
+        return out if q is out_t is not None else _deliver(q, origin, out, out_t)
     if chunk is not None:
         raise ValueError("chunk: only used with prototypes= (the features form)")
-    name = _backend.choose("sinkhorn", t.device.type, _SWAV_BACKENDS, backend)
+    name = _backend.choose("sinkhorn", t.device.type, _swav_backends(t.device.type), backend)
 
     if name == "cpu" and group is None and out_t is not None and out_t.dtype == _compute_dtype(t.dtype):
         _swav_cpu(t, alpha, n_iters, out=out_t)  # written in place: no allocation at all
@@ -100,10 +103,19 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
         q = _swav_cpu(t, alpha, n_iters)
     elif name == "cuda":
         q = _swav_cuda(t, alpha, n_iters)
+    elif name == "triton":
+        q = _swav_triton(t, alpha, n_iters, out_t)
+        if q is out_t:
+            return out
     else:
-        check_finite(t, "scores")
-        q = _swav_iterate(_TorchPasses(t.to(_compute_dtype(t.dtype)), alpha), t.shape[1], t.shape[0], n_iters,
-                          t.device)
+        x = t.to(_compute_dtype(t.dtype))
+        dest = out_t if out_t is not None and out_t.dtype == x.dtype else None
+        q = _swav_torch_kernel_form(x, alpha, n_iters, dest)
+        if q is dest is not None:
+            return out
+        if q is None:  # the spread of scores/epsilon needs the log domain (or the input is not finite)
+            check_finite(t, "scores")
+            q = _swav_iterate(_TorchPasses(x, alpha), t.shape[1], t.shape[0], n_iters, t.device)
     return _deliver(q, origin, out, out_t)
 
 
@@ -230,13 +242,34 @@ def _swav_cpu(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torch.T
     return out
 
 
-def _swav_cuda(t: torch.Tensor, alpha: float, n_iters: int) -> torch.Tensor:
+def _swav_backends(device_type: str):
+    return _SWAV_BACKENDS["cuda" if device_type == "cuda" else "cpu"]
+
+
+def _swav_triton(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The Triton kernels (kernels/sinkhorn.py); writes into ``out`` when its dtype is one
+    Triton stores (float32/16, bfloat16), which may be ``t`` itself (in place)."""
+    from pym4.kernels import sinkhorn as kernels  # lazily: triton is optional
+
+    x = t if t.dtype in _CUDA_DTYPE_CODES else t.float()
+    b, k = x.shape
+    if out is not None and out.dtype not in _CUDA_DTYPE_CODES:
+        out = None
+    log_a = torch.full((b,), -math.log(b), dtype=torch.float32, device=x.device)
+    log_b = torch.full((k,), -math.log(k), dtype=torch.float32, device=x.device)
+    return kernels.sinkhorn(x, alpha, n_iters, log_a, log_b, math.log(b), out)[0]
+
+
+def _swav_cuda(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The CUDA kernel of the core; ``out`` (dtype of the input) may be ``t`` itself: every
+    element is read and then written by the same thread, never read again."""
     core = _backend.core()
     x = t if t.dtype in _CUDA_DTYPE_CODES else t.float()
     if x.stride(-1) != 1:
         x = x.contiguous()
     b, k = x.shape
-    out = torch.empty((b, k), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((b, k), dtype=x.dtype, device=x.device)
     workspace = torch.empty(core.sinkhorn_workspace_bytes_cuda(b, k), dtype=torch.uint8, device=x.device)
     non_finite = torch.zeros(1, dtype=torch.int32, device=x.device)
     stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -247,6 +280,51 @@ def _swav_cuda(t: torch.Tensor, alpha: float, n_iters: int) -> torch.Tensor:
     if int(non_finite.item()):
         raise ValueError("scores: contains NaN or Inf (or overflows once divided by epsilon)")
     return out
+
+
+# Largest spread (max - min) of alpha * x for which the kernel form is exact: every entry of
+# exp(alpha x - shift) is then a normal number (float32: e^-80 > 1.2e-38), as in the core.
+_KERNEL_FORM_SPREAD = {torch.float32: 80.0, torch.float64: 650.0}
+
+
+def _swav_torch_kernel_form(x: torch.Tensor, alpha: float, n_iters: int, dest: Optional[torch.Tensor] = None,
+                            in_place: bool = False) -> Optional[torch.Tensor]:
+    """SwAV's iteration in the kernel (scaling) form, in plain torch on any device.
+
+    With E = exp(alpha x - c) (B, K) formed once, the plan is P = diag(s) E diag(w), and an
+    iteration is two matrix-vector products instead of SwAV's four full passes that read
+    and write the matrix: the column step w = 1/(E^T s), the row step s = 1/(E w). With
+    uniform marginals (every column 1/K, every row 1/B) the constants 1/K and 1/B cancel
+    out of B * P, so they are never applied. E lives in ``dest`` (or ``x`` itself when
+    ``in_place``, or a fresh tensor) and is scaled into B * P in place at the end.
+
+    Returns None, with ``dest`` unspecified (and ``x`` too when ``in_place``), when the
+    spread of alpha * x is too large for this form (or x is not finite) or a scaling
+    vector left the floating-point range: the caller then runs the log domain.
+    """
+    limit = _KERNEL_FORM_SPREAD[x.dtype]
+    lo, hi = torch.aminmax(x)  # NaN propagates, so a non-finite input fails the test below
+    lo, hi = alpha * float(lo), alpha * float(hi)
+    if not (hi - lo <= limit):
+        return None
+    e = x if in_place else (dest if dest is not None else torch.empty_like(x, memory_format=torch.contiguous_format))
+    torch.mul(x, alpha, out=e)
+    # Shift only when exp(alpha x) itself could leave the range (or its column sums overflow).
+    if hi > limit / 2 or lo < -limit / 2:
+        e.sub_(hi)
+    e.exp_()
+    w = e.sum(dim=0).reciprocal_()
+    for _ in range(n_iters - 1):
+        s = torch.mv(e, w).reciprocal_()
+        w = torch.mv(e.t(), s).reciprocal_()
+    s = torch.mv(e, w).reciprocal_()
+    # Every entry of E is positive, so an overflow or underflow anywhere in the iteration
+    # ends in a zero, infinite or NaN entry of the last s or w.
+    s_lo, s_hi = torch.aminmax(s)
+    w_lo, w_hi = torch.aminmax(w)
+    if not (float(s_lo) > 0 and float(w_lo) > 0 and float(s_hi) < math.inf and float(w_hi) < math.inf):
+        return None
+    return e.mul_(w).mul_(s.unsqueeze(1))
 
 
 class _TorchPasses:
@@ -406,7 +484,8 @@ class _FeaturePasses:
         return out
 
 
-def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, chunk, group, backend):
+def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, chunk, group, backend,
+                       out_t: Optional[torch.Tensor] = None):
     c, _ = to_tensor(prototypes, "prototypes")
     check_float(c, "prototypes")
     check_ndim(c, 2, "prototypes", " (prototypes, features)")
@@ -420,7 +499,7 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
         chunk = max(1, (1 << 22) // k)  # about 16 MB of float32 scores per block
     chunk = check_int_at_least(chunk, 1, "chunk")
     # The core serves CPU tensors; elsewhere the torch passes run on the tensors' device.
-    name = _backend.choose("sinkhorn", z.device.type, ("cpu", "torch"), backend)
+    name = _backend.choose("sinkhorn", z.device.type, _swav_backends(z.device.type), backend)
     dtype = _compute_dtype(z.dtype)
     zc, cc = z.to(dtype), c.to(dtype)
     finite = bool(torch.isfinite(zc).all()) and bool(torch.isfinite(cc).all())
@@ -431,5 +510,22 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
             raise ValueError("scores: contains NaN or Inf" if not bool(torch.isfinite(zc).all())
                              else "prototypes: contains NaN or Inf")
         b_global = b
+    if group is None:
+        # The result buffer is B x K anyway: form the scores in it with one matmul and solve
+        # there in place (kernel form), with no other B x K memory. Only when the spread
+        # needs the log domain are the scores recomputed block by block below.
+        q = out_t if out_t is not None and out_t.dtype == dtype else torch.empty(b, k, dtype=dtype, device=z.device)
+        torch.mm(zc, cc.t(), out=q)
+        if name == "cpu":
+            form = _backend.core().sinkhorn_solve(q.numpy(), alpha, None, -math.log(b), n_iters, 0.0, math.log(b),
+                                                  q.numpy())[3]
+            if form == "kernel":
+                return q
+        elif name == "cuda":
+            return _swav_cuda(q, alpha, n_iters, out=q)
+        elif name == "triton":
+            return _swav_triton(q, alpha, n_iters, out=q)
+        elif _swav_torch_kernel_form(q, alpha, n_iters, in_place=True) is not None:
+            return q
     passes = _FeaturePasses(zc, cc, alpha, chunk, _CorePasses if name == "cpu" else _TorchPasses)
     return _swav_iterate(passes, k, b_global, n_iters, z.device, group)

@@ -60,6 +60,7 @@ struct Result {
   double marginal_error = 0;  // ||col_mass - b||_2 after the last row step (0 if not measured)
   bool finite = true;         // false: the input had NaN/Inf (nothing was written)
   bool kernel_form = false;   // true: solved in the kernel form (no exp after the first pass)
+  bool solved = true;         // false: an in-place solve the kernel form declined (see solve)
 };
 
 // Whole solve on one process. When the spread of alpha * x is small enough for
@@ -69,7 +70,10 @@ struct Result {
 // uniform 1/cols. a: row log-marginals. Runs n_iters (column step, row step) pairs, or stops
 // once ||col_mass - b||_2 < tol (tol <= 0: never measures, as SwAV). The plan is written
 // multiplied by exp(log_out_scale) (SwAV returns B * P, whose rows sum to 1). g_out (cols)
-// receives the column potential when non-null.
+// receives the column potential when non-null. `out` may be m.data itself (ld_out == m.ld):
+// an in-place solve, for a caller that formed x in the result buffer (the features form).
+// Only the kernel form can run in place; when it declines, x has been overwritten and
+// Result::solved is false, and the caller forms x again and solves out of place.
 template <typename T>
 Result solve(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_iters, double tol,
              double log_out_scale, T* out, int64_t ld_out, double* g_out);
