@@ -278,41 +278,39 @@ def _solve(x, alpha, n_iters, log_a, log_b, log_out_scale, out, kernel_form, shi
 def compile_configs():
     """Every configuration the launcher can choose on a GPU (interpreter-only ones excluded),
     for the native compile check. Yields one dict per kernel instance."""
-    widths = {}  # the launcher's choice depends on (dtype, K) only through BLOCK_M and BLOCK_K
-    for dtype in _DTYPES:
-        for k in (1, 16, 100, 3000, 16000):
+    # The launcher's choice depends on (dtype, K) only through the block sizes, which change
+    # only at powers of two (and at K = 4096): K = 2^i - 1, 2^i, 2^i + 1 meet every choice.
+    ks = sorted({max(1, 2 ** i + d) for i in range(18) for d in (-1, 0, 1)})
+    configs = {}
+    for dtype, ty in _DTYPES.items():
+        for k in ks:
             cfg = launch_config(dtype, k, interpret=False)
-            widths[(dtype, cfg["BLOCK_M"], cfg["BLOCK_K"])] = cfg
-    for (dtype, bm, bk), cfg in widths.items():
-        ty = _DTYPES[dtype]
-        launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-        for kf in (True, False):
-            form = "kernel" if kf else "log"
-            yield {"name": f"_column_kernel[{ty},{form},M={cfg['COLUMN_M']},K={bk}]", "fn": _column_kernel,
-                   "signature": {"x_ptr": f"*{ty}", "part_a_ptr": "*fp32", "part_b_ptr": "*fp32", "B": "i32",
-                                 "K": "i32", "stride_x": "i32", "alpha": "fp32", "shift": "fp32",
-                                 "rows_per_prog": "i32"},
-                   "constexprs": {"KERNEL_FORM": kf, "BLOCK_M": cfg["COLUMN_M"], "BLOCK_K": bk}, **launch}
-            for write in (False, True):
-                outs = (ty,) if not write else tuple(_DTYPES.values())
-                for oty in outs:
-                    yield {"name": f"_row_kernel[{ty}->{oty},{form},write={write},M={bm},K={bk}]", "fn": _row_kernel,
-                           "signature": {"x_ptr": f"*{ty}", "out_ptr": f"*{oty}", "v_ptr": "*fp32",
-                                         "log_a_ptr": "*fp32", "row_ptr": "*fp32", "part_ptr": "*fp32", "B": "i32",
-                                         "K": "i32", "stride_x": "i32", "stride_out": "i32", "alpha": "fp32",
-                                         "shift": "fp32", "log_out_scale": "fp32"},
-                           "constexprs": {"KERNEL_FORM": kf, "WRITE": write, "BLOCK_M": bm, "BLOCK_K": bk}, **launch}
-    seen = set()
-    for cfg in widths.values():
-        ck = cfg["COMBINE_K"]
-        launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-        for kf in (True, False):
-            for first in (True, False):
-                name = f"_combine_kernel[{'kernel' if kf else 'log'},first={first},K={ck}]"
-                if name in seen:
-                    continue
-                seen.add(name)
-                yield {"name": name, "fn": _combine_kernel,
-                       "signature": {"part_a_ptr": "*fp32", "part_b_ptr": "*fp32", "v_ptr": "*fp32",
-                                     "log_b_ptr": "*fp32", "P": "i32", "K": "i32", "shift": "fp32"},
-                       "constexprs": {"KERNEL_FORM": kf, "FIRST": first, "BLOCK_K": ck}, **launch}
+            launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+            bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
+            for kf in (True, False):
+                form = "kernel" if kf else "log"
+                configs.setdefault(f"_column_kernel[{ty},{form},M={cfg['COLUMN_M']},K={bk}]", {
+                    "fn": _column_kernel,
+                    "signature": {"x_ptr": f"*{ty}", "part_a_ptr": "*fp32", "part_b_ptr": "*fp32", "B": "i32",
+                                  "K": "i32", "stride_x": "i32", "alpha": "fp32", "shift": "fp32",
+                                  "rows_per_prog": "i32"},
+                    "constexprs": {"KERNEL_FORM": kf, "BLOCK_M": cfg["COLUMN_M"], "BLOCK_K": bk}, **launch})
+                for write in (False, True):
+                    for oty in (tuple(_DTYPES.values()) if write else (ty,)):  # the plan in any of the three
+                        configs.setdefault(f"_row_kernel[{ty}->{oty},{form},write={write},M={bm},K={bk}]", {
+                            "fn": _row_kernel,
+                            "signature": {"x_ptr": f"*{ty}", "out_ptr": f"*{oty}", "v_ptr": "*fp32",
+                                          "log_a_ptr": "*fp32", "row_ptr": "*fp32", "part_ptr": "*fp32",
+                                          "B": "i32", "K": "i32", "stride_x": "i32", "stride_out": "i32",
+                                          "alpha": "fp32", "shift": "fp32", "log_out_scale": "fp32"},
+                            "constexprs": {"KERNEL_FORM": kf, "WRITE": write, "BLOCK_M": bm, "BLOCK_K": bk},
+                            **launch})
+                    for first in (True, False):
+                        configs.setdefault(f"_combine_kernel[{form},first={first},K={cfg['COMBINE_K']}]", {
+                            "fn": _combine_kernel,
+                            "signature": {"part_a_ptr": "*fp32", "part_b_ptr": "*fp32", "v_ptr": "*fp32",
+                                          "log_b_ptr": "*fp32", "P": "i32", "K": "i32", "shift": "fp32"},
+                            "constexprs": {"KERNEL_FORM": kf, "FIRST": first, "BLOCK_K": cfg["COMBINE_K"]},
+                            **launch})
+    for name, config in configs.items():
+        yield {"name": name, **config}

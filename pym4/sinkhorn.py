@@ -502,30 +502,40 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
     name = _backend.choose("sinkhorn", z.device.type, _swav_backends(z.device.type), backend)
     dtype = _compute_dtype(z.dtype)
     zc, cc = z.to(dtype), c.to(dtype)
-    finite = bool(torch.isfinite(zc).all()) and bool(torch.isfinite(cc).all())
+
+    def check_finite_features():
+        if not bool(torch.isfinite(zc).all()):
+            raise ValueError("scores: contains NaN or Inf")
+        if not bool(torch.isfinite(cc).all()):
+            raise ValueError("prototypes: contains NaN or Inf")
+
     if group is not None:
+        finite = bool(torch.isfinite(zc).all()) and bool(torch.isfinite(cc).all())
         b_global = _global_batch(b, k, finite, group, z.device)
     else:
-        if not finite:
-            raise ValueError("scores: contains NaN or Inf" if not bool(torch.isfinite(zc).all())
-                             else "prototypes: contains NaN or Inf")
-        b_global = b
-    if group is None:
         # The result buffer is B x K anyway: form the scores in it with one matmul and solve
         # there in place (kernel form), with no other B x K memory. Only when the spread
-        # needs the log domain are the scores recomputed block by block below.
+        # needs the log domain are the scores recomputed block by block below. NaN or Inf
+        # in z or C always reaches the scores (an infinite term makes every dot product
+        # with it non-finite), so the solvers' own check on them replaces a pass over z and C.
         q = out_t if out_t is not None and out_t.dtype == dtype else torch.empty(b, k, dtype=dtype, device=z.device)
         torch.mm(zc, cc.t(), out=q)
-        if name == "cpu":
-            form = _backend.core().sinkhorn_solve(q.numpy(), alpha, None, -math.log(b), n_iters, 0.0, math.log(b),
-                                                  q.numpy())[3]
-            if form == "kernel":
+        try:
+            if name == "cpu":
+                form = _backend.core().sinkhorn_solve(q.numpy(), alpha, None, -math.log(b), n_iters, 0.0,
+                                                      math.log(b), q.numpy())[3]
+                if form == "kernel":
+                    return q
+            elif name == "cuda":
+                return _swav_cuda(q, alpha, n_iters, out=q)
+            elif name == "triton":
+                return _swav_triton(q, alpha, n_iters, out=q)
+            elif _swav_torch_kernel_form(q, alpha, n_iters, in_place=True) is not None:
                 return q
-        elif name == "cuda":
-            return _swav_cuda(q, alpha, n_iters, out=q)
-        elif name == "triton":
-            return _swav_triton(q, alpha, n_iters, out=q)
-        elif _swav_torch_kernel_form(q, alpha, n_iters, in_place=True) is not None:
-            return q
+        except ValueError:
+            check_finite_features()  # name the argument at fault
+            raise  # finite features whose scores overflow once divided by epsilon
+        check_finite_features()
+        b_global = b
     passes = _FeaturePasses(zc, cc, alpha, chunk, _CorePasses if name == "cpu" else _TorchPasses)
     return _swav_iterate(passes, k, b_global, n_iters, z.device, group)

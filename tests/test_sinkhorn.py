@@ -176,7 +176,6 @@ def test_overflow_after_division_is_reported():
     ({"n_iters": 0}, ValueError, "n_iters: must be >= 1"),
     ({"n_iters": 2.5}, TypeError, "n_iters: expected an integer"),
     ({"backend": "fortran"}, ValueError, "backend: unknown backend"),
-    ({"backend": "triton"}, ValueError, "backend: sinkhorn has no 'triton' backend"),
     ({"backend": "cuda"}, RuntimeError, "backend: 'cuda' cannot run sinkhorn on cpu"),
 ])
 def test_bad_arguments(kwargs, exc, match):
