@@ -87,7 +87,8 @@ pym4::sinkhorn::RowMarginal row_marginal(const py::object& log_a, int64_t rows) 
 // ----- Sinkhorn ---------------------------------------------------------------------------
 template <typename T>
 py::tuple sinkhorn_solve(const py::array& x, double alpha, const py::object& log_b, const py::object& log_a,
-                         int64_t n_iters, double tol, double log_out_scale, py::array out) {
+                         int64_t n_iters, double tol, double log_out_scale, py::array out, const py::object& g_init,
+                         int64_t check_every) {
   auto m = as_matrix<T>(x, alpha);
   const double* lb = check_vector(log_b, m.cols, "log_b");
   auto a = row_marginal(log_a, m.rows);
@@ -96,16 +97,21 @@ py::tuple sinkhorn_solve(const py::array& x, double alpha, const py::object& log
   PYM4_CHECK_VALUE(out.writeable(), "out: must be writeable");
   PYM4_CHECK_VALUE(n_iters >= 1, "n_iters: must be >= 1, got " << n_iters);
   PYM4_CHECK_VALUE(out.data() != x.data() || ld_out == m.ld, "out: an in-place solve needs the same row stride as x");
+  PYM4_CHECK_VALUE(check_every >= 0, "check_every: must be >= 0, got " << check_every);
+  pym4::sinkhorn::Options opt;
+  opt.g_init = check_vector(g_init, m.cols, "g_init");
+  opt.check_every = check_every;
   py::array_t<double> g(m.cols);
   T* out_ptr = static_cast<T*>(out.mutable_data());
   double* g_ptr = g.mutable_data();
   pym4::sinkhorn::Result r;
   {
     py::gil_scoped_release release;
-    r = pym4::sinkhorn::solve<T>(m, lb, a, n_iters, tol, log_out_scale, out_ptr, ld_out, g_ptr);
+    r = pym4::sinkhorn::solve<T>(m, lb, a, n_iters, tol, log_out_scale, out_ptr, ld_out, g_ptr, opt);
   }
   PYM4_CHECK_VALUE(r.finite, "scores: contains NaN or Inf (or overflows once divided by epsilon)");
-  return py::make_tuple(r.iterations, r.marginal_error, g, !r.solved ? "none" : r.kernel_form ? "kernel" : "log");
+  return py::make_tuple(r.iterations, r.marginal_error, g, !r.solved ? "none" : r.kernel_form ? "kernel" : "log",
+                        r.converged, py::cast(r.errors));
 }
 
 template <typename T>
@@ -281,14 +287,16 @@ PYBIND11_MODULE(_core, m) {
   // Sinkhorn: x float32/float64 (rows, cols); see include/pym4/sinkhorn.h.
   m.def("sinkhorn_solve",
         [](const py::array& x, double alpha, py::object log_b, py::object log_a, int64_t n_iters, double tol,
-           double log_out_scale, py::array out) {
-          return PYM4_DISPATCH_FLOAT(x, sinkhorn_solve, alpha, log_b, log_a, n_iters, tol, log_out_scale, out);
+           double log_out_scale, py::array out, py::object g_init, int64_t check_every) {
+          return PYM4_DISPATCH_FLOAT(x, sinkhorn_solve, alpha, log_b, log_a, n_iters, tol, log_out_scale, out, g_init,
+                                     check_every);
         },
         py::arg("x"), py::arg("alpha"), py::arg("log_b"), py::arg("log_a"), py::arg("n_iters"), py::arg("tol"),
-        py::arg("log_out_scale"), py::arg("out"),
+        py::arg("log_out_scale"), py::arg("out"), py::arg("g_init") = py::none(), py::arg("check_every") = 0,
         "Whole Sinkhorn solve into `out` (which may be x itself); returns (iterations, marginal_error, g,\n"
-        "form), form saying what ran: \"kernel\", \"log\", or \"none\" for an in-place solve the kernel\n"
-        "form declined (x overwritten; see include/pym4/sinkhorn.h).");
+        "form, converged, errors), form saying what ran: \"kernel\", \"log\", or \"none\" for an in-place\n"
+        "solve the kernel form declined (x overwritten). g_init (warm start) and check_every: see\n"
+        "sinkhorn::Options in include/pym4/sinkhorn.h.");
   m.def("sinkhorn_column_logsumexp",
         [](const py::array& x, double alpha) { return PYM4_DISPATCH_FLOAT(x, sinkhorn_column_logsumexp, alpha); },
         py::arg("x"), py::arg("alpha"), "(col_max, col_sum) with LSE_i(alpha x_ij) = col_max + log(col_sum).");

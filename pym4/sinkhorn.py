@@ -147,7 +147,8 @@ def _deliver(q: torch.Tensor, origin, out, out_t):
     return out
 
 
-def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-9, backend: Optional[str] = None):
+def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-9, log: bool = False,
+                warmstart=None, warn: bool = True, backend: Optional[str] = None):
     """Entropic optimal transport by Sinkhorn-Knopp, the plan of POT's ``ot.sinkhorn``.
 
     Solves ``min_P <P, C> + reg * sum P (log P - 1)`` subject to ``P 1 = a``, ``P^T 1 = b``,
@@ -156,8 +157,10 @@ def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-
 
     Parameters
     ----------
-    a : array (n,), b : array (m,)
-        Non-negative marginals with equal total mass; ``None`` for uniform.
+    a : array (n,), b : array (m,) or (m, h)
+        Non-negative marginals with equal total mass; ``None`` for uniform. A 2-D ``b``
+        holds h target histograms, solved one after the other against the same ``a``
+        (POT's "multi b"); the result is then the h transport costs ``<P_k, C>``.
     cost : array (n, m)
         Cost matrix; float32 or float64 (the plan is computed in the cost's precision).
     reg : float
@@ -166,14 +169,40 @@ def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-
         Maximum number of (column, row) iterations (POT's ``numItermax``).
     tol : float, default 1e-9
         Stop once the column marginals are within ``tol`` of ``b`` in l2 norm (POT's
-        ``stopThr``); 0 runs exactly ``n_iters`` iterations.
+        ``stopThr``), measured after every iteration; 0 runs exactly ``n_iters`` iterations.
+    log : bool, default False
+        Also return a dict as POT's: ``err`` (the measured marginal errors), ``niter`` (index
+        of the last iteration, from 0), ``u`` and ``v`` (the scalings, ``P = diag(u) K diag(v)``
+        with ``K = exp(-C/reg)``) and ``log_u``, ``log_v`` (their logarithms; in POT only
+        ``method="sinkhorn_log"`` has these). With a 2-D ``b`` they have a column per histogram.
+    warmstart : (log_u (n,), log_v (m,)), optional
+        Initial dual potentials (POT's ``warmstart``): the first column step starts from
+        ``log_u`` (``log_v`` is replaced by it, as in POT). With a 2-D ``b``, (n, h) and (m, h).
+    warn : bool, default True
+        Emit a ``ConvergenceWarning`` when ``n_iters`` is reached without the error falling
+        below ``tol`` (with ``tol=0`` that is every call, as in POT).
 
     Returns
     -------
-    plan : array (n, m), same type, dtype and device as ``cost``. Its rows sum to ``a``
-    exactly; its columns to ``b`` within ``tol``. A ``ConvergenceWarning`` says when
-    ``n_iters`` was reached first.
+    plan : array (n, m), same type, dtype and device as ``cost`` (for a 2-D ``b``: the
+    costs, (h,)), and the log dict when ``log``. Rows of a plan sum to ``a`` exactly; its
+    columns to ``b`` within ``tol``.
     """
+    res, info = _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, check_every=1, gauge="ones")
+    if warn and not info["converged"]:
+        warnings.warn(f"sinkhorn_ot: stopped after n_iters={n_iters} iterations with marginal error "
+                      f"{info['last_err']:.3g}, not below tol={tol:g}; raise n_iters or reg", ConvergenceWarning,
+                      stacklevel=2)
+    if not log:
+        return res
+    return res, {k: info[k] for k in ("err", "niter", "u", "v", "log_u", "log_v")}
+
+
+def _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, *, check_every: int, gauge: str):
+    """The OT solve behind ``sinkhorn_ot`` and ``pym4.ot.sinkhorn``: checks the input, solves
+    each target histogram, returns (plan or costs, info). ``check_every``: measure the error
+    every that many iterations (POT: 10). ``gauge``: "ones" puts POT's ``method="sinkhorn"``
+    constant into u and v (its u starts at 1/n), "zeros" that of ``method="sinkhorn_log"``."""
     c, origin = to_tensor(cost, "cost")
     check_float(c, "cost")
     check_ndim(c, 2, "cost", " (n, m)")
@@ -187,24 +216,60 @@ def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-
     check_finite(c, "cost")
     dtype = _compute_dtype(c.dtype)
     a_t = _marginal(a, n, "a", c.device)
-    b_t = _marginal(b, m, "b", c.device)
-    mass_a, mass_b = float(a_t.sum()), float(b_t.sum())
-    if abs(mass_a - mass_b) > 1e-6 * max(mass_a, mass_b):
-        raise ValueError(f"a, b: marginals must have the same total mass, got sum(a)={mass_a:.9g} and sum(b)={mass_b:.9g}")
-    log_a, log_b = torch.log(a_t), torch.log(b_t)
+    b_t = _marginals(b, m, "b", c.device)  # (m, h)
+    hists = b_t.shape[1]
+    mass_a = float(a_t.sum())
+    for k in range(hists):
+        mass_b = float(b_t[:, k].sum())
+        if abs(mass_a - mass_b) > 1e-6 * max(mass_a, mass_b):
+            which = "b" if hists == 1 else f"b[:, {k}]"
+            raise ValueError(f"a, b: marginals must have the same total mass, got sum(a)={mass_a:.9g} and "
+                             f"sum({which})={mass_b:.9g}")
+    f0 = _warmstart(warmstart, n, m, hists, c.device)
+    log_a = torch.log(a_t)
     name = _backend.choose("sinkhorn_ot", c.device.type, _OT_BACKENDS, backend)
-    x = c.to(dtype)
-    if name == "cpu":
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        iters, err, _, _ = _backend.core().sinkhorn_solve(x.numpy(), -1.0 / reg, log_b.numpy(), log_a.numpy(),
-                                                        n_iters, float(tol), 0.0, out.numpy())
-    else:
-        out, iters, err = _iterate(_TorchPasses(x, -1.0 / reg), log_b, log_a, n_iters, float(tol), 0.0)
-    if tol > 0 and not err < tol:
-        warnings.warn(f"sinkhorn_ot: stopped after n_iters={n_iters} iterations with marginal error {err:.3g} "
-                      f"> tol={tol:g}; raise n_iters or reg", ConvergenceWarning, stacklevel=2)
-    return from_tensor(out, origin)
+    x = c.to(dtype).contiguous()
+    alpha = -1.0 / reg
+    plans, gs, infos = [], [], []
+    for k in range(hists):
+        log_b = torch.log(b_t[:, k].contiguous())
+        g_init = None
+        if f0 is not None:  # the first column step from the given row potentials, in float64
+            g_init = log_b - torch.logsumexp(alpha * x.double() + f0[:, k:k + 1], dim=0)
+            g_init = torch.where(torch.isinf(log_b), log_b, g_init).contiguous()
+        if name == "cpu":
+            out = torch.empty_like(x)
+            iters, err, g, _, converged, errors = _backend.core().sinkhorn_solve(
+                x.numpy(), alpha, log_b.numpy(), log_a.numpy(), n_iters, float(tol), 0.0, out.numpy(),
+                None if g_init is None else g_init.numpy(), check_every)
+            g = torch.from_numpy(g)
+        else:
+            out, iters, err, g, converged, errors = _iterate(_TorchPasses(x, alpha), log_b, log_a, n_iters,
+                                                            float(tol), 0.0, g_init=g_init, check_every=check_every)
+        plans.append(out)
+        gs.append(g)
+        infos.append((iters, err, converged, list(errors)))
+    info = {"converged": all(i[2] for i in infos), "last_err": max(i[1] for i in infos),
+            "niter": max(i[0] for i in infos) - 1, "err": infos[0][3] if hists == 1 else [i[3] for i in infos]}
+    # POT's gauge: its u starts at 1/n ("ones") or exp(0) ("zeros"); ours at exp(0); a warm
+    # start fixes it for both. The constant moves between u and v and leaves the plan alone.
+    shift = math.log(n) if (gauge == "ones" and f0 is None) else 0.0
+    log_v = torch.stack([g.to(torch.float64) for g in gs], dim=1) + shift  # (m, h)
+    # log u_i = log a_i - LSE_j(alpha C_ij + log v_j): the row step that wrote the plan.
+    log_u = torch.stack([torch.where(torch.isinf(log_a), log_a,
+                                     log_a - torch.logsumexp(alpha * x.double() + log_v[:, k], dim=1))
+                         for k in range(hists)], dim=1)
+    squeeze = (lambda t: t) if _is_2d(b) else (lambda t: t[:, 0])
+    for key, t in (("log_u", log_u), ("log_v", log_v), ("u", torch.exp(log_u)), ("v", torch.exp(log_v))):
+        info[key] = from_tensor(squeeze(t).contiguous(), origin)
+    if not _is_2d(b):
+        return from_tensor(plans[0], origin), info
+    costs = torch.stack([(p.double() * x.double()).sum() for p in plans])
+    return from_tensor(costs, origin), info
+
+
+def _is_2d(v) -> bool:
+    return v is not None and np.ndim(v) == 2
 
 
 # ----- helpers -------------------------------------------------------------------------------
@@ -228,6 +293,39 @@ def _marginal(v, n: int, name: str, device) -> torch.Tensor:
     if not float(t.sum()) > 0:
         raise ValueError(f"{name}: marginals must have positive total mass")
     return t.contiguous()
+
+
+def _marginals(v, n: int, name: str, device) -> torch.Tensor:
+    """Column marginals as an (n, h) float64 matrix: one column for a vector (or None), h for
+    an (n, h) array of h histograms."""
+    if _is_2d(v):
+        t, _ = to_tensor(v, name)
+        check_float(t, name)
+        if t.shape[0] != n or t.shape[1] == 0:
+            raise ValueError(f"{name}: expected shape ({n}, h >= 1) to match cost, got {tuple(t.shape)}")
+        return torch.stack([_marginal(t[:, k], n, name, device) for k in range(t.shape[1])], dim=1)
+    return _marginal(v, n, name, device).reshape(n, 1)
+
+
+def _warmstart(warmstart, n: int, m: int, hists: int, device) -> Optional[torch.Tensor]:
+    """The row potentials log_u of a warm start, as (n, h) float64 (log_v is not needed: the
+    first column step replaces it, as in POT)."""
+    if warmstart is None:
+        return None
+    if not isinstance(warmstart, (tuple, list)) or len(warmstart) != 2:
+        raise TypeError("warmstart: expected a pair (log_u, log_v) of dual potentials")
+    shapes = ((n,), (m,)) if hists == 1 else ((n, hists), (m, hists))
+    parts = []
+    for part, shape, what in zip(warmstart, shapes, ("log_u", "log_v")):
+        t, _ = to_tensor(part, f"warmstart {what}")
+        check_float(t, f"warmstart {what}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"warmstart: {what} must have shape {shape}, got {tuple(t.shape)}")
+        t = t.to(device=device, dtype=torch.float64)
+        if bool(torch.isnan(t).any()) or bool((t == math.inf).any()):
+            raise ValueError(f"warmstart: {what} contains NaN or +Inf")
+        parts.append(t)
+    return parts[0].reshape(n, hists)
 
 
 def _swav_cpu(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -381,20 +479,32 @@ class _CorePasses:
         return out
 
 
-def _iterate(passes, log_b: torch.Tensor, log_a, n_iters: int, tol: float, log_out_scale: float, group=None):
+def _iterate(passes, log_b: torch.Tensor, log_a, n_iters: int, tol: float, log_out_scale: float, group=None,
+             g_init: Optional[torch.Tensor] = None, check_every: int = 0):
     """The loop of ``sinkhorn::solve`` over any passes object, with optional all-reduces.
 
-    Returns (plan, iterations, marginal_error). With ``group``, column statistics are
+    Returns (plan, iterations, marginal_error, g, converged, errors), as the core's solve
+    (``g_init`` and ``check_every`` as its Options). With ``group``, column statistics are
     all-reduced over the ranks (the row marginals ``log_a`` are already global).
     """
-    col_max, col_sum = passes.column_logsumexp()
-    if group is not None:
-        global_max = col_max.clone()
-        _all_reduce(global_max, group, "max")
-        col_sum = col_sum * torch.exp(col_max - global_max).nan_to_num(0.0)
-        _all_reduce(col_sum, group, "sum")
-        col_max = global_max
-    g = log_b - (col_max + torch.log(col_sum))
+    every = check_every if check_every > 0 else (1 if tol > 0 else 0)
+    at = (lambda it: every > 0 and (it - 1) % every == 0)
+    errors, converged = [], False
+
+    def measure(col_mass):
+        return float(torch.linalg.vector_norm(col_mass - torch.exp(log_b)))
+
+    if g_init is not None:
+        g = g_init.to(log_b.dtype)
+    else:
+        col_max, col_sum = passes.column_logsumexp()
+        if group is not None:
+            global_max = col_max.clone()
+            _all_reduce(global_max, group, "max")
+            col_sum = col_sum * torch.exp(col_max - global_max).nan_to_num(0.0)
+            _all_reduce(col_sum, group, "sum")
+            col_max = global_max
+        g = log_b - (col_max + torch.log(col_sum))
     err = 0.0
     iters = 1
     for iters in range(1, n_iters + 1):
@@ -403,18 +513,23 @@ def _iterate(passes, log_b: torch.Tensor, log_a, n_iters: int, tol: float, log_o
         col_mass = passes.row_pass(g, log_a)
         if group is not None:
             _all_reduce(col_mass, group, "sum")
-        if tol > 0:
-            err = float(torch.linalg.vector_norm(col_mass - torch.exp(log_b)))
-            if err < tol:
+        if at(iters):
+            err = measure(col_mass)
+            errors.append(err)
+            converged = tol > 0 and err < tol
+            if converged:
                 break
         g = _column_step(g, log_b, col_mass)
     out = passes.write_plan(g, log_a + log_out_scale)
-    if tol > 0:
+    if every > 0:
         col_mass = out.sum(dim=0, dtype=torch.float64) * math.exp(-log_out_scale)
         if group is not None:
             _all_reduce(col_mass, group, "sum")
-        err = float(torch.linalg.vector_norm(col_mass - torch.exp(log_b)))
-    return out, iters, err
+        err = measure(col_mass)
+        if not converged and at(iters):
+            errors.append(err)
+            converged = tol > 0 and err < tol
+    return out, iters, err, g, converged, errors
 
 
 def _column_step(g: torch.Tensor, log_b: torch.Tensor, col_mass: torch.Tensor) -> torch.Tensor:
@@ -430,8 +545,7 @@ def _all_reduce(t: torch.Tensor, group, op: str) -> None:
 def _swav_iterate(passes, k: int, b_global: int, n_iters: int, device, group=None) -> torch.Tensor:
     """SwAV through the generic loop: columns get mass 1/K, rows 1/B; the plan comes back times B."""
     log_b = torch.full((k,), -math.log(k), dtype=torch.float64, device=device)
-    out, _, _ = _iterate(passes, log_b, -math.log(b_global), n_iters, 0.0, math.log(b_global), group=group)
-    return out
+    return _iterate(passes, log_b, -math.log(b_global), n_iters, 0.0, math.log(b_global), group=group)[0]
 
 
 def _global_batch(b_local: int, k: int, finite: bool, group, device) -> int:

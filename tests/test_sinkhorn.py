@@ -228,7 +228,7 @@ def test_ot_matches_pot(backend, n, m, reg):
 def test_ot_fixed_iterations_match_pot(backend):
     a, b, cost = random_problem(40, 30, seed=3)
     for n_iters in (1, 3, 7):
-        plan = pym4.sinkhorn_ot(a, b, cost, 0.05, n_iters=n_iters, tol=0, backend=backend)
+        plan = pym4.sinkhorn_ot(a, b, cost, 0.05, n_iters=n_iters, tol=0, warn=False, backend=backend)
         ref = ot.sinkhorn(a, b, cost, 0.05, numItermax=n_iters, stopThr=0, warn=False)
         np.testing.assert_allclose(plan, ref, rtol=1e-9, atol=1e-15)
 
@@ -278,16 +278,21 @@ def test_ot_warns_when_not_converged():
     a, b, cost = random_problem(30, 30)
     with pytest.warns(pym4.ConvergenceWarning, match="n_iters=2"):
         pym4.sinkhorn_ot(a, b, cost, 0.01, n_iters=2)
+    # Stopping on n_iters with tol=0 (a fixed count) warns as POT does (issue 10) ...
+    with pytest.warns(pym4.ConvergenceWarning, match="n_iters=2"):
+        pym4.sinkhorn_ot(a, b, cost, 0.01, n_iters=2, tol=0)
+    # ... unless the caller says it expects that, with POT's warn=False.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        pym4.sinkhorn_ot(a, b, cost, 0.01, n_iters=2, tol=0)  # fixed iterations: nothing to warn
+        pym4.sinkhorn_ot(a, b, cost, 0.01, n_iters=2, tol=0, warn=False)
 
 
 @pytest.mark.parametrize("change,exc,match", [
     (lambda a, b, c: (-a, b, c), ValueError, "a: marginals must be non-negative"),
     (lambda a, b, c: (a, b * 2, c), ValueError, "a, b: marginals must have the same total mass"),
     (lambda a, b, c: (a[:-1], b, c), ValueError, "a: expected 10 entries"),
-    (lambda a, b, c: (a, b[:, None], c), ValueError, "b: expected a 1-D"),
+    (lambda a, b, c: (a, b[:, None, None], c), ValueError, "b: expected a 1-D"),  # 2-D is POT's multi b
+    (lambda a, b, c: (a, np.ones((7, 2)) / 7, c), ValueError, r"b: expected shape \(8, h >= 1\)"),
     (lambda a, b, c: (a, b, c[:, :3]), ValueError, "b: expected 3 entries"),
     (lambda a, b, c: (a, b, c.ravel()), ValueError, "cost: expected a 2-D"),
     (lambda a, b, c: (a, b, np.where(np.eye(10, 8, dtype=bool), np.nan, c)), ValueError, "cost: contains NaN"),
