@@ -430,6 +430,23 @@ PYBIND11_MODULE(_core, m) {
         py::arg("s"), py::arg("y"), py::arg("u"), py::arg("n"), py::arg("m"), py::arg("c"), py::arg("pi"),
         py::arg("eta"), py::arg("w"), py::arg("mu"), py::arg("q"), py::arg("stats"), py::arg("stream"));
   m.def("sinkhorn_workspace_bytes_cuda", &pym4::cuda::sinkhorn_workspace_bytes);
+  m.def("sinkhorn_pass_cuda",
+        [](int kind, uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t ld, double alpha, uintptr_t g32,
+           double log_a_scalar, uintptr_t out, uintptr_t stats, uintptr_t workspace, uintptr_t non_finite,
+           uintptr_t stream) {
+          PYM4_CHECK_VALUE(rows >= 1 && cols >= 1, "scores: empty");
+          PYM4_CHECK_VALUE(dtype >= 0 && dtype <= 2, "dtype code out of range");
+          py::gil_scoped_release release;
+          pym4::cuda::sinkhorn_pass(kind, reinterpret_cast<const void*>(x), static_cast<pym4::cuda::DType>(dtype),
+                                    rows, cols, ld, alpha, reinterpret_cast<const float*>(g32), log_a_scalar,
+                                    reinterpret_cast<void*>(out), reinterpret_cast<double*>(stats),
+                                    reinterpret_cast<void*>(workspace), reinterpret_cast<int*>(non_finite),
+                                    reinterpret_cast<void*>(stream));
+        },
+        py::arg("kind"), py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("ld"),
+        py::arg("alpha"), py::arg("g32"), py::arg("log_a_scalar"), py::arg("out"), py::arg("stats"),
+        py::arg("workspace"), py::arg("non_finite"), py::arg("stream"),
+        "One pass of the CUDA solve (0 column LSE, 1 row pass, 2 write), for all-reduces between passes.");
   m.def("sinkhorn_solve_cuda",
         [](uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t ld, double alpha, uintptr_t log_b,
            double log_a_scalar, int64_t n_iters, double log_out_scale, uintptr_t out, uintptr_t workspace,

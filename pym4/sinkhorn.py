@@ -96,9 +96,12 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
         return out
     if group is not None:
         b_global = _global_batch(t.shape[0], t.shape[1], bool(torch.isfinite(t).all()), group, t.device)
-        x = t.to(_compute_dtype(t.dtype))
-        passes = _CorePasses(x, alpha) if name == "cpu" else _TorchPasses(x, alpha)
-        q = _swav_iterate(passes, t.shape[1], b_global, n_iters, x.device, group)
+        if name == "cuda":  # the CUDA kernel, pass by pass, all-reducing between passes
+            passes = _CudaPasses(t if t.dtype in _CUDA_DTYPE_CODES else t.float(), alpha)
+        else:
+            x = t.to(_compute_dtype(t.dtype))
+            passes = _CorePasses(x, alpha) if name == "cpu" else _TorchPasses(x, alpha)
+        q = _swav_iterate(passes, t.shape[1], b_global, n_iters, t.device, group)
     elif name == "cpu":
         q = _swav_cpu(t, alpha, n_iters)
     elif name == "cuda":
@@ -479,6 +482,49 @@ class _CorePasses:
         return out
 
 
+class _CudaPasses:
+    """The passes through the core's CUDA kernel (``sinkhorn_pass_cuda``), for ``group=``:
+    each is one or two launches on the current stream with no host synchronisation, and the
+    column statistics they return (device float64) are all-reduced in between by NCCL. Rows
+    carry one mass each (``log_a`` a number, as in SwAV)."""
+
+    def __init__(self, x: torch.Tensor, alpha: float, in_place: bool = False):
+        self.x = x if x.stride(-1) == 1 else x.contiguous()
+        self.alpha, self.in_place = alpha, in_place  # in_place: the plan overwrites x (x is ours)
+        self.core = _backend.core()
+        b, k = self.x.shape
+        self.workspace = torch.empty(self.core.sinkhorn_workspace_bytes_cuda(b, k), dtype=torch.uint8,
+                                     device=x.device)
+        self.non_finite = torch.zeros(1, dtype=torch.int32, device=x.device)  # checked before (_global_batch)
+
+    def _pass(self, kind: int, g, log_a: float, out=None, stats=None):
+        x = self.x
+        b, k = x.shape
+        g32 = None if g is None else g.to(torch.float32).contiguous()
+        with torch.cuda.device(x.device):
+            self.core.sinkhorn_pass_cuda(kind, x.data_ptr(), _CUDA_DTYPE_CODES[x.dtype], b, k, x.stride(0), self.alpha,
+                                         0 if g32 is None else g32.data_ptr(), float(log_a),
+                                         0 if out is None else out.data_ptr(), 0 if stats is None else stats.data_ptr(),
+                                         self.workspace.data_ptr(), self.non_finite.data_ptr(),
+                                         torch.cuda.current_stream(x.device).cuda_stream)
+
+    def column_logsumexp(self):
+        k = self.x.shape[1]
+        stats = torch.empty(2 * k, dtype=torch.float64, device=self.x.device)
+        self._pass(0, None, 0.0, stats=stats)
+        return stats[:k], stats[k:]
+
+    def row_pass(self, g, log_a):
+        stats = torch.empty(self.x.shape[1], dtype=torch.float64, device=self.x.device)
+        self._pass(1, g, log_a, stats=stats)
+        return stats
+
+    def write_plan(self, g, log_a):
+        out = self.x if self.in_place else torch.empty(self.x.shape, dtype=self.x.dtype, device=self.x.device)
+        self._pass(2, g, log_a, out=out)
+        return out
+
+
 def _iterate(passes, log_b: torch.Tensor, log_a, n_iters: int, tol: float, log_out_scale: float, group=None,
              g_init: Optional[torch.Tensor] = None, check_every: int = 0):
     """The loop of ``sinkhorn::solve`` over any passes object, with optional all-reduces.
@@ -626,6 +672,9 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
     if group is not None:
         finite = bool(torch.isfinite(zc).all()) and bool(torch.isfinite(cc).all())
         b_global = _global_batch(b, k, finite, group, z.device)
+        if name == "cuda":  # this rank's scores in the result buffer; the plan overwrites them
+            q = torch.mm(zc, cc.t())
+            return _swav_iterate(_CudaPasses(q, alpha, in_place=True), k, b_global, n_iters, z.device, group)
     else:
         # The result buffer is B x K anyway: form the scores in it with one matmul and solve
         # there in place (kernel form), with no other B x K memory. Only when the spread
