@@ -16,9 +16,11 @@ from references import swav_sinkhorn as swav_reference
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 SHAPES = [(1, 1), (7, 5), (37, 129), (64, 3000)]
+# The same tests run natively where there is a GPU (through the interpreter otherwise).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def uniform_scores(b, k, seed=0, device="cpu"):
+def uniform_scores(b, k, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
     return (torch.rand(b, k, generator=g, dtype=torch.float64) * 2 - 1).float().to(device)
 
@@ -43,8 +45,8 @@ def test_matches_swav_reference(shape, epsilon):
 def test_both_forms_and_iteration_counts(kernel_form, n_iters):
     s = uniform_scores(37, 129, seed=1)
     b, k = s.shape
-    log_a = torch.full((b,), -torch.log(torch.tensor(float(b))).item())
-    log_b = torch.full((k,), -torch.log(torch.tensor(float(k))).item())
+    log_a = torch.full((b,), -torch.log(torch.tensor(float(b))).item(), device=DEVICE)
+    log_b = torch.full((k,), -torch.log(torch.tensor(float(k))).item(), device=DEVICE)
     q, form, _, _ = kernels().sinkhorn(s, 20.0, n_iters, log_a, log_b, float(torch.log(torch.tensor(float(b)))),
                                        kernel_form=kernel_form)
     assert form == ("kernel" if kernel_form else "log")
@@ -54,7 +56,7 @@ def test_both_forms_and_iteration_counts(kernel_form, n_iters):
 def test_form_follows_the_spread():
     s = uniform_scores(7, 5)
     b, k = s.shape
-    la, lb = torch.full((b,), -1.0), torch.full((k,), -1.0)
+    la, lb = torch.full((b,), -1.0, device=DEVICE), torch.full((k,), -1.0, device=DEVICE)
     assert kernels().sinkhorn(s, 20.0, 1, la, lb)[1] == "kernel"  # spread < 2 * 20 = 40
     assert kernels().sinkhorn(s, 100.0, 1, la, lb)[1] == "log"  # spread up to 200
 
@@ -70,14 +72,14 @@ def test_non_contiguous_and_out_and_features_form():
     s = uniform_scores(129, 37).t()  # (37, 129), column stride != 1
     ref = swav_reference(s, 0.05, 3)
     torch.testing.assert_close(pym4.sinkhorn(s, backend="triton").double(), ref, rtol=5e-5, atol=1e-7)
-    buf = torch.empty(37, 129)
+    buf = torch.empty(37, 129, device=DEVICE)
     assert pym4.sinkhorn(s, out=buf, backend="triton") is buf
     torch.testing.assert_close(buf.double(), ref, rtol=5e-5, atol=1e-7)
     g = torch.Generator().manual_seed(2)
     z = torch.nn.functional.normalize(torch.randn(37, 16, generator=g), dim=1)
     c = torch.nn.functional.normalize(torch.randn(129, 16, generator=g), dim=1)
-    q = pym4.sinkhorn(z, 0.05, 3, prototypes=c, backend="triton")
-    torch.testing.assert_close(q.double(), swav_reference(z.double() @ c.double().t(), 0.05, 3), rtol=5e-5,
+    q = pym4.sinkhorn(z.to(DEVICE), 0.05, 3, prototypes=c.to(DEVICE), backend="triton")
+    torch.testing.assert_close(q.double().cpu(), swav_reference(z.double() @ c.double().t(), 0.05, 3), rtol=5e-5,
                                atol=1e-7)
 
 
