@@ -48,11 +48,14 @@ SITE=${PYM4_GPU_SITE:-/tmp/pym4-gpu-site}
 step build "${PYM4_BUILD_LIMIT:-200}" env PYM4_CUDA=ON PYM4_CUDA_ARCHS="${PYM4_CUDA_ARCHS:-90}" \
   "$PY" -m pip install --no-build-isolation --no-deps -q --upgrade --target "$SITE" .
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
-step build_info 30 "$PY" -c "import json, pym4; print(json.dumps(pym4.build_info(), indent=1))"
+step build_info 40 "$PY" -c "import json, pym4; print(json.dumps(pym4.build_info(), indent=1))"
 install_anchors() {  # each missing anchor from the wheelhouse, into the same folder
   local anchor missing=""
+  # Found, not imported: open_clip's package import needs torchvision, but the tests and the
+  # benchmark load its loss.py by path (installed --no-deps, as the Makefile does).
+  found() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"; }
   for anchor in $ANCHORS; do
-    "$PY" -c "import ${anchor#*=}" 2>/dev/null || missing="$missing ${anchor%%=*}"
+    found "${anchor#*=}" || missing="$missing ${anchor%%=*}"
   done
   [ -n "$missing" ] || { echo "anchors already installed"; return 0; }
   if [ ! -d "$WHEELHOUSE" ]; then
@@ -64,12 +67,11 @@ install_anchors() {  # each missing anchor from the wheelhouse, into the same fo
       || echo "$name: not in the wheelhouse, its column is skipped"
   done
   for anchor in $ANCHORS; do
-    "$PY" -c "import ${anchor#*=}; print('${anchor#*=}', getattr(${anchor#*=}, '__version__', '?'))" 2>/dev/null \
-      || echo "${anchor#*=}: not importable"
+    if found "${anchor#*=}"; then echo "${anchor#*=}: installed"; else echo "${anchor#*=}: missing"; fi
   done
 }
-step anchors 60 install_anchors
-step triton_import 30 "$PY" -c "from pym4.kernels import sinkhorn as k; print(len(list(k.compile_configs())), 'Triton Sinkhorn configurations')"
+step anchors 40 install_anchors
+step triton_import 40 "$PY" -c "from pym4.kernels import sinkhorn as k; print(len(list(k.compile_configs())), 'Triton Sinkhorn configurations')"
 if [ "$DRY_RUN" = "1" ]; then
   log "dry run: stopping before the first CUDA call (pytest -m gpu, benchmarks --device cuda)"
   log "done (status $status)"
