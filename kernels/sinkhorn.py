@@ -47,6 +47,16 @@ _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 @triton.jit
+def _online_lse(run_max, run_sum, t, AXIS: tl.constexpr):
+    """Folds the tile t into the running (max, sum) of a log-sum-exp along AXIS; an
+    all -inf line so far keeps (-inf, 0) instead of producing -inf - (-inf) = NaN."""
+    new_max = tl.maximum(run_max, tl.max(t, axis=AXIS))
+    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(t - tl.expand_dims(safe, AXIS)), axis=AXIS)
+    return new_max, run_sum
+
+
+@triton.jit
 def _column_kernel(x_ptr, part_a_ptr, part_b_ptr, B, K, stride_x, alpha, shift, rows_per_prog,
                    KERNEL_FORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
@@ -65,11 +75,7 @@ def _column_kernel(x_ptr, part_a_ptr, part_b_ptr, B, K, stride_x, alpha, shift, 
             # Padding lanes take exp(0) and are then dropped (no overflow, no inf * 0).
             run_sum += tl.sum(tl.where(ok, tl.exp(tl.where(ok, t, shift) - shift), 0.0), axis=0)
         else:
-            t = tl.where(ok, t, float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(t, axis=0))
-            safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # empty so far: no NaN
-            run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(t - safe[None, :]), axis=0)
-            run_max = new_max
+            run_max, run_sum = _online_lse(run_max, run_sum, tl.where(ok, t, float("-inf")), 0)
     tl.store(part_a_ptr + pid * K + cols, run_sum, mask=col_ok)
     if not KERNEL_FORM:
         tl.store(part_b_ptr + pid * K + cols, run_max, mask=col_ok)
@@ -96,11 +102,7 @@ def _row_kernel(x_ptr, out_ptr, v_ptr, log_a_ptr, row_ptr, part_ptr, B, K, strid
             run_sum += tl.sum(tl.exp(tl.where(ok, t, shift) - shift) * tl.where(ok, w[None, :], 0.0), axis=1)
         else:
             g = tl.load(v_ptr + cols, mask=cols < K, other=float("-inf"))
-            t = tl.where(ok, t + g[None, :], float("-inf"))
-            new_max = tl.maximum(run_max, tl.max(t, axis=1))
-            safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-            run_sum = run_sum * tl.exp(run_max - safe) + tl.sum(tl.exp(t - safe[:, None]), axis=1)
-            run_max = new_max
+            run_max, run_sum = _online_lse(run_max, run_sum, tl.where(ok, t + g[None, :], float("-inf")), 1)
     log_a = tl.load(log_a_ptr + rows, mask=row_ok, other=0.0)
     if WRITE:
         log_a += log_out_scale

@@ -54,7 +54,7 @@ def sinkhorn(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, ver
         raise ValueError(f"method: pym4.ot.sinkhorn supports {_METHODS}, got {method!r}")
     method = method.lower()
     res, info = _sinkhorn_ot(a, b, M, reg, numItermax, stopThr, warmstart, None, check_every=10,
-                             gauge="ones" if method == "sinkhorn" else "zeros")
+                             gauge="ones" if method == "sinkhorn" else "zeros", potentials=bool(log))
     if verbose:
         for k, err in enumerate(info["err"] if not info["err"] or not isinstance(info["err"][0], list)
                                 else info["err"][0]):

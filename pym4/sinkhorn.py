@@ -193,7 +193,8 @@ def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-
     costs, (h,)), and the log dict when ``log``. Rows of a plan sum to ``a`` exactly; its
     columns to ``b`` within ``tol``.
     """
-    res, info = _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, check_every=1, gauge="ones")
+    res, info = _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, check_every=1, gauge="ones",
+                             potentials=log)
     if warn and not info["converged"]:
         warnings.warn(f"sinkhorn_ot: stopped after n_iters={n_iters} iterations with marginal error "
                       f"{info['last_err']:.3g}, not below tol={tol:g}; raise n_iters or reg", ConvergenceWarning,
@@ -203,11 +204,13 @@ def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-
     return res, {k: info[k] for k in ("err", "niter", "u", "v", "log_u", "log_v")}
 
 
-def _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, *, check_every: int, gauge: str):
+def _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, *, check_every: int, gauge: str,
+                 potentials: bool):
     """The OT solve behind ``sinkhorn_ot`` and ``pym4.ot.sinkhorn``: checks the input, solves
     each target histogram, returns (plan or costs, info). ``check_every``: measure the error
     every that many iterations (POT: 10). ``gauge``: "ones" puts POT's ``method="sinkhorn"``
-    constant into u and v (its u starts at 1/n), "zeros" that of ``method="sinkhorn_log"``."""
+    constant into u and v (its u starts at 1/n), "zeros" that of ``method="sinkhorn_log"``.
+    ``potentials``: also compute u, v, log_u, log_v into info (one more pass over the cost)."""
     c, origin = to_tensor(cost, "cost")
     check_float(c, "cost")
     check_ndim(c, 2, "cost", " (n, m)")
@@ -256,21 +259,27 @@ def _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, *, check_eve
         infos.append((iters, err, converged, list(errors)))
     info = {"converged": all(i[2] for i in infos), "last_err": max(i[1] for i in infos),
             "niter": max(i[0] for i in infos) - 1, "err": infos[0][3] if hists == 1 else [i[3] for i in infos]}
-    # POT's gauge: its u starts at 1/n ("ones") or exp(0) ("zeros"); ours at exp(0); a warm
-    # start fixes it for both. The constant moves between u and v and leaves the plan alone.
-    shift = math.log(n) if (gauge == "ones" and f0 is None) else 0.0
-    log_v = torch.stack([g.to(torch.float64) for g in gs], dim=1) + shift  # (m, h)
-    # log u_i = log a_i - LSE_j(alpha C_ij + log v_j): the row step that wrote the plan.
-    log_u = torch.stack([torch.where(torch.isinf(log_a), log_a,
-                                     log_a - torch.logsumexp(alpha * x.double() + log_v[:, k], dim=1))
-                         for k in range(hists)], dim=1)
-    squeeze = (lambda t: t) if _is_2d(b) else (lambda t: t[:, 0])
-    for key, t in (("log_u", log_u), ("log_v", log_v), ("u", torch.exp(log_u)), ("v", torch.exp(log_v))):
-        info[key] = from_tensor(squeeze(t).contiguous(), origin)
+    if potentials:
+        info.update(_potentials(x, alpha, log_a, gs, math.log(n) if (gauge == "ones" and f0 is None) else 0.0,
+                                _is_2d(b), origin))
     if not _is_2d(b):
         return from_tensor(plans[0], origin), info
     costs = torch.stack([(p.double() * x.double()).sum() for p in plans])
     return from_tensor(costs, origin), info
+
+
+def _potentials(x, alpha, log_a, gs, shift, multi, origin) -> dict:
+    """POT's u, v, log_u, log_v from the column potentials g of each histogram's solve."""
+    # POT's gauge: its u starts at 1/n ("ones") or exp(0) ("zeros"); ours at exp(0); a warm
+    # start fixes it for both. The constant (shift) moves between u and v, not the plan.
+    log_v = torch.stack([g.to(torch.float64) for g in gs], dim=1) + shift  # (m, h)
+    # log u_i = log a_i - LSE_j(alpha C_ij + log v_j): the row step that wrote the plan.
+    log_u = torch.stack([torch.where(torch.isinf(log_a), log_a,
+                                     log_a - torch.logsumexp(alpha * x.double() + log_v[:, k], dim=1))
+                         for k in range(len(gs))], dim=1)
+    squeeze = (lambda t: t) if multi else (lambda t: t[:, 0])
+    return {key: from_tensor(squeeze(t).contiguous(), origin)
+            for key, t in (("log_u", log_u), ("log_v", log_v), ("u", torch.exp(log_u)), ("v", torch.exp(log_v)))}
 
 
 def _is_2d(v) -> bool:

@@ -27,13 +27,21 @@ def swav_distributed_sinkhorn(shards, epsilon: float = 0.05, n_iters: int = 3):
     qs = [torch.exp(s.float() / epsilon).t() for s in shards]
     k = qs[0].shape[0]
     b_of_rank = [q.shape[1] * world for q in qs]
-    total = sum(torch.sum(q) for q in qs)
+
+    def all_reduce(parts):  # on one shard exactly SwAV's operations (the CUDA tests count its launches)
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return total
+
+    total = all_reduce([torch.sum(q) for q in qs])
     qs = [q / total for q in qs]
     for _ in range(n_iters):
-        rows = sum(torch.sum(q, dim=1, keepdim=True) for q in qs)  # prototype sums, all-reduced
+        rows = all_reduce([torch.sum(q, dim=1, keepdim=True) for q in qs])  # prototype sums
         qs = [q / rows / k for q in qs]
         qs = [q / torch.sum(q, dim=0, keepdim=True) / b for q, b in zip(qs, b_of_rank)]
-    return torch.cat([(q * b).t() for q, b in zip(qs, b_of_rank)])
+    codes = [(q * b).t() for q, b in zip(qs, b_of_rank)]
+    return codes[0] if world == 1 else torch.cat(codes)
 
 
 def features(b, k, d=128, seed=0):
