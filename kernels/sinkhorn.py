@@ -204,7 +204,9 @@ def sinkhorn(x: torch.Tensor, alpha: float, n_iters: int, log_a: torch.Tensor, l
 
     Returns (out, form, row, col): form "kernel" or "log"; row (B,) the last row scales
     (a_i / r_i) or potentials f_i, col (K,) the scaling vector w or the potential g, in the
-    form's convention. Raises ValueError when x holds NaN or Inf.
+    form's convention. ``out`` may be ``x`` itself (each program reads its rows before it
+    writes them); then None when the kernel form ran and declined (a scaling left the float
+    range), x having been overwritten. Raises ValueError when x holds NaN or Inf.
     """
     b, k = x.shape
     if out is None:
@@ -229,6 +231,8 @@ def sinkhorn(x: torch.Tensor, alpha: float, n_iters: int, log_a: torch.Tensor, l
         result = _solve(x, alpha, n_iters, log_a, log_b, log_out_scale, out, True, max(alpha * hi, alpha * lo))
         if result is not None:
             return result
+        if x.data_ptr() == out.data_ptr():
+            return None  # in place: x now holds a plan, the log domain cannot run on it
     return _solve(x, alpha, n_iters, log_a, log_b, log_out_scale, out, False, 0.0)
 
 

@@ -398,9 +398,11 @@ def _swav_backends(device_type: str):
     return _SWAV_BACKENDS["cuda" if device_type == "cuda" else "cpu"]
 
 
-def _swav_triton(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _swav_triton(t: torch.Tensor, alpha: float, n_iters: int,
+                 out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """The Triton kernels (kernels/sinkhorn.py); writes into ``out`` when its dtype is one
-    Triton stores (float32/16, bfloat16), which may be ``t`` itself (in place)."""
+    Triton stores (float32/16, bfloat16), which may be ``t`` itself (in place: None when
+    the kernel form declined, the input then overwritten)."""
     from pym4.kernels import sinkhorn as kernels  # lazily: triton is optional
 
     x = t if t.dtype in _CUDA_DTYPE_CODES else t.float()
@@ -409,7 +411,8 @@ def _swav_triton(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torc
         out = None
     log_a = torch.full((b,), -math.log(b), dtype=torch.float32, device=x.device)
     log_b = torch.full((k,), -math.log(k), dtype=torch.float32, device=x.device)
-    return kernels.sinkhorn(x, alpha, n_iters, log_a, log_b, math.log(b), out)[0]
+    result = kernels.sinkhorn(x, alpha, n_iters, log_a, log_b, math.log(b), out)
+    return None if result is None else result[0]  # None: an in-place solve declined (see kernels)
 
 
 def _swav_cuda(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -748,7 +751,8 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
             elif name == "cuda":
                 return _swav_cuda(q, alpha, n_iters, out=q)
             elif name == "triton":
-                return _swav_triton(q, alpha, n_iters, out=q)
+                if _swav_triton(q, alpha, n_iters, out=q) is not None:
+                    return q
             elif _swav_torch_kernel_form(q, alpha, n_iters, in_place=True) is not None:
                 return q
         except ValueError:
