@@ -563,22 +563,51 @@ void set_parts(Params& p, int64_t parts) {
   p.parts = static_cast<int>((p.rows + p.rows_per_part - 1) / p.rows_per_part);  // no empty part
 }
 
-template <typename T>
-void solve_typed(Params p, cudaStream_t stream) {
-  int device = 0, sms = 0, smem_optin = 0, coop = 0;
-  PYM4_CUDA_CHECK(cudaGetDevice(&device));
-  PYM4_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  PYM4_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  PYM4_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+// The device's SM count and where the row phases keep g32 and their accumulators.
+struct DevicePlan {
+  int sms = 0;
+  int coop = 0;
+  size_t dyn_smem = 0;   // dynamic shared memory per block of the row phases
+  size_t dyn_limit = 0;  // opt-in size, see set_dynamic_smem
+};
 
-  // g32 copy + column accumulators in shared memory when they fit next to the static scratch.
+// Sets p.smem_mode: g32 copy + column accumulators in shared memory when they fit next to
+// the static scratch.
+DevicePlan plan_device(Params& p) {
+  int device = 0, smem_optin = 0;
+  DevicePlan d;
+  PYM4_CUDA_CHECK(cudaGetDevice(&device));
+  PYM4_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device));
+  PYM4_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  PYM4_CUDA_CHECK(cudaDeviceGetAttribute(&d.coop, cudaDevAttrCooperativeLaunch, device));
   const size_t smem_needed = 2 * sizeof(float) * static_cast<size_t>(p.cols);
   const size_t smem_budget = static_cast<size_t>(std::max(smem_optin, 0)) > sizeof(Scratch) + 1024
                                  ? static_cast<size_t>(smem_optin) - sizeof(Scratch) - 1024
                                  : 0;
   p.smem_mode = smem_needed <= smem_budget ? 1 : 0;
-  const size_t dyn_smem = p.smem_mode ? smem_needed : 0;
-  const size_t dyn_limit = p.smem_mode ? smem_budget : 0;  // opt-in size, see set_dynamic_smem
+  d.dyn_smem = p.smem_mode ? smem_needed : 0;
+  d.dyn_limit = p.smem_mode ? smem_budget : 0;
+  return d;
+}
+
+// The multi-launch path's set-up: shared-memory opt-ins and one resident wave of row blocks
+// (the same parts for every pass: they depend only on the shape and the device). Returns the
+// blocks of a combine launch.
+template <typename T>
+int plan_multi(Params& p, const DevicePlan& d) {
+  set_dynamic_smem(sinkhorn_row_kernel<T, false>, d.dyn_limit);
+  set_dynamic_smem(sinkhorn_row_kernel<T, true>, d.dyn_limit);
+  set_parts(p, std::min(max_parts(p.rows, p.cols),
+                        std::max<int64_t>(1, resident_blocks(sinkhorn_row_kernel<T, false>, d.dyn_smem, d.sms))));
+  const int tiles = (p.cols + 31) / 32;
+  return p.parts <= kSmallCombineParts ? (tiles + kWarps - 1) / kWarps : tiles;
+}
+
+template <typename T>
+void solve_typed(Params p, cudaStream_t stream) {
+  const DevicePlan d = plan_device(p);
+  const int sms = d.sms, coop = d.coop;
+  const size_t dyn_smem = d.dyn_smem, dyn_limit = d.dyn_limit;
   const int64_t parts_cap = max_parts(p.rows, p.cols);
 
   Path path = path_override();
@@ -612,11 +641,7 @@ void solve_typed(Params p, cudaStream_t stream) {
   auto lse_kernel = sinkhorn_column_lse_kernel<T>;
   auto acc_kernel = sinkhorn_row_kernel<T, false>;
   auto write_kernel = sinkhorn_row_kernel<T, true>;
-  set_dynamic_smem(acc_kernel, dyn_limit);
-  set_dynamic_smem(write_kernel, dyn_limit);
-  set_parts(p, std::min(parts_cap, std::max<int64_t>(1, resident_blocks(acc_kernel, dyn_smem, sms))));
-  const int tiles = (p.cols + 31) / 32;
-  const int combine_blocks = p.parts <= kSmallCombineParts ? (tiles + kWarps - 1) / kWarps : tiles;
+  const int combine_blocks = plan_multi<T>(p, d);
 
   lse_kernel<<<p.parts, kThreads, 0, stream>>>(p);
   check_last_error("sinkhorn (CUDA) column log-sum-exp");
@@ -632,28 +657,39 @@ void solve_typed(Params p, cudaStream_t stream) {
   check_last_error("sinkhorn (CUDA) write pass");
 }
 
+// The Params both entry points share: the matrix, the row masses, the output and the
+// workspace carve-up (g64, g32, partials).
+Params base_params(const void* x, int64_t rows, int64_t cols, int64_t ld, float alpha, double log_a_scalar,
+                   double log_out_scale, void* out, int* non_finite, void* workspace) {
+  const Layout l = workspace_layout(rows, cols);
+  char* ws = static_cast<char*>(workspace);
+  Params p{};
+  p.x = x;
+  p.rows = rows;
+  p.ld = rows == 1 ? cols : ld;
+  p.cols = static_cast<int>(cols);
+  p.n_iters = 1;
+  p.alpha = alpha;
+  p.log_a = static_cast<float>(log_a_scalar);
+  p.log_a_out = static_cast<float>(log_a_scalar + log_out_scale);
+  p.log_b_uniform = -std::log(static_cast<double>(cols));
+  p.out = out;
+  p.non_finite = non_finite;
+  p.g64 = reinterpret_cast<double*>(ws + l.g64);
+  p.g32 = reinterpret_cast<float*>(ws + l.g32);
+  p.part_ms = reinterpret_cast<float2*>(ws + l.partials);
+  p.part_mass = reinterpret_cast<float*>(ws + l.partials);
+  return p;
+}
+
 // One pass of the multi-launch path (see sinkhorn_pass in include/pym4/cuda.h).
 template <typename T>
 void pass_typed(Params p, int kind, cudaStream_t stream) {
-  int device = 0, sms = 0, smem_optin = 0;
-  PYM4_CUDA_CHECK(cudaGetDevice(&device));
-  PYM4_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  PYM4_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t smem_needed = 2 * sizeof(float) * static_cast<size_t>(p.cols);
-  const size_t smem_budget = static_cast<size_t>(std::max(smem_optin, 0)) > sizeof(Scratch) + 1024
-                                 ? static_cast<size_t>(smem_optin) - sizeof(Scratch) - 1024
-                                 : 0;
-  p.smem_mode = smem_needed <= smem_budget ? 1 : 0;
-  const size_t dyn_smem = p.smem_mode ? smem_needed : 0;
-  const size_t dyn_limit = p.smem_mode ? smem_budget : 0;
+  const DevicePlan d = plan_device(p);
+  const size_t dyn_smem = d.dyn_smem;
   auto acc_kernel = sinkhorn_row_kernel<T, false>;
   auto write_kernel = sinkhorn_row_kernel<T, true>;
-  set_dynamic_smem(acc_kernel, dyn_limit);
-  set_dynamic_smem(write_kernel, dyn_limit);
-  // The same parts for every pass of a solve (they depend only on the shape and the device).
-  set_parts(p, std::min(max_parts(p.rows, p.cols), std::max<int64_t>(1, resident_blocks(acc_kernel, dyn_smem, sms))));
-  const int tiles = (p.cols + 31) / 32;
-  const int combine_blocks = p.parts <= kSmallCombineParts ? (tiles + kWarps - 1) / kWarps : tiles;
+  const int combine_blocks = plan_multi<T>(p, d);
   if (kind == 0) {
     sinkhorn_column_lse_kernel<T><<<p.parts, kThreads, 0, stream>>>(p);
     check_last_error("sinkhorn (CUDA) column log-sum-exp");
@@ -686,25 +722,9 @@ void sinkhorn_pass(int kind, const void* x, DType dtype, int64_t rows, int64_t c
     throw std::invalid_argument("alpha (1/epsilon): must be finite in float32, got " + format_g(alpha));
   if (!std::isfinite(log_a_scalar)) throw std::invalid_argument("log_a_scalar: must be finite");
   if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0) throw std::invalid_argument("workspace: misaligned");
-  const Layout l = workspace_layout(rows, cols);
-  char* ws = static_cast<char*>(workspace);
-  Params p{};
-  p.x = x;
-  p.rows = rows;
-  p.ld = rows == 1 ? cols : ld;
-  p.cols = static_cast<int>(cols);
-  p.n_iters = 1;
-  p.alpha = alpha_f;
-  p.log_a = static_cast<float>(log_a_scalar);
-  p.log_a_out = static_cast<float>(log_a_scalar);
-  p.log_b = nullptr;
-  p.log_b_uniform = 0.0;
-  p.out = out;
-  p.non_finite = non_finite;
-  p.g64 = nullptr;  // never touched by the export combines
+  Params p = base_params(x, rows, cols, ld, alpha_f, log_a_scalar, 0.0, out, non_finite, workspace);
+  p.g64 = nullptr;                  // never touched by the export combines
   p.g32 = const_cast<float*>(g32);  // read-only here: the row phases copy it to shared memory or read it
-  p.part_ms = reinterpret_cast<float2*>(ws + l.partials);
-  p.part_mass = reinterpret_cast<float*>(ws + l.partials);
   p.stats = stats;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
@@ -747,25 +767,9 @@ void sinkhorn_solve(const void* x, DType dtype, int64_t rows, int64_t cols, int6
   if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0 || reinterpret_cast<uintptr_t>(non_finite) % 4 != 0)
     throw std::invalid_argument("workspace, non_finite: misaligned");
 
-  const Layout l = workspace_layout(rows, cols);
-  char* ws = static_cast<char*>(workspace);
-  Params p{};
-  p.x = x;
-  p.rows = rows;
-  p.ld = rows == 1 ? cols : ld;
-  p.cols = static_cast<int>(cols);
+  Params p = base_params(x, rows, cols, ld, alpha_f, log_a_scalar, log_out_scale, out, non_finite, workspace);
   p.n_iters = static_cast<int>(n_iters);
-  p.alpha = alpha_f;
-  p.log_a = static_cast<float>(log_a_scalar);
-  p.log_a_out = static_cast<float>(log_a_scalar + log_out_scale);
   p.log_b = log_b;
-  p.log_b_uniform = -std::log(static_cast<double>(cols));
-  p.out = out;
-  p.non_finite = non_finite;
-  p.g64 = reinterpret_cast<double*>(ws + l.g64);
-  p.g32 = reinterpret_cast<float*>(ws + l.g32);
-  p.part_ms = reinterpret_cast<float2*>(ws + l.partials);
-  p.part_mass = reinterpret_cast<float*>(ws + l.partials);
 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
