@@ -82,6 +82,19 @@ def _column_kernel(x_ptr, part_a_ptr, part_b_ptr, B, K, stride_x, alpha, shift, 
 
 
 @triton.jit
+def _row_tile(x_rows, v_ptr, cols, ok, K, alpha, shift, KERNEL_FORM: tl.constexpr):
+    """One (BLOCK_M, BLOCK_K) tile of the plan before row scaling: exp(alpha x - c) w_j in the
+    kernel form (0 outside the matrix), alpha x + g_j in the log domain (-inf outside)."""
+    t = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32) * alpha
+    if KERNEL_FORM:
+        w = tl.load(v_ptr + cols, mask=cols < K, other=0.0)
+        # Padding lanes take exp(0) and are then dropped (no overflow, no inf * 0).
+        return tl.exp(tl.where(ok, t, shift) - shift) * tl.where(ok, w[None, :], 0.0)
+    g = tl.load(v_ptr + cols, mask=cols < K, other=float("-inf"))
+    return tl.where(ok, t + g[None, :], float("-inf"))
+
+
+@triton.jit
 def _row_kernel(x_ptr, out_ptr, v_ptr, log_a_ptr, row_ptr, part_ptr, B, K, stride_x, stride_out, alpha, shift,
                 log_out_scale, KERNEL_FORM: tl.constexpr, WRITE: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_K: tl.constexpr):
@@ -96,13 +109,11 @@ def _row_kernel(x_ptr, out_ptr, v_ptr, log_a_ptr, row_ptr, part_ptr, B, K, strid
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         ok = row_ok[:, None] & (cols < K)[None, :]
-        t = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32) * alpha
+        tile = _row_tile(x_rows, v_ptr, cols, ok, K, alpha, shift, KERNEL_FORM)
         if KERNEL_FORM:
-            w = tl.load(v_ptr + cols, mask=cols < K, other=0.0)
-            run_sum += tl.sum(tl.exp(tl.where(ok, t, shift) - shift) * tl.where(ok, w[None, :], 0.0), axis=1)
+            run_sum += tl.sum(tile, axis=1)
         else:
-            g = tl.load(v_ptr + cols, mask=cols < K, other=float("-inf"))
-            run_max, run_sum = _online_lse(run_max, run_sum, tl.where(ok, t + g[None, :], float("-inf")), 1)
+            run_max, run_sum = _online_lse(run_max, run_sum, tile, 1)
     log_a = tl.load(log_a_ptr + rows, mask=row_ok, other=0.0)
     if WRITE:
         log_a += log_out_scale
@@ -119,13 +130,11 @@ def _row_kernel(x_ptr, out_ptr, v_ptr, log_a_ptr, row_ptr, part_ptr, B, K, strid
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         ok = row_ok[:, None] & (cols < K)[None, :]
-        t = tl.load(x_rows + cols[None, :], mask=ok, other=0.0).to(tl.float32) * alpha
+        tile = _row_tile(x_rows, v_ptr, cols, ok, K, alpha, shift, KERNEL_FORM)
         if KERNEL_FORM:
-            w = tl.load(v_ptr + cols, mask=cols < K, other=0.0)
-            p = tl.exp(tl.where(ok, t, shift) - shift) * tl.where(ok, w[None, :], 0.0) * scale[:, None]
+            p = tile * scale[:, None]
         else:
-            g = tl.load(v_ptr + cols, mask=cols < K, other=float("-inf"))
-            p = tl.exp(t + g[None, :] - row_max[:, None]) * scale[:, None]
+            p = tl.exp(tile - row_max[:, None]) * scale[:, None]
         p = tl.where(ok, p, 0.0)
         if WRITE:
             tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :],
