@@ -367,11 +367,13 @@ class _ResultPool:
         if nbytes < self.min_bytes:
             return torch.empty(shape, dtype=dtype)
         with self._lock:
-            for i, arr in enumerate(self._arrays):
+            for i in range(len(self._arrays)):  # (enumerate's reused tuple would hold one more reference)
+                arr = self._arrays[i]
                 # 3 references: the list, `arr` and getrefcount's argument; more: still in use.
                 if arr.dtype == np_dtype and arr.size == int(np.prod(shape)) and sys.getrefcount(arr) == 3:
                     self._arrays.append(self._arrays.pop(i))  # most recently used last
                     return torch.from_numpy(arr.reshape(shape))
+            arr = None
             arr = np.empty(shape, dtype=np_dtype)
             self._arrays.append(arr)
             if len(self._arrays) > self.keep:

@@ -443,3 +443,16 @@ def test_fresh_results_never_overwrite_live_ones():
     del view, as_numpy, others
     again = pym4.sinkhorn(s1)  # dropped buffers are reused, and the result is still right
     torch.testing.assert_close(again, want1, rtol=0, atol=0)
+
+
+def test_dropped_results_are_reused():
+    import sys
+
+    pool = sys.modules["pym4.sinkhorn"]._RESULTS
+    pool._arrays.clear()
+    s = cosine_scores(1024, 1100, seed=3)
+    for _ in range(4):  # each result dropped before the next call: one buffer serves them all
+        q = pym4.sinkhorn(s)
+        ptr = q.data_ptr()
+        del q
+    assert len(pool._arrays) == 1 and pool._arrays[0].ctypes.data == ptr
