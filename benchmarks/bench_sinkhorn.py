@@ -63,6 +63,8 @@ def pot_sinkhorn(scores_np: np.ndarray, epsilon: float, n_iters: int) -> np.ndar
     return plan * b
 
 
+# ----- timing and counting (one place; the integrator moves it onto benchmarks/_harness.py) -----
+
 def timeit(fn, device: str, repeats: int) -> float:
     """Median seconds of `repeats` calls after one warm-up (GPU: triton's do_bench)."""
     if device == "cuda":
@@ -105,6 +107,20 @@ def interleaved_medians(impls, device: str, rounds: int, slow=None):
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
+def count_launches(fn) -> int:
+    """CUDA kernels launched by one call of ``fn`` (torch profiler, after a warm-up call):
+    at SwAV/SEER shapes per GPU a launch costs more than the bytes it moves."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
+
+
 def memory_bandwidth(device: str, nbytes: int = 1 << 28):
     """(read, write) bytes/s of streaming over a 256 MB buffer, far larger than any CPU
     cache: a sum reads it, a fill writes it (into touched memory: no page faults counted)."""
@@ -130,7 +146,9 @@ def main(argv=None) -> int:
     print(f"pym4 {info['version']}  device={device}  threads={torch.get_num_threads()}  simd={info['simd']}  "
           f"cuda_core={info['cuda']}")
 
-    backends = [b for b in ("cuda", "cpu", "torch") if _backend.available(b, device)]
+    backends = [b for b in ("cuda", "cpu", "triton", "torch") if _backend.available(b, device)]
+    if device == "cpu":
+        backends = [b for b in backends if b != "triton"]  # the interpreter is a test tool, not a CPU path
     try:
         import ot  # noqa: F401
         have_pot = not args.no_pot and device == "cpu"
@@ -161,6 +179,9 @@ def main(argv=None) -> int:
         # Features form: scores z @ C^T recomputed block by block in every pass, never stored.
         z_dev, c_dev = z.to(device), c.to(device)
         impls["pym4-features"] = lambda: pym4.sinkhorn(z_dev, eps, n_iters, prototypes=c_dev)
+        # What the features form replaces: one matmul forming the scores, then the scores path.
+        impls["matmul+pym4"] = lambda: pym4.sinkhorn(z_dev @ c_dev.t(), eps, n_iters)
+        impls["matmul"] = lambda: z_dev @ c_dev.t()
         impls["swav-reference"] = lambda: swav_reference(scores, eps, n_iters)
         reference = swav_reference(scores.double(), eps, n_iters)
         if have_pot:
@@ -169,14 +190,17 @@ def main(argv=None) -> int:
         errors = {}
         for name, fn in impls.items():  # correctness first (and a warm-up)
             out = fn()
-            errors[name] = float((torch.as_tensor(out).to(reference.device, torch.float64) - reference).abs().max())
-        times = interleaved_medians(impls, device, args.repeats, slow={"pot": 2, "pym4-torch": 3, "pym4-features": 3})
+            errors[name] = (math.nan if name == "matmul" else
+                            float((torch.as_tensor(out).to(reference.device, torch.float64) - reference).abs().max()))
+        times = interleaved_medians(impls, device, args.repeats, slow={"pot": 2})
+        launches = {name: count_launches(fn) for name, fn in impls.items() if name != "pot"} if device == "cuda" else {}
         for name in impls:
             rows.append({"shape": label, "B": b, "K": k, "n_iters": n_iters, "epsilon": eps, "impl": name,
-                         "seconds": times[name], "max_abs_err": errors[name], "floor_min_s": floor_min,
-                         "floor_passes_s": floor_passes, "read_GBps": read_bw / 1e9,
+                         "seconds": times[name], "max_abs_err": errors[name], "launches": launches.get(name, ""),
+                         "floor_min_s": floor_min, "floor_passes_s": floor_passes, "read_GBps": read_bw / 1e9,
                          "write_GBps": write_bw / 1e9})
-            print(f"{label:<20} {name:<16} {times[name] * 1e3:10.3f} ms   max|err| {errors[name]:.2e}")
+            count = f"   {launches[name]:4d} launches" if name in launches else ""
+            print(f"{label:<20} {name:<16} {times[name] * 1e3:10.3f} ms   max|err| {errors[name]:.2e}{count}")
         # The headline ratio compares like with like: a fresh result each call, as the anchors.
         best = min((t, n) for n, t in times.items() if n in {f"pym4-{be}" for be in backends})
         print(f"{label:<20} floor: {floor_min * 1e3:.3f} ms (read+write once), {floor_passes * 1e3:.3f} ms "
@@ -187,6 +211,11 @@ def main(argv=None) -> int:
             if anchor in times:
                 print(f"ratio {label}: {anchor} / {best[1]} = {times[anchor] / best[0]:.2f}x")
         print(f"ratio {label}: swav-reference / pym4-reuse-out = {times['swav-reference'] / times['pym4-reuse-out']:.2f}x")
+        for be in backends:  # every backend against the code it replaces (target: >= 1x)
+            print(f"ratio {label}: swav-reference / pym4-{be} = {times['swav-reference'] / times[f'pym4-{be}']:.2f}x")
+        # Features form: never slower than matmul + scores path; within 1.3x of best pym4 + one matmul.
+        print(f"ratio {label}: (matmul+pym4) / pym4-features = {times['matmul+pym4'] / times['pym4-features']:.2f}x; "
+              f"pym4-features / (matmul + {best[1]}) = {times['pym4-features'] / (times['matmul'] + best[0]):.2f}x")
 
     csv_path = os.path.join(args.out, "sinkhorn.csv")
     with atomic_output(csv_path) as tmp, open(tmp, "w", newline="") as f:

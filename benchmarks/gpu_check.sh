@@ -16,20 +16,71 @@ status=0
 step() {  # step NAME TIMEOUT CMD...: run one step, log it, remember a failure, go on
   local name=$1 limit=$2; shift 2
   log "$name"
-  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+  if [ "$(type -t "$1")" = "function" ]; then "$@"; else timeout "$limit" "$@"; fi 2>&1 | tee -a "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { log "$name FAILED (exit $rc)"; status=1; }
 }
+
+# Anchors the GPU benchmarks compare against (POT, open_clip, Inf-CL), as pip name=import
+# name. The GPU machine may have no network: they come from a local wheelhouse folder
+# (git-ignored), filled beforehand on a machine with one by
+#   benchmarks/gpu_check.sh --fill-wheelhouse    (PYM4_WHEELHOUSE_PY=3.11 picks the Python)
+WHEELHOUSE=${PYM4_WHEELHOUSE:-wheelhouse}
+ANCHORS="POT=ot open_clip_torch=open_clip inf_cl=inf_cl"
+if [ "${1:-}" = "--fill-wheelhouse" ]; then
+  mkdir -p "$WHEELHOUSE"
+  for anchor in $ANCHORS; do
+    # Binary wheels for the GPU machine's platform; no dependencies (it has numpy, torch, ...).
+    "$PY" -m pip download --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
+      --python-version "${PYM4_WHEELHOUSE_PY:-3.11}" -d "$WHEELHOUSE" "${anchor%%=*}" \
+      || echo "== ${anchor%%=*}: no wheel downloaded (its benchmark column will be skipped)"
+  done
+  ls -l "$WHEELHOUSE"
+  exit 0
+fi
+# DRY_RUN=1: every step up to the first one that needs a GPU, then stop (for a machine
+# without one: shows the build, the install of the anchors and the imports work).
+DRY_RUN=${DRY_RUN:-0}
 
 nvidia-smi -L 2>&1 | tee -a "$OUT/gpu_check.log"
 # Installed into a folder of its own (the machine's environment may be read-only), which
 # then comes first on the path; PYTHONSAFEPATH keeps the source tree's pym4/ (no compiled
 # core) from shadowing it when pytest runs from the repository root.
 SITE=${PYM4_GPU_SITE:-/tmp/pym4-gpu-site}
-step build 200 env PYM4_CUDA=ON PYM4_CUDA_ARCHS="${PYM4_CUDA_ARCHS:-90}" \
+step build "${PYM4_BUILD_LIMIT:-200}" env PYM4_CUDA=ON PYM4_CUDA_ARCHS="${PYM4_CUDA_ARCHS:-90}" \
   "$PY" -m pip install --no-build-isolation --no-deps -q --upgrade --target "$SITE" .
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
-step build_info 30 "$PY" -c "import json, pym4; print(json.dumps(pym4.build_info(), indent=1))"
+step build_info 40 "$PY" -c "import json, pym4; print(json.dumps(pym4.build_info(), indent=1))"
+install_anchors() {  # each missing anchor from the wheelhouse, into the same folder
+  local anchor missing=""
+  # Found, not imported: open_clip's package import needs torchvision, but the tests and the
+  # benchmark load its loss.py by path (installed --no-deps, as the Makefile does).
+  found() { "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('$1') is None)"; }
+  for anchor in $ANCHORS; do
+    found "${anchor#*=}" || missing="$missing ${anchor%%=*}"
+  done
+  [ -n "$missing" ] || { echo "anchors already installed"; return 0; }
+  if [ ! -d "$WHEELHOUSE" ]; then
+    echo "missing anchors:$missing; no wheelhouse at $WHEELHOUSE (see --fill-wheelhouse): their columns are skipped"
+    return 0
+  fi
+  for name in $missing; do
+    "$PY" -m pip install --no-index --find-links "$WHEELHOUSE" --no-deps -q --target "$SITE" "$name" \
+      || echo "$name: not in the wheelhouse, its column is skipped"
+  done
+  for anchor in $ANCHORS; do
+    if found "${anchor#*=}"; then echo "${anchor#*=}: installed"; else echo "${anchor#*=}: missing"; fi
+  done
+}
+step anchors 40 install_anchors
+step triton_import 40 "$PY" -c "from pym4.kernels import sinkhorn as k; print(len(list(k.compile_configs())), 'Triton Sinkhorn configurations')"
+if [ "$DRY_RUN" = "1" ]; then
+  log "dry run: stopping before the first CUDA call (pytest -m gpu, benchmarks --device cuda)"
+  log "done (status $status)"
+  exit $status
+fi
+# Includes the Sinkhorn GPU tests: CUDA kernel with group= (NCCL group of one) and prototypes=,
+# the torch fallback's launch counts, and the native Triton Sinkhorn (test_sinkhorn_triton.py).
 step tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
 # Benchmarks, one per op (each writes CSV and PNG under $OUT); the step limits keep the
 # whole script under 10 minutes.

@@ -89,7 +89,8 @@ pym4::sinkhorn::RowMarginal row_marginal(const py::object& log_a, int64_t rows) 
 // ----- Sinkhorn ---------------------------------------------------------------------------
 template <typename T>
 py::tuple sinkhorn_solve(const py::array& x, double alpha, const py::object& log_b, const py::object& log_a,
-                         int64_t n_iters, double tol, double log_out_scale, py::array out) {
+                         int64_t n_iters, double tol, double log_out_scale, py::array out, const py::object& g_init,
+                         int64_t check_every) {
   auto m = as_matrix<T>(x, alpha);
   const double* lb = check_vector(log_b, m.cols, "log_b");
   auto a = row_marginal(log_a, m.rows);
@@ -97,16 +98,22 @@ py::tuple sinkhorn_solve(const py::array& x, double alpha, const py::object& log
   PYM4_CHECK_VALUE(out.shape(0) == m.rows && out.shape(1) == m.cols, "out: shape must match x");
   PYM4_CHECK_VALUE(out.writeable(), "out: must be writeable");
   PYM4_CHECK_VALUE(n_iters >= 1, "n_iters: must be >= 1, got " << n_iters);
+  PYM4_CHECK_VALUE(out.data() != x.data() || ld_out == m.ld, "out: an in-place solve needs the same row stride as x");
+  PYM4_CHECK_VALUE(check_every >= 0, "check_every: must be >= 0, got " << check_every);
+  pym4::sinkhorn::Options opt;
+  opt.g_init = check_vector(g_init, m.cols, "g_init");
+  opt.check_every = check_every;
   py::array_t<double> g(m.cols);
   T* out_ptr = static_cast<T*>(out.mutable_data());
   double* g_ptr = g.mutable_data();
   pym4::sinkhorn::Result r;
   {
     py::gil_scoped_release release;
-    r = pym4::sinkhorn::solve<T>(m, lb, a, n_iters, tol, log_out_scale, out_ptr, ld_out, g_ptr);
+    r = pym4::sinkhorn::solve<T>(m, lb, a, n_iters, tol, log_out_scale, out_ptr, ld_out, g_ptr, opt);
   }
   PYM4_CHECK_VALUE(r.finite, "scores: contains NaN or Inf (or overflows once divided by epsilon)");
-  return py::make_tuple(r.iterations, r.marginal_error, g, r.kernel_form ? "kernel" : "log");
+  return py::make_tuple(r.iterations, r.marginal_error, g, !r.solved ? "none" : r.kernel_form ? "kernel" : "log",
+                        r.converged, py::cast(r.errors));
 }
 
 template <typename T>
@@ -323,13 +330,16 @@ PYBIND11_MODULE(_core, m) {
   // Sinkhorn: x float32/float64 (rows, cols); see include/pym4/sinkhorn.h.
   m.def("sinkhorn_solve",
         [](const py::array& x, double alpha, py::object log_b, py::object log_a, int64_t n_iters, double tol,
-           double log_out_scale, py::array out) {
-          return PYM4_DISPATCH_FLOAT(x, sinkhorn_solve, alpha, log_b, log_a, n_iters, tol, log_out_scale, out);
+           double log_out_scale, py::array out, py::object g_init, int64_t check_every) {
+          return PYM4_DISPATCH_FLOAT(x, sinkhorn_solve, alpha, log_b, log_a, n_iters, tol, log_out_scale, out, g_init,
+                                     check_every);
         },
         py::arg("x"), py::arg("alpha"), py::arg("log_b"), py::arg("log_a"), py::arg("n_iters"), py::arg("tol"),
-        py::arg("log_out_scale"), py::arg("out"),
-        "Whole Sinkhorn solve into `out`; returns (iterations, marginal_error, g, \"kernel\" or \"log\"),\n"
-        "the last saying which form ran (see include/pym4/sinkhorn.h).");
+        py::arg("log_out_scale"), py::arg("out"), py::arg("g_init") = py::none(), py::arg("check_every") = 0,
+        "Whole Sinkhorn solve into `out` (which may be x itself); returns (iterations, marginal_error, g,\n"
+        "form, converged, errors), form saying what ran: \"kernel\", \"log\", or \"none\" for an in-place\n"
+        "solve the kernel form declined (x overwritten). g_init (warm start) and check_every: see\n"
+        "sinkhorn::Options in include/pym4/sinkhorn.h.");
   m.def("sinkhorn_column_logsumexp",
         [](const py::array& x, double alpha) { return PYM4_DISPATCH_FLOAT(x, sinkhorn_column_logsumexp, alpha); },
         py::arg("x"), py::arg("alpha"), "(col_max, col_sum) with LSE_i(alpha x_ij) = col_max + log(col_sum).");
@@ -555,6 +565,23 @@ PYBIND11_MODULE(_core, m) {
         py::arg("c"), py::arg("pi"), py::arg("eta"), py::arg("w"), py::arg("mu"), py::arg("q"), py::arg("stats"),
         py::arg("stream"));
   m.def("sinkhorn_workspace_bytes_cuda", &pym4::cuda::sinkhorn_workspace_bytes);
+  m.def("sinkhorn_pass_cuda",
+        [](int kind, uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t ld, double alpha, uintptr_t g32,
+           double log_a_scalar, uintptr_t out, uintptr_t stats, uintptr_t workspace, uintptr_t non_finite,
+           uintptr_t stream) {
+          PYM4_CHECK_VALUE(rows >= 1 && cols >= 1, "scores: empty");
+          PYM4_CHECK_VALUE(dtype >= 0 && dtype <= 2, "dtype code out of range");
+          py::gil_scoped_release release;
+          pym4::cuda::sinkhorn_pass(kind, reinterpret_cast<const void*>(x), static_cast<pym4::cuda::DType>(dtype),
+                                    rows, cols, ld, alpha, reinterpret_cast<const float*>(g32), log_a_scalar,
+                                    reinterpret_cast<void*>(out), reinterpret_cast<double*>(stats),
+                                    reinterpret_cast<void*>(workspace), reinterpret_cast<int*>(non_finite),
+                                    reinterpret_cast<void*>(stream));
+        },
+        py::arg("kind"), py::arg("x"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("ld"),
+        py::arg("alpha"), py::arg("g32"), py::arg("log_a_scalar"), py::arg("out"), py::arg("stats"),
+        py::arg("workspace"), py::arg("non_finite"), py::arg("stream"),
+        "One pass of the CUDA solve (0 column LSE, 1 row pass, 2 write), for all-reduces between passes.");
   m.def("sinkhorn_solve_cuda",
         [](uintptr_t x, int dtype, int64_t rows, int64_t cols, int64_t ld, double alpha, uintptr_t log_b,
            double log_a_scalar, int64_t n_iters, double log_out_scale, uintptr_t out, uintptr_t workspace,

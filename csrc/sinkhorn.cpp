@@ -159,9 +159,10 @@ PYM4_SIMD_CLONES void column_block_update(const T* __restrict x, int64_t ld, T a
 }
 
 // t_j = alpha * x_j into out; returns max_j t_j, and min_j t_j in *mn. *probe gets the sum of
-// t_j * 0, which is NaN when some t_j is NaN or infinite.
+// t_j * 0, which is NaN when some t_j is NaN or infinite. out may be x itself (an in-place
+// solve): each entry is read before it is written, in the same iteration, so no __restrict.
 template <typename T>
-PYM4_SIMD_CLONES T scaled_row_stats(const T* __restrict x, T alpha, T* __restrict out, int64_t n, T* mn, T* probe) {
+PYM4_SIMD_CLONES T scaled_row_stats(const T* x, T alpha, T* out, int64_t n, T* mn, T* probe) {
   T mx = -std::numeric_limits<T>::infinity(), lo = std::numeric_limits<T>::infinity(), pr = 0;
 #pragma omp simd reduction(max : mx) reduction(min : lo) reduction(+ : pr)
   for (int64_t j = 0; j < n; ++j) {
@@ -354,21 +355,43 @@ void write_plan(const Matrix<T>& m, const double* g, RowMarginal a, const double
 namespace {
 
 // The log-domain solve: three kinds of streaming pass, an exponential per entry per pass.
+// When the marginal error is measured (see Options::check_every), and what follows from it.
+struct Schedule {
+  int64_t every;
+  double tol;
+  Schedule(const Options& opt, double tol_) : every(opt.check_every > 0 ? opt.check_every : (tol_ > 0 ? 1 : 0)),
+                                              tol(tol_) {}
+  bool measures() const { return every > 0; }
+  bool at(int64_t it) const { return every > 0 && (it - 1) % every == 0; }
+  // Records the error of iteration `it`; true when it stops the solve.
+  bool record(Result& r, double err) const {
+    r.marginal_error = err;
+    r.errors.push_back(err);
+    r.converged = tol > 0 && err < tol;
+    return r.converged;
+  }
+};
+
 template <typename T>
 Result solve_log_domain(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_iters, double tol,
-                        double log_out_scale, T* out, int64_t ld_out, double* g_out) {
+                        double log_out_scale, T* out, int64_t ld_out, double* g_out, const Options& opt) {
   const int64_t K = m.cols;
   Result result;
+  const Schedule sched(opt, tol);
   std::vector<double> g(K), col_max(K), col_sum(K), col_mass(K);
   // The column marginals, in log and linear form, computed once (not per column per iteration).
   const ColumnMarginals marg(log_b, K);
   auto lb = [&](int64_t j) { return marg.log_b[j]; };
-  if (!column_logsumexp(m, col_max.data(), col_sum.data())) {
-    result.finite = false;
-    return result;
+  if (opt.g_init) {
+    std::copy(opt.g_init, opt.g_init + K, g.begin());
+  } else {
+    if (!column_logsumexp(m, col_max.data(), col_sum.data())) {
+      result.finite = false;
+      return result;
+    }
+    // First column step from f = 0: g_j = log b_j - LSE_i(alpha x_ij).
+    for (int64_t j = 0; j < K; ++j) g[j] = lb(j) - (col_max[j] + std::log(col_sum[j]));
   }
-  // First column step from f = 0: g_j = log b_j - LSE_i(alpha x_ij).
-  for (int64_t j = 0; j < K; ++j) g[j] = lb(j) - (col_max[j] + std::log(col_sum[j]));
   // Row shifts for the fused exp loop. After a column step every entry of the plan is at
   // most its column's mass, so alpha x_ij + g_j <= max_j log b_j for every row.
   double max_lb = -std::numeric_limits<double>::infinity();
@@ -394,15 +417,11 @@ Result solve_log_domain(const Matrix<T>& m, const double* log_b, RowMarginal a, 
     out_rows.log_a_scalar += log_out_scale;
   }
 
-  const bool measure = tol > 0;
   for (int64_t it = 1; it <= n_iters; ++it) {
     result.iterations = it;
     if (it == n_iters) break;  // the last row step is the write below
     row_pass(m, g.data(), a, shift.data(), f.data(), col_mass.data());
-    if (measure) {
-      result.marginal_error = marginal_error();
-      if (result.marginal_error < tol) break;
-    }
+    if (sched.at(it) && sched.record(result, marginal_error())) break;
     // Column step: rescale every column to its marginal b_j (a zero-mass column stays at
     // -inf rather than becoming -inf - (-inf) = NaN).
     double max_step = -std::numeric_limits<double>::infinity();
@@ -420,11 +439,16 @@ Result solve_log_domain(const Matrix<T>& m, const double* log_b, RowMarginal a, 
     for (int64_t i = 0; i < m.rows; ++i) shift[i] = a.at(i) - f[i] + max_step;
   }
   // The write pass also measures the column marginals (they have a scale of exp(log_out_scale)).
+  const bool measure = sched.measures();
   write_plan(m, g.data(), out_rows, shift.data(), out, ld_out, measure ? col_mass.data() : nullptr);
   if (measure) {
     const double inv_scale = std::exp(-log_out_scale);
     for (int64_t j = 0; j < K; ++j) col_mass[j] *= inv_scale;
-    result.marginal_error = marginal_error();
+    // A solve that stopped on tol wrote the plan of the iteration it measured: not again.
+    if (!result.converged && sched.at(result.iterations))
+      sched.record(result, marginal_error());
+    else
+      result.marginal_error = marginal_error();
   }
   if (g_out) std::copy(g.begin(), g.end(), g_out);
   return result;
@@ -445,7 +469,9 @@ constexpr double kernel_form_range() { return sizeof(T) == 4 ? 80.0 : 650.0; }
 // log-domain solve, which is exact for any spread.
 template <typename T>
 bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_iters, double tol,
-                       double log_out_scale, T* out, int64_t ld_out, double* g_out, Result& result) {
+                       double log_out_scale, T* out, int64_t ld_out, double* g_out, const Options& opt,
+                       Result& result) {
+  const Schedule sched(opt, tol);
   const int64_t K = m.cols, B = m.rows;
   const T alpha = static_cast<T>(m.alpha);
   // Rows are cut into `shares` contiguous ranges, one per thread; partial sums are kept per
@@ -508,8 +534,8 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
     w[j] = static_cast<T>(v);
     return std::isfinite(static_cast<double>(w[j])) && (w[j] > T(0) || std::isinf(lb(j)));
   };
-  for (int64_t j = 0; j < K; ++j)
-    if (!set_w(j, marg.b[j] / col[j])) return false;
+  for (int64_t j = 0; j < K; ++j)  // g_j = log w_j - M (see g_out below)
+    if (!set_w(j, opt.g_init ? std::exp(opt.g_init[j] + global_hi) : marg.b[j] / col[j])) return false;
 
   auto marginal_error = [&](const std::vector<double>& mass) {
     double e2 = 0.0;
@@ -561,23 +587,25 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
     return bad == 0;
   };
 
-  const bool measure = tol > 0;
   std::vector<double> col_mass(K);
   for (int64_t it = 1; it <= n_iters; ++it) {
     result.iterations = it;
     if (it == n_iters) break;  // the last row step is the write below
     if (!pass(false, &col_mass)) return false;
-    if (measure) {
-      result.marginal_error = marginal_error(col_mass);
-      if (result.marginal_error < tol) break;
-    }
+    if (sched.at(it) && sched.record(result, marginal_error(col_mass))) break;
     for (int64_t j = 0; j < K; ++j)  // column step; zero-mass columns keep w_j = 0
       if (!std::isinf(lb(j)) && !set_w(j, static_cast<double>(w[j]) * marg.b[j] / col_mass[j])) return false;
   }
   // Every E_ij >= e^-range > 0 and every w_j is a positive float (or 0 for a zero-mass
   // column, which every row still has others beside), so the row sums of the write are positive.
+  const bool measure = sched.measures();
   pass(true, measure ? &col_mass : nullptr);
-  if (measure) result.marginal_error = marginal_error(col_mass);
+  if (measure) {
+    if (!result.converged && sched.at(result.iterations))
+      sched.record(result, marginal_error(col_mass));
+    else
+      result.marginal_error = marginal_error(col_mass);
+  }
   if (g_out)
     for (int64_t j = 0; j < K; ++j) g_out[j] = std::log(static_cast<double>(w[j])) - global_hi;
   return true;
@@ -587,13 +615,18 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
 
 template <typename T>
 Result solve(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_iters, double tol,
-             double log_out_scale, T* out, int64_t ld_out, double* g_out) {
+             double log_out_scale, T* out, int64_t ld_out, double* g_out, const Options& opt) {
   Result result;
-  if (solve_kernel_form(m, log_b, a, n_iters, tol, log_out_scale, out, ld_out, g_out, result)) {
+  if (solve_kernel_form(m, log_b, a, n_iters, tol, log_out_scale, out, ld_out, g_out, opt, result)) {
     result.kernel_form = result.finite;
     return result;
   }
-  return solve_log_domain(m, log_b, a, n_iters, tol, log_out_scale, out, ld_out, g_out);
+  if (static_cast<const void*>(m.data) == static_cast<const void*>(out)) {
+    result.solved = false;  // in place: the input is gone, the log domain cannot run on it
+    return result;
+  }
+  result = Result();  // the kernel form may have recorded errors before declining
+  return solve_log_domain(m, log_b, a, n_iters, tol, log_out_scale, out, ld_out, g_out, opt);
 }
 
 #define PYM4_SINKHORN_INSTANTIATE(T)                                                                   \
@@ -602,7 +635,7 @@ Result solve(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_i
   template void write_plan<T>(const Matrix<T>&, const double*, RowMarginal, const double*, T*, int64_t,   \
                               double*);                                                                   \
   template Result solve<T>(const Matrix<T>&, const double*, RowMarginal, int64_t, double, double, T*, \
-                           int64_t, double*);
+                           int64_t, double*, const Options&);
 PYM4_SINKHORN_INSTANTIATE(float)
 PYM4_SINKHORN_INSTANTIATE(double)
 

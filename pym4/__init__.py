@@ -27,7 +27,7 @@ except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
 __all__ = ["build_info", "m4", "sinkhorn", "sinkhorn_ot", "ConvergenceWarning", "__version__",
-           "clip_loss", "siglip_loss", "similarity_topk", "nn"]
+           "clip_loss", "siglip_loss", "similarity_topk", "nn", "ot"]
 
 
 def build_info() -> dict:
@@ -54,7 +54,8 @@ def build_info() -> dict:
 
 # ----- training, evaluation, data, demo: imported on first access ----------------------------
 # (pym4.eval and pym4.demo pull in scikit-learn/matplotlib when used, never at `import pym4`.)
-_LAZY_SUBMODULES = ("train", "eval", "data", "demo")
+# pym4.ot: POT's ``ot.sinkhorn`` signature over the same core (``from pym4 import ot``).
+_LAZY_SUBMODULES = ("train", "eval", "data", "demo", "ot")
 
 
 def __getattr__(name: str):

@@ -32,12 +32,14 @@ _LOSS = {"cpu": ("chunked", "triton", "torch"), "cuda": ("triton", "chunked", "t
 _M4 = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "torch")}
 
 OPS: Dict[str, Dict[str, Tuple[str, ...]]] = {
-    "sinkhorn": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "torch")},
-    # sinkhorn(group=...): the prototype sums are all-reduced between passes, which the
-    # one-launch CUDA kernel does not stop for.
-    "sinkhorn_distributed": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
-    # sinkhorn(prototypes=...): scores formed block by block from features.
-    "sinkhorn_features": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
+    # On CUDA the Triton kernel serves a core built without CUDA; on the CPU it runs only when
+    # forced (under TRITON_INTERPRET=1, for tests).
+    "sinkhorn": {"cpu": ("cpu", "torch", "triton"), "cuda": ("cuda", "triton", "torch")},
+    # sinkhorn(group=...): pass by pass, the prototype sums all-reduced between passes (the
+    # CUDA kernel's per-pass entry point; the Triton kernel has no per-pass form).
+    "sinkhorn_distributed": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "torch")},
+    # sinkhorn(prototypes=...): one matmul into the result buffer, solved there in place.
+    "sinkhorn_features": {"cpu": ("cpu", "torch", "triton"), "cuda": ("cuda", "triton", "torch")},
     "sinkhorn_ot": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
     "clip_loss": _LOSS,
     "siglip_loss": _LOSS,

@@ -10,6 +10,8 @@ epsilon is.
 from __future__ import annotations
 
 import math
+import sys
+import threading
 import warnings
 from typing import Optional
 
@@ -82,8 +84,8 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
     alpha = 1.0 / eps
     out_t = None if out is None else _check_out(out, t, origin, prototypes)
     if prototypes is not None:
-        q = _sinkhorn_features(t, prototypes, alpha, n_iters, chunk, group, backend)
-        return _deliver(q, origin, out, out_t)
+        q = _sinkhorn_features(t, prototypes, alpha, n_iters, chunk, group, backend, out_t)
+        return out if q is out_t is not None else _deliver(q, origin, out, out_t)
     if chunk is not None:
         raise ValueError("chunk: only used with prototypes= (the features form)")
     name = _backend.choose("sinkhorn" if group is None else "sinkhorn_distributed", t.device.type, backend)
@@ -93,17 +95,29 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
         return out
     if group is not None:
         b_global = _global_batch(t.shape[0], t.shape[1], bool(torch.isfinite(t).all()), group, t.device)
-        x = t.to(_compute_dtype(t.dtype))
-        passes = _CorePasses(x, alpha) if name == "cpu" else _TorchPasses(x, alpha)
-        q = _swav_iterate(passes, t.shape[1], b_global, n_iters, x.device, group)
+        if name == "cuda":  # the CUDA kernel, pass by pass, all-reducing between passes
+            passes = _CudaPasses(t if t.dtype in _CUDA_DTYPE_CODES else t.float(), alpha)
+        else:
+            x = t.to(_compute_dtype(t.dtype))
+            passes = _CorePasses(x, alpha) if name == "cpu" else _TorchPasses(x, alpha)
+        q = _swav_iterate(passes, t.shape[1], b_global, n_iters, t.device, group)
     elif name == "cpu":
         q = _swav_cpu(t, alpha, n_iters)
     elif name == "cuda":
         q = _swav_cuda(t, alpha, n_iters)
+    elif name == "triton":
+        q = _swav_triton(t, alpha, n_iters, out_t)
+        if q is out_t:
+            return out
     else:
-        check_finite(t, "scores")
-        q = _swav_iterate(_TorchPasses(t.to(_compute_dtype(t.dtype)), alpha), t.shape[1], t.shape[0], n_iters,
-                          t.device)
+        x = t.to(_compute_dtype(t.dtype))
+        dest = out_t if out_t is not None and out_t.dtype == x.dtype else None
+        q = _swav_torch_kernel_form(x, alpha, n_iters, dest)
+        if q is dest is not None:
+            return out
+        if q is None:  # the spread of scores/epsilon needs the log domain (or the input is not finite)
+            check_finite(t, "scores")
+            q = _swav_iterate(_TorchPasses(x, alpha), t.shape[1], t.shape[0], n_iters, t.device)
     return _deliver(q, origin, out, out_t)
 
 
@@ -135,7 +149,8 @@ def _deliver(q: torch.Tensor, origin, out, out_t):
     return out
 
 
-def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-9, backend: Optional[str] = None):
+def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-9, log: bool = False,
+                warmstart=None, warn: bool = True, backend: Optional[str] = None):
     """Entropic optimal transport by Sinkhorn-Knopp, the plan of POT's ``ot.sinkhorn``.
 
     Solves ``min_P <P, C> + reg * sum P (log P - 1)`` subject to ``P 1 = a``, ``P^T 1 = b``,
@@ -144,8 +159,10 @@ def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-
 
     Parameters
     ----------
-    a : array (n,), b : array (m,)
-        Non-negative marginals with equal total mass; ``None`` for uniform.
+    a : array (n,), b : array (m,) or (m, h)
+        Non-negative marginals with equal total mass; ``None`` for uniform. A 2-D ``b``
+        holds h target histograms, solved one after the other against the same ``a``
+        (POT's "multi b"); the result is then the h transport costs ``<P_k, C>``.
     cost : array (n, m)
         Cost matrix; float32 or float64 (the plan is computed in the cost's precision).
     reg : float
@@ -154,14 +171,43 @@ def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-
         Maximum number of (column, row) iterations (POT's ``numItermax``).
     tol : float, default 1e-9
         Stop once the column marginals are within ``tol`` of ``b`` in l2 norm (POT's
-        ``stopThr``); 0 runs exactly ``n_iters`` iterations.
+        ``stopThr``), measured after every iteration; 0 runs exactly ``n_iters`` iterations.
+    log : bool, default False
+        Also return a dict as POT's: ``err`` (the measured marginal errors), ``niter`` (index
+        of the last iteration, from 0), ``u`` and ``v`` (the scalings, ``P = diag(u) K diag(v)``
+        with ``K = exp(-C/reg)``) and ``log_u``, ``log_v`` (their logarithms; in POT only
+        ``method="sinkhorn_log"`` has these). With a 2-D ``b`` they have a column per histogram.
+    warmstart : (log_u (n,), log_v (m,)), optional
+        Initial dual potentials (POT's ``warmstart``): the first column step starts from
+        ``log_u`` (``log_v`` is replaced by it, as in POT). With a 2-D ``b``, (n, h) and (m, h).
+    warn : bool, default True
+        Emit a ``ConvergenceWarning`` when ``n_iters`` is reached without the error falling
+        below ``tol`` (with ``tol=0`` that is every call, as in POT).
 
     Returns
     -------
-    plan : array (n, m), same type, dtype and device as ``cost``. Its rows sum to ``a``
-    exactly; its columns to ``b`` within ``tol``. A ``ConvergenceWarning`` says when
-    ``n_iters`` was reached first.
+    plan : array (n, m), same type, dtype and device as ``cost`` (for a 2-D ``b``: the
+    costs, (h,)), and the log dict when ``log``. Rows of a plan sum to ``a`` exactly; its
+    columns to ``b`` within ``tol``.
     """
+    res, info = _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, check_every=1, gauge="ones",
+                             potentials=log)
+    if warn and not info["converged"]:
+        warnings.warn(f"sinkhorn_ot: stopped after n_iters={n_iters} iterations with marginal error "
+                      f"{info['last_err']:.3g}, not below tol={tol:g}; raise n_iters or reg", ConvergenceWarning,
+                      stacklevel=2)
+    if not log:
+        return res
+    return res, {k: info[k] for k in ("err", "niter", "u", "v", "log_u", "log_v")}
+
+
+def _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, *, check_every: int, gauge: str,
+                 potentials: bool):
+    """The OT solve behind ``sinkhorn_ot`` and ``pym4.ot.sinkhorn``: checks the input, solves
+    each target histogram, returns (plan or costs, info). ``check_every``: measure the error
+    every that many iterations (POT: 10). ``gauge``: "ones" puts POT's ``method="sinkhorn"``
+    constant into u and v (its u starts at 1/n), "zeros" that of ``method="sinkhorn_log"``.
+    ``potentials``: also compute u, v, log_u, log_v into info (one more pass over the cost)."""
     c, origin = to_tensor(cost, "cost")
     check_float(c, "cost")
     check_ndim(c, 2, "cost", " (n, m)")
@@ -175,24 +221,66 @@ def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-
     check_finite(c, "cost")
     dtype = _compute_dtype(c.dtype)
     a_t = _marginal(a, n, "a", c.device)
-    b_t = _marginal(b, m, "b", c.device)
-    mass_a, mass_b = float(a_t.sum()), float(b_t.sum())
-    if abs(mass_a - mass_b) > 1e-6 * max(mass_a, mass_b):
-        raise ValueError(f"a, b: marginals must have the same total mass, got sum(a)={mass_a:.9g} and sum(b)={mass_b:.9g}")
-    log_a, log_b = torch.log(a_t), torch.log(b_t)
+    b_t = _marginals(b, m, "b", c.device)  # (m, h)
+    hists = b_t.shape[1]
+    mass_a = float(a_t.sum())
+    for k in range(hists):
+        mass_b = float(b_t[:, k].sum())
+        if abs(mass_a - mass_b) > 1e-6 * max(mass_a, mass_b):
+            which = "b" if hists == 1 else f"b[:, {k}]"
+            raise ValueError(f"a, b: marginals must have the same total mass, got sum(a)={mass_a:.9g} and "
+                             f"sum({which})={mass_b:.9g}")
+    f0 = _warmstart(warmstart, n, m, hists, c.device)
+    log_a = torch.log(a_t)
     name = _backend.choose("sinkhorn_ot", c.device.type, backend)
-    x = c.to(dtype)
-    if name == "cpu":
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        iters, err, _, _ = _backend.core().sinkhorn_solve(x.numpy(), -1.0 / reg, log_b.numpy(), log_a.numpy(),
-                                                        n_iters, float(tol), 0.0, out.numpy())
-    else:
-        out, iters, err = _iterate(_TorchPasses(x, -1.0 / reg), log_b, log_a, n_iters, float(tol), 0.0)
-    if tol > 0 and not err < tol:
-        warnings.warn(f"sinkhorn_ot: stopped after n_iters={n_iters} iterations with marginal error {err:.3g} "
-                      f"> tol={tol:g}; raise n_iters or reg", ConvergenceWarning, stacklevel=2)
-    return from_tensor(out, origin)
+    x = c.to(dtype).contiguous()
+    alpha = -1.0 / reg
+    plans, gs, infos = [], [], []
+    for k in range(hists):
+        log_b = torch.log(b_t[:, k].contiguous())
+        g_init = None
+        if f0 is not None:  # the first column step from the given row potentials, in float64
+            g_init = log_b - torch.logsumexp(alpha * x.double() + f0[:, k:k + 1], dim=0)
+            g_init = torch.where(torch.isinf(log_b), log_b, g_init).contiguous()
+        if name == "cpu":
+            out = torch.empty_like(x)
+            iters, err, g, _, converged, errors = _backend.core().sinkhorn_solve(
+                x.numpy(), alpha, log_b.numpy(), log_a.numpy(), n_iters, float(tol), 0.0, out.numpy(),
+                None if g_init is None else g_init.numpy(), check_every)
+            g = torch.from_numpy(g)
+        else:
+            out, iters, err, g, converged, errors = _iterate(_TorchPasses(x, alpha), log_b, log_a, n_iters,
+                                                            float(tol), 0.0, g_init=g_init, check_every=check_every)
+        plans.append(out)
+        gs.append(g)
+        infos.append((iters, err, converged, list(errors)))
+    info = {"converged": all(i[2] for i in infos), "last_err": max(i[1] for i in infos),
+            "niter": max(i[0] for i in infos) - 1, "err": infos[0][3] if hists == 1 else [i[3] for i in infos]}
+    if potentials:
+        info.update(_potentials(x, alpha, log_a, gs, math.log(n) if (gauge == "ones" and f0 is None) else 0.0,
+                                _is_2d(b), origin))
+    if not _is_2d(b):
+        return from_tensor(plans[0], origin), info
+    costs = torch.stack([(p.double() * x.double()).sum() for p in plans])
+    return from_tensor(costs, origin), info
+
+
+def _potentials(x, alpha, log_a, gs, shift, multi, origin) -> dict:
+    """POT's u, v, log_u, log_v from the column potentials g of each histogram's solve."""
+    # POT's gauge: its u starts at 1/n ("ones") or exp(0) ("zeros"); ours at exp(0); a warm
+    # start fixes it for both. The constant (shift) moves between u and v, not the plan.
+    log_v = torch.stack([g.to(torch.float64) for g in gs], dim=1) + shift  # (m, h)
+    # log u_i = log a_i - LSE_j(alpha C_ij + log v_j): the row step that wrote the plan.
+    log_u = torch.stack([torch.where(torch.isinf(log_a), log_a,
+                                     log_a - torch.logsumexp(alpha * x.double() + log_v[:, k], dim=1))
+                         for k in range(len(gs))], dim=1)
+    squeeze = (lambda t: t) if multi else (lambda t: t[:, 0])
+    return {key: from_tensor(squeeze(t).contiguous(), origin)
+            for key, t in (("log_u", log_u), ("log_v", log_v), ("u", torch.exp(log_u)), ("v", torch.exp(log_v)))}
+
+
+def _is_2d(v) -> bool:
+    return v is not None and np.ndim(v) == 2
 
 
 # ----- helpers -------------------------------------------------------------------------------
@@ -218,25 +306,120 @@ def _marginal(v, n: int, name: str, device) -> torch.Tensor:
     return t.contiguous()
 
 
+def _marginals(v, n: int, name: str, device) -> torch.Tensor:
+    """Column marginals as an (n, h) float64 matrix: one column for a vector (or None), h for
+    an (n, h) array of h histograms."""
+    if _is_2d(v):
+        t, _ = to_tensor(v, name)
+        check_float(t, name)
+        if t.shape[0] != n or t.shape[1] == 0:
+            raise ValueError(f"{name}: expected shape ({n}, h >= 1) to match cost, got {tuple(t.shape)}")
+        return torch.stack([_marginal(t[:, k], n, name, device) for k in range(t.shape[1])], dim=1)
+    return _marginal(v, n, name, device).reshape(n, 1)
+
+
+def _warmstart(warmstart, n: int, m: int, hists: int, device) -> Optional[torch.Tensor]:
+    """The row potentials log_u of a warm start, as (n, h) float64 (log_v is not needed: the
+    first column step replaces it, as in POT)."""
+    if warmstart is None:
+        return None
+    if not isinstance(warmstart, (tuple, list)) or len(warmstart) != 2:
+        raise TypeError("warmstart: expected a pair (log_u, log_v) of dual potentials")
+    shapes = ((n,), (m,)) if hists == 1 else ((n, hists), (m, hists))
+    parts = []
+    for part, shape, what in zip(warmstart, shapes, ("log_u", "log_v")):
+        t, _ = to_tensor(part, f"warmstart {what}")
+        check_float(t, f"warmstart {what}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"warmstart: {what} must have shape {shape}, got {tuple(t.shape)}")
+        t = t.to(device=device, dtype=torch.float64)
+        if bool(torch.isnan(t).any()) or bool((t == math.inf).any()):
+            raise ValueError(f"warmstart: {what} contains NaN or +Inf")
+        parts.append(t)
+    return parts[0].reshape(n, hists)
+
+
+class _ResultPool:
+    """Memory for fresh CPU results, reused once the caller has dropped them.
+
+    A fresh B x K result from the system allocator is new pages that the kernel zeroes on
+    first touch (49 MB at SwAV's 4096 x 3000: a fifth of the whole solve). A training loop
+    drops each step's codes before the next step, so the pool hands out a buffer only
+    when nothing outside it refers to it any more (numpy's reference count: a tensor made by
+    torch.from_numpy, its views and its .numpy() all keep the array alive); the result is
+    still a new tensor sharing memory with nothing alive. Only large results are pooled, at
+    most ``keep`` buffers (SwAV's two crops hold two codes at once).
+    """
+
+    min_bytes = 1 << 22
+    keep = 2
+
+    def __init__(self):
+        self._arrays = []
+        self._lock = threading.Lock()
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        np_dtype = np.float32 if dtype == torch.float32 else np.float64
+        nbytes = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
+        if nbytes < self.min_bytes:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            for i in range(len(self._arrays)):  # (enumerate's reused tuple would hold one more reference)
+                arr = self._arrays[i]
+                # 3 references: the list, `arr` and getrefcount's argument; more: still in use.
+                if arr.dtype == np_dtype and arr.size == int(np.prod(shape)) and sys.getrefcount(arr) == 3:
+                    self._arrays.append(self._arrays.pop(i))  # most recently used last
+                    return torch.from_numpy(arr.reshape(shape))
+            arr = None
+            arr = np.empty(shape, dtype=np_dtype)
+            self._arrays.append(arr)
+            if len(self._arrays) > self.keep:
+                self._arrays.pop(0)  # the least recently used leaves the pool (its user keeps it)
+            return torch.from_numpy(arr)
+
+
+_RESULTS = _ResultPool()
+
+
 def _swav_cpu(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     x = t.to(_compute_dtype(t.dtype))
     if x.stride(-1) != 1:
         x = x.contiguous()
     if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype)
+        out = _RESULTS.empty(tuple(x.shape), x.dtype)
     b = x.shape[0]
     # Rows carry mass 1/B during the iterations; the plan is written times B (rows sum to 1).
     _backend.core().sinkhorn_solve(x.numpy(), alpha, None, -math.log(b), n_iters, 0.0, math.log(b), out.numpy())
     return out
 
 
-def _swav_cuda(t: torch.Tensor, alpha: float, n_iters: int) -> torch.Tensor:
+def _swav_triton(t: torch.Tensor, alpha: float, n_iters: int,
+                 out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """The Triton kernels (kernels/sinkhorn.py); writes into ``out`` when its dtype is one
+    Triton stores (float32/16, bfloat16), which may be ``t`` itself (in place: None when
+    the kernel form declined, the input then overwritten)."""
+    from pym4.kernels import sinkhorn as kernels  # lazily: triton is optional
+
+    x = t if t.dtype in _CUDA_DTYPE_CODES else t.float()
+    b, k = x.shape
+    if out is not None and out.dtype not in _CUDA_DTYPE_CODES:
+        out = None
+    log_a = torch.full((b,), -math.log(b), dtype=torch.float32, device=x.device)
+    log_b = torch.full((k,), -math.log(k), dtype=torch.float32, device=x.device)
+    result = kernels.sinkhorn(x, alpha, n_iters, log_a, log_b, math.log(b), out)
+    return None if result is None else result[0]  # None: an in-place solve declined (see kernels)
+
+
+def _swav_cuda(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The CUDA kernel of the core; ``out`` (dtype of the input) may be ``t`` itself: every
+    element is read and then written by the same thread, never read again."""
     core = _backend.core()
     x = t if t.dtype in _CUDA_DTYPE_CODES else t.float()
     if x.stride(-1) != 1:
         x = x.contiguous()
     b, k = x.shape
-    out = torch.empty((b, k), dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty((b, k), dtype=x.dtype, device=x.device)
     workspace = torch.empty(core.sinkhorn_workspace_bytes_cuda(b, k), dtype=torch.uint8, device=x.device)
     non_finite = torch.zeros(1, dtype=torch.int32, device=x.device)
     stream = torch.cuda.current_stream(x.device).cuda_stream
@@ -247,6 +430,51 @@ def _swav_cuda(t: torch.Tensor, alpha: float, n_iters: int) -> torch.Tensor:
     if int(non_finite.item()):
         raise ValueError("scores: contains NaN or Inf (or overflows once divided by epsilon)")
     return out
+
+
+# Largest spread (max - min) of alpha * x for which the kernel form is exact: every entry of
+# exp(alpha x - shift) is then a normal number (float32: e^-80 > 1.2e-38), as in the core.
+_KERNEL_FORM_SPREAD = {torch.float32: 80.0, torch.float64: 650.0}
+
+
+def _swav_torch_kernel_form(x: torch.Tensor, alpha: float, n_iters: int, dest: Optional[torch.Tensor] = None,
+                            in_place: bool = False) -> Optional[torch.Tensor]:
+    """SwAV's iteration in the kernel (scaling) form, in plain torch on any device.
+
+    With E = exp(alpha x - c) (B, K) formed once, the plan is P = diag(s) E diag(w), and an
+    iteration is two matrix-vector products instead of SwAV's four full passes that read
+    and write the matrix: the column step w = 1/(E^T s), the row step s = 1/(E w). With
+    uniform marginals (every column 1/K, every row 1/B) the constants 1/K and 1/B cancel
+    out of B * P, so they are never applied. E lives in ``dest`` (or ``x`` itself when
+    ``in_place``, or a fresh tensor) and is scaled into B * P in place at the end.
+
+    Returns None, with ``dest`` unspecified (and ``x`` too when ``in_place``), when the
+    spread of alpha * x is too large for this form (or x is not finite) or a scaling
+    vector left the floating-point range: the caller then runs the log domain.
+    """
+    limit = _KERNEL_FORM_SPREAD[x.dtype]
+    lo, hi = torch.aminmax(x)  # NaN propagates, so a non-finite input fails the test below
+    lo, hi = alpha * float(lo), alpha * float(hi)
+    if not (hi - lo <= limit):
+        return None
+    e = x if in_place else (dest if dest is not None else torch.empty_like(x, memory_format=torch.contiguous_format))
+    torch.mul(x, alpha, out=e)
+    # Shift only when exp(alpha x) itself could leave the range (or its column sums overflow).
+    if hi > limit / 2 or lo < -limit / 2:
+        e.sub_(hi)
+    e.exp_()
+    w = e.sum(dim=0).reciprocal_()
+    for _ in range(n_iters - 1):
+        s = torch.mv(e, w).reciprocal_()
+        w = torch.mv(e.t(), s).reciprocal_()
+    s = torch.mv(e, w).reciprocal_()
+    # Every entry of E is positive, so an overflow or underflow anywhere in the iteration
+    # ends in a zero, infinite or NaN entry of the last s or w.
+    s_lo, s_hi = torch.aminmax(s)
+    w_lo, w_hi = torch.aminmax(w)
+    if not (float(s_lo) > 0 and float(w_lo) > 0 and float(s_hi) < math.inf and float(w_hi) < math.inf):
+        return None
+    return e.mul_(w).mul_(s.unsqueeze(1))
 
 
 class _TorchPasses:
@@ -303,20 +531,75 @@ class _CorePasses:
         return out
 
 
-def _iterate(passes, log_b: torch.Tensor, log_a, n_iters: int, tol: float, log_out_scale: float, group=None):
+class _CudaPasses:
+    """The passes through the core's CUDA kernel (``sinkhorn_pass_cuda``), for ``group=``:
+    each is one or two launches on the current stream with no host synchronisation, and the
+    column statistics they return (device float64) are all-reduced in between by NCCL. Rows
+    carry one mass each (``log_a`` a number, as in SwAV)."""
+
+    def __init__(self, x: torch.Tensor, alpha: float, in_place: bool = False):
+        self.x = x if x.stride(-1) == 1 else x.contiguous()
+        self.alpha, self.in_place = alpha, in_place  # in_place: the plan overwrites x (x is ours)
+        self.core = _backend.core()
+        b, k = self.x.shape
+        self.workspace = torch.empty(self.core.sinkhorn_workspace_bytes_cuda(b, k), dtype=torch.uint8,
+                                     device=x.device)
+        self.non_finite = torch.zeros(1, dtype=torch.int32, device=x.device)  # checked before (_global_batch)
+
+    def _pass(self, kind: int, g, log_a: float, out=None, stats=None):
+        x = self.x
+        b, k = x.shape
+        g32 = None if g is None else g.to(torch.float32).contiguous()
+        with torch.cuda.device(x.device):
+            self.core.sinkhorn_pass_cuda(kind, x.data_ptr(), _CUDA_DTYPE_CODES[x.dtype], b, k, x.stride(0), self.alpha,
+                                         0 if g32 is None else g32.data_ptr(), float(log_a),
+                                         0 if out is None else out.data_ptr(), 0 if stats is None else stats.data_ptr(),
+                                         self.workspace.data_ptr(), self.non_finite.data_ptr(),
+                                         torch.cuda.current_stream(x.device).cuda_stream)
+
+    def column_logsumexp(self):
+        k = self.x.shape[1]
+        stats = torch.empty(2 * k, dtype=torch.float64, device=self.x.device)
+        self._pass(0, None, 0.0, stats=stats)
+        return stats[:k], stats[k:]
+
+    def row_pass(self, g, log_a):
+        stats = torch.empty(self.x.shape[1], dtype=torch.float64, device=self.x.device)
+        self._pass(1, g, log_a, stats=stats)
+        return stats
+
+    def write_plan(self, g, log_a):
+        out = self.x if self.in_place else torch.empty(self.x.shape, dtype=self.x.dtype, device=self.x.device)
+        self._pass(2, g, log_a, out=out)
+        return out
+
+
+def _iterate(passes, log_b: torch.Tensor, log_a, n_iters: int, tol: float, log_out_scale: float, group=None,
+             g_init: Optional[torch.Tensor] = None, check_every: int = 0):
     """The loop of ``sinkhorn::solve`` over any passes object, with optional all-reduces.
 
-    Returns (plan, iterations, marginal_error). With ``group``, column statistics are
+    Returns (plan, iterations, marginal_error, g, converged, errors), as the core's solve
+    (``g_init`` and ``check_every`` as its Options). With ``group``, column statistics are
     all-reduced over the ranks (the row marginals ``log_a`` are already global).
     """
-    col_max, col_sum = passes.column_logsumexp()
-    if group is not None:
-        global_max = col_max.clone()
-        _all_reduce(global_max, group, "max")
-        col_sum = col_sum * torch.exp(col_max - global_max).nan_to_num(0.0)
-        _all_reduce(col_sum, group, "sum")
-        col_max = global_max
-    g = log_b - (col_max + torch.log(col_sum))
+    every = check_every if check_every > 0 else (1 if tol > 0 else 0)
+    at = (lambda it: every > 0 and (it - 1) % every == 0)
+    errors, converged = [], False
+
+    def measure(col_mass):
+        return float(torch.linalg.vector_norm(col_mass - torch.exp(log_b)))
+
+    if g_init is not None:
+        g = g_init.to(log_b.dtype)
+    else:
+        col_max, col_sum = passes.column_logsumexp()
+        if group is not None:
+            global_max = col_max.clone()
+            _all_reduce(global_max, group, "max")
+            col_sum = col_sum * torch.exp(col_max - global_max).nan_to_num(0.0)
+            _all_reduce(col_sum, group, "sum")
+            col_max = global_max
+        g = log_b - (col_max + torch.log(col_sum))
     err = 0.0
     iters = 1
     for iters in range(1, n_iters + 1):
@@ -325,18 +608,23 @@ def _iterate(passes, log_b: torch.Tensor, log_a, n_iters: int, tol: float, log_o
         col_mass = passes.row_pass(g, log_a)
         if group is not None:
             _all_reduce(col_mass, group, "sum")
-        if tol > 0:
-            err = float(torch.linalg.vector_norm(col_mass - torch.exp(log_b)))
-            if err < tol:
+        if at(iters):
+            err = measure(col_mass)
+            errors.append(err)
+            converged = tol > 0 and err < tol
+            if converged:
                 break
         g = _column_step(g, log_b, col_mass)
     out = passes.write_plan(g, log_a + log_out_scale)
-    if tol > 0:
+    if every > 0:
         col_mass = out.sum(dim=0, dtype=torch.float64) * math.exp(-log_out_scale)
         if group is not None:
             _all_reduce(col_mass, group, "sum")
-        err = float(torch.linalg.vector_norm(col_mass - torch.exp(log_b)))
-    return out, iters, err
+        err = measure(col_mass)
+        if not converged and at(iters):
+            errors.append(err)
+            converged = tol > 0 and err < tol
+    return out, iters, err, g, converged, errors
 
 
 def _column_step(g: torch.Tensor, log_b: torch.Tensor, col_mass: torch.Tensor) -> torch.Tensor:
@@ -352,8 +640,7 @@ def _all_reduce(t: torch.Tensor, group, op: str) -> None:
 def _swav_iterate(passes, k: int, b_global: int, n_iters: int, device, group=None) -> torch.Tensor:
     """SwAV through the generic loop: columns get mass 1/K, rows 1/B; the plan comes back times B."""
     log_b = torch.full((k,), -math.log(k), dtype=torch.float64, device=device)
-    out, _, _ = _iterate(passes, log_b, -math.log(b_global), n_iters, 0.0, math.log(b_global), group=group)
-    return out
+    return _iterate(passes, log_b, -math.log(b_global), n_iters, 0.0, math.log(b_global), group=group)[0]
 
 
 def _global_batch(b_local: int, k: int, finite: bool, group, device) -> int:
@@ -406,7 +693,8 @@ class _FeaturePasses:
         return out
 
 
-def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, chunk, group, backend):
+def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, chunk, group, backend,
+                       out_t: Optional[torch.Tensor] = None):
     c, _ = to_tensor(prototypes, "prototypes")
     check_float(c, "prototypes")
     check_ndim(c, 2, "prototypes", " (prototypes, features)")
@@ -420,16 +708,52 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
         chunk = max(1, (1 << 22) // k)  # about 16 MB of float32 scores per block
     chunk = check_int_at_least(chunk, 1, "chunk")
     # The core serves CPU tensors; elsewhere the torch passes run on the tensors' device.
-    name = _backend.choose("sinkhorn_features", z.device.type, backend)
+    name = _backend.choose("sinkhorn_features" if group is None else "sinkhorn_distributed", z.device.type, backend)
     dtype = _compute_dtype(z.dtype)
     zc, cc = z.to(dtype), c.to(dtype)
-    finite = bool(torch.isfinite(zc).all()) and bool(torch.isfinite(cc).all())
+
+    def check_finite_features():
+        if not bool(torch.isfinite(zc).all()):
+            raise ValueError("scores: contains NaN or Inf")
+        if not bool(torch.isfinite(cc).all()):
+            raise ValueError("prototypes: contains NaN or Inf")
+
     if group is not None:
+        finite = bool(torch.isfinite(zc).all()) and bool(torch.isfinite(cc).all())
         b_global = _global_batch(b, k, finite, group, z.device)
+        if name == "cuda":  # this rank's scores in the result buffer; the plan overwrites them
+            q = torch.mm(zc, cc.t())
+            return _swav_iterate(_CudaPasses(q, alpha, in_place=True), k, b_global, n_iters, z.device, group)
     else:
-        if not finite:
-            raise ValueError("scores: contains NaN or Inf" if not bool(torch.isfinite(zc).all())
-                             else "prototypes: contains NaN or Inf")
+        # The result buffer is B x K anyway: form the scores in it with one matmul and solve
+        # there in place (kernel form), with no other B x K memory. Only when the spread
+        # needs the log domain are the scores recomputed block by block below. NaN or Inf
+        # in z or C always reaches the scores (an infinite term makes every dot product
+        # with it non-finite), so the solvers' own check on them replaces a pass over z and C.
+        if out_t is not None and out_t.dtype == dtype:
+            q = out_t
+        elif name == "cpu":
+            q = _RESULTS.empty((b, k), dtype)
+        else:
+            q = torch.empty(b, k, dtype=dtype, device=z.device)
+        torch.mm(zc, cc.t(), out=q)
+        try:
+            if name == "cpu":
+                form = _backend.core().sinkhorn_solve(q.numpy(), alpha, None, -math.log(b), n_iters, 0.0,
+                                                      math.log(b), q.numpy())[3]
+                if form == "kernel":
+                    return q
+            elif name == "cuda":
+                return _swav_cuda(q, alpha, n_iters, out=q)
+            elif name == "triton":
+                if _swav_triton(q, alpha, n_iters, out=q) is not None:
+                    return q
+            elif _swav_torch_kernel_form(q, alpha, n_iters, in_place=True) is not None:
+                return q
+        except ValueError:
+            check_finite_features()  # name the argument at fault
+            raise  # finite features whose scores overflow once divided by epsilon
+        check_finite_features()
         b_global = b
     passes = _FeaturePasses(zc, cc, alpha, chunk, _CorePasses if name == "cpu" else _TorchPasses)
     return _swav_iterate(passes, k, b_global, n_iters, z.device, group)

@@ -13,6 +13,7 @@ import torch
 import pym4
 from pym4 import _backend
 from references import swav_sinkhorn
+from test_sinkhorn_vs_swav import swav_distributed_sinkhorn
 
 pytestmark = pytest.mark.gpu
 
@@ -224,3 +225,67 @@ def test_launcher_rejects_bad_arguments():
                                  ws.data_ptr(), flag.data_ptr(), stream)
     with pytest.raises(ValueError, match="empty"):
         core.sinkhorn_workspace_bytes_cuda(0, 4)
+
+
+# ----- issue 10: group=, prototypes= and the torch fallback's launches on CUDA ------------------
+
+@pytest.fixture
+def nccl_group_of_one(tmp_path):
+    """A one-rank NCCL world (the machine may have one GPU): the group= path then runs its
+    passes and all-reduces exactly as on many ranks."""
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available():
+        pytest.skip("NCCL not available")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("b,k,epsilon", [(7, 5, 0.05), (517, 129, 0.01), (4096, 3000, 0.05), (16, 16000, 0.03)])
+def test_group_uses_the_cuda_kernel(nccl_group_of_one, b, k, epsilon, dtype, monkeypatch):
+    x = make_scores(b, k, dtype)
+    calls = []
+    core = _backend.core()
+    real = core.sinkhorn_pass_cuda
+    monkeypatch.setattr(core, "sinkhorn_pass_cuda", lambda *a: calls.append(a[0]) or real(*a))
+    out = pym4.sinkhorn(x, epsilon, 3, group=nccl_group_of_one)
+    assert calls == [0, 1, 1, 2]  # column LSE, two row passes, the write: all through the kernel
+    assert_matches_reference(out, x, epsilon, 3)
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_features_form_uses_the_cuda_kernel(request, group):
+    g = torch.Generator().manual_seed(3)
+    z = torch.nn.functional.normalize(torch.randn(300, 64, generator=g), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(3000, 64, generator=g), dim=1)
+    kwargs = {"group": request.getfixturevalue("nccl_group_of_one")} if group else {}
+    q = pym4.sinkhorn(z.cuda(), 0.05, 3, prototypes=c.cuda(), backend="cuda", **kwargs)
+    torch.testing.assert_close(q.double().cpu(), swav_sinkhorn(z.double() @ c.double().t(), 0.05, 3), rtol=5e-4,
+                               atol=1e-8)
+
+
+def cuda_launches(fn) -> int:
+    """The benchmark's launch counter (benchmarks/bench_sinkhorn.py, loaded by path): the
+    test asserts what the benchmark prints."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sinkhorn.py"
+    spec = importlib.util.spec_from_file_location("_bench_sinkhorn_for_tests", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.count_launches(fn)
+
+
+@pytest.mark.parametrize("b,k,n_iters", [(256, 3000, 3), (4096, 3000, 3), (16, 16000, 10)])
+def test_torch_backend_launches_no_more_than_swav(b, k, n_iters):
+    s = make_scores(b, k)
+    ours = cuda_launches(lambda: pym4.sinkhorn(s, 0.05, n_iters, backend="torch"))
+    theirs = cuda_launches(lambda: swav_distributed_sinkhorn([s], 0.05, n_iters))  # SwAV's code, one rank
+    assert ours <= theirs, (ours, theirs)
+    assert_matches_reference(pym4.sinkhorn(s, 0.05, n_iters, backend="torch"), s, 0.05, n_iters)

@@ -121,6 +121,7 @@ struct Params {
   int parts;
   int64_t rows_per_part;
   int smem_mode;      // g32 copy and accumulators in shared memory (1) or in the workspace (0)
+  double* stats;      // sinkhorn_pass only: this rank's column statistics, exported instead of updating g
 };
 
 // ----- element access -------------------------------------------------------------------
@@ -233,7 +234,12 @@ __device__ void column_lse_phase(const Params& p, int part) {
 }
 
 // ----- combine phases: reduce the P partials of each column, update g --------------------
-enum class Combine { Init, Step };
+// Init/Step update the potentials (one process); ExportLse/ExportMass write this rank's
+// column statistics to p.stats instead (sinkhorn_pass: the caller all-reduces them).
+enum class Combine { Init, Step, ExportLse, ExportMass };
+
+template <Combine kind>
+__host__ __device__ constexpr bool combines_lse() { return kind == Combine::Init || kind == Combine::ExportLse; }
 
 __device__ __forceinline__ double log_b_at(const Params& p, int j) {
   return p.log_b ? p.log_b[j] : p.log_b_uniform;
@@ -241,6 +247,15 @@ __device__ __forceinline__ double log_b_at(const Params& p, int j) {
 
 template <Combine kind>
 __device__ __forceinline__ void finish_column(const Params& p, int j, float m, float s, double mass) {
+  if (kind == Combine::ExportLse) {  // (max, sum) of LSE_i(alpha x_ij), as the CPU core's column_logsumexp
+    p.stats[j] = static_cast<double>(m);
+    p.stats[p.cols + j] = static_cast<double>(s);
+    return;
+  }
+  if (kind == Combine::ExportMass) {
+    p.stats[j] = mass;
+    return;
+  }
   const double lb = log_b_at(p, j);
   double g;
   if (isinf(lb)) {
@@ -268,7 +283,7 @@ __device__ void combine_phase(const Params& p, Scratch& sc) {
     for (int tile = unit; tile < tiles; tile += units) {
       const int j = tile * 32 + lane;
       if (j >= K) continue;
-      if (kind == Combine::Init) {
+      if (combines_lse<kind>()) {
         float m = -FLT_MAX, s = 0.0f;
 #pragma unroll 4
         for (int q = 0; q < P; ++q) {
@@ -290,7 +305,7 @@ __device__ void combine_phase(const Params& p, Scratch& sc) {
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int j = tile * 32 + lane;
     const bool live = j < K;
-    if (kind == Combine::Init) {
+    if (combines_lse<kind>()) {
       float m = -FLT_MAX, s = 0.0f;
       if (live) {
 #pragma unroll 4
@@ -310,7 +325,7 @@ __device__ void combine_phase(const Params& p, Scratch& sc) {
     }
     __syncthreads();
     if (warp == 0 && live) {
-      if (kind == Combine::Init) {
+      if (combines_lse<kind>()) {
         float m = -FLT_MAX, s = 0.0f;
         for (int w = 0; w < nw; ++w) lse_merge(m, s, sc.ms[w][lane].x, sc.ms[w][lane].y);
         finish_column<kind>(p, j, m, s, 0.0);
@@ -548,22 +563,51 @@ void set_parts(Params& p, int64_t parts) {
   p.parts = static_cast<int>((p.rows + p.rows_per_part - 1) / p.rows_per_part);  // no empty part
 }
 
-template <typename T>
-void solve_typed(Params p, cudaStream_t stream) {
-  int device = 0, sms = 0, smem_optin = 0, coop = 0;
-  PYM4_CUDA_CHECK(cudaGetDevice(&device));
-  PYM4_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  PYM4_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  PYM4_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device));
+// The device's SM count and where the row phases keep g32 and their accumulators.
+struct DevicePlan {
+  int sms = 0;
+  int coop = 0;
+  size_t dyn_smem = 0;   // dynamic shared memory per block of the row phases
+  size_t dyn_limit = 0;  // opt-in size, see set_dynamic_smem
+};
 
-  // g32 copy + column accumulators in shared memory when they fit next to the static scratch.
+// Sets p.smem_mode: g32 copy + column accumulators in shared memory when they fit next to
+// the static scratch.
+DevicePlan plan_device(Params& p) {
+  int device = 0, smem_optin = 0;
+  DevicePlan d;
+  PYM4_CUDA_CHECK(cudaGetDevice(&device));
+  PYM4_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device));
+  PYM4_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  PYM4_CUDA_CHECK(cudaDeviceGetAttribute(&d.coop, cudaDevAttrCooperativeLaunch, device));
   const size_t smem_needed = 2 * sizeof(float) * static_cast<size_t>(p.cols);
   const size_t smem_budget = static_cast<size_t>(std::max(smem_optin, 0)) > sizeof(Scratch) + 1024
                                  ? static_cast<size_t>(smem_optin) - sizeof(Scratch) - 1024
                                  : 0;
   p.smem_mode = smem_needed <= smem_budget ? 1 : 0;
-  const size_t dyn_smem = p.smem_mode ? smem_needed : 0;
-  const size_t dyn_limit = p.smem_mode ? smem_budget : 0;  // opt-in size, see set_dynamic_smem
+  d.dyn_smem = p.smem_mode ? smem_needed : 0;
+  d.dyn_limit = p.smem_mode ? smem_budget : 0;
+  return d;
+}
+
+// The multi-launch path's set-up: shared-memory opt-ins and one resident wave of row blocks
+// (the same parts for every pass: they depend only on the shape and the device). Returns the
+// blocks of a combine launch.
+template <typename T>
+int plan_multi(Params& p, const DevicePlan& d) {
+  set_dynamic_smem(sinkhorn_row_kernel<T, false>, d.dyn_limit);
+  set_dynamic_smem(sinkhorn_row_kernel<T, true>, d.dyn_limit);
+  set_parts(p, std::min(max_parts(p.rows, p.cols),
+                        std::max<int64_t>(1, resident_blocks(sinkhorn_row_kernel<T, false>, d.dyn_smem, d.sms))));
+  const int tiles = (p.cols + 31) / 32;
+  return p.parts <= kSmallCombineParts ? (tiles + kWarps - 1) / kWarps : tiles;
+}
+
+template <typename T>
+void solve_typed(Params p, cudaStream_t stream) {
+  const DevicePlan d = plan_device(p);
+  const int sms = d.sms, coop = d.coop;
+  const size_t dyn_smem = d.dyn_smem, dyn_limit = d.dyn_limit;
   const int64_t parts_cap = max_parts(p.rows, p.cols);
 
   Path path = path_override();
@@ -597,11 +641,7 @@ void solve_typed(Params p, cudaStream_t stream) {
   auto lse_kernel = sinkhorn_column_lse_kernel<T>;
   auto acc_kernel = sinkhorn_row_kernel<T, false>;
   auto write_kernel = sinkhorn_row_kernel<T, true>;
-  set_dynamic_smem(acc_kernel, dyn_limit);
-  set_dynamic_smem(write_kernel, dyn_limit);
-  set_parts(p, std::min(parts_cap, std::max<int64_t>(1, resident_blocks(acc_kernel, dyn_smem, sms))));
-  const int tiles = (p.cols + 31) / 32;
-  const int combine_blocks = p.parts <= kSmallCombineParts ? (tiles + kWarps - 1) / kWarps : tiles;
+  const int combine_blocks = plan_multi<T>(p, d);
 
   lse_kernel<<<p.parts, kThreads, 0, stream>>>(p);
   check_last_error("sinkhorn (CUDA) column log-sum-exp");
@@ -617,7 +657,83 @@ void solve_typed(Params p, cudaStream_t stream) {
   check_last_error("sinkhorn (CUDA) write pass");
 }
 
+// The Params both entry points share: the matrix, the row masses, the output and the
+// workspace carve-up (g64, g32, partials).
+Params base_params(const void* x, int64_t rows, int64_t cols, int64_t ld, float alpha, double log_a_scalar,
+                   double log_out_scale, void* out, int* non_finite, void* workspace) {
+  const Layout l = workspace_layout(rows, cols);
+  char* ws = static_cast<char*>(workspace);
+  Params p{};
+  p.x = x;
+  p.rows = rows;
+  p.ld = rows == 1 ? cols : ld;
+  p.cols = static_cast<int>(cols);
+  p.n_iters = 1;
+  p.alpha = alpha;
+  p.log_a = static_cast<float>(log_a_scalar);
+  p.log_a_out = static_cast<float>(log_a_scalar + log_out_scale);
+  p.log_b_uniform = -std::log(static_cast<double>(cols));
+  p.out = out;
+  p.non_finite = non_finite;
+  p.g64 = reinterpret_cast<double*>(ws + l.g64);
+  p.g32 = reinterpret_cast<float*>(ws + l.g32);
+  p.part_ms = reinterpret_cast<float2*>(ws + l.partials);
+  p.part_mass = reinterpret_cast<float*>(ws + l.partials);
+  return p;
+}
+
+// One pass of the multi-launch path (see sinkhorn_pass in include/pym4/cuda.h).
+template <typename T>
+void pass_typed(Params p, int kind, cudaStream_t stream) {
+  const DevicePlan d = plan_device(p);
+  const size_t dyn_smem = d.dyn_smem;
+  auto acc_kernel = sinkhorn_row_kernel<T, false>;
+  auto write_kernel = sinkhorn_row_kernel<T, true>;
+  const int combine_blocks = plan_multi<T>(p, d);
+  if (kind == 0) {
+    sinkhorn_column_lse_kernel<T><<<p.parts, kThreads, 0, stream>>>(p);
+    check_last_error("sinkhorn (CUDA) column log-sum-exp");
+    sinkhorn_combine_kernel<Combine::ExportLse><<<combine_blocks, kThreads, 0, stream>>>(p);
+    check_last_error("sinkhorn (CUDA) column statistics");
+  } else if (kind == 1) {
+    acc_kernel<<<p.parts, kThreads, dyn_smem, stream>>>(p);
+    check_last_error("sinkhorn (CUDA) row pass");
+    sinkhorn_combine_kernel<Combine::ExportMass><<<combine_blocks, kThreads, 0, stream>>>(p);
+    check_last_error("sinkhorn (CUDA) column masses");
+  } else {
+    write_kernel<<<p.parts, kThreads, dyn_smem, stream>>>(p);
+    check_last_error("sinkhorn (CUDA) write pass");
+  }
+}
+
 }  // namespace
+
+void sinkhorn_pass(int kind, const void* x, DType dtype, int64_t rows, int64_t cols, int64_t ld, double alpha,
+                   const float* g32, double log_a_scalar, void* out, double* stats, void* workspace, int* non_finite,
+                   void* stream) {
+  check_shape(rows, cols);
+  if (kind < 0 || kind > 2) throw std::invalid_argument("sinkhorn_pass (CUDA): kind must be 0, 1 or 2");
+  if (x == nullptr || workspace == nullptr || non_finite == nullptr || (kind != 0 && g32 == nullptr) ||
+      (kind == 2 ? out == nullptr : stats == nullptr))
+    throw std::invalid_argument("sinkhorn_pass (CUDA): missing device pointer for this pass");
+  if (ld < 0) throw std::invalid_argument("x: row stride must be >= 0, got " + std::to_string(ld));
+  const float alpha_f = static_cast<float>(alpha);
+  if (!std::isfinite(alpha) || !std::isfinite(alpha_f))
+    throw std::invalid_argument("alpha (1/epsilon): must be finite in float32, got " + format_g(alpha));
+  if (!std::isfinite(log_a_scalar)) throw std::invalid_argument("log_a_scalar: must be finite");
+  if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0) throw std::invalid_argument("workspace: misaligned");
+  Params p = base_params(x, rows, cols, ld, alpha_f, log_a_scalar, 0.0, out, non_finite, workspace);
+  p.g64 = nullptr;                  // never touched by the export combines
+  p.g32 = const_cast<float*>(g32);  // read-only here: the row phases copy it to shared memory or read it
+  p.stats = stats;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::Float32: pass_typed<float>(p, kind, s); break;
+    case DType::Float16: pass_typed<__half>(p, kind, s); break;
+    case DType::BFloat16: pass_typed<__nv_bfloat16>(p, kind, s); break;
+    default: throw std::invalid_argument("dtype: unknown dtype code " + std::to_string(static_cast<int>(dtype)));
+  }
+}
 
 size_t sinkhorn_workspace_bytes(int64_t rows, int64_t cols) {
   check_shape(rows, cols);
@@ -651,25 +767,9 @@ void sinkhorn_solve(const void* x, DType dtype, int64_t rows, int64_t cols, int6
   if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0 || reinterpret_cast<uintptr_t>(non_finite) % 4 != 0)
     throw std::invalid_argument("workspace, non_finite: misaligned");
 
-  const Layout l = workspace_layout(rows, cols);
-  char* ws = static_cast<char*>(workspace);
-  Params p{};
-  p.x = x;
-  p.rows = rows;
-  p.ld = rows == 1 ? cols : ld;
-  p.cols = static_cast<int>(cols);
+  Params p = base_params(x, rows, cols, ld, alpha_f, log_a_scalar, log_out_scale, out, non_finite, workspace);
   p.n_iters = static_cast<int>(n_iters);
-  p.alpha = alpha_f;
-  p.log_a = static_cast<float>(log_a_scalar);
-  p.log_a_out = static_cast<float>(log_a_scalar + log_out_scale);
   p.log_b = log_b;
-  p.log_b_uniform = -std::log(static_cast<double>(cols));
-  p.out = out;
-  p.non_finite = non_finite;
-  p.g64 = reinterpret_cast<double*>(ws + l.g64);
-  p.g32 = reinterpret_cast<float*>(ws + l.g32);
-  p.part_ms = reinterpret_cast<float2*>(ws + l.partials);
-  p.part_mass = reinterpret_cast<float*>(ws + l.partials);
 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {

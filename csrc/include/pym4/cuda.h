@@ -41,6 +41,17 @@ constexpr int64_t kFusedMaxElements = int64_t(1) << 25;      // rows * cols at m
 void sinkhorn_solve(const void* x, DType dtype, int64_t rows, int64_t cols, int64_t ld, double alpha,
                     const double* log_b, double log_a_scalar, int64_t n_iters, double log_out_scale,
                     void* out, void* workspace, int* non_finite, void* stream);
+// One pass of the same solve, for a caller that all-reduces column statistics between passes
+// (SwAV/SEER over several GPUs: the batch is split across ranks). Every pass reads this
+// rank's rows of x; rows carry mass exp(log_a_scalar) each; g32 (cols floats, device) is the
+// column potential. kind 0: column log-sum-exp, stats = [max (cols) | sum (cols)] doubles
+// with LSE_i(alpha x_ij) = max_j + log sum_j (g32 unused); kind 1: row step, stats = the
+// column masses of the plan after it (cols doubles); kind 2: writes the plan into out
+// (rows x cols, contiguous, x's dtype; may be x itself). Two launches (kind 2: one) on
+// `stream`, no host synchronisation; workspace as for sinkhorn_solve.
+void sinkhorn_pass(int kind, const void* x, DType dtype, int64_t rows, int64_t cols, int64_t ld, double alpha,
+                   const float* g32, double log_a_scalar, void* out, double* stats, void* workspace, int* non_finite,
+                   void* stream);
 
 // ----- M4 (kernels/cuda/m4.cu) -----------------------------------------------------------
 // One mini-batch of M4 on the GPU: rows [row0, row0 + n) of s (rows x m) and y (rows x c)

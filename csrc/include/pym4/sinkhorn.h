@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace pym4 {
 namespace sinkhorn {
@@ -58,8 +59,11 @@ void write_plan(const Matrix<T>& m, const double* g, RowMarginal a, const double
 struct Result {
   int64_t iterations = 0;     // column+row step pairs done
   double marginal_error = 0;  // ||col_mass - b||_2 after the last row step (0 if not measured)
+  bool converged = false;     // stopped because a measured error fell below tol
+  std::vector<double> errors; // every measured error, in order (POT's log["err"])
   bool finite = true;         // false: the input had NaN/Inf (nothing was written)
   bool kernel_form = false;   // true: solved in the kernel form (no exp after the first pass)
+  bool solved = true;         // false: an in-place solve the kernel form declined (see solve)
 };
 
 // Whole solve on one process. When the spread of alpha * x is small enough for
@@ -69,10 +73,22 @@ struct Result {
 // uniform 1/cols. a: row log-marginals. Runs n_iters (column step, row step) pairs, or stops
 // once ||col_mass - b||_2 < tol (tol <= 0: never measures, as SwAV). The plan is written
 // multiplied by exp(log_out_scale) (SwAV returns B * P, whose rows sum to 1). g_out (cols)
-// receives the column potential when non-null.
+// receives the column potential when non-null. `out` may be m.data itself (ld_out == m.ld):
+// an in-place solve, for a caller that formed x in the result buffer (the features form).
+// Only the kernel form can run in place; when it declines, x has been overwritten and
+// Result::solved is false, and the caller forms x again and solves out of place.
+struct Options {
+  // The column potential after the first column step, when the caller has it (a warm start:
+  // g_j = log b_j - LSE_i(alpha x_ij + f0_i) for initial row potentials f0); null: from f0 = 0.
+  const double* g_init = nullptr;
+  // Measure the marginal error after the row step of iterations 1, 1 + check_every, ... (and
+  // after the last); 0: every iteration when tol > 0, never otherwise (SwAV). POT uses 10.
+  int64_t check_every = 0;
+};
+
 template <typename T>
 Result solve(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_iters, double tol,
-             double log_out_scale, T* out, int64_t ld_out, double* g_out);
+             double log_out_scale, T* out, int64_t ld_out, double* g_out, const Options& opt = Options());
 
 }  // namespace sinkhorn
 }  // namespace pym4
