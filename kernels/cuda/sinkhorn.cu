@@ -91,14 +91,12 @@ int device_count() {
 
 namespace {
 
-constexpr int kThreads = 512;                 // threads per block, every kernel
+// The launch geometry (threads, blocks per SM, parts, the fused-path limit) is stated once,
+// in cuda.h, where scripts/cuda_resources.py reads it to check the cooperative launch.
+using namespace sinkhorn_launch;
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowTile = 8;                   // rows per block reduction in the row passes
 constexpr int kColUnroll = 8;                 // rows in flight per thread in the column pass
-constexpr int64_t kMinRowsPerPart = 2;        // fewer rows per block: partials cost more than rows
-constexpr int64_t kMaxParts = 320;            // >= 2 blocks x SMs of current GPUs (H100 132, B200 148)
-constexpr int64_t kMaxPartialEntries = int64_t(1) << 22;  // P * cols cap: 32 MB of partials
-constexpr int64_t kFusedMaxElements = int64_t(1) << 25;   // rows * cols at most for the one-launch path
 constexpr int kSmallCombineParts = 32;        // up to this many parts a warp combines a column tile alone
 
 struct Params {
@@ -453,7 +451,7 @@ __device__ __forceinline__ void grid_barrier() {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 2) sinkhorn_fused_kernel(Params p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) sinkhorn_fused_kernel(Params p) {
   extern __shared__ float smem[];
   __shared__ Scratch sc;
   const int part = blockIdx.x;  // one part per block: gridDim.x == p.parts
