@@ -1,14 +1,216 @@
-"""POT-compatible entropic optimal transport: ``from pym4 import ot`` in code written for POT.
+"""Entropic optimal transport: :func:`sinkhorn_ot`, and POT's ``ot.sinkhorn`` for code
+written for POT (``from pym4 import ot``).
 
+``sinkhorn_ot`` solves general OT (any marginals, any cost) by the same iteration as
+``pym4.sinkhorn`` (the passes of ``pym4._sinkhorn_passes``, or the core's ``sinkhorn_solve``).
 ``ot.sinkhorn`` has the signature, defaults, return values, log dict and warnings of POT's
 ``ot.sinkhorn`` (PythonOT/POT, ``ot/bregman/_sinkhorn.py``) for ``method="sinkhorn"`` and
-``method="sinkhorn_log"``, and is solved by pym4's core (:func:`pym4.sinkhorn_ot`).
+``method="sinkhorn_log"``, over the same solve.
 """
 from __future__ import annotations
 
-from .sinkhorn import ConvergenceWarning, _sinkhorn_ot
+import math
+import warnings
+from typing import Optional
 
-__all__ = ["sinkhorn", "ConvergenceWarning"]
+import numpy as np
+import torch
+
+from . import _backend
+from ._arrays import (check_finite, check_float, check_int_at_least, check_ndim, check_positive_scalar,
+                      from_tensor, to_tensor)
+from ._sinkhorn_passes import _TorchPasses, _compute_dtype, _iterate
+
+__all__ = ["sinkhorn", "sinkhorn_ot", "ConvergenceWarning"]
+
+
+class ConvergenceWarning(UserWarning):
+    """A solver stopped at its iteration limit before reaching its tolerance."""
+
+
+def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-9, log: bool = False,
+                warmstart=None, warn: bool = True, backend: Optional[str] = None):
+    """Entropic optimal transport by Sinkhorn-Knopp, the plan of POT's ``ot.sinkhorn``.
+
+    Solves ``min_P <P, C> + reg * sum P (log P - 1)`` subject to ``P 1 = a``, ``P^T 1 = b``,
+    ``P >= 0`` (Cuturi, 2013), whose solution is ``diag(u) exp(-C/reg) diag(v)``; here it is
+    computed in the log domain, so small ``reg`` does not underflow.
+
+    Parameters
+    ----------
+    a : array (n,), b : array (m,) or (m, h)
+        Non-negative marginals with equal total mass; ``None`` for uniform. A 2-D ``b``
+        holds h target histograms, solved one after the other against the same ``a``
+        (POT's "multi b"); the result is then the h transport costs ``<P_k, C>``.
+    cost : array (n, m)
+        Cost matrix; float32 or float64 (the plan is computed in the cost's precision).
+    reg : float
+        Entropic regularisation, > 0.
+    n_iters : int, default 1000
+        Maximum number of (column, row) iterations (POT's ``numItermax``).
+    tol : float, default 1e-9
+        Stop once the column marginals are within ``tol`` of ``b`` in l2 norm (POT's
+        ``stopThr``), measured after every iteration; 0 runs exactly ``n_iters`` iterations.
+    log : bool, default False
+        Also return a dict as POT's: ``err`` (the measured marginal errors), ``niter`` (index
+        of the last iteration, from 0), ``u`` and ``v`` (the scalings, ``P = diag(u) K diag(v)``
+        with ``K = exp(-C/reg)``) and ``log_u``, ``log_v`` (their logarithms; in POT only
+        ``method="sinkhorn_log"`` has these). With a 2-D ``b`` they have a column per histogram.
+    warmstart : (log_u (n,), log_v (m,)), optional
+        Initial dual potentials (POT's ``warmstart``): the first column step starts from
+        ``log_u`` (``log_v`` is replaced by it, as in POT). With a 2-D ``b``, (n, h) and (m, h).
+    warn : bool, default True
+        Emit a ``ConvergenceWarning`` when ``n_iters`` is reached without the error falling
+        below ``tol`` (with ``tol=0`` that is every call, as in POT).
+
+    Returns
+    -------
+    plan : array (n, m), same type, dtype and device as ``cost`` (for a 2-D ``b``: the
+    costs, (h,)), and the log dict when ``log``. Rows of a plan sum to ``a`` exactly; its
+    columns to ``b`` within ``tol``.
+    """
+    res, info = _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, check_every=1, gauge="ones",
+                             potentials=log)
+    if warn and not info["converged"]:
+        warnings.warn(f"sinkhorn_ot: stopped after n_iters={n_iters} iterations with marginal error "
+                      f"{info['last_err']:.3g}, not below tol={tol:g}; raise n_iters or reg", ConvergenceWarning,
+                      stacklevel=2)
+    if not log:
+        return res
+    return res, {k: info[k] for k in ("err", "niter", "u", "v", "log_u", "log_v")}
+
+
+def _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, *, check_every: int, gauge: str,
+                 potentials: bool):
+    """The OT solve behind ``sinkhorn_ot`` and ``pym4.ot.sinkhorn``: checks the input, solves
+    each target histogram, returns (plan or costs, info). ``check_every``: measure the error
+    every that many iterations (POT: 10). ``gauge``: "ones" puts POT's ``method="sinkhorn"``
+    constant into u and v (its u starts at 1/n), "zeros" that of ``method="sinkhorn_log"``.
+    ``potentials``: also compute u, v, log_u, log_v into info (one more pass over the cost)."""
+    c, origin = to_tensor(cost, "cost")
+    check_float(c, "cost")
+    check_ndim(c, 2, "cost", " (n, m)")
+    n, m = c.shape
+    if n == 0 or m == 0:
+        raise ValueError(f"cost: expected a non-empty matrix, got shape {tuple(c.shape)}")
+    reg = check_positive_scalar(reg, "reg")
+    n_iters = check_int_at_least(n_iters, 1, "n_iters")
+    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol: must be a finite number >= 0, got {tol!r}")
+    check_finite(c, "cost")
+    dtype = _compute_dtype(c.dtype)
+    a_t = _marginal(a, n, "a", c.device)
+    b_t = _marginals(b, m, "b", c.device)  # (m, h)
+    hists = b_t.shape[1]
+    mass_a = float(a_t.sum())
+    for k in range(hists):
+        mass_b = float(b_t[:, k].sum())
+        if abs(mass_a - mass_b) > 1e-6 * max(mass_a, mass_b):
+            which = "b" if hists == 1 else f"b[:, {k}]"
+            raise ValueError(f"a, b: marginals must have the same total mass, got sum(a)={mass_a:.9g} and "
+                             f"sum({which})={mass_b:.9g}")
+    f0 = _warmstart(warmstart, n, m, hists, c.device)
+    log_a = torch.log(a_t)
+    name = _backend.choose("sinkhorn_ot", c.device.type, backend)
+    x = c.to(dtype).contiguous()
+    alpha = -1.0 / reg
+    plans, gs, infos = [], [], []
+    for k in range(hists):
+        log_b = torch.log(b_t[:, k].contiguous())
+        g_init = None
+        if f0 is not None:  # the first column step from the given row potentials, in float64
+            g_init = log_b - torch.logsumexp(alpha * x.double() + f0[:, k:k + 1], dim=0)
+            g_init = torch.where(torch.isinf(log_b), log_b, g_init).contiguous()
+        if name == "cpu":
+            out = torch.empty_like(x)
+            iters, err, g, _, converged, errors = _backend.core().sinkhorn_solve(
+                x.numpy(), alpha, log_b.numpy(), log_a.numpy(), n_iters, float(tol), 0.0, out.numpy(),
+                None if g_init is None else g_init.numpy(), check_every)
+            g = torch.from_numpy(g)
+        else:
+            out, iters, err, g, converged, errors = _iterate(_TorchPasses(x, alpha), log_b, log_a, n_iters,
+                                                            float(tol), 0.0, g_init=g_init, check_every=check_every)
+        plans.append(out)
+        gs.append(g)
+        infos.append((iters, err, converged, list(errors)))
+    info = {"converged": all(i[2] for i in infos), "last_err": max(i[1] for i in infos),
+            "niter": max(i[0] for i in infos) - 1, "err": infos[0][3] if hists == 1 else [i[3] for i in infos]}
+    if potentials:
+        info.update(_potentials(x, alpha, log_a, gs, math.log(n) if (gauge == "ones" and f0 is None) else 0.0,
+                                _is_2d(b), origin))
+    if not _is_2d(b):
+        return from_tensor(plans[0], origin), info
+    costs = torch.stack([(p.double() * x.double()).sum() for p in plans])
+    return from_tensor(costs, origin), info
+
+
+def _potentials(x, alpha, log_a, gs, shift, multi, origin) -> dict:
+    """POT's u, v, log_u, log_v from the column potentials g of each histogram's solve."""
+    # POT's gauge: its u starts at 1/n ("ones") or exp(0) ("zeros"); ours at exp(0); a warm
+    # start fixes it for both. The constant (shift) moves between u and v, not the plan.
+    log_v = torch.stack([g.to(torch.float64) for g in gs], dim=1) + shift  # (m, h)
+    # log u_i = log a_i - LSE_j(alpha C_ij + log v_j): the row step that wrote the plan.
+    log_u = torch.stack([torch.where(torch.isinf(log_a), log_a,
+                                     log_a - torch.logsumexp(alpha * x.double() + log_v[:, k], dim=1))
+                         for k in range(len(gs))], dim=1)
+    squeeze = (lambda t: t) if multi else (lambda t: t[:, 0])
+    return {key: from_tensor(squeeze(t).contiguous(), origin)
+            for key, t in (("log_u", log_u), ("log_v", log_v), ("u", torch.exp(log_u)), ("v", torch.exp(log_v)))}
+
+
+def _is_2d(v) -> bool:
+    return v is not None and np.ndim(v) == 2
+
+
+def _marginal(v, n: int, name: str, device) -> torch.Tensor:
+    if v is None or (hasattr(v, "__len__") and len(v) == 0):
+        return torch.full((n,), 1.0 / n, dtype=torch.float64, device=device)
+    t, _ = to_tensor(v, name)
+    check_float(t, name)
+    check_ndim(t, 1, name)
+    if t.shape[0] != n:
+        raise ValueError(f"{name}: expected {n} entries to match cost, got {t.shape[0]}")
+    t = t.to(device=device, dtype=torch.float64)
+    check_finite(t, name)
+    if bool((t < 0).any()):
+        raise ValueError(f"{name}: marginals must be non-negative")
+    if not float(t.sum()) > 0:
+        raise ValueError(f"{name}: marginals must have positive total mass")
+    return t.contiguous()
+
+
+def _marginals(v, n: int, name: str, device) -> torch.Tensor:
+    """Column marginals as an (n, h) float64 matrix: one column for a vector (or None), h for
+    an (n, h) array of h histograms."""
+    if _is_2d(v):
+        t, _ = to_tensor(v, name)
+        check_float(t, name)
+        if t.shape[0] != n or t.shape[1] == 0:
+            raise ValueError(f"{name}: expected shape ({n}, h >= 1) to match cost, got {tuple(t.shape)}")
+        return torch.stack([_marginal(t[:, k], n, name, device) for k in range(t.shape[1])], dim=1)
+    return _marginal(v, n, name, device).reshape(n, 1)
+
+
+def _warmstart(warmstart, n: int, m: int, hists: int, device) -> Optional[torch.Tensor]:
+    """The row potentials log_u of a warm start, as (n, h) float64 (log_v is not needed: the
+    first column step replaces it, as in POT)."""
+    if warmstart is None:
+        return None
+    if not isinstance(warmstart, (tuple, list)) or len(warmstart) != 2:
+        raise TypeError("warmstart: expected a pair (log_u, log_v) of dual potentials")
+    shapes = ((n,), (m,)) if hists == 1 else ((n, hists), (m, hists))
+    parts = []
+    for part, shape, what in zip(warmstart, shapes, ("log_u", "log_v")):
+        t, _ = to_tensor(part, f"warmstart {what}")
+        check_float(t, f"warmstart {what}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"warmstart: {what} must have shape {shape}, got {tuple(t.shape)}")
+        t = t.to(device=device, dtype=torch.float64)
+        if bool(torch.isnan(t).any()) or bool((t == math.inf).any()):
+            raise ValueError(f"warmstart: {what} contains NaN or +Inf")
+        parts.append(t)
+    return parts[0].reshape(n, hists)
+
 
 _METHODS = ("sinkhorn", "sinkhorn_log")
 
@@ -62,8 +264,6 @@ def sinkhorn(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, ver
                 print("{:5s}|{:12s}".format("It.", "Err") + "\n" + "-" * 19)
             print("{:5d}|{:8e}|".format(10 * k, err))
     if warn and not info["converged"]:
-        import warnings
-
         warnings.warn("Sinkhorn did not converge. You might want to increase the number of iterations `numItermax` "
                       "or the regularization parameter `reg`.", ConvergenceWarning, stacklevel=2)
     if not log:

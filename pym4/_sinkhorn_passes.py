@@ -1,0 +1,287 @@
+"""The passes of the log-domain Sinkhorn iteration, shared by ``pym4.sinkhorn`` and
+``pym4.sinkhorn_ot``.
+
+A passes object reads the matrix x (B, K) three ways with potentials g (K,) and log row
+masses ``log_a``: ``column_logsumexp()`` -> (max, sum) per column, ``row_pass(g, log_a)`` ->
+the column masses of the plan ``P_ij = exp(alpha x_ij + g_j + f_i)`` whose rows have mass
+``a_i``, and ``write_plan(g, log_a)`` -> P. The same loop (``_iterate``, the loop of
+``sinkhorn::solve`` in ``csrc/include/pym4/sinkhorn.h``) runs over any of them: plain torch,
+the C++ core, the CUDA kernel, or scores recomputed block by block from features, with the
+column statistics all-reduced between passes when a process group is given.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import _backend
+
+
+_CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _ResultPool:
+    """Memory for fresh CPU results, reused once the caller has dropped them.
+
+    A fresh B x K result from the system allocator is new pages that the kernel zeroes on
+    first touch (49 MB at SwAV's 4096 x 3000: a fifth of the whole solve). A training loop
+    drops each step's codes before the next step, so the pool hands out a buffer only
+    when nothing outside it refers to it any more (numpy's reference count: a tensor made by
+    torch.from_numpy, its views and its .numpy() all keep the array alive); the result is
+    still a new tensor sharing memory with nothing alive. Only large results are pooled, at
+    most ``keep`` buffers (SwAV's two crops hold two codes at once).
+    """
+
+    min_bytes = 1 << 22
+    keep = 2
+
+    def __init__(self):
+        self._arrays = []
+        self._lock = threading.Lock()
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        np_dtype = np.float32 if dtype == torch.float32 else np.float64
+        nbytes = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
+        if nbytes < self.min_bytes:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            for i in range(len(self._arrays)):  # (enumerate's reused tuple would hold one more reference)
+                arr = self._arrays[i]
+                # 3 references: the list, `arr` and getrefcount's argument; more: still in use.
+                if arr.dtype == np_dtype and arr.size == int(np.prod(shape)) and sys.getrefcount(arr) == 3:
+                    self._arrays.append(self._arrays.pop(i))  # most recently used last
+                    return torch.from_numpy(arr.reshape(shape))
+            arr = None
+            arr = np.empty(shape, dtype=np_dtype)
+            self._arrays.append(arr)
+            if len(self._arrays) > self.keep:
+                self._arrays.pop(0)  # the least recently used leaves the pool (its user keeps it)
+            return torch.from_numpy(arr)
+
+
+_RESULTS = _ResultPool()
+
+
+class _TorchPasses:
+    """The three passes of the log-domain iteration in plain torch (reference and fallback)."""
+
+    def __init__(self, x: torch.Tensor, alpha: float):
+        self.x, self.alpha = x, alpha
+
+    # Every pass allocates one B x K temporary and works on it in place: a fresh 50 MB
+    # tensor costs more in page faults than the arithmetic on it.
+    def column_logsumexp(self):
+        t = self.x * self.alpha
+        col_max = t.amax(dim=0)
+        col_sum = t.sub_(col_max).exp_().sum(dim=0)
+        return col_max.double(), col_sum.double()
+
+    def _row_step(self, g, log_a):
+        # Row i of the plan is a_i * softmax_j(alpha x_ij + g_j), shifted by the row maximum.
+        t = (self.x * self.alpha).add_(g.to(self.x.dtype))
+        t.sub_(t.amax(dim=1, keepdim=True)).exp_()
+        scale = torch.exp(torch.as_tensor(log_a, dtype=torch.float64, device=t.device))
+        scale = (scale.reshape(-1, 1) if scale.dim() else scale) / t.sum(dim=1, keepdim=True).double()
+        return t.mul_(scale.to(t.dtype))
+
+    def row_pass(self, g, log_a):
+        return self._row_step(g, log_a).sum(dim=0).double()
+
+    def write_plan(self, g, log_a):
+        return self._row_step(g, log_a)
+
+
+class _CorePasses:
+    """The same passes through the C++ core (used by the distributed CPU path)."""
+
+    def __init__(self, x: torch.Tensor, alpha: float):
+        self.x = x.contiguous()
+        self.alpha = alpha
+        self.core = _backend.core()
+
+    @staticmethod
+    def _log_a(log_a):
+        return float(log_a) if not isinstance(log_a, torch.Tensor) else log_a.double().contiguous().numpy()
+
+    def column_logsumexp(self):
+        col_max, col_sum = self.core.sinkhorn_column_logsumexp(self.x.numpy(), self.alpha)
+        return torch.from_numpy(col_max), torch.from_numpy(col_sum)
+
+    def row_pass(self, g, log_a):
+        return torch.from_numpy(self.core.sinkhorn_row_pass(self.x.numpy(), self.alpha, g.numpy(), self._log_a(log_a)))
+
+    def write_plan(self, g, log_a):
+        out = torch.empty_like(self.x)
+        self.core.sinkhorn_write_plan(self.x.numpy(), self.alpha, g.numpy(), self._log_a(log_a), out.numpy())
+        return out
+
+
+class _CudaPasses:
+    """The passes through the core's CUDA kernel (``sinkhorn_pass_cuda``), for ``group=``:
+    each is one or two launches on the current stream with no host synchronisation, and the
+    column statistics they return (device float64) are all-reduced in between by NCCL. Rows
+    carry one mass each (``log_a`` a number, as in SwAV)."""
+
+    def __init__(self, x: torch.Tensor, alpha: float, in_place: bool = False):
+        self.x = x if x.stride(-1) == 1 else x.contiguous()
+        self.alpha, self.in_place = alpha, in_place  # in_place: the plan overwrites x (x is ours)
+        self.core = _backend.core()
+        b, k = self.x.shape
+        self.workspace = torch.empty(self.core.sinkhorn_workspace_bytes_cuda(b, k), dtype=torch.uint8,
+                                     device=x.device)
+        self.non_finite = torch.zeros(1, dtype=torch.int32, device=x.device)  # checked before (_global_batch)
+
+    def _pass(self, kind: int, g, log_a: float, out=None, stats=None):
+        x = self.x
+        b, k = x.shape
+        g32 = None if g is None else g.to(torch.float32).contiguous()
+        with torch.cuda.device(x.device):
+            self.core.sinkhorn_pass_cuda(kind, x.data_ptr(), _CUDA_DTYPE_CODES[x.dtype], b, k, x.stride(0), self.alpha,
+                                         0 if g32 is None else g32.data_ptr(), float(log_a),
+                                         0 if out is None else out.data_ptr(), 0 if stats is None else stats.data_ptr(),
+                                         self.workspace.data_ptr(), self.non_finite.data_ptr(),
+                                         torch.cuda.current_stream(x.device).cuda_stream)
+
+    def column_logsumexp(self):
+        k = self.x.shape[1]
+        stats = torch.empty(2 * k, dtype=torch.float64, device=self.x.device)
+        self._pass(0, None, 0.0, stats=stats)
+        return stats[:k], stats[k:]
+
+    def row_pass(self, g, log_a):
+        stats = torch.empty(self.x.shape[1], dtype=torch.float64, device=self.x.device)
+        self._pass(1, g, log_a, stats=stats)
+        return stats
+
+    def write_plan(self, g, log_a):
+        out = self.x if self.in_place else torch.empty(self.x.shape, dtype=self.x.dtype, device=self.x.device)
+        self._pass(2, g, log_a, out=out)
+        return out
+
+
+def _iterate(passes, log_b: torch.Tensor, log_a, n_iters: int, tol: float, log_out_scale: float, group=None,
+             g_init: Optional[torch.Tensor] = None, check_every: int = 0):
+    """The loop of ``sinkhorn::solve`` over any passes object, with optional all-reduces.
+
+    Returns (plan, iterations, marginal_error, g, converged, errors), as the core's solve
+    (``g_init`` and ``check_every`` as its Options). With ``group``, column statistics are
+    all-reduced over the ranks (the row marginals ``log_a`` are already global).
+    """
+    every = check_every if check_every > 0 else (1 if tol > 0 else 0)
+    at = (lambda it: every > 0 and (it - 1) % every == 0)
+    errors, converged = [], False
+
+    def measure(col_mass):
+        return float(torch.linalg.vector_norm(col_mass - torch.exp(log_b)))
+
+    if g_init is not None:
+        g = g_init.to(log_b.dtype)
+    else:
+        col_max, col_sum = passes.column_logsumexp()
+        if group is not None:
+            global_max = col_max.clone()
+            _all_reduce(global_max, group, "max")
+            col_sum = col_sum * torch.exp(col_max - global_max).nan_to_num(0.0)
+            _all_reduce(col_sum, group, "sum")
+            col_max = global_max
+        g = log_b - (col_max + torch.log(col_sum))
+    err = 0.0
+    iters = 1
+    for iters in range(1, n_iters + 1):
+        if iters == n_iters:
+            break
+        col_mass = passes.row_pass(g, log_a)
+        if group is not None:
+            _all_reduce(col_mass, group, "sum")
+        if at(iters):
+            err = measure(col_mass)
+            errors.append(err)
+            converged = tol > 0 and err < tol
+            if converged:
+                break
+        g = _column_step(g, log_b, col_mass)
+    out = passes.write_plan(g, log_a + log_out_scale)
+    if every > 0:
+        col_mass = out.sum(dim=0, dtype=torch.float64) * math.exp(-log_out_scale)
+        if group is not None:
+            _all_reduce(col_mass, group, "sum")
+        err = measure(col_mass)
+        if not converged and at(iters):
+            errors.append(err)
+            converged = tol > 0 and err < tol
+    return out, iters, err, g, converged, errors
+
+
+def _column_step(g: torch.Tensor, log_b: torch.Tensor, col_mass: torch.Tensor) -> torch.Tensor:
+    # Columns with zero target mass stay at -inf instead of becoming -inf - (-inf) = NaN.
+    return torch.where(torch.isinf(log_b), log_b, g + log_b - torch.log(col_mass))
+
+
+def _all_reduce(t: torch.Tensor, group, op: str) -> None:
+    import torch.distributed as dist
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
+
+
+def _swav_iterate(passes, k: int, b_global: int, n_iters: int, device, group=None) -> torch.Tensor:
+    """SwAV through the generic loop: columns get mass 1/K, rows 1/B; the plan comes back times B."""
+    log_b = torch.full((k,), -math.log(k), dtype=torch.float64, device=device)
+    return _iterate(passes, log_b, -math.log(b_global), n_iters, 0.0, math.log(b_global), group=group)[0]
+
+
+def _global_batch(b_local: int, k: int, finite: bool, group, device) -> int:
+    """Check every rank's shard and learn the global batch size, before any work: a bad
+    shard raises on all ranks instead of leaving the others blocked in a collective."""
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("group: torch.distributed is not initialised")
+    comm_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    stats = torch.tensor([float(b_local), 0.0 if finite else 1.0, float(k)], dtype=torch.float64, device=comm_device)
+    _all_reduce(stats, group, "sum")
+    if float(stats[1]) > 0:
+        raise ValueError("scores: contains NaN or Inf on at least one rank")
+    if float(stats[2]) != float(k) * dist.get_world_size(group):
+        raise ValueError("scores: every rank must hold the same number of prototypes (columns)")
+    return int(stats[0])
+
+
+class _FeaturePasses:
+    """Passes over scores = z @ prototypes.T computed block by block and never stored: each
+    pass recomputes a block's scores (a matmul) and runs the dense passes on it."""
+
+    def __init__(self, z: torch.Tensor, prototypes: torch.Tensor, alpha: float, chunk: int, dense):
+        self.z, self.c, self.alpha, self.chunk, self.dense = z, prototypes, alpha, chunk, dense
+
+    def _blocks(self):
+        for start in range(0, self.z.shape[0], self.chunk):
+            block = self.z[start:start + self.chunk] @ self.c.t()
+            yield start, self.dense(block, self.alpha)
+
+    def column_logsumexp(self):
+        col_max = col_sum = None
+        for _, passes in self._blocks():
+            m, s = passes.column_logsumexp()
+            if col_max is None:
+                col_max, col_sum = m, s
+            else:  # merge two (max, sum) pairs of log-sum-exp
+                new_max = torch.maximum(col_max, m)
+                col_sum = col_sum * torch.exp(col_max - new_max) + s * torch.exp(m - new_max)
+                col_max = new_max
+        return col_max, col_sum
+
+    def row_pass(self, g, log_a):
+        return sum(passes.row_pass(g, log_a) for _, passes in self._blocks())
+
+    def write_plan(self, g, log_a):
+        out = torch.empty(self.z.shape[0], self.c.shape[0], dtype=self.z.dtype, device=self.z.device)
+        for start, passes in self._blocks():
+            out[start:start + self.chunk] = passes.write_plan(g, log_a)
+        return out
