@@ -13,19 +13,18 @@ bandwidth of this machine. Writes ``sinkhorn.csv`` and ``sinkhorn.png`` under --
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 
 import pym4
 from pym4 import _backend
-from pym4._io import atomic_output
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import Case, references, stream_bandwidth, time_interleaved, write_results  # noqa: E402
 
 # (label, B, K, n_iters, epsilon)
 SHAPES = [
@@ -38,8 +37,10 @@ QUICK_SHAPES = [("SwAV B=256", 256, 3000, 3, 0.05), ("SEER B=16 K=16000", 16, 16
 
 
 @torch.no_grad()
-def swav_reference(out: torch.Tensor, epsilon: float, n_iters: int) -> torch.Tensor:
-    """SwAV's distributed_sinkhorn (facebookresearch/swav, main_swav.py) on one process."""
+def swav_code(out: torch.Tensor, epsilon: float, n_iters: int) -> torch.Tensor:
+    """SwAV's distributed_sinkhorn (facebookresearch/swav, main_swav.py) on one process, as
+    SwAV runs it (the input's dtype, no max shift): the code pym4 replaces, timed as the anchor.
+    Errors are measured against ``references.swav_sinkhorn`` (float64) instead."""
     q = torch.exp(out / epsilon).t()
     b = q.shape[1]
     k = q.shape[0]
@@ -63,49 +64,7 @@ def pot_sinkhorn(scores_np: np.ndarray, epsilon: float, n_iters: int) -> np.ndar
     return plan * b
 
 
-# ----- timing and counting (one place; the integrator moves it onto benchmarks/_harness.py) -----
-
-def timeit(fn, device: str, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up (GPU: triton's do_bench)."""
-    if device == "cuda":
-        try:
-            from triton.testing import do_bench
-
-            return do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
-        except ImportError:
-            pass
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def interleaved_medians(impls, device: str, rounds: int, slow=None):
-    """Median seconds per implementation, timed in rounds that run each one once, in an
-    order rotated every round: drifts of a shared machine (other processes, page-cache and
-    huge-page state) then hit every implementation alike instead of whichever ran last.
-    ``slow`` caps the rounds of the slowest ones. On a GPU each one gets triton's do_bench."""
-    if device == "cuda":
-        return {name: timeit(fn, device, rounds) for name, fn in impls.items()}
-    slow = slow or {}
-    names = list(impls)
-    samples = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            if len(samples[name]) >= slow.get(name, rounds):
-                continue
-            t0 = time.perf_counter()
-            impls[name]()
-            samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
-
+# ----- counting ---------------------------------------------------------------------------------
 
 def count_launches(fn) -> int:
     """CUDA kernels launched by one call of ``fn`` (torch profiler, after a warm-up call):
@@ -121,15 +80,6 @@ def count_launches(fn) -> int:
                and "memcpy" not in e.name.lower() and "memset" not in e.name.lower())
 
 
-def memory_bandwidth(device: str, nbytes: int = 1 << 28):
-    """(read, write) bytes/s of streaming over a 256 MB buffer, far larger than any CPU
-    cache: a sum reads it, a fill writes it (into touched memory: no page faults counted)."""
-    buf = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    t_read = timeit(lambda: buf.sum(), device, repeats=7)
-    t_write = timeit(lambda: buf.fill_(1.0), device, repeats=7)
-    return nbytes / t_read, nbytes / t_write
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -140,8 +90,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    os.makedirs(args.out, exist_ok=True)
     device = args.device
+    refs = references()
     info = pym4.build_info()
     print(f"pym4 {info['version']}  device={device}  threads={torch.get_num_threads()}  simd={info['simd']}  "
           f"cuda_core={info['cuda']}")
@@ -158,7 +108,7 @@ def main(argv=None) -> int:
 
     rows = []
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    read_bw, write_bw = memory_bandwidth(device)
+    read_bw, write_bw = stream_bandwidth(device)
     print(f"streaming bandwidth: {read_bw / 1e9:.1f} GB/s read, {write_bw / 1e9:.1f} GB/s write")
     for label, b, k, n_iters, eps in shapes:
         gen = torch.Generator().manual_seed(0)
@@ -182,21 +132,22 @@ def main(argv=None) -> int:
         # What the features form replaces: one matmul forming the scores, then the scores path.
         impls["matmul+pym4"] = lambda: pym4.sinkhorn(z_dev @ c_dev.t(), eps, n_iters)
         impls["matmul"] = lambda: z_dev @ c_dev.t()
-        impls["swav-reference"] = lambda: swav_reference(scores, eps, n_iters)
-        reference = swav_reference(scores.double(), eps, n_iters)
+        impls["swav-reference"] = lambda: swav_code(scores, eps, n_iters)
+        reference = refs.swav_sinkhorn(scores, eps, n_iters)  # float64, the tests' reference
         if have_pot:
             s_np = scores.cpu().numpy().astype(np.float64)
-            impls["pot"] = lambda: pot_sinkhorn(s_np, eps, n_iters)
+            impls["pot"] = Case(lambda: pot_sinkhorn(s_np, eps, n_iters), max_rounds=2)  # slow: two samples
         errors = {}
-        for name, fn in impls.items():  # correctness first (and a warm-up)
-            out = fn()
+        for name, impl in impls.items():  # correctness first (and the timer's warm-up)
+            out = impl.fn() if isinstance(impl, Case) else impl()
             errors[name] = (math.nan if name == "matmul" else
                             float((torch.as_tensor(out).to(reference.device, torch.float64) - reference).abs().max()))
-        times = interleaved_medians(impls, device, args.repeats, slow={"pot": 2})
+        timings = time_interleaved(impls, rounds=args.repeats, warmup=0, device=device)
+        times = {name: t.median for name, t in timings.items()}
         launches = {name: count_launches(fn) for name, fn in impls.items() if name != "pot"} if device == "cuda" else {}
         for name in impls:
             rows.append({"shape": label, "B": b, "K": k, "n_iters": n_iters, "epsilon": eps, "impl": name,
-                         "seconds": times[name], "max_abs_err": errors[name], "launches": launches.get(name, ""),
+                         **timings[name].row(), "max_abs_err": errors[name], "launches": launches.get(name, ""),
                          "floor_min_s": floor_min, "floor_passes_s": floor_passes, "read_GBps": read_bw / 1e9,
                          "write_GBps": write_bw / 1e9})
             count = f"   {launches[name]:4d} launches" if name in launches else ""
@@ -217,45 +168,10 @@ def main(argv=None) -> int:
         print(f"ratio {label}: (matmul+pym4) / pym4-features = {times['matmul+pym4'] / times['pym4-features']:.2f}x; "
               f"pym4-features / (matmul + {best[1]}) = {times['pym4-features'] / (times['matmul'] + best[0]):.2f}x")
 
-    csv_path = os.path.join(args.out, "sinkhorn.csv")
-    with atomic_output(csv_path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    png_path = plot(rows, args.out, device)
+    csv_path, png_path = write_results(args.out, "sinkhorn", rows,
+                                       title=f"Sinkhorn-Knopp on {device}: pym4 vs SwAV reference and POT")
     print(f"wrote {csv_path}" + (f" and {png_path}" if png_path else ""))
     return 0
-
-
-def plot(rows, out_dir: str, device: str):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return None
-    shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, ax = plt.subplots(figsize=(2.2 * len(shapes) + 3, 4.5))
-    width = 0.8 / (len(impls) + 1)
-    for i, impl in enumerate(impls):
-        ys = [next((r["seconds"] * 1e3 for r in rows if r["shape"] == s and r["impl"] == impl), math.nan) for s in shapes]
-        ax.bar([x + i * width for x in range(len(shapes))], ys, width, label=impl)
-    floors = [next(r["floor_passes_s"] * 1e3 for r in rows if r["shape"] == s) for s in shapes]
-    ax.bar([x + len(impls) * width for x in range(len(shapes))], floors, width, label="bandwidth floor", color="0.7")
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(shapes))], shapes, fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("time per call (ms, log)")
-    ax.set_title(f"Sinkhorn-Knopp on {device}: pym4 vs SwAV reference and POT")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "sinkhorn.png")
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":
