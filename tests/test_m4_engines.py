@@ -14,9 +14,9 @@ import pytest
 
 from m4_datasets import VOCAB, counts_reference, dense, metadata, tags_dense, write_hive, write_shards
 import pym4.m4
-from pym4._m4_columns import ColumnSpec, DataError
-from pym4._m4_model import M4Model
-from pym4._m4_stages import resolve_columns, weighted_counts, write_keep_probability
+from pym4.m4._columns import ColumnSpec, DataError
+from pym4.m4.model import M4Model
+from pym4.m4._stages import resolve_columns, weighted_counts, write_keep_probability
 from pym4.engines import engine_for, list_shards
 from pym4.engines.local import LocalEngine
 

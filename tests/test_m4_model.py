@@ -1,4 +1,4 @@
-"""pym4._m4_model.M4Model: keep_probability against the closed form in numpy, JSON and
+"""pym4.m4.model.M4Model: keep_probability against the closed form in numpy, JSON and
 pickle round trips, transform on Arrow and pandas batches, and no torch on the data side."""
 import json
 import os
@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 
 from m4_datasets import dense, metadata, tags_dense
-from pym4._m4_columns import ColumnSpec
-from pym4._m4_model import M4Model
+from pym4.m4._columns import ColumnSpec
+from pym4.m4.model import M4Model
 
 VOCAB3 = ("doctor", "nurse", "pilot")
 
@@ -127,10 +127,10 @@ sys.meta_path.insert(0, NoTorch())
 pkg = types.ModuleType("pym4"); pkg.__path__ = [{os.path.join(root, 'pym4')!r}]
 sys.modules["pym4"] = pkg
 import numpy as np
-import pym4._m4_model, pym4._m4_stages, pym4.engines.local, pym4.engines.ray, pym4.engines.spark
-from pym4._m4_columns import ColumnSpec
+import pym4.m4.model, pym4.m4._stages, pym4.engines.local, pym4.engines.ray, pym4.engines.spark
+from pym4.m4._columns import ColumnSpec
 rs = ColumnSpec.make(sensitive=["a"]).resolve()
-m = pym4._m4_model.M4Model(np.array([0.5]), 0.8, 0.01, 0.01, np.zeros(1), 0.0, rs)
+m = pym4.m4.model.M4Model(np.array([0.5]), 0.8, 0.01, 0.01, np.zeros(1), 0.0, rs)
 import pyarrow as pa
 print(m.transform(pa.table({{"a": [True, False]}})).column("q").to_pylist())
 assert "torch" not in sys.modules
