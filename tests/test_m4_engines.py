@@ -3,7 +3,6 @@ equal to local; M4Model applied inside Ray map_batches and Spark mapInArrow; bad
 by shard and column before any output exists. One Ray and one Spark start per session."""
 import glob
 import os
-import sys
 import warnings
 
 import numpy as np
@@ -180,31 +179,6 @@ def test_engine_choice_errors(tmp_path):
 
 
 # ----- Ray and Spark (one start each per session) ----------------------------------------------------
-
-@pytest.fixture(scope="session")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def spark():
-    pytest.importorskip("pyspark")
-    from pyspark.sql import SparkSession
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    session = (SparkSession.builder.master("local[2]").appName("pym4-tests")
-               .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
-               .config("spark.sql.execution.arrow.maxRecordsPerBatch", "200").getOrCreate())
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
-
 
 @pytest.fixture(scope="module")
 def seven(table, tmp_path_factory):

@@ -34,7 +34,9 @@ from ._problem import (Problem, Report, association_bias, association_gaps, grou
 # The in-memory solvers take torch tensors and import torch; they load on first use, so that
 # the data-side modules (model, engines, fit_dataset) run on a worker without torch (§3b).
 _LAZY = {"balance": "_balance", "BalanceResult": "_balance", "sample": "_balance",
-         "M4Solver": "_solver", "StreamState": "_solver", "M4Model": "model"}
+         "M4Solver": "_solver", "StreamState": "_solver", "M4Model": "model",
+         "fit_dataset": "_dataset", "balance_dataset": "_dataset",
+         "InfeasibleError": "_feasibility", "largest_feasible_budget": "_feasibility"}
 
 
 def __getattr__(name):
@@ -48,4 +50,5 @@ def __getattr__(name):
 
 __all__ = ["balance", "BalanceResult", "M4Solver", "StreamState", "representation_bias", "association_bias",
            "sample", "default_target", "weighted_counts", "report", "Report", "Problem", "group_shares",
-           "association_gaps", "target_from_counts", "M4Model"]
+           "association_gaps", "target_from_counts", "M4Model", "fit_dataset", "balance_dataset",
+           "InfeasibleError", "largest_feasible_budget"]

@@ -126,6 +126,8 @@ class PartialStage:
         data = self.spec.data_tuple(batch, where, row0)
         if not data[0].shape[0]:
             return None
+        if not self.state.flags.writeable:  # Ray hands numpy arrays over read-only; the core takes a plain buffer
+            self.state = self.state.copy()
         return _backend.core().m4_partial(data, None, self.problem, self.state, self.offsets.get(where, 0) + row0)
 
     @staticmethod
