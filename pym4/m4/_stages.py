@@ -188,6 +188,9 @@ def resolve_columns(engine, spec: ColumnSpec) -> ResolvedSpec:
     need = spec.needs_vocabulary
     if need:
         vocab = engine.reduce(VocabularyStage(need)) or {c: set() for c in need}
+        if not all(vocab.values()):
+            # Say "no rows" rather than "no tags" when that is why (one more pass, on this error only).
+            weighted_counts(engine, spec.resolve(vocab))
         for col in need:
             if not vocab[col]:
                 raise DataError(f"{getattr(engine, 'source', engine.name)}: column {col!r} has no tag values "
