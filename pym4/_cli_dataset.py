@@ -15,7 +15,7 @@ def _cols(text: str):
 def run_balance_dataset(args, CLIError) -> int:
     from .m4 import _feasibility
     from .m4._columns import ColumnSpec, DataError
-    from .m4._dataset import CHECKPOINT_SUFFIX, balance_dataset
+    from .m4._dataset import balance_dataset
 
     out = os.path.abspath(args.out)
     if args.out.lower().endswith((".parquet", ".pq", ".csv")):
@@ -48,8 +48,6 @@ def run_balance_dataset(args, CLIError) -> int:
         raise CLIError(str(e).replace("sensitive_from", "--sensitive-from").replace("labels_from", "--labels-from")
                        .replace("sensitive:", "--sensitive:", 1)) from None
     options = {"batch_rows": args.batch_rows} if args.engine in (None, "local", "ray") else {}
-    if os.path.exists(out + CHECKPOINT_SUFFIX) and not args.no_progress:
-        print(f"pym4: found {out + CHECKPOINT_SUFFIX}: resuming if it belongs to this run", file=sys.stderr)
     try:
         model = balance_dataset(args.input, out, sample=args.sample, seed=args.seed, **kw, target=target,
                                 budget=args.budget, eps_rep=args.eps_rep, eps_assoc=args.eps_assoc,

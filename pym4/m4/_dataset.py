@@ -153,6 +153,7 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
             largest, searched = _feasibility.bisect_budget(feasible), True
         return largest
 
+    steps = [0]  # driver steps taken here (each one pass over the data, or over the table)
     offsets = {}
     if getattr(engine, "shards", None) is not None:
         for p, o in zip(engine.shards.paths, engine.shards.offsets):
@@ -166,12 +167,15 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
             state = core.m4_exact_init(problem, m, c, rows, max_passes, tol, 1e6, None, 1 << 17)
         if ck is not None and ck["done"]:
             return _passes.result(m, c, state), problem
-        res = _passes.run(lambda st: runner.reduce(PartialStage(rs, problem, st, offsets), f"pass {runner.count}"),
-                          problem, m, c, state, passes_done=done_passes, on_pass=on_pass)
+        def one_pass(st):
+            steps[0] += 1
+            return runner.reduce(PartialStage(rs, problem, st, offsets), f"pass {runner.count}")
+        res = _passes.run(one_pass, problem, m, c, state, passes_done=done_passes, on_pass=on_pass)
         return res, problem
 
     if eta == "max":
         eta = find_largest()
+        steps[0] = 0  # the search's solves are not this fit's
         if eta is None:
             raise _feasibility.InfeasibleError(f"infeasible at every budget: {_feasibility.budget_text(None)}",
                                                None, None)
@@ -183,7 +187,10 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
     fingerprint = _fingerprint(engine, rs, problem_args)
     if compressed:
         problem = (pi, eta, er, ea)
-        res = _passes.solve(lambda: [table], problem, m, c, tol=tol, max_iter=max_passes)
+        def table_pass():
+            steps[0] += 1
+            return [table]
+        res = _passes.solve(table_pass, problem, m, c, tol=tol, max_iter=max_passes)
         qt = np.empty(len(table[1]))
         core.m4_keep_probability(table[0], problem, res.w, res.mu, qt)
         after = np.zeros_like(before)
@@ -216,8 +223,7 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
     elif searched:
         rep.largest_feasible_budget = largest
     info.update({"status": rep.status, "message": rep.message, "compressed": compressed,
-                 "passes": runner.count, "solver_passes": res.passes,
-                 "iterations": res.iterations, "max_violation": rep.max_violation,
+                 "passes": runner.count, "solver_passes": steps[0], "iterations": res.iterations, "max_violation": rep.max_violation,
                  "largest_feasible_budget": rep.largest_feasible_budget, "time_s": time.perf_counter() - t0})
     model.info = info
     if checkpoint is not None and not keep_checkpoint:
@@ -253,8 +259,10 @@ def fit_dataset(data, *, sensitive=(), labels=(), sensitive_from=None, labels_fr
         data, columns and parameters) resumes after its last pass. Removed at the end.
     max_patterns : memory bound of the pattern table; past it, passes over the data.
 
-    ``model.info``: engine, rows, passes (all engine passes), solver_passes, compressed,
-    patterns, status, max_violation, largest_feasible_budget (when searched), time_s.
+    ``model.info``: engine, rows, passes (every pass over the data), solver_passes (driver
+    steps of this call: over the data, or over the pattern table when ``compressed``),
+    iterations (Newton steps), patterns, status, max_violation, largest_feasible_budget
+    (when searched), resumed_after_pass (when resumed), time_s.
     Raises :class:`InfeasibleError` (status "infeasible": the constraints named, and the
     largest feasible budget); warns (RuntimeWarning) when the solve stopped at max_passes.
     """
