@@ -12,7 +12,8 @@ def _cols(text: str):
     return [c.strip() for c in text.split(",") if c.strip()]
 
 
-def run_balance_dataset(args, CLIError) -> int:
+def run_balance_dataset(args) -> int:
+    from .cli import CLIError, _parse_target
     from .m4 import _feasibility
     from .m4._columns import ColumnSpec, DataError
     from .m4._dataset import balance_dataset
@@ -33,13 +34,7 @@ def run_balance_dataset(args, CLIError) -> int:
         raise CLIError("--method stream: a dataset is balanced by the exact solver's passes (use --method exact)")
     if args.batch_rows < 1:
         raise CLIError("--batch-rows: must be >= 1")
-    target = None
-    if args.target is not None:
-        try:
-            vals = [float(v) for v in _cols(args.target)]
-        except ValueError:
-            raise CLIError(f"--target: expected numbers, got {args.target!r}") from None
-        target = vals[0] if len(vals) == 1 else vals
+    target = _parse_target(args.target)
     kw = dict(sensitive=_cols(args.sensitive), labels=_cols(args.labels), sensitive_from=args.sensitive_from,
               labels_from=args.labels_from, utility=args.utility, id=args.id)
     try:

@@ -150,6 +150,17 @@ def _split_cols(text: str) -> List[str]:
     return [c.strip() for c in text.split(",") if c.strip()]
 
 
+def _parse_target(text: Optional[str]):
+    """--target: None, one number, or a list of them (one per group)."""
+    if text is None:
+        return None
+    try:
+        vals = [float(v) for v in _split_cols(text)]
+    except ValueError:
+        raise CLIError(f"--target: expected numbers, got {text!r}") from None
+    return vals[0] if len(vals) == 1 else vals
+
+
 def _file_format(path: str, what: str) -> str:
     low = path.lower()
     if low.endswith((".parquet", ".pq")):
@@ -241,7 +252,7 @@ def _is_dataset(args) -> bool:
 def _run_balance(args) -> int:
     if _is_dataset(args):
         from ._cli_dataset import run_balance_dataset
-        return run_balance_dataset(args, CLIError)
+        return run_balance_dataset(args)
     import os as _os
 
     import numpy as np
@@ -273,13 +284,7 @@ def _run_balance(args) -> int:
         raise CLIError("--batch-rows: must be >= 1")
     extra = [c for c in (args.utility, args.id) if c]
     columns = list(dict.fromkeys(groups + labels + extra))
-    target = None
-    if args.target is not None:
-        try:
-            vals = [float(v) for v in _split_cols(args.target)]
-        except ValueError:
-            raise CLIError(f"--target: expected numbers, got {args.target!r}") from None
-        target = vals[0] if len(vals) == 1 else vals
+    target = _parse_target(args.target)
 
     def read_pass(desc):
         batches, total = _record_batches(args.input, in_fmt, columns, args.batch_rows)

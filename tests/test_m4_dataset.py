@@ -15,10 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from m4_datasets import VOCAB, dense, metadata, tags_dense, write_hive, write_shards
+from m4_datasets import VOCAB, arrays_of, dense, metadata, tags_dense, write_hive, write_shards
 import pym4.m4 as m4
 from pym4 import _backend
-from pym4.m4._columns import DataError
 
 pytestmark = [pytest.mark.skipif(_backend.core() is None, reason="needs the compiled core"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),
@@ -46,16 +45,7 @@ def _layout(table, folder, layout):
             0.3)
 
 
-def _arrays(t, cols):
-    """Dense s, y (float64) of the in-memory table, from the column names with numpy only."""
-    s = dense(t, cols.get("sensitive", []))
-    if cols.get("sensitive_from"):
-        c = cols["sensitive_from"]
-        s = np.concatenate([s, tags_dense(t, c, sorted(set(t.column(c).to_pylist())))], axis=1)
-    y = dense(t, cols.get("labels", []))
-    if cols.get("labels_from"):
-        y = np.concatenate([y, tags_dense(t, cols["labels_from"], sorted(VOCAB))], axis=1)
-    return s, y
+_arrays = arrays_of
 
 
 def _in_memory(s, y, target, utility=None, **problem):

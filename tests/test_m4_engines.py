@@ -11,7 +11,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from m4_datasets import VOCAB, counts_reference, dense, metadata, tags_dense, write_hive, write_shards
+from m4_datasets import arrays_of, counts_reference, dense, metadata, write_hive, write_shards
 import pym4.m4
 from pym4.m4._columns import ColumnSpec, DataError
 from pym4.m4.model import M4Model
@@ -42,16 +42,7 @@ def _layout(table, tmp_path, layout):
     return str(tmp_path / "shards"), table, dict(sensitive=["g0", "g1"], labels=["l0", "l2"], labels_from="tags")
 
 
-def _arrays(t, spec):
-    """Dense s, y (float64) of the in-memory table, written from the spec with numpy only."""
-    s = dense(t, spec.get("sensitive", []))
-    if spec.get("sensitive_from"):
-        col = spec["sensitive_from"]
-        s = np.concatenate([s, tags_dense(t, col, sorted(set(t.column(col).to_pylist())))], axis=1)
-    y = dense(t, spec.get("labels", []))
-    if spec.get("labels_from"):
-        y = np.concatenate([y, tags_dense(t, spec["labels_from"], sorted(VOCAB))], axis=1)
-    return s, y
+_arrays = arrays_of
 
 
 def _fit(s, y, rs, target=0.3, **kw):
