@@ -255,8 +255,9 @@ def fit_dataset(data, *, sensitive=(), labels=(), sensitive_from=None, labels_fr
     budget : eta in (0, 1], or "max": the largest feasible budget (to 1e-3).
     tol : on every constraint and the duality gap; max_passes : Newton steps over the full
         data (each is one pass; the warm start and Hessian refreshes add a few).
-    checkpoint : path of a JSON file written after every pass; a run that finds it (same
-        data, columns and parameters) resumes after its last pass. Removed at the end.
+    checkpoint : path of a JSON file written after every solver pass over the data; a run
+        that finds it (same files, columns and parameters) resumes after its last pass.
+        Removed at the end. (A solve on the pattern table runs in memory: nothing to save.)
     max_patterns : memory bound of the pattern table; past it, passes over the data.
 
     ``model.info``: engine, rows, passes (every pass over the data), solver_passes (driver
