@@ -326,3 +326,15 @@ def test_engine_fit_equals_local(engine, request, table, tmp_path):
     applied = applied.select(["id", "q"]).sort_by("id")
     want = pa.table({"id": ordered.column("id"), "q": got.column("q")}).sort_by("id")
     np.testing.assert_allclose(applied.column("q").to_numpy(), want.column("q").to_numpy(), atol=1e-9)
+
+
+def test_budget_max_when_no_budget_is_feasible(tmp_path):
+    s, y = overlapping_groups(2000)
+    s[:, 1] = 0  # an empty group with target 0.3: infeasible whatever is kept
+    with pytest.raises(ValueError, match="budget='max': the problem is infeasible at every budget >= 0.001"):
+        m4.balance(s, y, target=0.3, budget="max")
+    assert m4.largest_feasible_budget(s, y, target=0.3) is None
+    write_shards(pa.table({"a": s[:, 0] == 1, "b": s[:, 1] == 1}), str(tmp_path / "d"), [2000])
+    with pytest.raises(m4.InfeasibleError, match="no budget >= 0.001 is feasible") as e:
+        m4.fit_dataset(str(tmp_path / "d"), sensitive=["a", "b"], target=0.3, budget="max", progress=False)
+    assert e.value.largest_budget is None
