@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_m4 import ETA, EPS_ASSOC, EPS_REP, make_dense, violation  # noqa: E402
-from pym4 import _backend, _m4_passes as passes, m4  # noqa: E402
+from pym4 import _backend, m4
+from pym4.m4 import _passes as passes  # noqa: E402
 from pym4._io import atomic_output  # noqa: E402
 
 TOL = 1e-9

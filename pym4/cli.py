@@ -94,35 +94,71 @@ def _run_demo(args) -> int:
 
 def _add_balance(sub) -> None:
     p = sub.add_parser(
-        "balance", help="M4 keep probabilities for a Parquet/CSV dataset (pym4.m4.balance)",
+        "balance", help="M4 keep probabilities for a Parquet/CSV file or a sharded Parquet dataset",
         description="Compute per-example keep probabilities q that balance the sensitive groups and remove "
-                    "their association with the labels (M4, Alabdulmohsin et al., ICLR 2024). Reads INPUT in "
-                    "record batches (never modifies it), writes the id column and q (and a keep flag with "
-                    "--sample) to OUTPUT atomically, and a report (JSON + PNG) beside it.")
-    p.add_argument("input", metavar="INPUT", help="a .parquet or .csv file")
-    p.add_argument("--sensitive", required=True, metavar="COLS", help="comma-separated 0/1 group columns")
+                    "their association with the labels (M4, Alabdulmohsin et al., ICLR 2024). The input is never "
+                    "modified. INPUT a .parquet/.csv file and OUTPUT a .parquet/.csv file: the id column and q "
+                    "(and keep with --sample) are written to OUTPUT atomically, the report (JSON + PNG) beside it. "
+                    "INPUT a directory of Parquet shards (hive partitions included), a glob, or OUTPUT a folder: "
+                    "the exact solver runs in passes on --engine (pym4.m4.balance_dataset), OUTPUT is a folder "
+                    "with one Parquet part per input shard and _pym4_report.json/.png, the solver state is "
+                    "checkpointed beside it after every pass and the same command resumes after an interruption.")
+    p.add_argument("input", metavar="INPUT", help="a .parquet or .csv file, a directory of Parquet shards, or a glob")
+    p.add_argument("--sensitive", default="", metavar="COLS", help="comma-separated 0/1 group columns")
+    p.add_argument("--sensitive-from", default=None, metavar="COL[:V1,...]",
+                   help="groups from a list<string>/string column: every value, or the values listed (datasets)")
     p.add_argument("--labels", default="", metavar="COLS", help="comma-separated 0/1 label or proxy columns")
+    p.add_argument("--labels-from", default=None, metavar="COL[:V1,...]",
+                   help="labels from a list<string>/string column: every value, or the values listed (datasets)")
     p.add_argument("--target", default=None, metavar="PI",
                    help="target proportion(s): one number or one per group, comma-separated "
                         "(default: the mean of the observed group shares)")
-    p.add_argument("--budget", type=float, default=0.9, help="expected fraction of data kept, in (0, 1] (default 0.9)")
+    p.add_argument("--budget", type=_budget_arg, default=0.9,
+                   help="expected fraction of data kept, in (0, 1], or 'max': the largest feasible budget "
+                        "(default 0.9)")
     p.add_argument("--eps-rep", type=float, default=0.01, help="representation tolerance (default 0.01)")
     p.add_argument("--eps-assoc", type=float, default=0.01, help="association tolerance (default 0.01)")
     p.add_argument("--utility", default=None, metavar="COL", help="numeric column: bonus for keeping an example")
     p.add_argument("--id", default=None, metavar="COL", help="id column copied to the output (default: row number)")
     p.add_argument("--method", choices=("exact", "stream"), default="exact",
-                   help="exact: dual solved to convergence (columns held in memory as bytes); stream: one-pass "
-                        "stochastic dual ascent, then a second pass writing q (bounded memory)")
+                   help="exact: dual solved to convergence (a file: columns held in memory as bytes; a dataset: "
+                        "passes); stream (files only): one-pass stochastic dual ascent, then a second pass "
+                        "writing q (bounded memory)")
+    p.add_argument("--engine", choices=("local", "ray", "spark"), default=None,
+                   help="where a dataset's passes run (default local: a thread pool over the files)")
     p.add_argument("--sample", action="store_true", help="also write keep ~ Bernoulli(q)")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample and of the stream order (default 0)")
     p.add_argument("--batch-rows", type=int, default=65536, help="rows per record batch read (default 65536)")
-    p.add_argument("--out", required=True, metavar="OUTPUT", help="output .parquet or .csv file")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--out", required=True, metavar="OUTPUT", help="output .parquet or .csv file, or folder")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(run=_run_balance)
+
+
+def _budget_arg(text: str):
+    if text == "max":
+        return "max"
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budget: expected a number in (0, 1] or 'max', got {text!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"--budget: expected a number in (0, 1] or 'max', got {text}")
+    return v
 
 
 def _split_cols(text: str) -> List[str]:
     return [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _parse_target(text: Optional[str]):
+    """--target: None, one number, or a list of them (one per group)."""
+    if text is None:
+        return None
+    try:
+        vals = [float(v) for v in _split_cols(text)]
+    except ValueError:
+        raise CLIError(f"--target: expected numbers, got {text!r}") from None
+    return vals[0] if len(vals) == 1 else vals
 
 
 def _file_format(path: str, what: str) -> str:
@@ -204,7 +240,19 @@ def _numeric_column(batch, name: str, row0: int):
     return arr
 
 
+_FILE_SUFFIXES = (".parquet", ".pq", ".csv")
+
+
+def _is_dataset(args) -> bool:
+    """A dataset run: INPUT a directory or a glob, or OUTPUT not a .parquet/.csv file."""
+    return (os.path.isdir(args.input) or any(ch in args.input for ch in "*?[")
+            or not args.out.lower().endswith(_FILE_SUFFIXES))
+
+
 def _run_balance(args) -> int:
+    if _is_dataset(args):
+        from ._cli_dataset import run_balance_dataset
+        return run_balance_dataset(args)
     import os as _os
 
     import numpy as np
@@ -217,6 +265,12 @@ def _run_balance(args) -> int:
     dst = _os.path.abspath(args.out)
     if not _os.path.isfile(src):
         raise CLIError(f"INPUT: no such file {args.input!r}")
+    for flag, value in (("--sensitive-from", args.sensitive_from), ("--labels-from", args.labels_from),
+                        ("--engine", args.engine)):
+        if value is not None:
+            raise CLIError(f"{flag}: only for a dataset (give --out a folder name, not a .parquet/.csv file)")
+    if args.budget == "max" and args.method == "stream":
+        raise CLIError("--budget max: needs --method exact (the largest feasible budget is found by exact solves)")
     # Through symlinks too: replacing a link's target would replace the input's data.
     if src == dst or _os.path.realpath(src) == _os.path.realpath(dst):
         raise CLIError("--out: must differ from INPUT (the input is never modified)")
@@ -230,13 +284,7 @@ def _run_balance(args) -> int:
         raise CLIError("--batch-rows: must be >= 1")
     extra = [c for c in (args.utility, args.id) if c]
     columns = list(dict.fromkeys(groups + labels + extra))
-    target = None
-    if args.target is not None:
-        try:
-            vals = [float(v) for v in _split_cols(args.target)]
-        except ValueError:
-            raise CLIError(f"--target: expected numbers, got {args.target!r}") from None
-        target = vals[0] if len(vals) == 1 else vals
+    target = _parse_target(args.target)
 
     def read_pass(desc):
         batches, total = _record_batches(args.input, in_fmt, columns, args.batch_rows)
@@ -349,44 +397,8 @@ def _write_table_atomic(table, dst: str, fmt: str) -> None:
 
 
 def _write_report(stem: str, summary: dict, report) -> None:
-    """stem.json (the summary, group shares and strongest associations of ``report``, a
-    pym4.m4.Report) and stem.png. The plot is drawn on its own Agg canvas, so the caller's
-    matplotlib backend and pyplot state stay as they are."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from ._io import atomic_output
-
-    details = report.details()
-    with atomic_output(stem + ".json") as tmp, open(tmp, "w") as f:
-        json.dump({**summary, **details}, f, indent=2, default=float)
-
-    groups, assoc = report.group_names, details["strongest_associations"]
-    fig = Figure(figsize=(11, 4))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
-    x = np.arange(len(groups))
-    axes[0].bar(x - 0.2, list(details["group_shares_before"].values()), 0.4, label="before")
-    axes[0].bar(x + 0.2, list(details["group_shares_after"].values()), 0.4, label="after (weighted by q)")
-    for k, t in enumerate(report.target):
-        axes[0].hlines(t, k - 0.45, k + 0.45, colors="k", linestyles="dashed", label="target" if k == 0 else None)
-    axes[0].set_xticks(x, groups, rotation=30, ha="right")
-    axes[0].set_ylabel("group share")
-    axes[0].set_title("Representation")
-    axes[0].legend()
-    if assoc:
-        yy = np.arange(len(assoc))
-        axes[1].barh(yy - 0.2, [abs(a["before"]) for a in assoc], 0.4, label="before")
-        axes[1].barh(yy + 0.2, [abs(a["after"]) for a in assoc], 0.4, label="after")
-        axes[1].set_yticks(yy, [f"{a['group']} / {a['label']}" for a in assoc])
-        axes[1].invert_yaxis()
-        axes[1].legend()
-    axes[1].set_xlabel("|P(label | in group) - P(label | not in group)|")
-    axes[1].set_title("Strongest associations")
-    fig.tight_layout()
-    with atomic_output(stem + ".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+    from .m4._files import write_report
+    write_report(stem, summary, report)
 
 
 # Subcommands in the order `pym4 --help` lists them.

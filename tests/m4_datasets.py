@@ -82,3 +82,16 @@ def counts_reference(s: np.ndarray, y: np.ndarray, q: Optional[np.ndarray] = Non
     """[sum q | sum q s_k | sum q y_r | sum q s_k y_r], float64, in plain numpy."""
     w = np.ones(s.shape[0]) if q is None else q
     return np.concatenate([[w.sum()], w @ s, w @ y, ((s * w[:, None]).T @ y).reshape(-1)])
+
+
+def arrays_of(t: pa.Table, spec: dict):
+    """Dense s, y (float64) of an in-memory table from a column spec (``sensitive``,
+    ``sensitive_from``: every value, sorted; ``labels``, ``labels_from``: VOCAB, sorted)."""
+    s = dense(t, spec.get("sensitive", []))
+    if spec.get("sensitive_from"):
+        col = spec["sensitive_from"]
+        s = np.concatenate([s, tags_dense(t, col, sorted(set(t.column(col).to_pylist())))], axis=1)
+    y = dense(t, spec.get("labels", []))
+    if spec.get("labels_from"):
+        y = np.concatenate([y, tags_dense(t, spec["labels_from"], sorted(VOCAB))], axis=1)
+    return s, y

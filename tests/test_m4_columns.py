@@ -1,4 +1,4 @@
-"""pym4._m4_columns: pyarrow batches to the core's data tuple, tag columns, and the checks
+"""pym4.m4._columns: pyarrow batches to the core's data tuple, tag columns, and the checks
 that name the shard and the column."""
 import numpy as np
 import pyarrow as pa
@@ -6,7 +6,7 @@ import pytest
 
 from m4_datasets import VOCAB, counts_reference, dense, metadata, tags_dense
 from pym4 import _backend
-from pym4._m4_columns import ColumnSpec, DataError, TagSpec, binary_matrix, parse_tags
+from pym4.m4._columns import ColumnSpec, DataError, TagSpec, binary_matrix, parse_tags
 
 
 def _counts(data):

@@ -3,7 +3,6 @@ equal to local; M4Model applied inside Ray map_batches and Spark mapInArrow; bad
 by shard and column before any output exists. One Ray and one Spark start per session."""
 import glob
 import os
-import sys
 import warnings
 
 import numpy as np
@@ -12,11 +11,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from m4_datasets import VOCAB, counts_reference, dense, metadata, tags_dense, write_hive, write_shards
+from m4_datasets import arrays_of, counts_reference, dense, metadata, write_hive, write_shards
 import pym4.m4
-from pym4._m4_columns import ColumnSpec, DataError
-from pym4._m4_model import M4Model
-from pym4._m4_stages import resolve_columns, weighted_counts, write_keep_probability
+from pym4.m4._columns import ColumnSpec, DataError
+from pym4.m4.model import M4Model
+from pym4.m4._stages import resolve_columns, weighted_counts, write_keep_probability
 from pym4.engines import engine_for, list_shards
 from pym4.engines.local import LocalEngine
 
@@ -43,16 +42,7 @@ def _layout(table, tmp_path, layout):
     return str(tmp_path / "shards"), table, dict(sensitive=["g0", "g1"], labels=["l0", "l2"], labels_from="tags")
 
 
-def _arrays(t, spec):
-    """Dense s, y (float64) of the in-memory table, written from the spec with numpy only."""
-    s = dense(t, spec.get("sensitive", []))
-    if spec.get("sensitive_from"):
-        col = spec["sensitive_from"]
-        s = np.concatenate([s, tags_dense(t, col, sorted(set(t.column(col).to_pylist())))], axis=1)
-    y = dense(t, spec.get("labels", []))
-    if spec.get("labels_from"):
-        y = np.concatenate([y, tags_dense(t, spec["labels_from"], sorted(VOCAB))], axis=1)
-    return s, y
+_arrays = arrays_of
 
 
 def _fit(s, y, rs, target=0.3, **kw):
@@ -180,31 +170,6 @@ def test_engine_choice_errors(tmp_path):
 
 
 # ----- Ray and Spark (one start each per session) ----------------------------------------------------
-
-@pytest.fixture(scope="session")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def spark():
-    pytest.importorskip("pyspark")
-    from pyspark.sql import SparkSession
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    session = (SparkSession.builder.master("local[2]").appName("pym4-tests")
-               .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2")
-               .config("spark.sql.execution.arrow.maxRecordsPerBatch", "200").getOrCreate())
-    session.sparkContext.setLogLevel("ERROR")
-    yield session
-    session.stop()
-
 
 @pytest.fixture(scope="module")
 def seven(table, tmp_path_factory):

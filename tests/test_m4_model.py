@@ -1,4 +1,4 @@
-"""pym4._m4_model.M4Model: keep_probability against the closed form in numpy, JSON and
+"""pym4.m4.model.M4Model: keep_probability against the closed form in numpy, JSON and
 pickle round trips, transform on Arrow and pandas batches, and no torch on the data side."""
 import json
 import os
@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 
 from m4_datasets import dense, metadata, tags_dense
-from pym4._m4_columns import ColumnSpec
-from pym4._m4_model import M4Model
+from pym4.m4._columns import ColumnSpec
+from pym4.m4.model import M4Model
 
 VOCAB3 = ("doctor", "nurse", "pilot")
 
@@ -114,7 +114,7 @@ def test_transform_arrow_and_pandas():
 
 
 def test_data_side_imports_no_torch():
-    """The data-side modules load with torch made unimportable (pym4/__init__, which imports
+    """The data-side modules load, and fit_dataset runs, with torch made unimportable (pym4/__init__, which imports
     torch today, is bypassed: a worker that only balances metadata must not need torch)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = f"""
@@ -127,12 +127,18 @@ sys.meta_path.insert(0, NoTorch())
 pkg = types.ModuleType("pym4"); pkg.__path__ = [{os.path.join(root, 'pym4')!r}]
 sys.modules["pym4"] = pkg
 import numpy as np
-import pym4._m4_model, pym4._m4_stages, pym4.engines.local, pym4.engines.ray, pym4.engines.spark
-from pym4._m4_columns import ColumnSpec
+import pym4.m4.model, pym4.m4._stages, pym4.engines.local, pym4.engines.ray, pym4.engines.spark
+import pym4.m4._dataset, pym4.m4._feasibility
+from pym4.m4._columns import ColumnSpec
 rs = ColumnSpec.make(sensitive=["a"]).resolve()
-m = pym4._m4_model.M4Model(np.array([0.5]), 0.8, 0.01, 0.01, np.zeros(1), 0.0, rs)
+m = pym4.m4.model.M4Model(np.array([0.5]), 0.8, 0.01, 0.01, np.zeros(1), 0.0, rs)
 import pyarrow as pa
 print(m.transform(pa.table({{"a": [True, False]}})).column("q").to_pylist())
+import os, tempfile, pyarrow.parquet as pq
+path = os.path.join(tempfile.mkdtemp(), "d.parquet")
+pq.write_table(pa.table({{"a": [True, False] * 50, "b": [True] * 30 + [False] * 70}}), path)
+fitted = pym4.m4._dataset.fit_dataset(path, sensitive=["a", "b"], budget=0.5, eps_rep=0.05, progress=False)
+assert fitted.info["status"] == "optimal", fitted.info
 assert "torch" not in sys.modules
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

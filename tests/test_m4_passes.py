@@ -1,10 +1,11 @@
-"""The exact M4 solver as passes (pym4/_m4_passes.py over pym4._core's m4_partial/m4_step):
+"""The exact M4 solver as passes (pym4/m4/_passes.py over pym4._core's m4_partial/m4_step):
 against cvxpy, shards in any order, merge by addition, pattern tables, CSR labels, utilities,
 row counts, the infeasibility certificate checked independently in numpy."""
 import numpy as np
 import pytest
 
-from pym4 import _backend, _m4_passes as passes, m4
+from pym4 import _backend, m4
+from pym4.m4 import _passes as passes
 from test_m4 import bias_matrix, bounds, cvxpy_solve, make_data, objective
 
 core = _backend.core()

@@ -36,7 +36,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
-from .._m4_columns import ROW, ColumnSpec, DataError, check_same_schema
+from ..m4._columns import ROW, ColumnSpec, DataError, check_same_schema
 
 __all__ = ["Engine", "Shards", "list_shards", "engine_for", "ENGINES", "ROW"]
 

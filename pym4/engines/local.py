@@ -8,7 +8,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, List, Optional, Tuple
 
-from .._m4_columns import ROW, ColumnSpec
+from ..m4._columns import ROW, ColumnSpec
 from . import Engine, Shards, _check_out, list_shards
 
 __all__ = ["LocalEngine", "scan_shard", "reduce_shard", "write_shard"]

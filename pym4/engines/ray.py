@@ -15,7 +15,7 @@ import os
 import pickle
 from typing import Any, List, Optional
 
-from .._m4_columns import ColumnSpec, DataError, check_schema
+from ..m4._columns import ColumnSpec, DataError, check_schema
 from . import Engine, _check_out, list_shards, reraise_data_errors
 from .local import part_name, reduce_shard, write_shard
 

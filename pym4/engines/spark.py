@@ -18,7 +18,7 @@ import sys
 from typing import Any, Dict, List, Optional
 from urllib.parse import unquote, urlparse
 
-from .._m4_columns import ROW, ColumnSpec, DataError, check_schema
+from ..m4._columns import ROW, ColumnSpec, DataError, check_schema
 from . import Engine, _check_out, list_shards, reraise_data_errors
 
 __all__ = ["SparkEngine"]

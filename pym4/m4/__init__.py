@@ -21,15 +21,34 @@ Modules: ``_inputs`` (0/1 matrices, labels, utility, the default target), ``_pro
 (the problem, weighted counts and the :class:`Report` built from them alone: constraint
 values, tolerances, biases, the infeasibility certificate, status and message),
 ``_solver`` (:class:`M4Solver` and its :class:`StreamState`), ``_device`` (the torch path
-and the CUDA launcher), ``_balance`` (:func:`balance`, :func:`sample`). A caller that
+and the CUDA launcher), ``_balance`` (:func:`balance`, :func:`sample`); over datasets:
+``_columns`` (column specs), ``_stages`` (engine stages), ``_passes`` (the exact solver as
+passes), ``_dataset`` (:func:`fit_dataset`, :func:`balance_dataset`), ``_feasibility``
+(the largest feasible budget), ``model`` (:class:`M4Model`). A caller that
 streams data in passes adds :func:`weighted_counts` per batch and calls :func:`report`.
 """
-from ._balance import BalanceResult, balance, sample
 from ._inputs import default_target
 from ._problem import (Problem, Report, association_bias, association_gaps, group_shares, report,
                        representation_bias, target_from_counts, weighted_counts)
-from ._solver import M4Solver, StreamState
+
+# The in-memory solvers take torch tensors and import torch; they load on first use, so that
+# the data-side modules (model, engines, fit_dataset) run on a worker without torch (§3b).
+_LAZY = {"balance": "_balance", "BalanceResult": "_balance", "sample": "_balance",
+         "M4Solver": "_solver", "StreamState": "_solver", "M4Model": "model",
+         "fit_dataset": "_dataset", "balance_dataset": "_dataset",
+         "InfeasibleError": "_feasibility", "largest_feasible_budget": "_feasibility"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["balance", "BalanceResult", "M4Solver", "StreamState", "representation_bias", "association_bias",
            "sample", "default_target", "weighted_counts", "report", "Report", "Problem", "group_shares",
-           "association_gaps", "target_from_counts"]
+           "association_gaps", "target_from_counts", "M4Model", "fit_dataset", "balance_dataset",
+           "InfeasibleError", "largest_feasible_budget"]

@@ -25,7 +25,8 @@ class BalanceResult:
     v_plus, v_minus : (m, c + 1) duals of the upper/lower bias constraints; column 0 is the
         representation constraint of each group, column 1 + r the association with label r.
     mu : dual of the budget.
-    status : "optimal", "infeasible" or "max_iter"; ``message`` says why (naming constraints).
+    status : "optimal", "infeasible" or "max_iter"; ``message`` says why (naming constraints,
+        and for "infeasible" the largest feasible budget, also in ``report.largest_feasible_budget``).
     violations : per constraint, how far it is exceeded: ``budget`` |mean q - eta|,
         ``representation`` (m,) and ``association`` (m, c), each max(|value| - bound, 0).
     rb_before/rb_after, ab_before/ab_after: representation and association bias of the
@@ -73,8 +74,9 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         or thousands is handled through index lists.
     target : None, float or (m,) array in (0, 1)
         Target proportions pi. None: every group at the mean of the observed group shares.
-    budget : float in (0, 1]
-        eta, the expected fraction of data kept.
+    budget : float in (0, 1], or "max"
+        eta, the expected fraction of data kept; "max": the largest budget at which the
+        problem is feasible (to 1e-3, see :func:`pym4.m4.largest_feasible_budget`).
     eps_rep, eps_assoc : float >= 0
         Tolerances of the representation and association constraints (relative to eta).
     utility : (N,) array, optional
@@ -101,6 +103,14 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     lab = _inputs.as_labels(y, n)
     u = _inputs.utility(utility, n)
     t_in, origin = to_tensor(s, "s")
+    largest, searched = None, False
+    if isinstance(budget, str) and budget == "max":
+        from ._feasibility import largest_feasible_budget
+        largest, searched = largest_feasible_budget(s8, lab, target=target, eps_rep=eps_rep, eps_assoc=eps_assoc), True
+        if largest is None:
+            raise ValueError("budget='max': the problem is infeasible at every budget >= 0.001 "
+                             "(change the target or the tolerances)")
+        budget = largest
     problem = _problem.make_problem(target, m, s8, budget, eps_rep, eps_assoc)
     if method not in (None, "exact", "stream"):
         raise ValueError(f"method: expected 'exact', 'stream' or None, got {method!r}")
@@ -145,6 +155,15 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     rep = _problem.evaluate(problem, _problem.counts(s8, lab, None), _problem.counts(s8, lab, q), lab.c,
                             method=method, iterations=iterations, status=status, infeasible=infeasible,
                             group_names=gnames, label_names=lnames)
+    if rep.status == "infeasible" and _backend.core() is not None:  # the search needs the exact solver
+        from ._feasibility import budget_text, largest_feasible_budget
+        if not searched:
+            largest = largest_feasible_budget(s8, lab, target=problem.target, eps_rep=problem.eps_rep,
+                                              eps_assoc=problem.eps_assoc)
+        rep.largest_feasible_budget = largest
+        rep.message = f"{rep.message}; {budget_text(largest)}"
+    elif searched:
+        rep.largest_feasible_budget = largest
     objective = float(np.mean(0.5 * (q - problem.budget) ** 2 - (0.0 if u is None else u) * q))
     if rep.status != "optimal":  # q does not solve the problem: say so even to callers who skip .status
         warnings.warn(f"pym4.m4.balance: {rep.message}", RuntimeWarning, stacklevel=2)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
 import numpy as np
-import torch
 
-from .._arrays import to_tensor
+# torch is imported inside the functions that take tensors: the data-side path (fit_dataset,
+# engines, M4Model) goes through this module with numpy only (DESIGN.md §3b).
 
 # Dense label rows are read as bytes; beyond this many labels, index lists are cheaper.
 _SPARSE_FROM = 128
@@ -63,6 +63,9 @@ def binary_matrix(x: Any, name: str, n: Optional[int] = None) -> np.ndarray:
             i, col = (int(v) for v in np.argwhere(out > 1)[0])
             raise ValueError(f"{name}: values must be 0 or 1 (binary), got {out[i, col]!r} in column {col} (row {i})")
         return out
+    import torch
+
+    from .._arrays import to_tensor
     t, _ = to_tensor(x, name)
     if t.dim() == 1:
         t = t[:, None]
@@ -125,6 +128,9 @@ def as_labels(y: Any, n: int) -> Labels:
 
 
 def _float_vector(x: Any, n: int, name: str, numeric_only: bool) -> np.ndarray:
+    import torch
+
+    from .._arrays import to_tensor
     t, _ = to_tensor(x, name)
     if t.dim() != 1 or t.shape[0] != n:
         raise ValueError(f"{name}: expected shape ({n},), got {tuple(t.shape)}")
@@ -195,8 +201,15 @@ def target(value: Any, m: int, s8: Optional[np.ndarray]) -> np.ndarray:
     if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
         pi = np.full(m, float(value))
     else:
-        t, _ = to_tensor(value, "target") if not isinstance(value, (list, tuple)) else (torch.tensor(value), None)
-        pi = np.asarray(t.detach().cpu().numpy(), dtype=np.float64).reshape(-1)
+        if isinstance(value, (list, tuple, np.ndarray)):
+            try:
+                pi = np.asarray(value, dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                raise TypeError(f"target: expected numbers, got {value!r}") from None
+        else:
+            from .._arrays import to_tensor
+            t, _ = to_tensor(value, "target")
+            pi = np.asarray(t.detach().cpu().numpy(), dtype=np.float64).reshape(-1)
         if pi.shape[0] != m:
             raise ValueError(f"target: expected a scalar or {m} proportions (one per group), got {pi.shape[0]}")
     if not np.all(np.isfinite(pi)) or np.any(pi <= 0) or np.any(pi >= 1):

@@ -205,6 +205,8 @@ class Report:
     counts_after: np.ndarray = field(repr=False)
     group_names: List[str] = field(repr=False)
     label_names: List[str] = field(repr=False)
+    # Set when it was searched for (an infeasible problem, or budget="max"); None: none >= 1e-3.
+    largest_feasible_budget: Optional[float] = None
 
     def summary(self) -> Dict[str, Any]:
         """JSON-serialisable summary (no per-example arrays)."""
@@ -213,7 +215,8 @@ class Report:
                 "budget_error": self.violations["budget"], "kept_fraction": self.kept_fraction,
                 "rb_before": self.rb_before, "rb_after": self.rb_after,
                 "ab_before": self.ab_before, "ab_after": self.ab_after,
-                "target": self.target.tolist(), "infeasible_constraints": list(self.infeasible_constraints)}
+                "target": self.target.tolist(), "infeasible_constraints": list(self.infeasible_constraints),
+                "largest_feasible_budget": self.largest_feasible_budget}
 
     def details(self, top: int = 10) -> Dict[str, Any]:
         """Group shares before/after (by name) and the ``top`` strongest associations of

@@ -28,9 +28,9 @@ from typing import Any, Callable, Iterable, Optional, Tuple
 
 import numpy as np
 
-from . import _backend
+from .. import _backend
 
-__all__ = ["Shard", "PassesResult", "shard_data", "solve", "merge", "pattern_table", "merge_tables", "STATUS"]
+__all__ = ["Shard", "PassesResult", "shard_data", "solve", "run", "merge", "pattern_table", "merge_tables", "STATUS"]
 
 STATUS = {0: "optimal", 1: "infeasible", 2: "max_iter"}
 
@@ -155,11 +155,9 @@ def solve(shards: Callable[[], Iterable[Any]], problem: tuple, m: int, c: int, *
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol: must be a positive number, got {tol!r}")
     w0 = None if w0 is None else np.ascontiguousarray(w0, dtype=np.float64)
-    state = core.m4_exact_init(problem, m, c, int(rows), int(max_iter), float(tol), float(rho), w0, int(sample_rows))
-    k = 0
-    while True:
-        stats = None
-        offset = 0
+
+    def stats_of(state):
+        stats, offset = None, 0
         for item in shards():
             sh = _as_shard(item)
             if sh.data[0].shape[1] != m or int(sh.data[4]) != c:
@@ -170,6 +168,22 @@ def solve(shards: Callable[[], Iterable[Any]], problem: tuple, m: int, c: int, *
             if sh.rows == 0:
                 continue
             stats = merge(stats, core.m4_partial(sh.data, sh.counts, problem, state, start))
+        return stats
+
+    state = core.m4_exact_init(problem, m, c, int(rows), int(max_iter), float(tol), float(rho), w0, int(sample_rows))
+    return run(stats_of, problem, m, c, state, on_pass=on_pass)
+
+
+def run(stats_of: Callable[[np.ndarray], Optional[np.ndarray]], problem: tuple, m: int, c: int, state: np.ndarray,
+        *, passes_done: int = 0, on_pass: Optional[Callable[[int, np.ndarray], None]] = None) -> PassesResult:
+    """The driver loop over any executor: ``stats_of(state)`` is one pass, the merged
+    ``m4_partial`` stats of every row at ``state`` (None: no rows). ``state`` comes from
+    ``m4_exact_init``, or from a checkpoint written by ``on_pass`` after ``passes_done``
+    passes (it holds everything the next step needs, so a resumed run takes the same steps)."""
+    core = _core()
+    k = int(passes_done)
+    while True:
+        stats = stats_of(state)
         if stats is None:
             raise ValueError("shards: no rows in any shard")
         done = core.m4_step(problem, m, c, state, stats)

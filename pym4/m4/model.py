@@ -21,9 +21,9 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from . import _backend
-from ._io import atomic_output
-from ._m4_columns import ColumnSpec, ResolvedSpec, binary_matrix
+from .. import _backend
+from .._io import atomic_output
+from ._columns import ColumnSpec, ResolvedSpec, binary_matrix
 
 __all__ = ["M4Model"]
 

@@ -1,0 +1,334 @@
+"""M4 over datasets (DESIGN.md §3b): :func:`fit_dataset` (the exact solver as passes on an
+engine) and :func:`balance_dataset` (fit, then one Parquet part of q per input shard).
+
+Passes over the data, in order::
+
+    schema checks on every shard          (no data read; bad input stops here)
+    vocabulary of "COL" tag columns       (only with labels_from/sensitive_from="COL")
+    counts + pattern table                (one pass: the counts give the default target)
+    the exact solve                       on the pattern table (no utility, few patterns: no
+                                          pass), else one engine pass per driver step,
+                                          checkpointed after each
+    counts weighted by q                  (the report; from the table when compressed)
+    [balance_dataset] q per row           (one part per input file)
+
+Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from .. import _backend
+from .._io import atomic_output
+from . import _feasibility, _inputs, _passes, _problem
+from ._columns import ColumnSpec, DataError
+from ._stages import TOO_MANY, CountsStage, PartialStage, PatternStage, resolve_columns, write_keep_probability
+from .model import M4Model
+
+__all__ = ["fit_dataset", "balance_dataset", "CHECKPOINT_SUFFIX"]
+
+CHECKPOINT_SUFFIX = ".pym4-checkpoint.json"
+_CHECKPOINT_FORMAT = "pym4.checkpoint/1"
+# Test hook: seconds to sleep after each checkpointed pass (so a test can kill -9 a run mid-solve).
+_SLEEP_ENV = "PYM4_TEST_SLEEP_AFTER_PASS"
+
+
+def _check_args(budget, eps_rep, eps_assoc, tol, max_passes, max_patterns):
+    if isinstance(budget, str):
+        if budget != "max":
+            raise ValueError(f"budget: expected a number in (0, 1] or 'max', got {budget!r}")
+        eta = "max"
+    else:
+        eta = _inputs.scalar(budget, "budget", 0.0, 1.0, lo_open=True)
+    er = _inputs.scalar(eps_rep, "eps_rep", 0.0, float("inf"))
+    ea = _inputs.scalar(eps_assoc, "eps_assoc", 0.0, float("inf"))
+    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and 0 < tol < 1):
+        raise ValueError(f"tol: must be a number in (0, 1), got {tol!r}")
+    return eta, er, ea, float(tol), _inputs.positive_int(max_passes, "max_passes"), \
+        _inputs.positive_int(max_patterns, "max_patterns")
+
+
+class _Passes:
+    """Runs engine passes with a tqdm bar each (rows/s) and counts them."""
+
+    def __init__(self, engine, progress: bool):
+        self.engine, self.progress, self.count, self.rows = engine, progress, 0, None
+
+    def reduce(self, stage, desc: str):
+        from tqdm import tqdm
+        with tqdm(total=self.rows, unit="rows", unit_scale=True, desc=desc, disable=not self.progress,
+                  file=sys.stderr, leave=False) as bar:
+            out = self.engine.reduce(stage)
+            if self.rows is not None:
+                bar.update(self.rows)
+        self.count += 1
+        return out
+
+
+def _fingerprint(engine, rs, problem_args) -> Dict[str, Any]:
+    """What a checkpoint belongs to: the files (path, size, mtime), the columns and the problem."""
+    files = []
+    shards = getattr(engine, "shards", None)
+    if shards is not None:
+        for p in shards.paths:
+            st = os.stat(p)
+            files.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+    return {"source": engine.source, "files": files, "columns": rs.spec.to_json(),
+            "tags": {k: list(v) for k, v in rs.tags.items()}, "problem": problem_args}
+
+
+def _load_checkpoint(path: Optional[str], fingerprint) -> Optional[dict]:
+    if path is None or not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            ck = json.load(f)
+    except (OSError, ValueError):
+        ck = None
+    if not isinstance(ck, dict) or ck.get("format") != _CHECKPOINT_FORMAT or ck.get("fingerprint") != fingerprint:
+        print(f"pym4: {path} belongs to another run (other data, columns or parameters); starting afresh",
+              file=sys.stderr)
+        return None
+    return ck
+
+
+def _save_checkpoint(path: str, fingerprint, passes: int, state: np.ndarray, done: bool) -> None:
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        # repr floats: the resumed state is the saved one bit for bit, so it takes the same steps.
+        json.dump({"format": _CHECKPOINT_FORMAT, "fingerprint": fingerprint, "passes": passes, "done": done,
+                   "state": state.tolist()}, f)
+
+
+def _names_from_duals(w: np.ndarray, c: int, groups, labels):
+    """The conflicting constraints of an infeasible solve: the duals within 1e-3 of the largest."""
+    if not np.any(w):
+        return []
+    big = np.abs(w) >= 1e-3 * np.abs(w).max()
+    return [_problem.constraint_name(int(j), c, groups, labels) for j in np.argsort(-np.abs(w)) if big[j]]
+
+
+def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, max_passes, max_patterns,
+         checkpoint, keep_checkpoint: bool, progress: bool):
+    """fit_dataset on an engine: (model, report)."""
+    t0 = time.perf_counter()
+    core = _backend.core()
+    if core is None:
+        raise RuntimeError("fit_dataset: pym4._core is not built; the exact M4 solver needs the compiled core")
+    eta, er, ea, tol, max_passes, max_patterns = _check_args(budget, eps_rep, eps_assoc, tol, max_passes,
+                                                             max_patterns)
+    runner = _Passes(engine, progress)
+    rs = resolve_columns(engine, spec)
+    if spec.needs_vocabulary:
+        runner.count += 1
+    m, c = rs.m, rs.c
+    got = runner.reduce(PatternStage(rs, max_patterns), "counting")
+    if got is None or got[1][0] == 0:
+        raise DataError(f"{engine.source}: the dataset has no rows")
+    table, before = (None if got[0] == TOO_MANY else got[0]), got[1]
+    rows = int(before[0])
+    runner.rows = rows
+    pi = _problem.target_from_counts(before, m, c) if target is None else _inputs.target(target, m, None)
+    info: Dict[str, Any] = {"engine": engine.name, "rows": rows, "patterns": None if table is None else len(table[1])}
+
+    largest = None
+    searched = False
+
+    def find_largest():
+        nonlocal largest, searched
+        if not searched:
+            if table is not None:
+                feasible = _feasibility.solver_feasible(table[0], table[1], pi, er, ea, m, c, tol=tol)
+            else:  # no table: every trial budget is a solve by passes over the data
+                def feasible(x):
+                    return _solve_passes(x, None, 0)[0].status == "optimal"
+            largest, searched = _feasibility.bisect_budget(feasible), True
+        return largest
+
+    steps = [0]  # driver steps taken here (each one pass over the data, or over the table)
+    offsets = {}
+    if getattr(engine, "shards", None) is not None:
+        for p, o in zip(engine.shards.paths, engine.shards.offsets):
+            offsets[p] = offsets[os.path.abspath(p)] = o
+
+    def _solve_passes(x, ck, done_passes, on_pass=None):
+        problem = (pi, float(x), er, ea)
+        if ck is not None:
+            state = np.asarray(ck["state"], dtype=np.float64)
+        else:
+            state = core.m4_exact_init(problem, m, c, rows, max_passes, tol, 1e6, None, 1 << 17)
+        if ck is not None and ck["done"]:
+            return _passes.result(m, c, state), problem
+        def one_pass(st):
+            steps[0] += 1
+            return runner.reduce(PartialStage(rs, problem, st, offsets), f"pass {runner.count}")
+        res = _passes.run(one_pass, problem, m, c, state, passes_done=done_passes, on_pass=on_pass)
+        return res, problem
+
+    if eta == "max":
+        eta = find_largest()
+        steps[0] = 0  # the search's solves are not this fit's
+        if eta is None:
+            raise _feasibility.InfeasibleError(f"infeasible at every budget: {_feasibility.budget_text(None)}",
+                                               None, None)
+        info["budget_requested"] = "max"
+
+    compressed = table is not None and spec.utility is None
+    problem_args = {"target": pi.tolist(), "budget": eta, "eps_rep": er, "eps_assoc": ea, "tol": tol,
+                    "max_passes": max_passes}
+    fingerprint = _fingerprint(engine, rs, problem_args)
+    if compressed:
+        problem = (pi, eta, er, ea)
+        def table_pass():
+            steps[0] += 1
+            return [table]
+        res = _passes.solve(table_pass, problem, m, c, tol=tol, max_iter=max_passes)
+        qt = np.empty(len(table[1]))
+        core.m4_keep_probability(table[0], problem, res.w, res.mu, qt)
+        after = np.zeros_like(before)
+        core.m4_weighted_counts(table[0], qt * table[1], after)
+    else:
+        ck = _load_checkpoint(checkpoint, fingerprint)
+        if ck is not None:
+            print(f"pym4: resuming from {checkpoint}: {ck['passes']} solver passes already done", file=sys.stderr)
+            info["resumed_after_pass"] = int(ck["passes"])
+        sleep = float(os.environ.get(_SLEEP_ENV, "0") or 0)
+
+        def on_pass(k, state):
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, fingerprint, k, state, False)
+            if sleep:
+                time.sleep(sleep)
+        res, problem = _solve_passes(eta, ck, 0 if ck is None else int(ck["passes"]), on_pass)
+        if checkpoint is not None and keep_checkpoint:
+            _save_checkpoint(checkpoint, fingerprint, res.passes, res.state, True)
+    model = M4Model(pi, eta, er, ea, res.w, res.mu, rs, {})
+    if not compressed:
+        after = runner.reduce(CountsStage(rs, model), "report")
+    names = _names_from_duals(res.w, c, rs.group_names, rs.label_names) if res.status == "infeasible" else []
+    rep = _problem.evaluate(_problem.Problem(pi, eta, er, ea), before, after, c, method="exact",
+                            iterations=res.iterations, status=res.status, infeasible=names,
+                            group_names=rs.group_names, label_names=rs.label_names)
+    if rep.status == "infeasible":
+        rep.largest_feasible_budget = find_largest()
+        rep.message = f"{rep.message}; {_feasibility.budget_text(rep.largest_feasible_budget)}"
+    elif searched:
+        rep.largest_feasible_budget = largest
+    info.update({"status": rep.status, "message": rep.message, "compressed": compressed,
+                 "passes": runner.count, "solver_passes": steps[0], "iterations": res.iterations, "max_violation": rep.max_violation,
+                 "largest_feasible_budget": rep.largest_feasible_budget, "time_s": time.perf_counter() - t0})
+    model.info = info
+    if checkpoint is not None and not keep_checkpoint:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(checkpoint)
+    if rep.status == "infeasible":
+        if checkpoint is not None:  # the run is over: nothing to resume
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(checkpoint)
+        raise _feasibility.InfeasibleError(rep.message, rep, rep.largest_feasible_budget)
+    if rep.status != "optimal":
+        warnings.warn(f"pym4.m4.fit_dataset: {rep.message}", RuntimeWarning, stacklevel=3)
+    return model, rep
+
+
+def fit_dataset(data, *, sensitive=(), labels=(), sensitive_from=None, labels_from=None, utility=None, id=None,
+                target=None, budget=0.9, eps_rep: float = 0.01, eps_assoc: float = 0.01, engine: Optional[str] = None,
+                tol: float = 1e-9, max_passes: int = 100, checkpoint: Optional[str] = None, progress: bool = True,
+                max_patterns: int = 1 << 20, engine_options: Optional[dict] = None) -> M4Model:
+    """Fit M4 on a dataset by exact passes (DESIGN.md §3b); returns the :class:`M4Model`.
+
+    data : a Parquet file, directory (hive partitions included), glob or list of files, a
+        ``pyarrow.dataset.Dataset``, a Ray ``Dataset`` or a Spark ``DataFrame`` (the engine is
+        inferred; ``engine="ray"``/``"spark"`` runs files on Ray/Spark).
+    sensitive, labels : 0/1 columns (bool, integer or float); sensitive_from, labels_from :
+        ``"COL"`` (every value of a list<string>/string column) or ``"COL:V1,V2"``.
+    utility : numeric column (no pattern table then); id : id column (for the written q).
+    target : scalar or (m,) proportions; None: the mean of the observed group shares.
+    budget : eta in (0, 1], or "max": the largest feasible budget (to 1e-3).
+    tol : on every constraint and the duality gap; max_passes : Newton steps over the full
+        data (each is one pass; the warm start and Hessian refreshes add a few).
+    checkpoint : path of a JSON file written after every solver pass over the data; a run
+        that finds it (same files, columns and parameters) resumes after its last pass.
+        Removed at the end. (A solve on the pattern table runs in memory: nothing to save.)
+    max_patterns : memory bound of the pattern table; past it, passes over the data.
+
+    ``model.info``: engine, rows, passes (every pass over the data), solver_passes (driver
+    steps of this call: over the data, or over the pattern table when ``compressed``),
+    iterations (Newton steps), patterns, status, max_violation, largest_feasible_budget
+    (when searched), resumed_after_pass (when resumed), time_s.
+    Raises :class:`InfeasibleError` (status "infeasible": the constraints named, and the
+    largest feasible budget); warns (RuntimeWarning) when the solve stopped at max_passes.
+    """
+    from ..engines import engine_for
+    spec = ColumnSpec.make(sensitive=sensitive, labels=labels, sensitive_from=sensitive_from,
+                           labels_from=labels_from, utility=utility, id=id)
+    _check_args(budget, eps_rep, eps_assoc, tol, max_passes, max_patterns)
+    eng = engine_for(data, engine, **(engine_options or {}))
+    return _fit(eng, spec, target=target, budget=budget, eps_rep=eps_rep, eps_assoc=eps_assoc, tol=tol,
+                max_passes=max_passes, max_patterns=max_patterns, checkpoint=checkpoint, keep_checkpoint=False,
+                progress=progress)[0]
+
+
+def _partial_name(out: str) -> str:
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.pym4-partial")
+
+
+def balance_dataset(source, out, *, sample: bool = False, seed: int = 0, sensitive=(), labels=(),
+                    sensitive_from=None, labels_from=None, utility=None, id=None, target=None, budget=0.9,
+                    eps_rep: float = 0.01, eps_assoc: float = 0.01, engine: Optional[str] = None, tol: float = 1e-9,
+                    max_passes: int = 100, progress: bool = True, max_patterns: int = 1 << 20,
+                    engine_options: Optional[dict] = None) -> M4Model:
+    """:func:`fit_dataset`, then the keep probabilities written to folder ``out``: one
+    Parquet part per input file (``part-NNNNN.parquet``: the id column or ``row``, ``q``,
+    and ``keep`` ~ Bernoulli(q) with ``sample``, drawn from ``seed`` and the row's number
+    or integer id), ``_pym4_report.json``/``.png`` and ``_pym4_model.json``.
+
+    ``out`` must not exist; it is written as ``.OUT.pym4-partial`` beside it and renamed
+    at the end, the input is never modified. The solver's state is checkpointed to
+    ``OUT.pym4-checkpoint.json`` after every pass: after an interruption (even kill -9) the
+    same call resumes after the last finished pass. Returns the model.
+    """
+    from ..engines import engine_for
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out):
+        raise FileExistsError(f"out: {out!r} already exists")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise FileNotFoundError(f"out: folder {os.path.dirname(out)!r} does not exist")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: must be an integer >= 0, got {seed!r}")
+    spec = ColumnSpec.make(sensitive=sensitive, labels=labels, sensitive_from=sensitive_from,
+                           labels_from=labels_from, utility=utility, id=id)
+    _check_args(budget, eps_rep, eps_assoc, tol, max_passes, max_patterns)
+    eng = engine_for(source, engine, **(engine_options or {}))
+    checkpoint = out + CHECKPOINT_SUFFIX
+    model, rep = _fit(eng, spec, target=target, budget=budget, eps_rep=eps_rep, eps_assoc=eps_assoc, tol=tol,
+                      max_passes=max_passes, max_patterns=max_patterns, checkpoint=checkpoint, keep_checkpoint=True,
+                      progress=progress)
+    from ._files import write_report
+    tmp = _partial_name(out)
+    if os.path.exists(tmp):  # left by an interrupted run of this same call
+        shutil.rmtree(tmp)
+    try:
+        parts = write_keep_probability(eng, model, tmp, int(seed) if sample else None)
+        summary = {**rep.summary(), **{k: v for k, v in model.info.items() if k != "message"},
+                   "mu": model.mu, "input": str(eng.source), "output": out, "parts": len(parts),
+                   "groups": model.group_names, "labels": model.label_names}
+        write_report(os.path.join(tmp, "_pym4_report"), summary, rep)
+        model.save(os.path.join(tmp, "_pym4_model.json"))
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(checkpoint)
+    model.info["output"] = out
+    return model
+

@@ -1,0 +1,215 @@
+"""The M4 stages that engines run (see pym4/engines/__init__.py for the stage interface),
+and the driver functions that run them. Engine-agnostic: the same objects are pickled
+into local threads, Ray tasks and Spark's mapInArrow.
+
+- :class:`VocabularyStage`: the distinct values of tag columns (``labels_from="tags"``);
+- :class:`CountsStage`: ``[sum q | sum q s_k | sum q y_r | sum q s_k y_r]`` (float64,
+  ``1 + m + c + m c``) with ``q = 1`` or the model's keep probabilities: the sufficient
+  statistics of the bias metrics, merged by addition;
+- :class:`PatternStage`: the distinct (s, y) rows with their counts (a hash aggregate in the
+  core per batch, tables merged), or :data:`TOO_MANY` past a bound; and the counts;
+- :class:`PartialStage`: one pass of the exact solver, ``m4_partial`` at the driver's state,
+  merged by addition (pym4/m4/_passes.py);
+- :class:`KeepProbabilityStage`: the final pass, ``(id or row, q[, keep])`` per row.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .. import _backend
+from ._columns import ROW, ColumnSpec, DataError, ResolvedSpec, distinct_tags
+
+__all__ = ["VocabularyStage", "CountsStage", "PatternStage", "PartialStage", "KeepProbabilityStage", "TOO_MANY", "resolve_columns", "weighted_counts",
+           "write_keep_probability"]
+
+
+class VocabularyStage:
+    """{tag column: set of values} of a batch; merged by union."""
+    needs_rows = False
+
+    def __init__(self, tag_columns: List[str]):
+        self.columns = list(tag_columns)
+
+    def partial(self, batch, where: str, row0: int) -> Dict[str, set]:
+        return {c: distinct_tags(batch, c, where, row0) for c in self.columns}
+
+    @staticmethod
+    def merge(a: Dict[str, set], b: Dict[str, set]) -> Dict[str, set]:
+        return {k: a[k] | b[k] for k in a}
+
+
+class CountsStage:
+    """Weighted counts of a batch (q = 1, or the model's q); merged by addition (float64)."""
+    needs_rows = False
+
+    def __init__(self, columns: ResolvedSpec, model=None):
+        self.spec = columns
+        self.model = model
+        self.columns = [c for c in columns.spec.columns() if c != columns.spec.id]
+
+    def partial(self, batch, where: str, row0: int) -> np.ndarray:
+        data = self.spec.data_tuple(batch, where, row0)
+        m, c = data[0].shape[1], data[4]
+        out = np.zeros(1 + m + c + m * c)
+        q = None if self.model is None else self.model.keep_probability_data(data)
+        if data[0].shape[0]:
+            _backend.core().m4_weighted_counts(data[:5] + (None,), q, out)
+        return out
+
+    @staticmethod
+    def merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return a + b
+
+
+class _TooMany:
+    """The pattern table passed its bound somewhere (pickles to an equal marker)."""
+
+    def __eq__(self, other):
+        return isinstance(other, _TooMany)
+
+    def __hash__(self):
+        return 0
+
+
+TOO_MANY = _TooMany()
+
+
+class PatternStage:
+    """``(table, counts)`` of a batch: the distinct (s, y) rows and their int64 counts (the
+    core's ``(data, counts)``; utility left out, since a pattern does not depend on it), or
+    :data:`TOO_MANY` past ``max_patterns``; and the batch's unweighted counts. Merged by
+    merging the tables (pym4/m4/_passes.py ``merge_tables``) and adding the counts."""
+    needs_rows = False
+
+    def __init__(self, columns: ResolvedSpec, max_patterns: int):
+        self.spec = columns
+        self.max_patterns = int(max_patterns)
+        self.columns = [c for c in columns.spec.columns() if c != columns.spec.id]
+
+    def partial(self, batch, where: str, row0: int):
+        data = self.spec.data_tuple(batch, where, row0)
+        m, c = data[0].shape[1], data[4]
+        counts = np.zeros(1 + m + c + m * c)
+        if not data[0].shape[0]:
+            return None
+        core = _backend.core()
+        plain = data[:5] + (None,)
+        core.m4_weighted_counts(plain, None, counts)
+        table = core.m4_pattern_table(plain, None, self.max_patterns)
+        return (TOO_MANY if table is None else table), counts
+
+    def merge(self, a, b):
+        from ._passes import merge_tables
+        if a is None or b is None:  # an empty batch
+            return b if a is None else a
+        (ta, ca), (tb, cb) = a, b
+        if ta == TOO_MANY or tb == TOO_MANY:
+            return TOO_MANY, ca + cb
+        t = merge_tables(ta, tb, self.max_patterns)
+        return (TOO_MANY if t is None else t), ca + cb
+
+
+class PartialStage:
+    """One pass of the exact solver: ``m4_partial`` of each batch at the driver's ``state``
+    (float64 stats, merged by addition). ``offsets`` {file path: first row} numbers the
+    rows within the dataset (it places the warm-start sample: the same rows on every
+    engine); batches with no known file are numbered from 0 within their block."""
+    needs_rows = False
+
+    def __init__(self, columns: ResolvedSpec, problem: tuple, state: np.ndarray, offsets: Optional[Dict[str, int]]):
+        self.spec, self.problem, self.state, self.offsets = columns, problem, state, offsets or {}
+        self.columns = [c for c in columns.spec.columns() if c != columns.spec.id]
+
+    def partial(self, batch, where: str, row0: int):
+        data = self.spec.data_tuple(batch, where, row0)
+        if not data[0].shape[0]:
+            return None
+        if not self.state.flags.writeable:  # Ray hands numpy arrays over read-only; the core takes a plain buffer
+            self.state = self.state.copy()
+        return _backend.core().m4_partial(data, None, self.problem, self.state, self.offsets.get(where, 0) + row0)
+
+    @staticmethod
+    def merge(a: Optional[np.ndarray], b: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        if a is None or b is None:  # an empty batch
+            return b if a is None else a
+        return a + b
+
+
+def uniform_of(keys: np.ndarray, seed: int) -> np.ndarray:
+    """(n,) float64 in [0, 1) from int64 keys: splitmix64 of (key, seed). The draw of a row
+    depends on its key alone, so every engine and every shard layout draws the same."""
+    with np.errstate(over="ignore"):
+        z = keys.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+class KeepProbabilityStage:
+    """The output rows of a batch: the id column (or ``row``), ``q`` (float64) and, with
+    ``seed`` given, ``keep ~ Bernoulli(q)`` (bool; the draw keyed by the row number, or by
+    an integer id column)."""
+
+    def __init__(self, model, id_field, seed: Optional[int] = None):
+        import pyarrow as pa
+        self.model = model
+        self.id = model.columns.spec.id
+        self.seed = seed
+        self.key_by_id = self.id is not None and pa.types.is_integer(id_field.type)
+        self.needs_rows = self.id is None or (seed is not None and not self.key_by_id)
+        self.columns = [c for c in model.columns.spec.columns()]
+        fields = [id_field if self.id else pa.field(ROW, pa.int64()), pa.field("q", pa.float64())]
+        if seed is not None:
+            fields.append(pa.field("keep", pa.bool_()))
+        self.output_schema = pa.schema(fields)
+
+    def transform(self, batch, where: str, row0: int):
+        import pyarrow as pa
+        q = self.model.keep_probability_data(self.model.columns.data_tuple(batch, where, row0))
+        ids = batch.column(batch.schema.names.index(self.id or ROW))
+        cols = [ids, pa.array(q)]
+        if self.seed is not None:
+            key = ids if self.key_by_id else batch.column(batch.schema.names.index(ROW))
+            keys = np.asarray(key.to_numpy(zero_copy_only=False), dtype=np.int64)
+            cols.append(pa.array(uniform_of(keys, self.seed) < q))
+        return pa.Table.from_arrays(cols, schema=self.output_schema)
+
+
+# ----- driver -------------------------------------------------------------------------------------
+
+def resolve_columns(engine, spec: ColumnSpec) -> ResolvedSpec:
+    """Schema checks on every shard, then (if a tag column takes all its values) one pass
+    that finds the vocabulary."""
+    engine.check(spec)
+    vocab = None
+    need = spec.needs_vocabulary
+    if need:
+        vocab = engine.reduce(VocabularyStage(need)) or {c: set() for c in need}
+        if not all(vocab.values()):
+            # Say "no rows" rather than "no tags" when that is why (one more pass, on this error only).
+            weighted_counts(engine, spec.resolve(vocab))
+        for col in need:
+            if not vocab[col]:
+                raise DataError(f"{getattr(engine, 'source', engine.name)}: column {col!r} has no tag values "
+                                f"in any row; there is nothing to balance on")
+    return spec.resolve(vocab)
+
+
+def weighted_counts(engine, columns: ResolvedSpec, model=None) -> np.ndarray:
+    """``[sum q | sum q s_k | sum q y_r | sum q s_k y_r]`` over the dataset, float64
+    ``1 + m + c + m c``; q = 1 without a model. Raises on a dataset with no rows."""
+    counts = engine.reduce(CountsStage(columns, model))
+    if counts is None or (model is None and counts[0] == 0):
+        raise DataError(f"{getattr(engine, 'source', engine.name)}: the dataset has no rows")
+    return counts
+
+
+def write_keep_probability(engine, model, out: str, seed: Optional[int] = None) -> List[str]:
+    """The final pass: ``(id or row, q)`` per row (and ``keep`` with ``seed``), Parquet
+    parts in folder ``out``."""
+    id_col = model.columns.spec.id
+    id_field = engine.field(id_col) if id_col else None
+    return engine.write(KeepProbabilityStage(model, id_field, seed), out)
