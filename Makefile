@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml CMakeLists.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
-	PYM4_CUDA=$${PYM4_CUDA:-OFF} $(PY) -m pip install -q --no-build-isolation -e ".[test,triton,bench,ray,spark]"
+	PYM4_CUDA=$${PYM4_CUDA:-OFF} $(PY) -m pip install -q --no-build-isolation -e ".[test,triton,bench,ray,spark,demo]"
 	$(PY) -m pip install -q --no-deps open_clip_torch  # its loss.py: the contrastive tests' and benchmark's anchor
 	touch $(STAMP)
 
