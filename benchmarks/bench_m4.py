@@ -84,11 +84,6 @@ def numpy_stream(s, y, pi):
     return REF.m4_keep_probability(s, y, pi, ETA, w, mu)
 
 
-def default_target(s):
-    """pym4's default target: every group at the mean of the observed group shares."""
-    return np.full(s.shape[1], float(s.mean(axis=0, dtype=np.float64).mean()))
-
-
 def cvxpy_solve(s, y, pi):
     import cvxpy as cp
     import scipy.sparse as sp
@@ -136,7 +131,7 @@ def run_cpu(args, rows):
     sizes = [int(float(x)) for x in args.sizes.split(",") if x]
     for n in sizes:
         s, y = make_dense(n, seed=n % 97)
-        pi = default_target(s)
+        pi = m4.default_target(s)
         instance = dict(kind="dense", n=n, m=2, c=32)
         m4.balance(s[:2000], y[:2000], target=pi, budget=ETA, eps_rep=EPS_REP, eps_assoc=EPS_ASSOC)  # warm-up
         cases = _balance_cases(s, y, pi)
@@ -160,7 +155,7 @@ def run_cpu(args, rows):
     for c in [int(x) for x in args.sparse_c.split(",") if x]:
         n = args.sparse_n
         s, y = make_sparse(n, c, seed=c)
-        pi = default_target(s)
+        pi = m4.default_target(s)
         times = time_interleaved(_balance_cases(s, y, pi), rounds=1, warmup=0)
         exact_obj = objective(np.asarray(times["pym4-exact"].output.q))
         for method, timing in times.items():
@@ -183,7 +178,7 @@ def run_cuda(args, rows):
     dev = torch.device("cuda")
     for n in [int(float(x)) for x in args.sizes.split(",") if x]:
         s, y = make_dense(n, seed=n % 97)
-        pi = default_target(s)
+        pi = m4.default_target(s)
         st, yt = torch.from_numpy(s).to(dev), torch.from_numpy(y).to(dev)
 
         def solver(batch=256):

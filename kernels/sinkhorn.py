@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from pym4 import _backend
+
+_INTERPRET = _backend.triton_interpret()  # the one reader of TRITON_INTERPRET
 
 # Largest spread of alpha * x for the kernel form (float32: e^-80 > 1.2e-38 stays normal).
 KERNEL_FORM_SPREAD = 80.0

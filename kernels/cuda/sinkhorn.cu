@@ -80,15 +80,6 @@ void check_last_error(const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
-int device_count() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) {
-    cudaGetLastError();  // no driver / no device is an answer (0), not a sticky error
-    return 0;
-  }
-  return n;
-}
-
 namespace {
 
 // The launch geometry (threads, blocks per SM, parts, the fused-path limit) is stated once,

@@ -63,8 +63,5 @@ void m4_batch(const uint8_t* s, const uint8_t* y, const double* u, int64_t row0,
               const double* pi, double eta, const double* w, const double* mu, double* q, double* stats,
               void* stream);
 
-// Device count and name of device 0 ("" when none), for build_info.
-int device_count();
-
 }  // namespace cuda
 }  // namespace pym4
