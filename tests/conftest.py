@@ -11,6 +11,16 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based tests (tests/test_properties_*.py): "ci" is the default, a few hundred examples
+# per property within the suite's time budget; `pytest --hypothesis-profile=long` runs many more.
+# No deadline: the first call of a kernel compiles or warms caches, and this machine is shared.
+settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=5000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("PYM4_HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
