@@ -69,6 +69,7 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
     the kernel form could overflow, so epsilon down to 0.01 and float16 inputs stay finite. Raises ValueError on NaN/Inf scores.
     """
     t, origin = to_tensor(scores, "scores")
+    t = t.detach()  # the codes are a target, never differentiated (SwAV computes them under no_grad)
     check_float(t, "scores")
     what = " (batch, features)" if prototypes is not None else " (batch, prototypes)"
     check_ndim(t, 2, "scores", what)
@@ -77,7 +78,7 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
     eps = check_positive_scalar(epsilon, "epsilon")
     n_iters = check_int_at_least(n_iters, 1, "n_iters")
     alpha = 1.0 / eps
-    out_t = None if out is None else _check_out(out, t, origin, prototypes)
+    out_t = None if out is None else _check_out(out, scores, t, origin, prototypes)
     if prototypes is not None:
         q = _sinkhorn_features(t, prototypes, alpha, n_iters, chunk, group, backend, out_t)
         return out if q is out_t is not None else _deliver(q, origin, out, out_t)
@@ -93,7 +94,7 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
         if name == "cuda":  # the CUDA kernel, pass by pass, all-reducing between passes
             passes = _CudaPasses(t if t.dtype in _CUDA_DTYPE_CODES else t.float(), alpha)
         else:
-            x = t.to(_compute_dtype(t.dtype))
+            x = _precise(t.to(_compute_dtype(t.dtype)), alpha)
             passes = _CorePasses(x, alpha) if name == "cpu" else _TorchPasses(x, alpha)
         q = _swav_iterate(passes, t.shape[1], b_global, n_iters, t.device, group)
     elif name == "cpu":
@@ -112,11 +113,14 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
             return out
         if q is None:  # the spread of scores/epsilon needs the log domain (or the input is not finite)
             check_finite(t, "scores")
-            q = _swav_iterate(_TorchPasses(x, alpha), t.shape[1], t.shape[0], n_iters, t.device)
+            x64 = _precise(x, alpha)
+            q = None if x64 is x else _swav_torch_kernel_form(x64, alpha, n_iters)
+            if q is None:
+                q = _swav_iterate(_TorchPasses(x64, alpha), t.shape[1], t.shape[0], n_iters, t.device)
     return _deliver(q, origin, out, out_t)
 
 
-def _check_out(out, t: torch.Tensor, origin, prototypes) -> torch.Tensor:
+def _check_out(out, scores, t: torch.Tensor, origin, prototypes) -> torch.Tensor:
     """Validate a caller's output buffer before any work; returns its torch view."""
     o, o_origin = to_tensor(out, "out")
     k = to_tensor(prototypes, "prototypes")[0].shape[0] if prototypes is not None else t.shape[1]
@@ -129,11 +133,53 @@ def _check_out(out, t: torch.Tensor, origin, prototypes) -> torch.Tensor:
                          f"got {o.dtype} on {o.device}")
     if not o.is_contiguous():
         raise ValueError("out: must be C-contiguous")
+    if isinstance(out, np.ndarray) and not out.flags.c_contiguous:
+        # (to_tensor copies an array with negative strides: the result would go to the copy)
+        raise ValueError("out: must be C-contiguous")
     if isinstance(out, np.ndarray) and not out.flags.writeable:
         raise ValueError("out: is read-only")
-    if o.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
-        raise ValueError("out: must not share memory with scores")
-    return o
+    for other, name in ((scores, "scores"), (prototypes, "prototypes")):
+        if other is not None and _shares_memory(out, other):
+            raise ValueError(f"out: must not share memory with {name}")
+    return o.detach()
+
+
+def _byte_range(t: torch.Tensor):
+    """[first, last + 1) byte addresses a strided tensor can touch (None when empty)."""
+    if t.numel() == 0:
+        return None
+    low = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s < 0)
+    high = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s > 0)
+    return t.data_ptr() + low * t.element_size(), t.data_ptr() + (high + 1) * t.element_size()
+
+
+def _shares_memory(x, y) -> bool:
+    """Whether two arrays (numpy, or torch on any device) have an element in common.
+
+    Memory ranges decide, not start pointers (``buf[1:]`` and ``buf[:-1]`` start apart and
+    overlap). On the CPU numpy's exact test runs (it checks the bounds first), which tells
+    interleaved views such as ``buf[:, ::2]`` and ``buf[:, 1::2]`` apart; a problem too hard
+    for it counts as shared. On a GPU the ranges alone decide.
+    """
+    devices = {"cpu" if isinstance(v, np.ndarray) else str(v.device) for v in (x, y)}
+    if len(devices) > 1:
+        return False
+    if devices != {"cpu"}:
+        rx, ry = _byte_range(x), _byte_range(y)
+        return rx is not None and ry is not None and rx[0] < ry[1] and ry[0] < rx[1]
+
+    def as_numpy(v):
+        if isinstance(v, np.ndarray):
+            return v
+        v = v.detach()
+        if v.dtype == torch.bfloat16:  # numpy has no bfloat16: the same bytes as int16
+            v = v.view(torch.int16)
+        return v.numpy()
+
+    try:
+        return bool(np.shares_memory(as_numpy(x), as_numpy(y), max_work=1 << 20))
+    except np.exceptions.TooHardError:
+        return True
 
 
 def _deliver(q: torch.Tensor, origin, out, out_t):
@@ -152,8 +198,51 @@ def _swav_cpu(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torch.T
         out = _RESULTS.empty(tuple(x.shape), x.dtype)
     b = x.shape[0]
     # Rows carry mass 1/B during the iterations; the plan is written times B (rows sum to 1).
-    _backend.core().sinkhorn_solve(x.numpy(), alpha, None, -math.log(b), n_iters, 0.0, math.log(b), out.numpy())
+    try:
+        _, _, g, form, _, _ = _backend.core().sinkhorn_solve(x.numpy(), alpha, None, -math.log(b), n_iters, 0.0,
+                                                             math.log(b), out.numpy())
+    except ValueError:
+        if x.dtype != torch.float32:
+            raise
+        check_finite(t, "scores")
+        form = g = None  # finite scores whose scores/epsilon overflow float32: float64 below
+    if x.dtype == torch.float32 and _float32_too_coarse(x, alpha, form, g):
+        out.copy_(_swav_cpu(x.double(), alpha, n_iters))  # (float64: the core raises on overflow)
     return out
+
+
+# float32 holds 24 bits: an exponent alpha * x_ij of magnitude v is rounded by up to v * 2^-24,
+# and the iteration adds potentials of the same size to it (alpha x_ij + g_j, which cancel),
+# so the plan's entries err by a few v * 2^-24 relatively: below 1e-3 up to this bound. Beyond
+# it (scores/epsilon of 1e4 and more: un-normalised features, epsilon far below 0.01) float32
+# gives wrong plans, or NaN once the rounding exceeds the range of exp; float64 is exact there.
+_FLOAT32_MAX_EXPONENT = 4096.0
+
+
+def _precise(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``x``, or ``x`` in float64 when float32 is too coarse for alpha * x (one read of x)."""
+    if x.dtype == torch.float32:
+        lo, hi = torch.aminmax(x)
+        if alpha * max(-float(lo), float(hi)) > _FLOAT32_MAX_EXPONENT:
+            return x.double()
+    return x
+
+
+def _float32_too_coarse(x: torch.Tensor, alpha: float, form, g) -> bool:
+    """Whether a float32 solve of ``x`` (its form and column potential ``g`` as the core
+    returned them, None when it overflowed) must be redone in float64: max |alpha x| beyond
+    _FLOAT32_MAX_EXPONENT, decided without another pass over x on the usual path."""
+    if form is None or not bool(np.isfinite(g).all()):
+        return True
+    if form == "kernel":
+        # The kernel form ran only because max - min of alpha x is <= 80, and its g_j is
+        # log w_j - max(alpha x) with w_j a float (|log w_j| <= 104): max |g| bounds
+        # max |alpha x| within 184, so x is read again only near the bound.
+        if float(np.abs(g).max()) <= _FLOAT32_MAX_EXPONENT - 200.0:
+            return False
+    # The log domain (spread > 80) already reads x once per iteration: one more read decides.
+    lo, hi = torch.aminmax(x)
+    return alpha * max(abs(float(lo)), abs(float(hi))) > _FLOAT32_MAX_EXPONENT
 
 
 def _swav_triton(t: torch.Tensor, alpha: float, n_iters: int,
@@ -212,14 +301,17 @@ def _swav_torch_kernel_form(x: torch.Tensor, alpha: float, n_iters: int, dest: O
     ``in_place``, or a fresh tensor) and is scaled into B * P in place at the end.
 
     Returns None, with ``dest`` unspecified (and ``x`` too when ``in_place``), when the
-    spread of alpha * x is too large for this form (or x is not finite) or a scaling
-    vector left the floating-point range: the caller then runs the log domain.
+    spread of alpha * x is too large for this form (or x is not finite), when float32 is too
+    coarse for alpha * x (see ``_FLOAT32_MAX_EXPONENT``; the caller then goes to float64) or
+    a scaling vector left the floating-point range: the caller then runs the log domain.
     """
     limit = _KERNEL_FORM_SPREAD[x.dtype]
     lo, hi = torch.aminmax(x)  # NaN propagates, so a non-finite input fails the test below
     lo, hi = alpha * float(lo), alpha * float(hi)
     if not (hi - lo <= limit):
         return None
+    if x.dtype == torch.float32 and max(-lo, hi) > _FLOAT32_MAX_EXPONENT:
+        return None  # float32 cannot hold these exponents: the caller goes to float64
     e = x if in_place else (dest if dest is not None else torch.empty_like(x, memory_format=torch.contiguous_format))
     torch.mul(x, alpha, out=e)
     # Shift only when exp(alpha x) itself could leave the range (or its column sums overflow).
@@ -243,6 +335,7 @@ def _swav_torch_kernel_form(x: torch.Tensor, alpha: float, n_iters: int, dest: O
 def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, chunk, group, backend,
                        out_t: Optional[torch.Tensor] = None):
     c, _ = to_tensor(prototypes, "prototypes")
+    c = c.detach()
     check_float(c, "prototypes")
     check_ndim(c, 2, "prototypes", " (prototypes, features)")
     if c.shape[0] == 0 or c.shape[1] != z.shape[1]:
@@ -286,9 +379,10 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
         torch.mm(zc, cc.t(), out=q)
         try:
             if name == "cpu":
-                form = _backend.core().sinkhorn_solve(q.numpy(), alpha, None, -math.log(b), n_iters, 0.0,
-                                                      math.log(b), q.numpy())[3]
-                if form == "kernel":
+                _, _, g, form, _, _ = _backend.core().sinkhorn_solve(q.numpy(), alpha, None, -math.log(b), n_iters,
+                                                                     0.0, math.log(b), q.numpy())
+                # (max |g| bounds max |alpha x| in the kernel form: see _float32_too_coarse)
+                if form == "kernel" and (dtype != torch.float32 or np.abs(g).max() <= _FLOAT32_MAX_EXPONENT - 200):
                     return q
             elif name == "cuda":
                 return _swav_cuda(q, alpha, n_iters, out=q)
@@ -299,8 +393,16 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
                 return q
         except ValueError:
             check_finite_features()  # name the argument at fault
-            raise  # finite features whose scores overflow once divided by epsilon
+            if dtype != torch.float32 or name != "cpu":
+                raise  # finite features whose scores overflow once divided by epsilon
+            # (in float32: the float64 passes below hold them)
         check_finite_features()
         b_global = b
+    if dtype == torch.float32 and name != "cuda":
+        # |z_i . c_j| <= |z_i| |c_j|: when that bound of scores/epsilon is beyond what float32
+        # holds (see _FLOAT32_MAX_EXPONENT), the passes run in float64.
+        bound = float(torch.linalg.vector_norm(zc, dim=1).max()) * float(torch.linalg.vector_norm(cc, dim=1).max())
+        if alpha * bound > _FLOAT32_MAX_EXPONENT:
+            zc, cc = zc.double(), cc.double()
     passes = _FeaturePasses(zc, cc, alpha, chunk, _CorePasses if name == "cpu" else _TorchPasses)
     return _swav_iterate(passes, k, b_global, n_iters, z.device, group)
