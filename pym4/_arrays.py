@@ -74,4 +74,9 @@ def check_int_at_least(value: Any, low: int, name: str) -> int:
         raise TypeError(f"{name}: expected an integer, got {value!r}")
     if value < low:
         raise ValueError(f"{name}: must be >= {low}, got {value}")
+    if value > INT64_MAX:  # the core takes int64: say so here, not as pybind11's "incompatible arguments"
+        raise ValueError(f"{name}: must be <= 2**63 - 1, got {value}")
     return int(value)
+
+
+INT64_MAX = 2 ** 63 - 1

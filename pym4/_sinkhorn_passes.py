@@ -25,6 +25,14 @@ from . import _backend
 _CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+# float32 holds 24 bits: an exponent alpha * x_ij of magnitude v is rounded by up to v * 2^-24,
+# and the iteration adds potentials of the same size to it (alpha x_ij + g_j, which cancel),
+# so the plan's entries err by a few v * 2^-24 relatively: below 1e-3 up to this bound. Beyond
+# it (scores/epsilon of 1e4 and more: un-normalised features, epsilon far below 0.01) float32
+# gives wrong plans, or NaN once the rounding exceeds the range of exp; float64 is exact there.
+_FLOAT32_MAX_EXPONENT = 4096.0
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

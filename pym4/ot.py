@@ -9,7 +9,9 @@ written for POT (``from pym4 import ot``).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import numbers
 import warnings
 from typing import Optional
 
@@ -19,7 +21,7 @@ import torch
 from . import _backend
 from ._arrays import (check_finite, check_float, check_int_at_least, check_ndim, check_positive_scalar,
                       from_tensor, to_tensor)
-from ._sinkhorn_passes import _TorchPasses, _compute_dtype, _iterate
+from ._sinkhorn_passes import _FLOAT32_MAX_EXPONENT, _TorchPasses, _iterate
 
 __all__ = ["sinkhorn", "sinkhorn_ot", "ConvergenceWarning"]
 
@@ -43,7 +45,11 @@ def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-
         holds h target histograms, solved one after the other against the same ``a``
         (POT's "multi b"); the result is then the h transport costs ``<P_k, C>``.
     cost : array (n, m)
-        Cost matrix; float32 or float64 (the plan is computed in the cost's precision).
+        Cost matrix, float32/float64 (float16/bfloat16 accepted; their plan comes back in
+        float32, which alone holds its marginals); a list is taken as float64. The plan is
+        computed in the cost's precision, in float64 where float32 cannot hold max|cost|/reg
+        (beyond 4096); a max|cost|/reg beyond 1e13, which float64 cannot resolve either, is
+        refused (ValueError naming reg).
     reg : float
         Entropic regularisation, > 0.
     n_iters : int, default 1000
@@ -87,7 +93,8 @@ def _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, *, check_eve
     every that many iterations (POT: 10). ``gauge``: "ones" puts POT's ``method="sinkhorn"``
     constant into u and v (its u starts at 1/n), "zeros" that of ``method="sinkhorn_log"``.
     ``potentials``: also compute u, v, log_u, log_v into info (one more pass over the cost)."""
-    c, origin = to_tensor(cost, "cost")
+    c, origin = to_tensor(_from_sequence(cost, "cost"), "cost")
+    c = c.detach()
     check_float(c, "cost")
     check_ndim(c, 2, "cost", " (n, m)")
     n, m = c.shape
@@ -95,11 +102,28 @@ def _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, *, check_eve
         raise ValueError(f"cost: expected a non-empty matrix, got shape {tuple(c.shape)}")
     reg = check_positive_scalar(reg, "reg")
     n_iters = check_int_at_least(n_iters, 1, "n_iters")
-    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
+        raise TypeError(f"tol: expected a number, got {tol!r}")
+    if not math.isfinite(tol) or tol < 0:
         raise ValueError(f"tol: must be a finite number >= 0, got {tol!r}")
-    check_finite(c, "cost")
-    dtype = _compute_dtype(c.dtype)
-    a_t = _marginal(a, n, "a", c.device)
+    tol = float(tol)
+    if c.dtype in (torch.float16, torch.bfloat16):
+        # A half-precision plan cannot carry its marginals: rounding each entry to 11 (8) bits
+        # leaves rows and columns off by ~1e-4 (1e-3), far beyond tol. The plan is computed
+        # in float32 and returned in float32.
+        origin = dataclasses.replace(origin, dtype=torch.float32)
+    lo, hi = torch.aminmax(c)  # one read: finiteness and the size of the exponents cost/reg
+    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+        raise ValueError("cost: contains NaN or Inf")
+    exponent = max(-float(lo), float(hi)) / reg
+    if exponent > _FLOAT64_MAX_EXPONENT:
+        raise ValueError(f"reg: too small for this cost: max |cost| / reg = {exponent:.3g} exceeds "
+                         f"{_FLOAT64_MAX_EXPONENT:.0e}, beyond which float64 cannot resolve exp(-cost / reg); "
+                         f"raise reg or rescale the cost")
+    # float32 holds exp(-cost/reg) only while cost/reg stays small (as in pym4.sinkhorn).
+    dtype = torch.float64 if c.dtype == torch.float64 or exponent > _FLOAT32_MAX_EXPONENT else torch.float32
+    a_t = _marginal(_from_sequence(a, "a"), n, "a", c.device)
+    b = _from_sequence(b, "b")
     b_t = _marginals(b, m, "b", c.device)  # (m, h)
     hists = b_t.shape[1]
     mass_a = float(a_t.sum())
@@ -130,6 +154,13 @@ def _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, *, check_eve
         else:
             out, iters, err, g, converged, errors = _iterate(_TorchPasses(x, alpha), log_b, log_a, n_iters,
                                                             float(tol), 0.0, g_init=g_init, check_every=check_every)
+        if math.isnan(err) or bool((torch.isnan(g) | (g == math.inf)).any()):
+            # A column's mass underflowed to 0 (its only mass-carrying rows are far away in
+            # cost/reg: zero marginals elsewhere, small reg), so log(0) made its potential
+            # +inf and the plan NaN. Redo it with every sum in the log domain, in float64.
+            out, iters, err, g, converged, errors = _solve_log_sums(x.double(), alpha, log_b, log_a, n_iters,
+                                                                   float(tol), g_init, check_every)
+            out = out.to(x.dtype)
         plans.append(out)
         gs.append(g)
         infos.append((iters, err, converged, list(errors)))
@@ -142,6 +173,60 @@ def _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, *, check_eve
         return from_tensor(plans[0], origin), info
     costs = torch.stack([(p.double() * x.double()).sum() for p in plans])
     return from_tensor(costs, origin), info
+
+
+def _solve_log_sums(x: torch.Tensor, alpha: float, log_b: torch.Tensor, log_a: torch.Tensor, n_iters: int,
+                    tol: float, g_init: Optional[torch.Tensor], check_every: int):
+    """The iteration of ``_iterate`` (same steps, same measurements, same return values) with
+    the column step taken as a log-sum-exp, ``g_j = log b_j - LSE_i(alpha x_ij + f_i)``, instead
+    of from the column masses (``g_j + log b_j - log mass_j``), which underflow to 0 when every
+    row carrying mass is far from a column. POT's ``method="sinkhorn_log"``; float64 x.
+    Zero-mass rows and columns keep -inf potentials and get exact zeros in the plan."""
+    every = check_every if check_every > 0 else (1 if tol > 0 else 0)
+    b = torch.exp(log_b)
+    rows_zero, cols_zero = torch.isinf(log_a), torch.isinf(log_b)
+    k = alpha * x
+
+    def row_potential(g):
+        return torch.where(rows_zero, log_a, log_a - torch.logsumexp(k + g[None, :], dim=1))
+
+    def column_masses(g, f):
+        return torch.exp(torch.logsumexp(k + f[:, None], dim=0) + g)
+
+    def column_potential(f):
+        return torch.where(cols_zero, log_b, log_b - torch.logsumexp(k + f[:, None], dim=0))
+
+    g = g_init.double() if g_init is not None else column_potential(torch.zeros_like(log_a))
+    errors, converged, err, iters = [], False, 0.0, 1
+    for iters in range(1, n_iters + 1):
+        if iters == n_iters:
+            break
+        f = row_potential(g)
+        if every > 0 and (iters - 1) % every == 0:
+            err = float(torch.linalg.vector_norm(column_masses(g, f) - b))
+            errors.append(err)
+            converged = tol > 0 and err < tol
+            if converged:
+                break
+        g = column_potential(f)
+    f = row_potential(g)
+    plan = torch.exp(k + g[None, :] + f[:, None])
+    if every > 0:
+        err = float(torch.linalg.vector_norm(plan.sum(dim=0) - b))
+        if not converged and (iters - 1) % every == 0:
+            errors.append(err)
+            converged = tol > 0 and err < tol
+    return plan, iters, err, g, converged, errors
+
+
+def _from_sequence(v, name: str):
+    """POT takes lists: a (nested) list or tuple of numbers becomes a float64 numpy array."""
+    if isinstance(v, (list, tuple)):
+        try:
+            return np.asarray(v, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"{name}: expected an array or a (nested) list of numbers") from None
+    return v
 
 
 def _potentials(x, alpha, log_a, gs, shift, multi, origin) -> dict:
@@ -166,6 +251,7 @@ def _marginal(v, n: int, name: str, device) -> torch.Tensor:
     if v is None or (hasattr(v, "__len__") and len(v) == 0):
         return torch.full((n,), 1.0 / n, dtype=torch.float64, device=device)
     t, _ = to_tensor(v, name)
+    t = t.detach()
     check_float(t, name)
     check_ndim(t, 1, name)
     if t.shape[0] != n:
@@ -201,7 +287,8 @@ def _warmstart(warmstart, n: int, m: int, hists: int, device) -> Optional[torch.
     shapes = ((n,), (m,)) if hists == 1 else ((n, hists), (m, hists))
     parts = []
     for part, shape, what in zip(warmstart, shapes, ("log_u", "log_v")):
-        t, _ = to_tensor(part, f"warmstart {what}")
+        t, _ = to_tensor(_from_sequence(part, f"warmstart {what}"), f"warmstart {what}")
+        t = t.detach()
         check_float(t, f"warmstart {what}")
         if tuple(t.shape) != shape:
             raise ValueError(f"warmstart: {what} must have shape {shape}, got {tuple(t.shape)}")
@@ -211,6 +298,12 @@ def _warmstart(warmstart, n: int, m: int, hists: int, device) -> Optional[torch.
         parts.append(t)
     return parts[0].reshape(n, hists)
 
+
+# Largest max |cost| / reg solved: float64 rounds an exponent v by v * 2^-53, 1e-3 here. Beyond
+# it the plan would be noise, so it is refused (naming reg). float32 costs are solved in
+# float64 beyond pym4.sinkhorn's bound for float32.
+_FLOAT64_MAX_EXPONENT = 1e13
+_FLOAT32_MAX_EXPONENT = 4096.0
 
 _METHODS = ("sinkhorn", "sinkhorn_log")
 

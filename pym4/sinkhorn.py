@@ -19,7 +19,7 @@ import torch
 from . import _backend
 from ._arrays import (check_finite, check_float, check_int_at_least, check_ndim, check_positive_scalar,
                       from_tensor, to_tensor)
-from ._sinkhorn_passes import (_CUDA_DTYPE_CODES, _RESULTS, _CorePasses, _CudaPasses, _FeaturePasses, _TorchPasses,
+from ._sinkhorn_passes import (_CUDA_DTYPE_CODES, _FLOAT32_MAX_EXPONENT, _RESULTS, _CorePasses, _CudaPasses, _FeaturePasses, _TorchPasses,
                                _compute_dtype, _global_batch, _swav_iterate)
 from .ot import ConvergenceWarning, sinkhorn_ot
 
@@ -209,14 +209,6 @@ def _swav_cpu(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torch.T
     if x.dtype == torch.float32 and _float32_too_coarse(x, alpha, form, g):
         out.copy_(_swav_cpu(x.double(), alpha, n_iters))  # (float64: the core raises on overflow)
     return out
-
-
-# float32 holds 24 bits: an exponent alpha * x_ij of magnitude v is rounded by up to v * 2^-24,
-# and the iteration adds potentials of the same size to it (alpha x_ij + g_j, which cancel),
-# so the plan's entries err by a few v * 2^-24 relatively: below 1e-3 up to this bound. Beyond
-# it (scores/epsilon of 1e4 and more: un-normalised features, epsilon far below 0.01) float32
-# gives wrong plans, or NaN once the rounding exceeds the range of exp; float64 is exact there.
-_FLOAT32_MAX_EXPONENT = 4096.0
 
 
 def _precise(x: torch.Tensor, alpha: float) -> torch.Tensor:

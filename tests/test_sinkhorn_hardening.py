@@ -132,3 +132,103 @@ def test_float32_scores_over_epsilon_beyond_float32_range():
     scores = np.array([[1e30, -1e30, 0.0], [0.0, 1e30, 2e30]], "f4")
     q = pym4.sinkhorn(scores, epsilon=1e-10)
     np.testing.assert_allclose(q, sinkhorn_reference(scores, 1e-10), rtol=1e-5, atol=1e-7)
+
+
+# ----- item 6: sinkhorn_ot never returns a NaN plan on allowed input ------------------------------
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_ot_zero_marginal_far_column(backend):
+    # The reproducer (lists, as POT takes them): row 0 carries no mass, so column 0
+    # can only get its mass from row 1 at cost 100 / reg 1e-2, which underflows exp.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # converges: no ConvergenceWarning
+        plan = pym4.sinkhorn_ot([0., 1.], [.5, .5], [[0., 100.], [100., 0.]], reg=1e-2, backend=backend)
+    with np.errstate(divide="ignore"):  # POT takes log(0) of the zero marginal
+        want = pot.sinkhorn(np.array([0., 1.]), np.array([.5, .5]), np.array([[0., 100.], [100., 0.]]), 1e-2,
+                            method="sinkhorn_log")
+    np.testing.assert_allclose(plan, want, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(plan, [[0, 0], [.5, .5]], rtol=0, atol=1e-12)
+
+
+def test_ot_zero_marginals_and_small_reg_against_log_reference():
+    rng = np.random.default_rng(5)
+    a, b = rng.random(9), rng.random(7)
+    a[[0, 4]], b[[2]] = 0.0, 0.0
+    a, b = a / a.sum(), b / b.sum()
+    cost = rng.random((9, 7)) * 50
+    plan, log = pym4.sinkhorn_ot(a, b, cost, 0.05, n_iters=20000, log=True)
+    assert np.isfinite(plan).all() and np.isfinite(log["log_v"][b > 0]).all()
+    np.testing.assert_allclose(plan, ot_reference(a, b, cost, 0.05), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(plan.sum(1), a, rtol=1e-12, atol=1e-15)
+    assert np.linalg.norm(plan.sum(0) - b) < 1e-9
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_ot_float32_cost_tiny_reg(backend):
+    cost = np.array([[0., 1.], [1., 0.]], "f4")
+    plan = pym4.sinkhorn_ot(None, None, cost, 1e-12, backend=backend)
+    assert plan.dtype == np.float32
+    want = pot.sinkhorn(np.full(2, .5), np.full(2, .5), cost.astype(np.float64), 1e-12, method="sinkhorn_log")
+    np.testing.assert_allclose(plan, want, rtol=0, atol=1e-7)
+    # A cost where float32 exponents (|cost| / reg ~ 1e5) would be off: solved in float64.
+    rng = np.random.default_rng(6)
+    cost = rng.random((8, 6)).astype("f4")
+    a, b = np.full(8, 1 / 8), np.full(6, 1 / 6)
+    plan = pym4.sinkhorn_ot(a, b, cost, 1e-5, n_iters=5, tol=0, warn=False, backend=backend)
+    want = pot.sinkhorn(a, b, cost.astype(np.float64), 1e-5, method="sinkhorn_log", numItermax=5, stopThr=0,
+                        warn=False)
+    np.testing.assert_allclose(plan, want, rtol=1e-5, atol=1e-7)
+
+
+# ----- items 11 and 12: messages naming the argument; float16 costs; scalars ----------------------
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: pym4.sinkhorn(np.ones((3, 2), "f4"), n_iters=2 ** 63), r"n_iters: must be <= 2\*\*63 - 1"),
+    (lambda: pym4.sinkhorn_ot(None, None, np.ones((3, 2)), 0.1, n_iters=2 ** 63), r"n_iters: must be <= 2\*\*63"),
+    (lambda: pym4_ot.sinkhorn([], [], np.ones((3, 2)), 0.1, numItermax=2 ** 64), r"n_iters: must be <= 2\*\*63"),
+    (lambda: pym4.sinkhorn_ot(None, None, np.random.default_rng(0).random((3, 2)), reg=1e-40), "reg: too small"),
+])
+def test_messages_name_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_requires_grad_tensors_are_accepted():
+    s = torch.rand(6, 4, requires_grad=True)
+    q = pym4.sinkhorn(s)
+    assert not q.requires_grad
+    np.testing.assert_allclose(q.numpy(), sinkhorn_reference(s.detach().numpy()), rtol=2e-5, atol=1e-7)
+    z, c = torch.rand(6, 3, requires_grad=True), torch.rand(4, 3, requires_grad=True)
+    q = pym4.sinkhorn(z, prototypes=c)
+    np.testing.assert_allclose(q.numpy(), sinkhorn_reference((z @ c.t()).detach().numpy()), rtol=2e-5, atol=1e-7)
+    cost = torch.rand(5, 4, dtype=torch.float64, requires_grad=True)
+    a = torch.full((5,), 0.2, dtype=torch.float64, requires_grad=True)
+    plan = pym4.sinkhorn_ot(a, None, cost, 0.1)
+    np.testing.assert_allclose(plan.detach().numpy(), ot_reference(np.full(5, .2), np.full(4, .25),
+                                                                   cost.detach().numpy(), 0.1), rtol=1e-6, atol=1e-12)
+
+
+def test_numpy_scalars_are_accepted():
+    s = np.random.default_rng(3).random((5, 4)).astype("f4")
+    np.testing.assert_array_equal(pym4.sinkhorn(s, np.float32(0.05), np.int64(3)), pym4.sinkhorn(s, 0.05, 3))
+    cost = np.random.default_rng(4).random((5, 4))
+    want = pym4.sinkhorn_ot(None, None, cost, 0.1, tol=1e-6)
+    got = pym4.sinkhorn_ot(None, None, cost, np.float32(0.1), tol=np.float32(1e-6), n_iters=np.int32(1000))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+    got = pym4_ot.sinkhorn(None, None, cost, np.float64(0.1), stopThr=np.float32(1e-6))
+    np.testing.assert_array_equal(got, pym4_ot.sinkhorn(None, None, cost, 0.1, stopThr=float(np.float32(1e-6))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_cost_gives_a_float32_plan_with_exact_marginals(dtype):
+    rng = np.random.default_rng(7)
+    a, b = rng.random(30) + 0.1, rng.random(20) + 0.1
+    a, b = a / a.sum(), b / b.sum()
+    cost = torch.tensor(rng.random((30, 20))).to(dtype)
+    plan = pym4.sinkhorn_ot(torch.tensor(a), torch.tensor(b), cost, 0.1, tol=1e-6)
+    assert plan.dtype == torch.float32
+    # (a float16 plan's marginals were off by ~1e-4, its entries rounded to 11 bits)
+    np.testing.assert_allclose(plan.sum(1).double().numpy(), a, rtol=2e-6, atol=0)
+    assert np.linalg.norm(plan.sum(0).double().numpy() - b) < 1e-6
+    np.testing.assert_allclose(plan.double().numpy(), ot_reference(a, b, cost.double().numpy(), 0.1),
+                               rtol=1e-4, atol=1e-7)
