@@ -62,8 +62,12 @@ class ChunkedEngine:
         ds_row = torch.zeros(n_a, dtype=a.dtype, device=a.device) if split_scale else None
         ds_col = torch.zeros(n_b, dtype=a.dtype, device=a.device) if split_scale else None
         ch = self._chunk(n_b)
-        positive_w_col = bool((w_col > 0).all())
-        c_shift = c - torch.log(w_col) if positive_w_col else None
+        # One process: every row and column term has the same weight w, so G = w (P_row +
+        # P_col - 2 I) and w is applied once, to dA and dB. Folding w into the exponent
+        # instead (e^{S - (c - log w)}) rounds c - log w at the size of S: at s = 1000 that
+        # is 1e-4 of G, where G itself may be exactly 0 (B = 1).
+        w = float(w_row[0]) if n_a else 0.0
+        uniform = not split_scale and bool((w_row == w).all()) and bool((w_col == w).all())
         for i0 in range(0, n_a, ch):
             ac = a[i0:i0 + ch]
             m = ac.shape[0]
@@ -84,9 +88,12 @@ class ChunkedEngine:
                 ds_col.index_add_(0, cols, -wc[cols] * diag / s)
                 del logits
                 p_col.mul_(wc[None, :])
-            elif positive_w_col:
-                # w_j e^{S_ij - c_j} = e^{S_ij - (c_j - log w_j)}: the weight costs no extra pass.
-                p_col = logits.sub_(c_shift[None, :]).exp_()  # reuses the logits' storage
+            elif uniform:
+                g = p_row.add_(logits.sub_(c[None, :]).exp_())  # P_row + P_col, in the logits' storage
+                g[rows, cols] -= 2.0
+                torch.mm(g, bm, out=da[i0:i0 + m]).mul_(s * w)
+                db_part.addmm_(g.T, ac, alpha=s * w)
+                continue
             else:
                 p_col = logits.sub_(c[None, :]).exp_().mul_(wc[None, :])
             g = p_row.mul_(wr[:, None]).add_(p_col)

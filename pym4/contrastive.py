@@ -20,9 +20,11 @@ O(B * chunk + B * D)), ``triton`` (fused kernels in ``pym4.kernels.contrastive``
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -187,7 +189,9 @@ def _as_scalar(value, name: str, device) -> Tuple[torch.Tensor, bool]:
         if value.device != device and value.device.type != "cpu":
             raise ValueError(f"{name}: on {value.device}, but the features are on {device}")
         return value, True
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu":
+        value = value[()]  # a 0-d array: its numpy scalar
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):  # np.float32 etc. are Real
         raise TypeError(f"{name}: expected a number or a one-element tensor, got {type(value).__name__}")
     return torch.tensor(float(value), dtype=torch.float32, device=device), False
 

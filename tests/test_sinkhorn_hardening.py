@@ -232,3 +232,48 @@ def test_half_precision_cost_gives_a_float32_plan_with_exact_marginals(dtype):
     assert np.linalg.norm(plan.sum(0).double().numpy() - b) < 1e-6
     np.testing.assert_allclose(plan.double().numpy(), ot_reference(a, b, cost.double().numpy(), 0.1),
                                rtol=1e-4, atol=1e-7)
+
+
+# ----- contrastive losses: large logit_scale at tiny B; numpy scalars -----------------------------
+
+def _grads(fn, x, y, scale):
+    xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
+    ss = torch.tensor(scale, dtype=x.dtype, requires_grad=True)
+    loss = fn(xx, yy, ss)
+    loss.backward()
+    return loss.detach().double(), xx.grad.double(), yy.grad.double(), ss.grad.double()
+
+
+def _clip_plain(x, y, s):
+    """CLIP's loss as plain torch writes it (open_clip's ClipLoss): two cross-entropies."""
+    logits = s * x @ y.T
+    labels = torch.arange(x.shape[0])
+    return (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
+
+
+@pytest.mark.parametrize("b", [1, 2, 5])
+@pytest.mark.parametrize("scale", [100.0, 1000.0])
+def test_clip_gradient_at_large_scale_no_worse_than_float32_torch(b, scale):
+    g = torch.Generator().manual_seed(b)
+    x = torch.nn.functional.normalize(torch.randn(b, 16, generator=g, dtype=torch.float64), dim=1)
+    y = torch.nn.functional.normalize(x + 0.3 * torch.randn(b, 16, generator=g, dtype=torch.float64), dim=1)
+    want = _grads(_clip_plain, x, y, scale)
+    plain32 = _grads(_clip_plain, x.float(), y.float(), scale)
+    ours = _grads(lambda xx, yy, ss: pym4.clip_loss(xx, yy, ss, backend="chunked"), x.float(), y.float(), scale)
+    for name, w, p, o in zip(("loss", "dx", "dy", "dscale"), want, plain32, ours):
+        err_plain, err_ours = float((p - w).abs().max()), float((o - w).abs().max())
+        # float32 rounding of the logits (|S| <= scale) is the floor both share: ~scale * 2^-24
+        assert err_ours <= 2 * err_plain + scale * 2e-7, (name, err_ours, err_plain)
+    if b == 1:  # the loss is identically 0 at B = 1: so is every gradient, exactly
+        assert all(float(t.abs().max()) == 0.0 for t in ours[1:])
+
+
+def test_logit_scale_and_bias_as_numpy_scalars():
+    x = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+    for fn in (pym4.clip_loss, pym4.siglip_loss):
+        want = fn(x, y, 10.0, -1.0)
+        for scale, bias in ((np.float32(10.0), np.float64(-1.0)), (np.array(10.0), np.int64(-1))):
+            torch.testing.assert_close(fn(x, y, scale, bias), want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="logit_scale: expected a number"):
+        pym4.clip_loss(x, y, np.bool_(True))
