@@ -87,25 +87,27 @@ def sinkhorn_ot(a, b, cost, reg: float, *, n_iters: int = 1000, tol: float = 1e-
 
 
 def _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, *, check_every: int, gauge: str,
-                 potentials: bool):
+                 potentials: bool, names=("cost", "n_iters", "tol")):
     """The OT solve behind ``sinkhorn_ot`` and ``pym4.ot.sinkhorn``: checks the input, solves
     each target histogram, returns (plan or costs, info). ``check_every``: measure the error
     every that many iterations (POT: 10). ``gauge``: "ones" puts POT's ``method="sinkhorn"``
     constant into u and v (its u starts at 1/n), "zeros" that of ``method="sinkhorn_log"``.
-    ``potentials``: also compute u, v, log_u, log_v into info (one more pass over the cost)."""
-    c, origin = to_tensor(_from_sequence(cost, "cost"), "cost")
+    ``potentials``: also compute u, v, log_u, log_v into info (one more pass over the cost).
+    ``names``: what the caller calls the cost, n_iters and tol (POT: M, numItermax, stopThr)."""
+    cost_name, n_iters_name, tol_name = names
+    c, origin = to_tensor(_from_sequence(cost, cost_name), cost_name)
     c = c.detach()
-    check_float(c, "cost")
-    check_ndim(c, 2, "cost", " (n, m)")
+    check_float(c, cost_name)
+    check_ndim(c, 2, cost_name, " (n, m)")
     n, m = c.shape
     if n == 0 or m == 0:
-        raise ValueError(f"cost: expected a non-empty matrix, got shape {tuple(c.shape)}")
+        raise ValueError(f"{cost_name}: expected a non-empty matrix, got shape {tuple(c.shape)}")
     reg = check_positive_scalar(reg, "reg")
-    n_iters = check_int_at_least(n_iters, 1, "n_iters")
+    n_iters = check_int_at_least(n_iters, 1, n_iters_name)
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
-        raise TypeError(f"tol: expected a number, got {tol!r}")
+        raise TypeError(f"{tol_name}: expected a number, got {tol!r}")
     if not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"tol: must be a finite number >= 0, got {tol!r}")
+        raise ValueError(f"{tol_name}: must be a finite number >= 0, got {tol!r}")
     tol = float(tol)
     if c.dtype in (torch.float16, torch.bfloat16):
         # A half-precision plan cannot carry its marginals: rounding each entry to 11 (8) bits
@@ -114,10 +116,10 @@ def _sinkhorn_ot(a, b, cost, reg, n_iters, tol, warmstart, backend, *, check_eve
         origin = dataclasses.replace(origin, dtype=torch.float32)
     lo, hi = torch.aminmax(c)  # one read: finiteness and the size of the exponents cost/reg
     if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
-        raise ValueError("cost: contains NaN or Inf")
+        raise ValueError(f"{cost_name}: contains NaN or Inf")
     exponent = max(-float(lo), float(hi)) / reg
     if exponent > _FLOAT64_MAX_EXPONENT:
-        raise ValueError(f"reg: too small for this cost: max |cost| / reg = {exponent:.3g} exceeds "
+        raise ValueError(f"reg: too small for this cost: max |{cost_name}| / reg = {exponent:.3g} exceeds "
                          f"{_FLOAT64_MAX_EXPONENT:.0e}, beyond which float64 cannot resolve exp(-cost / reg); "
                          f"raise reg or rescale the cost")
     # float32 holds exp(-cost/reg) only while cost/reg stays small (as in pym4.sinkhorn).
@@ -349,7 +351,8 @@ def sinkhorn(a, b, M, reg, method="sinkhorn", numItermax=1000, stopThr=1e-9, ver
         raise ValueError(f"method: pym4.ot.sinkhorn supports {_METHODS}, got {method!r}")
     method = method.lower()
     res, info = _sinkhorn_ot(a, b, M, reg, numItermax, stopThr, warmstart, None, check_every=10,
-                             gauge="ones" if method == "sinkhorn" else "zeros", potentials=bool(log))
+                             gauge="ones" if method == "sinkhorn" else "zeros", potentials=bool(log),
+                             names=("M", "numItermax", "stopThr"))
     if verbose:
         for k, err in enumerate(info["err"] if not info["err"] or not isinstance(info["err"][0], list)
                                 else info["err"][0]):

@@ -185,7 +185,9 @@ def test_ot_float32_cost_tiny_reg(backend):
 @pytest.mark.parametrize("call,match", [
     (lambda: pym4.sinkhorn(np.ones((3, 2), "f4"), n_iters=2 ** 63), r"n_iters: must be <= 2\*\*63 - 1"),
     (lambda: pym4.sinkhorn_ot(None, None, np.ones((3, 2)), 0.1, n_iters=2 ** 63), r"n_iters: must be <= 2\*\*63"),
-    (lambda: pym4_ot.sinkhorn([], [], np.ones((3, 2)), 0.1, numItermax=2 ** 64), r"n_iters: must be <= 2\*\*63"),
+    (lambda: pym4_ot.sinkhorn([], [], np.ones((3, 2)), 0.1, numItermax=2 ** 64), r"numItermax: must be <= 2\*\*63"),
+    (lambda: pym4_ot.sinkhorn([], [], np.ones((3, 2)), 0.1, stopThr=-1.0), "stopThr: must be a finite number"),
+    (lambda: pym4_ot.sinkhorn([], [], np.full((3, 2), np.nan), 0.1), "M: contains NaN"),
     (lambda: pym4.sinkhorn_ot(None, None, np.random.default_rng(0).random((3, 2)), reg=1e-40), "reg: too small"),
 ])
 def test_messages_name_the_argument(call, match):
