@@ -39,11 +39,18 @@ import triton
 import triton.language as tl
 
 from pym4 import _backend
+from pym4._sinkhorn_passes import _FLOAT32_MAX_EXPONENT
 
 _INTERPRET = _backend.triton_interpret()  # the one reader of TRITON_INTERPRET
 
 # Largest spread of alpha * x for the kernel form (float32: e^-80 > 1.2e-38 stays normal).
 KERNEL_FORM_SPREAD = 80.0
+
+
+class NeedsFloat64(Exception):
+    """max |alpha x| is beyond what float32 exponents resolve (see
+    ``pym4._sinkhorn_passes._FLOAT32_MAX_EXPONENT``); the kernels compute in float32, so the
+    caller solves in float64 instead. Raised before anything is written."""
 _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -216,7 +223,8 @@ def sinkhorn(x: torch.Tensor, alpha: float, n_iters: int, log_a: torch.Tensor, l
     (a_i / r_i) or potentials f_i, col (K,) the scaling vector w or the potential g, in the
     form's convention. ``out`` may be ``x`` itself (each program reads its rows before it
     writes them); then None when the kernel form ran and declined (a scaling left the float
-    range), x having been overwritten. Raises ValueError when x holds NaN or Inf.
+    range), x having been overwritten. Raises ValueError when x holds NaN or Inf, and
+    NeedsFloat64 when float32 cannot resolve alpha * x.
     """
     b, k = x.shape
     if out is None:
@@ -234,6 +242,8 @@ def sinkhorn(x: torch.Tensor, alpha: float, n_iters: int, log_a: torch.Tensor, l
     lo, hi = float(lo), float(hi)
     if not (math.isfinite(lo) and math.isfinite(hi)) or not math.isfinite(alpha * lo) or not math.isfinite(alpha * hi):
         raise ValueError("scores: contains NaN or Inf (or overflows once divided by epsilon)")
+    if max(abs(alpha * lo), abs(alpha * hi)) > _FLOAT32_MAX_EXPONENT:
+        raise NeedsFloat64()
     spread = abs(alpha) * (hi - lo)
     if kernel_form is None:
         kernel_form = spread <= KERNEL_FORM_SPREAD

@@ -250,7 +250,16 @@ def _swav_triton(t: torch.Tensor, alpha: float, n_iters: int,
         out = None
     log_a = torch.full((b,), -math.log(b), dtype=torch.float32, device=x.device)
     log_b = torch.full((k,), -math.log(k), dtype=torch.float32, device=x.device)
-    result = kernels.sinkhorn(x, alpha, n_iters, log_a, log_b, math.log(b), out)
+    try:
+        result = kernels.sinkhorn(x, alpha, n_iters, log_a, log_b, math.log(b), out)
+    except kernels.NeedsFloat64:  # nothing written yet: the torch passes in float64
+        if out is not None and out.data_ptr() == x.data_ptr():
+            return None  # in place: the caller's passes take it (in float64)
+        x64 = x.double()
+        q = _swav_torch_kernel_form(x64, alpha, n_iters)
+        if q is None:
+            q = _swav_iterate(_TorchPasses(x64, alpha), k, b, n_iters, x.device)
+        return q if out is None else out.copy_(q)
     return None if result is None else result[0]  # None: an in-place solve declined (see kernels)
 
 
