@@ -125,13 +125,13 @@ def copy_of(arr):
 
 
 def same(arr, before) -> bool:
-    if isinstance(arr, torch.Tensor):
-        return torch.equal(arr, before)
+    if isinstance(arr, torch.Tensor):  # equal, NaN where NaN
+        return torch.equal(arr.isnan(), before.isnan()) and torch.equal(arr.nan_to_num(0.0), before.nan_to_num(0.0))
     return np.array_equal(arr, before, equal_nan=True)
 
 
 @st.composite
-def matrix_values(draw, max_side=8, scales=(1.0, 1e-3, 30.0, 1e4, 1e10), outliers=True):
+def matrix_values(draw, max_side=8, scales=(1.0, 1e-3, 30.0, 1e4, 1e10), outliers=True, non_finite=False):
     """(B, K) float64 values: uniform in [-scale, scale], sometimes constant, subnormal or
     with one large outlier; shapes include 1 x N and N x 1."""
     kind = draw(st.sampled_from(["any", "row", "column"]))
@@ -140,13 +140,16 @@ def matrix_values(draw, max_side=8, scales=(1.0, 1e-3, 30.0, 1e4, 1e10), outlier
     rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
     scale = draw(st.sampled_from(scales))
     v = rng.uniform(-1, 1, (b, k)) * scale
-    special = draw(st.sampled_from([None, None, "constant", "subnormal"] + (["outlier"] if outliers else [])))
+    special = draw(st.sampled_from([None, None, "constant", "subnormal"] + (["outlier"] if outliers else []) +
+                                   (["nan", "inf", "-inf"] if non_finite else [])))
     if special == "constant":
         v[:] = v.flat[0]
     elif special == "subnormal":
         v *= 1e-40 / scale  # float32 subnormals (zero in float16)
     elif special == "outlier":
         v.flat[rng.integers(v.size)] = 50 * scale
+    elif special in ("nan", "inf", "-inf"):
+        v.flat[rng.integers(v.size)] = float(special)
     return v
 
 
@@ -201,7 +204,7 @@ def _check_sinkhorn(values, dtype, layout, as_torch, epsilon, n_iters, backend, 
 
 
 @settings(max_examples=250)
-@given(values=matrix_values(), dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
+@given(values=matrix_values(non_finite=True), dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
        as_torch=st.booleans(), epsilon=st.sampled_from([1.0, 0.05, 0.01, 1e-3, 1e-6, 1e-9]),
        n_iters=st.sampled_from([1, 2, 3, 7]), backend=st.sampled_from(["cpu", "torch"]))
 def test_sinkhorn_matches_reference(values, dtype, layout, as_torch, epsilon, n_iters, backend):
@@ -254,6 +257,32 @@ def test_sinkhorn_triton_interpreter_matches_reference(values, dtype, layout, ep
     if torch.cuda.is_available():
         pytest.skip("the CPU property; on a GPU the triton tests run natively")
     _check_sinkhorn(values, dtype, layout, True, epsilon, 3, "triton")
+
+
+@settings(max_examples=200)
+@given(n=st.integers(1, 6), k=st.integers(1, 4), s0=st.integers(0, 6), o0=st.integers(0, 6),
+       as_torch=st.booleans(), features=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_sinkhorn_out_never_overwrites_inputs(n, k, s0, o0, as_torch, features, seed):
+    # scores (or the features z) and out are row ranges of one buffer: refused exactly when
+    # the ranges overlap, with nothing written; otherwise the result is right and the input intact.
+    rng = np.random.default_rng(seed)
+    buf = rng.uniform(-1, 1, (14, k)).astype(np.float32)
+    buf = torch.from_numpy(buf) if as_torch else buf
+    before = copy_of(buf)
+    scores, out = buf[s0:s0 + n], buf[o0:o0 + n]
+    protos = None
+    if features:
+        protos = rng.uniform(-1, 1, (k, k)).astype(np.float32)
+        protos = torch.from_numpy(protos) if as_torch else protos
+    x = as_float64(scores) if protos is None else as_float64(scores) @ as_float64(protos).T
+    if abs(s0 - o0) < n:
+        with pytest.raises(ValueError, match="^out: must not share memory with scores"):
+            pym4.sinkhorn(scores, out=out, prototypes=protos)
+        assert same(buf, before)
+    else:
+        assert pym4.sinkhorn(scores, out=out, prototypes=protos) is out
+        assert same(scores, before[s0:s0 + n])
+        np.testing.assert_allclose(as_float64(out), ref_sinkhorn(x, 0.05, 3), rtol=0, atol=1e-5)
 
 
 def _bad_sinkhorn_calls():
