@@ -124,6 +124,7 @@ def similarity_topk(queries, keys, k: int, *, chunk: Optional[int] = None):
     """
     q, q_origin = to_tensor(queries, "queries")
     kt, _ = to_tensor(keys, "keys")
+    q, kt = q.detach(), kt.detach()  # a search, not differentiated (and numpy results need no grad)
     _check_features(q, "queries")
     _check_features(kt, "keys")
     if q.shape[1] != kt.shape[1]:

@@ -19,8 +19,8 @@ import torch
 from . import _backend
 from ._arrays import (check_finite, check_float, check_int_at_least, check_ndim, check_positive_scalar,
                       from_tensor, to_tensor)
-from ._sinkhorn_passes import (_CUDA_DTYPE_CODES, _FLOAT32_MAX_EXPONENT, _RESULTS, _CorePasses, _CudaPasses, _FeaturePasses, _TorchPasses,
-                               _compute_dtype, _global_batch, _swav_iterate)
+from ._sinkhorn_passes import (_CUDA_DTYPE_CODES, _FLOAT32_MAX_EXPONENT, _RESULTS, _CorePasses, _CudaPasses,
+                               _FeaturePasses, _TorchPasses, _compute_dtype, _global_batch, _swav_iterate)
 from .ot import ConvergenceWarning, sinkhorn_ot
 
 __all__ = ["sinkhorn", "sinkhorn_ot", "ConvergenceWarning"]
@@ -54,8 +54,9 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
         the prototype sums are all-reduced every iteration, as SwAV does.
     out : array (B, K), optional
         Where to write Q: the same array type, dtype and device as ``scores``, C-contiguous,
-        not overlapping ``scores``. A training loop that passes last step's buffer saves
-        allocating (and the kernel zeroing) a fresh B x K result every step.
+        sharing no memory with ``scores`` or ``prototypes`` (ValueError before any work). A
+        training loop that passes last step's buffer saves allocating (and the kernel
+        zeroing) a fresh B x K result every step.
     backend : {"cpu", "cuda", "torch"}, optional
         Force an implementation (default: the best available; see ``pym4._backend``).
 
@@ -66,7 +67,10 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
         global batch (exactly after the last column step, which the final row step follows).
 
     Computed in float32 (on the CPU, float64 for float64 input), in the log domain wherever
-    the kernel form could overflow, so epsilon down to 0.01 and float16 inputs stay finite. Raises ValueError on NaN/Inf scores.
+    the kernel form could overflow, so epsilon down to 0.01 and float16 inputs stay finite;
+    in float64 where max |scores| / epsilon exceeds 4096, beyond which float32 exponents lose
+    the answer (every backend but ``cuda``). Raises ValueError on NaN/Inf scores. Tensors
+    that require grad are read as their values (the codes are a target, not differentiated).
     """
     t, origin = to_tensor(scores, "scores")
     t = t.detach()  # the codes are a target, never differentiated (SwAV computes them under no_grad)

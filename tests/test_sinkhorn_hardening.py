@@ -279,3 +279,12 @@ def test_logit_scale_and_bias_as_numpy_scalars():
             torch.testing.assert_close(fn(x, y, scale, bias), want, rtol=0, atol=0)
     with pytest.raises(TypeError, match="logit_scale: expected a number"):
         pym4.clip_loss(x, y, np.bool_(True))
+
+
+def test_similarity_topk_with_requires_grad_keys_and_numpy_queries():
+    q = np.random.default_rng(8).random((5, 3)).astype("f4")
+    keys = torch.rand(7, 3, requires_grad=True)
+    values, indices = pym4.similarity_topk(q, keys, 2)
+    want = q.astype(np.float64) @ keys.detach().double().numpy().T
+    np.testing.assert_allclose(values, np.sort(want, 1)[:, ::-1][:, :2], rtol=1e-6)
+    assert isinstance(values, np.ndarray) and isinstance(indices, np.ndarray)
