@@ -195,10 +195,10 @@ def _check_sinkhorn(values, dtype, layout, as_torch, epsilon, n_iters, backend, 
     assert q.dtype == scores.dtype
     got = as_float64(q)
     assert np.isfinite(got).all()
-    exponent = float(np.abs(x).max()) / epsilon
-    if features is not None:  # pym4 rounds z @ c.T to float32 first: its error, divided by eps
-        exponent += float(np.abs(as_float64(scores)).max() * np.abs(features).max()) * x.shape[1] / epsilon
-    tol = tolerance(exponent, dtype)
+    tol = tolerance(float(np.abs(x).max()) / epsilon, dtype)
+    if features is not None:  # pym4 rounds z @ c.T to float32 first: that error, divided by eps
+        tol += 8 * _UNIT[dtype] * float(np.abs(as_float64(scores)).max() * np.abs(features).max()) * \
+            scores.shape[1] / epsilon
     np.testing.assert_allclose(got, ref_sinkhorn(x, epsilon, n_iters), rtol=0, atol=tol)
     np.testing.assert_allclose(got.sum(1), 1.0, rtol=0, atol=x.shape[1] * tol + 1e-6)
 
@@ -251,12 +251,15 @@ def test_sinkhorn_features_form_matches_reference(values, d, dtype, layout, as_t
 
 @settings(max_examples=25)
 @given(values=matrix_values(max_side=4, scales=(1.0, 30.0)), dtype=st.sampled_from([np.float32, np.float16]),
-       layout=st.sampled_from(["contiguous", "strided", "transposed"]), epsilon=st.sampled_from([0.05, 0.01]))
-def test_sinkhorn_triton_interpreter_matches_reference(values, dtype, layout, epsilon):
+       layout=st.sampled_from(["contiguous", "strided", "transposed"]), epsilon=st.sampled_from([0.05, 0.01]),
+       k=st.sampled_from([None, 1, 3]))
+def test_sinkhorn_triton_interpreter_matches_reference(values, dtype, layout, epsilon, k):
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("the CPU property; on a GPU the triton tests run natively")
-    _check_sinkhorn(values, dtype, layout, True, epsilon, 3, "triton")
+    # k: the features form with k prototypes (values are then the features z), or the scores.
+    protos = None if k is None else np.random.default_rng(k).uniform(-1, 1, (k, values.shape[1]))
+    _check_sinkhorn(values, dtype, layout, True, epsilon, 3, "triton", features=protos)
 
 
 @settings(max_examples=200)

@@ -288,3 +288,14 @@ def test_similarity_topk_with_requires_grad_keys_and_numpy_queries():
     want = q.astype(np.float64) @ keys.detach().double().numpy().T
     np.testing.assert_allclose(values, np.sort(want, 1)[:, ::-1][:, :2], rtol=1e-6)
     assert isinstance(values, np.ndarray) and isinstance(indices, np.ndarray)
+
+
+def test_siglip_float64_large_logits_exact_softplus():
+    # Logits beyond 20: softplus(x) = x + log1p(e^-x), not x (torch's threshold), in float64.
+    x = torch.tensor([[2.1], [1.0]], dtype=torch.float64)
+    y = torch.tensor([[1.0], [1.0]], dtype=torch.float64)
+    s = 10.0 * x @ y.T  # the negative pair (0, 1) has logit 21
+    labels = 2 * torch.eye(2, dtype=torch.float64) - 1
+    want = (torch.clamp(-labels * s, min=0) + torch.log1p(torch.exp(-s.abs()))).sum() / 2
+    got = pym4.siglip_loss(x, y, 10.0, None, backend="chunked")
+    assert abs(float(got) - float(want)) < 1e-14
