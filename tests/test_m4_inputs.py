@@ -173,3 +173,29 @@ def test_bias_of_an_empty_selection_is_refused_by_both():
     # A selection with weight keeps its values.
     w = np.r_[np.zeros(30), np.ones(30)]
     assert m4.representation_bias(s, w, 0.3) == pytest.approx(np.abs(s[30:].mean(0) - 0.3).max(), abs=1e-12)
+
+
+def test_passes_and_dataset_take_numpy_scalars(tmp_path):
+    """The data-side exact solver and fit_dataset: numpy scalars for tol and max_iter, huge
+    counts named (was: tol=np.float32 refused, max_iter=2**63 passed to the core)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from pym4.m4 import _passes as passes
+
+    s, y = _data(200)
+    d = passes.shard_data(s, y)
+    problem = (np.array([0.3, 0.3]), 0.6, 0.05, 0.05)
+    a = passes.solve(lambda: [d], problem, 2, 3, tol=np.float32(1e-6), max_iter=np.int64(50))
+    b = passes.solve(lambda: [d], problem, 2, 3, tol=float(np.float32(1e-6)), max_iter=50)
+    np.testing.assert_array_equal(a.w, b.w)
+    with pytest.raises(ValueError, match=r"^max_iter: must be an integer below 2\*\*62"):
+        passes.solve(lambda: [d], problem, 2, 3, max_iter=2 ** 63)
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"g0": s[:, 0], "g1": s[:, 1], "l0": y[:, 0]}), path)
+    kw = dict(sensitive=["g0", "g1"], labels=["l0"], target=0.3, budget=0.6, eps_rep=0.05, eps_assoc=0.05,
+              progress=False)
+    m1 = m4.fit_dataset(str(path), tol=np.float32(1e-6), max_passes=np.int32(20), **kw)
+    m2 = m4.fit_dataset(str(path), tol=float(np.float32(1e-6)), max_passes=20, **kw)
+    np.testing.assert_array_equal(m1.w, m2.w)
+    with pytest.raises(ValueError, match=r"^tol: must be a number in \(0, 1\)"):
+        m4.fit_dataset(str(path), tol=np.float32(2), **kw)

@@ -114,7 +114,7 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     if method not in (None, "exact", "stream"):
         raise ValueError(f"method: expected 'exact', 'stream' or None, got {method!r}")
     max_iter = _inputs.positive_int(max_iter, "max_iter")
-    tol = _inputs.scalar(tol, "tol", 0.0, float("inf"), lo_open=True)
+    tol = _inputs.positive_number(tol, "tol")
     gnames, lnames = _inputs.names(group_names, m, "group"), _inputs.names(label_names, lab.c, "label")
     p = m * (lab.c + 1)
     data = _inputs.data_tuple(s8, lab, u)

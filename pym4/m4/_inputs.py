@@ -286,6 +286,14 @@ def scalar(v: Any, name: str, lo: float, hi: float, lo_open: bool = False, hi_op
     return x
 
 
+def positive_number(v: Any, name: str) -> float:
+    """A finite float > 0 (a tolerance) from any number, numpy scalars included."""
+    x = _number(v, name)
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name}: must be a positive number, got {v!r}")
+    return x
+
+
 def positive_int(v: Any, name: str) -> int:
     """An int in [1, 2**62) from a Python or numpy integer (the core's counts are int64)."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
