@@ -342,7 +342,7 @@ def target(value: Any, m: int, s8: Optional[np.ndarray]) -> np.ndarray:
         except (TypeError, ValueError):
             raise TypeError(f"target: expected numbers, got {value!r}") from None
     elif isinstance(value, (int, float, np.generic, np.ndarray)):
-        if isinstance(value, np.ndarray) and value.dtype.kind not in "iuf":
+        if isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind not in "iuf":
             raise TypeError(f"target: expected numbers, got dtype {value.dtype}")
         pi = np.asarray(value, dtype=np.float64)
     else:
