@@ -82,6 +82,14 @@ def test_target_zero_dimensional(value):
     np.testing.assert_allclose(_q(s, y, **{**KW, "target": value}), want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("value", [np.complex128(0.3), np.True_, np.str_("0.3"), "0.3", np.array(["0.3"]),
+                                   torch.tensor(True)])
+def test_target_not_a_number(value):
+    s, y = _data()
+    with pytest.raises(TypeError, match=r"^target: expected"):
+        m4.balance(s, y, target=value)
+
+
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64, np.int8, np.int16, np.float16])
 def test_integer_utility(dtype):
     """Was: uint16/uint32 utility refused."""
