@@ -207,3 +207,14 @@ def test_passes_and_dataset_take_numpy_scalars(tmp_path):
     np.testing.assert_array_equal(m1.w, m2.w)
     with pytest.raises(ValueError, match=r"^tol: must be a number in \(0, 1\)"):
         m4.fit_dataset(str(path), tol=np.float32(2), **kw)
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "0", None, True])
+def test_seed_named(value):
+    """Was: numpy's "expected non-negative integer" (or a SeedSequence TypeError), unnamed."""
+    s, y = _data()
+    with pytest.raises(ValueError, match=r"^seed: must be an integer >= 0"):
+        m4.balance(s, y, method="stream", seed=value, **KW)
+    with pytest.raises(ValueError, match=r"^seed: must be an integer >= 0"):
+        m4.sample(np.full(5, 0.5), seed=value)
+    np.testing.assert_array_equal(m4.sample(np.full(50, 0.5), seed=np.int64(3)), m4.sample(np.full(50, 0.5), seed=3))

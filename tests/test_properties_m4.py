@@ -505,6 +505,7 @@ _BAD_SCALARS = {
     "batch_size": [0, -3, 2 ** 63, 2.0],
     "lr": [0.0, -1.0, float("nan"), "x"],
     "method": ["fast", 3],
+    "seed": [-1, 1.5, "x", None],
 }
 
 
@@ -575,10 +576,12 @@ def test_bad_scalars_are_named(sy, extra):
     arg = extra.draw(st.sampled_from(sorted(_BAD_SCALARS)))
     value = extra.draw(st.sampled_from(_BAD_SCALARS[arg]))
     base = dict(target=0.3)
-    stream = arg in ("batch_size", "lr")
+    stream = arg in ("batch_size", "lr", "seed")
     calls = [lambda: m4.balance(s, y, **{**base, "method": "stream" if stream else None, arg: value})]
     if arg in ("budget", "eps_rep", "eps_assoc", "batch_size", "lr"):
         calls.append(lambda: m4.M4Solver(0.3, **{arg: value}).partial_fit(s, y))
+    if arg == "seed":
+        calls.append(lambda: m4.sample(np.full(s.shape[0], 0.5), seed=value))
     if arg == "target":
         calls.append(lambda: m4.M4Solver(value).partial_fit(s, y))
         calls.append(lambda: m4.representation_bias(s, target=value))

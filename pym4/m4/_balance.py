@@ -114,6 +114,7 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     if method not in (None, "exact", "stream"):
         raise ValueError(f"method: expected 'exact', 'stream' or None, got {method!r}")
     max_iter = _inputs.positive_int(max_iter, "max_iter")
+    seed = _inputs.seed(seed)
     tol = _inputs.positive_number(tol, "tol")
     gnames, lnames = _inputs.names(group_names, m, "group"), _inputs.names(label_names, lab.c, "label")
     p = m * (lab.c + 1)
@@ -181,6 +182,7 @@ def sample(q, seed: int = 0):
 
     q : (N,) probabilities in [0, 1] (numpy array or tensor); returns a bool mask of the same type.
     """
+    seed = _inputs.seed(seed)
     t, origin = to_tensor(q, "q")
     if t.dim() != 1:
         raise ValueError(f"q: expected a 1-D array, got shape {tuple(t.shape)}")

@@ -303,6 +303,13 @@ def positive_int(v: Any, name: str) -> int:
     return int(v)
 
 
+def seed(v: Any) -> int:
+    """A random seed: a Python or numpy integer >= 0 (what numpy's generators take)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ValueError(f"seed: must be an integer >= 0, got {v!r}")
+    return int(v)
+
+
 def target_from_shares(shares: np.ndarray) -> np.ndarray:
     """The default target: every group at the mean of the observed group shares, (m,) float64."""
     shares = np.asarray(shares, dtype=np.float64)
