@@ -533,8 +533,8 @@ def test_bad_matrices_are_named(sy, which, arg, entry):
              "torch_solver": lambda: m4.M4Solver(0.3, backend="torch").partial_fit(s_in, y_in),
              "keep": lambda: m4.M4Solver(0.3).partial_fit(s, y).keep_probability(s_in, y_in),
              "model": lambda: _model(s.shape[1], y.shape[1]).keep_probability(s_in, y_in)}
-    if entry == "model" and isinstance(bad, torch.Tensor):
-        entry = "keep"  # M4Model is the torch-free data side: numpy and scipy input only
+    if entry == "model" and (isinstance(bad, (torch.Tensor, list))):
+        entry = "keep"  # M4Model is the torch-free data side: numpy array-likes (lists are arrays there)
     with pytest.raises((ValueError, TypeError)) as e:
         quiet(calls[entry])
     _named(e, arg)
