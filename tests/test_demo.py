@@ -55,6 +55,10 @@ def test_demo_tiny_end_to_end(tmp_path):
     # M4 balances the training data: RB to ~0, AB to within its tolerance (4 * eps_assoc for 2 groups)
     assert summary["data"]["unbalanced"]["rb"] > 0.1 and summary["data"]["balanced"]["rb"] < 0.02
     assert summary["data"]["balanced"]["ab"] < summary["data"]["unbalanced"]["ab"]
+    # The balanced model trains on the examples one draw with q keeps: about budget (0.3) * N.
+    kept = summary["details"]["balanced_set"]
+    assert abs(kept["examples"] - 0.3 * 1024) < 50 and kept["fraction"] == pytest.approx(kept["examples"] / 1024)
+    assert f"balanced training set: the {kept['examples']} examples" in printed
     # Each of the six findings is printed once, with the verdict summary.json records for it;
     # the first (M4 removes the data's bias) must hold, as the numbers above show.
     findings = summary["findings"]

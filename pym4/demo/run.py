@@ -6,8 +6,11 @@
    (the sensitive group) is over-represented and correlated with the shapes captions name;
 2. measure the data's representation and association bias (RB, AB);
 3. balance it with M4 (:func:`pym4.m4.balance`), then measure the balanced data's bias;
-4. train the same tiny CLIP (or SigLIP) twice with pym4's loss, on the unbalanced data and on
-   the M4-balanced data (``pym4.data.BalancedSampler``, the same number of steps);
+4. train the same tiny CLIP (or SigLIP) twice with pym4's loss, for the same number of steps:
+   on the unbalanced data, and on the M4-balanced data set, the examples kept by one draw
+   ``keep_i ~ Bernoulli(q_i)`` (about ``budget * N`` of them, as the paper subsamples its
+   data; :func:`balanced_subset`), reshuffled each pass (``pym4.data.BalancedSampler``). So
+   ``--budget`` sets how many distinct examples the balanced model sees;
 5. evaluate both on a held-out test set in which group and shape are independent: zero-shot
    top-1 with prompt ensembles, recall@{1,5,10}, the model's AB (difference between groups in
    how often images are matched to each shape) and RB (how often grey, group-less images are
@@ -34,7 +37,7 @@ import torch
 
 from .synthetic import CONCEPTS, GROUPS, make_biased_captions
 
-__all__ = ["PRESETS", "run_demo", "run_swav_demo"]
+__all__ = ["PRESETS", "balanced_subset", "run_demo", "run_swav_demo"]
 
 # Problem sizes (``--size``): "tiny" is for tests (seconds), "small" for a quick look,
 # "default" for `make demo`.
@@ -80,6 +83,22 @@ def _check_config(cfg: DemoConfig) -> None:
         raise ValueError(f"target: expected a number in (0, 1), got {cfg.target}")
     if not 0.0 <= cfg.noise <= 2.0:
         raise ValueError(f"noise: expected a number in [0, 2], got {cfg.noise}")
+
+
+def balanced_subset(q, seed: int = 0) -> np.ndarray:
+    """The balanced training set of the demo: the sorted indices kept by one draw
+    ``keep_i ~ Bernoulli(q_i)`` (:func:`pym4.m4.sample`), about ``sum q = budget * N`` of them.
+
+    The paper balances data by subsampling it with M4's keep probabilities and trains on
+    what is kept; drawing examples in proportion to q instead, N per epoch, would show the
+    balanced model as many distinct examples whatever the budget.
+    """
+    from .. import m4
+
+    kept = np.flatnonzero(m4.sample(np.asarray(q, dtype=np.float64), seed=seed))
+    if kept.size == 0:
+        raise ValueError("budget: the draw with M4's keep probabilities kept no example; raise the budget")
+    return kept
 
 
 def _prepare_out(out) -> str:
@@ -177,7 +196,8 @@ def run_demo(out, *, size: str = "default", loss: str = "clip", association: flo
     ``out/summary.json`` has the schema ``{"data": {"unbalanced": {"rb", "ab"}, "balanced":
     {"rb", "ab"}}, "model": {"unbalanced": {"rb", "ab", "zero_shot_top1", "i2t_recall@5",
     "t2i_recall@5"}, "balanced": {...}}}`` plus ``findings`` (each paper claim, whether it
-    holds here), ``details`` (more metrics, timings) and ``config``. Plots: ``data_bias.png``,
+    holds here), ``details`` (more metrics, timings, and ``balanced_set``: the number, fraction
+    and data RB/AB of the kept examples the balanced model trains on) and ``config``. Plots: ``data_bias.png``,
     ``model_bias.png``, ``zero_shot.png``, ``recall.png``, ``association.png``,
     ``group_accuracy.png``, ``training.png``, ``samples.png``.
     """
@@ -220,13 +240,24 @@ def run_demo(out, *, size: str = "default", loss: str = "clip", association: flo
 
     tcfg = ContrastiveConfig(epochs=p["epochs"], batch_size=p["batch_size"], seed=seed)
     steps = max(1, len(train) // min(tcfg.batch_size, len(train)))
+    kept = balanced_subset(q, seed=seed)
+    keep = np.zeros(len(train), dtype=np.float64)
+    keep[kept] = 1.0
+    subset = {"examples": int(kept.size), "fraction": kept.size / len(train),
+              "rb": float(m4.representation_bias(train.s, weights=keep, target=target)),
+              "ab": float(m4.association_bias(train.s, train.y, weights=keep))}
+    echo(f"balanced training set: the {kept.size} examples ({subset['fraction']:.1%}) kept by one draw with M4's "
+         f"keep probabilities (budget {budget}), data RB {subset['rb']:.3f}, AB {subset['ab']:.3f}; both models "
+         f"train {tcfg.epochs * steps} steps, so the balanced one sees each kept example "
+         f"~{tcfg.epochs * steps * min(tcfg.batch_size, len(train)) / kept.size:.1f} times")
     histories, evals, times = {}, {}, {}
     for name in ("unbalanced", "balanced"):
         torch.manual_seed(seed)
         model = TwoTower(ImageTower(64, 32, train.images.shape[-1]), TextTower(train.tokenizer.vocab_size, 64),
                          loss=loss)
-        # Same number of steps on both: the balanced run draws examples with probability ~ q.
-        sampler = None if name == "unbalanced" else BalancedSampler(q, mode="weighted", num_samples=len(train), seed=seed)
+        # Same number of steps on both; the balanced run passes over the kept examples,
+        # reshuffled each time (q is 0/1 here: every pass yields all of them).
+        sampler = None if name == "unbalanced" else BalancedSampler(keep, mode="bernoulli", seed=seed)
         t0 = time.perf_counter()
         with _one_thread():
             histories[name] = train_contrastive(model, train, ContrastiveConfig(**{**asdict(tcfg), "steps_per_epoch": steps}),
@@ -245,6 +276,7 @@ def run_demo(out, *, size: str = "default", loss: str = "clip", association: flo
                    "final_loss": histories[k]["loss"][-1], "logit_scale": histories[k]["logit_scale"][-1],
                    "train_seconds": times[k]} for k, e in evals.items()}
     details["m4"] = res.summary()
+    details["balanced_set"] = subset
     findings = _findings(data, model, details)
 
     rows = [("data RB", data["unbalanced"]["rb"], data["balanced"]["rb"]),

@@ -1,7 +1,6 @@
 """balance(): validate, solve (exact or one stream pass), report; and sample()."""
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -102,7 +101,7 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         raise ValueError("s: no examples")
     lab = _inputs.as_labels(y, n)
     u = _inputs.utility(utility, n)
-    t_in, origin = to_tensor(s, "s")
+    t_in, origin = to_tensor(_inputs.dense_input(s), "s")
     largest, searched = None, False
     if isinstance(budget, str) and budget == "max":
         from ._feasibility import largest_feasible_budget
@@ -115,8 +114,8 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     if method not in (None, "exact", "stream"):
         raise ValueError(f"method: expected 'exact', 'stream' or None, got {method!r}")
     max_iter = _inputs.positive_int(max_iter, "max_iter")
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol: must be a positive number, got {tol!r}")
+    seed = _inputs.seed(seed)
+    tol = _inputs.positive_number(tol, "tol")
     gnames, lnames = _inputs.names(group_names, m, "group"), _inputs.names(label_names, lab.c, "label")
     p = m * (lab.c + 1)
     data = _inputs.data_tuple(s8, lab, u)
@@ -183,6 +182,7 @@ def sample(q, seed: int = 0):
 
     q : (N,) probabilities in [0, 1] (numpy array or tensor); returns a bool mask of the same type.
     """
+    seed = _inputs.seed(seed)
     t, origin = to_tensor(q, "q")
     if t.dim() != 1:
         raise ValueError(f"q: expected a 1-D array, got shape {tuple(t.shape)}")

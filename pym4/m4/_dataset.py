@@ -51,7 +51,7 @@ def _check_args(budget, eps_rep, eps_assoc, tol, max_passes, max_patterns):
         eta = _inputs.scalar(budget, "budget", 0.0, 1.0, lo_open=True)
     er = _inputs.scalar(eps_rep, "eps_rep", 0.0, float("inf"))
     ea = _inputs.scalar(eps_assoc, "eps_assoc", 0.0, float("inf"))
-    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and 0 < tol < 1):
+    if isinstance(tol, bool) or not 0 < _inputs.positive_number(tol, "tol") < 1:
         raise ValueError(f"tol: must be a number in (0, 1), got {tol!r}")
     return eta, er, ea, float(tol), _inputs.positive_int(max_passes, "max_passes"), \
         _inputs.positive_int(max_patterns, "max_patterns")

@@ -12,13 +12,13 @@ import torch
 
 from .. import _backend
 from .._arrays import to_tensor
-from ._inputs import Labels
+from ._inputs import Labels, dense_input
 
 
 def as_rows(s, y, utility, device: torch.device):
     """(s, y, u) as float64 tensors on ``device``, shapes and values checked before any
     kernel reads raw pointers."""
-    st, _ = to_tensor(s, "s")
+    st, _ = to_tensor(dense_input(s), "s")
     s_t = (st[:, None] if st.dim() == 1 else st).to(device=device, dtype=torch.float64)
     if s_t.dim() != 2:
         raise ValueError(f"s: expected a 1-D or 2-D array (examples, columns), got shape {tuple(s_t.shape)}")
@@ -26,17 +26,15 @@ def as_rows(s, y, utility, device: torch.device):
     if y is None:
         y_t = torch.zeros((n, 0), dtype=torch.float64, device=device)
     else:
-        if isinstance(y, Labels):  # the torch path reads dense rows
-            y = y.to_dense()
-        elif hasattr(y, "indptr") and hasattr(y, "toarray"):  # scipy CSR
-            y = y.toarray()
+        # The torch path reads dense rows (sparse of any kind made dense, tensors detached).
+        y = y.to_dense() if isinstance(y, Labels) else dense_input(y)
         yt, _ = to_tensor(y, "y")
         y_t = (yt[:, None] if yt.dim() == 1 else yt).to(device=device, dtype=torch.float64)
     if y_t.dim() != 2 or y_t.shape[0] != n:
         raise ValueError(f"y: expected {n} rows (one per example), got shape {tuple(y_t.shape)}")
     u_t = None
     if utility is not None:
-        u_t = to_tensor(utility, "utility")[0].to(device=device, dtype=torch.float64)
+        u_t = to_tensor(dense_input(utility), "utility")[0].to(device=device, dtype=torch.float64)
         if u_t.dim() != 1 or u_t.shape[0] != n:
             raise ValueError(f"utility: expected shape ({n},), got {tuple(u_t.shape)}")
     for name, t in (("s", s_t), ("y", y_t)):
@@ -50,7 +48,8 @@ def as_rows(s, y, utility, device: torch.device):
 def _margins(s, y, pi, w):
     m, L = s.shape[1], y.shape[1] + 1
     d = s - pi
-    ytil = torch.cat([torch.ones_like(y[:, :1]), y], dim=1)
+    # [1; y_i] per row: the ones column built by shape, since y[:, :1] is empty when c = 0.
+    ytil = torch.cat([torch.ones((y.shape[0], 1), dtype=y.dtype, device=y.device), y], dim=1)
     return ((ytil @ w.view(m, L).T) * d).sum(dim=1), d, ytil
 
 

@@ -14,6 +14,35 @@ import numpy as np
 # Dense label rows are read as bytes; beyond this many labels, index lists are cheaper.
 _SPARSE_FROM = 128
 
+# The largest count (max_iter, batch_size) taken: the core's int64 arithmetic (n + B - 1,
+# iteration counters) stays clear of overflow below it.
+_MAX_COUNT = 2 ** 62
+
+
+def is_scipy_sparse(x: Any) -> bool:
+    # By module, so that scipy is never imported here: every scipy.sparse matrix and array
+    # (CSR, CSC, COO, LIL, DOK, BSR, DIA) has tocsr().
+    return type(x).__module__.startswith("scipy.sparse") and hasattr(x, "tocsr")
+
+
+def _is_torch_sparse(x: Any) -> bool:
+    import sys
+    torch = sys.modules.get("torch")  # a torch tensor can only exist once torch is imported
+    return torch is not None and isinstance(x, torch.Tensor) and x.layout != torch.strided
+
+
+def dense_input(x: Any) -> Any:
+    """``x`` with a sparse matrix (scipy, any format, or a torch sparse tensor) made dense and a
+    torch tensor detached from autograd; anything else as it is. For inputs with few columns
+    (groups) and for the torch path, which reads dense rows."""
+    if is_scipy_sparse(x):
+        return x.toarray()
+    if _is_torch_sparse(x):
+        return x.detach().to_dense()
+    if hasattr(x, "detach") and hasattr(x, "requires_grad"):
+        return x.detach()
+    return x
+
 
 @dataclass
 class Labels:
@@ -54,7 +83,9 @@ class Labels:
 
 
 def binary_matrix(x: Any, name: str, n: Optional[int] = None) -> np.ndarray:
-    """A (n, k) uint8 0/1 array from a bool/int/float array or tensor; checks values."""
+    """A (n, k) uint8 0/1 array from a bool/int/float array or tensor (dense, or sparse:
+    scipy or torch, made dense); checks values."""
+    x = dense_input(x)
     if isinstance(x, np.ndarray) and x.dtype in (np.uint8, np.bool_) and x.ndim == 2 and \
             (n is None or x.shape[0] == n):
         # The common case (bytes already): one max() instead of elementwise comparisons.
@@ -88,8 +119,72 @@ def binary_matrix(x: Any, name: str, n: Optional[int] = None) -> np.ndarray:
     return np.ascontiguousarray(t.numpy().astype(np.uint8))
 
 
+def _csr_labels(indptr: np.ndarray, indices: np.ndarray, c: int) -> Labels:
+    """Labels from checked CSR index lists, in the form a dense input of c labels gets: index
+    lists from _SPARSE_FROM labels on, bytes below (so q does not depend on the input's form)."""
+    lab = Labels(c, indptr=np.ascontiguousarray(indptr, dtype=np.int64),
+                 indices=np.ascontiguousarray(indices, dtype=np.int32))
+    return lab if c >= _SPARSE_FROM else Labels(c, dense=lab.to_dense())
+
+
+def _scipy_labels(y: Any, n: int) -> Labels:
+    """Labels from a scipy.sparse matrix or array of any format (converted to CSR)."""
+    if len(y.shape) != 2:
+        raise ValueError(f"y: expected a 2-D sparse matrix (examples, labels), got shape {tuple(y.shape)}")
+    if getattr(y, "format", "csr") != "csr":
+        y = y.tocsr()
+    if y.shape[0] != n:
+        raise ValueError(f"y: expected {n} rows (one per example), got {y.shape[0]}")
+    # scipy does not check a CSR built from raw arrays; the core indexes with these directly.
+    indptr = np.asarray(y.indptr, dtype=np.int64)
+    if indptr.shape != (n + 1,) or indptr[0] != 0 or indptr[-1] > len(y.indices) or np.any(np.diff(indptr) < 0):
+        raise ValueError("y: sparse labels have an inconsistent indptr")
+    indices = np.asarray(y.indices)[:indptr[-1]]
+    if indices.size and (indices.min() < 0 or indices.max() >= y.shape[1]):
+        raise ValueError(f"y: sparse label indices must be in [0, {y.shape[1]}), got "
+                         f"{int(indices.min())}..{int(indices.max())}")
+    y = y.copy()
+    y.sum_duplicates()
+    data = np.asarray(y.data)
+    if data.dtype.kind not in "biuf":
+        raise TypeError(f"y: expected 0/1 numbers or booleans, got sparse values of dtype {data.dtype}")
+    if data.size and not np.all((data == 1) | (data == 0)):
+        bad = data[~((data == 1) | (data == 0))][0]
+        raise ValueError(f"y: sparse labels must have stored values 1 (binary), got {bad.item()!r}")
+    if data.size and not np.all(data == 1):
+        y.eliminate_zeros()  # a stored 0 is a 0
+    return _csr_labels(y.indptr, y.indices, int(y.shape[1]))
+
+
+def _torch_sparse_labels(y: Any, n: int) -> Labels:
+    """Labels from a torch sparse tensor (COO, CSR, CSC, BSR, BSC), read on the host."""
+    t = y.detach().cpu()
+    if t.dim() != 2:
+        raise ValueError(f"y: expected a 2-D sparse tensor (examples, labels), got shape {tuple(t.shape)}")
+    if t.shape[0] != n:
+        raise ValueError(f"y: expected {n} rows (one per example), got {t.shape[0]}")
+    if t.dense_dim():
+        raise ValueError(f"y: expected a sparse tensor with scalar values, got {t.dense_dim()} dense dimensions")
+    t = t.to_sparse().coalesce()  # COO, duplicates summed, indices sorted by (row, column)
+    rows, cols = t.indices().numpy()
+    values = t.values()
+    if values.is_complex():
+        raise TypeError(f"y: expected 0/1 numbers or booleans, got {values.dtype}")
+    vals = values.double().numpy()
+    binary = (vals == 0) | (vals == 1)
+    if not np.all(binary):
+        j = int(np.flatnonzero(~binary)[0])
+        raise ValueError(f"y: values must be 0 or 1 (binary), got {vals[j].item()!r} in column {int(cols[j])} "
+                         f"(row {int(rows[j])})")
+    keep = vals == 1
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows[keep], minlength=n), out=indptr[1:])
+    return _csr_labels(indptr, cols[keep], int(t.shape[1]))
+
+
 def as_labels(y: Any, n: int) -> Labels:
-    """Labels from None, a 0/1 array or tensor (n, c), a scipy.sparse CSR matrix or Labels."""
+    """Labels from None, a 0/1 array or tensor (n, c), a sparse matrix (scipy, any format;
+    a torch sparse tensor) or Labels."""
     if y is None:
         return Labels.none(n)
     if isinstance(y, Labels):  # already checked (balance hands its own to the solver)
@@ -97,26 +192,10 @@ def as_labels(y: Any, n: int) -> Labels:
         if rows != n:
             raise ValueError(f"y: expected {n} rows (one per example), got {rows}")
         return y
-    if hasattr(y, "indptr") and hasattr(y, "indices") and hasattr(y, "shape"):  # scipy.sparse CSR
-        if getattr(y, "format", "csr") != "csr":
-            y = y.tocsr()
-        if y.shape[0] != n:
-            raise ValueError(f"y: expected {n} rows (one per example), got {y.shape[0]}")
-        # scipy does not check a CSR built from raw arrays; the core indexes with these directly.
-        indptr = np.asarray(y.indptr, dtype=np.int64)
-        if indptr.shape != (n + 1,) or indptr[0] != 0 or indptr[-1] > len(y.indices) or np.any(np.diff(indptr) < 0):
-            raise ValueError("y: sparse labels have an inconsistent indptr")
-        indices = np.asarray(y.indices)[:indptr[-1]]
-        if indices.size and (indices.min() < 0 or indices.max() >= y.shape[1]):
-            raise ValueError(f"y: sparse label indices must be in [0, {y.shape[1]}), got "
-                             f"{int(indices.min())}..{int(indices.max())}")
-        y = y.copy()
-        y.sum_duplicates()
-        data = np.asarray(y.data)
-        if data.size and not np.all(data == 1):
-            raise ValueError("y: sparse labels must have stored values 1 (binary)")
-        return Labels(int(y.shape[1]), indptr=np.asarray(y.indptr, dtype=np.int64),
-                      indices=np.asarray(y.indices, dtype=np.int32))
+    if is_scipy_sparse(y) or (hasattr(y, "indptr") and hasattr(y, "indices") and hasattr(y, "shape")):
+        return _scipy_labels(y, n)
+    if _is_torch_sparse(y):
+        return _torch_sparse_labels(y, n)
     dense = binary_matrix(y, "y", n)
     lab = Labels(dense.shape[1], dense=dense)
     if lab.c >= _SPARSE_FROM:
@@ -128,15 +207,28 @@ def as_labels(y: Any, n: int) -> Labels:
 
 
 def _float_vector(x: Any, n: int, name: str, numeric_only: bool) -> np.ndarray:
-    import torch
+    """(n,) float64 copy of a numeric array or tensor of any integer, float or bool dtype."""
+    if isinstance(x, np.ndarray):  # numpy directly: every integer width (uint16, uint32, ...) converts
+        if x.dtype.kind not in "biuf":
+            raise TypeError(f"{name}: expected a numeric array, got dtype {x.dtype}")
+        arr = x
+    else:
+        import torch
 
-    from .._arrays import to_tensor
-    t, _ = to_tensor(x, name)
-    if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"{name}: expected shape ({n},), got {tuple(t.shape)}")
-    if numeric_only and (t.dtype == torch.bool or t.is_complex()):
-        raise TypeError(f"{name}: expected a numeric array, got {t.dtype}")
-    return np.ascontiguousarray(t.detach().cpu().numpy().astype(np.float64))
+        from .._arrays import to_tensor
+        t, _ = to_tensor(x, name)
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        if t.is_complex():
+            raise TypeError(f"{name}: expected a numeric array, got {t.dtype}")
+        t = t.detach().cpu()
+        # numpy reads every dtype torch can hand over except the ones it lacks (bfloat16).
+        arr = t.numpy() if t.dtype not in (torch.bfloat16,) else t.double().numpy()
+    if arr.ndim != 1 or arr.shape[0] != n:
+        raise ValueError(f"{name}: expected shape ({n},), got {tuple(arr.shape)}")
+    if numeric_only and arr.dtype == np.bool_:
+        raise TypeError(f"{name}: expected a numeric array, got {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float64)
 
 
 def utility(u: Any, n: int) -> Optional[np.ndarray]:
@@ -159,11 +251,34 @@ def weights(w: Any, n: int) -> Optional[np.ndarray]:
     return arr
 
 
-def scalar(v: Any, name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
+def selection_weights(w: Any, n: int) -> Optional[np.ndarray]:
+    """:func:`weights` of a selection whose bias is measured: at least one example and a
+    positive total weight (a bias of nothing is undefined: 0/0)."""
+    if n == 0:
+        raise ValueError("s: no examples; the bias of an empty selection is undefined")
+    arr = weights(w, n)
+    if arr is not None and not arr.sum() > 0:
+        raise ValueError("weights: every weight is 0; the bias of an empty selection is undefined")
+    return arr
+
+
+def _number(v: Any, name: str) -> float:
+    """A Python float from a number: int, float, numpy scalar, or a one-value (0-d) numpy
+    array or tensor (detached); TypeError naming ``name`` for anything else (a string too)."""
+    if isinstance(v, (str, bytes)) or (np.ndim(v) if isinstance(v, (np.ndarray, np.generic)) else 0) != 0:
+        raise TypeError(f"{name}: expected a number, got {v!r}")
+    if hasattr(v, "detach") and hasattr(v, "numel"):  # a torch tensor: one value
+        if v.numel() != 1 or v.dim() != 0:
+            raise TypeError(f"{name}: expected a number, got a tensor of shape {tuple(v.shape)}")
+        v = v.detach().cpu().item()
     try:
-        x = float(v)
-    except (TypeError, ValueError):
+        return float(v)
+    except (TypeError, ValueError, OverflowError):
         raise TypeError(f"{name}: expected a number, got {v!r}") from None
+
+
+def scalar(v: Any, name: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
+    x = _number(v, name)
     ok = math.isfinite(x) and (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
     if not ok:
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
@@ -171,9 +286,27 @@ def scalar(v: Any, name: str, lo: float, hi: float, lo_open: bool = False, hi_op
     return x
 
 
+def positive_number(v: Any, name: str) -> float:
+    """A finite float > 0 (a tolerance) from any number, numpy scalars included."""
+    x = _number(v, name)
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name}: must be a positive number, got {v!r}")
+    return x
+
+
 def positive_int(v: Any, name: str) -> int:
+    """An int in [1, 2**62) from a Python or numpy integer (the core's counts are int64)."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         raise ValueError(f"{name}: must be an integer >= 1, got {v!r}")
+    if v >= _MAX_COUNT:
+        raise ValueError(f"{name}: must be an integer below 2**62, got {v!r}")
+    return int(v)
+
+
+def seed(v: Any) -> int:
+    """A random seed: a Python or numpy integer >= 0 (what numpy's generators take)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ValueError(f"seed: must be an integer >= 0, got {v!r}")
     return int(v)
 
 
@@ -189,29 +322,49 @@ def default_target(s) -> np.ndarray:
     s8 = binary_matrix(s, "s")
     if s8.shape[0] == 0:
         raise ValueError("s: no examples")
-    return target_from_shares(s8.mean(axis=0, dtype=np.float64))
+    shares = s8.mean(axis=0, dtype=np.float64)
+    pi = target_from_shares(shares)
+    if not 0.0 < pi[0] < 1.0:
+        # Only when every group is empty, or every group holds every example: name the data,
+        # not a target the caller never gave.
+        what = "no example is in any group (every column of s is 0)" if pi[0] <= 0.0 else \
+            "every example is in every group (every column of s is 1)"
+        raise ValueError(f"s: {what}, so there is no default target (the mean group share is {pi[0]:g}); "
+                         f"pass target= proportions in (0, 1), or check the group columns")
+    return pi
 
 
 def target(value: Any, m: int, s8: Optional[np.ndarray]) -> np.ndarray:
-    """(m,) proportions in (0, 1) from a scalar, a sequence or None (the default of s8)."""
+    """(m,) proportions in (0, 1) from a scalar (a number, a numpy scalar, a 0-d array or
+    tensor), a sequence or 1-D array of m, or None (the default of s8)."""
     if value is None:
         if s8 is None:
             raise ValueError("target: required (a scalar or one proportion per group)")
         return default_target(s8)
-    if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
-        pi = np.full(m, float(value))
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        raise TypeError(f"target: expected a number or {m} numbers, got {value!r}")
+    if isinstance(value, (list, tuple)):
+        try:
+            pi = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"target: expected numbers, got {value!r}") from None
+    elif isinstance(value, (int, float, np.generic, np.ndarray)):
+        if isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind not in "iuf":
+            raise TypeError(f"target: expected numbers, got dtype {value.dtype}")
+        pi = np.asarray(value, dtype=np.float64)
     else:
-        if isinstance(value, (list, tuple, np.ndarray)):
-            try:
-                pi = np.asarray(value, dtype=np.float64).reshape(-1)
-            except (TypeError, ValueError):
-                raise TypeError(f"target: expected numbers, got {value!r}") from None
-        else:
-            from .._arrays import to_tensor
-            t, _ = to_tensor(value, "target")
-            pi = np.asarray(t.detach().cpu().numpy(), dtype=np.float64).reshape(-1)
-        if pi.shape[0] != m:
-            raise ValueError(f"target: expected a scalar or {m} proportions (one per group), got {pi.shape[0]}")
+        import torch
+
+        from .._arrays import to_tensor
+        t, _ = to_tensor(value, "target")
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"target: expected numbers, got {t.dtype}")
+        pi = np.asarray(t.detach().cpu().double().numpy())
+    if pi.ndim == 0:  # a scalar (0-d array or tensor too): every group at that proportion
+        pi = np.full(m, float(pi))
+    pi = pi.reshape(-1)
+    if pi.shape[0] != m:
+        raise ValueError(f"target: expected a scalar or {m} proportions (one per group), got {pi.shape[0]}")
     if not np.all(np.isfinite(pi)) or np.any(pi <= 0) or np.any(pi >= 1):
         raise ValueError(f"target: proportions must be in (0, 1), got {pi.tolist()}")
     return pi

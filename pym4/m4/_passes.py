@@ -22,13 +22,13 @@ metadata import numpy and the core.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Tuple
 
 import numpy as np
 
 from .. import _backend
+from . import _inputs
 
 __all__ = ["Shard", "PassesResult", "shard_data", "solve", "run", "merge", "pattern_table", "merge_tables", "STATUS"]
 
@@ -150,10 +150,8 @@ def solve(shards: Callable[[], Iterable[Any]], problem: tuple, m: int, c: int, *
         rows = sum(_as_shard(x).rows for x in shards())
     if rows < 1:
         raise ValueError("shards: no rows in any shard")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise ValueError(f"max_iter: must be an integer >= 1, got {max_iter!r}")
-    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol: must be a positive number, got {tol!r}")
+    max_iter = _inputs.positive_int(max_iter, "max_iter")
+    tol = _inputs.positive_number(tol, "tol")
     w0 = None if w0 is None else np.ascontiguousarray(w0, dtype=np.float64)
 
     def stats_of(state):

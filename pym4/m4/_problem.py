@@ -145,9 +145,11 @@ def representation_bias(s, weights=None, target=None) -> float:
 
     s : (N, m) 0/1 sensitive groups; weights : (N,) non-negative (default uniform);
     target : scalar or (m,) proportions (default: the mean of the unweighted group shares).
+    Like :func:`association_bias`, refuses an empty selection (N = 0, or every weight 0),
+    where the bias is undefined, with a ValueError.
     """
     s8 = _inputs.binary_matrix(s, "s")
-    q = _inputs.weights(weights, s8.shape[0])
+    q = _inputs.selection_weights(weights, s8.shape[0])
     pi = _inputs.target(target, s8.shape[1], s8)
     return representation_bias_from_counts(counts(s8, _inputs.Labels.none(s8.shape[0]), q), s8.shape[1], pi)
 
@@ -156,11 +158,13 @@ def association_bias(s, y, weights=None) -> float:
     """Association bias ``AB = max_{k,r} |P_q(y_r | s_k = 1) - P_q(y_r | s_k = 0)|``.
 
     s : (N, m) 0/1; y : (N, c) 0/1 (or scipy CSR); weights : (N,) non-negative (default uniform).
-    Groups that contain every example or none are skipped (the difference is undefined).
+    Groups that contain every example or none are skipped (the difference is undefined);
+    0 when no group is left. An empty selection (N = 0, or every weight 0) is refused with a
+    ValueError, as by :func:`representation_bias`.
     """
     s8 = _inputs.binary_matrix(s, "s")
     lab = _inputs.as_labels(y, s8.shape[0])
-    q = _inputs.weights(weights, s8.shape[0])
+    q = _inputs.selection_weights(weights, s8.shape[0])
     return association_bias_from_counts(counts(s8, lab, q), s8.shape[1], lab.c)
 
 

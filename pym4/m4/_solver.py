@@ -269,7 +269,7 @@ class M4Solver:
         function of the state and the example, (n,) float64 in the caller's array type."""
         self._check_fitted()
         name = self._backend_for("m4_keep_probability", s)
-        t, origin = to_tensor(s, "s")
+        t, origin = to_tensor(_inputs.dense_input(s), "s")
         if name != "cpu":
             st, yt, ut = _device.as_rows(s, y, utility, t.device)
             self._init(st.shape[1], yt.shape[1])

@@ -24,6 +24,7 @@ import numpy as np
 from .. import _backend
 from .._io import atomic_output
 from ._columns import ColumnSpec, ResolvedSpec, binary_matrix
+from ._inputs import is_scipy_sparse
 
 __all__ = ["M4Model"]
 
@@ -154,8 +155,8 @@ class M4Model:
             if self.c:
                 raise ValueError(f"y: this model has {self.c} labels; pass them")
             data_y = (np.zeros((n, 0), np.uint8), None, None)
-        elif hasattr(y, "indptr") and hasattr(y, "indices") and hasattr(y, "shape"):
-            y = y.tocsr()
+        elif is_scipy_sparse(y) or (hasattr(y, "indptr") and hasattr(y, "indices") and hasattr(y, "shape")):
+            y = y.tocsr()  # any scipy format (COO, LIL, DOK, ...) as CSR
             if y.shape != (n, self.c):
                 raise ValueError(f"y: expected shape ({n}, {self.c}), got {tuple(y.shape)}")
             y = y.copy()
