@@ -498,6 +498,13 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("m"), py::arg("c"), py::arg("hessian") = "auto",
         "(mode, bytes): the mode 'auto' (or the named one) runs in and the bytes of its arrays.");
+  m.def("m4_exact_check_memory",
+        [](int64_t m_, int64_t c, const std::string& hessian, int64_t max_bytes) {
+          PYM4_CHECK_VALUE(m_ >= 1 && c >= 0, "m, c: need at least one group and c >= 0 labels");
+          pym4::m4::exact_check_memory(m4_exact_config(1, 1.0, 1.0, 0, hessian, max_bytes), m_, c);
+        },
+        py::arg("m"), py::arg("c"), py::arg("hessian") = "auto", py::arg("max_bytes") = int64_t(1) << 32,
+        "A ValueError giving the bytes needed when the solver's arrays would pass max_bytes.");
   m.def("m4_exact_init",
         [](py::tuple problem, int64_t m_, int64_t c, int64_t rows, int64_t max_iter, double tol, double rho,
            py::object w0, int64_t sample_rows, const std::string& hessian, int64_t max_bytes) {

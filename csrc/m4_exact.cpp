@@ -107,7 +107,9 @@ struct Layout {
     Coef cf;
     cf.delta.assign(nC * m, 0.0);
     cf.alpha.assign(nC * m, 0.0);
-    cf.beta.assign(nH * m * m, 0.0);
+    // The Hessian blocks' coefficients (nH m^2 of them: millions at m = 60) only for the dense step.
+    const bool blocks = !free;
+    cf.beta.assign(blocks ? nH * m * m : 0, 0.0);
     cf.gamma.assign(nH * m, 0.0);
     cf.eps.assign(nH, 0.0);
     if (by_pattern) {
@@ -118,7 +120,7 @@ struct Layout {
           cf.alpha[sg * m + k] = dk;
           cf.delta[sg * m + k] = dk * dk;
           cf.gamma[sg * m + k] = dk;
-          for (int64_t l = 0; l < m; ++l)
+          for (int64_t l = 0; l < m && blocks; ++l)
             cf.beta[(sg * m + k) * m + l] = dk * (static_cast<double>((sg >> l) & 1) - pi[l]);
         }
       }
@@ -132,7 +134,7 @@ struct Layout {
       cf.delta[(1 + k) * m + k] = 1.0 - 2.0 * pi[k];
       cf.gamma[k] = -pi[k];
       cf.gamma[pair(k, k) * m + k] = 1.0;
-      for (int64_t l = 0; l < m; ++l) {  // d_k d_l = s_k s_l - pi_l s_k - pi_k s_l + pi_k pi_l
+      for (int64_t l = 0; l < m && blocks; ++l) {  // d_k d_l = s_k s_l - pi_l s_k - pi_k s_l + pi_k pi_l
         cf.beta[(0 * m + k) * m + l] += pi[k] * pi[l];
         cf.beta[(pair(std::min(k, l), std::max(k, l)) * m + k) * m + l] += 1.0;
         cf.beta[(pair(k, k) * m + k) * m + l] -= pi[l];
