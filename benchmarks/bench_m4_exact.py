@@ -1,15 +1,16 @@
 """The exact M4 solver's memory and time cliffs (issue 11, item 10), before/after.
 
-Each case runs in a fresh child process, so that its peak resident memory (ru_maxrss) is its
-own; the child reports the wall time of the core's in-memory exact solve (``m4_solve_exact``),
-its status and passes, the largest constraint violation recomputed from q (budget included),
-and the memory the solve added on top of its input (peak RSS minus the RSS just before it).
+Each case runs in a fresh child process; the child reports the wall time of the core's
+in-memory exact solve (``m4_solve_exact``), its status and passes, the largest constraint
+violation recomputed from q (budget included), and the memory the solve added on top of its
+input (the peak RSS, VmHWM, reset just before the solve, minus the RSS then).
 With ``--old-core PATH`` (a ``_core*.so`` built from an earlier commit, e.g. 973a38d) every
 case also runs on that core, and RATIO lines compare the two on the same machine.
 
 Cases:
-- ``wide``: m = 2 groups, c = 5000 labels (about 5 % set, tied to the groups), N = 20,000
-  (p = 10,002: the dense Hessian is 4 blocks of 5001^2 doubles and a p x p model);
+- ``wide``: m = 2 groups, c = 5000 labels (about 5 % set, tied to the groups), N = 20,000,
+  target the group frequencies, eps_assoc 0.1 (feasible; p = 10,002: the dense Hessian is
+  4 blocks of 5001^2 doubles and a p x p model);
 - ``groups``: m = 60 groups, c = 200 labels, N = 200 (p = 12,060, 1831 pair blocks);
 - ``tiny-budget``: m = 2, c = 8, N = 20,000 at budget 1e-6;
 - ``n1e7``: N = 1e7, m = 2, c = 32, the data of bench_m4.py (issue 9's 2 s target for
@@ -52,14 +53,13 @@ def make_case(name):
         e = min(n, b + 1000)
         logit = np.log(dens / (1 - dens)) + s[b:e] @ coef
         y[b:e] = rng.random((e - b, c)) < 1 / (1 + np.exp(-logit))
-    target = np.full(m, 0.4) if name != "groups" else s.mean(0).clip(0.01, 0.99)
-    return s, y, target, eta, 0.01, 0.02
+    target = np.full(m, 0.4) if name == "tiny-budget" else s.mean(0).clip(0.01, 0.99)
+    return s, y, target, eta, 0.01, 0.1 if name == "wide" else 0.02
 
 
 def child(name, core_path):
     """Runs one case in this process and prints its JSON row."""
     import importlib.util
-    import resource
     import time
 
     import numpy as np
@@ -74,13 +74,18 @@ def child(name, core_path):
     n, m = s.shape
     c = y.shape[1]
     w, q = np.zeros(m * (c + 1)), np.empty(n)
-    page = os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/self/statm") as f:
-        rss_before = int(f.read().split()[1]) * page
+    def proc_status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    # The peak (VmHWM) reset to the current RSS, so that the data generator's temporaries
+    # do not count: the solve's own peak.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    rss_before = proc_status("VmRSS:")
     t0 = time.perf_counter()
     info = core.m4_solve_exact((s, y, None, None, c, None), (pi, eta, er, ea), 100, 1e-10, 1e6, w, q)
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = proc_status("VmHWM:")
     # Constraints from q (float64, independent of the solver): the budget and every bias entry.
     yt = np.concatenate([np.ones((n, 1)), y.astype(np.float64)], axis=1)
     d = s.astype(np.float64) - pi

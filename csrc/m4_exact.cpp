@@ -51,7 +51,8 @@ enum Slot : int64_t {
   // conjugate-gradient iteration kCgIter on the Newton system (kCgRz = r^T z, kCgR0 = |r_0|,
   // kCgForce: stop at |r| <= kCgForce |r_0|); kCgRef = |r_0| of the first system of the phase,
   // kDamp the damping added to the Hessian, kFullNext: the line search after it tries t = 1 only.
-  kFree, kProduct, kProductPasses, kCgIter, kCgRz, kCgR0, kCgForce, kCgRef, kDamp, kFullNext,
+  // kDampMul scales the damping (Levenberg-Marquardt): up when the step's line search fails.
+  kFree, kProduct, kProductPasses, kCgIter, kCgRz, kCgR0, kCgForce, kCgRef, kDamp, kFullNext, kDampMul,
   kSteps,                  // kCandidates step lengths
   kHeader = kSteps + kCandidates
 };
@@ -361,7 +362,7 @@ PYM4_SIMD_CLONES void product_range(const Data& d, const int64_t* count, const P
 // Coordinate descent on min_x 1/2 (x - w)^T K (x - w) - g^T (x - w) + sum_j lam_j |x_j|,
 // |x_j| <= rho (K symmetric positive definite, row-major); returns d = x - w.
 void prox_newton_direction(int64_t p, const std::vector<double>& K, const std::vector<double>& g, const double* w,
-                           const std::vector<double>& lam, double rho, double* d) {
+                           const std::vector<double>& lam, double rho, double scale, double* d) {
   std::vector<double> x(w, w + p), Kd(p, 0.0);
   for (int sweep = 0; sweep < 500; ++sweep) {
     double max_change = 0.0, max_x = 0.0;
@@ -379,7 +380,7 @@ void prox_newton_direction(int64_t p, const std::vector<double>& K, const std::v
       }
       max_x = std::max(max_x, std::abs(x[j]));
     }
-    if (max_change <= 1e-15 * (1.0 + max_x)) break;
+    if (max_change <= 1e-15 * (scale + max_x)) break;  // scale: of the duals, the budget
   }
   for (int64_t j = 0; j < p; ++j) d[j] = x[j] - w[j];
 }
@@ -426,7 +427,7 @@ double newton_direction(const Layout& Ly, const Problem& prob, const double* hes
     for (int64_t b = 0; b < p; ++b) row[b] -= kwm[a] * kwm[b] / kmm;
     row[a] += damping;
   }
-  prox_newton_direction(p, Kr, gr, w, lam, rho, dw);
+  prox_newton_direction(p, Kr, gr, w, lam, rho, std::min(1.0, prob.eta), dw);
   double kd = 0.0;
   for (int64_t j = 0; j < p; ++j) kd += kwm[j] * dw[j];
   dmu = (g_mu - kd) / kmm;
@@ -467,22 +468,11 @@ bool is_free(const double* w, const double* pg, int64_t j) { return w[j] != 0.0 
 
 // Sets up the system at the accepted point (g, g_mu its gradient) and requests the first
 // product pass; false when the pseudo-gradient is 0 (nothing to solve).
-bool cg_start(const Layout& Ly, double* S, const std::vector<double>& g, double g_mu, const std::vector<double>& lam,
-              bool full_next) {
+// CG from x = 0 on the system of the stored pseudo-gradient, damping kDamp kDampMul.
+bool cg_reset(const Layout& Ly, double* S, bool full_next) {
   const int64_t p = Ly.p;
-  const double* w = S + Ly.w();
   double *x = S + Ly.cg(0), *r = S + Ly.cg(1), *dir = S + Ly.cg(2), *diag = S + Ly.cg(3), *pg = S + Ly.cg(4);
-  double max_diag = 0.0;
-  for (int64_t j = 0; j < p; ++j) {
-    double v;
-    if (w[j] > 0.0) v = g[j] - lam[j];
-    else if (w[j] < 0.0) v = g[j] + lam[j];
-    else v = g[j] > lam[j] ? g[j] - lam[j] : (g[j] < -lam[j] ? g[j] + lam[j] : 0.0);
-    pg[j] = v;
-    max_diag = std::max(max_diag, diag[j]);
-  }
-  pg[p] = g_mu;
-  const double damp = 1e-10 * std::max(max_diag, 1e-6) + 1e-14;  // as the dense step's
+  const double damp = S[kDamp] * std::max(1.0, S[kDampMul]);
   double rz = 0.0, rr = 0.0;
   for (int64_t j = 0; j <= p; ++j) {
     x[j] = 0.0;
@@ -494,7 +484,6 @@ bool cg_start(const Layout& Ly, double* S, const std::vector<double>& g, double 
   if (!(rr > 0.0)) return false;
   const double r0 = std::sqrt(rr);
   if (S[kCgRef] == 0.0) S[kCgRef] = r0;
-  S[kDamp] = damp;
   S[kCgR0] = r0;
   S[kCgRz] = rz;
   S[kCgIter] = 0.0;
@@ -507,6 +496,26 @@ bool cg_start(const Layout& Ly, double* S, const std::vector<double>& g, double 
   S[kHessAt] = -1;
   S[kEvaluate] = 0.0;
   return true;
+}
+
+bool cg_start(const Layout& Ly, double* S, const std::vector<double>& g, double g_mu, const std::vector<double>& lam,
+              bool full_next) {
+  const int64_t p = Ly.p;
+  const double* w = S + Ly.w();
+  const double* diag = S + Ly.cg(3);
+  double* pg = S + Ly.cg(4);
+  double max_diag = 0.0;
+  for (int64_t j = 0; j < p; ++j) {
+    double v;
+    if (w[j] > 0.0) v = g[j] - lam[j];
+    else if (w[j] < 0.0) v = g[j] + lam[j];
+    else v = g[j] > lam[j] ? g[j] - lam[j] : (g[j] < -lam[j] ? g[j] + lam[j] : 0.0);
+    pg[j] = v;
+    max_diag = std::max(max_diag, diag[j]);
+  }
+  pg[p] = g_mu;
+  S[kDamp] = 1e-10 * std::max(max_diag, 1e-6) + 1e-14;  // as the dense step's, times kDampMul
+  return cg_reset(Ly, S, full_next);
 }
 
 // The step from the CG solution x: projected onto the orthant and the box; where that leaves
@@ -553,7 +562,7 @@ bool cg_direction(const Layout& Ly, double* S) {
 // is requested, -1 when no ascent is left.
 int cg_continue(const Layout& Ly, const Problem& prob, double* S, const double* stats) {
   const int64_t p = Ly.p, L = Ly.L, m = Ly.m;
-  const double W = stats[0], damp = S[kDamp];
+  const double W = stats[0], damp = S[kDamp] * std::max(1.0, S[kDampMul]);
   const double* w = S + Ly.w();
   double *x = S + Ly.cg(0), *r = S + Ly.cg(1), *dir = S + Ly.cg(2);
   const double *diag = S + Ly.cg(3), *pg = S + Ly.cg(4);
@@ -704,6 +713,11 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
   const double W = stats[0];
   S[kAccepted] = -1.0;
   const double eta = prob.eta, tol = S[kTol];
+  // Every term of the problem scales with the budget: with q = eta q', w = eta w', mu = eta mu'
+  // (and u = eta u') the dual is eta^2 times the one at budget 1 (upper box 1 / eta). So
+  // violations are measured relative to eta and dual values relative to eta^2 (or |F| when
+  // larger): absolute thresholds would stop a solve at eta = 1e-6 on noise, or never.
+  auto F_scale = [eta](double F) { return std::max(eta * eta, std::abs(F)); };
   const std::vector<double> lam = lambdas(prob, Ly);
   double* w = S + Ly.w();
   double* dw = S + Ly.dw();
@@ -717,7 +731,7 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
   S[sample ? kSamplePasses : kPasses] += 1.0;
   if (!sample && S[kHessAt] >= 0 && !Ly.free) S[kHessPasses] += 1.0;
   auto fallback = [&]() {  // no further progress possible: optimal if the measure says so
-    const bool ok = S[kMaxViol] <= std::max(tol, 1e-9) && std::abs(S[kGap]) <= 1e-8 * std::max(1.0, std::abs(S[kF]));
+    const bool ok = S[kMaxViol] <= std::max(tol, 1e-9) * eta && std::abs(S[kGap]) <= 1e-8 * F_scale(S[kF]);
     finish(S, ok ? Status::Optimal : Status::MaxIter);
   };
   auto to_full = [&]() {  // leave the sample phase: evaluate the point on every row
@@ -754,7 +768,7 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
     acc = 0;
     F_new = F_at(0);
   } else {
-    const double F = S[kF], slack = 1e-13 * std::max(1.0, std::abs(F));
+    const double F = S[kF], slack = 1e-13 * F_scale(F);
     for (int k = 0; k < K && acc < 0; ++k) {
       const double Fk = F_at(k);
       if (Fk >= F + 1e-4 * S[kSteps + k] * S[kPred] - slack) {
@@ -766,6 +780,13 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
   const bool evaluated = S[kEvaluate] != 0.0;
   if (acc < 0) {
     const double tmin = S[kSteps + K - 1];
+    // Hessian-free: a step that must be cut below 1/100 leaves the region where the model
+    // holds (rows with no curvature yet, whose directions the small damping stretches):
+    // the same system with 10^4 times the damping instead, down to a scaled-gradient step.
+    if (Ly.free && tmin < 1e-2 && S[kDampMul] < 1e12) {
+      S[kDampMul] = std::max(1.0, S[kDampMul]) * 1e4;
+      if (cg_reset(Ly, S, false)) return false;
+    }
     if (tmin < 1e-10) {
       if (sample) to_full(); else fallback();
       return S[kPhase] == kDone;
@@ -777,6 +798,7 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
   // Accept candidate acc.
   S[kAccepted] = acc;
   const double t = S[kSteps + acc];
+  if (Ly.free && t == 1.0) S[kDampMul] = std::max(1.0, S[kDampMul] * 1e-2);
   for (int64_t j = 0; j < p; ++j) w[j] += t * dw[j];
   const double mu_new = mu + t * dmu;
   S[kMu] = mu_new;
@@ -798,7 +820,7 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
   }
   S[kMaxViol] = viol;
   S[kGap] = gap;
-  const double r = std::max(viol, std::abs(gap) / std::max(1.0, std::abs(F_new)));
+  const double r = std::max(viol / eta, std::abs(gap) / F_scale(F_new));
   // Recession at the accepted point and along the direction that led to it.
   double wsum = std::abs(mu_new), dsum = std::abs(dmu);
   for (int64_t j = 0; j < p; ++j) {
@@ -833,11 +855,11 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
 
   if (!sample) {
     if (!evaluated) S[kIterations] += 1.0;
-    if (viol <= tol && std::abs(gap) <= tol * std::max(1.0, std::abs(F_new))) {
+    if (viol <= tol * eta && std::abs(gap) <= tol * F_scale(F_new)) {
       finish(S, Status::Optimal);
       return true;
     }
-    if (viol > tol && (rec_pt > 1e-10 * wsum || rec_dir > 1e-10 * dsum)) {
+    if (viol > tol * eta && (rec_pt > 1e-10 * wsum || rec_dir > 1e-10 * dsum)) {
       finish(S, Status::Infeasible);
       return true;
     }
@@ -846,7 +868,7 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
       return true;
     }
   } else if (r <= std::max(tol, 1e-9) || S[kSamplePasses] >= 40 ||
-             (viol > tol && (rec_pt > 1e-10 * wsum || rec_dir > 1e-10 * dsum))) {
+             (viol > tol * eta && (rec_pt > 1e-10 * wsum || rec_dir > 1e-10 * dsum))) {
     to_full();
     return false;
   }

@@ -3,8 +3,8 @@
 that gives the memory a configuration would need, and tiny budgets. Every constraint is
 recomputed here in float64 numpy from q; the Hessian-free answers are compared with the
 dense-Hessian ones on instances small enough for both."""
+import inspect
 import json
-import os
 import subprocess
 import sys
 
@@ -116,26 +116,32 @@ def wide_case(n, c, seed=11, dens=0.05, m=2):
 
 
 CHILD = """
-import json, resource, sys
+import json
 import numpy as np
-sys.path.insert(0, {tests!r})
-from test_m4_exact_scale import wide_case, solve_core
+from pym4 import _backend
+core = _backend.core()
+{wide_case}
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
 s, y = wide_case({n}, {c}, m={m}, dens={dens})
 pi = {pi}
-with open("/proc/self/statm") as f:
-    before = int(f.read().split()[1]) * 4096
-info, w, q = solve_core(s, y, (pi, 0.7, 0.01, {ea}))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+w, q = np.zeros({m} * ({c} + 1)), np.empty({n})
+with open("/proc/self/clear_refs", "w") as f:  # resets the peak (VmHWM) to the current RSS
+    f.write("5")
+before = status("VmRSS:")
+info = core.m4_solve_exact((s, y, None, None, {c}, None), (pi, 0.7, 0.01, {ea}), 100, 1e-10, 1e6, w, q)
+peak = status("VmHWM:")
 np.save({out!r}, q)
-print(json.dumps(dict(info={{k: v for k, v in info.items()}}, extra=peak - before)))
+print(json.dumps(dict(info=dict(info), extra=peak - before)))
 """
 
 
 def run_child(tmp_path, n, c, m, dens, pi, ea):
-    """Solves wide_case(n, c) in a fresh process: (info, q, bytes its peak RSS passed the RSS
-    it had before the solve)."""
+    """Solves wide_case(n, c) in a fresh process (numpy and the core only): (info, q, bytes by
+    which its peak RSS during the solve passed the RSS it had before)."""
     out = str(tmp_path / "q.npy")
-    code = CHILD.format(tests=os.path.dirname(os.path.abspath(__file__)), n=n, c=c, m=m, dens=dens, pi=pi, ea=ea, out=out)
+    code = CHILD.format(wide_case=inspect.getsource(wide_case), n=n, c=c, m=m, dens=dens, pi=pi, ea=ea, out=out)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     rep = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -174,7 +180,7 @@ def test_sixty_groups_c200_n200_bounded_memory(tmp_path):
 
 def test_wide_labels_free_equals_dense_on_a_smaller_instance():
     s, y = wide_case(3000, 400)
-    problem = (np.full(2, 0.4), 0.7, 0.01, 0.02)
+    problem = (s.mean(0), 0.7, 0.01, 0.1)
     dense, _, q_d = solve_core(s, y, problem, "dense", tol=1e-12)
     free, _, q_f = solve_core(s, y, problem, "free", tol=1e-12)
     assert dense["status"] == free["status"] == 0
@@ -210,11 +216,12 @@ def tiny_instance(seed):
     return s, y, rng.uniform(0.1, 0.9, m)
 
 
-@pytest.mark.parametrize("seed", [27, 108, 123, 5, 6])
+@pytest.mark.parametrize("seed", [1, 2, 4, 5, 10])
 @pytest.mark.parametrize("eta", [1e-6, 1e-9])
 def test_tiny_budget_reaches_optimal(seed, eta):
-    # Before: "max_iter" after 100 steps (the stopping rule and the line search's slack were
-    # absolute, while every term of the problem scales with the budget).
+    # Before: the stopping rule and the line search's slack were absolute while every term of
+    # the problem scales with the budget: at 1e-9, "optimal" with constraints off by 3-9 % of
+    # the budget (seeds 1, 4, 5), and elsewhere steps accepted on rounding noise.
     s, y, pi = tiny_instance(seed)
     info, w, q = solve_core(s, y, (pi, eta, 0.05, 0.05))
     assert info["status"] == 0, info
@@ -225,3 +232,22 @@ def test_tiny_budget_reaches_optimal(seed, eta):
     info2, _, q2 = solve_core(s, y, (pi, 1e-2, 0.05, 0.05))
     assert info2["status"] == 0 and q2.max() < 1
     np.testing.assert_allclose(q / eta, q2 / 1e-2, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("hessian", ["dense", "free"])
+@pytest.mark.parametrize("seed", [27, 108, 123])
+def test_tiny_budget_without_a_solution_is_never_optimal(seed, hessian):
+    # Instances infeasible at every budget tried: at 1e-6 the verdict is "infeasible" with a
+    # certificate that holds when recomputed, or "max_iter" with the constraints indeed off.
+    s, y, pi = tiny_instance(seed)
+    m, c, eta = s.shape[1], y.shape[1], 1e-6
+    res = passes.solve(lambda: [passes.shard_data(s, y)], (pi, eta, 0.05, 0.05), m, c, hessian=hessian)
+    q = keep(passes.shard_data(s, y), (pi, eta, 0.05, 0.05), res)
+    assert res.status in ("infeasible", "max_iter")
+    if res.status == "infeasible":
+        A, lam = bias_matrix(s, y, pi), bounds(m, c, eta, 0.05, 0.05)
+        rec = max(np.minimum(0.0, A @ x + x_mu).mean() - x_mu * eta - lam @ np.abs(x)
+                  for x, x_mu in ((res.w, res.mu), (res.dw, res.dmu)))
+        assert rec > 0
+    else:
+        assert max(violations(s, y, q, pi, eta, 0.05, 0.05)) > 1e-3 * eta
