@@ -466,9 +466,8 @@ constexpr int kMaxCg = 50;  // conjugate-gradient iterations (product passes) pe
 
 bool is_free(const double* w, const double* pg, int64_t j) { return w[j] != 0.0 || pg[j] != 0.0; }
 
-// Sets up the system at the accepted point (g, g_mu its gradient) and requests the first
-// product pass; false when the pseudo-gradient is 0 (nothing to solve).
-// CG from x = 0 on the system of the stored pseudo-gradient, damping kDamp kDampMul.
+// CG from x = 0 on the system of the stored pseudo-gradient, damping kDamp kDampMul; requests
+// the first product pass, false when the pseudo-gradient is 0 (nothing to solve).
 bool cg_reset(const Layout& Ly, double* S, bool full_next) {
   const int64_t p = Ly.p;
   double *x = S + Ly.cg(0), *r = S + Ly.cg(1), *dir = S + Ly.cg(2), *diag = S + Ly.cg(3), *pg = S + Ly.cg(4);
@@ -498,6 +497,8 @@ bool cg_reset(const Layout& Ly, double* S, bool full_next) {
   return true;
 }
 
+// Sets up the system at the accepted point (g, g_mu its gradient): the pseudo-gradient and the
+// damping, then cg_reset.
 bool cg_start(const Layout& Ly, double* S, const std::vector<double>& g, double g_mu, const std::vector<double>& lam,
               bool full_next) {
   const int64_t p = Ly.p;

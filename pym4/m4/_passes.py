@@ -154,7 +154,9 @@ def solve(shards: Callable[[], Iterable[Any]], problem: tuple, m: int, c: int, *
     problem : (target (m,), budget eta, eps_rep, eps_assoc) as in :func:`pym4.m4.balance`.
     m, c : groups and labels of every shard. rows : rows in all shards (None: counted by
     one look at the shards' lengths). max_iter : Newton steps over the full data; tol :
-    on every constraint (budget included) and the relative duality gap. w0 : (p,) start.
+    on every constraint's violation (budget included) relative to the budget, and on the
+    duality gap relative to max(budget^2, |dual value|) (every term of the problem scales
+    with the budget, so tiny budgets converge as large ones do). w0 : (p,) start.
     sample_rows : size of the warm-start sample (0: none). on_pass(k, state) is called after
     each driver step (a checkpoint hook). hessian : "auto", "dense" or "free" (module
     docstring); max_bytes : bound on the solver's arrays (a ValueError giving the bytes

@@ -137,7 +137,8 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
 // kAuto picks dense while its arrays stay small (exact_hessian_free_default).
 struct ExactConfig {
   int64_t max_iter = 100;      // steps over the full data
-  double tol = 1e-10;          // on constraint violations (budget included) and the relative gap
+  double tol = 1e-10;          // on constraint violations (budget included) relative to the budget
+                               // eta, and on the duality gap relative to max(eta^2, |D|)
   double rho = 1e6;            // box on the duals
   int64_t sample_rows = 1 << 17;  // target rows of the warm-start sample (0: no sample phase)
   int hessian = -1;            // kHessianAuto, kHessianDense or kHessianFree
