@@ -233,8 +233,19 @@ M4State m4_state(py::array& v_plus, py::array& v_minus, py::array& avg_w, py::ar
   return s;
 }
 
-pym4::m4::ExactConfig m4_exact_config(int64_t max_iter, double tol, double rho, int64_t sample_rows = 1 << 17) {
+// hessian: "auto", "dense" or "free" (include/pym4/m4.h, ExactConfig).
+int m4_hessian_mode(const std::string& hessian) {
+  if (hessian == "auto") return pym4::m4::kHessianAuto;
+  if (hessian == "dense") return pym4::m4::kHessianDense;
+  if (hessian == "free") return pym4::m4::kHessianFree;
+  PYM4_CHECK_VALUE(false, "hessian: expected 'auto', 'dense' or 'free', got '" << hessian << "'");
+  return pym4::m4::kHessianAuto;
+}
+
+pym4::m4::ExactConfig m4_exact_config(int64_t max_iter, double tol, double rho, int64_t sample_rows = 1 << 17,
+                                      const std::string& hessian = "auto", int64_t max_bytes = int64_t(1) << 32) {
   PYM4_CHECK_VALUE(max_iter >= 1, "max_iter: must be >= 1, got " << max_iter);
+  PYM4_CHECK_VALUE(max_bytes >= 1, "max_bytes: must be >= 1, got " << max_bytes);
   PYM4_CHECK_VALUE(tol > 0.0 && std::isfinite(tol), "tol: must be a positive number, got " << tol);
   PYM4_CHECK_VALUE(rho > 0.0, "rho: must be positive, got " << rho);
   PYM4_CHECK_VALUE(sample_rows >= 0, "sample_rows: must be >= 0, got " << sample_rows);
@@ -243,6 +254,8 @@ pym4::m4::ExactConfig m4_exact_config(int64_t max_iter, double tol, double rho, 
   cfg.tol = tol;
   cfg.rho = rho;
   cfg.sample_rows = sample_rows;
+  cfg.hessian = m4_hessian_mode(hessian);
+  cfg.max_bytes = max_bytes;
   return cfg;
 }
 
@@ -253,6 +266,8 @@ py::dict m4_result_dict(const pym4::m4::ExactResult& r) {
   out["passes"] = r.passes;
   out["sample_passes"] = r.sample_passes;
   out["hessian_passes"] = r.hessian_passes;
+  out["product_passes"] = r.product_passes;
+  out["hessian"] = r.hessian_free ? "free" : "dense";
   out["mu"] = r.mu;
   out["max_violation"] = r.max_violation;
   out["gap"] = r.gap;
@@ -269,9 +284,18 @@ const int64_t* m4_counts(const py::object& counts, int64_t n) {
   return c;
 }
 
-// The exact solver's state: a float64 vector of exact_state_size(m, c).
+// The exact solver's state: a float64 vector of exact_state_size(m, c, mode), the mode (dense
+// or Hessian-free) read from its header.
 double* m4_exact_state(py::array& state, int64_t m, int64_t c) {
-  return m4_out<double>(state, "state", pym4::m4::exact_state_size(m, c));
+  PYM4_CHECK_VALUE(py::isinstance<py::array_t<double>>(state) && state.ndim() == 1 &&
+                       state.shape(0) >= pym4::m4::exact_header_size(),
+                   "state: expected a float64 solver state from m4_exact_init");
+  const bool free = pym4::m4::exact_state_hessian_free(static_cast<const double*>(state.data()));
+  return m4_out<double>(state, "state", pym4::m4::exact_state_size(m, c, free));
+}
+
+int64_t m4_exact_stats_size(const py::array& state, int64_t m, int64_t c) {
+  return pym4::m4::exact_stats_size(m, c, pym4::m4::exact_state_hessian_free(static_cast<const double*>(state.data())));
 }
 
 // Dispatch on the dtype of x (float32 or float64) to the templated entry point.
@@ -427,13 +451,14 @@ PYBIND11_MODULE(_core, m) {
         py::arg("v_plus"), py::arg("v_minus"), py::arg("avg_w"), py::arg("curv"), py::arg("scalars"),
         "Stochastic dual ascent over consecutive mini-batches; returns the number of steps.");
   m.def("m4_solve_exact",
-        [](py::tuple data, py::tuple problem, int64_t max_iter, double tol, double rho, py::array w, py::array q) {
+        [](py::tuple data, py::tuple problem, int64_t max_iter, double tol, double rho, py::array w, py::array q,
+           const std::string& hessian, int64_t max_bytes) {
           auto d = m4_data(data);
           auto pr = m4_problem(problem, d.m);
           PYM4_CHECK_VALUE(d.n >= 1, "s: no examples");
           double* wp = m4_out<double>(w, "w", d.dim());
           double* qp = m4_out<double>(q, "q", d.n);
-          auto cfg = m4_exact_config(max_iter, tol, rho);
+          auto cfg = m4_exact_config(max_iter, tol, rho, 1 << 17, hessian, max_bytes);
           pym4::m4::ExactResult r;
           pym4::m4::ExactInfo info;
           {
@@ -446,32 +471,58 @@ PYBIND11_MODULE(_core, m) {
           return out;
         },
         py::arg("data"), py::arg("problem"), py::arg("max_iter"), py::arg("tol"), py::arg("rho"), py::arg("w"),
-        py::arg("q"),
+        py::arg("q"), py::arg("hessian") = "auto", py::arg("max_bytes") = int64_t(1) << 32,
         "Newton on the dual as passes over the data (over its pattern table when there is no utility\n"
-        "and it compresses); w (p,) in/out, q (n,) out; returns a status dict (see include/pym4/m4.h).");
+        "and it compresses); w (p,) in/out, q (n,) out; hessian 'auto', 'dense' or 'free'; a ValueError\n"
+        "giving the bytes needed when the solver's arrays would pass max_bytes; returns a status dict\n"
+        "(see include/pym4/m4.h).");
   // ----- M4 exact solver as passes: partial(rows, state) -> stats, stats merge by addition
   // (flat float64 sums), step(state, stats) -> state; see include/pym4/m4.h and pym4/_m4_passes.py.
   m.def("m4_exact_sizes",
-        [](int64_t m_, int64_t c) {
+        [](int64_t m_, int64_t c, const std::string& hessian) {
           PYM4_CHECK_VALUE(m_ >= 1 && c >= 0, "m, c: need at least one group and c >= 0 labels");
-          return py::make_tuple(pym4::m4::exact_state_size(m_, c), pym4::m4::exact_stats_size(m_, c));
+          pym4::m4::ExactConfig cfg;
+          cfg.hessian = m4_hessian_mode(hessian);
+          const bool free = pym4::m4::exact_resolve_hessian(cfg, m_, c);
+          return py::make_tuple(pym4::m4::exact_state_size(m_, c, free), pym4::m4::exact_stats_size(m_, c, free));
         },
-        py::arg("m"), py::arg("c"), "(state size, stats size) of the exact solver, in float64 entries.");
+        py::arg("m"), py::arg("c"), py::arg("hessian") = "auto",
+        "(state size, stats size) of the exact solver, in float64 entries.");
+  m.def("m4_exact_memory",
+        [](int64_t m_, int64_t c, const std::string& hessian) {
+          PYM4_CHECK_VALUE(m_ >= 1 && c >= 0, "m, c: need at least one group and c >= 0 labels");
+          pym4::m4::ExactConfig cfg;
+          cfg.hessian = m4_hessian_mode(hessian);
+          const bool free = pym4::m4::exact_resolve_hessian(cfg, m_, c);
+          return py::make_tuple(free ? "free" : "dense", pym4::m4::exact_memory_bytes(m_, c, free, pym4::max_threads()));
+        },
+        py::arg("m"), py::arg("c"), py::arg("hessian") = "auto",
+        "(mode, bytes): the mode 'auto' (or the named one) runs in and the bytes of its arrays.");
+  m.def("m4_exact_check_memory",
+        [](int64_t m_, int64_t c, const std::string& hessian, int64_t max_bytes) {
+          PYM4_CHECK_VALUE(m_ >= 1 && c >= 0, "m, c: need at least one group and c >= 0 labels");
+          pym4::m4::exact_check_memory(m4_exact_config(1, 1.0, 1.0, 0, hessian, max_bytes), m_, c);
+        },
+        py::arg("m"), py::arg("c"), py::arg("hessian") = "auto", py::arg("max_bytes") = int64_t(1) << 32,
+        "A ValueError giving the bytes needed when the solver's arrays would pass max_bytes.");
   m.def("m4_exact_init",
         [](py::tuple problem, int64_t m_, int64_t c, int64_t rows, int64_t max_iter, double tol, double rho,
-           py::object w0, int64_t sample_rows) {
+           py::object w0, int64_t sample_rows, const std::string& hessian, int64_t max_bytes) {
           PYM4_CHECK_VALUE(m_ >= 1 && c >= 0, "m, c: need at least one group and c >= 0 labels");
           PYM4_CHECK_VALUE(rows >= 1, "rows: the data has no rows");
           auto pr = m4_problem(problem, m_);
-          auto cfg = m4_exact_config(max_iter, tol, rho, sample_rows);
+          auto cfg = m4_exact_config(max_iter, tol, rho, sample_rows, hessian, max_bytes);
+          pym4::m4::exact_check_memory(cfg, m_, c);  // before allocating the state
           const double* wp = w0.is_none() ? nullptr : m4_array<double>(w0, "w0", 1, 'f', m_ * (c + 1));
-          py::array_t<double> state(pym4::m4::exact_state_size(m_, c));
+          py::array_t<double> state(pym4::m4::exact_state_size(m_, c, pym4::m4::exact_resolve_hessian(cfg, m_, c)));
           pym4::m4::exact_init(pr, m_, c, cfg, rows, wp, state.mutable_data());
           return state;
         },
         py::arg("problem"), py::arg("m"), py::arg("c"), py::arg("rows"), py::arg("max_iter"), py::arg("tol"),
-        py::arg("rho"), py::arg("w0") = py::none(), py::arg("sample_rows") = 1 << 17,
-        "A fresh exact-solver state for `rows` rows in all (w0: (p,) start, default zeros).");
+        py::arg("rho"), py::arg("w0") = py::none(), py::arg("sample_rows") = 1 << 17, py::arg("hessian") = "auto",
+        py::arg("max_bytes") = int64_t(1) << 32,
+        "A fresh exact-solver state for `rows` rows in all (w0: (p,) start, default zeros); hessian\n"
+        "'auto', 'dense' or 'free'; a ValueError giving the bytes needed past max_bytes.");
   m.def("m4_partial",
         [](py::tuple data, py::object counts, py::tuple problem, py::array state, int64_t row_offset) {
           auto d = m4_data(data);
@@ -479,7 +530,7 @@ PYBIND11_MODULE(_core, m) {
           const int64_t* cp = m4_counts(counts, d.n);
           PYM4_CHECK_VALUE(row_offset >= 0, "row_offset: must be >= 0, got " << row_offset);
           const double* sp = m4_exact_state(state, d.m, d.c);
-          py::array_t<double> stats(pym4::m4::exact_stats_size(d.m, d.c));
+          py::array_t<double> stats(m4_exact_stats_size(state, d.m, d.c));
           double* out = stats.mutable_data();
           {
             py::gil_scoped_release release;
@@ -494,7 +545,7 @@ PYBIND11_MODULE(_core, m) {
         [](py::tuple problem, int64_t m_, int64_t c, py::array state, py::array stats) {
           auto pr = m4_problem(problem, m_);
           double* sp = m4_exact_state(state, m_, c);
-          const double* st = m4_array<double>(stats, "stats", 1, 'f', pym4::m4::exact_stats_size(m_, c));
+          const double* st = m4_array<double>(stats, "stats", 1, 'f', m4_exact_stats_size(state, m_, c));
           return pym4::m4::exact_step(pr, m_, c, sp, st);
         },
         py::arg("problem"), py::arg("m"), py::arg("c"), py::arg("state"), py::arg("stats"),

@@ -13,6 +13,7 @@
 #include <initializer_list>
 #include <limits>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "m4_rows.h"
@@ -46,6 +47,12 @@ enum Slot : int64_t {
   kHaveHess, kHessWeight,  // cached Hessian blocks valid; the row weight they were summed over
   kLastR,                  // optimality measure at the previous accepted point of this phase
   kAccepted,               // the candidate of the last pass that the duals now are (-1: none)
+  // Hessian-free mode: the pass asked for is a Hessian-vector product (kProduct = 1) of the
+  // conjugate-gradient iteration kCgIter on the Newton system (kCgRz = r^T z, kCgR0 = |r_0|,
+  // kCgForce: stop at |r| <= kCgForce |r_0|); kCgRef = |r_0| of the first system of the phase,
+  // kDamp the damping added to the Hessian, kFullNext: the line search after it tries t = 1 only.
+  // kDampMul scales the damping (Levenberg-Marquardt): up when the step's line search fails.
+  kFree, kProduct, kProductPasses, kCgIter, kCgRz, kCgR0, kCgForce, kCgRef, kDamp, kFullNext, kDampMul,
   kSteps,                  // kCandidates step lengths
   kHeader = kSteps + kCandidates
 };
@@ -61,23 +68,30 @@ constexpr int64_t kBlockShift = 6;  // the warm-start sample takes whole blocks 
 // blocks are 0 and the pairs k <= l of its groups (s_k s_l ytil ytil^T).
 struct Layout {
   int64_t m, c, L, p;
-  bool by_pattern;
+  bool by_pattern, free;
   int64_t nC, nH;  // margin/gradient classes, Hessian blocks
-  Layout(int64_t m_, int64_t c_)
-      : m(m_), c(c_), L(c_ + 1), p(m_ * (c_ + 1)), by_pattern(m_ <= 4),
+  Layout(int64_t m_, int64_t c_, bool free_)
+      : m(m_), c(c_), L(c_ + 1), p(m_ * (c_ + 1)), by_pattern(m_ <= 4), free(free_),
         nC(m_ <= 4 ? (int64_t(1) << m_) : 1 + m_), nH(m_ <= 4 ? (int64_t(1) << m_) : 1 + m_ * (m_ + 1) / 2) {}
-  // state: header | w (p) | dw (p) | Hessian blocks (nH L L)
+  // state: header | w (p) | dw (p) | dense: Hessian blocks (nH L L);
+  //        Hessian-free: the conjugate-gradient vectors x, r, d, the Hessian's diagonal and
+  //        the pseudo-gradient, p + 1 entries each (mu last).
   int64_t w() const { return kHeader; }
   int64_t dw() const { return kHeader + p; }
   int64_t hess() const { return kHeader + 2 * p; }
-  int64_t state_size() const { return hess() + nH * L * L; }
-  // stats: [weight | direction recession] | kCandidates x candidate | Hessian blocks (nH L L),
-  // candidate: [sum q | sum phi | sum min(0, a^T w + mu) | active weight | T (nC x L)] with
-  // T_b = sum over the rows of class b of q ytil (all weighted by the row counts).
+  int64_t cg(int64_t k) const { return hess() + k * (p + 1); }  // k: 0 x, 1 r, 2 d, 3 diag, 4 pg
+  int64_t state_size() const { return free ? cg(5) : hess() + nH * L * L; }
+  // stats: [weight | direction recession] | kCandidates x candidate | dense: Hessian blocks
+  // (nH L L); Hessian-free: D (nC x L), D_b = sum over the active rows of class b of ytil,
+  // at the Hessian candidate (the Hessian's diagonal). candidate: [sum q | sum phi |
+  // sum min(0, a^T w + mu) | active weight | T (nC x L)] with T_b = sum over the rows of
+  // class b of q ytil (all weighted by the row counts). A product pass (Hessian-free) fills
+  // [weight | sum_A s | T (nC x L)] with s = a^T v + v_mu in place of q over the active rows.
   int64_t cand_size() const { return 4 + nC * L; }
   int64_t cand(int64_t k) const { return 2 + k * cand_size(); }
   int64_t shess() const { return 2 + kCandidates * cand_size(); }
-  int64_t stats_size() const { return shess() + nH * L * L; }
+  int64_t stats_size() const { return shess() + (free ? nC * L : nH * L * L); }
+  int64_t product_size() const { return 2 + nC * L; }
   // Hessian block of the pair of groups k <= l (pair layout; block 0: all rows).
   int64_t pair(int64_t k, int64_t l) const { return 1 + k * m - k * (k - 1) / 2 + (l - k); }
 
@@ -86,13 +100,17 @@ struct Layout {
   //   g_k = (1/W) sum_b alpha(b, k) T_b,
   //   sum_A d_k d_l ytil ytil^T = sum_h beta(h, k, l) H_h,  sum_A d_k ytil = sum_h gamma(h, k) H_h[0, :],
   //   |A| = sum_h eps(h) H_h[0, 0].
+  //   K_jj (j = k L + a) = (1/W) sum_b delta(b, k) D_b[a]   (d_k^2 over the classes).
   struct Coef {
-    std::vector<double> alpha, beta, gamma, eps;
+    std::vector<double> alpha, beta, gamma, eps, delta;
   };
   Coef coef(const double* pi) const {
     Coef cf;
+    cf.delta.assign(nC * m, 0.0);
     cf.alpha.assign(nC * m, 0.0);
-    cf.beta.assign(nH * m * m, 0.0);
+    // The Hessian blocks' coefficients (nH m^2 of them: millions at m = 60) only for the dense step.
+    const bool blocks = !free;
+    cf.beta.assign(blocks ? nH * m * m : 0, 0.0);
     cf.gamma.assign(nH * m, 0.0);
     cf.eps.assign(nH, 0.0);
     if (by_pattern) {
@@ -101,8 +119,9 @@ struct Layout {
         for (int64_t k = 0; k < m; ++k) {
           const double dk = static_cast<double>((sg >> k) & 1) - pi[k];
           cf.alpha[sg * m + k] = dk;
+          cf.delta[sg * m + k] = dk * dk;
           cf.gamma[sg * m + k] = dk;
-          for (int64_t l = 0; l < m; ++l)
+          for (int64_t l = 0; l < m && blocks; ++l)
             cf.beta[(sg * m + k) * m + l] = dk * (static_cast<double>((sg >> l) & 1) - pi[l]);
         }
       }
@@ -112,9 +131,11 @@ struct Layout {
     for (int64_t k = 0; k < m; ++k) {
       cf.alpha[k] = -pi[k];
       cf.alpha[(1 + k) * m + k] = 1.0;
+      cf.delta[k] = pi[k] * pi[k];  // (s_k - pi_k)^2 = pi_k^2 + (1 - 2 pi_k) s_k
+      cf.delta[(1 + k) * m + k] = 1.0 - 2.0 * pi[k];
       cf.gamma[k] = -pi[k];
       cf.gamma[pair(k, k) * m + k] = 1.0;
-      for (int64_t l = 0; l < m; ++l) {  // d_k d_l = s_k s_l - pi_l s_k - pi_k s_l + pi_k pi_l
+      for (int64_t l = 0; l < m && blocks; ++l) {  // d_k d_l = s_k s_l - pi_l s_k - pi_k s_l + pi_k pi_l
         cf.beta[(0 * m + k) * m + l] += pi[k] * pi[l];
         cf.beta[(pair(std::min(k, l), std::max(k, l)) * m + k) * m + l] += 1.0;
         cf.beta[(pair(k, k) * m + k) * m + l] -= pi[l];
@@ -234,7 +255,7 @@ void for_rows(int64_t b, int64_t e, int64_t row_offset, int64_t rate, Body body)
 PYM4_SIMD_CLONES void partial_range(const Data& d, const int64_t* count, const Problem& prob, const double* state,
                                     const double* V, int64_t row_offset, int64_t b, int64_t e, double* acc,
                                     double* q_out) {
-  const Layout Ly(d.m, d.c);
+  const Layout Ly(d.m, d.c, state[kFree] != 0.0);
   const int64_t L = Ly.L;
   const int K = static_cast<int>(state[kK]);
   const int hess_at = static_cast<int>(state[kHessAt]);
@@ -279,7 +300,12 @@ PYM4_SIMD_CLONES void partial_range(const Data& d, const int64_t* count, const P
           for (int u = 0; u < nJ; ++u) T[J[u]] += cq;
         }
       }
-      if (k == hess_at && active) {
+      if (k == hess_at && active && Ly.free) {  // the diagonal's sums D_b
+        for (int ci = 0; ci < nc; ++ci) {
+          double* D = H + C[ci] * L;
+          for (int u = 0; u < nJ; ++u) D[J[u]] += cnt;
+        }
+      } else if (k == hess_at && active) {
         // Upper triangles (J ascending) of the row's Hessian blocks.
         const int nh = ls.hessian_blocks(Ly, Hb.data());
         for (int bi = 0; bi < nh; ++bi) {
@@ -294,12 +320,49 @@ PYM4_SIMD_CLONES void partial_range(const Data& d, const int64_t* count, const P
   });
 }
 
+// One Hessian-vector product (Hessian-free mode): at the current point, over the active rows,
+// s = a^T v + v_mu and the sums [weight | sum_A s | T_b = sum_{A, class b} s ytil] (counts
+// weighting every term). V interleaves per class (V_b of w, V_b of v) as in partial_range.
+PYM4_SIMD_CLONES void product_range(const Data& d, const int64_t* count, const Problem& prob, const double* state,
+                                    const double* V, int64_t row_offset, int64_t b, int64_t e, double* acc) {
+  const Layout Ly(d.m, d.c, true);
+  const int64_t L = Ly.L;
+  const double mu = state[kMu], v_mu = state[Ly.cg(2) + Ly.p], eta = prob.eta;
+  Lists ls(d.m, d.c);
+  std::vector<int64_t> C(Ly.nC);
+  for_rows(b, e, row_offset, static_cast<int64_t>(state[kRate]), [&](int64_t i) {
+    ls.load(d, i);
+    const int32_t* J = ls.J.data();
+    const int nJ = ls.nJ;
+    const int nc = ls.classes(Ly, C.data());
+    const double cnt = count ? static_cast<double>(count[i]) : 1.0;
+    double cw = 0.0, cv = 0.0;
+    for (int ci = 0; ci < nc; ++ci) {
+      const double* Vb = V + 2 * C[ci] * L;
+      for (int t = 0; t < nJ; ++t) {
+        cw += Vb[2 * J[t]];
+        cv += Vb[2 * J[t] + 1];
+      }
+    }
+    const double z = eta + (d.u ? d.u[i] : 0.0) - (cw + mu);
+    acc[0] += cnt;
+    if (z > 0.0 && z < 1.0) {
+      const double sv = cnt * (cv + v_mu);
+      acc[1] += sv;
+      for (int ci = 0; ci < nc; ++ci) {
+        double* T = acc + 2 + C[ci] * L;
+        for (int u = 0; u < nJ; ++u) T[J[u]] += sv;
+      }
+    }
+  });
+}
+
 // ----- the Newton model ----------------------------------------------------------------------
 
 // Coordinate descent on min_x 1/2 (x - w)^T K (x - w) - g^T (x - w) + sum_j lam_j |x_j|,
 // |x_j| <= rho (K symmetric positive definite, row-major); returns d = x - w.
 void prox_newton_direction(int64_t p, const std::vector<double>& K, const std::vector<double>& g, const double* w,
-                           const std::vector<double>& lam, double rho, double* d) {
+                           const std::vector<double>& lam, double rho, double scale, double* d) {
   std::vector<double> x(w, w + p), Kd(p, 0.0);
   for (int sweep = 0; sweep < 500; ++sweep) {
     double max_change = 0.0, max_x = 0.0;
@@ -317,7 +380,7 @@ void prox_newton_direction(int64_t p, const std::vector<double>& K, const std::v
       }
       max_x = std::max(max_x, std::abs(x[j]));
     }
-    if (max_change <= 1e-15 * (1.0 + max_x)) break;
+    if (max_change <= 1e-15 * (scale + max_x)) break;  // scale: of the duals, the budget
   }
   for (int64_t j = 0; j < p; ++j) d[j] = x[j] - w[j];
 }
@@ -364,7 +427,7 @@ double newton_direction(const Layout& Ly, const Problem& prob, const double* hes
     for (int64_t b = 0; b < p; ++b) row[b] -= kwm[a] * kwm[b] / kmm;
     row[a] += damping;
   }
-  prox_newton_direction(p, Kr, gr, w, lam, rho, dw);
+  prox_newton_direction(p, Kr, gr, w, lam, rho, std::min(1.0, prob.eta), dw);
   double kd = 0.0;
   for (int64_t j = 0; j < p; ++j) kd += kwm[j] * dw[j];
   dmu = (g_mu - kd) / kmm;
@@ -386,20 +449,217 @@ void finish(double* S, Status st) {
   S[kStatus] = static_cast<double>(static_cast<int>(st));
   S[kPhase] = kDone;
   S[kK] = 0;
+  S[kProduct] = 0.0;
+}
+
+// ----- the Hessian-free step ---------------------------------------------------------------------
+// Orthant-wise Newton: on the orthant of the current signs (sign(w_j), or for w_j = 0 the sign
+// of the violated constraint) the dual is smooth, with gradient pg (the pseudo-gradient) over
+// the free coordinates F = {j : w_j != 0 or pg_j != 0} (and mu); the others stay 0 this step.
+// The Newton system K_FF x = pg_F, K = (1/W) sum_A [a; 1][a; 1]^T + damping, is solved by
+// conjugate gradients preconditioned by K's diagonal, each product K d being one pass; the
+// step is then x projected onto that orthant (a coordinate that would change sign stops at
+// 0) and into the box, and the line search runs on the segment to it (which stays on the
+// orthant, so the candidates stay linear in t). Along it the dual's derivative is pg^T d > 0.
+
+constexpr int kMaxCg = 50;  // conjugate-gradient iterations (product passes) per Newton step
+
+bool is_free(const double* w, const double* pg, int64_t j) { return w[j] != 0.0 || pg[j] != 0.0; }
+
+// CG from x = 0 on the system of the stored pseudo-gradient, damping kDamp kDampMul; requests
+// the first product pass, false when the pseudo-gradient is 0 (nothing to solve).
+bool cg_reset(const Layout& Ly, double* S, bool full_next) {
+  const int64_t p = Ly.p;
+  double *x = S + Ly.cg(0), *r = S + Ly.cg(1), *dir = S + Ly.cg(2), *diag = S + Ly.cg(3), *pg = S + Ly.cg(4);
+  const double damp = S[kDamp] * std::max(1.0, S[kDampMul]);
+  double rz = 0.0, rr = 0.0;
+  for (int64_t j = 0; j <= p; ++j) {
+    x[j] = 0.0;
+    r[j] = pg[j];
+    dir[j] = r[j] / (diag[j] + damp);
+    rz += r[j] * dir[j];
+    rr += r[j] * r[j];
+  }
+  if (!(rr > 0.0)) return false;
+  const double r0 = std::sqrt(rr);
+  if (S[kCgRef] == 0.0) S[kCgRef] = r0;
+  S[kCgR0] = r0;
+  S[kCgRz] = rz;
+  S[kCgIter] = 0.0;
+  // Inexact Newton: a residual of sqrt(|pg| / |pg_first|) of |pg| keeps the outer
+  // convergence superlinear (Eisenstat and Walker), with at most a 10x reduction asked early.
+  S[kCgForce] = std::min(0.1, std::sqrt(r0 / S[kCgRef]));
+  S[kFullNext] = full_next ? 1.0 : 0.0;
+  S[kProduct] = 1.0;
+  S[kK] = 0;
+  S[kHessAt] = -1;
+  S[kEvaluate] = 0.0;
+  return true;
+}
+
+// Sets up the system at the accepted point (g, g_mu its gradient): the pseudo-gradient and the
+// damping, then cg_reset.
+bool cg_start(const Layout& Ly, double* S, const std::vector<double>& g, double g_mu, const std::vector<double>& lam,
+              bool full_next) {
+  const int64_t p = Ly.p;
+  const double* w = S + Ly.w();
+  const double* diag = S + Ly.cg(3);
+  double* pg = S + Ly.cg(4);
+  double max_diag = 0.0;
+  for (int64_t j = 0; j < p; ++j) {
+    double v;
+    if (w[j] > 0.0) v = g[j] - lam[j];
+    else if (w[j] < 0.0) v = g[j] + lam[j];
+    else v = g[j] > lam[j] ? g[j] - lam[j] : (g[j] < -lam[j] ? g[j] + lam[j] : 0.0);
+    pg[j] = v;
+    max_diag = std::max(max_diag, diag[j]);
+  }
+  pg[p] = g_mu;
+  S[kDamp] = 1e-10 * std::max(max_diag, 1e-6) + 1e-14;  // as the dense step's, times kDampMul
+  return cg_reset(Ly, S, full_next);
+}
+
+// The step from the CG solution x: projected onto the orthant and the box; where that leaves
+// no ascent (pg^T d <= 0), the components against pg are dropped as well. Requests the line
+// search; false when no ascent is left.
+bool cg_direction(const Layout& Ly, double* S) {
+  const int64_t p = Ly.p;
+  const double* w = S + Ly.w();
+  double* dw = S + Ly.dw();
+  const double *x = S + Ly.cg(0), *pg = S + Ly.cg(4);
+  const double rho = S[kRho];
+  auto project = [&](bool align) {
+    double pred = 0.0;
+    for (int64_t j = 0; j < p; ++j) {
+      double d = 0.0;
+      if (is_free(w, pg, j)) {
+        const double sg = w[j] != 0.0 ? (w[j] > 0.0 ? 1.0 : -1.0) : (pg[j] > 0.0 ? 1.0 : -1.0);
+        double target = w[j] + x[j];
+        if (target * sg < 0.0) target = 0.0;
+        target = std::min(std::max(target, -rho), rho);
+        d = target - w[j];
+        if (align && d * pg[j] < 0.0) d = 0.0;
+      }
+      dw[j] = d;
+      pred += d * pg[j];
+    }
+    double dmu = x[p];
+    if (align && dmu * pg[p] < 0.0) dmu = 0.0;
+    S[kDmu] = dmu;
+    return pred + dmu * pg[p];
+  };
+  double pred = project(false);
+  if (!(pred > 0.0)) pred = project(true);
+  S[kPred] = pred;
+  S[kProduct] = 0.0;
+  if (!(pred > 1e-300)) return false;
+  if (S[kFullNext] != 0.0) set_steps(S, {1.0}, 0);
+  else set_steps(S, {1.0, 0.5, 0.25, 0.125}, 0);
+  return true;
+}
+
+// One CG iteration from a product pass (stats: K d before damping and masking). Returns 1
+// when CG continues (another product pass is requested), 0 when the line search of the step
+// is requested, -1 when no ascent is left.
+int cg_continue(const Layout& Ly, const Problem& prob, double* S, const double* stats) {
+  const int64_t p = Ly.p, L = Ly.L, m = Ly.m;
+  const double W = stats[0], damp = S[kDamp] * std::max(1.0, S[kDampMul]);
+  const double* w = S + Ly.w();
+  double *x = S + Ly.cg(0), *r = S + Ly.cg(1), *dir = S + Ly.cg(2);
+  const double *diag = S + Ly.cg(3), *pg = S + Ly.cg(4);
+  const Layout::Coef cf = Ly.coef(prob.pi);
+  std::vector<double> Kd(p + 1, 0.0);
+  for (int64_t b = 0; b < Ly.nC; ++b)
+    for (int64_t k = 0; k < m; ++k) {
+      const double al = cf.alpha[b * m + k] / W;
+      if (al == 0.0) continue;
+      for (int64_t a = 0; a < L; ++a) Kd[k * L + a] += al * stats[2 + b * L + a];
+    }
+  Kd[p] = stats[1] / W;
+  double dKd = 0.0;
+  for (int64_t j = 0; j <= p; ++j) {
+    Kd[j] = j < p && !is_free(w, pg, j) ? 0.0 : Kd[j] + damp * dir[j];
+    dKd += dir[j] * Kd[j];
+  }
+  S[kCgIter] += 1.0;
+  if (dKd > 0.0) {
+    const double alpha = S[kCgRz] / dKd;
+    double rr = 0.0, xmax = 0.0;
+    for (int64_t j = 0; j <= p; ++j) {
+      x[j] += alpha * dir[j];
+      r[j] -= alpha * Kd[j];
+      rr += r[j] * r[j];
+      if (j < p) xmax = std::max(xmax, std::abs(x[j]));
+    }
+    const bool done = std::sqrt(rr) <= S[kCgForce] * S[kCgR0] || S[kCgIter] >= kMaxCg || xmax > S[kRho];
+    if (!done) {
+      double rz = 0.0;
+      for (int64_t j = 0; j <= p; ++j) rz += r[j] * r[j] / (diag[j] + damp);
+      const double beta = rz / S[kCgRz];
+      for (int64_t j = 0; j <= p; ++j) dir[j] = r[j] / (diag[j] + damp) + beta * dir[j];
+      S[kCgRz] = rz;
+      return 1;
+    }
+  }
+  return cg_direction(Ly, S) ? 0 : -1;
 }
 
 }  // namespace
 
 // ----- public: the passes ---------------------------------------------------------------------
 
-int64_t exact_state_size(int64_t m, int64_t c) { return Layout(m, c).state_size(); }
-int64_t exact_stats_size(int64_t m, int64_t c) { return Layout(m, c).stats_size(); }
+int64_t exact_state_size(int64_t m, int64_t c, bool hessian_free) { return Layout(m, c, hessian_free).state_size(); }
+int64_t exact_stats_size(int64_t m, int64_t c, bool hessian_free) { return Layout(m, c, hessian_free).stats_size(); }
+int64_t exact_header_size() { return kHeader; }
+bool exact_state_hessian_free(const double* S) { return S[kFree] != 0.0; }
+
+int64_t exact_memory_bytes(int64_t m, int64_t c, bool hessian_free, int threads) {
+  // In doubles, in floating point: the dense sizes overflow int64 long before they matter.
+  const double L = static_cast<double>(c) + 1.0, p = static_cast<double>(m) * L;
+  const double nC = m <= 4 ? std::ldexp(1.0, static_cast<int>(m)) : 1.0 + m;
+  const double nH = m <= 4 ? nC : 1.0 + 0.5 * m * (m + 1.0);
+  const double shess = 2.0 + kCandidates * (4.0 + nC * L);
+  const double header = static_cast<double>(kHeader), T = std::max(threads, 1);
+  double doubles;
+  if (hessian_free)  // state; stats: per thread, merged, the caller's; V; the driver's vectors
+    doubles = header + 2 * p + 5 * (p + 1) + (shess + nC * L) * (T + 2) + 2 * nC * L + 3 * (p + 1);
+  else  // the same with the Hessian blocks, and the model's two p x p matrices
+    doubles = header + 2 * p + nH * L * L + (shess + nH * L * L) * (T + 2) + 2 * nC * L + 2 * p * p + 6 * p;
+  const double bytes = 8.0 * doubles;
+  return bytes >= 9.2e18 ? std::numeric_limits<int64_t>::max() : static_cast<int64_t>(bytes);
+}
+
+bool exact_hessian_free_default(int64_t m, int64_t c) {
+  // The dense step's blocks cost nnz^2 / 2 adds per active row and its model p^2 per sweep:
+  // past a few thousand constraints the product passes are cheaper as well as smaller.
+  return m * (c + 1) > 2048 || exact_memory_bytes(m, c, false, 1) > (int64_t(128) << 20);
+}
+
+bool exact_resolve_hessian(const ExactConfig& cfg, int64_t m, int64_t c) {
+  if (cfg.hessian != kHessianAuto && cfg.hessian != kHessianDense && cfg.hessian != kHessianFree)
+    throw std::invalid_argument("hessian: must be auto (-1), dense (0) or free (1)");
+  return cfg.hessian == kHessianAuto ? exact_hessian_free_default(m, c) : cfg.hessian == kHessianFree;
+}
+
+void exact_check_memory(const ExactConfig& cfg, int64_t m, int64_t c) {
+  const bool free = exact_resolve_hessian(cfg, m, c);
+  const int64_t need = exact_memory_bytes(m, c, free, max_threads());
+  if (need <= cfg.max_bytes) return;
+  std::string msg = "m4 exact: m=" + std::to_string(m) + " groups and c=" + std::to_string(c) + " labels (" +
+                    std::to_string(m * (c + 1)) + " constraints) need " + std::to_string(need) +
+                    " bytes for the solver's arrays in the " + (free ? "Hessian-free" : "dense-Hessian") +
+                    " mode, over the bound of " + std::to_string(cfg.max_bytes) + " bytes (max_bytes)";
+  if (!free)
+    msg += "; the Hessian-free mode needs " + std::to_string(exact_memory_bytes(m, c, true, max_threads())) + " bytes";
+  throw std::invalid_argument(msg);
+}
 
 void exact_init(const Problem& prob, int64_t m, int64_t c, const ExactConfig& cfg, int64_t rows, const double* w0,
                 double* S) {
   (void)prob;
-  const Layout Ly(m, c);
+  const Layout Ly(m, c, exact_resolve_hessian(cfg, m, c));
   std::fill(S, S + Ly.state_size(), 0.0);
+  S[kFree] = Ly.free ? 1.0 : 0.0;
   if (w0) std::copy(w0, w0 + Ly.p, S + Ly.w());
   // A warm-start sample only pays off when it is much smaller than the data.
   const int64_t rate = cfg.sample_rows > 0 ? rows / cfg.sample_rows : 0;
@@ -415,11 +675,13 @@ void exact_init(const Problem& prob, int64_t m, int64_t c, const ExactConfig& cf
 
 void exact_partial(const Data& d, const int64_t* count, const Problem& prob, const double* S, int64_t row_offset,
                    double* stats, double* q_first) {
-  const Layout Ly(d.m, d.c);
+  const Layout Ly(d.m, d.c, S[kFree] != 0.0);
   if (S[kPhase] == kDone || d.n == 0) return;
-  // V: per class b the interleaved (sum_k alpha(b, k) w_k, sum_k alpha(b, k) dw_k).
+  // V: per class b the interleaved (sum_k alpha(b, k) w_k, sum_k alpha(b, k) dw_k), with the
+  // product's vector in place of dw for a product pass.
+  const bool product = S[kProduct] != 0.0;
   const double* w = S + Ly.w();
-  const double* dw = S + Ly.dw();
+  const double* dw = S + (product ? Ly.cg(2) : Ly.dw());
   const Layout::Coef cf = Ly.coef(prob.pi);
   std::vector<double> V(2 * Ly.nC * Ly.L, 0.0);
   for (int64_t b = 0; b < Ly.nC; ++b)
@@ -431,6 +693,12 @@ void exact_partial(const Data& d, const int64_t* count, const Problem& prob, con
         V[2 * (b * Ly.L + a) + 1] += al * dw[k * Ly.L + a];
       }
     }
+  if (product) {
+    parallel_accumulate(d.n, Ly.product_size(), stats, [&](int64_t b, int64_t e, double* acc) {
+      product_range(d, count, prob, S, V.data(), row_offset, b, e, acc);
+    });
+    return;
+  }
   // Per-thread accumulators cover the Hessian blocks only when the pass builds them (they
   // are most of the stats once there are hundreds of labels).
   const int64_t width = S[kHessAt] >= 0 ? Ly.stats_size() : Ly.shess();
@@ -441,11 +709,16 @@ void exact_partial(const Data& d, const int64_t* count, const Problem& prob, con
 
 bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const double* stats) {
   if (S[kPhase] == kDone) return true;
-  const Layout Ly(m, c);
+  const Layout Ly(m, c, S[kFree] != 0.0);
   const int64_t p = Ly.p;
   const double W = stats[0];
   S[kAccepted] = -1.0;
   const double eta = prob.eta, tol = S[kTol];
+  // Every term of the problem scales with the budget: with q = eta q', w = eta w', mu = eta mu'
+  // (and u = eta u') the dual is eta^2 times the one at budget 1 (upper box 1 / eta). So
+  // violations are measured relative to eta and dual values relative to eta^2 (or |F| when
+  // larger): absolute thresholds would stop a solve at eta = 1e-6 on noise, or never.
+  auto F_scale = [eta](double F) { return std::max(eta * eta, std::abs(F)); };
   const std::vector<double> lam = lambdas(prob, Ly);
   double* w = S + Ly.w();
   double* dw = S + Ly.dw();
@@ -457,7 +730,32 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
   }
   if (!(W > 0.0)) throw std::invalid_argument("m4 exact: a pass over the data saw no rows (empty data)");
   S[sample ? kSamplePasses : kPasses] += 1.0;
-  if (!sample && S[kHessAt] >= 0) S[kHessPasses] += 1.0;
+  if (!sample && S[kHessAt] >= 0 && !Ly.free) S[kHessPasses] += 1.0;
+  auto fallback = [&]() {  // no further progress possible: optimal if the measure says so
+    // (At budget 0.5 these are the absolute 1e-9 and 1e-8 that held before the scaling.)
+    const bool ok = S[kMaxViol] <= std::max(tol, 2e-9) * eta && std::abs(S[kGap]) <= 4e-8 * F_scale(S[kF]);
+    finish(S, ok ? Status::Optimal : Status::MaxIter);
+  };
+  auto to_full = [&]() {  // leave the sample phase: evaluate the point on every row
+    S[kPhase] = 1.0;
+    S[kRate] = 1.0;
+    S[kLastR] = 0.0;
+    std::fill(dw, dw + p, 0.0);
+    S[kDmu] = 0.0;
+    // The sample's duals are close: the Hessian on every row there makes the next steps
+    // full Newton steps (fewer passes than contracting with the sample's Hessian).
+    set_steps(S, {0.0}, 0);
+    S[kEvaluate] = 1.0;
+    S[kCgRef] = 0.0;
+  };
+  if (S[kProduct] != 0.0) {  // a product pass of the Hessian-free step
+    S[kProductPasses] += 1.0;
+    if (cg_continue(Ly, prob, S, stats) < 0) {
+      if (sample) to_full(); else fallback();
+    }
+    return S[kPhase] == kDone;
+  }
+
   const int K = static_cast<int>(S[kK]);
   const double mu = S[kMu], dmu = S[kDmu];
   auto F_at = [&](int k) {
@@ -472,7 +770,7 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
     acc = 0;
     F_new = F_at(0);
   } else {
-    const double F = S[kF], slack = 1e-13 * std::max(1.0, std::abs(F));
+    const double F = S[kF], slack = 1e-13 * F_scale(F);
     for (int k = 0; k < K && acc < 0; ++k) {
       const double Fk = F_at(k);
       if (Fk >= F + 1e-4 * S[kSteps + k] * S[kPred] - slack) {
@@ -482,34 +780,27 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
     }
   }
   const bool evaluated = S[kEvaluate] != 0.0;
-  auto fallback = [&]() {  // no further progress possible: optimal if the measure says so
-    const bool ok = S[kMaxViol] <= std::max(tol, 1e-9) && std::abs(S[kGap]) <= 1e-8 * std::max(1.0, std::abs(S[kF]));
-    finish(S, ok ? Status::Optimal : Status::MaxIter);
-  };
-  auto to_full = [&]() {  // leave the sample phase: evaluate the point on every row
-    S[kPhase] = 1.0;
-    S[kRate] = 1.0;
-    S[kLastR] = 0.0;
-    std::fill(dw, dw + p, 0.0);
-    S[kDmu] = 0.0;
-    // The sample's duals are close: the Hessian on every row there makes the next steps
-    // full Newton steps (fewer passes than contracting with the sample's Hessian).
-    set_steps(S, {0.0}, 0);
-    S[kEvaluate] = 1.0;
-  };
   if (acc < 0) {
     const double tmin = S[kSteps + K - 1];
+    // Hessian-free: a step that must be cut below 1/100 leaves the region where the model
+    // holds (rows with no curvature yet, whose directions the small damping stretches):
+    // the same system with 10^4 times the damping instead, down to a scaled-gradient step.
+    if (Ly.free && tmin < 1e-2 && S[kDampMul] < 1e12) {
+      S[kDampMul] = std::max(1.0, S[kDampMul]) * 1e4;
+      if (cg_reset(Ly, S, false)) return false;
+    }
     if (tmin < 1e-10) {
       if (sample) to_full(); else fallback();
       return S[kPhase] == kDone;
     }
-    set_steps(S, {tmin / 2, tmin / 4, tmin / 8, tmin / 16}, sample ? 0 : -1);
+    set_steps(S, {tmin / 2, tmin / 4, tmin / 8, tmin / 16}, sample || Ly.free ? 0 : -1);
     return false;
   }
 
   // Accept candidate acc.
   S[kAccepted] = acc;
   const double t = S[kSteps + acc];
+  if (Ly.free && t == 1.0) S[kDampMul] = std::max(1.0, S[kDampMul] * 1e-2);
   for (int64_t j = 0; j < p; ++j) w[j] += t * dw[j];
   const double mu_new = mu + t * dmu;
   S[kMu] = mu_new;
@@ -531,7 +822,7 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
   }
   S[kMaxViol] = viol;
   S[kGap] = gap;
-  const double r = std::max(viol, std::abs(gap) / std::max(1.0, std::abs(F_new)));
+  const double r = std::max(viol / eta, std::abs(gap) / F_scale(F_new));
   // Recession at the accepted point and along the direction that led to it.
   double wsum = std::abs(mu_new), dsum = std::abs(dmu);
   for (int64_t j = 0; j < p; ++j) {
@@ -543,7 +834,20 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
                                    : stats[1] / W - dmu * eta - l1(lam, dw);
   if (!sample) S[kRecession] = std::max({S[kRecession], rec_pt, rec_dir});  // of the full data only
   const bool have_fresh_hess = S[kHessAt] == acc;
-  if (have_fresh_hess) {
+  if (have_fresh_hess && Ly.free) {  // the diagonal of K at this point
+    double* diag = S + Ly.cg(3);
+    std::fill(diag, diag + p, 0.0);
+    for (int64_t b = 0; b < Ly.nC; ++b)
+      for (int64_t k = 0; k < m; ++k) {
+        const double de = cf.delta[b * m + k] / W;
+        if (de == 0.0) continue;
+        for (int64_t a = 0; a < Ly.L; ++a) diag[k * Ly.L + a] += de * stats[Ly.shess() + b * Ly.L + a];
+      }
+    for (int64_t j = 0; j < p; ++j) diag[j] = std::max(diag[j], 0.0);  // rounding of 1 - 2 pi_k terms
+    diag[p] = A[3] / W;
+    S[kHaveHess] = 1.0;
+    S[kHessWeight] = W;
+  } else if (have_fresh_hess) {
     std::copy(stats + Ly.shess(), stats + Ly.stats_size(), S + Ly.hess());
     S[kHaveHess] = 1.0;
     S[kHessWeight] = W;
@@ -553,11 +857,11 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
 
   if (!sample) {
     if (!evaluated) S[kIterations] += 1.0;
-    if (viol <= tol && std::abs(gap) <= tol * std::max(1.0, std::abs(F_new))) {
+    if (viol <= tol * eta && std::abs(gap) <= tol * F_scale(F_new)) {
       finish(S, Status::Optimal);
       return true;
     }
-    if (viol > tol && (rec_pt > 1e-10 * wsum || rec_dir > 1e-10 * dsum)) {
+    if (viol > tol * eta && (rec_pt > 1e-10 * wsum || rec_dir > 1e-10 * dsum)) {
       finish(S, Status::Infeasible);
       return true;
     }
@@ -566,7 +870,7 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
       return true;
     }
   } else if (r <= std::max(tol, 1e-9) || S[kSamplePasses] >= 40 ||
-             (viol > tol && (rec_pt > 1e-10 * wsum || rec_dir > 1e-10 * dsum))) {
+             (viol > tol * eta && (rec_pt > 1e-10 * wsum || rec_dir > 1e-10 * dsum))) {
     to_full();
     return false;
   }
@@ -574,6 +878,13 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
     set_steps(S, {0.0}, 0);
     S[kEvaluate] = 1.0;
     return false;
+  }
+
+  if (Ly.free) {
+    if (!cg_start(Ly, S, g, g_mu, lam, evaluated || (acc == 0 && t == 1.0))) {
+      if (sample) to_full(); else fallback();
+    }
+    return S[kPhase] == kDone;
   }
 
   double dmu_new = 0.0;
@@ -599,7 +910,7 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
 }
 
 ExactResult exact_result(int64_t m, int64_t c, const double* S, double* w, double* dw) {
-  const Layout Ly(m, c);
+  const Layout Ly(m, c, S[kFree] != 0.0);
   if (w) std::copy(S + Ly.w(), S + Ly.w() + Ly.p, w);
   if (dw) std::copy(S + Ly.dw(), S + Ly.dw() + Ly.p, dw);
   ExactResult r;
@@ -609,6 +920,8 @@ ExactResult exact_result(int64_t m, int64_t c, const double* S, double* w, doubl
   r.passes = static_cast<int64_t>(S[kPasses]);
   r.sample_passes = static_cast<int64_t>(S[kSamplePasses]);
   r.hessian_passes = static_cast<int64_t>(S[kHessPasses]);
+  r.product_passes = static_cast<int64_t>(S[kProductPasses]);
+  r.hessian_free = Ly.free;
   r.mu = S[kMu];
   r.dmu = S[kDmu];
   r.max_violation = std::max(S[kMaxViol], 0.0);
@@ -806,7 +1119,7 @@ bool likely_compresses(const Data& d) {
 
 ExactResult run_passes(const Data& d, const int64_t* count, const Problem& prob, const ExactConfig& cfg,
                        double* w, double* q = nullptr, bool* q_done = nullptr) {
-  const Layout Ly(d.m, d.c);
+  const Layout Ly(d.m, d.c, exact_resolve_hessian(cfg, d.m, d.c));
   std::vector<double> state(Ly.state_size()), stats(Ly.stats_size());
   exact_init(prob, d.m, d.c, cfg, d.n, w, state.data());
   for (;;) {
@@ -827,6 +1140,7 @@ ExactResult run_passes(const Data& d, const int64_t* count, const Problem& prob,
 
 ExactResult solve_exact(const Data& d, const Problem& prob, const ExactConfig& cfg, double* w, double* q,
                         ExactInfo* info) {
+  exact_check_memory(cfg, d.m, d.c);  // before any work
   ExactResult res;
   bool compressed = false;
   int64_t patterns = 0;

@@ -8,11 +8,20 @@ stats into the next duals (and the request for the next pass)::
              done = step(state, stats)
 
 ``partial`` is the C++ core (``pym4._core.m4_partial``, GIL released); the stats are one flat
-float64 vector of sums over rows (O(p) gradient and objective pieces per candidate step,
-O(p^2) Hessian blocks, p = m (c + 1), never O(N)), so :func:`merge` is elementwise addition
+float64 vector of sums over rows (O(p) gradient and objective pieces per candidate step, and
+in the dense-Hessian mode O(p^2) Hessian blocks, p = m (c + 1); never O(N)), so :func:`merge`
+is elementwise addition
 and the result does not depend on how the rows are split into shards or in which order the
 shards are read, up to rounding. The state (duals, the Newton direction, a cached Hessian)
 is a flat float64 vector too: checkpointing is saving it.
+
+Two modes, fixed per solve (``hessian=``; include/pym4/m4.h): ``"dense"`` builds the Hessian's
+Kronecker blocks in the passes that need them and solves the Newton model on a p x p matrix
+(few passes; memory and time grow as p^2), ``"free"`` solves the Newton system by conjugate
+gradients, each Hessian-vector product being one more pass with O(p) stats (memory O(p);
+more, cheaper passes). ``"auto"`` picks dense while its arrays stay small (p <= 2048 and
+128 MB). Either way the solver's arrays are checked against ``max_bytes`` up front: a
+configuration past it is a ValueError giving the bytes it would need, before any pass.
 
 A shard is the data tuple the core's M4 entries take, ``(s, y, y_indptr, y_indices, c, u)``
 (see :func:`shard_data`), optionally with per-row integer counts (the rows of a pattern
@@ -56,7 +65,9 @@ class PassesResult:
     over the full data, ``sample_passes`` of the warm start, ``hessian_passes``, the final
     ``max_violation`` (budget included), duality ``gap``, best ``recession`` value (> 0 certifies
     infeasibility) and the dual ``objective``; (dw, dmu) the last Newton direction (the
-    recession may have been certified along it); ``state`` is the final solver state."""
+    recession may have been certified along it); ``state`` is the final solver state;
+    ``hessian`` the mode ("dense" or "free") and ``product_passes`` how many of the passes
+    (full data and sample) were Hessian-vector products."""
     w: np.ndarray
     mu: float
     status: str
@@ -71,6 +82,8 @@ class PassesResult:
     dw: np.ndarray
     dmu: float
     state: np.ndarray
+    hessian: str = "dense"
+    product_passes: int = 0
 
 
 def _core():
@@ -134,18 +147,28 @@ def _check_problem(problem, m: int) -> tuple:
 
 def solve(shards: Callable[[], Iterable[Any]], problem: tuple, m: int, c: int, *, rows: Optional[int] = None,
           max_iter: int = 100, tol: float = 1e-10, rho: float = 1e6, w0: Optional[np.ndarray] = None,
-          sample_rows: int = 1 << 17, on_pass: Optional[Callable[[int, np.ndarray], None]] = None) -> PassesResult:
+          sample_rows: int = 1 << 17, on_pass: Optional[Callable[[int, np.ndarray], None]] = None,
+          hessian: str = "auto", max_bytes: int = 1 << 32) -> PassesResult:
     """Solve the M4 dual exactly by passes over ``shards()`` (see the module docstring).
 
     problem : (target (m,), budget eta, eps_rep, eps_assoc) as in :func:`pym4.m4.balance`.
     m, c : groups and labels of every shard. rows : rows in all shards (None: counted by
     one look at the shards' lengths). max_iter : Newton steps over the full data; tol :
-    on every constraint (budget included) and the relative duality gap. w0 : (p,) start.
+    on every constraint's violation (budget included) relative to the budget, and on the
+    duality gap relative to max(budget^2, |dual value|) (every term of the problem scales
+    with the budget, so tiny budgets converge as large ones do). w0 : (p,) start.
     sample_rows : size of the warm-start sample (0: none). on_pass(k, state) is called after
-    each driver step (a checkpoint hook). Returns :class:`PassesResult`.
+    each driver step (a checkpoint hook). hessian : "auto", "dense" or "free" (module
+    docstring); max_bytes : bound on the solver's arrays (a ValueError giving the bytes
+    needed past it, before any pass). Returns :class:`PassesResult`.
     """
     core = _core()
     problem = _check_problem(problem, m)
+    if hessian not in ("auto", "dense", "free"):
+        raise ValueError(f"hessian: expected 'auto', 'dense' or 'free', got {hessian!r}")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, np.integer)) or max_bytes < 1:
+        raise ValueError(f"max_bytes: must be an integer >= 1, got {max_bytes!r}")
+    core.m4_exact_check_memory(int(m), int(c), hessian, int(max_bytes))  # before reading any shard
     if rows is None:
         rows = sum(_as_shard(x).rows for x in shards())
     if rows < 1:
@@ -168,7 +191,8 @@ def solve(shards: Callable[[], Iterable[Any]], problem: tuple, m: int, c: int, *
             stats = merge(stats, core.m4_partial(sh.data, sh.counts, problem, state, start))
         return stats
 
-    state = core.m4_exact_init(problem, m, c, int(rows), int(max_iter), float(tol), float(rho), w0, int(sample_rows))
+    state = core.m4_exact_init(problem, m, c, int(rows), int(max_iter), float(tol), float(rho), w0, int(sample_rows),
+                               hessian, int(max_bytes))
     return run(stats_of, problem, m, c, state, on_pass=on_pass)
 
 
@@ -201,7 +225,8 @@ def result(m: int, c: int, state: np.ndarray) -> PassesResult:
                         sample_passes=int(r["sample_passes"]), hessian_passes=int(r["hessian_passes"]),
                         max_violation=float(r["max_violation"]), gap=float(r["gap"]),
                         recession=float(r["recession"]), objective=float(r["objective"]), dw=r["dw"],
-                        dmu=float(r["dmu"]), state=state)
+                        dmu=float(r["dmu"]), state=state, hessian=str(r["hessian"]),
+                        product_passes=int(r["product_passes"]))
 
 
 def pattern_table(shards: Iterable[Any], max_patterns: int) -> Optional[Tuple[tuple, np.ndarray]]:

@@ -124,12 +124,27 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
 // the recession function D_inf(w, mu) = (1/N) sum_i min(0, a_i^T w + mu) - mu eta -
 // sum_j lambda_j |w_j| > 0 at an iterate or along the direction (D is then unbounded above,
 // so by weak duality no feasible q exists).
+//
+// Two ways to take the Newton step, fixed per solve (the sizes of state and stats depend on it):
+// - dense: the passes that build the Hessian accumulate its Kronecker blocks (nH blocks of
+//   (c+1)^2, nH = 2^m or 1 + m(m+1)/2) and the driver solves the l1-regularised model on the
+//   p x p matrix. Few passes, but memory and time grow as p^2 (and nnz^2 per active row).
+// - Hessian-free: the driver solves the Newton system on the free coordinates (w_j != 0, or a
+//   violated constraint) by preconditioned conjugate gradients, each product with the Hessian
+//   being one pass over the rows (stats: one gradient-sized vector), then takes the step
+//   projected onto the orthant of the current signs (orthant-wise Newton; the line search is
+//   the same pass of candidates). Memory O(p) on the driver and per thread; more passes.
+// kAuto picks dense while its arrays stay small (exact_hessian_free_default).
 struct ExactConfig {
   int64_t max_iter = 100;      // steps over the full data
-  double tol = 1e-10;          // on constraint violations (budget included) and the relative gap
+  double tol = 1e-10;          // on constraint violations (budget included) relative to the budget
+                               // eta, and on the duality gap relative to max(eta^2, |D|)
   double rho = 1e6;            // box on the duals
   int64_t sample_rows = 1 << 17;  // target rows of the warm-start sample (0: no sample phase)
+  int hessian = -1;            // kHessianAuto, kHessianDense or kHessianFree
+  int64_t max_bytes = int64_t(1) << 32;  // bound on the solver's own arrays (exact_memory_bytes)
 };
+constexpr int kHessianAuto = -1, kHessianDense = 0, kHessianFree = 1;
 
 enum class Status : int { Optimal = 0, Infeasible = 1, MaxIter = 2 };
 
@@ -138,7 +153,9 @@ struct ExactResult {
   int64_t iterations = 0;      // Newton steps over the full data
   int64_t passes = 0;          // passes over the full data (candidates evaluated)
   int64_t sample_passes = 0;   // passes of the warm-start phase (over ~sample_rows rows)
-  int64_t hessian_passes = 0;  // full-data passes that also accumulated the Hessian
+  int64_t hessian_passes = 0;  // full-data passes that also accumulated the Hessian (dense)
+  int64_t product_passes = 0;  // passes (full data and sample) that were Hessian-vector products
+  bool hessian_free = false;   // the mode the solve ran in
   double mu = 0.0;
   double dmu = 0.0;            // the last Newton direction's mu part
   double max_violation = 0.0;  // max(max_j (|g_j| - lambda_j)_+, |mean q - eta|) at the returned duals
@@ -149,12 +166,25 @@ struct ExactResult {
 
 constexpr int64_t kCandidates = 4;
 
-// Sizes of the flat arrays (doubles) for m groups and c labels.
-int64_t exact_state_size(int64_t m, int64_t c);
-int64_t exact_stats_size(int64_t m, int64_t c);
+// Sizes of the flat arrays (doubles) for m groups and c labels, dense or Hessian-free.
+int64_t exact_state_size(int64_t m, int64_t c, bool hessian_free);
+int64_t exact_stats_size(int64_t m, int64_t c, bool hessian_free);
+// What kHessianAuto picks: Hessian-free once the dense Hessian's arrays pass 64 MB or p > 2048.
+bool exact_hessian_free_default(int64_t m, int64_t c);
+// The mode a state was made for (its header records it; state must hold exact_header_size()).
+int64_t exact_header_size();
+bool exact_state_hessian_free(const double* state);
+// Bytes of the solver's own arrays for one solve: state, the stats of a pass with one
+// accumulator per thread, and the driver's model (the p x p matrices of the dense step).
+int64_t exact_memory_bytes(int64_t m, int64_t c, bool hessian_free, int threads);
 
 // A fresh state for a problem over `rows` rows in total (all shards; it sets the sample
-// rate), starting from w0 (p doubles, null: zeros) and mu = 0.
+// rate), starting from w0 (p doubles, null: zeros) and mu = 0, in the mode
+// exact_resolve_hessian(cfg, m, c) names (state must hold exact_state_size of that mode).
+// exact_check_memory throws std::invalid_argument, giving the bytes needed, when
+// exact_memory_bytes of that mode passes cfg.max_bytes.
+bool exact_resolve_hessian(const ExactConfig& cfg, int64_t m, int64_t c);
+void exact_check_memory(const ExactConfig& cfg, int64_t m, int64_t c);
 void exact_init(const Problem& prob, int64_t m, int64_t c, const ExactConfig& cfg, int64_t rows, const double* w0,
                 double* state);
 
