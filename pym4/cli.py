@@ -60,7 +60,7 @@ def _add_demo(sub) -> None:
                    help="share of the minority colour group in the training data (default 0.3)")
     p.add_argument("--budget", type=_unit_interval("--budget", low_open=True), default=0.3,
                    help="M4 budget: expected fraction of the training data kept (default 0.3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_int_arg("--seed", 0), default=0, help="random seed, >= 0 (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(run=_run_demo)
 
@@ -76,6 +76,12 @@ def _run_demo(args) -> int:
         raise CLIError(f"the demo needs {' and '.join(missing)} (not installed): {INSTALL_HINT}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CLIError(f"--out: {args.out!r} exists and is not a directory")
+    if os.path.isdir(args.out):  # else it is made first thing, which fails at once if it cannot be
+        from ._io import check_writable_folder
+        try:
+            check_writable_folder(args.out)
+        except OSError as e:
+            raise CLIError(f"--out: cannot write in folder {args.out!r}: {e.strerror or e}") from None
     from .demo.run import run_demo, run_swav_demo
 
     try:
@@ -214,8 +220,8 @@ def _file_format(path: str, what: str) -> str:
 
 
 def _record_batches(path: str, fmt: str, columns: List[str], batch_rows: int):
-    """Yield pyarrow RecordBatches of `columns` (``batch_rows`` rows each, the last one
-    shorter), checking first that each of them exists exactly once."""
+    """(batches, rows or None, schema): pyarrow RecordBatches of `columns` (``batch_rows``
+    rows each, the last one shorter), after checking that each of them exists exactly once."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -223,12 +229,13 @@ def _record_batches(path: str, fmt: str, columns: List[str], batch_rows: int):
     try:
         if fmt == "parquet":
             pf = pq.ParquetFile(path)
-            names = pf.schema_arrow.names
+            schema = pf.schema_arrow
             total = pf.metadata.num_rows
         else:
             reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES))
-            names = reader.schema.names
+            schema = reader.schema
             total = None
+        names = schema.names
     except (pa.ArrowInvalid, OSError) as e:
         if "Empty CSV file" in str(e) or (fmt == "csv" and os.path.getsize(path) == 0):
             raise CLIError(f"{path}: the file is empty") from None
@@ -253,7 +260,7 @@ def _record_batches(path: str, fmt: str, columns: List[str], batch_rows: int):
             r = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
                                convert_options=pacsv.ConvertOptions(include_columns=columns))
             yield from _rebatch(r, batch_rows)
-    return gen(), total
+    return gen(), total, schema
 
 
 # The CSV reader cuts blocks by bytes; _rebatch turns them into batches of --batch-rows rows.
@@ -378,7 +385,7 @@ def _run_balance(args) -> int:
         raise CLIError(f"--out: cannot write in folder {folder!r}: {e.strerror or e}") from None
 
     def read_pass(desc):
-        batches, total = _record_batches(args.input, in_fmt, columns, batch_rows)
+        batches, total, _ = _record_batches(args.input, in_fmt, columns, batch_rows)
         bar = tqdm(total=total, unit="rows", desc=desc, disable=args.no_progress, file=sys.stderr)
         row0 = 0
         for batch in batches:
@@ -393,6 +400,12 @@ def _run_balance(args) -> int:
             bar.update(batch.num_rows)
         bar.close()
 
+    _, _, schema = _record_batches(args.input, in_fmt, columns, batch_rows)  # the header: checks only
+    if args.id and out_fmt == "csv":
+        id_type = schema.field(schema.names.index(args.id)).type
+        if pa.types.is_nested(id_type):
+            raise CLIError(f"--id: column {args.id!r} has type {id_type}, which a CSV OUTPUT cannot hold; "
+                           f"write a .parquet OUTPUT")
     id_name = args.id or "row"
     kept = {"q": [], "ids": []}
     try:

@@ -278,3 +278,16 @@ def test_infeasible_run_replaces_the_pair_too(data, tmp_path, capsys):
     rep = json.loads((tmp_path / "q.report.json").read_text())
     assert rep["status"] == "infeasible" and rep["output"] is None and rep["output_rows"] == 0
     assert listing(tmp_path) == ["d.parquet", "q.report.json", "q.report.png"]
+
+
+def test_nested_id_column_with_csv_output_is_refused_first(tmp_path, capsys):
+    g, lab = columns()
+    src = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"g": g, "l": lab, "tags": pa.array([["a"]] * len(g))}), src)
+    # Before: the solve ran, then pyarrow's CSV writer failed on the list column (traceback).
+    rc = cli.main(["balance", str(src), *ARGS, "--id", "tags", "--out", str(tmp_path / "q.csv")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--id: column 'tags' has type list<" in err and "which a CSV OUTPUT cannot hold" in err, err
+    assert listing(tmp_path) == ["d.parquet"]
+    assert cli.main(["balance", str(src), *ARGS, "--id", "tags", "--out", str(tmp_path / "q.parquet")]) == 0
+    assert pq.read_table(tmp_path / "q.parquet").column("tags").to_pylist()[:2] == [["a"], ["a"]]
