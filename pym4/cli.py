@@ -253,7 +253,6 @@ def _record_batches(path: str, fmt: str, columns: List[str], batch_rows: int):
 
     def gen():
         if fmt == "parquet":
-            # Column positions, not names: the read is unambiguous by construction.
             yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
         else:
             # A fresh reader restricted to the needed columns (the probe above read the header only).
@@ -517,7 +516,10 @@ def _flag_names(text: str) -> str:
 def _read_only(path: str) -> bool:
     # No write bit at all is the owner's "do not replace" (root may write anyway), and
     # os.access covers files this user may not write.
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:  # a dangling link: replacing it loses nothing
+        return False
     return not (st.st_mode & 0o222) or not os.access(path, os.W_OK)
 
 

@@ -231,3 +231,55 @@ def test_kill_9_during_dataset_balance(data, tmp_path):
     np.testing.assert_array_equal(check_folder(out), reference)  # resumed or not, the same q
     assert sorted(os.listdir(tmp_path)) == ["balanced"], err
     assert tree_digest(src) == before
+
+
+_RENAME_KILL = r"""
+import os, signal, sys
+import pym4.m4 as m4
+src, out, when = sys.argv[1], sys.argv[2], sys.argv[3]
+real = os.rename
+
+def rename(a, b, *args, **kw):
+    if b == out and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(a, b, *args, **kw)
+    if b == out and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+os.rename = rename
+m4.balance_dataset(src, out, sensitive=["g0", "g1"], labels=["l0"], utility="u", budget=0.8, eps_assoc=0.02,
+                   progress=False)
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_kill_9_at_the_rename_of_a_dataset_output(tmp_path, when):
+    # Killed just after OUT was renamed into place, the run used to leave its checkpoint
+    # beside a complete OUT for ever (a rerun refuses an existing OUT); just before, a rerun
+    # must start afresh and remove the unfinished folder.
+    rng = np.random.default_rng(5)
+    n = 3000
+    g0, g1 = rng.random(n) < 0.3, rng.random(n) < 0.45
+    table = pa.table({"g0": g0, "g1": g1, "l0": rng.random(n) < 0.2 + 0.2 * g0, "u": rng.normal(size=n) * 0.1})
+    (tmp_path / "d").mkdir()
+    pq.write_table(table.slice(0, 1000), tmp_path / "d" / "a.parquet")
+    pq.write_table(table.slice(1000), tmp_path / "d" / "b.parquet")
+    out = str(tmp_path / "o")
+    proc = subprocess.run([sys.executable, "-c", _RENAME_KILL, str(tmp_path / "d"), out, when],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not os.path.exists(out + ".pym4-checkpoint.json")
+    if when == "after":
+        assert check_folder_rows(out) == n and sorted(os.listdir(tmp_path)) == ["d", "o"]
+        return
+    assert not os.path.exists(out) and len(leftovers(tmp_path)) == 1  # the unfinished folder
+    assert cli.main(["balance", str(tmp_path / "d"), "--sensitive", "g0,g1", "--labels", "l0", "--utility", "u",
+                     "--budget", "0.8", "--eps-assoc", "0.02", "--no-progress", "--out", out]) == 0
+    assert check_folder_rows(out) == n and sorted(os.listdir(tmp_path)) == ["d", "o"]
+
+
+def check_folder_rows(out):
+    with open(os.path.join(out, "_pym4_report.json")) as f:
+        rep = json.load(f)
+    assert rep["rows"] == pq.read_table(out).num_rows
+    return rep["rows"]
