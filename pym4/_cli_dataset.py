@@ -13,15 +13,16 @@ def _cols(text: str):
 
 
 def run_balance_dataset(args) -> int:
-    from .cli import CLIError, _parse_target
+    from . import _io
+    from .cli import CLIError, _column_spec, _DEFAULT_BATCH_ROWS, _flag_names, _parse_target
     from .m4 import _feasibility
-    from .m4._columns import ColumnSpec, DataError
+    from .m4._columns import DataError
     from .m4._dataset import balance_dataset
 
     out = os.path.abspath(args.out)
     if args.out.lower().endswith((".parquet", ".pq", ".csv")):
         raise CLIError(f"--out: {args.out!r} names a file; for a dataset INPUT, OUTPUT is a folder")
-    if os.path.exists(out):
+    if os.path.lexists(out):
         raise CLIError(f"--out: {args.out!r} already exists (OUTPUT must be a new folder)")
     if not os.path.isdir(os.path.dirname(out)):
         raise CLIError(f"--out: folder {os.path.dirname(out)!r} does not exist")
@@ -32,17 +33,26 @@ def run_balance_dataset(args) -> int:
         raise CLIError(f"INPUT: {args.input!r}: a dataset is read as Parquet; a CSV file takes a .parquet/.csv --out")
     if args.method != "exact":
         raise CLIError("--method stream: a dataset is balanced by the exact solver's passes (use --method exact)")
-    if args.batch_rows < 1:
-        raise CLIError("--batch-rows: must be >= 1")
-    target = _parse_target(args.target)
+    if args.batch_rows is not None and args.engine == "spark":
+        raise CLIError("--batch-rows: not for --engine spark (Spark sizes its Arrow batches itself: "
+                       "spark.sql.execution.arrow.maxRecordsPerBatch)")
     kw = dict(sensitive=_cols(args.sensitive), labels=_cols(args.labels), sensitive_from=args.sensitive_from,
               labels_from=args.labels_from, utility=args.utility, id=args.id)
     try:
-        ColumnSpec.make(**kw)
+        _column_spec(kw["sensitive"], kw["labels"], kw["utility"], sensitive_from=kw["sensitive_from"],
+                     labels_from=kw["labels_from"], id=kw["id"])
     except (TypeError, ValueError) as e:
-        raise CLIError(str(e).replace("sensitive_from", "--sensitive-from").replace("labels_from", "--labels-from")
-                       .replace("sensitive:", "--sensitive:", 1)) from None
-    options = {"batch_rows": args.batch_rows} if args.engine in (None, "local", "ray") else {}
+        raise CLIError(_flag_names(str(e))) from None
+    # The number of groups is known here unless a tag column gives them (found by a pass).
+    target = _parse_target(args.target, None if args.sensitive_from else len(kw["sensitive"]))
+    folder = os.path.dirname(out)
+    _io.clean_stale(folder)  # a crashed run's checkpoint temporaries and unfinished output folder
+    try:
+        _io.check_writable_folder(folder)
+    except OSError as e:
+        raise CLIError(f"--out: cannot write in folder {folder!r}: {e.strerror or e}") from None
+    options = ({"batch_rows": args.batch_rows or _DEFAULT_BATCH_ROWS} if args.engine in (None, "local", "ray")
+               else {})
     try:
         model = balance_dataset(args.input, out, sample=args.sample, seed=args.seed, **kw, target=target,
                                 budget=args.budget, eps_rep=args.eps_rep, eps_assoc=args.eps_assoc,

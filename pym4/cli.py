@@ -60,7 +60,7 @@ def _add_demo(sub) -> None:
                    help="share of the minority colour group in the training data (default 0.3)")
     p.add_argument("--budget", type=_unit_interval("--budget", low_open=True), default=0.3,
                    help="M4 budget: expected fraction of the training data kept (default 0.3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=_int_arg("--seed", 0), default=0, help="random seed, >= 0 (default 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(run=_run_demo)
 
@@ -76,6 +76,12 @@ def _run_demo(args) -> int:
         raise CLIError(f"the demo needs {' and '.join(missing)} (not installed): {INSTALL_HINT}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise CLIError(f"--out: {args.out!r} exists and is not a directory")
+    if os.path.isdir(args.out):  # else it is made first thing, which fails at once if it cannot be
+        from ._io import check_writable_folder
+        try:
+            check_writable_folder(args.out)
+        except OSError as e:
+            raise CLIError(f"--out: cannot write in folder {args.out!r}: {e.strerror or e}") from None
     from .demo.run import run_demo, run_swav_demo
 
     try:
@@ -116,8 +122,10 @@ def _add_balance(sub) -> None:
     p.add_argument("--budget", type=_budget_arg, default=0.9,
                    help="expected fraction of data kept, in (0, 1], or 'max': the largest feasible budget "
                         "(default 0.9)")
-    p.add_argument("--eps-rep", type=float, default=0.01, help="representation tolerance (default 0.01)")
-    p.add_argument("--eps-assoc", type=float, default=0.01, help="association tolerance (default 0.01)")
+    p.add_argument("--eps-rep", type=_tolerance_arg("--eps-rep"), default=0.01,
+                   help="representation tolerance, >= 0 (default 0.01)")
+    p.add_argument("--eps-assoc", type=_tolerance_arg("--eps-assoc"), default=0.01,
+                   help="association tolerance, >= 0 (default 0.01)")
     p.add_argument("--utility", default=None, metavar="COL", help="numeric column: bonus for keeping an example")
     p.add_argument("--id", default=None, metavar="COL", help="id column copied to the output (default: row number)")
     p.add_argument("--method", choices=("exact", "stream"), default="exact",
@@ -127,9 +135,14 @@ def _add_balance(sub) -> None:
     p.add_argument("--engine", choices=("local", "ray", "spark"), default=None,
                    help="where a dataset's passes run (default local: a thread pool over the files)")
     p.add_argument("--sample", action="store_true", help="also write keep ~ Bernoulli(q)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --sample and of the stream order (default 0)")
-    p.add_argument("--batch-rows", type=int, default=65536, help="rows per record batch read (default 65536)")
+    p.add_argument("--seed", type=_int_arg("--seed", 0), default=0,
+                   help="seed of --sample and of the stream order, >= 0 (default 0)")
+    p.add_argument("--batch-rows", type=_int_arg("--batch-rows", 1, _MAX_BATCH_ROWS), default=None,
+                   help="rows per record batch read (default 65536; not for --engine spark, which batches "
+                        "by itself)")
     p.add_argument("--out", required=True, metavar="OUTPUT", help="output .parquet or .csv file, or folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a read-only OUTPUT file or report (writable ones are replaced anyway)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(run=_run_balance)
 
@@ -146,18 +159,54 @@ def _budget_arg(text: str):
     return v
 
 
+_MAX_BATCH_ROWS = 2**31 - 1  # pyarrow's readers take an int32-sized batch; more is one batch anyway
+_DEFAULT_BATCH_ROWS = 65536
+
+
+def _int_arg(name: str, low: int, high: Optional[int] = None):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < low or (high is not None and v > high):
+            within = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer {within}, got {text!r}")
+        return v
+    return parse
+
+
+def _tolerance_arg(name: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        if not (0.0 <= v < float("inf")):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{name}: expected a finite number >= 0, got {text!r}")
+        return v
+    return parse
+
+
 def _split_cols(text: str) -> List[str]:
     return [c.strip() for c in text.split(",") if c.strip()]
 
 
-def _parse_target(text: Optional[str]):
-    """--target: None, one number, or a list of them (one per group)."""
+def _parse_target(text: Optional[str], groups: Optional[int] = None):
+    """--target: None, one number, or a list of them (one per group; ``groups``, when the
+    number of groups is known before reading data), each in (0, 1)."""
     if text is None:
         return None
     try:
         vals = [float(v) for v in _split_cols(text)]
     except ValueError:
         raise CLIError(f"--target: expected numbers, got {text!r}") from None
+    if not vals:
+        raise CLIError(f"--target: expected one number or one per group, got {text!r}")
+    if not all(0.0 < v < 1.0 for v in vals):  # NaN fails too
+        raise CLIError(f"--target: proportions must be in (0, 1), got {text!r}")
+    if groups is not None and len(vals) not in (1, groups):
+        raise CLIError(f"--target: expected one number or {groups} (one per --sensitive column), got {len(vals)}")
     return vals[0] if len(vals) == 1 else vals
 
 
@@ -171,7 +220,8 @@ def _file_format(path: str, what: str) -> str:
 
 
 def _record_batches(path: str, fmt: str, columns: List[str], batch_rows: int):
-    """Yield pyarrow RecordBatches of `columns`, checking first that they exist."""
+    """(batches, rows or None, schema): pyarrow RecordBatches of `columns` (``batch_rows``
+    rows each, the last one shorter), after checking that each of them exists exactly once."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
@@ -179,12 +229,13 @@ def _record_batches(path: str, fmt: str, columns: List[str], batch_rows: int):
     try:
         if fmt == "parquet":
             pf = pq.ParquetFile(path)
-            names = pf.schema_arrow.names
+            schema = pf.schema_arrow
             total = pf.metadata.num_rows
         else:
-            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22))
-            names = reader.schema.names
+            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES))
+            schema = reader.schema
             total = None
+        names = schema.names
     except (pa.ArrowInvalid, OSError) as e:
         if "Empty CSV file" in str(e) or (fmt == "csv" and os.path.getsize(path) == 0):
             raise CLIError(f"{path}: the file is empty") from None
@@ -193,17 +244,50 @@ def _record_batches(path: str, fmt: str, columns: List[str], batch_rows: int):
     if missing:
         raise CLIError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}; "
                        f"the file has {', '.join(names)}")
+    # A name given twice is ambiguous: pyarrow's lookups by name answer -1 (or raise) for it,
+    # and column(-1) would quietly be the last column.
+    twice = [c for c in columns if names.count(c) > 1]
+    if twice:
+        raise CLIError(f"{path}: column {twice[0]!r} appears {names.count(twice[0])} times; "
+                       f"it is ambiguous (rename the columns so that each name is used once)")
 
     def gen():
         if fmt == "parquet":
             yield from pf.iter_batches(batch_size=batch_rows, columns=columns)
         else:
             # A fresh reader restricted to the needed columns (the probe above read the header only).
-            r = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22),
+            r = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
                                convert_options=pacsv.ConvertOptions(include_columns=columns))
-            for batch in r:
-                yield batch
-    return gen(), total
+            yield from _rebatch(r, batch_rows)
+    return gen(), total, schema
+
+
+# The CSV reader cuts blocks by bytes; _rebatch turns them into batches of --batch-rows rows.
+_CSV_BLOCK_BYTES = 1 << 22
+
+
+def _rebatch(batches, rows: int):
+    """The rows of ``batches`` (an iterable of RecordBatches), re-cut into batches of
+    ``rows`` rows (the last one shorter)."""
+    import pyarrow as pa
+
+    pending, have = [], 0
+    for batch in batches:
+        while batch.num_rows:
+            take = min(rows - have, batch.num_rows)
+            pending.append(batch.slice(0, take))
+            have += take
+            batch = batch.slice(take)
+            if have == rows:
+                yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+                pending, have = [], 0
+    if have:
+        yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+
+
+def _column(batch, name: str):
+    """Column ``name`` of ``batch``, found by position (its name is unique: checked above)."""
+    return batch.column(batch.schema.names.index(name))
 
 
 def _binary_column(batch, name: str, row0: int):
@@ -211,7 +295,7 @@ def _binary_column(batch, name: str, row0: int):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    col = batch.column(batch.schema.get_field_index(name))
+    col = _column(batch, name)
     if col.null_count:
         first = int(pc.index(pc.is_null(col), True).as_py())
         raise CLIError(f"column {name!r} has a missing value (row {row0 + first}); M4 needs 0/1 everywhere")
@@ -231,7 +315,7 @@ def _numeric_column(batch, name: str, row0: int):
     import numpy as np
     import pyarrow as pa
 
-    col = batch.column(batch.schema.get_field_index(name))
+    col = _column(batch, name)
     if col.null_count or not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
         raise CLIError(f"column {name!r} must be numeric without missing values")
     arr = col.to_numpy(zero_copy_only=False).astype(np.float64)
@@ -259,7 +343,7 @@ def _run_balance(args) -> int:
     import pyarrow as pa
     from tqdm import tqdm
 
-    from . import m4
+    from . import _io, m4
 
     src = _os.path.abspath(args.input)
     dst = _os.path.abspath(args.out)
@@ -280,14 +364,27 @@ def _run_balance(args) -> int:
     groups, labels = _split_cols(args.sensitive), _split_cols(args.labels)
     if not groups:
         raise CLIError("--sensitive: give at least one column")
-    if args.batch_rows < 1:
-        raise CLIError("--batch-rows: must be >= 1")
+    try:
+        _column_spec(groups, labels, args.utility)
+    except ValueError as e:
+        raise CLIError(_flag_names(str(e))) from None
     extra = [c for c in (args.utility, args.id) if c]
     columns = list(dict.fromkeys(groups + labels + extra))
-    target = _parse_target(args.target)
+    target = _parse_target(args.target, len(groups))
+    batch_rows = args.batch_rows or _DEFAULT_BATCH_ROWS
+    # OUTPUT, its report, and the folder they go to, all checked before any data is read.
+    stem = _os.path.splitext(dst)[0] + ".report"
+    outputs = [dst, stem + ".png", stem + ".json"]  # the order of the commit: the JSON last
+    folder = _os.path.dirname(dst)
+    _io.clean_stale(folder)  # what crashed runs left here: finished (a cut-short commit) or removed
+    _check_outputs(outputs, args.overwrite)
+    try:
+        _io.check_writable_folder(folder)
+    except OSError as e:
+        raise CLIError(f"--out: cannot write in folder {folder!r}: {e.strerror or e}") from None
 
     def read_pass(desc):
-        batches, total = _record_batches(args.input, in_fmt, columns, args.batch_rows)
+        batches, total, _ = _record_batches(args.input, in_fmt, columns, batch_rows)
         bar = tqdm(total=total, unit="rows", desc=desc, disable=args.no_progress, file=sys.stderr)
         row0 = 0
         for batch in batches:
@@ -295,13 +392,19 @@ def _run_balance(args) -> int:
             y = (np.stack([_binary_column(batch, c, row0) for c in labels], axis=1) if labels
                  else np.zeros((batch.num_rows, 0), np.uint8))
             u = _numeric_column(batch, args.utility, row0) if args.utility else None
-            ids = (batch.column(batch.schema.get_field_index(args.id)) if args.id
+            ids = (_column(batch, args.id) if args.id
                    else pa.array(np.arange(row0, row0 + batch.num_rows, dtype=np.int64)))
             yield s, y, u, ids
             row0 += batch.num_rows
             bar.update(batch.num_rows)
         bar.close()
 
+    _, _, schema = _record_batches(args.input, in_fmt, columns, batch_rows)  # the header: checks only
+    if args.id and out_fmt == "csv":
+        id_type = schema.field(schema.names.index(args.id)).type
+        if pa.types.is_nested(id_type):
+            raise CLIError(f"--id: column {args.id!r} has type {id_type}, which a CSV OUTPUT cannot hold; "
+                           f"write a .parquet OUTPUT")
     id_name = args.id or "row"
     kept = {"q": [], "ids": []}
     try:
@@ -324,19 +427,21 @@ def _run_balance(args) -> int:
     except ValueError as e:  # argument errors of m4.balance (target, budget, ...)
         raise CLIError(str(e)) from None
 
-    stem = _os.path.splitext(dst)[0] + ".report"
     summary.update({"input": src, "output": dst, "sensitive": groups, "labels": labels,
                     "budget": args.budget, "eps_rep": args.eps_rep, "eps_assoc": args.eps_assoc})
-    _write_report(stem, summary, report)
-    if summary["status"] == "infeasible":
+    infeasible = summary["status"] == "infeasible"
+    table = None
+    if not infeasible:
+        q = np.concatenate([np.asarray(x, dtype=np.float64) for x in kept["q"]])
+        ids = pa.chunked_array([c for part in kept["ids"]
+                                for c in (part.chunks if hasattr(part, "chunks") else [part])])
+        cols = {id_name: ids, "q": pa.array(q)}
+        if args.sample:
+            cols["keep"] = pa.array(m4.sample(q, seed=args.seed))
+        table = pa.table(cols)
+    _commit_outputs(outputs, table, out_fmt, summary, report)
+    if infeasible:
         raise CLIError(f"{summary['message']} (report: {stem}.json)")
-
-    q = np.concatenate([np.asarray(x, dtype=np.float64) for x in kept["q"]])
-    ids = pa.chunked_array([c for part in kept["ids"] for c in (part.chunks if hasattr(part, "chunks") else [part])])
-    cols = {id_name: ids, "q": pa.array(q)}
-    if args.sample:
-        cols["keep"] = pa.array(m4.sample(q, seed=args.seed))
-    _write_table_atomic(pa.table(cols), dst, out_fmt)
     print(json.dumps({k: summary[k] for k in ("status", "kept_fraction", "rb_before", "rb_after", "ab_before",
                                                "ab_after", "max_violation")}, default=float))
     if summary["status"] != "optimal":
@@ -383,22 +488,95 @@ def _stream_balance(args, read_pass, target, kept, groups: List[str], labels: Li
     return {**report.summary(), "mu": solver.mu}, report
 
 
-def _write_table_atomic(table, dst: str, fmt: str) -> None:
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    from ._io import atomic_output
-
-    with atomic_output(dst) as tmp:
-        if fmt == "parquet":
-            pq.write_table(table, tmp)
-        else:
-            pacsv.write_csv(table, tmp)
-
-
 def _write_report(stem: str, summary: dict, report) -> None:
     from .m4._files import write_report
     write_report(stem, summary, report)
+
+
+def _column_spec(groups, labels, utility, **tags):
+    """The columns' roles checked as the dataset path checks them (a column named twice, or
+    in two roles, is refused); ValueError/TypeError with the argument's name."""
+    from .m4._columns import ColumnSpec
+    return ColumnSpec.make(sensitive=groups, labels=labels, utility=utility, **tags)
+
+
+_FLAGS = {"sensitive_from": "--sensitive-from", "labels_from": "--labels-from", "sensitive": "--sensitive",
+          "labels": "--labels", "utility": "--utility"}
+
+
+def _flag_names(text: str) -> str:
+    """A message of the Python API, with its argument names as the CLI's flags."""
+    import re
+    text = re.sub(r"^(sensitive_from|labels_from|sensitive|labels|utility)\b", lambda m: _FLAGS[m.group(1)], text)
+    text = re.sub(r"(?<!['\w-])(sensitive_from|labels_from)=", lambda m: _FLAGS[m.group(1)] + " ", text)
+    return re.sub(r"(already used as )(sensitive_from|labels_from|sensitive|labels|utility)\b",
+                  lambda m: m.group(1) + _FLAGS[m.group(2)], text)
+
+
+def _read_only(path: str) -> bool:
+    # No write bit at all is the owner's "do not replace" (root may write anyway), and
+    # os.access covers files this user may not write.
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:  # a dangling link: replacing it loses nothing
+        return False
+    return not (st.st_mode & 0o222) or not os.access(path, os.W_OK)
+
+
+def _check_outputs(paths: List[str], overwrite: bool) -> None:
+    """OUTPUT and its report files: none is a directory, none read-only (unless --overwrite)."""
+    for i, path in enumerate(paths):
+        what = "--out" if i == 0 else "--out: the report file"
+        if not os.path.lexists(path):
+            continue
+        if os.path.isdir(path):
+            raise CLIError(f"{what} {path!r} is a directory (a .parquet/.csv OUTPUT names a file; "
+                           f"for a dataset OUTPUT folder, leave out the suffix)")
+        if not overwrite and _read_only(path):
+            raise CLIError(f"{what} {path!r} exists and is read-only; pass --overwrite to replace it")
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _commit_outputs(outputs: List[str], table, fmt: str, summary: dict, report) -> None:
+    """Write the table (None: an infeasible run, which has none) and the report into a
+    staging folder beside OUTPUT, then replace OUTPUT and the report together
+    (pym4._io.Staging): the report's JSON, placed last, names the table's size and sha256,
+    so whenever it exists it describes the table beside it. An infeasible run removes the
+    old table with the old report. A failure changes nothing."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from . import _io
+
+    names = [os.path.basename(p) for p in outputs]
+    stem = os.path.splitext(names[2])[0]
+    try:
+        with _io.Staging(os.path.dirname(outputs[0])) as stage:
+            if table is None:
+                summary.update({"output": None, "output_rows": 0, "output_bytes": 0, "output_sha256": None})
+            else:
+                tmp = stage.path(names[0])
+                if fmt == "parquet":
+                    pq.write_table(table, tmp)
+                else:
+                    pacsv.write_csv(table, tmp)
+                summary.update({"output_rows": table.num_rows, "output_bytes": os.path.getsize(tmp),
+                                "output_sha256": _file_sha256(tmp)})
+            _write_report(stage.path(stem), summary, report)
+            if table is None:
+                stage.commit(names[1:], remove=names[:1])
+            else:
+                stage.commit(names)
+    except OSError as e:
+        raise CLIError(f"--out: cannot write {outputs[0]!r}: {e.strerror or e}") from None
 
 
 # Subcommands in the order `pym4 --help` lists them.
@@ -418,11 +596,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        rc = int(args.run(args) or 0)
+        sys.stdout.flush()  # a reader that has gone (`pym4 info | head`) shows here, not at exit
+        return rc
     except CLIError as e:
         print(f"pym4: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Python's recipe: point stdout at devnull, so the interpreter's last flush does not
+        # fail again, and exit as a tool killed by SIGPIPE does (128 + 13).
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file (captured): nothing to redirect
+            pass
+        return 141
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m pym4.cli` runs this file as __main__; the modules it imports (the dataset
+    # runner) raise pym4.cli.CLIError, so run pym4.cli's main, whose except names that class.
+    from pym4.cli import main as _main
+    sys.exit(_main())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -28,7 +29,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from .. import _backend
-from .._io import atomic_output
+from .._io import atomic_output, clean_stale, temp_prefix
 from . import _feasibility, _inputs, _passes, _problem
 from ._columns import ColumnSpec, DataError
 from ._stages import TOO_MANY, CountsStage, PartialStage, PatternStage, resolve_columns, write_keep_probability
@@ -278,7 +279,11 @@ def fit_dataset(data, *, sensitive=(), labels=(), sensitive_from=None, labels_fr
 
 
 def _partial_name(out: str) -> str:
-    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.pym4-partial")
+    # A name of pym4._io's temporaries (pid and host in it): the leftover of a run killed
+    # while writing is removed by the next clean_stale of the folder, and a run in progress
+    # is never disturbed by another.
+    return os.path.join(os.path.dirname(out),
+                        f"{temp_prefix()}{os.path.basename(out)}-{secrets.token_hex(4)}.tmp")
 
 
 def balance_dataset(source, out, *, sample: bool = False, seed: int = 0, sensitive=(), labels=(),
@@ -291,10 +296,11 @@ def balance_dataset(source, out, *, sample: bool = False, seed: int = 0, sensiti
     and ``keep`` ~ Bernoulli(q) with ``sample``, drawn from ``seed`` and the row's number
     or integer id), ``_pym4_report.json``/``.png`` and ``_pym4_model.json``.
 
-    ``out`` must not exist; it is written as ``.OUT.pym4-partial`` beside it and renamed
-    at the end, the input is never modified. The solver's state is checkpointed to
-    ``OUT.pym4-checkpoint.json`` after every pass: after an interruption (even kill -9) the
-    same call resumes after the last finished pass. Returns the model.
+    ``out`` must not exist; it is written as a temporary folder beside it (``.pym4-<pid>-
+    ...tmp``) and renamed at the end, so it appears complete or not at all; the input is
+    never modified. The solver's state is checkpointed to ``OUT.pym4-checkpoint.json``
+    after every pass: after an interruption (even kill -9) the same call resumes after the
+    last finished pass, and removes what the interrupted run left. Returns the model.
     """
     from ..engines import engine_for
     out = os.path.abspath(os.fspath(out))
@@ -309,13 +315,12 @@ def balance_dataset(source, out, *, sample: bool = False, seed: int = 0, sensiti
     _check_args(budget, eps_rep, eps_assoc, tol, max_passes, max_patterns)
     eng = engine_for(source, engine, **(engine_options or {}))
     checkpoint = out + CHECKPOINT_SUFFIX
+    clean_stale(os.path.dirname(out))  # an interrupted run's output folder and checkpoint temporaries
     model, rep = _fit(eng, spec, target=target, budget=budget, eps_rep=eps_rep, eps_assoc=eps_assoc, tol=tol,
                       max_passes=max_passes, max_patterns=max_patterns, checkpoint=checkpoint, keep_checkpoint=True,
                       progress=progress)
     from ._files import write_report
     tmp = _partial_name(out)
-    if os.path.exists(tmp):  # left by an interrupted run of this same call
-        shutil.rmtree(tmp)
     try:
         parts = write_keep_probability(eng, model, tmp, int(seed) if sample else None)
         summary = {**rep.summary(), **{k: v for k, v in model.info.items() if k != "message"},
@@ -323,12 +328,15 @@ def balance_dataset(source, out, *, sample: bool = False, seed: int = 0, sensiti
                    "groups": model.group_names, "labels": model.label_names}
         write_report(os.path.join(tmp, "_pym4_report"), summary, rep)
         model.save(os.path.join(tmp, "_pym4_model.json"))
+        # The checkpoint goes first: killed between the two steps, the next run finds neither
+        # OUT nor a checkpoint and starts afresh; the other way round, it would find OUT
+        # complete and refuse to run, and the checkpoint would stay forever.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(checkpoint)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(checkpoint)
     model.info["output"] = out
     return model
 
