@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 import torch
@@ -15,6 +15,25 @@ from ._problem import Problem
 
 _ARRAYS = ("v_plus", "v_minus", "avg_w", "curv")
 _SCALARS = ("mu", "mu_avg", "n_seen", "steps")  # the core's `scalars` layout, in this order
+# 2: tensors and python scalars (torch.load(weights_only=True) reads them); 1: numpy arrays.
+STATE_VERSION = 2
+
+
+_INF = float("inf")
+
+
+def _config(**values) -> Dict[str, Any]:
+    """The solver's checked configuration: the one set of checks of the constructor and of
+    :meth:`M4Solver.load_state_dict`; each error names its argument."""
+    out = {}
+    for key, v in values.items():
+        if key == "batch_size":
+            out[key] = _inputs.positive_int(v, key)
+        elif key == "budget":
+            out[key] = _inputs.scalar(v, key, 0.0, 1.0, lo_open=True)
+        else:  # eps_rep, eps_assoc, gamma >= 0 and lr > 0: finite numbers
+            out[key] = _inputs.scalar(v, key, 0.0, _INF, lo_open=key == "lr", hi_open=True)
+    return out
 
 
 @dataclass
@@ -89,12 +108,10 @@ class M4Solver:
     def __init__(self, target, *, budget: float = 0.9, eps_rep: float = 0.01, eps_assoc: float = 0.01,
                  lr: float = 0.1, gamma: float = 3.0, batch_size: int = 256, group=None,
                  backend: Optional[str] = None):
-        self.budget = _inputs.scalar(budget, "budget", 0.0, 1.0, lo_open=True)
-        self.eps_rep = _inputs.scalar(eps_rep, "eps_rep", 0.0, float("inf"))
-        self.eps_assoc = _inputs.scalar(eps_assoc, "eps_assoc", 0.0, float("inf"))
-        self.lr = _inputs.scalar(lr, "lr", 0.0, float("inf"), lo_open=True)
-        self.gamma = _inputs.scalar(gamma, "gamma", 0.0, float("inf"))
-        self.batch_size = _inputs.positive_int(batch_size, "batch_size")
+        cfg = _config(budget=budget, eps_rep=eps_rep, eps_assoc=eps_assoc, lr=lr, gamma=gamma,
+                      batch_size=batch_size)
+        self.budget, self.eps_rep, self.eps_assoc = cfg["budget"], cfg["eps_rep"], cfg["eps_assoc"]
+        self.lr, self.gamma, self.batch_size = cfg["lr"], cfg["gamma"], cfg["batch_size"]
         self.group = group
         self.backend = backend
         if target is None:
@@ -150,33 +167,57 @@ class M4Solver:
             raise RuntimeError("M4Solver: call partial_fit (or load_state_dict) first")
 
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to resume: configuration and dual state (numpy arrays, copies)."""
+        """Everything needed to resume: the configuration (python scalars) and the dual state
+        (float64 torch tensors, copies), so ``torch.save`` writes it and ``torch.load`` with
+        its default ``weights_only=True`` reads it back. ``version`` is the layout's
+        (:data:`STATE_VERSION`); :meth:`load_state_dict` also reads the states of earlier
+        versions (numpy arrays, no ``version`` key)."""
         self._check_fitted()
         pr, st = self.problem, self.state
-        return {"m": self.m, "c": self.c, "target": pr.target.copy(), "budget": pr.budget, "eps_rep": pr.eps_rep,
-                "eps_assoc": pr.eps_assoc, "lr": self.lr, "gamma": self.gamma, "batch_size": self.batch_size,
-                **{k: getattr(st, k).copy() for k in _ARRAYS}, "scalars": st.scalars()}
+        return {"version": STATE_VERSION, "m": int(self.m), "c": int(self.c),
+                "target": torch.tensor(pr.target, dtype=torch.float64), "budget": float(pr.budget),
+                "eps_rep": float(pr.eps_rep), "eps_assoc": float(pr.eps_assoc), "lr": float(self.lr),
+                "gamma": float(self.gamma), "batch_size": int(self.batch_size),
+                **{k: torch.tensor(getattr(st, k), dtype=torch.float64) for k in _ARRAYS},
+                "scalars": torch.tensor(st.scalars(), dtype=torch.float64)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> "M4Solver":
+        """Resume from :meth:`state_dict` (of this version or an earlier one). Every entry is
+        checked as the constructor checks its arguments, before anything changes: a
+        missing, unknown, truncated or out-of-range entry is a ValueError naming its key."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state: expected the dict of M4Solver.state_dict(), got {type(state).__name__}")
+        version = state.get("version", 1)
+        if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or not 1 <= version <= STATE_VERSION:
+            raise ValueError(f"state['version']: expected an integer in [1, {STATE_VERSION}], got {version!r}")
         need = {"m", "c", "target", "budget", "eps_rep", "eps_assoc", "lr", "gamma", "batch_size", *_ARRAYS,
                 "scalars"}
-        missing = need - set(state)
+        missing, extra = need - set(state), set(state) - need - {"version"}
         if missing:
-            raise ValueError(f"state: missing keys {sorted(missing)}")
-        m, c = int(state["m"]), int(state["c"])
+            raise ValueError(f"state: missing keys {sorted(missing)} (not a state_dict() of M4Solver?)")
+        if extra:
+            raise ValueError(f"state: unknown keys {sorted(map(str, extra))} (not a state_dict() of M4Solver?)")
+        m, c = _state_int(state, "m", 1), _state_int(state, "c", 0)
+        try:
+            cfg = _config(**{k: state[k] for k in ("budget", "eps_rep", "eps_assoc", "lr", "gamma", "batch_size")})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"state[{str(e).split(':', 1)[0]!r}]:{str(e).split(':', 1)[1]}") from None
+        try:
+            target = _inputs.target(_state_vector(state, "target", m), m, None)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"state['target']: {str(e).split(': ', 1)[1]}") from None
         p = m * (c + 1)
-        arrays = {}
-        for key, size in (*((k, p) for k in _ARRAYS), ("scalars", 4), ("target", m)):
-            a = np.array(torch.as_tensor(state[key]).cpu().numpy(), dtype=np.float64).reshape(-1)
-            if a.shape[0] != size or not np.all(np.isfinite(a)):
-                raise ValueError(f"state[{key!r}]: expected {size} finite values")
-            arrays[key] = a
+        arrays = {k: _state_vector(state, k, p, nonneg=k != "avg_w") for k in _ARRAYS}
+        mu, mu_avg, n_seen, steps = _state_vector(state, "scalars", 4)
+        if not (n_seen >= 0 and steps >= 0 and n_seen == int(n_seen) and steps == int(steps) and steps <= n_seen):
+            raise ValueError(f"state['scalars']: examples seen ({n_seen!r}) and steps ({steps!r}) must be whole "
+                             f"numbers with 0 <= steps <= examples seen")
         self.m, self.c = m, c
-        self.budget, self.eps_rep, self.eps_assoc = (float(state[k]) for k in ("budget", "eps_rep", "eps_assoc"))
-        self.problem = Problem(arrays["target"], self.budget, self.eps_rep, self.eps_assoc)
-        self.lr, self.gamma, self.batch_size = float(state["lr"]), float(state["gamma"]), int(state["batch_size"])
+        self.budget, self.eps_rep, self.eps_assoc = cfg["budget"], cfg["eps_rep"], cfg["eps_assoc"]
+        self.problem = Problem(target, self.budget, self.eps_rep, self.eps_assoc)
+        self.lr, self.gamma, self.batch_size = cfg["lr"], cfg["gamma"], cfg["batch_size"]
         self.state = StreamState(*(arrays[k] for k in _ARRAYS))
-        self.state.set_scalars(arrays["scalars"])
+        self.state.set_scalars([mu, mu_avg, n_seen, steps])
         return self
 
     # fitting ----------------------------------------------------------------------------------
@@ -291,3 +332,29 @@ class M4Solver:
             _backend.core().m4_keep_probability(_inputs.data_tuple(s8, lab, u), self.problem.core(),
                                                 self.state.avg_w, float(self.state.mu_avg), q)
         return q if origin.is_numpy else torch.from_numpy(q).to(t.device)
+
+
+def _state_int(state, key: str, lo: int) -> int:
+    v = state[key]
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() and v.dtype != torch.bool:
+        v = int(v.item())
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"state[{key!r}]: expected an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def _state_vector(state, key: str, size: int, nonneg: bool = False) -> np.ndarray:
+    """(size,) float64 copy of a state entry (tensor, numpy array or list), finite."""
+    v = state[key]
+    try:
+        a = (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)).astype(np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"state[{key!r}]: expected {size} numbers, got {type(v).__name__}") from None
+    a = np.array(a.reshape(-1))
+    if a.shape[0] != size:
+        raise ValueError(f"state[{key!r}]: expected {size} values, got {a.shape[0]} (truncated or another problem?)")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"state[{key!r}]: contains NaN or Inf")
+    if nonneg and np.any(a < 0):
+        raise ValueError(f"state[{key!r}]: must be >= 0 (got {float(a.min())!r})")
+    return a
