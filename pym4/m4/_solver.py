@@ -358,3 +358,124 @@ def _state_vector(state, key: str, size: int, nonneg: bool = False) -> np.ndarra
     if nonneg and np.any(a < 0):
         raise ValueError(f"state[{key!r}]: must be >= 0 (got {float(a.min())!r})")
     return a
+
+
+# ----- Newton refinement of given duals (balance(method="stream") after the stream's pass) -------
+
+def newton_model(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], problem: Problem, w: np.ndarray,
+                 mu: float):
+    """The dual's quadratic model at duals (w, mu) from one pass over checked rows.
+
+    Returns ``(H, r, after, before)``: H ((p+1, p+1), float64) = sum over the rows with
+    0 < z_i < 1 of [a_i; 1][a_i; 1]^T (z_i = eta + u_i - a_i^T w - mu), r (p+1,) =
+    sum_i q_i [a_i; 1], and the weighted counts (:func:`pym4.m4.weighted_counts` layout) of
+    q_i = clip(z_i, 0, 1) and of the data. The core builds them from per-group-set
+    Kronecker blocks (include/pym4/m4.h); without it, from the dense rows here.
+    """
+    m, c = s8.shape[1], lab.c
+    core = _backend.core()
+    if core is not None:
+        stats = np.zeros(core.m4_newton_stats_size(m, c))
+        core.m4_newton_stats(_inputs.data_tuple(s8, lab, u), problem.core(), w, float(mu), stats)
+        H, r = core.m4_newton_model(m, c, problem.core(), stats)
+        L = c + 1
+        moments = stats[-2 * (1 + m) * L:].reshape(2, 1 + m, L)
+        return H, r, _counts_of_moments(moments[0]), _counts_of_moments(moments[1])
+    y = lab.to_dense().astype(np.float64)
+    d = s8.astype(np.float64) - problem.target
+    v = np.concatenate([np.ones((len(s8), 1)), y], axis=1)
+    a = np.concatenate([(d[:, k:k + 1] * v) for k in range(m)] + [np.ones((len(s8), 1))], axis=1)
+    z = problem.budget + (0.0 if u is None else u) - a[:, :-1] @ w - mu
+    q = np.clip(z, 0.0, 1.0)
+    act = a[(z > 0) & (z < 1)]
+    sf = s8.astype(np.float64)
+    moments = [np.concatenate([(wt @ v)[None], (wt[:, None] * sf).T @ v]) for wt in (q, np.ones(len(s8)))]
+    return act.T @ act, q @ a, _counts_of_moments(moments[0]), _counts_of_moments(moments[1])
+
+
+def _counts_of_moments(mv: np.ndarray) -> np.ndarray:
+    """Weighted counts from [sum w v ; sum w s_k v (m rows)] with v = [1; y]."""
+    return np.concatenate([mv[:1, 0], mv[1:, 0], mv[0, 1:], mv[1:, 1:].reshape(-1)])
+
+
+def newton_step(H: np.ndarray, r: np.ndarray, n: float, problem: Problem, c: int, w: np.ndarray, mu: float,
+                tighten: float = 1e-4, max_sweeps: int = 5000):
+    """The maximiser of the dual's quadratic model at (w, mu) (from :func:`newton_model` over
+    n rows): a full Newton step, l1 terms kept exact. Maximises over x = (w', mu')
+
+        g^T (x - x0) - 1/2 (x - x0)^T (H / n) (x - x0) - sum_j lambda_j (1 - tighten) |w'_j|,
+
+    g = r / n - [0; eta], by cyclic coordinate descent (glmnet's active-set sweeps). The
+    bounds are tightened by ``tighten`` (relative) so that the second-order error of the
+    step (rows that cross a kink of clip) does not carry a constraint past its bound.
+    Returns (w', mu').
+    """
+    p = w.shape[0]
+    Hn = np.asarray(H, dtype=np.float64) / n
+    diag = np.diag(Hn).copy()
+    lam = np.r_[problem.tolerances(c) * (1.0 - tighten), 0.0]
+    x0 = np.r_[w, mu]
+    x = x0.copy()
+    grad = np.asarray(r, dtype=np.float64) / n - np.r_[np.zeros(p), problem.budget]  # model gradient at x
+    ok = diag > 1e-14 * max(1.0, float(diag.max(initial=0.0)))  # no curvature: the coordinate stays
+    box = 1e6
+
+    def sweep(coords) -> float:
+        worst = 0.0
+        for j in coords:
+            t = x[j] + grad[j] / diag[j]
+            new = t if lam[j] == 0.0 else np.sign(t) * max(abs(t) - lam[j] / diag[j], 0.0)
+            new = min(max(new, -box), box)
+            delta = new - x[j]
+            if delta != 0.0:
+                x[j] = new
+                np.subtract(grad, delta * Hn[:, j], out=grad)
+                worst = max(worst, abs(delta) * diag[j])
+        return worst
+
+    every = np.flatnonzero(ok)
+    for _ in range(max_sweeps):
+        if sweep(every) <= 1e-13:
+            break
+        active = every[x[every] != 0.0]
+        for _ in range(max_sweeps):  # converge on the nonzero duals, then check all again
+            if sweep(active) <= 1e-13:
+                break
+    return x[:p].copy(), float(x[p])
+
+
+def keep_probability_at_budget(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], problem: Problem,
+                               w: np.ndarray, mu0: float):
+    """(q, mu): q_i = clip(eta + u_i - a_i^T w - mu, 0, 1) with mu such that mean q = eta
+    exactly (to rounding) on these rows, found from mu0 by safeguarded Newton steps on the
+    monotone piecewise-linear mean (the core's; the same steps in numpy without it)."""
+    n = s8.shape[0]
+    q = np.empty(n)
+    core = _backend.core()
+    if core is not None:
+        mu = core.m4_keep_probability_at_budget(_inputs.data_tuple(s8, lab, u), problem.core(), w, float(mu0), q)
+        return q, float(mu)
+    y = lab.to_dense().astype(np.float64)
+    d = s8.astype(np.float64) - problem.target
+    wk = w.reshape(s8.shape[1], lab.c + 1)
+    z = problem.budget + (0.0 if u is None else u) - (d * (wk[:, 0] + y @ wk[:, 1:].T)).sum(axis=1)
+    lo, hi, target = z.min() - 1.0, z.max(), n * problem.budget
+    mu = min(max(mu0, lo), hi)
+    for _ in range(200):
+        t = z - mu
+        f = np.clip(t, 0.0, 1.0).sum() - target
+        if abs(f) <= 1e-13 * n:
+            break
+        if f > 0:
+            lo = mu
+        else:
+            hi = mu
+        active = np.count_nonzero((t > 0) & (t < 1))
+        nxt = mu + f / active if active else 0.5 * (lo + hi)
+        if not lo < nxt < hi:
+            nxt = 0.5 * (lo + hi)
+        if nxt == mu or hi - lo <= 1e-15 * (1.0 + abs(mu)):
+            break
+        mu = nxt
+    np.clip(z - mu, 0.0, 1.0, out=q)
+    return q, float(mu)
