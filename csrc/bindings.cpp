@@ -422,31 +422,36 @@ PYBIND11_MODULE(_core, m) {
         "One stochastic dual-ascent step from (all-reduced) mini-batch stats.");
   m.def("m4_stream_fit",
         [](py::tuple data, py::tuple problem, double lr, double gamma, int64_t batch_size, py::array v_plus,
-           py::array v_minus, py::array avg_w, py::array curv, py::array scalars) {
+           py::array v_minus, py::array avg_w, py::array curv, py::array scalars, py::object order) {
           auto d = m4_data(data);
           auto pr = m4_problem(problem, d.m);
           PYM4_CHECK_VALUE(batch_size >= 1, "batch_size: must be >= 1, got " << batch_size);
           auto s = m4_state(v_plus, v_minus, avg_w, curv, scalars, d.dim());
+          // The caller passes a permutation of [0, n) (checked in pym4/m4/_solver.py).
+          const int64_t* op = order.is_none() ? nullptr : m4_array<int64_t>(order, "order", 1, 'i', d.n);
           pym4::m4::StreamConfig cfg;
           cfg.lr = lr;
           cfg.gamma = gamma;
           cfg.batch_size = batch_size;
           py::gil_scoped_release release;
-          return pym4::m4::stream_fit(d, pr, cfg, s.st);
+          return pym4::m4::stream_fit(d, pr, cfg, s.st, op);
         },
         py::arg("data"), py::arg("problem"), py::arg("lr"), py::arg("gamma"), py::arg("batch_size"),
         py::arg("v_plus"), py::arg("v_minus"), py::arg("avg_w"), py::arg("curv"), py::arg("scalars"),
-        "Stochastic dual ascent over consecutive mini-batches; returns the number of steps.");
+        py::arg("order") = py::none(),
+        "Stochastic dual ascent over consecutive mini-batches (of the rows in `order` when given);\n"
+        "returns the number of steps.");
   m.def("m4_newton_stats",
-        [](py::tuple data, py::tuple problem, py::array w, double mu, py::array stats) {
+        [](py::tuple data, py::tuple problem, py::array w, double mu, int64_t hessian_stride, py::array stats) {
           auto d = m4_data(data);
           auto pr = m4_problem(problem, d.m);
           const double* wp = m4_array<double>(w, "w", 1, 'f', d.dim());
           double* sp = m4_out<double>(stats, "stats", pym4::m4::newton_stats_size(d.m, d.c));
           py::gil_scoped_release release;
-          pym4::m4::newton_stats(d, pr, wp, mu, sp);
+          pym4::m4::newton_stats(d, pr, wp, mu, hessian_stride, sp);
         },
-        py::arg("data"), py::arg("problem"), py::arg("w"), py::arg("mu"), py::arg("stats"),
+        py::arg("data"), py::arg("problem"), py::arg("w"), py::arg("mu"), py::arg("hessian_stride"),
+        py::arg("stats"),
         "Adds the Newton-model sums at duals (w, mu) into stats (see include/pym4/m4.h).");
   m.def("m4_newton_model",
         [](int64_t m_, int64_t c, py::tuple problem, py::array stats) {

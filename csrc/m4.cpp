@@ -176,13 +176,14 @@ inline int64_t pair_index(int64_t k, int64_t l, int64_t m) {  // k < l, upper tr
   return k * (2 * m - k - 1) / 2 + (l - k - 1);
 }
 
-PYM4_SIMD_CLONES void newton_range(const Data& d, const Problem& prob, const double* w, double mu, int64_t b,
-                                   int64_t e, double* acc) {
+PYM4_SIMD_CLONES void newton_range(const Data& d, const Problem& prob, const double* w, double mu, int64_t stride,
+                                   int64_t b, int64_t e, double* acc) {
   const int64_t m = d.m, c = d.c, L = c + 1;
   const int64_t LL = L * L, nb = 1 + m + m * (m - 1) / 2;
   double* blocks = acc;
   double* qv = acc + nb * LL;    // (1 + m) x L
   double* cv = qv + (1 + m) * L;  // (1 + m) x L
+  double* sampled = cv + (1 + m) * L;
   std::vector<int32_t> idx(static_cast<size_t>(L));
   std::vector<int64_t> groups(static_cast<size_t>(m));
   for (int64_t i = b; i < e; ++i) {
@@ -206,6 +207,8 @@ PYM4_SIMD_CLONES void newton_range(const Data& d, const Problem& prob, const dou
         ck[idx[t]] += 1.0;
       }
     }
+    if (i % stride != 0) continue;
+    sampled[0] += 1.0;
     if (!(z > 0.0 && z < 1.0)) continue;  // clipped: no curvature
     auto add_outer = [&](double* blk) {
       for (int64_t t = 0; t < nz; ++t) {
@@ -322,15 +325,54 @@ void apply_update(const Problem& prob, int64_t m, int64_t c, const StreamConfig&
   avg_mu = (1.0 - r) * avg_mu + r * mu;
 }
 
-int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st) {
+int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
+                   const int64_t* order) {
   const int64_t p = d.dim();
   const int64_t B = std::max<int64_t>(1, cfg.batch_size);
   std::vector<double> stats(stats_size(p)), w(p);
+  // The gathered mini-batch (order given): rows order[b..e) copied into contiguous buffers.
+  const int64_t Bn = std::min(B, std::max<int64_t>(d.n, 1));
+  std::vector<uint8_t> gs(order ? Bn * d.m : 0), gy(order && d.y ? Bn * d.c : 0);
+  std::vector<double> gu(order && d.u ? Bn : 0);
+  std::vector<int64_t> gptr(order && !d.y ? Bn + 1 : 0);
+  std::vector<int32_t> gidx;
   int64_t steps = 0;
   for (int64_t b = 0; b < d.n; b += B) {
     const int64_t e = std::min(d.n, b + B);
     for (int64_t j = 0; j < p; ++j) w[j] = st.v_plus[j] - st.v_minus[j];
-    batch_stats(d, prob, w.data(), st.scalars[0], b, e, stats.data());
+    if (order) {
+      Data g;
+      g.n = e - b;
+      g.m = d.m;
+      g.c = d.c;
+      g.s = gs.data();
+      g.ld_s = d.m;
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t src = order[i];
+        std::copy(d.s + src * d.ld_s, d.s + src * d.ld_s + d.m, gs.data() + (i - b) * d.m);
+        if (d.u) gu[i - b] = d.u[src];
+      }
+      if (d.y) {
+        for (int64_t i = b; i < e; ++i)
+          std::copy(d.y + order[i] * d.ld_y, d.y + order[i] * d.ld_y + d.c, gy.data() + (i - b) * d.c);
+        g.y = gy.data();
+        g.ld_y = d.c;
+      } else {
+        gidx.clear();
+        gptr[0] = 0;
+        for (int64_t i = b; i < e; ++i) {
+          const int64_t src = order[i];
+          gidx.insert(gidx.end(), d.y_indices + d.y_indptr[src], d.y_indices + d.y_indptr[src + 1]);
+          gptr[i - b + 1] = static_cast<int64_t>(gidx.size());
+        }
+        g.y_indptr = gptr.data();
+        g.y_indices = gidx.data();
+      }
+      if (d.u) g.u = gu.data();
+      batch_stats(g, prob, w.data(), st.scalars[0], 0, g.n, stats.data());
+    } else {
+      batch_stats(d, prob, w.data(), st.scalars[0], b, e, stats.data());
+    }
     apply_update(prob, d.m, d.c, cfg, st, stats.data());
     ++steps;
   }
@@ -339,12 +381,14 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
 
 int64_t newton_stats_size(int64_t m, int64_t c) {
   const int64_t L = c + 1;
-  return (1 + m + m * (m - 1) / 2) * L * L + 2 * (1 + m) * L;
+  return (1 + m + m * (m - 1) / 2) * L * L + 2 * (1 + m) * L + 1;
 }
 
-void newton_stats(const Data& d, const Problem& prob, const double* w, double mu, double* stats) {
+void newton_stats(const Data& d, const Problem& prob, const double* w, double mu, int64_t hessian_stride,
+                  double* stats) {
+  const int64_t stride = std::max<int64_t>(1, hessian_stride);
   parallel_accumulate(d.n, newton_stats_size(d.m, d.c), stats,
-                      [&](int64_t b, int64_t e, double* acc) { newton_range(d, prob, w, mu, b, e, acc); });
+                      [&](int64_t b, int64_t e, double* acc) { newton_range(d, prob, w, mu, stride, b, e, acc); });
 }
 
 void newton_model(const Problem& prob, int64_t m, int64_t c, const double* stats, double* H, double* r) {

@@ -229,8 +229,8 @@ def test_stream_pass_alone_reports_what_holds():
     assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [f"pym4.m4.balance: {res.message}"]
 
 
-@pytest.mark.parametrize("m,c,sparse", [(2, 5, False), (3, 4, False), (3, 150, True), (1, 0, False)])
-def test_newton_model_matches_dense_formula(m, c, sparse):
+@pytest.mark.parametrize("m,c,sparse,stride", [(2, 5, False, 1), (3, 4, False, 3), (3, 150, True, 2), (1, 0, False, 1)])
+def test_newton_model_matches_dense_formula(m, c, sparse, stride):
     from pym4.m4 import _inputs, _problem, _solver
     s, y = make_data(3000, m, max(c, 1), 7)
     y = y[:, :c]
@@ -243,14 +243,14 @@ def test_newton_model_matches_dense_formula(m, c, sparse):
     lab = _inputs.as_labels(y, 3000)
     if sparse:
         assert lab.dense is None  # c >= 128: index lists
-    H, r, after, before = _solver.newton_model(_inputs.binary_matrix(s, "s"), lab, u, problem, w, mu)
+    H, n_h, r, after, before = _solver.newton_model(_inputs.binary_matrix(s, "s"), lab, u, problem, w, mu, stride)
     # The reference: dense rows a_i = [(s_i - pi) (x) [1; y_i]; 1].
     v = np.concatenate([np.ones((3000, 1)), y], axis=1)
     a = np.concatenate([np.einsum("ik,ij->ikj", s - pi, v).reshape(3000, -1), np.ones((3000, 1))], axis=1)
     z = 0.6 + u - a[:, :-1] @ w - mu
     q = np.clip(z, 0, 1)
-    act = (z > 0) & (z < 1)
-    assert 0 < act.sum() < 3000
+    act = (z > 0) & (z < 1) & (np.arange(3000) % stride == 0)  # the curvature's rows
+    assert 0 < act.sum() < 3000 and n_h == len(range(0, 3000, stride))
     np.testing.assert_allclose(H, a[act].T @ a[act], rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(r, q @ a, rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(after, _counts(s, y, q), rtol=1e-12, atol=1e-9)

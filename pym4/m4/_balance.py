@@ -162,12 +162,19 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     else:
         solver = M4Solver(problem.target, budget=problem.budget, eps_rep=problem.eps_rep,
                           eps_assoc=problem.eps_assoc, lr=lr, batch_size=batch_size, backend=backend)
-        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-        solver.partial_fit(s8[order], lab.take(order), None if u is None else u[order])
+        order = np.random.default_rng(seed).permutation(n) if shuffle else None
+        if solver._backend_for("m4_fit", s8) == "cpu":  # the core gathers each mini-batch itself
+            solver._fit_core(s8, lab, u, order)
+        elif order is None:
+            solver.partial_fit(s8, lab, u)
+        else:
+            solver.partial_fit(s8[order], lab.take(order), None if u is None else u[order])
         w, mu = solver.state.avg_w.copy(), float(solver.state.mu_avg)
         for _ in range(refine):
-            H, r, _, before = _solver.newton_model(s8, lab, u, problem, w, mu)
-            w, mu = _solver.newton_step(H, r, n, problem, lab.c, w, mu)
+            # The gradient over every row, the curvature over a strided sample of about
+            # HESSIAN_ROWS rows: an inexact Newton step, which converges as the gradient is exact.
+            H, n_h, r, _, before = _solver.newton_model(s8, lab, u, problem, w, mu, _solver.hessian_stride(n))
+            w, mu = _solver.newton_step(H, n_h, r, n, problem, lab.c, w, mu)
         q, mu = _solver.keep_probability_at_budget(s8, lab, u, problem, w, mu)
         iterations, status = solver.steps + refine, "optimal"
 

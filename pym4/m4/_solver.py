@@ -253,7 +253,10 @@ class M4Solver:
             steps = int(t.item())
         return steps
 
-    def _fit_core(self, s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray]) -> None:
+    def _fit_core(self, s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray],
+                  order: Optional[np.ndarray] = None) -> None:
+        """The core's pass; ``order`` (a permutation of the n rows, int64) visits the rows in
+        that order without a shuffled copy of the data (one process only)."""
         n, m = s8.shape
         self._init(m, lab.c)
         core, st, pr = _backend.core(), self.state, self.problem.core()
@@ -261,9 +264,12 @@ class M4Solver:
         arrays = (st.v_plus, st.v_minus, st.avg_w, st.curv, scalars)
         if self.group is None:
             if n:
-                core.m4_stream_fit(_inputs.data_tuple(s8, lab, u), pr, self.lr, self.gamma, self.batch_size, *arrays)
+                core.m4_stream_fit(_inputs.data_tuple(s8, lab, u), pr, self.lr, self.gamma, self.batch_size, *arrays,
+                                   order=order)
             st.set_scalars(scalars)
             return
+        if order is not None:
+            raise ValueError("order: not supported with a process group (shuffle each rank's shard instead)")
         import torch.distributed as dist
         B, p = self.batch_size, m * (lab.c + 1)
         for j in range(self._steps(n)):
@@ -362,35 +368,49 @@ def _state_vector(state, key: str, size: int, nonneg: bool = False) -> np.ndarra
 
 # ----- Newton refinement of given duals (balance(method="stream") after the stream's pass) -------
 
+# Rows the Newton model's curvature is estimated from (the gradient uses every row).
+HESSIAN_ROWS = 1 << 18
+
+
+def hessian_stride(n: int) -> int:
+    """Every how many rows the curvature sums take one: about HESSIAN_ROWS of n rows."""
+    return max(1, n // HESSIAN_ROWS)
+
+
 def newton_model(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], problem: Problem, w: np.ndarray,
-                 mu: float):
+                 mu: float, stride: int = 1):
     """The dual's quadratic model at duals (w, mu) from one pass over checked rows.
 
-    Returns ``(H, r, after, before)``: H ((p+1, p+1), float64) = sum over the rows with
-    0 < z_i < 1 of [a_i; 1][a_i; 1]^T (z_i = eta + u_i - a_i^T w - mu), r (p+1,) =
-    sum_i q_i [a_i; 1], and the weighted counts (:func:`pym4.m4.weighted_counts` layout) of
-    q_i = clip(z_i, 0, 1) and of the data. The core builds them from per-group-set
-    Kronecker blocks (include/pym4/m4.h); without it, from the dense rows here.
+    Returns ``(H, n_h, r, after, before)``: H ((p+1, p+1), float64) = sum over the rows
+    i with i % stride == 0 and 0 < z_i < 1 of [a_i; 1][a_i; 1]^T (z_i = eta + u_i -
+    a_i^T w - mu) and n_h the number of rows with i % stride == 0 (so H / n_h estimates the
+    mean curvature; an inexact Newton step converges when the gradient is exact), r
+    (p+1,) = sum_i q_i [a_i; 1] over every row, and the weighted counts
+    (:func:`pym4.m4.weighted_counts` layout) of q_i = clip(z_i, 0, 1) and of the data. The
+    core builds them from per-group-set Kronecker blocks (include/pym4/m4.h); without it,
+    from the dense rows here.
     """
     m, c = s8.shape[1], lab.c
     core = _backend.core()
     if core is not None:
         stats = np.zeros(core.m4_newton_stats_size(m, c))
-        core.m4_newton_stats(_inputs.data_tuple(s8, lab, u), problem.core(), w, float(mu), stats)
+        core.m4_newton_stats(_inputs.data_tuple(s8, lab, u), problem.core(), w, float(mu), int(stride), stats)
         H, r = core.m4_newton_model(m, c, problem.core(), stats)
         L = c + 1
-        moments = stats[-2 * (1 + m) * L:].reshape(2, 1 + m, L)
-        return H, r, _counts_of_moments(moments[0]), _counts_of_moments(moments[1])
+        moments = stats[-2 * (1 + m) * L - 1:-1].reshape(2, 1 + m, L)
+        return H, float(stats[-1]), r, _counts_of_moments(moments[0]), _counts_of_moments(moments[1])
     y = lab.to_dense().astype(np.float64)
     d = s8.astype(np.float64) - problem.target
     v = np.concatenate([np.ones((len(s8), 1)), y], axis=1)
     a = np.concatenate([(d[:, k:k + 1] * v) for k in range(m)] + [np.ones((len(s8), 1))], axis=1)
     z = problem.budget + (0.0 if u is None else u) - a[:, :-1] @ w - mu
     q = np.clip(z, 0.0, 1.0)
-    act = a[(z > 0) & (z < 1)]
+    sampled = np.arange(len(s8)) % stride == 0
+    act = a[(z > 0) & (z < 1) & sampled]
     sf = s8.astype(np.float64)
     moments = [np.concatenate([(wt @ v)[None], (wt[:, None] * sf).T @ v]) for wt in (q, np.ones(len(s8)))]
-    return act.T @ act, q @ a, _counts_of_moments(moments[0]), _counts_of_moments(moments[1])
+    return (act.T @ act, float(np.count_nonzero(sampled)), q @ a, _counts_of_moments(moments[0]),
+            _counts_of_moments(moments[1]))
 
 
 def _counts_of_moments(mv: np.ndarray) -> np.ndarray:
@@ -398,12 +418,13 @@ def _counts_of_moments(mv: np.ndarray) -> np.ndarray:
     return np.concatenate([mv[:1, 0], mv[1:, 0], mv[0, 1:], mv[1:, 1:].reshape(-1)])
 
 
-def newton_step(H: np.ndarray, r: np.ndarray, n: float, problem: Problem, c: int, w: np.ndarray, mu: float,
-                tighten: float = 1e-4, max_sweeps: int = 5000):
+def newton_step(H: np.ndarray, n_h: float, r: np.ndarray, n: float, problem: Problem, c: int, w: np.ndarray,
+                mu: float, tighten: float = 1e-4, max_sweeps: int = 5000):
     """The maximiser of the dual's quadratic model at (w, mu) (from :func:`newton_model` over
-    n rows): a full Newton step, l1 terms kept exact. Maximises over x = (w', mu')
+    n rows, the curvature H over n_h of them): a full Newton step, l1 terms kept exact.
+    Maximises over x = (w', mu')
 
-        g^T (x - x0) - 1/2 (x - x0)^T (H / n) (x - x0) - sum_j lambda_j (1 - tighten) |w'_j|,
+        g^T (x - x0) - 1/2 (x - x0)^T (H / n_h) (x - x0) - sum_j lambda_j (1 - tighten) |w'_j|,
 
     g = r / n - [0; eta], by cyclic coordinate descent (glmnet's active-set sweeps). The
     bounds are tightened by ``tighten`` (relative) so that the second-order error of the
@@ -411,7 +432,7 @@ def newton_step(H: np.ndarray, r: np.ndarray, n: float, problem: Problem, c: int
     Returns (w', mu').
     """
     p = w.shape[0]
-    Hn = np.asarray(H, dtype=np.float64) / n
+    Hn = np.asarray(H, dtype=np.float64) / n_h
     diag = np.diag(Hn).copy()
     lam = np.r_[problem.tolerances(c) * (1.0 - tighten), 0.0]
     x0 = np.r_[w, mu]

@@ -97,8 +97,11 @@ void batch_stats(const Data& d, const Problem& prob, const double* w, double mu,
 void apply_update(const Problem& prob, int64_t m, int64_t c, const StreamConfig& cfg, StreamState& st,
                   const double* stats);
 // batch_stats + apply_update over consecutive mini-batches of cfg.batch_size (the last one
-// may be shorter). Returns the number of steps taken.
-int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st);
+// may be shorter). Returns the number of steps taken. order (n row indices, may be null)
+// visits the rows in that order: each mini-batch is gathered into a small buffer, so a
+// shuffled pass needs no shuffled copy of the data.
+int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
+                   const int64_t* order = nullptr);
 
 // ----- Newton refinement of given duals (method="stream" after its pass) ---------------
 // At fixed duals x = (w, mu) the dual is, to second order, the quadratic model with gradient
@@ -109,9 +112,14 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
 //          sum s_k s_l v v^T (k < l, pair index in row-major order of the upper triangle);
 //   first moments ((1 + m) x L, over all rows): sum q v, sum q s_k v; and the same unweighted,
 //   sum v, sum s_k v: the weighted counts of q and of the data (the report) come from these.
-// stats (newton_stats_size doubles) are plain sums: shards merge by adding.
+// The Hessian needs far fewer rows than the gradient (an inexact Newton step converges
+// when the gradient is exact): only rows i with i % hessian_stride == 0 add to the blocks,
+// and the last entry counts those rows (all of them, active or not), so H / that count
+// estimates the mean curvature. stats (newton_stats_size doubles) are plain sums: shards
+// merge by adding.
 int64_t newton_stats_size(int64_t m, int64_t c);
-void newton_stats(const Data& d, const Problem& prob, const double* w, double mu, double* stats);
+void newton_stats(const Data& d, const Problem& prob, const double* w, double mu, int64_t hessian_stride,
+                  double* stats);
 // The model from merged stats: H ((p+1) x (p+1), row-major, the negated Hessian times N) and
 // r (p+1) = sum_i q_i [a_i; 1], with the index layout of a_i and mu last.
 void newton_model(const Problem& prob, int64_t m, int64_t c, const double* stats, double* H, double* r);
