@@ -370,16 +370,24 @@ PYBIND11_MODULE(_core, m) {
         py::arg("data"), py::arg("problem"), py::arg("w"), py::arg("mu"), py::arg("q"),
         "q_i = clip(eta + u_i - a_i^T w - mu, 0, 1) into q.");
   m.def("m4_keep_probability_at_budget",
-        [](py::tuple data, py::tuple problem, py::array w, double mu0, py::array q) {
+        [](py::tuple data, py::tuple problem, py::array w, double mu0, py::array q, py::object counts_after,
+           py::object counts_before) {
           auto d = m4_data(data);
           auto pr = m4_problem(problem, d.m);
           const double* wp = m4_array<double>(w, "w", 1, 'f', d.dim());
           double* qp = m4_out<double>(q, "q", d.n);
+          const int64_t K = pym4::m4::counts_size(d.m, d.c);
+          py::array ca = counts_after.is_none() ? py::array() : counts_after.cast<py::array>();
+          py::array cb = counts_before.is_none() ? py::array() : counts_before.cast<py::array>();
+          double* cap = counts_after.is_none() ? nullptr : m4_out<double>(ca, "counts_after", K);
+          double* cbp = counts_before.is_none() ? nullptr : m4_out<double>(cb, "counts_before", K);
           py::gil_scoped_release release;
-          return pym4::m4::keep_probability_at_budget(d, pr, wp, mu0, qp);
+          return pym4::m4::keep_probability_at_budget(d, pr, wp, mu0, qp, cap, cbp);
         },
         py::arg("data"), py::arg("problem"), py::arg("w"), py::arg("mu0"), py::arg("q"),
-        "q_i = clip(eta + u_i - a_i^T w - mu, 0, 1) into q with mu such that mean q = eta; returns mu.");
+        py::arg("counts_after") = py::none(), py::arg("counts_before") = py::none(),
+        "q_i = clip(eta + u_i - a_i^T w - mu, 0, 1) into q with mu such that mean q = eta; returns mu.\n"
+        "Adds the weighted counts of q and of the data into counts_after/counts_before when given.");
   m.def("m4_weighted_counts",
         [](py::tuple data, py::object q, py::array counts) {
           auto d = m4_data(data);

@@ -130,14 +130,13 @@ PYM4_SIMD_CLONES void qa_range(const Data& d, const double* pi, const double* q,
   }
 }
 
-PYM4_SIMD_CLONES void counts_range(const Data& d, const double* q, int64_t b, int64_t e, double* acc) {
+// counts += qi [1 | s_i | y_i | s_i (x) y_i] (see weighted_counts).
+inline void count_row(const Data& d, int64_t i, double qi, double* acc) {
   const int64_t m = d.m, c = d.c;
   double* qs = acc + 1;
   double* qy = acc + 1 + m;
   double* qsy = acc + 1 + m + c;
-  for (int64_t i = b; i < e; ++i) {
-    const double qi = q ? q[i] : 1.0;
-    if (qi == 0.0) continue;
+  {
     const Row r = row_of(d, i);
     const uint8_t* s = d.s + i * d.ld_s;
     acc[0] += qi;
@@ -156,6 +155,13 @@ PYM4_SIMD_CLONES void counts_range(const Data& d, const double* q, int64_t b, in
         for (int64_t t = 0; t < r.nnz; ++t) row[r.idx[t]] += qi;
       }
     }
+  }
+}
+
+PYM4_SIMD_CLONES void counts_range(const Data& d, const double* q, int64_t b, int64_t e, double* acc) {
+  for (int64_t i = b; i < e; ++i) {
+    const double qi = q ? q[i] : 1.0;
+    if (qi != 0.0) count_row(d, i, qi, acc);
   }
 }
 
@@ -190,7 +196,15 @@ PYM4_SIMD_CLONES void newton_range(const Data& d, const Problem& prob, const dou
     const Row r = row_of(d, i);
     const uint8_t* s = d.s + i * d.ld_s;
     const int64_t nz = support_of(r, c, idx.data());
-    const double z = prob.eta + (d.u ? d.u[i] : 0.0) - margin_of(d, prob.pi, w, i) - mu;
+    // a_i^T w over the row's support: the labels it has, not all c.
+    double margin = 0.0;
+    for (int64_t k = 0; k < m; ++k) {
+      const double* wk = w + k * L;
+      double acc_k = 0.0;
+      for (int64_t t = 0; t < nz; ++t) acc_k += wk[idx[t]];
+      margin += (static_cast<double>(s[k]) - prob.pi[k]) * acc_k;
+    }
+    const double z = prob.eta + (d.u ? d.u[i] : 0.0) - margin - mu;
     const double q = clip01(z);
     int64_t ng = 0;
     for (int64_t k = 0; k < m; ++k)
@@ -239,7 +253,8 @@ void keep_probability(const Data& d, const Problem& prob, const double* w, doubl
   });
 }
 
-double keep_probability_at_budget(const Data& d, const Problem& prob, const double* w, double mu0, double* q) {
+double keep_probability_at_budget(const Data& d, const Problem& prob, const double* w, double mu0, double* q,
+                                  double* counts_after, double* counts_before) {
   const int64_t n = d.n;
   if (n == 0) return mu0;
   parallel_ranges(n, [&](int64_t b, int64_t e) {
@@ -275,9 +290,20 @@ double keep_probability_at_budget(const Data& d, const Problem& prob, const doub
     if (next == mu || hi - lo <= 1e-15 * (1.0 + std::abs(mu))) break;
     mu = next;
   }
-  parallel_ranges(n, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) q[i] = clip01(q[i] - mu);
+  // The writing pass also counts the kept data (and the data): one more read of the rows.
+  const int64_t K = counts_size(d.m, d.c);
+  std::vector<double> both(2 * K, 0.0);
+  parallel_accumulate(n, 2 * K, both.data(), [&](int64_t b, int64_t e, double* acc) {
+    for (int64_t i = b; i < e; ++i) {
+      q[i] = clip01(q[i] - mu);
+      if (counts_after && q[i] != 0.0) count_row(d, i, q[i], acc);
+      if (counts_before) count_row(d, i, 1.0, acc + K);
+    }
   });
+  for (int64_t j = 0; j < K; ++j) {
+    if (counts_after) counts_after[j] += both[j];
+    if (counts_before) counts_before[j] += both[K + j];
+  }
   return mu;
 }
 

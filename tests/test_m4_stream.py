@@ -262,9 +262,12 @@ def test_keep_probability_at_budget():
     s, y = make_data(100_000, 2, 6, 8)  # large enough for the parallel passes
     problem = _problem.make_problem([0.35, 0.4], 2, None, 0.7, 0.01, 0.01)
     w = np.random.default_rng(2).normal(scale=0.3, size=14)
-    q, mu = _solver.keep_probability_at_budget(_inputs.binary_matrix(s, "s"), _inputs.as_labels(y, 100_000), None,
-                                                problem, w, 0.3)
+    q, mu, after, before = _solver.keep_probability_at_budget(_inputs.binary_matrix(s, "s"),
+                                                              _inputs.as_labels(y, 100_000), None, problem, w, 0.3,
+                                                              want_before=True)
     assert abs(q.mean() - 0.7) <= 1e-12
+    np.testing.assert_allclose(after, _counts(s, y, q), rtol=1e-12)
+    np.testing.assert_allclose(before, _counts(s, y, np.ones(100_000)), rtol=1e-12)
     v = np.concatenate([np.ones((100_000, 1)), y], axis=1)
     margin = ((s - [0.35, 0.4]) * (v @ w.reshape(2, 7).T)).sum(axis=1)
     np.testing.assert_allclose(q, np.clip(0.7 - margin - mu, 0, 1), atol=1e-12)

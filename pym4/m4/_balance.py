@@ -150,7 +150,7 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
                                f"method='stream' runs without it") from None
 
     infeasible: List[str] = []
-    before = None
+    before = after = None
     if method == "exact":
         w, q = np.zeros(p), np.empty(n)
         info = _backend.core().m4_solve_exact(data, problem.core(), max_iter, float(tol), 1e6, w, q)
@@ -175,12 +175,16 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
             # HESSIAN_ROWS rows: an inexact Newton step, which converges as the gradient is exact.
             H, n_h, r, _, before = _solver.newton_model(s8, lab, u, problem, w, mu, _solver.hessian_stride(n))
             w, mu = _solver.newton_step(H, n_h, r, n, problem, lab.c, w, mu)
-        q, mu = _solver.keep_probability_at_budget(s8, lab, u, problem, w, mu)
+        q, mu, after, counted = _solver.keep_probability_at_budget(s8, lab, u, problem, w, mu,
+                                                                   want_before=before is None)
+        before = counted if before is None else before
         iterations, status = solver.steps + refine, "optimal"
 
     if before is None:
         before = _problem.counts(s8, lab, None)
-    rep = _problem.evaluate(problem, before, _problem.counts(s8, lab, q), lab.c,
+    if after is None:
+        after = _problem.counts(s8, lab, q)
+    rep = _problem.evaluate(problem, before, after, lab.c,
                             method=method, iterations=iterations, status=status, infeasible=infeasible,
                             group_names=gnames, label_names=lnames, duals=(w, mu),
                             slack=max(float(tol), 1e-9) if method == "exact" else 1e-9)

@@ -466,16 +466,23 @@ def newton_step(H: np.ndarray, n_h: float, r: np.ndarray, n: float, problem: Pro
 
 
 def keep_probability_at_budget(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], problem: Problem,
-                               w: np.ndarray, mu0: float):
-    """(q, mu): q_i = clip(eta + u_i - a_i^T w - mu, 0, 1) with mu such that mean q = eta
-    exactly (to rounding) on these rows, found from mu0 by safeguarded Newton steps on the
-    monotone piecewise-linear mean (the core's; the same steps in numpy without it)."""
+                               w: np.ndarray, mu0: float, want_before: bool = False):
+    """(q, mu, after, before): q_i = clip(eta + u_i - a_i^T w - mu, 0, 1) with mu such that
+    mean q = eta exactly (to rounding) on these rows, found from mu0 by safeguarded Newton
+    steps on the monotone piecewise-linear mean (the core's; the same steps in numpy without
+    it), and the weighted counts of q and (``want_before``, else None) of the data, which
+    the pass that writes q counts as it goes."""
+    from . import _problem
+
     n = s8.shape[0]
     q = np.empty(n)
     core = _backend.core()
     if core is not None:
-        mu = core.m4_keep_probability_at_budget(_inputs.data_tuple(s8, lab, u), problem.core(), w, float(mu0), q)
-        return q, float(mu)
+        size = _problem.counts_size(s8.shape[1], lab.c)
+        after, before = np.zeros(size), (np.zeros(size) if want_before else None)
+        mu = core.m4_keep_probability_at_budget(_inputs.data_tuple(s8, lab, u), problem.core(), w, float(mu0), q,
+                                                after, before)
+        return q, float(mu), after, before
     y = lab.to_dense().astype(np.float64)
     d = s8.astype(np.float64) - problem.target
     wk = w.reshape(s8.shape[1], lab.c + 1)
@@ -499,4 +506,4 @@ def keep_probability_at_budget(s8: np.ndarray, lab: _inputs.Labels, u: Optional[
             break
         mu = nxt
     np.clip(z - mu, 0.0, 1.0, out=q)
-    return q, float(mu)
+    return q, float(mu), _problem.counts(s8, lab, q), (_problem.counts(s8, lab, None) if want_before else None)

@@ -56,8 +56,11 @@ void keep_probability(const Data& d, const Problem& prob, const double* w, doubl
 
 // The same with mu chosen so that the budget holds on these rows, mean_i q_i = eta (to
 // rounding): mean q is a monotone piecewise-linear function of mu, whose root safeguarded
-// Newton steps over the stored z_i find (starting from mu0). Returns that mu.
-double keep_probability_at_budget(const Data& d, const Problem& prob, const double* w, double mu0, double* q);
+// Newton steps over the stored z_i find (starting from mu0). Returns that mu. The pass
+// that writes q also adds the weighted counts of q (counts_after) and of the data
+// (counts_before) when they are not null (layout of weighted_counts).
+double keep_probability_at_budget(const Data& d, const Problem& prob, const double* w, double mu0, double* q,
+                                  double* counts_after = nullptr, double* counts_before = nullptr);
 
 // Weighted counts for the bias metrics and the constraint values, accumulated (+=) into
 // counts = [sum_i q_i | sum_i q_i s_ik (m) | sum_i q_i y_ir (c) | sum_i q_i s_ik y_ir (m x c)]
