@@ -26,8 +26,12 @@ class BalanceResult:
     v_plus, v_minus : (m, c + 1) duals of the upper/lower bias constraints; column 0 is the
         representation constraint of each group, column 1 + r the association with label r.
     mu : dual of the budget.
-    status : "optimal", "infeasible" or "max_iter"; ``message`` says why (naming constraints,
-        and for "infeasible" the largest feasible budget, also in ``report.largest_feasible_budget``).
+    status : decided from q's own constraint values, the budget included, the same way for
+        every method: "optimal" (every constraint within its tolerance, the budget to
+        rounding or ``tol``), "approximate" (each within twice its tolerance, the budget within
+        1 %), "max_iter" (farther: the exact solve stopped, or the stream's passes were not
+        enough) or "infeasible"; ``message`` says why (naming the worst constraint, and for
+        "infeasible" the largest feasible budget, also in ``report.largest_feasible_budget``).
     violations : per constraint, how far it is exceeded: ``budget`` |mean q - eta|,
         ``representation`` (m,) and ``association`` (m, c), each max(|value| - bound, 0).
     rb_before/rb_after, ab_before/ab_after: representation and association bias of the

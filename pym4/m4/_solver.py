@@ -1,4 +1,6 @@
-"""The streaming M4 solver: one-pass stochastic projected dual ascent, bounded memory."""
+"""The streaming M4 solver (one-pass stochastic projected dual ascent, bounded memory) and
+the Newton refinement of given duals that ``balance(method="stream")`` runs after its pass
+(:func:`newton_model`, :func:`newton_step`, :func:`keep_probability_at_budget`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -419,7 +421,7 @@ def _counts_of_moments(mv: np.ndarray) -> np.ndarray:
 
 
 def newton_step(H: np.ndarray, n_h: float, r: np.ndarray, n: float, problem: Problem, c: int, w: np.ndarray,
-                mu: float, tighten: float = 1e-4, max_sweeps: int = 5000):
+                mu: float, tighten: float = 1e-3, max_sweeps: int = 5000):
     """The maximiser of the dual's quadratic model at (w, mu) (from :func:`newton_model` over
     n rows, the curvature H over n_h of them): a full Newton step, l1 terms kept exact.
     Maximises over x = (w', mu')
