@@ -14,6 +14,13 @@ from m4_<device>.csv.
 
 Targets (2-core CPU): pym4 stream >= 5 million examples/s at m=2, c=32; exact at N = 1e5
 at least 100x faster than cvxpy at equal objective (1e-4 relative).
+
+"pym4-stream" is balance(method="stream") as called by default (the stream's pass, two
+Newton passes, the pass that writes q and sets the budget); "pym4-stream-pass" the same
+with refine=0 (the stream's pass and the writing pass only); "pym4-stream-core" the core's
+pass alone (M4Solver.partial_fit). --accuracy-n runs the stream's accuracy study on the
+class of issue 9 (m = 2 overlapping groups, c = 16, budget 0.8, eps 0.01): objective vs
+the exact one, largest violation and the duality-gap bound, for refine = 0, 1, 2.
 """
 from __future__ import annotations
 
@@ -124,7 +131,43 @@ def _solved(instance, method, timing, s, y, pi, exact_obj=None):
 def _balance_cases(s, y, pi):
     opts = dict(target=pi, budget=ETA, eps_rep=EPS_REP, eps_assoc=EPS_ASSOC)
     return {"pym4-exact": lambda: m4.balance(s, y, **opts),
-            "pym4-stream": lambda: m4.balance(s, y, method="stream", shuffle=False, **opts)}
+            "pym4-stream": lambda: m4.balance(s, y, method="stream", shuffle=False, **opts),
+            "pym4-stream-pass": lambda: m4.balance(s, y, method="stream", shuffle=False, refine=0, **opts)}
+
+
+def make_overlapping(n, c=16, seed=12, coupling=0.2):
+    """Issue 9's accuracy class: two overlapping groups (shares ~0.3-0.45, tied to a latent
+    factor), c labels whose rates depend on the groups (logit coefficients ~ N(0, coupling))."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=n)
+    s = (rng.random((n, 2)) < np.array([0.3, 0.45]) * (1 + 0.5 * np.tanh(z))[:, None]).astype(np.uint8)
+    base = rng.uniform(0.05, 0.4, size=c)
+    logit = np.log(base / (1 - base)) + s @ rng.normal(scale=coupling, size=(2, c))
+    y = (rng.random((n, c)) < 1 / (1 + np.exp(-logit))).astype(np.uint8)
+    return s, y
+
+
+def run_accuracy(n, rows):
+    """The stream against the exact solve on issue 9's class; one CSV row per variant."""
+    import warnings
+    s, y = make_overlapping(n)
+    opts = dict(budget=0.8, eps_rep=0.01, eps_assoc=0.01)
+    exact = m4.balance(s, y, **opts)
+    print(f"accuracy N={n:,d} m=2 c=16 budget 0.8 eps 0.01: exact {exact.status}, objective {exact.objective:.6g}")
+    for refine in (0, 1, 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            t0 = time.perf_counter()
+            res = m4.balance(s, y, method="stream", refine=refine, **opts)
+            dt = time.perf_counter() - t0
+        rel = (res.objective - exact.objective) / exact.objective
+        bound = res.summary()["objective_gap_bound"]
+        print(f"RATIO stream accuracy N={n:,d} refine={refine}: objective {100 * rel:+.3f} % vs exact, "
+              f"max violation {res.max_violation:.2e} (bound 8e-3), gap bound {100 * bound / res.objective:.3f} %, "
+              f"[{res.status}] {dt:.2f} s", flush=True)
+        rows.append(dict(kind="accuracy", n=n, m=2, c=16, method=f"pym4-stream-refine{refine}", median_s=dt,
+                         q25_s=dt, q75_s=dt, samples=1, objective=res.objective, objective_rel_to_exact=rel,
+                         max_violation=res.max_violation, status=res.status))
 
 
 def run_cpu(args, rows):
@@ -210,10 +253,15 @@ def report(rows, n, kind, c=32):
               f"{r['examples_per_s'] / 1e6:8.2f} M ex/s  obj={r['objective']:.6g}  "
               f"max_viol={r['max_violation']:.2e}  [{r['status']}]", flush=True)
     if "pym4-stream-core" in by:
-        print(f"RATIO stream throughput N={n:,d}: {by['pym4-stream-core']['examples_per_s'] / 1e6:.2f} M examples/s "
+        core = by["pym4-stream-core"]
+        print(f"RATIO stream throughput N={n:,d}: {core['examples_per_s'] / 1e6:.2f} M examples/s "
               f"(core; target >= 5), end-to-end balance(method='stream') "
-              f"{by['pym4-stream']['examples_per_s'] / 1e6:.2f} M/s; objective vs exact "
-              f"{100 * by['pym4-stream'].get('objective_rel_to_exact', float('nan')):+.2f} %")
+              f"{by['pym4-stream']['examples_per_s'] / 1e6:.2f} M/s "
+              f"({by['pym4-stream']['median_s'] / core['median_s']:.2f}x the core's time), refine=0 "
+              f"{by['pym4-stream-pass']['examples_per_s'] / 1e6:.2f} M/s "
+              f"({by['pym4-stream-pass']['median_s'] / core['median_s']:.2f}x); objective vs exact "
+              f"{100 * by['pym4-stream'].get('objective_rel_to_exact', float('nan')):+.2f} % "
+              f"(refine=0: {100 * by['pym4-stream-pass'].get('objective_rel_to_exact', float('nan')):+.2f} %)")
     if "numpy-stream" in by and "pym4-stream-core" in by:
         print(f"RATIO numpy stream / pym4 stream core N={n:,d}: "
               f"{by['numpy-stream']['median_s'] / by['pym4-stream-core']['median_s']:.1f}x")
@@ -232,6 +280,7 @@ def main(argv=None):
     ap.add_argument("--cvxpy-max", type=float, default=1e5, help="largest N given to cvxpy (0: skip)")
     ap.add_argument("--numpy-max", type=float, default=1e7, help="largest N given to the numpy stream")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--accuracy-n", type=float, default=1e6, help="N of the stream accuracy study (0: skip)")
     ap.add_argument("--out", default="bench_out")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -243,6 +292,8 @@ def main(argv=None):
         run_cuda(args, rows)
     else:
         run_cpu(args, rows)
+        if args.accuracy_n > 0:
+            run_accuracy(int(args.accuracy_n), rows)
     keys = ["kind", "n", "m", "c", "method", "median_s", "q25_s", "q75_s", "samples", "examples_per_s", "objective",
             "objective_rel_to_exact", "max_violation", "status"]
     csv_path, png_path = write_results(args.out, f"m4_{args.device}", rows, keys)

@@ -393,6 +393,25 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("data"), py::arg("problem"), py::arg("w"), py::arg("mu"), py::arg("q"),
         "q_i = clip(eta + u_i - a_i^T w - mu, 0, 1) into q.");
+  m.def("m4_keep_probability_at_budget",
+        [](py::tuple data, py::tuple problem, py::array w, double mu0, py::array q, py::object counts_after,
+           py::object counts_before) {
+          auto d = m4_data(data);
+          auto pr = m4_problem(problem, d.m);
+          const double* wp = m4_array<double>(w, "w", 1, 'f', d.dim());
+          double* qp = m4_out<double>(q, "q", d.n);
+          const int64_t K = pym4::m4::counts_size(d.m, d.c);
+          py::array ca = counts_after.is_none() ? py::array() : counts_after.cast<py::array>();
+          py::array cb = counts_before.is_none() ? py::array() : counts_before.cast<py::array>();
+          double* cap = counts_after.is_none() ? nullptr : m4_out<double>(ca, "counts_after", K);
+          double* cbp = counts_before.is_none() ? nullptr : m4_out<double>(cb, "counts_before", K);
+          py::gil_scoped_release release;
+          return pym4::m4::keep_probability_at_budget(d, pr, wp, mu0, qp, cap, cbp);
+        },
+        py::arg("data"), py::arg("problem"), py::arg("w"), py::arg("mu0"), py::arg("q"),
+        py::arg("counts_after") = py::none(), py::arg("counts_before") = py::none(),
+        "q_i = clip(eta + u_i - a_i^T w - mu, 0, 1) into q with mu such that mean q = eta; returns mu.\n"
+        "Adds the weighted counts of q and of the data into counts_after/counts_before when given.");
   m.def("m4_weighted_counts",
         [](py::tuple data, py::object q, py::array counts) {
           auto d = m4_data(data);
@@ -435,21 +454,51 @@ PYBIND11_MODULE(_core, m) {
         "One stochastic dual-ascent step from (all-reduced) mini-batch stats.");
   m.def("m4_stream_fit",
         [](py::tuple data, py::tuple problem, double lr, double gamma, int64_t batch_size, py::array v_plus,
-           py::array v_minus, py::array avg_w, py::array curv, py::array scalars) {
+           py::array v_minus, py::array avg_w, py::array curv, py::array scalars, py::object order) {
           auto d = m4_data(data);
           auto pr = m4_problem(problem, d.m);
           PYM4_CHECK_VALUE(batch_size >= 1, "batch_size: must be >= 1, got " << batch_size);
           auto s = m4_state(v_plus, v_minus, avg_w, curv, scalars, d.dim());
+          // The caller passes a permutation of [0, n) (checked in pym4/m4/_solver.py).
+          const int64_t* op = order.is_none() ? nullptr : m4_array<int64_t>(order, "order", 1, 'i', d.n);
           pym4::m4::StreamConfig cfg;
           cfg.lr = lr;
           cfg.gamma = gamma;
           cfg.batch_size = batch_size;
           py::gil_scoped_release release;
-          return pym4::m4::stream_fit(d, pr, cfg, s.st);
+          return pym4::m4::stream_fit(d, pr, cfg, s.st, op);
         },
         py::arg("data"), py::arg("problem"), py::arg("lr"), py::arg("gamma"), py::arg("batch_size"),
         py::arg("v_plus"), py::arg("v_minus"), py::arg("avg_w"), py::arg("curv"), py::arg("scalars"),
-        "Stochastic dual ascent over consecutive mini-batches; returns the number of steps.");
+        py::arg("order") = py::none(),
+        "Stochastic dual ascent over consecutive mini-batches (of the rows in `order` when given);\n"
+        "returns the number of steps.");
+  m.def("m4_newton_stats",
+        [](py::tuple data, py::tuple problem, py::array w, double mu, int64_t hessian_stride, py::array stats) {
+          auto d = m4_data(data);
+          auto pr = m4_problem(problem, d.m);
+          const double* wp = m4_array<double>(w, "w", 1, 'f', d.dim());
+          double* sp = m4_out<double>(stats, "stats", pym4::m4::newton_stats_size(d.m, d.c));
+          py::gil_scoped_release release;
+          pym4::m4::newton_stats(d, pr, wp, mu, hessian_stride, sp);
+        },
+        py::arg("data"), py::arg("problem"), py::arg("w"), py::arg("mu"), py::arg("hessian_stride"),
+        py::arg("stats"),
+        "Adds the Newton-model sums at duals (w, mu) into stats (see include/pym4/m4.h).");
+  m.def("m4_newton_model",
+        [](int64_t m_, int64_t c, py::tuple problem, py::array stats) {
+          PYM4_CHECK_VALUE(m_ >= 1 && c >= 0, "m, c: need at least one group and c >= 0 labels");
+          auto pr = m4_problem(problem, m_);
+          const double* sp = m4_array<double>(stats, "stats", 1, 'f', pym4::m4::newton_stats_size(m_, c));
+          const py::ssize_t P = m_ * (c + 1) + 1;
+          py::array_t<double> H({P, P});
+          py::array_t<double> r(P);
+          pym4::m4::newton_model(pr, m_, c, sp, H.mutable_data(), r.mutable_data());
+          return py::make_tuple(H, r);
+        },
+        py::arg("m"), py::arg("c"), py::arg("problem"), py::arg("stats"),
+        "(H, r): the Newton model's (p+1)^2 curvature and (p+1) gradient sums from merged stats.");
+  m.def("m4_newton_stats_size", &pym4::m4::newton_stats_size, py::arg("m"), py::arg("c"));
   m.def("m4_solve_exact",
         [](py::tuple data, py::tuple problem, int64_t max_iter, double tol, double rho, py::array w, py::array q,
            const std::string& hessian, int64_t max_bytes) {

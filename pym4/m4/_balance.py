@@ -11,6 +11,7 @@ import torch
 from .. import _backend
 from .._arrays import to_tensor
 from . import _inputs, _problem
+from . import _solver
 from ._solver import M4Solver
 
 _STATUS = {0: "optimal", 1: "infeasible", 2: "max_iter"}
@@ -24,8 +25,12 @@ class BalanceResult:
     v_plus, v_minus : (m, c + 1) duals of the upper/lower bias constraints; column 0 is the
         representation constraint of each group, column 1 + r the association with label r.
     mu : dual of the budget.
-    status : "optimal", "infeasible" or "max_iter"; ``message`` says why (naming constraints,
-        and for "infeasible" the largest feasible budget, also in ``report.largest_feasible_budget``).
+    status : decided from q's own constraint values, the budget included, the same way for
+        every method: "optimal" (every constraint within its tolerance, the budget to
+        rounding or ``tol``), "approximate" (each within twice its tolerance, the budget within
+        1 %), "max_iter" (farther: the exact solve stopped, or the stream's passes were not
+        enough) or "infeasible"; ``message`` says why (naming the worst constraint, and for
+        "infeasible" the largest feasible budget, also in ``report.largest_feasible_budget``).
     violations : per constraint, how far it is exceeded: ``budget`` |mean q - eta|,
         ``representation`` (m,) and ``association`` (m, c), each max(|value| - bound, 0).
     rb_before/rb_after, ab_before/ab_after: representation and association bias of the
@@ -52,14 +57,16 @@ class BalanceResult:
     report: Optional[_problem.Report] = field(default=None, repr=False)
 
     def summary(self) -> Dict[str, Any]:
-        """JSON-serialisable summary (no per-example arrays): the report's, with the
-        objective and the budget's dual."""
-        return {**self.report.summary(), "objective": self.objective, "mu": self.mu}
+        """JSON-serialisable summary (no per-example arrays, no NaN): the report's, with the
+        objective, the budget's dual and ``objective_gap_bound`` (the duality gap at the
+        returned duals: a feasible q's objective is at most that far above the optimum)."""
+        return {**self.report.summary(), "objective": self.objective, "mu": self.mu,
+                "objective_gap_bound": self.report.objective_gap_bound}
 
 
 def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.01, eps_assoc: float = 0.01,
             utility=None, method: Optional[str] = None, seed: int = 0, max_iter: int = 100, tol: float = 1e-10,
-            batch_size: int = 256, lr: float = 0.1, shuffle: bool = True,
+            batch_size: int = 256, lr: float = 0.1, shuffle: bool = True, refine: int = 2,
             group_names: Optional[Sequence[str]] = None, label_names: Optional[Sequence[str]] = None,
             backend: Optional[str] = None) -> BalanceResult:
     """Keep probabilities that balance a dataset (M4; see :mod:`pym4.m4` for the problem).
@@ -79,19 +86,28 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     eps_rep, eps_assoc : float >= 0
         Tolerances of the representation and association constraints (relative to eta).
     utility : (N,) array, optional
-        u_i, a bonus for keeping example i.
+        u_i, a bonus for keeping example i. Only its differences matter: a constant added
+        to every u_i is absorbed by mu (the budget fixes sum q), so the solvers see u minus
+        its mean (and a constant utility is no utility); ``mu`` is reported for u as given.
     method : None, "exact" or "stream"
         "exact": the dual solved to ``tol`` (proximal Newton, C++/OpenMP; the compiled core
         only). "stream": one pass of stochastic dual ascent over the examples in an order
         shuffled with ``seed`` (``batch_size``, ``lr``), as :class:`M4Solver` does on data
-        that does not fit in memory (the core, or torch). None: "exact" where the core can
-        run it, else "stream" (a pure-Python install, or ``backend="torch"``).
+        that does not fit in memory (the core, or torch); then ``refine`` Newton passes
+        (:func:`~pym4.m4._solver.newton_model`: each re-linearises the dual at the current
+        duals on every example and takes the model's maximiser), and the pass that writes q
+        sets mu so that the budget holds exactly. None: "exact" where the core can run it,
+        else "stream" (a pure-Python install, or ``backend="torch"``).
+    refine : int >= 0
+        Newton passes after the stream's pass (method="stream"); 0: the stream's duals as
+        they are (its status then says how close they came).
     backend : {"cpu", "torch"}, optional
         Force an implementation (``pym4._backend``; PYM4_BACKEND when None).
 
     Returns
     -------
-    BalanceResult; an infeasible problem gives ``status="infeasible"`` and a message naming
+    BalanceResult (its ``report.objective_gap_bound``: the duality gap at the returned duals,
+    so a feasible q's objective is at most that far above the optimum); an infeasible problem gives ``status="infeasible"`` and a message naming
     the constraints that cannot hold together (a certificate of the dual's recession). Any
     status other than "optimal" also emits a RuntimeWarning carrying ``message``.
     """
@@ -100,7 +116,8 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     if n == 0:
         raise ValueError("s: no examples")
     lab = _inputs.as_labels(y, n)
-    u = _inputs.utility(utility, n)
+    u_given = _inputs.utility(utility, n)
+    u, u_shift = center_utility(u_given)
     t_in, origin = to_tensor(_inputs.dense_input(s), "s")
     largest, searched = None, False
     if isinstance(budget, str) and budget == "max":
@@ -115,6 +132,8 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         raise ValueError(f"method: expected 'exact', 'stream' or None, got {method!r}")
     max_iter = _inputs.positive_int(max_iter, "max_iter")
     seed = _inputs.seed(seed)
+    if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)) or refine < 0:
+        raise ValueError(f"refine: must be an integer >= 0, got {refine!r}")
     tol = _inputs.positive_number(tol, "tol")
     gnames, lnames = _inputs.names(group_names, m, "group"), _inputs.names(label_names, lab.c, "label")
     p = m * (lab.c + 1)
@@ -134,6 +153,7 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
                                f"method='stream' runs without it") from None
 
     infeasible: List[str] = []
+    before = after = None
     if method == "exact":
         w, q = np.zeros(p), np.empty(n)
         info = _backend.core().m4_solve_exact(data, problem.core(), max_iter, float(tol), 1e6, w, q)
@@ -145,15 +165,32 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     else:
         solver = M4Solver(problem.target, budget=problem.budget, eps_rep=problem.eps_rep,
                           eps_assoc=problem.eps_assoc, lr=lr, batch_size=batch_size, backend=backend)
-        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
-        solver.partial_fit(s8[order], lab.take(order), None if u is None else u[order])
+        order = np.random.default_rng(seed).permutation(n) if shuffle else None
+        if solver._backend_for("m4_fit", s8) == "cpu":  # the core gathers each mini-batch itself
+            solver._fit_core(s8, lab, u, order)
+        elif order is None:
+            solver.partial_fit(s8, lab, u)
+        else:
+            solver.partial_fit(s8[order], lab.take(order), None if u is None else u[order])
         w, mu = solver.state.avg_w.copy(), float(solver.state.mu_avg)
-        q = np.asarray(solver.keep_probability(s8, lab, u))
-        iterations, status = solver.steps, "optimal"
+        for _ in range(refine):
+            # The gradient over every row, the curvature over a strided sample of about
+            # HESSIAN_ROWS rows: an inexact Newton step, which converges as the gradient is exact.
+            H, n_h, r, _, before = _solver.newton_model(s8, lab, u, problem, w, mu, _solver.hessian_stride(n))
+            w, mu = _solver.newton_step(H, n_h, r, n, problem, lab.c, w, mu)
+        q, mu, after, counted = _solver.keep_probability_at_budget(s8, lab, u, problem, w, mu,
+                                                                   want_before=before is None)
+        before = counted if before is None else before
+        iterations, status = solver.steps + refine, "optimal"
 
-    rep = _problem.evaluate(problem, _problem.counts(s8, lab, None), _problem.counts(s8, lab, q), lab.c,
+    if before is None:
+        before = _problem.counts(s8, lab, None)
+    if after is None:
+        after = _problem.counts(s8, lab, q)
+    rep = _problem.evaluate(problem, before, after, lab.c,
                             method=method, iterations=iterations, status=status, infeasible=infeasible,
-                            group_names=gnames, label_names=lnames)
+                            group_names=gnames, label_names=lnames, duals=(w, mu),
+                            slack=max(float(tol), 1e-9) if method == "exact" else 1e-9)
     if rep.status == "infeasible" and _backend.core() is not None:  # the search needs the exact solver
         from ._feasibility import budget_text, largest_feasible_budget
         if not searched:
@@ -163,7 +200,8 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         rep.message = f"{rep.message}; {budget_text(largest)}"
     elif searched:
         rep.largest_feasible_budget = largest
-    objective = float(np.mean(0.5 * (q - problem.budget) ** 2 - (0.0 if u is None else u) * q))
+    objective = float(np.mean(0.5 * (q - problem.budget) ** 2 - (0.0 if u_given is None else u_given) * q))
+    mu += u_shift  # the budget's dual for the utility as given
     if rep.status != "optimal":  # q does not solve the problem: say so even to callers who skip .status
         warnings.warn(f"pym4.m4.balance: {rep.message}", RuntimeWarning, stacklevel=2)
     q_out = q if origin.is_numpy else torch.from_numpy(q).to(t_in.device)
@@ -175,6 +213,20 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         target=problem.target, method=method, iterations=iterations,
         infeasible_constraints=rep.infeasible_constraints, report=rep)
 
+
+
+def center_utility(u: Optional[np.ndarray]):
+    """(u - mean u, mean u), or (None, 0) for no or a constant utility: the one place where
+    both methods drop the part of u that cannot change q (sum q = N eta is fixed, so adding
+    a constant to every u_i only shifts mu). Without it, u = 1e16 swamps eta in
+    eta + u_i - a_i^T w - mu and rounds every q to 0 or 1."""
+    if u is None:
+        return None, 0.0
+    shift = float(np.mean(u))
+    centered = u - shift
+    if not np.any(centered):
+        return None, shift
+    return centered, shift
 
 
 def sample(q, seed: int = 0):

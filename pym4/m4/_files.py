@@ -17,7 +17,7 @@ def write_report(stem: str, summary: dict, report) -> None:
 
     details = report.details()
     with atomic_output(stem + ".json") as tmp, open(tmp, "w") as f:
-        json.dump({**summary, **details}, f, indent=2, default=float)
+        json.dump({**summary, **details}, f, indent=2, default=float, allow_nan=False)
 
     groups, assoc = report.group_names, details["strongest_associations"]
     fig = Figure(figsize=(11, 4))
@@ -25,7 +25,9 @@ def write_report(stem: str, summary: dict, report) -> None:
     axes = fig.subplots(1, 2)
     x = np.arange(len(groups))
     axes[0].bar(x - 0.2, list(details["group_shares_before"].values()), 0.4, label="before")
-    axes[0].bar(x + 0.2, list(details["group_shares_after"].values()), 0.4, label="after (weighted by q)")
+    # Undefined shares (nothing kept) are None in the details: no bar.
+    after = [np.nan if v is None else v for v in details["group_shares_after"].values()]
+    axes[0].bar(x + 0.2, after, 0.4, label="after (weighted by q)")
     for k, t in enumerate(report.target):
         axes[0].hlines(t, k - 0.45, k + 0.45, colors="k", linestyles="dashed", label="target" if k == 0 else None)
     axes[0].set_xticks(x, groups, rotation=30, ha="right")
@@ -35,7 +37,7 @@ def write_report(stem: str, summary: dict, report) -> None:
     if assoc:
         yy = np.arange(len(assoc))
         axes[1].barh(yy - 0.2, [abs(a["before"]) for a in assoc], 0.4, label="before")
-        axes[1].barh(yy + 0.2, [abs(a["after"]) for a in assoc], 0.4, label="after")
+        axes[1].barh(yy + 0.2, [np.nan if a["after"] is None else abs(a["after"]) for a in assoc], 0.4, label="after")
         axes[1].set_yticks(yy, [f"{a['group']} / {a['label']}" for a in assoc])
         axes[1].invert_yaxis()
         axes[1].legend()

@@ -45,8 +45,8 @@ class Problem:
 def make_problem(target, m: int, s8: Optional[np.ndarray], budget, eps_rep, eps_assoc) -> Problem:
     """A checked :class:`Problem` (target None: the default of s8)."""
     eta = _inputs.scalar(budget, "budget", 0.0, 1.0, lo_open=True)
-    er = _inputs.scalar(eps_rep, "eps_rep", 0.0, float("inf"))
-    ea = _inputs.scalar(eps_assoc, "eps_assoc", 0.0, float("inf"))
+    er = _inputs.scalar(eps_rep, "eps_rep", 0.0, float("inf"), hi_open=True)
+    ea = _inputs.scalar(eps_assoc, "eps_assoc", 0.0, float("inf"), hi_open=True)
     return Problem(_inputs.target(target, m, s8), eta, er, ea)
 
 
@@ -211,16 +211,33 @@ class Report:
     label_names: List[str] = field(repr=False)
     # Set when it was searched for (an infeasible problem, or budget="max"); None: none >= 1e-3.
     largest_feasible_budget: Optional[float] = None
+    # P(q) - D(w, mu): the duality gap at the duals q came from (None: no duals given). When
+    # q is feasible, its objective is at most this much above the optimum (weak duality).
+    objective_gap_bound: Optional[float] = None
 
     def summary(self) -> Dict[str, Any]:
-        """JSON-serialisable summary (no per-example arrays)."""
-        return {"status": self.status, "message": self.message, "method": self.method,
-                "iterations": self.iterations, "max_violation": self.max_violation,
-                "budget_error": self.violations["budget"], "kept_fraction": self.kept_fraction,
-                "rb_before": self.rb_before, "rb_after": self.rb_after,
-                "ab_before": self.ab_before, "ab_after": self.ab_after,
-                "target": self.target.tolist(), "infeasible_constraints": list(self.infeasible_constraints),
-                "largest_feasible_budget": self.largest_feasible_budget}
+        """JSON-serialisable summary (no per-example arrays) with no NaN or Inf
+        (``json.dumps(allow_nan=False)`` takes it): a bias that is undefined (no weight kept,
+        a group holding no example) is None, and ``undefined`` says why."""
+        out = {"status": self.status, "message": self.message, "method": self.method,
+               "iterations": self.iterations, "max_violation": self.max_violation,
+               "budget_error": self.violations["budget"], "kept_fraction": self.kept_fraction,
+               "rb_before": self.rb_before, "rb_after": self.rb_after,
+               "ab_before": self.ab_before, "ab_after": self.ab_after,
+               "target": self.target.tolist(), "infeasible_constraints": list(self.infeasible_constraints),
+               "largest_feasible_budget": self.largest_feasible_budget}
+        undefined = {}
+        for key, counts in (("rb_before", self.counts_before), ("rb_after", self.counts_after)):
+            if not _finite(out[key]):
+                out[key] = None
+                undefined[key] = ("no weight kept (every q is 0)" if counts[0] <= 0
+                                  else "a group holds no example")
+        for key, value in out.items():
+            if isinstance(value, float) and not _finite(value):  # never expected; never written as NaN
+                out[key] = None
+                undefined[key] = "not a finite number"
+        out["undefined"] = undefined
+        return out
 
     def details(self, top: int = 10) -> Dict[str, Any]:
         """Group shares before/after (by name) and the ``top`` strongest associations of
@@ -230,24 +247,37 @@ class Report:
         gaps1 = association_gaps(self.counts_after, m, c).reshape(-1)
         defined = np.flatnonzero(np.isfinite(gaps0))
         order = defined[np.argsort(-np.abs(gaps0[defined]), kind="stable")][:top]
-        return {"group_shares_before": dict(zip(self.group_names, group_shares(self.counts_before, m, c).tolist())),
-                "group_shares_after": dict(zip(self.group_names, group_shares(self.counts_after, m, c).tolist())),
+        # Undefined values (no weight kept) are None: the details go into JSON reports.
+        return {"group_shares_before": dict(zip(self.group_names, _json_floats(group_shares(self.counts_before, m, c)))),
+                "group_shares_after": dict(zip(self.group_names, _json_floats(group_shares(self.counts_after, m, c)))),
                 "strongest_associations": [
                     {"group": self.group_names[j // c], "label": self.label_names[j % c],
-                     "before": float(gaps0[j]), "after": float(gaps1[j])} for j in order]}
+                     "before": float(gaps0[j]), "after": _json_floats(gaps1[j:j + 1])[0]} for j in order]}
+
+
+def _finite(x) -> bool:
+    return x is not None and bool(np.isfinite(x))
+
+
+def _json_floats(values) -> List[Optional[float]]:
+    return [float(v) if np.isfinite(v) else None for v in np.asarray(values, dtype=np.float64).reshape(-1)]
 
 
 def evaluate(problem: Problem, before: np.ndarray, after: np.ndarray, c: int, *, method: str, iterations: int,
              status: str = "optimal", infeasible: Sequence[str] = (),
-             group_names: Optional[Sequence[str]] = None, label_names: Optional[Sequence[str]] = None) -> Report:
+             group_names: Optional[Sequence[str]] = None, label_names: Optional[Sequence[str]] = None,
+             slack: float = 1e-9, duals=None) -> Report:
     """The report of keep probabilities q from the counts of the data (``before``, w = 1)
     and of the kept data (``after``, w = q).
 
     ``status`` is the solver's ("optimal", "infeasible" with the dual's ``infeasible``
     constraint names, or "max_iter"). Here it becomes "infeasible" when a group is empty
-    (the certificate of :func:`empty_groups`), and a one-pass "stream" solve counts as
-    "optimal" only when every constraint holds within twice its tolerance and the budget
-    within 1 %.
+    (the certificate of :func:`empty_groups`), and the same rule decides every method's
+    status from q's constraint values, the budget included: "optimal" only when every
+    constraint holds within its tolerance and the budget within ``slack`` (rounding, or
+    the solver's tolerance); "approximate" when each holds within twice its tolerance
+    and the budget within 1 %; "max_iter" otherwise. ``duals`` (w (p,), mu): the duals q is
+    the closed form of; they give the report's ``objective_gap_bound``.
     """
     m = problem.m
     gnames, lnames = _inputs.names(group_names, m, "group"), _inputs.names(label_names, c, "label")
@@ -268,14 +298,17 @@ def evaluate(problem: Problem, before: np.ndarray, after: np.ndarray, c: int, *,
             name = f"representation[{gnames[k]}]"
             if name not in names:
                 names.insert(0, name)
-    if method == "stream" and status == "optimal":
-        # One pass is an estimate: accept it when every constraint holds within its own
-        # tolerance once more and the budget within 1 %.
-        if np.any(np.abs(g) > 2 * lam + 1e-12) or budget_err > 0.01 * problem.budget:
-            status = "max_iter"
+    downgraded = status == "optimal" and (bool(np.any(np.abs(g) > lam + slack)) or budget_err > slack)
+    if downgraded:
+        near = not np.any(np.abs(g) > 2 * lam + slack) and budget_err <= 0.01 * problem.budget
+        status = "approximate" if near else "max_iter"
+    gap = None
+    if duals is not None:
+        w, mu = np.asarray(duals[0], dtype=np.float64).reshape(-1), float(duals[1])
+        gap = float(lam @ np.abs(w) - w @ g - mu * (kept - problem.budget))
     shares = group_shares(before, m, c)
     message = _message(status, method, names, [(gnames[k], shares[k], problem.target[k]) for k in empty],
-                       problem.budget, max_viol, iterations)
+                       problem.budget, max_viol, iterations, _worst(g, lam, budget_err, c, gnames, lnames), downgraded)
     violations = {"budget": float(budget_err), "representation": viol.reshape(m, c + 1)[:, 0].copy(),
                   "association": viol.reshape(m, c + 1)[:, 1:].copy()}
     return Report(status=status, message=message, method=method, iterations=int(iterations), violations=violations,
@@ -285,10 +318,20 @@ def evaluate(problem: Problem, before: np.ndarray, after: np.ndarray, c: int, *,
                   ab_before=association_bias_from_counts(before, m, c),
                   ab_after=association_bias_from_counts(after, m, c), target=problem.target,
                   infeasible_constraints=names, counts_before=np.asarray(before, dtype=np.float64),
-                  counts_after=np.asarray(after, dtype=np.float64), group_names=gnames, label_names=lnames)
+                  counts_after=np.asarray(after, dtype=np.float64), group_names=gnames, label_names=lnames,
+                  objective_gap_bound=gap)
 
 
-def _message(status, method, infeasible, empty, eta, max_viol, iterations) -> str:
+def _worst(g, lam, budget_err, c, gnames, lnames) -> str:
+    """The constraint farthest beyond its bound, in words (for the messages)."""
+    excess = np.abs(g) - lam
+    j = int(np.argmax(excess)) if excess.size else 0
+    if excess.size == 0 or budget_err >= excess[j]:
+        return f"the budget (kept fraction off by {budget_err:.2e})"
+    return f"{constraint_name(j, c, gnames, lnames)} (|value| {abs(g[j]):.3e}, bound {lam[j]:.3e})"
+
+
+def _message(status, method, infeasible, empty, eta, max_viol, iterations, worst="", downgraded=False) -> str:
     if status == "optimal":
         return f"{method}: solved in {iterations} iterations (max constraint violation {max_viol:.2e})"
     if status == "infeasible":
@@ -298,20 +341,27 @@ def _message(status, method, infeasible, empty, eta, max_viol, iterations) -> st
         why = "; ".join(parts) + ("; " if parts else "")
         return (f"infeasible: {why}no keep probabilities in [0, 1] with budget {eta:g} satisfy together: {names} "
                 f"(loosen eps_rep/eps_assoc, change the target, or lower the budget)")
+    if status == "approximate":
+        return (f"{method}: approximate: every constraint holds within twice its tolerance and the budget within 1 %, "
+                f"but not within the tolerances (max violation {max_viol:.2e}, worst: {worst}); "
+                + ("stream more data, or use method='exact'" if method == "stream" else "lower tol"))
     if method == "stream":
-        return (f"stream: after one pass ({iterations} steps) a constraint is still off by more than its tolerance "
-                f"(max violation {max_viol:.2e}); stream more data, or use method='exact'")
+        return (f"stream: after one pass ({iterations} steps) a constraint is off by more than twice its tolerance "
+                f"(max violation {max_viol:.2e}, worst: {worst}); stream more data, or use method='exact'")
+    if downgraded:  # the solver's test passed, yet q (recomputed here) misses a constraint
+        return f"exact: after {iterations} iterations q misses a constraint beyond its tolerance (max violation {max_viol:.2e}, worst: {worst})"
     return f"exact: stopped at max_iter={iterations} (max constraint violation {max_viol:.2e}); raise max_iter"
 
 
 def report(counts_before, counts_after, *, target, budget: float, eps_rep: float = 0.01, eps_assoc: float = 0.01,
            method: str = "stream", iterations: int = 0, group_names: Optional[Sequence[str]] = None,
-           label_names: Optional[Sequence[str]] = None) -> Report:
+           label_names: Optional[Sequence[str]] = None, duals=None) -> Report:
     """The report of a solve from weighted counts (see :func:`weighted_counts`): the counts
     of the data (weights 1) and of the kept data (weights q), summed over any number of
     batches. ``target`` is a scalar or (m,) proportions; m and c follow from
     ``group_names``/``label_names``, or from ``target`` and the counts' length.
-    Same rules and wording as :func:`pym4.m4.balance`.
+    Same rules and wording as :func:`pym4.m4.balance`. ``duals`` (w (m (c + 1),), mu), the
+    duals q came from, give ``objective_gap_bound``.
     """
     before = np.asarray(counts_before, dtype=np.float64).reshape(-1)
     after = np.asarray(counts_after, dtype=np.float64).reshape(-1)
@@ -332,4 +382,4 @@ def report(counts_before, counts_after, *, target, budget: float, eps_rep: float
         raise ValueError(f"method: expected 'exact' or 'stream', got {method!r}")
     problem = make_problem(target, m, None, budget, eps_rep, eps_assoc)
     return evaluate(problem, before, after, c, method=method, iterations=iterations,
-                    group_names=group_names, label_names=label_names)
+                    group_names=group_names, label_names=label_names, duals=duals)

@@ -1,9 +1,11 @@
-"""The streaming M4 solver: one-pass stochastic projected dual ascent, bounded memory."""
+"""The streaming M4 solver (one-pass stochastic projected dual ascent, bounded memory) and
+the Newton refinement of given duals that ``balance(method="stream")`` runs after its pass
+(:func:`newton_model`, :func:`newton_step`, :func:`keep_probability_at_budget`)."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 import torch
@@ -15,6 +17,25 @@ from ._problem import Problem
 
 _ARRAYS = ("v_plus", "v_minus", "avg_w", "curv")
 _SCALARS = ("mu", "mu_avg", "n_seen", "steps")  # the core's `scalars` layout, in this order
+# 2: tensors and python scalars (torch.load(weights_only=True) reads them); 1: numpy arrays.
+STATE_VERSION = 2
+
+
+_INF = float("inf")
+
+
+def _config(**values) -> Dict[str, Any]:
+    """The solver's checked configuration: the one set of checks of the constructor and of
+    :meth:`M4Solver.load_state_dict`; each error names its argument."""
+    out = {}
+    for key, v in values.items():
+        if key == "batch_size":
+            out[key] = _inputs.positive_int(v, key)
+        elif key == "budget":
+            out[key] = _inputs.scalar(v, key, 0.0, 1.0, lo_open=True)
+        else:  # eps_rep, eps_assoc, gamma >= 0 and lr > 0: finite numbers
+            out[key] = _inputs.scalar(v, key, 0.0, _INF, lo_open=key == "lr", hi_open=True)
+    return out
 
 
 @dataclass
@@ -89,12 +110,10 @@ class M4Solver:
     def __init__(self, target, *, budget: float = 0.9, eps_rep: float = 0.01, eps_assoc: float = 0.01,
                  lr: float = 0.1, gamma: float = 3.0, batch_size: int = 256, group=None,
                  backend: Optional[str] = None):
-        self.budget = _inputs.scalar(budget, "budget", 0.0, 1.0, lo_open=True)
-        self.eps_rep = _inputs.scalar(eps_rep, "eps_rep", 0.0, float("inf"))
-        self.eps_assoc = _inputs.scalar(eps_assoc, "eps_assoc", 0.0, float("inf"))
-        self.lr = _inputs.scalar(lr, "lr", 0.0, float("inf"), lo_open=True)
-        self.gamma = _inputs.scalar(gamma, "gamma", 0.0, float("inf"))
-        self.batch_size = _inputs.positive_int(batch_size, "batch_size")
+        cfg = _config(budget=budget, eps_rep=eps_rep, eps_assoc=eps_assoc, lr=lr, gamma=gamma,
+                      batch_size=batch_size)
+        self.budget, self.eps_rep, self.eps_assoc = cfg["budget"], cfg["eps_rep"], cfg["eps_assoc"]
+        self.lr, self.gamma, self.batch_size = cfg["lr"], cfg["gamma"], cfg["batch_size"]
         self.group = group
         self.backend = backend
         if target is None:
@@ -150,33 +169,57 @@ class M4Solver:
             raise RuntimeError("M4Solver: call partial_fit (or load_state_dict) first")
 
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to resume: configuration and dual state (numpy arrays, copies)."""
+        """Everything needed to resume: the configuration (python scalars) and the dual state
+        (float64 torch tensors, copies), so ``torch.save`` writes it and ``torch.load`` with
+        its default ``weights_only=True`` reads it back. ``version`` is the layout's
+        (:data:`STATE_VERSION`); :meth:`load_state_dict` also reads the states of earlier
+        versions (numpy arrays, no ``version`` key)."""
         self._check_fitted()
         pr, st = self.problem, self.state
-        return {"m": self.m, "c": self.c, "target": pr.target.copy(), "budget": pr.budget, "eps_rep": pr.eps_rep,
-                "eps_assoc": pr.eps_assoc, "lr": self.lr, "gamma": self.gamma, "batch_size": self.batch_size,
-                **{k: getattr(st, k).copy() for k in _ARRAYS}, "scalars": st.scalars()}
+        return {"version": STATE_VERSION, "m": int(self.m), "c": int(self.c),
+                "target": torch.tensor(pr.target, dtype=torch.float64), "budget": float(pr.budget),
+                "eps_rep": float(pr.eps_rep), "eps_assoc": float(pr.eps_assoc), "lr": float(self.lr),
+                "gamma": float(self.gamma), "batch_size": int(self.batch_size),
+                **{k: torch.tensor(getattr(st, k), dtype=torch.float64) for k in _ARRAYS},
+                "scalars": torch.tensor(st.scalars(), dtype=torch.float64)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> "M4Solver":
+        """Resume from :meth:`state_dict` (of this version or an earlier one). Every entry is
+        checked as the constructor checks its arguments, before anything changes: a
+        missing, unknown, truncated or out-of-range entry is a ValueError naming its key."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state: expected the dict of M4Solver.state_dict(), got {type(state).__name__}")
+        version = state.get("version", 1)
+        if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or not 1 <= version <= STATE_VERSION:
+            raise ValueError(f"state['version']: expected an integer in [1, {STATE_VERSION}], got {version!r}")
         need = {"m", "c", "target", "budget", "eps_rep", "eps_assoc", "lr", "gamma", "batch_size", *_ARRAYS,
                 "scalars"}
-        missing = need - set(state)
+        missing, extra = need - set(state), set(state) - need - {"version"}
         if missing:
-            raise ValueError(f"state: missing keys {sorted(missing)}")
-        m, c = int(state["m"]), int(state["c"])
+            raise ValueError(f"state: missing keys {sorted(missing)} (not a state_dict() of M4Solver?)")
+        if extra:
+            raise ValueError(f"state: unknown keys {sorted(map(str, extra))} (not a state_dict() of M4Solver?)")
+        m, c = _state_int(state, "m", 1), _state_int(state, "c", 0)
+        try:
+            cfg = _config(**{k: state[k] for k in ("budget", "eps_rep", "eps_assoc", "lr", "gamma", "batch_size")})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"state[{str(e).split(':', 1)[0]!r}]:{str(e).split(':', 1)[1]}") from None
+        try:
+            target = _inputs.target(_state_vector(state, "target", m), m, None)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"state['target']: {str(e).split(': ', 1)[1]}") from None
         p = m * (c + 1)
-        arrays = {}
-        for key, size in (*((k, p) for k in _ARRAYS), ("scalars", 4), ("target", m)):
-            a = np.array(torch.as_tensor(state[key]).cpu().numpy(), dtype=np.float64).reshape(-1)
-            if a.shape[0] != size or not np.all(np.isfinite(a)):
-                raise ValueError(f"state[{key!r}]: expected {size} finite values")
-            arrays[key] = a
+        arrays = {k: _state_vector(state, k, p, nonneg=k != "avg_w") for k in _ARRAYS}
+        mu, mu_avg, n_seen, steps = _state_vector(state, "scalars", 4)
+        if not (n_seen >= 0 and steps >= 0 and n_seen == int(n_seen) and steps == int(steps) and steps <= n_seen):
+            raise ValueError(f"state['scalars']: examples seen ({n_seen!r}) and steps ({steps!r}) must be whole "
+                             f"numbers with 0 <= steps <= examples seen")
         self.m, self.c = m, c
-        self.budget, self.eps_rep, self.eps_assoc = (float(state[k]) for k in ("budget", "eps_rep", "eps_assoc"))
-        self.problem = Problem(arrays["target"], self.budget, self.eps_rep, self.eps_assoc)
-        self.lr, self.gamma, self.batch_size = float(state["lr"]), float(state["gamma"]), int(state["batch_size"])
+        self.budget, self.eps_rep, self.eps_assoc = cfg["budget"], cfg["eps_rep"], cfg["eps_assoc"]
+        self.problem = Problem(target, self.budget, self.eps_rep, self.eps_assoc)
+        self.lr, self.gamma, self.batch_size = cfg["lr"], cfg["gamma"], cfg["batch_size"]
         self.state = StreamState(*(arrays[k] for k in _ARRAYS))
-        self.state.set_scalars(arrays["scalars"])
+        self.state.set_scalars([mu, mu_avg, n_seen, steps])
         return self
 
     # fitting ----------------------------------------------------------------------------------
@@ -212,7 +255,10 @@ class M4Solver:
             steps = int(t.item())
         return steps
 
-    def _fit_core(self, s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray]) -> None:
+    def _fit_core(self, s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray],
+                  order: Optional[np.ndarray] = None) -> None:
+        """The core's pass; ``order`` (a permutation of the n rows, int64) visits the rows in
+        that order without a shuffled copy of the data (one process only)."""
         n, m = s8.shape
         self._init(m, lab.c)
         core, st, pr = _backend.core(), self.state, self.problem.core()
@@ -220,9 +266,12 @@ class M4Solver:
         arrays = (st.v_plus, st.v_minus, st.avg_w, st.curv, scalars)
         if self.group is None:
             if n:
-                core.m4_stream_fit(_inputs.data_tuple(s8, lab, u), pr, self.lr, self.gamma, self.batch_size, *arrays)
+                core.m4_stream_fit(_inputs.data_tuple(s8, lab, u), pr, self.lr, self.gamma, self.batch_size, *arrays,
+                                   order=order)
             st.set_scalars(scalars)
             return
+        if order is not None:
+            raise ValueError("order: not supported with a process group (shuffle each rank's shard instead)")
         import torch.distributed as dist
         B, p = self.batch_size, m * (lab.c + 1)
         for j in range(self._steps(n)):
@@ -291,3 +340,172 @@ class M4Solver:
             _backend.core().m4_keep_probability(_inputs.data_tuple(s8, lab, u), self.problem.core(),
                                                 self.state.avg_w, float(self.state.mu_avg), q)
         return q if origin.is_numpy else torch.from_numpy(q).to(t.device)
+
+
+def _state_int(state, key: str, lo: int) -> int:
+    v = state[key]
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point() and v.dtype != torch.bool:
+        v = int(v.item())
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+        raise ValueError(f"state[{key!r}]: expected an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def _state_vector(state, key: str, size: int, nonneg: bool = False) -> np.ndarray:
+    """(size,) float64 copy of a state entry (tensor, numpy array or list), finite."""
+    v = state[key]
+    try:
+        a = (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)).astype(np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"state[{key!r}]: expected {size} numbers, got {type(v).__name__}") from None
+    a = np.array(a.reshape(-1))
+    if a.shape[0] != size:
+        raise ValueError(f"state[{key!r}]: expected {size} values, got {a.shape[0]} (truncated or another problem?)")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"state[{key!r}]: contains NaN or Inf")
+    if nonneg and np.any(a < 0):
+        raise ValueError(f"state[{key!r}]: must be >= 0 (got {float(a.min())!r})")
+    return a
+
+
+# ----- Newton refinement of given duals (balance(method="stream") after the stream's pass) -------
+
+# Rows the Newton model's curvature is estimated from (the gradient uses every row).
+HESSIAN_ROWS = 1 << 18
+
+
+def hessian_stride(n: int) -> int:
+    """Every how many rows the curvature sums take one: about HESSIAN_ROWS of n rows."""
+    return max(1, n // HESSIAN_ROWS)
+
+
+def newton_model(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], problem: Problem, w: np.ndarray,
+                 mu: float, stride: int = 1):
+    """The dual's quadratic model at duals (w, mu) from one pass over checked rows.
+
+    Returns ``(H, n_h, r, after, before)``: H ((p+1, p+1), float64) = sum over the rows
+    i with i % stride == 0 and 0 < z_i < 1 of [a_i; 1][a_i; 1]^T (z_i = eta + u_i -
+    a_i^T w - mu) and n_h the number of rows with i % stride == 0 (so H / n_h estimates the
+    mean curvature; an inexact Newton step converges when the gradient is exact), r
+    (p+1,) = sum_i q_i [a_i; 1] over every row, and the weighted counts
+    (:func:`pym4.m4.weighted_counts` layout) of q_i = clip(z_i, 0, 1) and of the data. The
+    core builds them from per-group-set Kronecker blocks (include/pym4/m4.h); without it,
+    from the dense rows here.
+    """
+    m, c = s8.shape[1], lab.c
+    core = _backend.core()
+    if core is not None:
+        stats = np.zeros(core.m4_newton_stats_size(m, c))
+        core.m4_newton_stats(_inputs.data_tuple(s8, lab, u), problem.core(), w, float(mu), int(stride), stats)
+        H, r = core.m4_newton_model(m, c, problem.core(), stats)
+        L = c + 1
+        moments = stats[-2 * (1 + m) * L - 1:-1].reshape(2, 1 + m, L)
+        return H, float(stats[-1]), r, _counts_of_moments(moments[0]), _counts_of_moments(moments[1])
+    y = lab.to_dense().astype(np.float64)
+    d = s8.astype(np.float64) - problem.target
+    v = np.concatenate([np.ones((len(s8), 1)), y], axis=1)
+    a = np.concatenate([(d[:, k:k + 1] * v) for k in range(m)] + [np.ones((len(s8), 1))], axis=1)
+    z = problem.budget + (0.0 if u is None else u) - a[:, :-1] @ w - mu
+    q = np.clip(z, 0.0, 1.0)
+    sampled = np.arange(len(s8)) % stride == 0
+    act = a[(z > 0) & (z < 1) & sampled]
+    sf = s8.astype(np.float64)
+    moments = [np.concatenate([(wt @ v)[None], (wt[:, None] * sf).T @ v]) for wt in (q, np.ones(len(s8)))]
+    return (act.T @ act, float(np.count_nonzero(sampled)), q @ a, _counts_of_moments(moments[0]),
+            _counts_of_moments(moments[1]))
+
+
+def _counts_of_moments(mv: np.ndarray) -> np.ndarray:
+    """Weighted counts from [sum w v ; sum w s_k v (m rows)] with v = [1; y]."""
+    return np.concatenate([mv[:1, 0], mv[1:, 0], mv[0, 1:], mv[1:, 1:].reshape(-1)])
+
+
+def newton_step(H: np.ndarray, n_h: float, r: np.ndarray, n: float, problem: Problem, c: int, w: np.ndarray,
+                mu: float, tighten: float = 1e-3, max_sweeps: int = 5000):
+    """The maximiser of the dual's quadratic model at (w, mu) (from :func:`newton_model` over
+    n rows, the curvature H over n_h of them): a full Newton step, l1 terms kept exact.
+    Maximises over x = (w', mu')
+
+        g^T (x - x0) - 1/2 (x - x0)^T (H / n_h) (x - x0) - sum_j lambda_j (1 - tighten) |w'_j|,
+
+    g = r / n - [0; eta], by cyclic coordinate descent (glmnet's active-set sweeps). The
+    bounds are tightened by ``tighten`` (relative) so that the second-order error of the
+    step (rows that cross a kink of clip) does not carry a constraint past its bound.
+    Returns (w', mu').
+    """
+    p = w.shape[0]
+    Hn = np.asarray(H, dtype=np.float64) / n_h
+    diag = np.diag(Hn).copy()
+    lam = np.r_[problem.tolerances(c) * (1.0 - tighten), 0.0]
+    x0 = np.r_[w, mu]
+    x = x0.copy()
+    grad = np.asarray(r, dtype=np.float64) / n - np.r_[np.zeros(p), problem.budget]  # model gradient at x
+    ok = diag > 1e-14 * max(1.0, float(diag.max(initial=0.0)))  # no curvature: the coordinate stays
+    box = 1e6
+
+    def sweep(coords) -> float:
+        worst = 0.0
+        for j in coords:
+            t = x[j] + grad[j] / diag[j]
+            new = t if lam[j] == 0.0 else np.sign(t) * max(abs(t) - lam[j] / diag[j], 0.0)
+            new = min(max(new, -box), box)
+            delta = new - x[j]
+            if delta != 0.0:
+                x[j] = new
+                np.subtract(grad, delta * Hn[:, j], out=grad)
+                worst = max(worst, abs(delta) * diag[j])
+        return worst
+
+    every = np.flatnonzero(ok)
+    for _ in range(max_sweeps):
+        if sweep(every) <= 1e-13:
+            break
+        active = every[x[every] != 0.0]
+        for _ in range(max_sweeps):  # converge on the nonzero duals, then check all again
+            if sweep(active) <= 1e-13:
+                break
+    return x[:p].copy(), float(x[p])
+
+
+def keep_probability_at_budget(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], problem: Problem,
+                               w: np.ndarray, mu0: float, want_before: bool = False):
+    """(q, mu, after, before): q_i = clip(eta + u_i - a_i^T w - mu, 0, 1) with mu such that
+    mean q = eta exactly (to rounding) on these rows, found from mu0 by safeguarded Newton
+    steps on the monotone piecewise-linear mean (the core's; the same steps in numpy without
+    it), and the weighted counts of q and (``want_before``, else None) of the data, which
+    the pass that writes q counts as it goes."""
+    from . import _problem
+
+    n = s8.shape[0]
+    q = np.empty(n)
+    core = _backend.core()
+    if core is not None:
+        size = _problem.counts_size(s8.shape[1], lab.c)
+        after, before = np.zeros(size), (np.zeros(size) if want_before else None)
+        mu = core.m4_keep_probability_at_budget(_inputs.data_tuple(s8, lab, u), problem.core(), w, float(mu0), q,
+                                                after, before)
+        return q, float(mu), after, before
+    y = lab.to_dense().astype(np.float64)
+    d = s8.astype(np.float64) - problem.target
+    wk = w.reshape(s8.shape[1], lab.c + 1)
+    z = problem.budget + (0.0 if u is None else u) - (d * (wk[:, 0] + y @ wk[:, 1:].T)).sum(axis=1)
+    lo, hi, target = z.min() - 1.0, z.max(), n * problem.budget
+    mu = min(max(mu0, lo), hi)
+    for _ in range(200):
+        t = z - mu
+        f = np.clip(t, 0.0, 1.0).sum() - target
+        if abs(f) <= 1e-13 * n:
+            break
+        if f > 0:
+            lo = mu
+        else:
+            hi = mu
+        active = np.count_nonzero((t > 0) & (t < 1))
+        nxt = mu + f / active if active else 0.5 * (lo + hi)
+        if not lo < nxt < hi:
+            nxt = 0.5 * (lo + hi)
+        if nxt == mu or hi - lo <= 1e-15 * (1.0 + abs(mu)):
+            break
+        mu = nxt
+    np.clip(z - mu, 0.0, 1.0, out=q)
+    return q, float(mu), _problem.counts(s8, lab, q), (_problem.counts(s8, lab, None) if want_before else None)

@@ -54,6 +54,14 @@ void margins(const Data& d, const double* pi, const double* w, double* out);
 // q_i = clip(eta + u_i - a_i^T w - mu, 0, 1).
 void keep_probability(const Data& d, const Problem& prob, const double* w, double mu, double* q);
 
+// The same with mu chosen so that the budget holds on these rows, mean_i q_i = eta (to
+// rounding): mean q is a monotone piecewise-linear function of mu, whose root safeguarded
+// Newton steps over the stored z_i find (starting from mu0). Returns that mu. The pass
+// that writes q also adds the weighted counts of q (counts_after) and of the data
+// (counts_before) when they are not null (layout of weighted_counts).
+double keep_probability_at_budget(const Data& d, const Problem& prob, const double* w, double mu0, double* q,
+                                  double* counts_after = nullptr, double* counts_before = nullptr);
+
 // Weighted counts for the bias metrics and the constraint values, accumulated (+=) into
 // counts = [sum_i q_i | sum_i q_i s_ik (m) | sum_i q_i y_ir (c) | sum_i q_i s_ik y_ir (m x c)]
 // (size 1 + m + c + m c, all doubles). q == nullptr means q_i = 1.
@@ -92,8 +100,32 @@ void batch_stats(const Data& d, const Problem& prob, const double* w, double mu,
 void apply_update(const Problem& prob, int64_t m, int64_t c, const StreamConfig& cfg, StreamState& st,
                   const double* stats);
 // batch_stats + apply_update over consecutive mini-batches of cfg.batch_size (the last one
-// may be shorter). Returns the number of steps taken.
-int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st);
+// may be shorter). Returns the number of steps taken. order (n row indices, may be null)
+// visits the rows in that order: each mini-batch is gathered into a small buffer, so a
+// shuffled pass needs no shuffled copy of the data.
+int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
+                   const int64_t* order = nullptr);
+
+// ----- Newton refinement of given duals (method="stream" after its pass) ---------------
+// At fixed duals x = (w, mu) the dual is, to second order, the quadratic model with gradient
+// (1/N) sum_i q_i [a_i; 1] - [0; eta] and Hessian -(1/N) sum_A [a_i; 1][a_i; 1]^T (A: the
+// rows with 0 < z_i < 1). Both are sums of Kronecker pieces: with v_i = [1; y_i] (L = c + 1),
+// a_i = (s_i - pi) (x) v_i, so everything follows from per-group-set sums of v_i v_i^T and v_i:
+//   blocks (nb = 1 + m + m (m - 1) / 2, each L x L, over A): sum v v^T, sum s_k v v^T,
+//          sum s_k s_l v v^T (k < l, pair index in row-major order of the upper triangle);
+//   first moments ((1 + m) x L, over all rows): sum q v, sum q s_k v; and the same unweighted,
+//   sum v, sum s_k v: the weighted counts of q and of the data (the report) come from these.
+// The Hessian needs far fewer rows than the gradient (an inexact Newton step converges
+// when the gradient is exact): only rows i with i % hessian_stride == 0 add to the blocks,
+// and the last entry counts those rows (all of them, active or not), so H / that count
+// estimates the mean curvature. stats (newton_stats_size doubles) are plain sums: shards
+// merge by adding.
+int64_t newton_stats_size(int64_t m, int64_t c);
+void newton_stats(const Data& d, const Problem& prob, const double* w, double mu, int64_t hessian_stride,
+                  double* stats);
+// The model from merged stats: H ((p+1) x (p+1), row-major, the negated Hessian times N) and
+// r (p+1) = sum_i q_i [a_i; 1], with the index layout of a_i and mu last.
+void newton_model(const Problem& prob, int64_t m, int64_t c, const double* stats, double* H, double* r);
 
 // ----- method="exact": Newton on the dual, as passes over the data (DESIGN.md §3b) -------
 // With x = (w, mu) and z_i = eta + u_i - a_i^T w - mu, the dual to maximise is
