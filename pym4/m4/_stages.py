@@ -180,14 +180,18 @@ class KeepProbabilityStage:
 
 # ----- driver -------------------------------------------------------------------------------------
 
-def resolve_columns(engine, spec: ColumnSpec) -> ResolvedSpec:
+def resolve_columns(engine, spec: ColumnSpec, vocab: Optional[Dict[str, List[str]]] = None,
+                    reduce=None) -> ResolvedSpec:
     """Schema checks on every shard, then (if a tag column takes all its values) one pass
-    that finds the vocabulary."""
+    that finds the vocabulary, unless ``vocab`` gives it ({tag column: values}, as a
+    checkpoint saved it). ``reduce(stage, desc)`` runs that pass (default ``engine.reduce``)."""
     engine.check(spec)
-    vocab = None
     need = spec.needs_vocabulary
+    if need and vocab is not None:
+        return spec.resolve(vocab)
     if need:
-        vocab = engine.reduce(VocabularyStage(need)) or {c: set() for c in need}
+        run = reduce or (lambda stage, desc: engine.reduce(stage))
+        vocab = run(VocabularyStage(need), "vocabulary") or {c: set() for c in need}
         if not all(vocab.values()):
             # Say "no rows" rather than "no tags" when that is why (one more pass, on this error only).
             weighted_counts(engine, spec.resolve(vocab))

@@ -1,0 +1,160 @@
+"""M4 over datasets, the loose ends of running at scale: the progress of a pass is reported
+while the pass runs (every engine), and a run on the pattern-table path resumes after
+kill -9 without reading the data again."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from m4_datasets import metadata, write_shards
+import pym4.m4 as m4
+from pym4 import _backend
+from pym4.engines import engine_for
+from pym4.engines.local import LocalEngine
+from pym4.m4._columns import ColumnSpec
+from pym4.m4._dataset import CHECKPOINT_SUFFIX
+from pym4.m4._stages import CountsStage
+
+pytestmark = [pytest.mark.skipif(_backend.core() is None, reason="needs the compiled core"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),
+              pytest.mark.filterwarnings("ignore::FutureWarning:pyspark.*")]
+
+N = 997
+SEVEN = [1, 311, 40, 2, 500, 13, 130]
+
+
+@pytest.fixture(scope="module")
+def seven(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("scale") / "d")
+    write_shards(metadata(N, seed=5), folder, SEVEN)
+    return folder
+
+
+class _Rows:
+    """A stage that counts rows, and logs each batch it sees (in-process engines only)."""
+    needs_rows = False
+    columns = ["g0"]
+
+    def __init__(self, log=None):
+        self.log = log
+
+    def partial(self, batch, where, row0):
+        if self.log is not None:
+            self.log.append(("batch", batch.num_rows))
+        return batch.num_rows
+
+    @staticmethod
+    def merge(a, b):
+        return a + b
+
+
+def test_local_progress_advances_after_each_batch(seven):
+    log = []
+    eng = LocalEngine(seven, workers=1, batch_rows=100)
+    total = eng.reduce(_Rows(log), lambda rows: log.append(("progress", rows)))
+    assert total == N
+    batches = [k for kind, k in log if kind == "batch"]
+    assert len(batches) >= 10  # 997 rows in batches of at most 100
+    # Every batch is reported as soon as it is done, not at the end of the pass.
+    assert log == [entry for k in batches for entry in (("batch", k), ("progress", k))]
+
+
+def test_local_progress_from_threads_adds_up(seven):
+    calls = []
+    eng = LocalEngine(seven, workers=3, batch_rows=64)
+    assert eng.reduce(_Rows(), calls.append) == N
+    assert sum(calls) == N and len(calls) >= 16
+
+
+def test_the_bar_advances_during_the_pass(seven, capsys):
+    """fit_dataset's bars (tqdm on stderr) show the rows of each pass and their rate."""
+    m4.fit_dataset(seven, sensitive=["g0", "g1"], labels=["l0", "l2"], target=0.3, budget=0.8, eps_rep=0.02,
+                   eps_assoc=0.05, progress=True, engine_options=dict(batch_rows=50))
+    err = capsys.readouterr().err
+    assert "counting" in err and "rows/s" in err
+
+
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_engine_progress_adds_up_to_the_rows(engine, request, seven):
+    request.getfixturevalue("ray_session" if engine == "ray" else "spark")
+    calls = []
+    eng = engine_for(seven, engine=engine)
+    rs = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0"]).resolve()
+    counts = eng.reduce(CountsStage(rs), calls.append)  # a stage the workers can import
+    assert counts[0] == N and sum(calls) == N
+    if engine == "ray":  # one report per file task, as each finishes
+        assert sorted(calls) == sorted(SEVEN)
+
+
+# ----- checkpoint on the pattern-table path -------------------------------------------------------
+
+_ARGS = dict(sensitive=["g0", "g1"], labels=["l0", "l2"], labels_from="tags", target=0.3, budget=0.8,
+             eps_rep=0.02, eps_assoc=0.05, tol=1e-10, progress=False)
+_RUN = """
+import pym4.m4 as m4
+m4.balance_dataset({src!r}, {out!r}, **{args!r})
+"""
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_kill_on_the_pattern_table_path_then_resume(seven, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    ck = out + CHECKPOINT_SUFFIX
+    env = {**os.environ, "PYM4_TEST_SLEEP_AFTER_PASS": "2"}
+    proc = subprocess.Popen([sys.executable, "-c", _RUN.format(src=seven, out=out, args=_ARGS)], env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(ck) and "pattern" in _read_json(ck):
+                break
+            time.sleep(0.05)
+        assert os.path.exists(ck), "the run wrote no checkpoint"
+        os.kill(proc.pid, signal.SIGKILL)  # kill -9: no clean-up runs
+    finally:
+        proc.wait(timeout=60)
+    saved = _read_json(ck)
+    assert "pattern" in saved and saved["pattern"]["table"] is not None and not os.path.exists(out)
+    assert len(saved["tags"]["tags"]) == 6  # the vocabulary pass's result is saved too
+    capsys.readouterr()
+    m4.balance_dataset(seven, out, **_ARGS)  # the same call again
+    err = capsys.readouterr().err
+    assert f"resuming from {ck}: " in err and "counts and pattern table saved: not read again" in err
+    assert not os.path.exists(ck)
+    rep = _read_json(os.path.join(out, "_pym4_report.json"))
+    m4.balance_dataset(seven, out + "-plain", **_ARGS)
+    plain_rep = _read_json(os.path.join(out + "-plain", "_pym4_report.json"))
+    assert rep["compressed"] and plain_rep["compressed"] and rep["status"] == "optimal"
+    assert plain_rep["passes"] == 2 and rep["passes"] == 0  # vocabulary + counting, not redone
+    assert pq.read_table(out).equals(pq.read_table(out + "-plain"))  # the same q, bit for bit
+    np.testing.assert_array_equal(rep["mu"], plain_rep["mu"])
+
+
+def test_a_checkpoint_of_another_request_is_not_used(seven, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    ck = out + CHECKPOINT_SUFFIX
+    env = {**os.environ, "PYM4_TEST_SLEEP_AFTER_PASS": "30"}
+    proc = subprocess.Popen([sys.executable, "-c", _RUN.format(src=seven, out=out, args=_ARGS)], env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not os.path.exists(ck):
+            time.sleep(0.05)
+        assert os.path.exists(ck)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    capsys.readouterr()
+    m4.balance_dataset(seven, out, **{**_ARGS, "budget": 0.75})
+    err = capsys.readouterr().err
+    assert "belongs to another run" in err and "resuming" not in err
+    rep = _read_json(os.path.join(out, "_pym4_report.json"))
+    assert rep["passes"] == 2 and rep["status"] == "optimal"
