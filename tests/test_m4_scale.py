@@ -158,3 +158,35 @@ def test_a_checkpoint_of_another_request_is_not_used(seven, tmp_path, capsys):
     assert "belongs to another run" in err and "resuming" not in err
     rep = _read_json(os.path.join(out, "_pym4_report.json"))
     assert rep["passes"] == 2 and rep["status"] == "optimal"
+
+
+# ----- the local engine's cache and the boolean conversion --------------------------------------------
+
+def test_local_cache_gives_the_same_passes_within_its_bound(seven):
+    rs = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0", "l2"], utility="u").resolve()
+    stage = CountsStage(rs)
+    want = LocalEngine(seven, batch_rows=64, cache_bytes=0).reduce(stage)
+    full = LocalEngine(seven, batch_rows=64)
+    for _ in range(3):  # read, read and keep, from memory
+        np.testing.assert_array_equal(full.reduce(stage), want)
+    assert len(full._cache) == len(SEVEN) and full._cached > 0
+    bound = full._cached // 2
+    half = LocalEngine(seven, batch_rows=64, cache_bytes=bound)
+    for _ in range(3):
+        np.testing.assert_array_equal(half.reduce(stage), want)
+    assert 0 < half._cached <= bound and 0 < len(half._cache) < len(SEVEN)
+    with pytest.raises(ValueError, match="cache_bytes: must be an integer >= 0"):
+        LocalEngine(seven, cache_bytes=-1)
+
+
+@pytest.mark.parametrize("offset", [0, 8, 3])
+def test_boolean_columns_to_uint8_at_any_offset(offset):
+    import pyarrow as pa
+    rng = np.random.default_rng(offset)
+    cols = {k: rng.random(1000) < p for k, p in (("a", 0.3), ("b", 0.6), ("x", 0.5))}
+    batch = pa.record_batch({k: pa.array(v) for k, v in cols.items()}).slice(offset, 701)
+    s, y = ColumnSpec.make(sensitive=["a", "b"], labels=["x"]).resolve().data_tuple(batch, "shard")[:2]
+    want = np.stack([cols[k][offset:offset + 701] for k in "abx"], axis=1).astype(np.uint8)
+    assert s.dtype == np.uint8 and s.flags.c_contiguous and y.flags.c_contiguous
+    np.testing.assert_array_equal(s, want[:, :2])
+    np.testing.assert_array_equal(y, want[:, 2:])
