@@ -18,8 +18,8 @@ A stage is any object with
 Row numbers. When a write pass has no id column, each row gets ``row``, its number within
 the dataset: the Parquet files are ordered by path (as :func:`list_shards` sorts them),
 and ``row = (rows of all earlier files) + (position of the row within its file)``. Every
-engine computes exactly this (local from its scan, Ray per file task, Spark from
-``_metadata.row_index``), so the same row gets the same number everywhere. A Ray Dataset or
+engine computes exactly this (each runs the same per-file code: local in a thread, Ray and
+Spark in one task per file), so the same row gets the same number everywhere. A Ray Dataset or
 Spark DataFrame handed in has no file order: a write pass over one needs an id column.
 
 Engines: :class:`~pym4.engines.local.LocalEngine` (pyarrow.dataset, a thread pool over
