@@ -293,7 +293,7 @@ def simulate(args, cache):
     # One task's stats at a solver state of this problem (what every task of a pass sends).
     problem = (np.asarray(model.target, dtype=np.float64), model.budget, model.eps_rep, model.eps_assoc)
     state = _backend.core().m4_exact_init(problem, M, C, n, 100, TOL, 1e6, None, 1 << 17)
-    one = LocalEngine(folder).partials(PartialStage(model.columns, problem, state, None))[0]
+    one = next(iter(LocalEngine(folder).partials(PartialStage(model.columns, problem, state, None))))
     task_bytes = len(pickle.dumps(one))
     load = os.getloadavg()[0]
     print(f"SIMULATE {shards} shards x {per} rows = {n:,d} rows (m=2, c=32), load {load:.1f}: "

@@ -19,7 +19,7 @@ from pym4.engines import engine_for
 from pym4.engines.local import LocalEngine
 from pym4.m4._columns import ColumnSpec
 from pym4.m4._dataset import CHECKPOINT_SUFFIX
-from pym4.m4._stages import CountsStage
+from pym4.m4._stages import TOO_MANY, CountsStage, PatternStage
 
 pytestmark = [pytest.mark.skipif(_backend.core() is None, reason="needs the compiled core"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),
@@ -190,3 +190,17 @@ def test_boolean_columns_to_uint8_at_any_offset(offset):
     assert s.dtype == np.uint8 and s.flags.c_contiguous and y.flags.c_contiguous
     np.testing.assert_array_equal(s, want[:, :2])
     np.testing.assert_array_equal(y, want[:, 2:])
+
+
+def test_pattern_pass_stops_building_tables_past_the_bound(seven):
+    rs = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0", "l1", "l2"], labels_from="tags").resolve(
+        {"tags": ["doctor", "nurse", "pilot", "chef", "judge", "baker"]})
+    eng = LocalEngine(seven, workers=1, batch_rows=64)
+    stage = PatternStage(rs, max_patterns=20)
+    table, counts = eng.reduce(stage)
+    assert table == TOO_MANY and stage.over  # later batches only counted
+    np.testing.assert_array_equal(counts, eng.reduce(CountsStage(rs)))
+    fits = PatternStage(rs, max_patterns=1 << 20)
+    table, counts2 = eng.reduce(fits)
+    assert not fits.over and int(table[1].sum()) == N
+    np.testing.assert_array_equal(counts2, counts)

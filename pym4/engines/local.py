@@ -141,14 +141,16 @@ class LocalEngine(Engine):
     def check(self, spec: ColumnSpec) -> None:
         self.shards.check(spec)
 
-    def _map(self, fn) -> list:
+    def _map(self, fn) -> Iterator[Any]:
+        """fn(i) of every file, yielded in file order as they are done."""
         n = len(self.shards.fragments)
         if self.workers == 1 or n <= 1:
-            return [fn(i) for i in range(n)]
+            yield from (fn(i) for i in range(n))
+            return
         with ThreadPoolExecutor(min(self.workers, n)) as pool:
-            return list(pool.map(fn, range(n)))
+            yield from pool.map(fn, range(n))
 
-    def partials(self, stage, progress: Optional[Callable[[int], None]] = None) -> List[Any]:
+    def partials(self, stage, progress: Optional[Callable[[int], None]] = None) -> Iterator[Any]:
         columns = tuple(stage.columns)
         self._seen[columns] = self._seen.get(columns, 0) + 1
         keep = self.cache_bytes > 0 and self._seen[columns] >= 2
@@ -158,5 +160,5 @@ class LocalEngine(Engine):
     def write(self, stage, out: str) -> List[str]:
         out = _check_out(out)
         os.makedirs(out)
-        return self._map(lambda i: write_shard(self.shards, i, stage, self.batch_rows,
-                                               os.path.join(out, part_name(i))))
+        return list(self._map(lambda i: write_shard(self.shards, i, stage, self.batch_rows,
+                                                    os.path.join(out, part_name(i)))))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Any, List, Optional
+from typing import Any, Iterable, List, Optional
 
 from ..m4._columns import ColumnSpec, DataError, check_schema
 from . import Engine, _check_out, list_shards, reraise_data_errors
@@ -27,18 +27,20 @@ def _result_table(obj, rows: int):
     return pa.table({"rows": pa.array([rows], type=pa.int64()), "result": pa.array([pickle.dumps(obj)], type=pa.binary())})
 
 
-def _collect(ds, rows_of, progress):
-    """The ``result`` column of ``ds`` unpickled, read as the tasks finish (streaming
-    execution), with ``progress(rows_of(row))`` per result row."""
-    out = []
+_END = object()
 
-    def run():
-        for r in ds.iter_rows():
-            out.append(pickle.loads(r["result"]))
-            if progress is not None:
-                progress(rows_of(r))
-        return out
-    return _data_errors(run)
+
+def _collect(ds, rows_of, progress):
+    """The ``result`` column of ``ds`` unpickled, yielded as the tasks finish (streaming
+    execution), with ``progress(rows_of(row))`` per result row."""
+    it = iter(ds.iter_rows())
+    while True:
+        r = _data_errors(lambda: next(it, _END))
+        if r is _END:
+            return
+        if progress is not None:
+            progress(rows_of(r))
+        yield pickle.loads(r["result"])
 
 
 def _data_errors(run):
@@ -120,7 +122,7 @@ class RayEngine(Engine):
         else:
             check_schema(spec, self._schema(), self.source)
 
-    def _over_shards(self, task, progress=None) -> List[Any]:
+    def _over_shards(self, task, progress=None) -> Iterable[Any]:
         import ray.data
         n = len(self.shards.fragments)
         rows = self.shards.rows
@@ -128,7 +130,7 @@ class RayEngine(Engine):
         return _collect(items.map_batches(task, batch_size=1, batch_format="pyarrow"), lambda r: rows[r["shard"]],
                         progress)
 
-    def partials(self, stage, progress=None) -> List[Any]:
+    def partials(self, stage, progress=None) -> Iterable[Any]:
         if self.shards is not None:
             return self._over_shards(_ShardTask(self.shards, stage, self.batch_rows), progress)
         return _collect(self.ds.map_batches(_BlockTask(stage), batch_size=None, batch_format="pyarrow"),

@@ -24,7 +24,7 @@ import pickle
 import sys
 import threading
 import uuid
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional
 
 from ..m4._columns import ColumnSpec, DataError, check_schema
 from . import Engine, _check_out, list_shards, reraise_data_errors
