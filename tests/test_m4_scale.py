@@ -197,10 +197,25 @@ def test_pattern_pass_stops_building_tables_past_the_bound(seven):
         {"tags": ["doctor", "nurse", "pilot", "chef", "judge", "baker"]})
     eng = LocalEngine(seven, workers=1, batch_rows=64)
     stage = PatternStage(rs, max_patterns=20)
-    table, counts = eng.reduce(stage)
-    assert table == TOO_MANY and stage.over  # later batches only counted
+    merged, counts = eng.reduce(stage)
+    assert merged == TOO_MANY and stage.table(merged) is None and stage.over  # later batches only counted
     np.testing.assert_array_equal(counts, eng.reduce(CountsStage(rs)))
-    fits = PatternStage(rs, max_patterns=1 << 20)
-    table, counts2 = eng.reduce(fits)
-    assert not fits.over and int(table[1].sum()) == N
-    np.testing.assert_array_equal(counts2, counts)
+
+
+def test_pattern_tables_merged_like_a_binary_counter(seven):
+    """The merged table holds every distinct (s, y) row once with its count (numpy's unique
+    as the reference), though the batches' tables were aggregated only a few times each."""
+    rs = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0", "l1", "l2"]).resolve()
+    eng = LocalEngine(seven, workers=1, batch_rows=16)
+    stage = PatternStage(rs, max_patterns=1 << 20)
+    merged, _ = eng.reduce(stage)
+    assert 1 <= len(merged) <= 8  # a few tables of decreasing size, not one per batch (> 60)
+    sizes = [len(t[1]) for t in merged]
+    assert sizes == sorted(sizes, reverse=True)
+    (s, y, _, _, c, _), counts = stage.table(merged)
+    got = {tuple(r): int(k) for r, k in zip(np.concatenate([s, y], axis=1).tolist(), counts)}
+    t = pq.read_table(seven)
+    rows = np.stack([np.asarray(t.column(k).to_numpy(zero_copy_only=False), dtype=np.uint8)
+                     for k in ("g0", "g1", "l0", "l1", "l2")], axis=1)
+    uniq, want = np.unique(rows, axis=0, return_counts=True)
+    assert got == {tuple(r): int(k) for r, k in zip(uniq.tolist(), want)}

@@ -33,7 +33,7 @@ from .. import _backend
 from .._io import atomic_output
 from . import _feasibility, _inputs, _passes, _problem
 from ._columns import ColumnSpec, DataError
-from ._stages import TOO_MANY, CountsStage, PartialStage, PatternStage, resolve_columns, write_keep_probability
+from ._stages import CountsStage, PartialStage, PatternStage, resolve_columns, write_keep_probability
 from .model import M4Model
 
 __all__ = ["fit_dataset", "balance_dataset", "CHECKPOINT_SUFFIX"]
@@ -201,19 +201,18 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
               + (f" ({', '.join(skipped)} saved: not read again)" if skipped else ""), file=sys.stderr)
         info["resumed_after_pass"] = int(saved["passes"])
     rs = resolve_columns(engine, spec, saved.get("tags"), reduce=runner.reduce)
-    if spec.needs_vocabulary and "tags" not in saved:
-        if ck is not None:
-            ck.save(tags={k: list(v) for k, v in rs.tags.items()})
     m, c = rs.m, rs.c
     if "pattern" in saved:
         table, before = _decode_table(saved["pattern"]["table"]), np.asarray(saved["pattern"]["counts"], np.float64)
     else:
-        got = runner.reduce(PatternStage(rs, max_patterns), "counting")
+        counting = PatternStage(rs, max_patterns)
+        got = runner.reduce(counting, "counting")
         if got is None or got[1][0] == 0:
             raise DataError(f"{engine.source}: the dataset has no rows")
-        table, before = (None if got[0] == TOO_MANY else got[0]), got[1]
-        if ck is not None:
-            ck.save(pattern={"counts": before.tolist(), "table": _encode_table(table)})
+        table, before = counting.table(got[0]), got[1]
+        if ck is not None:  # first saved here: every value has been read and checked, so bad input leaves none
+            ck.save(tags={k: list(v) for k, v in rs.tags.items()},
+                    pattern={"counts": before.tolist(), "table": _encode_table(table)})
     rows = int(before[0])
     runner.rows = rows
     pi = _problem.target_from_counts(before, m, c) if target is None else _inputs.target(target, m, None)
