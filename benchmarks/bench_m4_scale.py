@@ -178,7 +178,8 @@ def start_engine(name):
         from pyspark.sql import SparkSession
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         spark = (SparkSession.builder.master(f"local[{os.cpu_count()}]").appName("bench_m4_scale")
-                 .config("spark.ui.enabled", "false").config("spark.driver.memory", "2g").getOrCreate())
+                 .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+                 .config("spark.driver.memory", "2g").getOrCreate())
         spark.sparkContext.setLogLevel("ERROR")
     return time.perf_counter() - t0
 
@@ -364,6 +365,7 @@ def main(argv=None):
     bad += [x for x in modes if x not in ("compressed", "passes")]
     if bad:
         ap.error(f"unknown instance, engine or mode: {', '.join(bad)}")
+    os.makedirs(args.out, exist_ok=True)
     cache = args.cache or os.path.join(args.out, "m4_scale_data")
     os.makedirs(cache, exist_ok=True)
     rows = []
