@@ -118,8 +118,8 @@ def _decode(d) -> Optional[np.ndarray]:
 
 
 def _encode_table(table):
-    """A pattern table ``(data, counts)`` as JSON (arrays as base64 bytes: exact, and a
-    third of a list of numbers); None stays None (the table passed its bound)."""
+    """A pattern table ``(data, counts)`` as JSON (arrays as base64 bytes: exact, and
+    smaller than lists of numbers); None stays None (the table passed its bound)."""
     if table is None:
         return None
     data, counts = table
@@ -204,19 +204,21 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
     m, c = rs.m, rs.c
     if "pattern" in saved:
         table, before = _decode_table(saved["pattern"]["table"]), np.asarray(saved["pattern"]["counts"], np.float64)
+        patterns = saved["pattern"]["patterns"]
     else:
         counting = PatternStage(rs, max_patterns)
         got = runner.reduce(counting, "counting")
         if got is None or got[1][0] == 0:
             raise DataError(f"{engine.source}: the dataset has no rows")
         table, before = counting.table(got[0]), got[1]
+        patterns = None if table is None else len(table[1])
         if ck is not None:  # first saved here: every value has been read and checked, so bad input leaves none
             ck.save(tags={k: list(v) for k, v in rs.tags.items()},
-                    pattern={"counts": before.tolist(), "table": _encode_table(table)})
+                    pattern={"counts": before.tolist(), "patterns": patterns, "table": _encode_table(table)})
     rows = int(before[0])
     runner.rows = rows
     pi = _problem.target_from_counts(before, m, c) if target is None else _inputs.target(target, m, None)
-    info.update({"rows": rows, "patterns": None if table is None else len(table[1])})
+    info.update({"rows": rows, "patterns": patterns})
 
     largest = None
     searched = False
