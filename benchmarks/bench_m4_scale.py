@@ -22,8 +22,14 @@ dense only). Every engine's duals are compared with local's and with the in-memo
 Writes m4_scale.csv and m4_scale.png (benchmarks/_harness.py, plot.py); prints the load
 average with the figures (the machine may be shared).
 
-    python benchmarks/bench_m4_scale.py [--quick | --full] [--engines local,ray,spark]
-                                        [--instances dense,dense-c8,sparse] [--cache DIR] [--out DIR]
+    python benchmarks/bench_m4_scale.py [--quick | --full] [--n N] [--engines local,ray,spark]
+                                        [--instances dense,dense-c8,sparse] [--modes compressed,passes]
+                                        [--cache DIR] [--out DIR] [--simulate SHARDS]
+
+``--simulate 2000`` adds a run by passes over 2000 shards of 500 rows, for what a
+cluster-sized run costs (README): bytes read per pass (measured with /proc/self/io and
+from the Parquet metadata), the stats each task sends the driver, the driver state and
+the checkpoint's size, and the time per shard-task.
 
 N = 1e7 by default, 1e8 with --full, 2e4 with --quick (a smoke run of a few seconds per
 engine). Targets (2-core CPU): local exact at N = 1e8 (m = 2, c = 32) in <= 3 minutes
