@@ -430,6 +430,7 @@ def main(argv=None):
                                solver_passes=info["solver_passes"], iterations=info["iterations"],
                                rows_per_s_pass=statistics.median(rates) if rates else float("nan"),
                                min_rows_per_s_pass=min(rates) if rates else float("nan"),
+                               pass_s=" ".join(f"{t:.2f}" for t in info.get("pass_seconds", [])),
                                peak_rss_mb=peak / 2**20, rss_before_mb=base_rss / 2**20,
                                max_violation=info["max_violation"])
                     w = np.asarray(model.w)
