@@ -59,6 +59,10 @@ SPECS = {
                (Panel(TIME, "wall time (s)"),
                 Panel(("objective_rel_to_exact",), "|objective / exact - 1|", absolute=True, skip=("pym4-exact",),
                       hline=(0.02, "2 %"))), where={"kind": "dense"}),
+    "m4_scale": Spec("M4 exact over sharded Parquet: engines, pattern table vs passes", "instance", "instance",
+                     "method", (Panel(TIME, "time to the exact answer (s)"),
+                                Panel(("rows_per_s_pass",), "rows/s per pass over the data (median)"),
+                                Panel(("peak_rss_mb",), "peak RSS of the process tree (MB)"))),
     "sinkhorn": Spec("Sinkhorn-Knopp: pym4 vs SwAV reference and POT", "shape", "shape", "impl",
                      (Panel(TIME, "time per call (s, log)"),), floor="floor_passes_s"),
 }
@@ -180,6 +184,7 @@ def _bars(ax, rows, spec: Spec, panel: Panel, y: str) -> None:
     width = 0.8 / len(groups)
     for i, (name, values) in enumerate(groups):
         vs = [values.get(lab, math.nan) for lab in labels]
+        vs = [v if _finite(v) else math.nan for v in vs]  # a method without this figure (an empty cell)
         ax.bar([j + i * width for j in range(len(labels))], [abs(v) if panel.absolute else v for v in vs], width,
                label=name, color="0.7" if name == "bandwidth floor" else _color(rows, spec, name))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=8)

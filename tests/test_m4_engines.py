@@ -210,9 +210,11 @@ def test_engine_equals_local(engine, request, seven, tmp_path):
     write_keep_probability(other, model, str(tmp_path / engine))
     lp, lt = _read_parts(str(tmp_path / "local"))
     op, ot = _read_parts(str(tmp_path / engine))
-    if engine == "ray":  # one task, and one part, per input file, named as local names it
-        assert [os.path.basename(p) for p in op] == [os.path.basename(p) for p in lp]
-    assert ot.sort_by("row").equals(lt)  # the same row numbers and q (Spark writes per partition)
+    # one task, and one part, per input file, named as local names it
+    assert [os.path.basename(p) for p in op] == [os.path.basename(p) for p in lp] and len(op) == len(LAYOUTS["seven"])
+    for a, b in zip(op, lp):
+        assert pq.read_table(a).equals(pq.read_table(b))
+    assert ot.sort_by("row").equals(lt)  # the same row numbers and q
     np.testing.assert_array_equal(lt.column("row").to_numpy(), np.arange(N))
     np.testing.assert_allclose(lt.column("q").to_numpy(), res.q, atol=1e-12)
     # hive partitions: the partition column (from the paths) as the groups

@@ -18,8 +18,8 @@ A stage is any object with
 Row numbers. When a write pass has no id column, each row gets ``row``, its number within
 the dataset: the Parquet files are ordered by path (as :func:`list_shards` sorts them),
 and ``row = (rows of all earlier files) + (position of the row within its file)``. Every
-engine computes exactly this (local from its scan, Ray per file task, Spark from
-``_metadata.row_index``), so the same row gets the same number everywhere. A Ray Dataset or
+engine computes exactly this (each runs the same per-file code: local in a thread, Ray and
+Spark in one task per file), so the same row gets the same number everywhere. A Ray Dataset or
 Spark DataFrame handed in has no file order: a write pass over one needs an id column.
 
 Engines: :class:`~pym4.engines.local.LocalEngine` (pyarrow.dataset, a thread pool over
@@ -34,7 +34,7 @@ import functools
 import glob
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 from ..m4._columns import ROW, ColumnSpec, DataError, check_same_schema
 
@@ -57,13 +57,20 @@ class Engine(abc.ABC):
         """Schema checks (missing / duplicate columns, types, shards that disagree), before any pass."""
 
     @abc.abstractmethod
-    def partials(self, stage) -> List[Any]:
-        """``stage.partial`` over every batch, merged within each task; one result per task."""
+    def partials(self, stage, progress: Optional[Callable[[int], None]] = None) -> Iterable[Any]:
+        """``stage.partial`` over every batch, merged within each task; one result per task,
+        in task order (an iterable that may yield them as they arrive). ``progress(rows)``
+        is called as rows are done, during the pass (from any thread: it must be
+        thread-safe), so that the rows it is given add up to the dataset's."""
 
-    def reduce(self, stage) -> Any:
-        """The merge of every task's partial result (None when the dataset has no batch)."""
-        parts = [p for p in self.partials(stage) if p is not None]
-        return functools.reduce(stage.merge, parts) if parts else None
+    def reduce(self, stage, progress: Optional[Callable[[int], None]] = None) -> Any:
+        """The merge of every task's partial result, in task order, as they arrive (the
+        driver holds one merged result, not one per task); None when the dataset has no batch."""
+        acc = None
+        for part in self.partials(stage, progress):
+            if part is not None:
+                acc = part if acc is None else stage.merge(acc, part)
+        return acc
 
     @abc.abstractmethod
     def write(self, stage, out: str) -> List[str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Any, List, Optional
+from typing import Any, Iterable, List, Optional
 
 from ..m4._columns import ColumnSpec, DataError, check_schema
 from . import Engine, _check_out, list_shards, reraise_data_errors
@@ -22,9 +22,25 @@ from .local import part_name, reduce_shard, write_shard
 __all__ = ["RayEngine"]
 
 
-def _result_table(obj):
+def _result_table(obj, rows: int):
     import pyarrow as pa
-    return pa.table({"result": pa.array([pickle.dumps(obj)], type=pa.binary())})
+    return pa.table({"rows": pa.array([rows], type=pa.int64()), "result": pa.array([pickle.dumps(obj)], type=pa.binary())})
+
+
+_END = object()
+
+
+def _collect(ds, rows_of, progress):
+    """The ``result`` column of ``ds`` unpickled, yielded as the tasks finish (streaming
+    execution), with ``progress(rows_of(row))`` per result row."""
+    it = iter(ds.iter_rows())
+    while True:
+        r = _data_errors(lambda: next(it, _END))
+        if r is _END:
+            return
+        if progress is not None:
+            progress(rows_of(r))
+        yield pickle.loads(r["result"])
 
 
 def _data_errors(run):
@@ -47,7 +63,8 @@ class _ShardTask:
                 results.append(write_shard(self.shards, i, self.stage, self.batch_rows,
                                            os.path.join(self.out, part_name(i))))
         import pyarrow as pa
-        return pa.table({"result": pa.array([pickle.dumps(r) for r in results], type=pa.binary())})
+        return pa.table({"shard": batch.column("shard"),
+                         "result": pa.array([pickle.dumps(r) for r in results], type=pa.binary())})
 
 
 class _BlockTask:
@@ -61,7 +78,7 @@ class _BlockTask:
         where = "ray dataset block"
         if "path" in batch.schema.names and "path" not in self.stage.columns and batch.num_rows:
             where = str(batch.column("path")[0].as_py())
-        return _result_table(self.stage.partial(batch.select(self.stage.columns), where, 0))
+        return _result_table(self.stage.partial(batch.select(self.stage.columns), where, 0), batch.num_rows)
 
 
 class _TransformTask:
@@ -105,18 +122,19 @@ class RayEngine(Engine):
         else:
             check_schema(spec, self._schema(), self.source)
 
-    def _over_shards(self, task) -> List[Any]:
+    def _over_shards(self, task, progress=None) -> Iterable[Any]:
         import ray.data
         n = len(self.shards.fragments)
+        rows = self.shards.rows
         items = ray.data.from_items([{"shard": i} for i in range(n)], override_num_blocks=max(n, 1))
-        rows = _data_errors(items.map_batches(task, batch_size=1, batch_format="pyarrow").take_all)
-        return [pickle.loads(r["result"]) for r in rows]
+        return _collect(items.map_batches(task, batch_size=1, batch_format="pyarrow"), lambda r: rows[r["shard"]],
+                        progress)
 
-    def partials(self, stage) -> List[Any]:
+    def partials(self, stage, progress=None) -> Iterable[Any]:
         if self.shards is not None:
-            return self._over_shards(_ShardTask(self.shards, stage, self.batch_rows))
-        rows = _data_errors(self.ds.map_batches(_BlockTask(stage), batch_size=None, batch_format="pyarrow").take_all)
-        return [pickle.loads(r["result"]) for r in rows]
+            return self._over_shards(_ShardTask(self.shards, stage, self.batch_rows), progress)
+        return _collect(self.ds.map_batches(_BlockTask(stage), batch_size=None, batch_format="pyarrow"),
+                        lambda r: r["rows"], progress)
 
     def write(self, stage, out: str) -> List[str]:
         out = _check_out(out)

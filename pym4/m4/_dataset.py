@@ -16,12 +16,14 @@ Nothing here imports torch.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import secrets
 import shutil
 import sys
+import threading
 import time
 import warnings
 from typing import Any, Dict, Optional
@@ -32,14 +34,14 @@ from .. import _backend
 from .._io import atomic_output, clean_stale, temp_prefix
 from . import _feasibility, _inputs, _passes, _problem
 from ._columns import ColumnSpec, DataError
-from ._stages import TOO_MANY, CountsStage, PartialStage, PatternStage, resolve_columns, write_keep_probability
+from ._stages import CountsStage, PartialStage, PatternStage, resolve_columns, write_keep_probability
 from .model import M4Model
 
 __all__ = ["fit_dataset", "balance_dataset", "CHECKPOINT_SUFFIX"]
 
 CHECKPOINT_SUFFIX = ".pym4-checkpoint.json"
-_CHECKPOINT_FORMAT = "pym4.checkpoint/1"
-# Test hook: seconds to sleep after each checkpointed pass (so a test can kill -9 a run mid-solve).
+_CHECKPOINT_FORMAT = "pym4.checkpoint/2"
+# Test hook: seconds to sleep after each checkpoint saved (so a test can kill -9 a run mid-solve).
 _SLEEP_ENV = "PYM4_TEST_SLEEP_AFTER_PASS"
 
 
@@ -59,54 +61,115 @@ def _check_args(budget, eps_rep, eps_assoc, tol, max_passes, max_patterns):
 
 
 class _Passes:
-    """Runs engine passes with a tqdm bar each (rows/s) and counts them."""
+    """Runs engine passes, counts and times them (``seconds``), each with a tqdm bar (rows/s)
+    that the engine advances as its batches or tasks finish."""
 
     def __init__(self, engine, progress: bool):
-        self.engine, self.progress, self.count, self.rows = engine, progress, 0, None
+        self.engine, self.progress, self.count, self.rows, self.seconds = engine, progress, 0, None, []
 
     def reduce(self, stage, desc: str):
-        from tqdm import tqdm
-        with tqdm(total=self.rows, unit="rows", unit_scale=True, desc=desc, disable=not self.progress,
-                  file=sys.stderr, leave=False) as bar:
+        t0 = time.perf_counter()
+        if not self.progress:
             out = self.engine.reduce(stage)
-            if self.rows is not None:
-                bar.update(self.rows)
+        else:
+            from tqdm import tqdm
+            lock = threading.Lock()  # the local engine reports from its worker threads
+            with tqdm(total=self.rows, unit="rows", unit_scale=True, desc=desc, file=sys.stderr, leave=False) as bar:
+                def advance(rows: int) -> None:
+                    with lock:
+                        bar.update(rows)
+                out = self.engine.reduce(stage, advance)
+        self.seconds.append(time.perf_counter() - t0)
         self.count += 1
         return out
 
 
-def _fingerprint(engine, rs, problem_args) -> Dict[str, Any]:
-    """What a checkpoint belongs to: the files (path, size, mtime), the columns and the problem."""
+def _fingerprint(engine, spec: ColumnSpec, request) -> Dict[str, Any]:
+    """What a checkpoint belongs to: the files (path, size, mtime), the columns and the
+    problem as requested (the target and budget derived from the data are saved with it)."""
     files = []
     shards = getattr(engine, "shards", None)
     if shards is not None:
         for p in shards.paths:
             st = os.stat(p)
             files.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
-    return {"source": engine.source, "files": files, "columns": rs.spec.to_json(),
-            "tags": {k: list(v) for k, v in rs.tags.items()}, "problem": problem_args}
+    return {"source": engine.source, "files": files, "columns": spec.to_json(), "problem": request}
 
 
-def _load_checkpoint(path: Optional[str], fingerprint) -> Optional[dict]:
-    if path is None or not os.path.exists(path):
+def _as_json_target(target):
+    if target is None:
         return None
     try:
-        with open(path) as f:
-            ck = json.load(f)
-    except (OSError, ValueError):
-        ck = None
-    if not isinstance(ck, dict) or ck.get("format") != _CHECKPOINT_FORMAT or ck.get("fingerprint") != fingerprint:
-        print(f"pym4: {path} belongs to another run (other data, columns or parameters); starting afresh",
-              file=sys.stderr)
+        return np.asarray(target, dtype=np.float64).tolist()
+    except (TypeError, ValueError):
+        return repr(target)  # refused later by the target check, with its own message
+
+
+def _encode(a: Optional[np.ndarray]):
+    if a is None:
         return None
-    return ck
+    a = np.ascontiguousarray(a)
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "data": base64.b64encode(a.tobytes()).decode("ascii")}
 
 
-def _save_checkpoint(path: str, fingerprint, passes: int, state: np.ndarray, done: bool) -> None:
-    with atomic_output(path) as tmp, open(tmp, "w") as f:
-        # repr floats: the resumed state is the saved one bit for bit, so it takes the same steps.
-        json.dump({"format": _CHECKPOINT_FORMAT, "fingerprint": fingerprint, "passes": passes, "done": done,
-                   "state": state.tolist()}, f)
+def _decode(d) -> Optional[np.ndarray]:
+    if d is None:
+        return None
+    return np.frombuffer(base64.b64decode(d["data"]), dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
+
+
+def _encode_table(table):
+    """A pattern table ``(data, counts)`` as JSON (arrays as base64 bytes: exact, and
+    smaller than lists of numbers); None stays None (the table passed its bound)."""
+    if table is None:
+        return None
+    data, counts = table
+    return {"s": _encode(data[0]), "y": _encode(data[1]), "y_indptr": _encode(data[2]), "y_indices": _encode(data[3]),
+            "c": int(data[4]), "counts": _encode(counts)}
+
+
+def _decode_table(d):
+    if d is None:
+        return None
+    return ((_decode(d["s"]), _decode(d["y"]), _decode(d["y_indptr"]), _decode(d["y_indices"]), int(d["c"]), None),
+            _decode(d["counts"]))
+
+
+class _Checkpoint:
+    """The run's progress in one JSON file, rewritten atomically after every pass: the tag
+    vocabulary, the counts and pattern table (or that it passed its bound), the budget
+    found for ``budget="max"``, and the solver state after each solver pass (a pass over
+    the data, or the solve on the table). A run that finds it (same files, columns and
+    request) skips every saved pass. Fields: ``passes`` (solver passes done), ``done``."""
+
+    def __init__(self, path: str, fingerprint):
+        self.path, self.fingerprint, self.fields = path, fingerprint, {"passes": 0, "done": False}
+        # Test hook: sleep after each save, so that a test can kill -9 the run between passes.
+        self.sleep = float(os.environ.get(_SLEEP_ENV, "0") or 0)
+
+    def load(self) -> dict:
+        """The saved fields ({} when there is no checkpoint of this run)."""
+        if not os.path.exists(self.path):
+            return {}
+        try:
+            with open(self.path) as f:
+                ck = json.load(f)
+        except (OSError, ValueError):
+            ck = None
+        if not isinstance(ck, dict) or ck.get("format") != _CHECKPOINT_FORMAT or ck.get("fingerprint") != self.fingerprint:
+            print(f"pym4: {self.path} belongs to another run (other data, columns or parameters); starting afresh",
+                  file=sys.stderr)
+            return {}
+        self.fields = {k: v for k, v in ck.items() if k not in ("format", "fingerprint")}
+        return dict(self.fields)
+
+    def save(self, **fields) -> None:
+        self.fields.update(fields)
+        with atomic_output(self.path) as tmp, open(tmp, "w") as f:
+            # repr floats: the resumed state is the saved one bit for bit, so it takes the same steps.
+            json.dump({"format": _CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, **self.fields}, f)
+        if self.sleep:
+            time.sleep(self.sleep)
 
 
 def _names_from_duals(w: np.ndarray, c: int, groups, labels):
@@ -127,18 +190,36 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
     eta, er, ea, tol, max_passes, max_patterns = _check_args(budget, eps_rep, eps_assoc, tol, max_passes,
                                                              max_patterns)
     runner = _Passes(engine, progress)
-    rs = resolve_columns(engine, spec)
-    if spec.needs_vocabulary:
-        runner.count += 1
+    request = {"target": _as_json_target(target), "budget": eta, "eps_rep": er, "eps_assoc": ea, "tol": tol,
+               "max_passes": max_passes, "max_patterns": max_patterns}
+    ck = None if checkpoint is None else _Checkpoint(checkpoint, _fingerprint(engine, spec, request))
+    saved = {} if ck is None else ck.load()
+    info: Dict[str, Any] = {"engine": engine.name}
+    if saved:
+        skipped = [name for key, name in (("tags", "vocabulary"), ("pattern", "counts and pattern table"),
+                                          ("budget", "largest budget")) if key in saved]
+        print(f"pym4: resuming from {checkpoint}: {saved['passes']} solver passes already done"
+              + (f" ({', '.join(skipped)} saved: not read again)" if skipped else ""), file=sys.stderr)
+        info["resumed_after_pass"] = int(saved["passes"])
+    rs = resolve_columns(engine, spec, saved.get("tags"), reduce=runner.reduce)
     m, c = rs.m, rs.c
-    got = runner.reduce(PatternStage(rs, max_patterns), "counting")
-    if got is None or got[1][0] == 0:
-        raise DataError(f"{engine.source}: the dataset has no rows")
-    table, before = (None if got[0] == TOO_MANY else got[0]), got[1]
+    if "pattern" in saved:
+        table, before = _decode_table(saved["pattern"]["table"]), np.asarray(saved["pattern"]["counts"], np.float64)
+        patterns = saved["pattern"]["patterns"]
+    else:
+        counting = PatternStage(rs, max_patterns)
+        got = runner.reduce(counting, "counting")
+        if got is None or got[1][0] == 0:
+            raise DataError(f"{engine.source}: the dataset has no rows")
+        table, before = counting.table(got[0]), got[1]
+        patterns = None if table is None else len(table[1])
+        if ck is not None:  # first saved here: every value has been read and checked, so bad input leaves none
+            ck.save(tags={k: list(v) for k, v in rs.tags.items()},
+                    pattern={"counts": before.tolist(), "patterns": patterns, "table": _encode_table(table)})
     rows = int(before[0])
     runner.rows = rows
     pi = _problem.target_from_counts(before, m, c) if target is None else _inputs.target(target, m, None)
-    info: Dict[str, Any] = {"engine": engine.name, "rows": rows, "patterns": None if table is None else len(table[1])}
+    info.update({"rows": rows, "patterns": patterns})
 
     largest = None
     searched = False
@@ -160,14 +241,10 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
         for p, o in zip(engine.shards.paths, engine.shards.offsets):
             offsets[p] = offsets[os.path.abspath(p)] = o
 
-    def _solve_passes(x, ck, done_passes, on_pass=None):
+    def _solve_passes(x, state, done_passes, on_pass=None):
         problem = (pi, float(x), er, ea)
-        if ck is not None:
-            state = np.asarray(ck["state"], dtype=np.float64)
-        else:
+        if state is None:
             state = core.m4_exact_init(problem, m, c, rows, max_passes, tol, 1e6, None, 1 << 17)
-        if ck is not None and ck["done"]:
-            return _passes.result(m, c, state), problem
         def one_pass(st):
             steps[0] += 1
             return runner.reduce(PartialStage(rs, problem, st, offsets), f"pass {runner.count}")
@@ -175,42 +252,43 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
         return res, problem
 
     if eta == "max":
-        eta = find_largest()
-        steps[0] = 0  # the search's solves are not this fit's
-        if eta is None:
-            raise _feasibility.InfeasibleError(f"infeasible at every budget: {_feasibility.budget_text(None)}",
-                                               None, None)
+        if "budget" in saved:
+            eta = largest = saved["budget"]
+            searched = True
+        else:
+            eta = find_largest()
+            steps[0] = 0  # the search's solves are not this fit's
+            if eta is None:
+                raise _feasibility.InfeasibleError(f"infeasible at every budget: {_feasibility.budget_text(None)}",
+                                                   None, None)
+            if ck is not None:
+                ck.save(budget=eta)
         info["budget_requested"] = "max"
 
     compressed = table is not None and spec.utility is None
-    problem_args = {"target": pi.tolist(), "budget": eta, "eps_rep": er, "eps_assoc": ea, "tol": tol,
-                    "max_passes": max_passes}
-    fingerprint = _fingerprint(engine, rs, problem_args)
-    if compressed:
-        problem = (pi, eta, er, ea)
+    problem = (pi, eta, er, ea)
+    state = np.asarray(saved["state"], dtype=np.float64) if "state" in saved else None
+    if state is not None and saved["done"]:
+        res = _passes.result(m, c, state)
+    elif compressed:
         def table_pass():
             steps[0] += 1
             return [table]
         res = _passes.solve(table_pass, problem, m, c, tol=tol, max_iter=max_passes)
+        if ck is not None and keep_checkpoint:
+            ck.save(passes=res.passes, state=res.state.tolist(), done=True)
+    else:
+        def on_pass(k, st):
+            if ck is not None:
+                ck.save(passes=k, state=st.tolist(), done=False)
+        res, problem = _solve_passes(eta, state, int(saved.get("passes", 0)), on_pass)
+        if ck is not None and keep_checkpoint:
+            ck.save(passes=res.passes, state=res.state.tolist(), done=True)
+    if compressed:
         qt = np.empty(len(table[1]))
         core.m4_keep_probability(table[0], problem, res.w, res.mu, qt)
         after = np.zeros_like(before)
         core.m4_weighted_counts(table[0], qt * table[1], after)
-    else:
-        ck = _load_checkpoint(checkpoint, fingerprint)
-        if ck is not None:
-            print(f"pym4: resuming from {checkpoint}: {ck['passes']} solver passes already done", file=sys.stderr)
-            info["resumed_after_pass"] = int(ck["passes"])
-        sleep = float(os.environ.get(_SLEEP_ENV, "0") or 0)
-
-        def on_pass(k, state):
-            if checkpoint is not None:
-                _save_checkpoint(checkpoint, fingerprint, k, state, False)
-            if sleep:
-                time.sleep(sleep)
-        res, problem = _solve_passes(eta, ck, 0 if ck is None else int(ck["passes"]), on_pass)
-        if checkpoint is not None and keep_checkpoint:
-            _save_checkpoint(checkpoint, fingerprint, res.passes, res.state, True)
     model = M4Model(pi, eta, er, ea, res.w, res.mu, rs, {})
     if not compressed:
         after = runner.reduce(CountsStage(rs, model), "report")
@@ -224,7 +302,8 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
     elif searched:
         rep.largest_feasible_budget = largest
     info.update({"status": rep.status, "message": rep.message, "compressed": compressed,
-                 "passes": runner.count, "solver_passes": steps[0], "iterations": res.iterations, "max_violation": rep.max_violation,
+                 "passes": runner.count, "pass_seconds": runner.seconds, "solver_passes": steps[0],
+                 "iterations": res.iterations, "max_violation": rep.max_violation,
                  "largest_feasible_budget": rep.largest_feasible_budget, "time_s": time.perf_counter() - t0})
     model.info = info
     if checkpoint is not None and not keep_checkpoint:

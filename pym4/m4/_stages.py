@@ -77,16 +77,25 @@ TOO_MANY = _TooMany()
 
 
 class PatternStage:
-    """``(table, counts)`` of a batch: the distinct (s, y) rows and their int64 counts (the
+    """``(tables, counts)`` of a batch: the distinct (s, y) rows and their int64 counts (the
     core's ``(data, counts)``; utility left out, since a pattern does not depend on it), or
-    :data:`TOO_MANY` past ``max_patterns``; and the batch's unweighted counts. Merged by
-    merging the tables (pym4/m4/_passes.py ``merge_tables``) and adding the counts."""
+    :data:`TOO_MANY` past ``max_patterns``; and the batch's unweighted counts, added.
+    :meth:`table` gives the one table of a merged result.
+
+    Tables are merged like a binary counter (an LSM tree): a result holds a few tables of
+    decreasing size, and two are aggregated into one only when the smaller is at least
+    half the larger, so each row is re-aggregated O(log) times, not once per batch
+    (merging every batch into one growing table cost O(rows x batches): measured at
+    N = 4e6, c = 32, the counting pass took 37 s against 4 s for a solver pass)."""
     needs_rows = False
 
     def __init__(self, columns: ResolvedSpec, max_patterns: int):
         self.spec = columns
         self.max_patterns = int(max_patterns)
         self.columns = [c for c in columns.spec.columns() if c != columns.spec.id]
+        # Set once this process saw the bound passed: the pass's table is TOO_MANY whatever
+        # comes next, so later batches only count.
+        self.over = False
 
     def partial(self, batch, where: str, row0: int):
         data = self.spec.data_tuple(batch, where, row0)
@@ -97,18 +106,45 @@ class PatternStage:
         core = _backend.core()
         plain = data[:5] + (None,)
         core.m4_weighted_counts(plain, None, counts)
-        table = core.m4_pattern_table(plain, None, self.max_patterns)
-        return (TOO_MANY if table is None else table), counts
+        table = None if self.over else core.m4_pattern_table(plain, None, self.max_patterns)
+        if table is None:
+            self.over = True
+            return TOO_MANY, counts
+        return [table], counts
+
+    def _merge_two(self, a, b):
+        from ._passes import merge_tables
+        t = merge_tables(a, b, self.max_patterns)
+        if t is None:
+            self.over = True
+        return t
 
     def merge(self, a, b):
-        from ._passes import merge_tables
         if a is None or b is None:  # an empty batch
             return b if a is None else a
         (ta, ca), (tb, cb) = a, b
-        if ta == TOO_MANY or tb == TOO_MANY:
+        if ta == TOO_MANY or tb == TOO_MANY or self.over:
+            self.over = True
             return TOO_MANY, ca + cb
-        t = merge_tables(ta, tb, self.max_patterns)
-        return (TOO_MANY if t is None else t), ca + cb
+        tables = sorted(ta + tb, key=lambda t: -len(t[1]))
+        while len(tables) >= 2 and 2 * len(tables[-1][1]) >= len(tables[-2][1]):
+            t = self._merge_two(tables[-2], tables[-1])
+            if t is None:
+                return TOO_MANY, ca + cb
+            tables = sorted(tables[:-2] + [t], key=lambda t: -len(t[1]))
+        return tables, ca + cb
+
+    def table(self, merged):
+        """The one pattern table ``(data, counts)`` of a merged result, or None past the bound."""
+        if merged == TOO_MANY:
+            return None
+        tables = sorted(merged, key=lambda t: -len(t[1]))
+        while len(tables) >= 2:
+            t = self._merge_two(tables[-2], tables[-1])
+            if t is None:
+                return None
+            tables = tables[:-2] + [t]
+        return tables[0]
 
 
 class PartialStage:
@@ -180,14 +216,18 @@ class KeepProbabilityStage:
 
 # ----- driver -------------------------------------------------------------------------------------
 
-def resolve_columns(engine, spec: ColumnSpec) -> ResolvedSpec:
+def resolve_columns(engine, spec: ColumnSpec, vocab: Optional[Dict[str, List[str]]] = None,
+                    reduce=None) -> ResolvedSpec:
     """Schema checks on every shard, then (if a tag column takes all its values) one pass
-    that finds the vocabulary."""
+    that finds the vocabulary, unless ``vocab`` gives it ({tag column: values}, as a
+    checkpoint saved it). ``reduce(stage, desc)`` runs that pass (default ``engine.reduce``)."""
     engine.check(spec)
-    vocab = None
     need = spec.needs_vocabulary
+    if need and vocab is not None:
+        return spec.resolve(vocab)
     if need:
-        vocab = engine.reduce(VocabularyStage(need)) or {c: set() for c in need}
+        run = reduce or (lambda stage, desc: engine.reduce(stage))
+        vocab = run(VocabularyStage(need), "vocabulary") or {c: set() for c in need}
         if not all(vocab.values()):
             # Say "no rows" rather than "no tags" when that is why (one more pass, on this error only).
             weighted_counts(engine, spec.resolve(vocab))

@@ -1,0 +1,58 @@
+"""benchmarks/bench_m4_scale.py --quick runs end to end: the dataset written once into its
+cache and reused, each mode of the local engine to the exact answer (the same duals as the
+in-memory solve), cvxpy on the small dense instance, the CSV and the PNG. No duration is
+asserted (benchmarks measure; tests check behaviour)."""
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pym4 import _backend
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_m4_scale.py")
+
+pytestmark = pytest.mark.skipif(_backend.core() is None, reason="needs the compiled core")
+
+
+def _run(out):
+    cmd = [sys.executable, BENCH, "--quick", "--n", "2000", "--shard-rows", "500", "--engines", "local",
+           "--instances", "dense-c8,sparse", "--out", str(out)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_quick_run_writes_csv_and_png(tmp_path):
+    if importlib.util.find_spec("cvxpy") is None or importlib.util.find_spec("scipy") is None:
+        pytest.skip("the benchmark compares with cvxpy (the bench extra)")
+    done = _run(tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "wrote " + str(tmp_path / "m4_scale_data" / "dense-n2000-shard500") in done.stdout
+    with open(tmp_path / "m4_scale.csv", newline="") as f:
+        rows = {(r["instance"], r["method"]): r for r in csv.DictReader(f)}
+    methods = {m for _, m in rows}
+    assert methods == {"in-memory exact", "cvxpy-clarabel", "local compressed", "local passes"}
+    assert ("sparse N=2e+03", "cvxpy-clarabel") not in rows  # cvxpy on the dense instance only
+    for (inst, method), r in rows.items():
+        assert r["status"] == "optimal", (inst, method, r["status"])
+        if method.startswith("local"):
+            assert float(r["max_abs_w_diff_in_memory"]) <= 1e-9
+            assert int(r["passes"]) >= 1 and float(r["peak_rss_mb"]) > 0
+            assert r["compressed"] == str(method == "local compressed")  # every table fits at N = 2000
+    assert int(rows[("dense-c8 N=2e+03", "local compressed")]["passes"]) == 1  # counts: the table's one pass
+    assert int(rows[("sparse N=2e+03", "local passes")]["passes"]) == 5  # vocabulary, counts, 2 steps, report
+    assert abs(float(rows[("dense-c8 N=2e+03", "cvxpy-clarabel")]["objective_rel_to_exact"])) < 1e-4
+    if importlib.util.find_spec("matplotlib") is not None:
+        with open(tmp_path / "m4_scale.png", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The cached dataset is reused, not written again.
+    sys.path.insert(0, os.path.dirname(BENCH))
+    try:
+        import bench_m4_scale
+    finally:
+        sys.path.remove(os.path.dirname(BENCH))
+    folder = str(tmp_path / "m4_scale_data" / "dense-n2000-shard500")
+    stamp = os.stat(os.path.join(folder, "shard-00000.parquet")).st_mtime_ns
+    assert bench_m4_scale.dataset(str(tmp_path / "m4_scale_data"), "dense", 2000, 500) == folder
+    assert os.stat(os.path.join(folder, "shard-00000.parquet")).st_mtime_ns == stamp

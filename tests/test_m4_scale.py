@@ -1,0 +1,221 @@
+"""M4 over datasets, the loose ends of running at scale: the progress of a pass is reported
+while the pass runs (every engine), and a run on the pattern-table path resumes after
+kill -9 without reading the data again."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from m4_datasets import metadata, write_shards
+import pym4.m4 as m4
+from pym4 import _backend
+from pym4.engines import engine_for
+from pym4.engines.local import LocalEngine
+from pym4.m4._columns import ColumnSpec
+from pym4.m4._dataset import CHECKPOINT_SUFFIX
+from pym4.m4._stages import TOO_MANY, CountsStage, PatternStage
+
+pytestmark = [pytest.mark.skipif(_backend.core() is None, reason="needs the compiled core"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),
+              pytest.mark.filterwarnings("ignore::FutureWarning:pyspark.*")]
+
+N = 997
+SEVEN = [1, 311, 40, 2, 500, 13, 130]
+
+
+@pytest.fixture(scope="module")
+def seven(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("scale") / "d")
+    write_shards(metadata(N, seed=5), folder, SEVEN)
+    return folder
+
+
+class _Rows:
+    """A stage that counts rows, and logs each batch it sees (in-process engines only)."""
+    needs_rows = False
+    columns = ["g0"]
+
+    def __init__(self, log=None):
+        self.log = log
+
+    def partial(self, batch, where, row0):
+        if self.log is not None:
+            self.log.append(("batch", batch.num_rows))
+        return batch.num_rows
+
+    @staticmethod
+    def merge(a, b):
+        return a + b
+
+
+def test_local_progress_advances_after_each_batch(seven):
+    log = []
+    eng = LocalEngine(seven, workers=1, batch_rows=100)
+    total = eng.reduce(_Rows(log), lambda rows: log.append(("progress", rows)))
+    assert total == N
+    batches = [k for kind, k in log if kind == "batch"]
+    assert len(batches) >= 10  # 997 rows in batches of at most 100
+    # Every batch is reported as soon as it is done, not at the end of the pass.
+    assert log == [entry for k in batches for entry in (("batch", k), ("progress", k))]
+
+
+def test_local_progress_from_threads_adds_up(seven):
+    calls = []
+    eng = LocalEngine(seven, workers=3, batch_rows=64)
+    assert eng.reduce(_Rows(), calls.append) == N
+    assert sum(calls) == N and len(calls) >= 16
+
+
+def test_the_bar_advances_during_the_pass(seven, capsys):
+    """fit_dataset's bars (tqdm on stderr) show the rows of each pass and their rate."""
+    m4.fit_dataset(seven, sensitive=["g0", "g1"], labels=["l0", "l2"], target=0.3, budget=0.8, eps_rep=0.02,
+                   eps_assoc=0.05, progress=True, engine_options=dict(batch_rows=50))
+    err = capsys.readouterr().err
+    assert "counting" in err and "rows/s" in err
+
+
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_engine_progress_adds_up_to_the_rows(engine, request, seven):
+    request.getfixturevalue("ray_session" if engine == "ray" else "spark")
+    calls = []
+    eng = engine_for(seven, engine=engine)
+    rs = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0"]).resolve()
+    counts = eng.reduce(CountsStage(rs), calls.append)  # a stage the workers can import
+    assert counts[0] == N and sum(calls) == N
+    if engine == "ray":  # one report per file task, as each finishes
+        assert sorted(calls) == sorted(SEVEN)
+
+
+# ----- checkpoint on the pattern-table path -------------------------------------------------------
+
+_ARGS = dict(sensitive=["g0", "g1"], labels=["l0", "l2"], labels_from="tags", target=0.3, budget=0.8,
+             eps_rep=0.02, eps_assoc=0.05, tol=1e-10, progress=False)
+_RUN = """
+import pym4.m4 as m4
+m4.balance_dataset({src!r}, {out!r}, **{args!r})
+"""
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_kill_on_the_pattern_table_path_then_resume(seven, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    ck = out + CHECKPOINT_SUFFIX
+    env = {**os.environ, "PYM4_TEST_SLEEP_AFTER_PASS": "2"}
+    proc = subprocess.Popen([sys.executable, "-c", _RUN.format(src=seven, out=out, args=_ARGS)], env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(ck) and "pattern" in _read_json(ck):
+                break
+            time.sleep(0.05)
+        assert os.path.exists(ck), "the run wrote no checkpoint"
+        os.kill(proc.pid, signal.SIGKILL)  # kill -9: no clean-up runs
+    finally:
+        proc.wait(timeout=60)
+    saved = _read_json(ck)
+    assert "pattern" in saved and saved["pattern"]["table"] is not None and not os.path.exists(out)
+    assert len(saved["tags"]["tags"]) == 6  # the vocabulary pass's result is saved too
+    capsys.readouterr()
+    m4.balance_dataset(seven, out, **_ARGS)  # the same call again
+    err = capsys.readouterr().err
+    assert f"resuming from {ck}: " in err and "counts and pattern table saved: not read again" in err
+    assert not os.path.exists(ck)
+    rep = _read_json(os.path.join(out, "_pym4_report.json"))
+    m4.balance_dataset(seven, out + "-plain", **_ARGS)
+    plain_rep = _read_json(os.path.join(out + "-plain", "_pym4_report.json"))
+    assert rep["compressed"] and plain_rep["compressed"] and rep["status"] == "optimal"
+    assert plain_rep["passes"] == 2 and rep["passes"] == 0  # vocabulary + counting, not redone
+    assert pq.read_table(out).equals(pq.read_table(out + "-plain"))  # the same q, bit for bit
+    np.testing.assert_array_equal(rep["mu"], plain_rep["mu"])
+
+
+def test_a_checkpoint_of_another_request_is_not_used(seven, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    ck = out + CHECKPOINT_SUFFIX
+    env = {**os.environ, "PYM4_TEST_SLEEP_AFTER_PASS": "30"}
+    proc = subprocess.Popen([sys.executable, "-c", _RUN.format(src=seven, out=out, args=_ARGS)], env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not os.path.exists(ck):
+            time.sleep(0.05)
+        assert os.path.exists(ck)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    capsys.readouterr()
+    m4.balance_dataset(seven, out, **{**_ARGS, "budget": 0.75})
+    err = capsys.readouterr().err
+    assert "belongs to another run" in err and "resuming" not in err
+    rep = _read_json(os.path.join(out, "_pym4_report.json"))
+    assert rep["passes"] == 2 and rep["status"] == "optimal"
+
+
+# ----- the local engine's cache and the boolean conversion --------------------------------------------
+
+def test_local_cache_gives_the_same_passes_within_its_bound(seven):
+    rs = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0", "l2"], utility="u").resolve()
+    stage = CountsStage(rs)
+    want = LocalEngine(seven, batch_rows=64, cache_bytes=0).reduce(stage)
+    full = LocalEngine(seven, batch_rows=64)
+    for _ in range(3):  # read, read and keep, from memory
+        np.testing.assert_array_equal(full.reduce(stage), want)
+    assert len(full._cache) == len(SEVEN) and full._cached > 0
+    bound = full._cached // 2
+    half = LocalEngine(seven, batch_rows=64, cache_bytes=bound)
+    for _ in range(3):
+        np.testing.assert_array_equal(half.reduce(stage), want)
+    assert 0 < half._cached <= bound and 0 < len(half._cache) < len(SEVEN)
+    with pytest.raises(ValueError, match="cache_bytes: must be an integer >= 0"):
+        LocalEngine(seven, cache_bytes=-1)
+
+
+@pytest.mark.parametrize("offset", [0, 8, 3])
+def test_boolean_columns_to_uint8_at_any_offset(offset):
+    import pyarrow as pa
+    rng = np.random.default_rng(offset)
+    cols = {k: rng.random(1000) < p for k, p in (("a", 0.3), ("b", 0.6), ("x", 0.5))}
+    batch = pa.record_batch({k: pa.array(v) for k, v in cols.items()}).slice(offset, 701)
+    s, y = ColumnSpec.make(sensitive=["a", "b"], labels=["x"]).resolve().data_tuple(batch, "shard")[:2]
+    want = np.stack([cols[k][offset:offset + 701] for k in "abx"], axis=1).astype(np.uint8)
+    assert s.dtype == np.uint8 and s.flags.c_contiguous and y.flags.c_contiguous
+    np.testing.assert_array_equal(s, want[:, :2])
+    np.testing.assert_array_equal(y, want[:, 2:])
+
+
+def test_pattern_pass_stops_building_tables_past_the_bound(seven):
+    rs = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0", "l1", "l2"], labels_from="tags").resolve(
+        {"tags": ["doctor", "nurse", "pilot", "chef", "judge", "baker"]})
+    eng = LocalEngine(seven, workers=1, batch_rows=64)
+    stage = PatternStage(rs, max_patterns=20)
+    merged, counts = eng.reduce(stage)
+    assert merged == TOO_MANY and stage.table(merged) is None and stage.over  # later batches only counted
+    np.testing.assert_array_equal(counts, eng.reduce(CountsStage(rs)))
+
+
+def test_pattern_tables_merged_like_a_binary_counter(seven):
+    """The merged table holds every distinct (s, y) row once with its count (numpy's unique
+    as the reference), though the batches' tables were aggregated only a few times each."""
+    rs = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0", "l1", "l2"]).resolve()
+    eng = LocalEngine(seven, workers=1, batch_rows=16)
+    stage = PatternStage(rs, max_patterns=1 << 20)
+    merged, _ = eng.reduce(stage)
+    assert 1 <= len(merged) <= 8  # a few tables of decreasing size, not one per batch (> 60)
+    sizes = [len(t[1]) for t in merged]
+    assert sizes == sorted(sizes, reverse=True)
+    (s, y, _, _, c, _), counts = stage.table(merged)
+    got = {tuple(r): int(k) for r, k in zip(np.concatenate([s, y], axis=1).tolist(), counts)}
+    t = pq.read_table(seven)
+    rows = np.stack([np.asarray(t.column(k).to_numpy(zero_copy_only=False), dtype=np.uint8)
+                     for k in ("g0", "g1", "l0", "l1", "l2")], axis=1)
+    uniq, want = np.unique(rows, axis=0, return_counts=True)
+    assert got == {tuple(r): int(k) for r, k in zip(uniq.tolist(), want)}
