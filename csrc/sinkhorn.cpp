@@ -228,20 +228,21 @@ PYM4_SIMD_CLONES void scale_row_by(T c, const T* __restrict w, T* __restrict e, 
   for (int64_t j = 0; j < n; ++j) e[j] = c * e[j] * w[j];
 }
 
-// The column step of the kernel form: w_j <- w_j b_j / mass_j, where mass_j is column j's
-// mass in the plan after the row step; columns of zero target mass (zero_j = 1, where
-// log b_j = -inf) stay at w_j = 0 (adding zero_j to the divisor keeps 0 / 0 out without a
-// branch). Returns false when some other w_j is not a positive, finite float. Written to
-// vectorise: at SEER's K = 16000 a scalar loop of divisions was a sixth of the solve.
+// The column step of the kernel form: w_j <- b_j / s_j, where s_j = sum_i c_i E_ij are the
+// column sums of the row-scaled kernel (the plan's column mass is w_j s_j, so this is
+// w_j b_j / mass_j); columns of zero target mass (zero_j = 1, where log b_j = -inf) get
+// w_j = 0 (adding zero_j to the divisor keeps 0 / 0 out without a branch). Returns false
+// when some other w_j is not a positive, finite float. Written to vectorise: at SEER's
+// K = 16000 a scalar loop of divisions was a sixth of the solve.
 template <typename T>
 PYM4_SIMD_CLONES bool column_step(const double* __restrict zero, const double* __restrict b,
-                                  const double* __restrict mass, T* __restrict w, int64_t n) {
+                                  const double* __restrict sums, T* __restrict w, int64_t n) {
   // Checked without a branch per column: lo = min_j (w_j + zero_j) > 0 unless some column
   // with mass got w_j <= 0; the sum of w_j * 0 is 0 unless some w_j is infinite or NaN.
   T lo = std::numeric_limits<T>::infinity(), probe = 0;
 #pragma omp simd reduction(min : lo) reduction(+ : probe)
   for (int64_t j = 0; j < n; ++j) {
-    const T v = static_cast<T>(static_cast<double>(w[j]) * b[j] / (mass[j] + zero[j]));
+    const T v = static_cast<T>(b[j] / (sums[j] + zero[j]));
     w[j] = v;
     const T shifted = v + static_cast<T>(zero[j]);
     lo = shifted < lo ? shifted : lo;
@@ -251,9 +252,18 @@ PYM4_SIMD_CLONES bool column_step(const double* __restrict zero, const double* _
 }
 
 template <typename T>
-void flush(T* __restrict block, double* __restrict acc, int64_t n) {
+PYM4_SIMD_CLONES void flush(T* __restrict block, double* __restrict acc, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     acc[j] += static_cast<double>(block[j]);
+    block[j] = 0;
+  }
+}
+
+// flush into accumulators not yet holding anything: acc_j = block_j (saves zeroing acc first).
+template <typename T>
+PYM4_SIMD_CLONES void flush_first(T* __restrict block, double* __restrict acc, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc[j] = static_cast<double>(block[j]);
     block[j] = 0;
   }
 }
@@ -605,16 +615,19 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
     }
     return std::sqrt(e2);
   };
-  // One read of E: the row sums r_i = E_i . w and the plan's column masses after the row
-  // step, w_j sum_i (a_i / r_i) E_ij. With `write`, the plan times exp(log_out_scale)
-  // replaces E. Returns false when some r_i is not a positive float (before any write,
-  // every row of E still holds only positive entries, so this cannot happen mid-write).
+  // One read of E: the row sums r_i = E_i . w, the row scales c_i = a_i / r_i, and (with
+  // want_sums) the column sums s_j = sum_i c_i E_ij, into `sums`. With `write`, the plan
+  // times exp(log_out_scale) replaces E, and s_j are its column sums. Returns false when some
+  // r_i is not a positive float (before any write, every row of E still holds only positive
+  // entries, so this cannot happen mid-write).
   // Scratch shared by every pass (allocated once: at SEER's 16 x 16000 a pass is only tens of
   // microseconds, as long as allocating and zeroing these): per share, the column sums in
   // double and a float block of rows not yet flushed into them (flush leaves it zeroed).
   ColumnPartials acc(shares, K);
   std::vector<T> blocks(static_cast<size_t>(shares) * K, T(0));
-  auto pass = [&](bool write, std::vector<double>* mass) {
+  std::vector<double> sums_buf(shares > 1 ? K : 0);
+  const double* sums = shares > 1 ? sums_buf.data() : acc.of(0);  // one share: its own sums
+  auto pass = [&](bool write, bool want_sums) {
     int bad = 0;
     const double extra = write ? log_out_scale : 0.0;
 #if defined(PYM4_WITH_OPENMP)
@@ -623,7 +636,7 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
     for (int t = 0; t < shares; ++t) {
       const auto [r0, r1] = share_rows(t);
       T* block = blocks.data() + static_cast<size_t>(t) * K;
-      if (mass) std::fill(acc.of(t), acc.of(t) + K, 0.0);
+      bool flushed = false;
       for (int64_t i = r0; i < r1; ++i) {
         T* e = out + i * ld_out;
         const T r = dot_row(e, w.data(), K);
@@ -633,37 +646,43 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
         }
         const T c = static_cast<T>(std::exp(a.at(i) + extra) / static_cast<double>(r));
         if (write) scale_row_by(c, w.data(), e, K);
-        if (mass) {
+        if (want_sums) {
           axpy_row(write ? T(1) : c, e, block, K);
-          if ((i - r0 + 1) % kFlushRows == 0) flush(block, acc.of(t), K);
+          if ((i - r0 + 1) % kFlushRows == 0) {
+            flushed ? flush(block, acc.of(t), K) : flush_first(block, acc.of(t), K);
+            flushed = true;
+          }
         }
       }
-      if (mass) flush(block, acc.of(t), K);
+      if (want_sums) flushed ? flush(block, acc.of(t), K) : flush_first(block, acc.of(t), K);
     }
-    if (mass) {
-      acc.reduce_into(mass->data(), shares);
-      for (int64_t j = 0; j < K; ++j) (*mass)[j] *= write ? std::exp(-extra) : static_cast<double>(w[j]);
-    }
+    if (want_sums && shares > 1) acc.reduce_into(sums_buf.data(), shares);
     return bad == 0;
   };
 
-  std::vector<double> col_mass(K);
+  std::vector<double> col_mass(K);  // the plan's column masses, when measured
   for (int64_t it = 1; it <= n_iters; ++it) {
     result.iterations = it;
     if (it == n_iters) break;  // the last row step is the write below
-    if (!pass(false, &col_mass)) return false;
-    if (sched.at(it) && sched.record(result, marginal_error(col_mass))) break;
-    if (!column_step(marg.zero.data(), marg.b.data(), col_mass.data(), w.data(), K)) return false;
+    if (!pass(false, true)) return false;
+    if (sched.at(it)) {
+      for (int64_t j = 0; j < K; ++j) col_mass[j] = sums[j] * static_cast<double>(w[j]);
+      if (sched.record(result, marginal_error(col_mass))) break;
+    }
+    if (!column_step(marg.zero.data(), marg.b.data(), sums, w.data(), K)) return false;
   }
   // Every E_ij >= e^-range > 0 and every w_j is a positive float (or 0 for a zero-mass
   // column, which every row still has others beside), so the row sums of the write are positive.
   const bool measure = sched.measures();
-  pass(true, measure ? &col_mass : nullptr);
+  pass(true, measure);
   if (measure) {
+    const double inv_scale = std::exp(-log_out_scale);  // the write's sums are of the plan times the scale
+    for (int64_t j = 0; j < K; ++j) col_mass[j] = sums[j] * inv_scale;
+    const double err = marginal_error(col_mass);
     if (!result.converged && sched.at(result.iterations))
-      sched.record(result, marginal_error(col_mass));
+      sched.record(result, err);
     else
-      result.marginal_error = marginal_error(col_mass);
+      result.marginal_error = err;
   }
   if (g_out)
     for (int64_t j = 0; j < K; ++j) g_out[j] = std::log(static_cast<double>(w[j])) - global_hi;
