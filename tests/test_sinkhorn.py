@@ -44,6 +44,22 @@ def test_matches_swav_reference(backend, shape):
     torch.testing.assert_close(q.double(), ref, rtol=2e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("epsilon", [0.05, 0.01])  # the kernel form; the log domain (spread > 80)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_shares_over_threads_match_reference(epsilon, threads):
+    # From ~1M entries per thread the core splits every pass's rows over threads, each with
+    # its own column sums (pass_threads in csrc/sinkhorn.cpp); below that one thread runs
+    # it. Either way: the float64 reference.
+    s = cosine_scores(1100, 2000)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the core shares torch's OpenMP runtime
+    try:
+        q = pym4.sinkhorn(s, epsilon=epsilon, n_iters=4, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(q.double(), swav_reference(s, epsilon, 4), rtol=5e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_sum_to_one_and_columns_equipartition(backend):
     b, k = 600, 40
