@@ -302,5 +302,16 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
             raise  # finite features whose scores overflow once divided by epsilon
         check_finite_features()
         b_global = b
+        if b <= chunk:
+            # The scores fit in one block: form them once and run the scores path (one matmul
+            # and the dense solve) instead of forming them again in every pass.
+            scores = torch.mm(zc, cc.t())
+            if name == "cpu":
+                return _swav_cpu(scores, alpha, n_iters, out=q)
+            if name == "triton":
+                solved = _swav_triton(scores, alpha, n_iters, out=q)
+                if solved is not None:
+                    return solved
+            return _swav_iterate(_TorchPasses(scores, alpha), k, b, n_iters, z.device)
     passes = _FeaturePasses(zc, cc, alpha, chunk, _CorePasses if name == "cpu" else _TorchPasses)
     return _swav_iterate(passes, k, b_global, n_iters, z.device, group)

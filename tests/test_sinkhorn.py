@@ -368,6 +368,19 @@ def test_features_form_numpy_and_small_epsilon():
     np.testing.assert_allclose(q, ref, rtol=5e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk", [None, 64, 63])  # the scores in one block (formed once); in two
+def test_features_form_log_domain(backend, chunk):
+    # Un-normalised features at epsilon 0.02: a spread of scores/epsilon far beyond the kernel
+    # form's, so the in-place solve declines and the log domain runs on the features.
+    g = torch.Generator().manual_seed(6)
+    z, c = 0.5 * torch.randn(64, 16, generator=g), torch.randn(37, 16, generator=g)  # |scores| up to ~8
+    q = pym4.sinkhorn(z, 0.02, 3, prototypes=c, chunk=chunk, backend=backend)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.double(), swav_reference(z.double() @ c.double().t(), 0.02, 3),
+                               rtol=5e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     ({"prototypes": torch.zeros(5, 3)}, ValueError, "prototypes: expected shape"),
     ({"prototypes": torch.zeros(0, 4)}, ValueError, "prototypes: expected shape"),
