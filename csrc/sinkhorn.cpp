@@ -18,6 +18,19 @@ namespace {
 
 constexpr int64_t kFlushRows = 64;  // rows accumulated in float before adding into double
 
+// Threads for one pass over a rows x cols matrix. Every pass ends in a join (its column sums
+// feed the next step), and a pass of the kernel form costs about 0.3 ns per entry on one
+// core, so below ~1M entries per thread (SwAV's 256 x 3000, SEER's 16 x 16000: passes of
+// 0.1-0.3 ms) a join costs more than the second core saves: microseconds on an idle machine,
+// and milliseconds on a loaded one, where the join waits for a descheduled thread (measured
+// at load 13 on two cores: SEER's solve 5 ms on one thread, 120 ms on two).
+int pass_threads(int64_t rows, int64_t cols) {
+  constexpr int64_t kPerThread = int64_t(1) << 20;
+  const int64_t useful = rows * cols / kPerThread;
+  const int t = max_threads();
+  return useful < 1 ? 1 : (useful < t ? static_cast<int>(useful) : t);
+}
+
 // Per-thread column accumulators, merged after the parallel region.
 struct ColumnPartials {
   std::vector<double> sums;  // threads x cols
@@ -25,8 +38,8 @@ struct ColumnPartials {
   ColumnPartials(int threads, int64_t cols_) : sums(static_cast<size_t>(threads) * cols_, 0.0), cols(cols_) {}
   double* of(int t) { return sums.data() + static_cast<size_t>(t) * cols; }
   void reduce_into(double* out, int threads) const {
-    for (int64_t j = 0; j < cols; ++j) out[j] = 0.0;
-    for (int t = 0; t < threads; ++t) {
+    std::copy(sums.data(), sums.data() + cols, out);
+    for (int t = 1; t < threads; ++t) {
       const double* p = sums.data() + static_cast<size_t>(t) * cols;
       for (int64_t j = 0; j < cols; ++j) out[j] += p[j];
     }
@@ -35,11 +48,12 @@ struct ColumnPartials {
 
 // Column marginals b_j and log b_j (uniform 1/K when log_b is null).
 struct ColumnMarginals {
-  std::vector<double> log_b, b;
-  ColumnMarginals(const double* log_b_in, int64_t K) : log_b(K), b(K) {
+  std::vector<double> log_b, b, zero;  // zero_j = 1 where b_j = 0 exactly (log b_j = -inf), else 0
+  ColumnMarginals(const double* log_b_in, int64_t K) : log_b(K), b(K), zero(K) {
     for (int64_t j = 0; j < K; ++j) {
       log_b[j] = log_b_in ? log_b_in[j] : -std::log(static_cast<double>(K));
       b[j] = std::exp(log_b[j]);
+      zero[j] = std::isinf(log_b[j]) ? 1.0 : 0.0;
     }
   }
 };
@@ -158,16 +172,15 @@ PYM4_SIMD_CLONES void column_block_update(const T* __restrict x, int64_t ld, T a
   }
 }
 
-// t_j = alpha * x_j into out; returns max_j t_j, and min_j t_j in *mn. *probe gets the sum of
-// t_j * 0, which is NaN when some t_j is NaN or infinite. out may be x itself (an in-place
-// solve): each entry is read before it is written, in the same iteration, so no __restrict.
+// max_j alpha x_j, and min_j in *mn. *probe gets the sum of alpha x_j * 0, which is NaN when
+// some alpha x_j is NaN or infinite. Read-only: the exponentials are then taken from x again
+// (exp_accumulate_row) instead of storing alpha x and reading it back.
 template <typename T>
-PYM4_SIMD_CLONES T scaled_row_stats(const T* x, T alpha, T* out, int64_t n, T* mn, T* probe) {
+PYM4_SIMD_CLONES T scaled_row_stats(const T* __restrict x, T alpha, int64_t n, T* mn, T* probe) {
   T mx = -std::numeric_limits<T>::infinity(), lo = std::numeric_limits<T>::infinity(), pr = 0;
 #pragma omp simd reduction(max : mx) reduction(min : lo) reduction(+ : pr)
   for (int64_t j = 0; j < n; ++j) {
     const T t = alpha * x[j];
-    out[j] = t;
     mx = max_bits(mx, t);
     lo = t < lo ? t : lo;
     pr += t * T(0);
@@ -177,12 +190,35 @@ PYM4_SIMD_CLONES T scaled_row_stats(const T* x, T alpha, T* out, int64_t n, T* m
   return mx;
 }
 
-// sum_j e_j w_j
+// e_j = exp(alpha x_j - mx) into out, and acc_j += c * e_j: the first pass of the kernel form
+// in one loop. out may be x itself (an in-place solve): each entry is read before it is
+// written, in the same iteration, so no __restrict on them.
+template <typename T>
+PYM4_SIMD_CLONES void exp_accumulate_row(const T* x, T alpha, T mx, T c, T* out, T* __restrict acc, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T e = fast_exp(alpha * x[j] - mx);
+    out[j] = e;
+    acc[j] += c * e;
+  }
+}
+
+// sum_j e_j w_j, in kLanes independent partial sums: a single vector of sums would chain
+// every multiply-add on the one before (4-5 cycles of latency each) and leave the loop
+// latency-bound at a third of its throughput (SEER's 16 x 16000: half of every pass).
 template <typename T>
 PYM4_SIMD_CLONES T dot_row(const T* __restrict e, const T* __restrict w, int64_t n) {
+  constexpr int64_t kLanes = 32;  // 4 AVX2 vectors of float
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += e[j + l] * w[j + l];
+  }
   T s = 0;
+  for (; j < n; ++j) s += e[j] * w[j];
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += e[j] * w[j];
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
   return s;
 }
 
@@ -192,10 +228,42 @@ PYM4_SIMD_CLONES void scale_row_by(T c, const T* __restrict w, T* __restrict e, 
   for (int64_t j = 0; j < n; ++j) e[j] = c * e[j] * w[j];
 }
 
+// The column step of the kernel form: w_j <- b_j / s_j, where s_j = sum_i c_i E_ij are the
+// column sums of the row-scaled kernel (the plan's column mass is w_j s_j, so this is
+// w_j b_j / mass_j); columns of zero target mass (zero_j = 1, where log b_j = -inf) get
+// w_j = 0 (adding zero_j to the divisor keeps 0 / 0 out without a branch). Returns false
+// when some other w_j is not a positive, finite float. Written to vectorise: at SEER's
+// K = 16000 a scalar loop of divisions was a sixth of the solve.
 template <typename T>
-void flush(T* __restrict block, double* __restrict acc, int64_t n) {
+PYM4_SIMD_CLONES bool column_step(const double* __restrict zero, const double* __restrict b,
+                                  const double* __restrict sums, T* __restrict w, int64_t n) {
+  // Checked without a branch per column: lo = min_j (w_j + zero_j) > 0 unless some column
+  // with mass got w_j <= 0; the sum of w_j * 0 is 0 unless some w_j is infinite or NaN.
+  T lo = std::numeric_limits<T>::infinity(), probe = 0;
+#pragma omp simd reduction(min : lo) reduction(+ : probe)
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = static_cast<T>(b[j] / (sums[j] + zero[j]));
+    w[j] = v;
+    const T shifted = v + static_cast<T>(zero[j]);
+    lo = shifted < lo ? shifted : lo;
+    probe += v * T(0);
+  }
+  return lo > T(0) && probe == T(0);
+}
+
+template <typename T>
+PYM4_SIMD_CLONES void flush(T* __restrict block, double* __restrict acc, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     acc[j] += static_cast<double>(block[j]);
+    block[j] = 0;
+  }
+}
+
+// flush into accumulators not yet holding anything: acc_j = block_j (saves zeroing acc first).
+template <typename T>
+PYM4_SIMD_CLONES void flush_first(T* __restrict block, double* __restrict acc, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc[j] = static_cast<double>(block[j]);
     block[j] = 0;
   }
 }
@@ -215,7 +283,7 @@ void for_each_row(const Matrix<T>& m, const double* g, RowMarginal a, const doub
   std::vector<T> g_t(K);
   for (int64_t j = 0; j < K; ++j) g_t[j] = static_cast<T>(g[j]);
   const T alpha = static_cast<T>(m.alpha);
-  const int threads = threads_for(m.rows * m.cols);
+  const int threads = pass_threads(m.rows, m.cols);
   ColumnPartials partials(col_mass ? threads : 0, K);
 
 #if defined(PYM4_WITH_OPENMP)
@@ -264,7 +332,7 @@ template <typename T>
 bool column_logsumexp(const Matrix<T>& m, double* col_max, double* col_sum) {
   const int64_t K = m.cols;
   const T alpha = static_cast<T>(m.alpha);
-  const int threads = threads_for(m.rows * m.cols);
+  const int threads = pass_threads(m.rows, m.cols);
   std::vector<double> part_max(static_cast<size_t>(threads) * K, -std::numeric_limits<double>::infinity());
   std::vector<double> part_sum(static_cast<size_t>(threads) * K, 0.0);
   std::vector<int> part_finite(threads, 1);
@@ -476,7 +544,7 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
   const T alpha = static_cast<T>(m.alpha);
   // Rows are cut into `shares` contiguous ranges, one per thread; partial sums are kept per
   // share, so the result does not depend on which thread ran which share.
-  const int shares = threads_for(B * K);
+  const int shares = pass_threads(B, K);
   auto share_rows = [&](int t) { return std::make_pair(B * t / shares, B * (t + 1) / shares); };
   // The column marginals, in log and linear form, computed once (not per column per iteration).
   const ColumnMarginals marg(log_b, K);
@@ -497,12 +565,12 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
     for (int64_t i = r0; i < r1; ++i) {
       T* e = out + i * ld_out;
       T row_lo;
-      const T mx = scaled_row_stats(m.data + i * m.ld, alpha, e, K, &row_lo, &t_probe);
+      const T* xi = m.data + i * m.ld;
+      const T mx = scaled_row_stats(xi, alpha, K, &row_lo, &t_probe);
       if (i == r0) r_t = mx;
       t_lo = std::min(t_lo, row_lo);
       t_hi = std::max(t_hi, mx);
-      exp_row(e, mx, K);
-      axpy_row(static_cast<T>(fast_exp(mx - r_t)), e, block.data(), K);
+      exp_accumulate_row(xi, alpha, mx, static_cast<T>(fast_exp(mx - r_t)), e, block.data(), K);
       if ((i - r0 + 1) % kFlushRows == 0) flush(block.data(), first.of(t), K);
     }
     flush(block.data(), first.of(t), K);
@@ -529,13 +597,15 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
     const double* p = first.of(t);
     for (int64_t j = 0; j < K; ++j) col[j] += p[j] * rebase;
   }
-  std::vector<T> w(K);
-  auto set_w = [&](int64_t j, double v) {  // false when w_j leaves the float range
-    w[j] = static_cast<T>(v);
-    return std::isfinite(static_cast<double>(w[j])) && (w[j] > T(0) || std::isinf(lb(j)));
-  };
-  for (int64_t j = 0; j < K; ++j)  // g_j = log w_j - M (see g_out below)
-    if (!set_w(j, opt.g_init ? std::exp(opt.g_init[j] + global_hi) : marg.b[j] / col[j])) return false;
+  std::vector<T> w(K, T(1));  // g_j = log w_j - M (see g_out below)
+  if (opt.g_init) {
+    for (int64_t j = 0; j < K; ++j) {
+      w[j] = static_cast<T>(std::exp(opt.g_init[j] + global_hi));
+      if (!(std::isfinite(static_cast<double>(w[j])) && (w[j] > T(0) || std::isinf(lb(j))))) return false;
+    }
+  } else if (!column_step(marg.zero.data(), marg.b.data(), col.data(), w.data(), K)) {
+    return false;
+  }
 
   auto marginal_error = [&](const std::vector<double>& mass) {
     double e2 = 0.0;
@@ -545,16 +615,19 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
     }
     return std::sqrt(e2);
   };
-  // One read of E: the row sums r_i = E_i . w and the plan's column masses after the row
-  // step, w_j sum_i (a_i / r_i) E_ij. With `write`, the plan times exp(log_out_scale)
-  // replaces E. Returns false when some r_i is not a positive float (before any write,
-  // every row of E still holds only positive entries, so this cannot happen mid-write).
+  // One read of E: the row sums r_i = E_i . w, the row scales c_i = a_i / r_i, and (with
+  // want_sums) the column sums s_j = sum_i c_i E_ij, into `sums`. With `write`, the plan
+  // times exp(log_out_scale) replaces E, and s_j are its column sums. Returns false when some
+  // r_i is not a positive float (before any write, every row of E still holds only positive
+  // entries, so this cannot happen mid-write).
   // Scratch shared by every pass (allocated once: at SEER's 16 x 16000 a pass is only tens of
   // microseconds, as long as allocating and zeroing these): per share, the column sums in
   // double and a float block of rows not yet flushed into them (flush leaves it zeroed).
   ColumnPartials acc(shares, K);
   std::vector<T> blocks(static_cast<size_t>(shares) * K, T(0));
-  auto pass = [&](bool write, std::vector<double>* mass) {
+  std::vector<double> sums_buf(shares > 1 ? K : 0);
+  const double* sums = shares > 1 ? sums_buf.data() : acc.of(0);  // one share: its own sums
+  auto pass = [&](bool write, bool want_sums) {
     int bad = 0;
     const double extra = write ? log_out_scale : 0.0;
 #if defined(PYM4_WITH_OPENMP)
@@ -563,7 +636,7 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
     for (int t = 0; t < shares; ++t) {
       const auto [r0, r1] = share_rows(t);
       T* block = blocks.data() + static_cast<size_t>(t) * K;
-      if (mass) std::fill(acc.of(t), acc.of(t) + K, 0.0);
+      bool flushed = false;
       for (int64_t i = r0; i < r1; ++i) {
         T* e = out + i * ld_out;
         const T r = dot_row(e, w.data(), K);
@@ -573,38 +646,43 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
         }
         const T c = static_cast<T>(std::exp(a.at(i) + extra) / static_cast<double>(r));
         if (write) scale_row_by(c, w.data(), e, K);
-        if (mass) {
+        if (want_sums) {
           axpy_row(write ? T(1) : c, e, block, K);
-          if ((i - r0 + 1) % kFlushRows == 0) flush(block, acc.of(t), K);
+          if ((i - r0 + 1) % kFlushRows == 0) {
+            flushed ? flush(block, acc.of(t), K) : flush_first(block, acc.of(t), K);
+            flushed = true;
+          }
         }
       }
-      if (mass) flush(block, acc.of(t), K);
+      if (want_sums) flushed ? flush(block, acc.of(t), K) : flush_first(block, acc.of(t), K);
     }
-    if (mass) {
-      acc.reduce_into(mass->data(), shares);
-      for (int64_t j = 0; j < K; ++j) (*mass)[j] *= write ? std::exp(-extra) : static_cast<double>(w[j]);
-    }
+    if (want_sums && shares > 1) acc.reduce_into(sums_buf.data(), shares);
     return bad == 0;
   };
 
-  std::vector<double> col_mass(K);
+  std::vector<double> col_mass(K);  // the plan's column masses, when measured
   for (int64_t it = 1; it <= n_iters; ++it) {
     result.iterations = it;
     if (it == n_iters) break;  // the last row step is the write below
-    if (!pass(false, &col_mass)) return false;
-    if (sched.at(it) && sched.record(result, marginal_error(col_mass))) break;
-    for (int64_t j = 0; j < K; ++j)  // column step; zero-mass columns keep w_j = 0
-      if (!std::isinf(lb(j)) && !set_w(j, static_cast<double>(w[j]) * marg.b[j] / col_mass[j])) return false;
+    if (!pass(false, true)) return false;
+    if (sched.at(it)) {
+      for (int64_t j = 0; j < K; ++j) col_mass[j] = sums[j] * static_cast<double>(w[j]);
+      if (sched.record(result, marginal_error(col_mass))) break;
+    }
+    if (!column_step(marg.zero.data(), marg.b.data(), sums, w.data(), K)) return false;
   }
   // Every E_ij >= e^-range > 0 and every w_j is a positive float (or 0 for a zero-mass
   // column, which every row still has others beside), so the row sums of the write are positive.
   const bool measure = sched.measures();
-  pass(true, measure ? &col_mass : nullptr);
+  pass(true, measure);
   if (measure) {
+    const double inv_scale = std::exp(-log_out_scale);  // the write's sums are of the plan times the scale
+    for (int64_t j = 0; j < K; ++j) col_mass[j] = sums[j] * inv_scale;
+    const double err = marginal_error(col_mass);
     if (!result.converged && sched.at(result.iterations))
-      sched.record(result, marginal_error(col_mass));
+      sched.record(result, err);
     else
-      result.marginal_error = marginal_error(col_mass);
+      result.marginal_error = err;
   }
   if (g_out)
     for (int64_t j = 0; j < K; ++j) g_out[j] = std::log(static_cast<double>(w[j])) - global_hi;

@@ -45,11 +45,13 @@ class _ResultPool:
     drops each step's codes before the next step, so the pool hands out a buffer only
     when nothing outside it refers to it any more (numpy's reference count: a tensor made by
     torch.from_numpy, its views and its .numpy() all keep the array alive); the result is
-    still a new tensor sharing memory with nothing alive. Only large results are pooled, at
-    most ``keep`` buffers (SwAV's two crops hold two codes at once).
+    still a new tensor sharing memory with nothing alive. Results from 512 KB up are pooled
+    (SEER's 16 x 16000 codes are 1 MB, SwAV's 256 x 3000 3 MB: glibc serves such sizes with
+    fresh pages as well, a tenth of a small solve), at most ``keep`` buffers (SwAV's two crops
+    hold two codes at once).
     """
 
-    min_bytes = 1 << 22
+    min_bytes = 1 << 19
     keep = 2
 
     def __init__(self):
@@ -58,14 +60,14 @@ class _ResultPool:
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         np_dtype = np.float32 if dtype == torch.float32 else np.float64
-        nbytes = int(np.prod(shape)) * np.dtype(np_dtype).itemsize
-        if nbytes < self.min_bytes:
+        size = math.prod(shape)  # (not np.prod: a call of it costs more than a small solve's set-up)
+        if size * np.dtype(np_dtype).itemsize < self.min_bytes:
             return torch.empty(shape, dtype=dtype)
         with self._lock:
             for i in range(len(self._arrays)):  # (enumerate's reused tuple would hold one more reference)
                 arr = self._arrays[i]
                 # 3 references: the list, `arr` and getrefcount's argument; more: still in use.
-                if arr.dtype == np_dtype and arr.size == int(np.prod(shape)) and sys.getrefcount(arr) == 3:
+                if arr.dtype == np_dtype and arr.size == size and sys.getrefcount(arr) == 3:
                     self._arrays.append(self._arrays.pop(i))  # most recently used last
                     return torch.from_numpy(arr.reshape(shape))
             arr = None

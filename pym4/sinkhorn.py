@@ -403,6 +403,18 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
             # (in float32: the float64 passes below hold them)
         check_finite_features()
         b_global = b
+        if b <= chunk:
+            # The scores fit in one block: form them once and run the scores path (one matmul
+            # and the dense solve) instead of forming them again in every pass.
+            scores = torch.mm(zc, cc.t())
+            if name == "cpu":
+                return _swav_cpu(scores, alpha, n_iters, out=q)
+            if name == "triton":
+                solved = _swav_triton(scores, alpha, n_iters, out=q)
+                if solved is not None:
+                    return solved
+            # (float64 when float32 cannot hold scores/epsilon, as on the scores path)
+            return _swav_iterate(_TorchPasses(_precise(scores, alpha), alpha), k, b, n_iters, z.device)
     if dtype == torch.float32 and name != "cuda":
         # |z_i . c_j| <= |z_i| |c_j|: when that bound of scores/epsilon is beyond what float32
         # holds (see _FLOAT32_MAX_EXPONENT), the passes run in float64.

@@ -44,6 +44,22 @@ def test_matches_swav_reference(backend, shape):
     torch.testing.assert_close(q.double(), ref, rtol=2e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("epsilon", [0.05, 0.01])  # the kernel form; the log domain (spread > 80)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_shares_over_threads_match_reference(epsilon, threads):
+    # From ~1M entries per thread the core splits every pass's rows over threads, each with
+    # its own column sums (pass_threads in csrc/sinkhorn.cpp); below that one thread runs
+    # it. Either way: the float64 reference.
+    s = cosine_scores(1100, 2000)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the core shares torch's OpenMP runtime
+    try:
+        q = pym4.sinkhorn(s, epsilon=epsilon, n_iters=4, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(q.double(), swav_reference(s, epsilon, 4), rtol=5e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_sum_to_one_and_columns_equipartition(backend):
     b, k = 600, 40
@@ -353,6 +369,19 @@ def test_features_form_numpy_and_small_epsilon():
     assert isinstance(q, np.ndarray) and q.shape == (30, 12) and np.isfinite(q).all()
     ref = swav_reference(torch.from_numpy(z).double() @ torch.from_numpy(c).double().t(), 0.01, 4).numpy()
     np.testing.assert_allclose(q, ref, rtol=5e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk", [None, 64, 63])  # the scores in one block (formed once); in two
+def test_features_form_log_domain(backend, chunk):
+    # Un-normalised features at epsilon 0.02: a spread of scores/epsilon far beyond the kernel
+    # form's, so the in-place solve declines and the log domain runs on the features.
+    g = torch.Generator().manual_seed(6)
+    z, c = 0.5 * torch.randn(64, 16, generator=g), torch.randn(37, 16, generator=g)  # |scores| up to ~8
+    q = pym4.sinkhorn(z, 0.02, 3, prototypes=c, chunk=chunk, backend=backend)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.double(), swav_reference(z.double() @ c.double().t(), 0.02, 3),
+                               rtol=5e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
