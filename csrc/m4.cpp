@@ -383,7 +383,7 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
           std::copy(d.y + order[i] * d.ld_y, d.y + order[i] * d.ld_y + d.c, gy.data() + (i - b) * d.c);
         g.y = gy.data();
         g.ld_y = d.c;
-      } else {
+      } else if (d.y_indptr) {  // (c = 0: neither dense nor sparse labels to gather)
         gidx.clear();
         gptr[0] = 0;
         for (int64_t i = b; i < e; ++i) {

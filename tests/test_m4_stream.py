@@ -271,3 +271,12 @@ def test_keep_probability_at_budget():
     v = np.concatenate([np.ones((100_000, 1)), y], axis=1)
     margin = ((s - [0.35, 0.4]) * (v @ w.reshape(2, 7).T)).sum(axis=1)
     np.testing.assert_allclose(q, np.clip(0.7 - margin - mu, 0, 1), atol=1e-12)
+
+
+def test_shuffled_stream_without_labels():
+    # c = 0 with the core's shuffled pass: the gather read the (absent) sparse labels' row
+    # pointers and crashed (found by tests/test_properties_m4.py).
+    s = np.array([[0], [0], [1]], np.uint8)
+    res = m4.balance(s, target=0.3, budget=0.5, eps_rep=0.2, eps_assoc=0.2, utility=np.array([-1.3, 0.9, 0.4]),
+                     method="stream", batch_size=1, backend="cpu", shuffle=True)
+    assert np.all((res.q >= 0) & (res.q <= 1)) and np.isfinite(res.q).all()
