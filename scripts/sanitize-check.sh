@@ -13,13 +13,14 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 SANITIZE=${PYM4_SANITIZE:-address,undefined}
 BUILD=${PYM4_SANITIZE_BUILD:-build/sanitize}
-CXX=${CXX:-g++}
-
+mkdir -p "$BUILD"
 "$PY" -m cmake -S . -B "$BUILD" -G Ninja -DPYM4_CUDA=OFF "-DPYM4_SANITIZE=$SANITIZE" \
-  -DCMAKE_CXX_COMPILER="$CXX" -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" \
-  -DPython_EXECUTABLE="$(realpath "$PY")" > "$BUILD.configure.log" 2>&1 || { cat "$BUILD.configure.log"; exit 1; }
+  -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" \
+  > "$BUILD/configure.log" 2>&1 || { cat "$BUILD/configure.log"; exit 1; }
 flock /tmp/pym4-sanitize-build.lock "$PY" -m cmake --build "$BUILD" -j 2
 so=$(ls "$BUILD"/_core*.so)
+# The runtime of the compiler that built the core (CMake's choice: $CXX, else c++).
+CXX=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$BUILD/CMakeCache.txt")
 
 site="$BUILD/site"
 reports="$(realpath "$BUILD")/reports"
