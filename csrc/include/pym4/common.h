@@ -113,7 +113,7 @@ inline float fast_expf(float x) {
   p = p * (r * r) + r + 1.0f;
   int32_t bits;
   std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<int32_t>(n) << 23;
+  bits += static_cast<int32_t>(n) * (int32_t(1) << 23);  // not n << 23: a negative n would be UB before C++20
   float result;
   std::memcpy(&result, &bits, sizeof result);
   return result * static_cast<float>(x >= -87.0f);
