@@ -74,7 +74,9 @@ tests=(tests/test_sinkhorn.py tests/test_sinkhorn_vs_swav.py tests/test_sinkhorn
 shopt -s nullglob
 tests+=(tests/test_properties_*.py)
 rc=0
-"$PY" -m pytest -q -p no:cacheprovider "${tests[@]}" --deselect tests/test_m4_dataset.py::test_engine_fit_equals_local \
+# --capture=sys: a report is written to fd 2 by the sanitizer runtime, which then ends the
+# process; pytest's default fd capture would swallow it with the process.
+"$PY" -m pytest -q -p no:cacheprovider --capture=sys "${tests[@]}" --deselect tests/test_m4_dataset.py::test_engine_fit_equals_local \
   "$@" || rc=$?
 
 found=("$reports"/*)
