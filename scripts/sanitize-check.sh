@@ -45,7 +45,9 @@ EOF
 export PYM4_SANITIZED_CORE="$(realpath "$so")"
 export PYTHONPATH="$(realpath "$site")${PYTHONPATH:+:$PYTHONPATH}"
 if [[ ",$SANITIZE," == *",address,"* ]]; then
-  export LD_PRELOAD="$("$CXX" -print-file-name=libasan.so)${LD_PRELOAD:+:$LD_PRELOAD}"
+  # libstdc++ as well: python itself does not link it, and ASan resolves its C++-exception
+  # interceptor (__cxa_throw) when it starts, before the core loads it.
+  export LD_PRELOAD="$("$CXX" -print-file-name=libasan.so):$("$CXX" -print-file-name=libstdc++.so.6)${LD_PRELOAD:+:$LD_PRELOAD}"
 fi
 # abort_on_error: a report ends the process at once (no recovery: -fno-sanitize-recover=all).
 export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$reports/asan"
