@@ -14,9 +14,12 @@ PY=${PYTHON:-.venv/bin/python}
 SANITIZE=${PYM4_SANITIZE:-address,undefined}
 BUILD=${PYM4_SANITIZE_BUILD:-build/sanitize}
 mkdir -p "$BUILD"
+# The version scikit-build-core would pass (build_info()["version"] is tested against it).
+version=$("$PY" -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")
 # No link-time optimisation (pybind11 adds it unless this is set): an LTO link of the
 # instrumented code takes minutes and finds nothing more.
 "$PY" -m cmake -S . -B "$BUILD" -G Ninja -DPYM4_CUDA=OFF "-DPYM4_SANITIZE=$SANITIZE" -DCMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF \
+  "-DSKBUILD_PROJECT_VERSION=$version" \
   -Dpybind11_DIR="$("$PY" -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" \
   > "$BUILD/configure.log" 2>&1 || { cat "$BUILD/configure.log"; exit 1; }
 flock /tmp/pym4-sanitize-build.lock "$PY" -m cmake --build "$BUILD" -j 2
