@@ -71,7 +71,10 @@ EOF
 #    Ray's raylet do not run with the ASan runtime preloaded (their own signal handling and
 #    address-space reservations), and they reach the core through the same stages the local
 #    executor runs here;
-#  - the CUDA and Triton test files, and test_contrastive*: they never call the C++ core.
+#  - the CUDA and Triton test files, and test_contrastive*: they never call the C++ core;
+#  - test_sinkhorn_vs_swav.py::test_swav_code_is_off_with_uneven_shards: its last assertion
+#    is at float32 rounding level (1e-7 on entries of ~1e-2), and the instrumented build
+#    (no LTO, other instruction scheduling) rounds an ulp differently (2e-7; no report).
 tests=(tests/test_sinkhorn.py tests/test_sinkhorn_vs_swav.py tests/test_sinkhorn_distributed.py tests/test_ot.py
        tests/test_backend.py tests/test_interrupt.py
        tests/test_m4.py tests/test_m4_model.py tests/test_m4_passes.py tests/test_m4_data.py
@@ -82,6 +85,7 @@ rc=0
 # --capture=sys: a report is written to fd 2 by the sanitizer runtime, which then ends the
 # process; pytest's default fd capture would swallow it with the process.
 "$PY" -m pytest -q -p no:cacheprovider --capture=sys "${tests[@]}" --deselect tests/test_m4_dataset.py::test_engine_fit_equals_local \
+  --deselect tests/test_sinkhorn_vs_swav.py::test_swav_code_is_off_with_uneven_shards \
   "$@" || rc=$?
 
 found=("$reports"/*)
