@@ -9,7 +9,7 @@ OUT    ?= demo_out
 PYTEST_ARGS ?=
 comma  := ,
 
-.PHONY: setup demo test bench cuda-check gpu-compile-check wheel clean
+.PHONY: setup demo test bench cuda-check gpu-compile-check sanitize-check wheel clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,13 @@ cuda-check: $(STAMP)
 	$(VENV)/bin/cmake --build $(CUDA_CHECK) -j 2 > $(CUDA_CHECK)/build.log 2>&1; rc=$$?; \
 	  grep -v '^ptxas info' $(CUDA_CHECK)/build.log | grep -v 'bytes stack frame'; exit $$rc
 	$(PY) scripts/cuda_resources.py --log $(CUDA_CHECK)/build.log
+
+# The host code built with AddressSanitizer and UndefinedBehaviorSanitizer (PYM4_SANITIZE) in
+# build/sanitize, and the tests that reach the core run against it, the ASan runtime preloaded;
+# any report fails. .venv's build stays as it is (scripts/sanitize-check.sh says how).
+SANITIZE ?= address,undefined
+sanitize-check: $(STAMP)
+	PYM4_SANITIZE=$(SANITIZE) scripts/sanitize-check.sh $(PYTEST_ARGS)
 
 # Every Triton kernel in kernels/ (those whose module defines compile_configs()) compiled
 # natively for sm_90 and sm_80 with no GPU, against the highest supported Triton (.venv) and

@@ -11,8 +11,10 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "pym4/common.h"
+#include "pym4/interrupt.h"
 #include "pym4/m4.h"
 #include "pym4/sinkhorn.h"
 #if defined(PYM4_WITH_CUDA)
@@ -86,6 +88,35 @@ pym4::sinkhorn::RowMarginal row_marginal(const py::object& log_a, int64_t rows) 
   return a;
 }
 
+// ----- Ctrl-C (include/pym4/interrupt.h) ---------------------------------------------------
+// Python runs signal handlers on the main thread only (PyErr_CheckSignals is a no-op
+// elsewhere), so only a call made there polls; from any other thread the loops never take
+// the GIL. Asked each call (~0.1 us): the main thread changes after a fork from another one.
+bool on_main_thread() {
+  static PyObject* main_thread = nullptr;  // threading.main_thread; never freed (exit order)
+  if (!main_thread) main_thread = py::object(py::module_::import("threading").attr("main_thread")).release().ptr();
+  py::object ident = py::reinterpret_borrow<py::object>(main_thread)().attr("ident");
+  return !ident.is_none() && ident.cast<unsigned long>() == PyThread_get_thread_ident();
+}
+
+// The poll: runs the pending signal handlers with the GIL held. A handler that raises
+// (SIGINT's raises KeyboardInterrupt) stops the solve; its exception stays set on this
+// thread and is raised by the translator registered in PYBIND11_MODULE.
+bool signal_raised() {
+  py::gil_scoped_acquire gil;
+  return PyErr_CheckSignals() != 0;
+}
+
+// Releases the GIL around a long core call whose loops check for Ctrl-C: declared where a
+// plain py::gil_scoped_release would be. The scope is set up while the GIL is still held.
+class InterruptibleRelease {
+  pym4::interrupt::Scope scope_;
+  py::gil_scoped_release release_;
+
+ public:
+  InterruptibleRelease() : scope_(on_main_thread() ? &signal_raised : nullptr) {}
+};
+
 // ----- Sinkhorn ---------------------------------------------------------------------------
 template <typename T>
 py::tuple sinkhorn_solve(const py::array& x, double alpha, const py::object& log_b, const py::object& log_a,
@@ -108,7 +139,7 @@ py::tuple sinkhorn_solve(const py::array& x, double alpha, const py::object& log
   double* g_ptr = g.mutable_data();
   pym4::sinkhorn::Result r;
   {
-    py::gil_scoped_release release;
+    InterruptibleRelease release;
     r = pym4::sinkhorn::solve<T>(m, lb, a, n_iters, tol, log_out_scale, out_ptr, ld_out, g_ptr, opt);
   }
   PYM4_CHECK_VALUE(r.finite, "scores: contains NaN or Inf (or overflows once divided by epsilon)");
@@ -233,6 +264,25 @@ M4State m4_state(py::array& v_plus, py::array& v_minus, py::array& avg_w, py::ar
   return s;
 }
 
+// A private copy of a stream state (the five arrays of m4_state, p entries each, scalars 4).
+struct StreamStateCopy {
+  int64_t p;
+  std::vector<double> buf;
+  pym4::m4::StreamState st;
+  StreamStateCopy(const pym4::m4::StreamState& from, int64_t p_) : p(p_), buf(4 * p_ + 4) {
+    st = {buf.data(), buf.data() + p, buf.data() + 2 * p, buf.data() + 3 * p, buf.data() + 4 * p};
+    copy(from, st);
+  }
+  void copy_to(const pym4::m4::StreamState& to) const { copy(st, to); }
+  void copy(const pym4::m4::StreamState& a, const pym4::m4::StreamState& b) const {
+    std::copy(a.v_plus, a.v_plus + p, b.v_plus);
+    std::copy(a.v_minus, a.v_minus + p, b.v_minus);
+    std::copy(a.avg_w, a.avg_w + p, b.avg_w);
+    std::copy(a.curv, a.curv + p, b.curv);
+    std::copy(a.scalars, a.scalars + 4, b.scalars);
+  }
+};
+
 // hessian: "auto", "dense" or "free" (include/pym4/m4.h, ExactConfig).
 int m4_hessian_mode(const std::string& hessian) {
   if (hessian == "auto") return pym4::m4::kHessianAuto;
@@ -342,6 +392,11 @@ py::dict build_info() {
   info["cuda"] = false;
   info["cuda_archs"] = "";
 #endif
+#if defined(PYM4_SANITIZE)
+  info["sanitize"] = PYM4_SANITIZE;  // a test build (make sanitize-check)
+#else
+  info["sanitize"] = "";
+#endif
   return info;
 }
 
@@ -350,6 +405,14 @@ py::dict build_info() {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pym4 compiled core: CPU kernels (OpenMP) and, when built with CUDA, GPU launchers";
   m.def("build_info", &build_info, "What this core was built with.");
+  // A loop stopped by Ctrl-C: the exception the signal handler raised is still set.
+  py::register_local_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const pym4::Interrupted&) {
+      if (!PyErr_Occurred()) PyErr_SetNone(PyExc_KeyboardInterrupt);
+    }
+  });
 
   // Sinkhorn: x float32/float64 (rows, cols); see include/pym4/sinkhorn.h.
   m.def("sinkhorn_solve",
@@ -465,8 +528,16 @@ PYBIND11_MODULE(_core, m) {
           cfg.lr = lr;
           cfg.gamma = gamma;
           cfg.batch_size = batch_size;
-          py::gil_scoped_release release;
-          return pym4::m4::stream_fit(d, pr, cfg, s.st, op);
+          // The fit runs on a copy of the state (O(p), the data is O(n p)), copied back once it
+          // has finished: after Ctrl-C the caller's state is as it was before the call.
+          StreamStateCopy work(s.st, d.dim());
+          int64_t steps;
+          {
+            InterruptibleRelease release;
+            steps = pym4::m4::stream_fit(d, pr, cfg, work.st, op);
+          }
+          work.copy_to(s.st);
+          return steps;
         },
         py::arg("data"), py::arg("problem"), py::arg("lr"), py::arg("gamma"), py::arg("batch_size"),
         py::arg("v_plus"), py::arg("v_minus"), py::arg("avg_w"), py::arg("curv"), py::arg("scalars"),
@@ -511,7 +582,7 @@ PYBIND11_MODULE(_core, m) {
           pym4::m4::ExactResult r;
           pym4::m4::ExactInfo info;
           {
-            py::gil_scoped_release release;
+            InterruptibleRelease release;
             r = pym4::m4::solve_exact(d, pr, cfg, wp, qp, &info);
           }
           py::dict out = m4_result_dict(r);
@@ -621,7 +692,7 @@ PYBIND11_MODULE(_core, m) {
           pym4::m4::PatternTable t;
           bool ok;
           {
-            py::gil_scoped_release release;
+            InterruptibleRelease release;
             ok = pym4::m4::pattern_table(d, cp, max_patterns, t);
           }
           if (!ok) return py::none();

@@ -13,6 +13,7 @@
 
 #include "m4_rows.h"
 #include "pym4/common.h"
+#include "pym4/interrupt.h"
 
 namespace pym4 {
 namespace m4 {
@@ -364,6 +365,7 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
   std::vector<int32_t> gidx;
   int64_t steps = 0;
   for (int64_t b = 0; b < d.n; b += B) {
+    interrupt::check();
     const int64_t e = std::min(d.n, b + B);
     for (int64_t j = 0; j < p; ++j) w[j] = st.v_plus[j] - st.v_minus[j];
     if (order) {

@@ -18,6 +18,7 @@
 
 #include "m4_rows.h"
 #include "pym4/common.h"
+#include "pym4/interrupt.h"
 #include "pym4/m4.h"
 
 namespace pym4 {
@@ -365,6 +366,7 @@ void prox_newton_direction(int64_t p, const std::vector<double>& K, const std::v
                            const std::vector<double>& lam, double rho, double scale, double* d) {
   std::vector<double> x(w, w + p), Kd(p, 0.0);
   for (int sweep = 0; sweep < 500; ++sweep) {
+    interrupt::check();
     double max_change = 0.0, max_x = 0.0;
     for (int64_t j = 0; j < p; ++j) {
       const double kjj = K[static_cast<size_t>(j) * p + j];
@@ -1043,12 +1045,13 @@ bool pattern_table(const Data& d, const int64_t* count, int64_t max_patterns, Pa
     for (int64_t i = b; i < e; ++i) {
       const int64_t len = row_key(d, i, key);
       tab.add(key.data(), len, key_hash(key), count ? count[i] : 1, i);
-      if ((i & 4095) == 0 && (tab.size() > max_patterns || over.load(std::memory_order_relaxed))) {
+      if ((i & 4095) == 0 && (tab.size() > max_patterns || over.load(std::memory_order_relaxed) || interrupt::pending())) {
         over.store(true, std::memory_order_relaxed);
         break;
       }
     }
   }
+  interrupt::check();  // after the region: a poll inside it saw Ctrl-C
   if (over.load()) return false;
   KeyTable& all = tables[0];
   for (int t = 1; t < T; ++t) {
@@ -1123,6 +1126,7 @@ ExactResult run_passes(const Data& d, const int64_t* count, const Problem& prob,
   std::vector<double> state(Ly.state_size()), stats(Ly.stats_size());
   exact_init(prob, d.m, d.c, cfg, d.n, w, state.data());
   for (;;) {
+    interrupt::check();
     std::fill(stats.begin(), stats.end(), 0.0);
     // The rows' q at the first candidate: when the solve ends on it, that is the answer
     // (no separate pass for q).

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "pym4/common.h"
+#include "pym4/interrupt.h"
 
 namespace pym4 {
 namespace sinkhorn {
@@ -486,6 +487,7 @@ Result solve_log_domain(const Matrix<T>& m, const double* log_b, RowMarginal a, 
   }
 
   for (int64_t it = 1; it <= n_iters; ++it) {
+    interrupt::check();
     result.iterations = it;
     if (it == n_iters) break;  // the last row step is the write below
     row_pass(m, g.data(), a, shift.data(), f.data(), col_mass.data());
@@ -662,6 +664,7 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
 
   std::vector<double> col_mass(K);  // the plan's column masses, when measured
   for (int64_t it = 1; it <= n_iters; ++it) {
+    interrupt::check();
     result.iterations = it;
     if (it == n_iters) break;  // the last row step is the write below
     if (!pass(false, true)) return false;

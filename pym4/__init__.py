@@ -36,7 +36,7 @@ def build_info() -> dict:
     Keys: ``version``, ``compiler``, ``core`` (whether pym4._core is importable),
     ``openmp``, ``omp_max_threads``, ``simd`` (the ISA clone this CPU runs) and
     ``simd_clones``, ``cuda`` (CUDA kernels compiled in) and ``cuda_archs``, ``triton``
-    (installed), ``torch``.
+    (installed), ``torch``, ``sanitize`` (the -fsanitize= list of a test build, else empty).
     """
     import importlib.util
 
@@ -45,7 +45,7 @@ def build_info() -> dict:
     core = _backend.core()
     info = dict(core.build_info()) if core is not None else {
         "version": __version__, "compiler": None, "openmp": False, "omp_max_threads": 1,
-        "simd": None, "simd_clones": (), "cuda": False, "cuda_archs": ""}
+        "simd": None, "simd_clones": (), "cuda": False, "cuda_archs": "", "sanitize": ""}
     info["core"] = core is not None
     info["triton"] = importlib.util.find_spec("triton") is not None
     info["torch"] = torch.__version__

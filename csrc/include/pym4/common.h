@@ -99,7 +99,7 @@ inline double max_bits(double a, double b) { return a > b ? a : b; }
 // x < -87 (and -inf) gives 0, x > 88.7 gives exp(88.7). NaN gives 0: callers check their
 // inputs for NaN before they reach an exponential.
 inline float fast_expf(float x) {
-  float clamped = select_bits(x < -87.0f, -87.0f, x);
+  float clamped = select_bits(!(x >= -87.0f), -87.0f, x);  // NaN too: it never reaches the int conversion
   clamped = select_bits(clamped > 88.7f, 88.7f, clamped);
   const float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
   const float n = (clamped * 1.44269504088896341f + kRound) - kRound;
@@ -113,7 +113,7 @@ inline float fast_expf(float x) {
   p = p * (r * r) + r + 1.0f;
   int32_t bits;
   std::memcpy(&bits, &p, sizeof bits);
-  bits += static_cast<int32_t>(n) << 23;
+  bits += static_cast<int32_t>(n) * (int32_t(1) << 23);  // not n << 23: a negative n would be UB before C++20
   float result;
   std::memcpy(&result, &bits, sizeof result);
   return result * static_cast<float>(x >= -87.0f);
