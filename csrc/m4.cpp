@@ -359,7 +359,8 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
   std::vector<double> stats(stats_size(p)), w(p);
   // The gathered mini-batch (order given): rows order[b..e) copied into contiguous buffers.
   const int64_t Bn = std::min(B, std::max<int64_t>(d.n, 1));
-  std::vector<uint8_t> gs(order ? Bn * d.m : 0), gy(order && d.y ? Bn * d.c : 0);
+  // (gy gets one spare byte: with c = 0 an empty vector's null data() would read as sparse labels)
+  std::vector<uint8_t> gs(order ? Bn * d.m : 0), gy(order && d.y ? Bn * d.c + 1 : 0);
   std::vector<double> gu(order && d.u ? Bn : 0);
   std::vector<int64_t> gptr(order && !d.y ? Bn + 1 : 0);
   std::vector<int32_t> gidx;
@@ -385,7 +386,7 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
           std::copy(d.y + order[i] * d.ld_y, d.y + order[i] * d.ld_y + d.c, gy.data() + (i - b) * d.c);
         g.y = gy.data();
         g.ld_y = d.c;
-      } else if (d.y_indptr) {  // (c = 0: neither dense nor sparse labels to gather)
+      } else {
         gidx.clear();
         gptr[0] = 0;
         for (int64_t i = b; i < e; ++i) {

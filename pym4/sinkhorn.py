@@ -56,8 +56,8 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
         Where to write Q: the same array type, dtype and device as ``scores``, C-contiguous,
         sharing no memory with ``scores`` or ``prototypes`` (ValueError before any work). A
         training loop that passes last step's buffer saves allocating (and the kernel
-        zeroing) a fresh B x K result every step. A solve
-        stopped by Ctrl-C (KeyboardInterrupt) leaves unspecified values in it.
+        zeroing) a fresh B x K result every step. A solve stopped by Ctrl-C
+        (KeyboardInterrupt) leaves unspecified values in it.
     backend : {"cpu", "cuda", "torch"}, optional
         Force an implementation (default: the best available; see ``pym4._backend``).
 

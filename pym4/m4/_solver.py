@@ -457,11 +457,17 @@ def newton_step(H: np.ndarray, n_h: float, r: np.ndarray, n: float, problem: Pro
         return worst
 
     every = np.flatnonzero(ok)
-    for _ in range(max_sweeps):
+    # max_sweeps bounds all sweeps together (inner and outer): on a nearly singular model
+    # (e.g. an empty group) the sweeps creep and nested bounds would multiply. The step is
+    # a model maximiser either way; the status comes from the constraints recomputed on q.
+    sweeps = 0
+    while sweeps < max_sweeps:
+        sweeps += 1
         if sweep(every) <= 1e-13:
             break
         active = every[x[every] != 0.0]
-        for _ in range(max_sweeps):  # converge on the nonzero duals, then check all again
+        while sweeps < max_sweeps:  # converge on the nonzero duals, then check all again
+            sweeps += 1
             if sweep(active) <= 1e-13:
                 break
     return x[:p].copy(), float(x[p])
