@@ -1,6 +1,8 @@
 """Independent float64 references shared by the tests and the benchmarks (plain torch and
 numpy, written from the papers' formulas, never through pym4). Benchmarks import this file
 by path (benchmarks/_harness.py: references())."""
+import math
+
 import numpy as np
 import torch
 
@@ -22,6 +24,20 @@ def swav_sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3) -> torch.Tens
         q /= b
     q *= b
     return q.t()
+
+
+def swav_sinkhorn_log(scores, epsilon: float = 0.05, n_iters: int = 3) -> np.ndarray:
+    """SwAV's iteration in the log domain, float64, exact for any spread of scores/epsilon:
+    log P = S/eps normalised to total mass 1, then n_iters times columns to mass 1/K and
+    rows to mass 1/B; returns B * P. (The probability form above underflows once the spread
+    of scores/epsilon passes ~700.)"""
+    logp = torch.as_tensor(np.asarray(scores, dtype=np.float64)) / epsilon
+    b, k = logp.shape
+    logp = logp - torch.logsumexp(logp.reshape(-1), 0)
+    for _ in range(n_iters):
+        logp = logp - torch.logsumexp(logp, 0, keepdim=True) - math.log(k)
+        logp = logp - torch.logsumexp(logp, 1, keepdim=True) - math.log(b)
+    return torch.exp(logp + math.log(b)).numpy()
 
 
 def open_clip_loss_module():

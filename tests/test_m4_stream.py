@@ -9,17 +9,12 @@ import pytest
 import torch
 
 from pym4 import m4
+from test_m4 import make_data as _make_data
 
 
-def make_data(n, m=2, c=8, seed=0, prev=(0.3, 0.45), coupling=0.4):
-    rng = np.random.default_rng(seed)
-    z = rng.normal(size=n)
-    p = np.linspace(prev[0], prev[1], m)
-    s = (rng.random((n, m)) < p * (1 + 0.5 * np.tanh(z))[:, None]).astype(np.uint8)
-    base = rng.uniform(0.05, 0.4, size=c)
-    logit = np.log(base / (1 - base)) + s @ rng.normal(scale=coupling, size=(m, c))
-    y = (rng.random((n, c)) < 1 / (1 + np.exp(-logit))).astype(np.uint8)
-    return s, y
+def make_data(n, m=2, c=8, seed=0, coupling=0.4):
+    """test_m4's overlapping groups and associated labels, without a utility."""
+    return _make_data(n, m, c, seed, coupling=coupling)[:2]
 
 
 def fitted_state():

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import pym4
 from pym4 import ot as pym4_ot
+from references import swav_sinkhorn_log
 
 pot = pytest.importorskip("ot")
 
@@ -34,15 +35,7 @@ _FLOAT32_SAFE = 4096.0  # pym4 computes in float64 beyond this max |x| / epsilon
 # ----- references (float64, log domain) ----------------------------------------------------------
 
 def ref_sinkhorn(x: np.ndarray, epsilon: float, n_iters: int) -> np.ndarray:
-    """SwAV's equipartition: log P = x/eps normalised to mass 1, then n_iters times columns
-    to mass 1/K and rows to mass 1/B; returns B * P."""
-    logp = torch.as_tensor(x, dtype=torch.float64) / epsilon
-    b, k = logp.shape
-    logp = logp - torch.logsumexp(logp.reshape(-1), 0)
-    for _ in range(n_iters):
-        logp = logp - torch.logsumexp(logp, 0, keepdim=True) - math.log(k)
-        logp = logp - torch.logsumexp(logp, 1, keepdim=True) - math.log(b)
-    return torch.exp(logp + math.log(b)).numpy()
+    return swav_sinkhorn_log(x, epsilon, n_iters)
 
 
 def ref_ot(a, b, cost, reg, n_iters):

@@ -12,22 +12,13 @@ import torch
 
 import pym4
 from pym4 import ot as pym4_ot
+from references import swav_sinkhorn_log
 
 pot = pytest.importorskip("ot")
 
 
 def sinkhorn_reference(scores, epsilon=0.05, n_iters=3):
-    """SwAV's iteration in the log domain, float64, exact for any spread of scores/epsilon:
-    log P = S/eps normalised to total mass 1, then n_iters times columns to mass 1/K and
-    rows to mass 1/B; returns B * P. (The probability form of tests/references.py underflows
-    once the spread of scores/epsilon passes ~700.)"""
-    logp = torch.as_tensor(np.asarray(scores, dtype=np.float64)) / epsilon
-    b, k = logp.shape
-    logp = logp - torch.logsumexp(logp.reshape(-1), 0)
-    for _ in range(n_iters):
-        logp = logp - torch.logsumexp(logp, 0, keepdim=True) - math.log(k)
-        logp = logp - torch.logsumexp(logp, 1, keepdim=True) - math.log(b)
-    return torch.exp(logp + math.log(b)).numpy()
+    return swav_sinkhorn_log(scores, epsilon, n_iters)
 
 
 def ot_reference(a, b, cost, reg, n_iters=100000, tol=1e-12):
