@@ -203,15 +203,18 @@ def check_status(res, s, y, u, pi, eta, er, ea, method):
     np.testing.assert_allclose(res.target, pi, rtol=0, atol=1e-15)
     budget_err, rep_exc, assoc_exc = violations(s, y, q, pi, eta, er, ea)
     assert res.violations["budget"] == pytest.approx(budget_err, abs=1e-12)
-    assert res.status in ("optimal", "infeasible", "max_iter")
+    assert res.status in ("optimal", "approximate", "infeasible", "max_iter")
     event(f"{method}: {res.status}")
-    if res.status == "optimal":
+    rep, assoc = constraint_values(s, y, q, pi)
+    if res.status == "optimal":  # every constraint and the budget hold (no factor of two)
         if method == "exact":
             assert max(budget_err, rep_exc, assoc_exc) <= 1e-6, (budget_err, rep_exc, assoc_exc)
-        else:  # the documented claim of one pass: within twice each bound, the budget within 1 %
-            rep, assoc = constraint_values(s, y, q, pi)
-            assert np.all(np.abs(rep) <= 2 * eta * er + 1e-12) and np.all(np.abs(assoc) <= 2 * eta * ea + 1e-12)
-            assert budget_err <= 0.01 * eta + 1e-12
+        else:
+            assert np.all(np.abs(rep) <= eta * er + 1e-8) and np.all(np.abs(assoc) <= eta * ea + 1e-8)
+            assert budget_err <= 1e-8
+    elif res.status == "approximate":  # the documented claim: within twice each bound, the budget within 1 %
+        assert np.all(np.abs(rep) <= 2 * eta * er + 1e-12) and np.all(np.abs(assoc) <= 2 * eta * ea + 1e-12)
+        assert budget_err <= 0.01 * eta + 1e-12
     elif res.status == "infeasible":
         witness = lp_feasible(s, y, pi, eta, er, ea)
         assert witness is None, f"'infeasible' ({res.message}), yet q = {witness} is feasible"
