@@ -41,7 +41,9 @@ def test_quick_run_writes_csv_and_png(tmp_path):
             assert int(r["passes"]) >= 1 and float(r["peak_rss_mb"]) > 0
             assert r["compressed"] == str(method == "local compressed")  # every table fits at N = 2000
     assert int(rows[("dense-c8 N=2e+03", "local compressed")]["passes"]) == 1  # counts: the table's one pass
-    assert int(rows[("sparse N=2e+03", "local passes")]["passes"]) == 5  # vocabulary, counts, 2 steps, report
+    # vocabulary, counts, at least one step, report; ~1000 tags make p large enough for the
+    # Hessian-free steps (one more pass per Hessian-vector product), hence no exact count
+    assert 4 <= int(rows[("sparse N=2e+03", "local passes")]["passes"]) <= 40
     assert abs(float(rows[("dense-c8 N=2e+03", "cvxpy-clarabel")]["objective_rel_to_exact"])) < 1e-4
     if importlib.util.find_spec("matplotlib") is not None:
         with open(tmp_path / "m4_scale.png", "rb") as f:
