@@ -2,6 +2,7 @@
 numpy references (independent of pym4) for the weighted counts."""
 from __future__ import annotations
 
+import json
 import os
 from typing import List, Optional, Sequence
 
@@ -95,3 +96,15 @@ def arrays_of(t: pa.Table, spec: dict):
     if spec.get("labels_from"):
         y = np.concatenate([y, tags_dense(t, spec["labels_from"], sorted(VOCAB))], axis=1)
     return s, y
+
+
+# A balance_dataset run in a child process (killed and resumed by the checkpoint tests).
+BALANCE_DATASET_RUN = """
+import pym4.m4 as m4
+m4.balance_dataset({src!r}, {out!r}, **{args!r})
+"""
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)

@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from m4_datasets import VOCAB, arrays_of, dense, metadata, tags_dense, write_hive, write_shards
+from m4_datasets import (BALANCE_DATASET_RUN, VOCAB, arrays_of, dense, metadata, read_json, tags_dense, write_hive,
+                         write_shards)
 import pym4.m4 as m4
 from pym4 import _backend
 
@@ -246,35 +247,24 @@ def test_largest_feasible_budget_on_a_dataset(tmp_path):
 
 _ARGS = dict(sensitive=["g0", "g1"], labels=["l0", "l2"], labels_from="tags", utility="u", target=0.3,
              budget=0.8, eps_rep=0.02, eps_assoc=0.05, tol=1e-10, progress=False)
-_RUN = """
-import pym4.m4 as m4
-m4.balance_dataset({src!r}, {out!r}, **{args!r})
-"""
-
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def test_kill_during_a_pass_then_resume(table, tmp_path, capsys):
     src, _, _, _ = _layout(table, str(tmp_path), "seven")
     out = str(tmp_path / "out")
     ck = out + ".pym4-checkpoint.json"
-    code = _RUN.format(src=src, out=out, args=_ARGS)
+    code = BALANCE_DATASET_RUN.format(src=src, out=out, args=_ARGS)
     env = {**os.environ, "PYM4_TEST_SLEEP_AFTER_PASS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(ck) and _read_json(ck)["passes"] >= 2:
+            if os.path.exists(ck) and read_json(ck)["passes"] >= 2:
                 break
             time.sleep(0.05)
         assert os.path.exists(ck), "the run wrote no checkpoint"
         os.kill(proc.pid, signal.SIGKILL)  # kill -9: no clean-up runs
     finally:
         proc.wait(timeout=60)
-    saved = _read_json(ck)
+    saved = read_json(ck)
     assert saved["passes"] >= 2 and not saved["done"] and not os.path.exists(out)
     capsys.readouterr()
     m4.balance_dataset(src, out, **_ARGS)  # the same call again
@@ -285,7 +275,7 @@ def test_kill_during_a_pass_then_resume(table, tmp_path, capsys):
     m4.balance_dataset(src, out + "-plain", **_ARGS)
     plain = pq.read_table(out + "-plain")
     assert resumed.equals(plain)  # the same q, bit for bit
-    rep = _read_json(os.path.join(out, "_pym4_report.json"))
+    rep = read_json(os.path.join(out, "_pym4_report.json"))
     assert rep["resumed_after_pass"] == saved["passes"] and rep["status"] == "optimal"
 
 

@@ -1,7 +1,6 @@
 """M4 over datasets, the loose ends of running at scale: the progress of a pass is reported
 while the pass runs (every engine), and a run on the pattern-table path resumes after
 kill -9 without reading the data again."""
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from m4_datasets import metadata, write_shards
+from m4_datasets import BALANCE_DATASET_RUN, metadata, read_json, write_shards
 import pym4.m4 as m4
 from pym4 import _backend
 from pym4.engines import engine_for
@@ -96,33 +95,22 @@ def test_engine_progress_adds_up_to_the_rows(engine, request, seven):
 
 _ARGS = dict(sensitive=["g0", "g1"], labels=["l0", "l2"], labels_from="tags", target=0.3, budget=0.8,
              eps_rep=0.02, eps_assoc=0.05, tol=1e-10, progress=False)
-_RUN = """
-import pym4.m4 as m4
-m4.balance_dataset({src!r}, {out!r}, **{args!r})
-"""
-
-
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
 def test_kill_on_the_pattern_table_path_then_resume(seven, tmp_path, capsys):
     out = str(tmp_path / "out")
     ck = out + CHECKPOINT_SUFFIX
     env = {**os.environ, "PYM4_TEST_SLEEP_AFTER_PASS": "2"}
-    proc = subprocess.Popen([sys.executable, "-c", _RUN.format(src=seven, out=out, args=_ARGS)], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", BALANCE_DATASET_RUN.format(src=seven, out=out, args=_ARGS)], env=env)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(ck) and "pattern" in _read_json(ck):
+            if os.path.exists(ck) and "pattern" in read_json(ck):
                 break
             time.sleep(0.05)
         assert os.path.exists(ck), "the run wrote no checkpoint"
         os.kill(proc.pid, signal.SIGKILL)  # kill -9: no clean-up runs
     finally:
         proc.wait(timeout=60)
-    saved = _read_json(ck)
+    saved = read_json(ck)
     assert "pattern" in saved and saved["pattern"]["table"] is not None and not os.path.exists(out)
     assert len(saved["tags"]["tags"]) == 6  # the vocabulary pass's result is saved too
     capsys.readouterr()
@@ -130,9 +118,9 @@ def test_kill_on_the_pattern_table_path_then_resume(seven, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"resuming from {ck}: " in err and "counts and pattern table saved: not read again" in err
     assert not os.path.exists(ck)
-    rep = _read_json(os.path.join(out, "_pym4_report.json"))
+    rep = read_json(os.path.join(out, "_pym4_report.json"))
     m4.balance_dataset(seven, out + "-plain", **_ARGS)
-    plain_rep = _read_json(os.path.join(out + "-plain", "_pym4_report.json"))
+    plain_rep = read_json(os.path.join(out + "-plain", "_pym4_report.json"))
     assert rep["compressed"] and plain_rep["compressed"] and rep["status"] == "optimal"
     assert plain_rep["passes"] == 2 and rep["passes"] == 0  # vocabulary + counting, not redone
     assert pq.read_table(out).equals(pq.read_table(out + "-plain"))  # the same q, bit for bit
@@ -143,7 +131,7 @@ def test_a_checkpoint_of_another_request_is_not_used(seven, tmp_path, capsys):
     out = str(tmp_path / "out")
     ck = out + CHECKPOINT_SUFFIX
     env = {**os.environ, "PYM4_TEST_SLEEP_AFTER_PASS": "30"}
-    proc = subprocess.Popen([sys.executable, "-c", _RUN.format(src=seven, out=out, args=_ARGS)], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", BALANCE_DATASET_RUN.format(src=seven, out=out, args=_ARGS)], env=env)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None and not os.path.exists(ck):
@@ -156,7 +144,7 @@ def test_a_checkpoint_of_another_request_is_not_used(seven, tmp_path, capsys):
     m4.balance_dataset(seven, out, **{**_ARGS, "budget": 0.75})
     err = capsys.readouterr().err
     assert "belongs to another run" in err and "resuming" not in err
-    rep = _read_json(os.path.join(out, "_pym4_report.json"))
+    rep = read_json(os.path.join(out, "_pym4_report.json"))
     assert rep["passes"] == 2 and rep["status"] == "optimal"
 
 
