@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "pym4/columns.h"
 #include "pym4/common.h"
 #include "pym4/interrupt.h"
 #include "pym4/m4.h"
@@ -405,6 +406,49 @@ py::dict build_info() {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pym4 compiled core: CPU kernels (OpenMP) and, when built with CUDA, GPU launchers";
   m.def("build_info", &build_info, "What this core was built with.");
+  // An engine's pool thread already keeps a core busy: its calls into the core should not each
+  // fork an OpenMP team (nested parallelism on a 2-core machine cost ~20 ms a call, measured).
+  // OpenMP's nthreads-var belongs to the calling thread, so this changes no other thread.
+  m.def(
+      "set_thread_limit",
+      [](int threads) {
+        PYM4_CHECK_VALUE(threads >= 1, "threads: must be >= 1, got " << threads);
+#if defined(PYM4_WITH_OPENMP)
+        omp_set_num_threads(threads);
+#endif
+        return pym4::max_threads();
+      },
+      py::arg("threads"),
+      "OpenMP threads for the core's calls made from the calling thread (other threads keep\n"
+      "theirs); returns the limit now in force (1 in a core built without OpenMP).");
+  m.def(
+      "unpack_bit_columns",
+      [](const std::vector<py::buffer>& bitmaps, const std::vector<int64_t>& offsets, int64_t n) {
+        PYM4_CHECK_VALUE(bitmaps.size() == offsets.size(), "offsets: expected one per bitmap (" << bitmaps.size()
+                                                               << "), got " << offsets.size());
+        PYM4_CHECK_VALUE(n >= 0, "n: must be >= 0, got " << n);
+        const int64_t k = static_cast<int64_t>(bitmaps.size());
+        std::vector<const uint8_t*> bits(k);
+        for (int64_t j = 0; j < k; ++j) {
+          const py::buffer_info info = bitmaps[j].request();
+          PYM4_CHECK_VALUE(offsets[j] >= 0, "offsets: entry " << j << " is negative (" << offsets[j] << ")");
+          const int64_t have = static_cast<int64_t>(info.size * info.itemsize);
+          const int64_t need = (offsets[j] + n + 7) / 8;
+          PYM4_CHECK_VALUE(have >= need, "bitmaps: entry " << j << " has " << have << " bytes; " << n
+                                                           << " rows from bit " << offsets[j] << " need " << need);
+          bits[j] = static_cast<const uint8_t*>(info.ptr);
+        }
+        py::array_t<uint8_t> out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(k)});
+        uint8_t* dst = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          pym4::unpack_bit_columns(bits.data(), offsets.data(), k, n, dst);
+        }
+        return out;
+      },
+      py::arg("bitmaps"), py::arg("offsets"), py::arg("n"),
+      "(n, k) uint8 0/1, row-major, from k bit-packed boolean columns (Arrow's LSB-first bitmaps,\n"
+      "column j from bit offsets[j] of bitmaps[j]).");
   // A loop stopped by Ctrl-C: the exception the signal handler raised is still set.
   py::register_local_exception_translator([](std::exception_ptr p) {
     try {

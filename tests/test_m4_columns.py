@@ -149,3 +149,43 @@ def test_binary_matrix():
         binary_matrix(np.array([["a"]]), "y")
     with pytest.raises(ValueError, match="s: expected 3 rows"):
         binary_matrix(np.zeros((2, 1)), "s", 3)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1023, 4097, 8200])
+@pytest.mark.parametrize("k", [1, 7, 8, 9, 34])
+def test_unpack_bit_columns_matches_numpy(n, k):
+    """The core's bitmap-to-rows transpose: odd row counts (tiles of 8 rows and the tail),
+    odd column counts (tiles of 8 columns and the rest), and columns that start at
+    different bit offsets (slices of longer arrays, as Arrow hands out batches)."""
+    rng = np.random.default_rng(n * 100 + k)
+    ref = (rng.random((n, k)) < 0.4).astype(np.uint8)
+    cols = []
+    for j in range(k):
+        pad = int(rng.integers(0, 20))  # the slice starts at bit `pad` of its bitmap
+        full = np.concatenate([rng.random(pad) < 0.5, ref[:, j].astype(bool), rng.random(5) < 0.5])
+        cols.append(pa.array(full).slice(pad, n))
+    got = _backend.core().unpack_bit_columns([c.buffers()[1] for c in cols], [c.offset for c in cols], n)
+    assert got.shape == (n, k) and got.dtype == np.uint8 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_unpack_bit_columns_checks():
+    core = _backend.core()
+    buf = pa.array([True] * 8).buffers()[1]
+    with pytest.raises(ValueError, match=r"bitmaps: entry 0 has \d+ bytes; 100 rows from bit 0 need 13"):
+        core.unpack_bit_columns([buf], [0], 100)
+    with pytest.raises(ValueError, match="offsets: expected one per bitmap"):
+        core.unpack_bit_columns([buf], [0, 0], 8)
+    with pytest.raises(ValueError, match="offsets: entry 0 is negative"):
+        core.unpack_bit_columns([buf], [-1], 8)
+
+
+def test_sliced_boolean_batch_to_data_tuple():
+    """A batch sliced at a bit offset that is not a multiple of 8 (its columns' bitmaps
+    start mid-byte) gives the rows of the slice (g0, l1, l2 are the boolean columns)."""
+    t = metadata(300)
+    rs = ColumnSpec.make(sensitive=["g0"], labels=["l1", "l2"]).resolve()
+    data = rs.data_tuple(t.slice(13, 250), "t.parquet")
+    assert t.column("l1").type == pa.bool_() and t.slice(13, 250).column("l1").chunk(0).offset == 13
+    np.testing.assert_array_equal(data[0], dense(t, ["g0"])[13:263])
+    np.testing.assert_array_equal(data[1], dense(t, ["l1", "l2"])[13:263])
