@@ -155,7 +155,7 @@ def test_local_cache_gives_the_same_passes_within_its_bound(seven):
     stage = CountsStage(rs)
     want = LocalEngine(seven, batch_rows=64, cache_bytes=0).reduce(stage)
     full = LocalEngine(seven, batch_rows=64)
-    for _ in range(3):  # read, read and keep, from memory
+    for _ in range(3):  # read and keep, then from memory
         np.testing.assert_array_equal(full.reduce(stage), want)
     assert len(full._cache) == len(SEVEN) and full._cached > 0
     bound = full._cached // 2
@@ -207,3 +207,18 @@ def test_pattern_tables_merged_like_a_binary_counter(seven):
                      for k in ("g0", "g1", "l0", "l1", "l2")], axis=1)
     uniq, want = np.unique(rows, axis=0, return_counts=True)
     assert got == {tuple(r): int(k) for r, k in zip(uniq.tolist(), want)}
+
+
+def test_local_cache_holds_the_latest_column_set(seven):
+    """A pass over other columns (here: fewer labels) replaces what the cache holds, within
+    the same bound, and gives the same counts as an engine without a cache."""
+    wide = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0", "l2"]).resolve()
+    narrow = ColumnSpec.make(sensitive=["g0"], labels=["l2"]).resolve()
+    eng = LocalEngine(seven, batch_rows=64)
+    eng.reduce(CountsStage(wide))
+    assert {key[1] for key in eng._cache} == {tuple(CountsStage(wide).columns)}
+    got = eng.reduce(CountsStage(narrow))
+    assert {key[1] for key in eng._cache} == {tuple(CountsStage(narrow).columns)}
+    assert eng._cached == sum(b.nbytes for batches in eng._cache.values() for b, _ in batches)
+    np.testing.assert_array_equal(got, LocalEngine(seven, batch_rows=64, cache_bytes=0).reduce(CountsStage(narrow)))
+    np.testing.assert_array_equal(eng.reduce(CountsStage(narrow)), got)

@@ -76,6 +76,20 @@ def write_shard(shards: Shards, i: int, stage, batch_rows: int, path: str) -> st
     return path
 
 
+def _serial_core() -> None:
+    """Run in each pool thread: its calls into the core use one OpenMP thread. The pool
+    already runs a file per core; a core call that forks its own team from every pool
+    thread puts 2 T threads on T cores (nested parallelism: an earlier session measured
+    ~20 ms of fork/join per 65536-row call under load; with the core's short spin, this
+    one measured the same CPU per row either way, 135 ns, so it is kept for what it rules
+    out). OpenMP's thread count is per calling thread: the driver thread (one file, or the
+    in-memory solvers) keeps all of them."""
+    from .. import _backend
+    core = _backend.core()
+    if core is not None:
+        core.set_thread_limit(1)
+
+
 def part_name(i: int) -> str:
     """The output part of input file ``i`` (the same name on every engine that writes per file)."""
     return f"part-{i:05d}.parquet"
@@ -88,11 +102,16 @@ class LocalEngine(Engine):
 
     The cache: the solver reads the same columns pass after pass, and decoding Parquet
     costs far more than the core's work on the decoded rows (measured: reading and decoding
-    34 boolean columns is ~10x the core's partial). So from the second pass over a set of
-    columns on, each file's decoded Arrow batches are kept, while their total stays under
-    ``cache_bytes``, and later passes over those columns read them from memory. Arrow keeps
+    34 boolean columns is ~10x the core's partial). So each file's decoded Arrow batches are
+    kept as a pass reads them, while their total stays under ``cache_bytes``, and later
+    passes over the same columns read them from memory (a fit's first pass, the counting
+    one, reads the solver's columns: kept from it, the solver's passes read no Parquet at
+    all when the data fits; measured at N = 1e7, c = 32: one whole pass saved). Arrow keeps
     booleans as bits: 34 boolean columns are 4.25 bytes a row, so the default 1 GiB holds
-    ~250 M such rows; the files beyond the bound are read again each pass (0: no cache)."""
+    ~250 M such rows; the files beyond the bound are read again each pass (0: no cache).
+    The cache holds one column set, the latest pass's: a pass over other columns (the tag
+    vocabulary's pass, then the fit's, say) drops it, so an earlier pass's columns never
+    take the room of the ones read again."""
     name = "local"
 
     def __init__(self, data, *, workers: Optional[int] = None, batch_rows: int = 1 << 16,
@@ -110,7 +129,7 @@ class LocalEngine(Engine):
         self.cache_bytes = cache_bytes
         self._cache: Dict[Tuple[int, Tuple[str, ...]], list] = {}
         self._cached = 0            # bytes held in _cache
-        self._seen: Dict[Tuple[str, ...], int] = {}  # passes started per column set
+        self._cache_columns: Optional[Tuple[str, ...]] = None  # the column set _cache holds
         self._lock = threading.Lock()
 
     def _batches(self, i: int, columns: Tuple[str, ...], keep: bool) -> Iterator[Tuple[Any, int]]:
@@ -147,13 +166,16 @@ class LocalEngine(Engine):
         if self.workers == 1 or n <= 1:
             yield from (fn(i) for i in range(n))
             return
-        with ThreadPoolExecutor(min(self.workers, n)) as pool:
+        with ThreadPoolExecutor(min(self.workers, n), initializer=_serial_core) as pool:
             yield from pool.map(fn, range(n))
 
     def partials(self, stage, progress: Optional[Callable[[int], None]] = None) -> Iterator[Any]:
         columns = tuple(stage.columns)
-        self._seen[columns] = self._seen.get(columns, 0) + 1
-        keep = self.cache_bytes > 0 and self._seen[columns] >= 2
+        keep = self.cache_bytes > 0
+        if keep and columns != self._cache_columns:
+            with self._lock:
+                self._cache.clear()
+                self._cached, self._cache_columns = 0, columns
         return self._map(lambda i: reduce_shard(self.shards, i, stage, self.batch_rows, progress,
                                                 self._batches(i, columns, keep)))
 
