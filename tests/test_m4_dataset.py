@@ -328,3 +328,53 @@ def test_budget_max_when_no_budget_is_feasible(tmp_path):
     with pytest.raises(m4.InfeasibleError, match="no budget >= 0.001 is feasible") as e:
         m4.fit_dataset(str(tmp_path / "d"), sensitive=["a", "b"], target=0.3, budget="max", progress=False)
     assert e.value.largest_budget is None
+
+
+@pytest.mark.parametrize("constant", [0.0, 5.0, 1e3, 1e16])
+def test_constant_utility_changes_nothing(table, tmp_path, constant):
+    """Adding a constant to every utility only shifts mu (sum q = N eta is fixed): the fit
+    centres the utility as balance() does, so a constant utility gives the q of no utility
+    (it then solves on the pattern table), and u + 5 the q of u. Before, a constant 5 ended
+    at max_passes with q off by 0.42."""
+    cols = dict(sensitive=["g0", "g1"], labels=["l0", "l2"])
+    t = table.append_column("uc", pa.array(np.full(table.num_rows, constant)))
+    write_shards(t, str(tmp_path / "d"), LAYOUTS["seven"])
+    s, y = _arrays(table, cols)
+    kw = dict(target=0.3, **PROBLEM, tol=1e-10, progress=False)
+    plain = m4.fit_dataset(str(tmp_path / "d"), **cols, **kw)
+    model = m4.fit_dataset(str(tmp_path / "d"), **cols, utility="uc", **kw)
+    assert model.info["status"] == "optimal" and model.info["compressed"]
+    q0 = plain.keep_probability(s, y)
+    np.testing.assert_allclose(model.keep_probability(s, y, np.full(N, constant)), q0, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(model.transform(t).column("q").to_numpy(), q0, rtol=0, atol=1e-9)
+    loaded = m4.M4Model.load(_saved(model, tmp_path))
+    np.testing.assert_allclose(loaded.keep_probability(s, y, np.full(N, constant)), q0, rtol=0, atol=1e-9)
+
+
+def _saved(model, tmp_path):
+    path = str(tmp_path / "model.json")
+    model.save(path)
+    return path
+
+
+def test_shifted_utility_gives_the_same_q(table, tmp_path):
+    """u + 5 gives the q of u (both centred to the same values, up to the rounding of their
+    means), and the in-memory solve's q within its own accuracy (balance() itself moves by
+    2.2e-9 between u and u + 5 on this instance: its max_violation is 4.5e-10)."""
+    cols = dict(sensitive=["g0", "g1"], labels=["l0"])
+    u = table.column("u").to_numpy()
+    t = table.append_column("u5", pa.array(u + 5.0))
+    write_shards(t, str(tmp_path / "d"), LAYOUTS["seven"])
+    s, y = _arrays(table, cols)
+    res = _in_memory(s, y, 0.3, utility=u)
+    kw = dict(target=0.3, **PROBLEM, tol=1e-10, progress=False)
+    model = m4.fit_dataset(str(tmp_path / "d"), **cols, utility="u5", **kw)
+    base = m4.fit_dataset(str(tmp_path / "d"), **cols, utility="u", **kw)
+    assert model.info["status"] == "optimal" and not model.info["compressed"]
+    assert abs(model.info["utility_shift"] - float(np.mean(u + 5.0))) < 1e-12
+    q = model.keep_probability(s, y, u + 5.0)
+    np.testing.assert_allclose(q, base.keep_probability(s, y, u), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(model.transform(t).column("q").to_numpy(), q, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(q, res.q, rtol=0, atol=1e-8)
+    # the dual for the utility as given: u + 5 moves it by 5
+    assert abs((model.mu + model.info["utility_shift"]) - (base.mu + base.info["utility_shift"] + 5.0)) < 1e-10

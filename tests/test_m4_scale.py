@@ -185,7 +185,7 @@ def test_pattern_pass_stops_building_tables_past_the_bound(seven):
         {"tags": ["doctor", "nurse", "pilot", "chef", "judge", "baker"]})
     eng = LocalEngine(seven, workers=1, batch_rows=64)
     stage = PatternStage(rs, max_patterns=20)
-    merged, counts = eng.reduce(stage)
+    merged, counts, _ = eng.reduce(stage)
     assert merged == TOO_MANY and stage.table(merged) is None and stage.over  # later batches only counted
     np.testing.assert_array_equal(counts, eng.reduce(CountsStage(rs)))
 
@@ -196,7 +196,7 @@ def test_pattern_tables_merged_like_a_binary_counter(seven):
     rs = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0", "l1", "l2"]).resolve()
     eng = LocalEngine(seven, workers=1, batch_rows=16)
     stage = PatternStage(rs, max_patterns=1 << 20)
-    merged, _ = eng.reduce(stage)
+    merged, _, _ = eng.reduce(stage)
     assert 1 <= len(merged) <= 8  # a few tables of decreasing size, not one per batch (> 60)
     sizes = [len(t[1]) for t in merged]
     assert sizes == sorted(sizes, reverse=True)

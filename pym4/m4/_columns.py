@@ -193,9 +193,19 @@ def _field(schema, name: str, shard: str):
 
 @dataclass(frozen=True)
 class ResolvedSpec:
-    """A column spec with every tag vocabulary fixed: the group and label names are known."""
+    """A column spec with every tag vocabulary fixed: the group and label names are known.
+
+    ``utility_shift``: subtracted from the utility column in :meth:`data_tuple` (a fit sets
+    it to the utility's mean over the dataset: adding a constant to every u_i only shifts mu,
+    since sum q = N eta, and a large common part would swamp eta in eta + u_i - a_i^T w - mu;
+    the rule of ``pym4.m4._balance.center_utility``). A batch whose shifted utility is all
+    zero (a constant utility) gets u = None, as center_utility gives for a constant one."""
     spec: ColumnSpec
     tags: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
+    utility_shift: float = 0.0
+
+    def with_utility_shift(self, shift: float) -> "ResolvedSpec":
+        return ResolvedSpec(self.spec, self.tags, float(shift))
 
     @property
     def group_names(self) -> List[str]:
@@ -237,6 +247,10 @@ class ResolvedSpec:
         y_dense = _binary_matrix([cols[c] for c in sp.labels], sp.labels, shard, row0, n)
         c0 = y_dense.shape[1]
         u = _utility_column(cols[sp.utility], sp.utility, shard, row0) if sp.utility else None
+        if u is not None:
+            u = u - self.utility_shift if self.utility_shift else u
+            if not np.any(u):
+                u = None
         if sp.labels_from is None:
             return (s, y_dense, None, None, c0, u)
         col = sp.labels_from.column

@@ -34,13 +34,13 @@ from .. import _backend
 from .._io import atomic_output, clean_stale, temp_prefix
 from . import _feasibility, _inputs, _passes, _problem
 from ._columns import ColumnSpec, DataError
-from ._stages import CountsStage, PartialStage, PatternStage, resolve_columns, write_keep_probability
+from ._stages import CountsStage, PartialStage, PatternStage, resolve_columns, utility_shift, write_keep_probability
 from .model import M4Model
 
 __all__ = ["fit_dataset", "balance_dataset", "CHECKPOINT_SUFFIX"]
 
 CHECKPOINT_SUFFIX = ".pym4-checkpoint.json"
-_CHECKPOINT_FORMAT = "pym4.checkpoint/2"
+_CHECKPOINT_FORMAT = "pym4.checkpoint/3"  # /3: the counting pass's utility stats saved too
 # Test hook: seconds to sleep after each checkpoint saved (so a test can kill -9 a run mid-solve).
 _SLEEP_ENV = "PYM4_TEST_SLEEP_AFTER_PASS"
 
@@ -206,17 +206,25 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
     if "pattern" in saved:
         table, before = _decode_table(saved["pattern"]["table"]), np.asarray(saved["pattern"]["counts"], np.float64)
         patterns = saved["pattern"]["patterns"]
+        ustats = None if saved["pattern"]["utility"] is None else np.asarray(saved["pattern"]["utility"], np.float64)
     else:
         counting = PatternStage(rs, max_patterns)
         got = runner.reduce(counting, "counting")
         if got is None or got[1][0] == 0:
             raise DataError(f"{engine.source}: the dataset has no rows")
-        table, before = counting.table(got[0]), got[1]
+        table, before, ustats = counting.table(got[0]), got[1], got[2]
         patterns = None if table is None else len(table[1])
         if ck is not None:  # first saved here: every value has been read and checked, so bad input leaves none
             ck.save(tags={k: list(v) for k, v in rs.tags.items()},
-                    pattern={"counts": before.tolist(), "patterns": patterns, "table": _encode_table(table)})
+                    pattern={"counts": before.tolist(), "patterns": patterns, "table": _encode_table(table),
+                             "utility": None if ustats is None else ustats.tolist()})
     rows = int(before[0])
+    # The utility centred as balance() centres it (only mu moves; see ResolvedSpec), and a
+    # constant one dropped: the problem is then the one without a utility.
+    shift, constant_utility = utility_shift(ustats, rows)
+    if spec.utility is not None:
+        rs = rs.with_utility_shift(shift)
+        info["utility_shift"] = shift
     runner.rows = rows
     pi = _problem.target_from_counts(before, m, c) if target is None else _inputs.target(target, m, None)
     info.update({"rows": rows, "patterns": patterns})
@@ -265,7 +273,7 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
                 ck.save(budget=eta)
         info["budget_requested"] = "max"
 
-    compressed = table is not None and spec.utility is None
+    compressed = table is not None and (spec.utility is None or constant_utility)
     problem = (pi, eta, er, ea)
     state = np.asarray(saved["state"], dtype=np.float64) if "state" in saved else None
     if state is not None and saved["done"]:

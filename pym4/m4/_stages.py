@@ -14,14 +14,14 @@ into local threads, Ray tasks and Spark's mapInArrow.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .. import _backend
 from ._columns import ROW, ColumnSpec, DataError, ResolvedSpec, distinct_tags
 
-__all__ = ["VocabularyStage", "CountsStage", "PatternStage", "PartialStage", "KeepProbabilityStage", "TOO_MANY", "resolve_columns", "weighted_counts",
+__all__ = ["VocabularyStage", "CountsStage", "PatternStage", "PartialStage", "KeepProbabilityStage", "TOO_MANY", "resolve_columns", "utility_shift", "weighted_counts",
            "write_keep_probability"]
 
 
@@ -77,10 +77,12 @@ TOO_MANY = _TooMany()
 
 
 class PatternStage:
-    """``(tables, counts)`` of a batch: the distinct (s, y) rows and their int64 counts (the
-    core's ``(data, counts)``; utility left out, since a pattern does not depend on it), or
-    :data:`TOO_MANY` past ``max_patterns``; and the batch's unweighted counts, added.
-    :meth:`table` gives the one table of a merged result.
+    """``(tables, counts, utility)`` of a batch: the distinct (s, y) rows and their int64
+    counts (the core's ``(data, counts)``; utility left out, since a pattern does not depend
+    on it), or :data:`TOO_MANY` past ``max_patterns``; the batch's unweighted counts, added;
+    and, with a utility column, its ``[sum, min, max]`` (float64; None without one), from
+    which the fit centres the utility (:func:`utility_shift`). :meth:`table` gives the one
+    table of a merged result.
 
     Tables are merged like a binary counter (an LSM tree): a result holds a few tables of
     decreasing size, and two are aggregated into one only when the smaller is at least
@@ -106,11 +108,15 @@ class PatternStage:
         core = _backend.core()
         plain = data[:5] + (None,)
         core.m4_weighted_counts(plain, None, counts)
+        u = None
+        if self.spec.spec.utility:
+            # data_tuple gives None for an all-zero utility (u = 0 here: the spec is not shifted yet)
+            u = np.zeros(3) if data[5] is None else np.array([data[5].sum(), data[5].min(), data[5].max()])
         table = None if self.over else core.m4_pattern_table(plain, None, self.max_patterns)
         if table is None:
             self.over = True
-            return TOO_MANY, counts
-        return [table], counts
+            return TOO_MANY, counts, u
+        return [table], counts, u
 
     def _merge_two(self, a, b):
         from ._passes import merge_tables
@@ -122,17 +128,18 @@ class PatternStage:
     def merge(self, a, b):
         if a is None or b is None:  # an empty batch
             return b if a is None else a
-        (ta, ca), (tb, cb) = a, b
+        (ta, ca, ua), (tb, cb, ub) = a, b
+        u = None if ua is None else np.array([ua[0] + ub[0], min(ua[1], ub[1]), max(ua[2], ub[2])])
         if ta == TOO_MANY or tb == TOO_MANY or self.over:
             self.over = True
-            return TOO_MANY, ca + cb
+            return TOO_MANY, ca + cb, u
         tables = sorted(ta + tb, key=lambda t: -len(t[1]))
         while len(tables) >= 2 and 2 * len(tables[-1][1]) >= len(tables[-2][1]):
             t = self._merge_two(tables[-2], tables[-1])
             if t is None:
-                return TOO_MANY, ca + cb
+                return TOO_MANY, ca + cb, u
             tables = sorted(tables[:-2] + [t], key=lambda t: -len(t[1]))
-        return tables, ca + cb
+        return tables, ca + cb, u
 
     def table(self, merged):
         """The one pattern table ``(data, counts)`` of a merged result, or None past the bound."""
@@ -145,6 +152,18 @@ class PatternStage:
                 return None
             tables = tables[:-2] + [t]
         return tables[0]
+
+
+def utility_shift(stats: Optional[np.ndarray], rows: int) -> Tuple[float, bool]:
+    """(mean of the utility, whether it is constant) from the counting pass's ``[sum, min,
+    max]`` over ``rows`` rows; (0, False) without a utility. The dataset's form of
+    ``pym4.m4._balance.center_utility`` (which needs the whole array): the same shift, and a
+    constant utility drops out of the problem (it may then use the pattern table)."""
+    if stats is None:
+        return 0.0, False
+    if stats[1] == stats[2]:
+        return float(stats[1]), True
+    return float(stats[0] / rows), False
 
 
 class PartialStage:

@@ -56,8 +56,9 @@ class M4Model:
     budget, eps_rep, eps_assoc : eta and the tolerances (DESIGN.md §3).
     w : (m (c + 1),) float64, ``v+ - v-``; entry ``k (c + 1)`` is the representation dual of
         group k, entry ``k (c + 1) + 1 + r`` the association dual of group k and label r.
-    mu : the budget dual.
-    columns : the column spec (tag vocabularies fixed) that :meth:`transform` reads.
+    mu : the budget dual, for the utility as the model reads it: less ``columns.utility_shift``
+        (a fit centres the utility; mu + utility_shift is the dual for the utility as given).
+    columns : the column spec (tag vocabularies fixed, utility shift) that :meth:`transform` reads.
     info : what the fit reported (status, passes, rows, ...), JSON-serialisable.
     """
     target: np.ndarray
@@ -176,6 +177,9 @@ class M4Model:
                 raise ValueError(f"utility: expected shape ({n},), got {u.shape}")
             if not np.all(np.isfinite(u)):
                 raise ValueError("utility: contains NaN or Inf")
+            u = u - self.columns.utility_shift  # the frame mu is in (see the class docstring)
+        elif self.columns.utility_shift:
+            u = np.full(n, -self.columns.utility_shift)  # utility 0 as given
         return self.keep_probability_data((s8, *data_y, self.c, u))
 
     def transform(self, batch, *, column: str = "q", shard: str = "batch"):
@@ -211,6 +215,7 @@ class M4Model:
                 "eps_rep": self.eps_rep, "eps_assoc": self.eps_assoc, "w": self.w.tolist(), "mu": self.mu,
                 "columns": self.columns.spec.to_json(),
                 "tags": {k: list(v) for k, v in self.columns.tags.items()},
+                "utility_shift": self.columns.utility_shift,
                 "group_names": self.group_names, "label_names": self.label_names, "info": self.info}
 
     @classmethod
@@ -218,7 +223,8 @@ class M4Model:
         if not isinstance(d, dict) or d.get("format") != _FORMAT:
             raise ValueError(f"not an M4Model file (expected format {_FORMAT!r})")
         spec = ColumnSpec.from_json(d["columns"])
-        resolved = ResolvedSpec(spec, {k: tuple(v) for k, v in d["tags"].items()})
+        resolved = ResolvedSpec(spec, {k: tuple(v) for k, v in d["tags"].items()},
+                                _finite(d.get("utility_shift", 0.0), "utility_shift"))
         return cls(np.asarray(d["target"], np.float64), d["budget"], d["eps_rep"], d["eps_assoc"],
                    np.asarray(d["w"], np.float64), d["mu"], resolved, dict(d.get("info") or {}))
 
