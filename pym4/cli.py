@@ -459,33 +459,50 @@ def _stream_balance(args, read_pass, target, kept, groups: List[str], labels: Li
     def total(acc, counts):
         return counts if acc is None else acc + counts
 
+    from .m4._balance import center_utility
+
     pi = target
-    if pi is None:  # the default target needs the group shares: one extra pass to count them
-        shares = None
-        for s, _, _, _ in read_pass("counting groups"):
+    centered, shift = None, 0.0
+    if pi is None or args.utility:
+        # The default target needs the group shares, and the utility is centred as balance()
+        # centres it (a constant part only moves mu; u = 1e16 would swamp the budget): one
+        # extra pass. The centred utility is held, 8 bytes a row, as the q and ids are.
+        shares, us = None, []
+        for s, _, u, _ in read_pass("counting groups" if args.utility is None else "reading the utility"):
             shares = total(shares, m4.weighted_counts(s))
+            if u is not None:
+                us.append(u)
         if shares is None or shares[0] == 0:
             raise CLIError(f"{args.input}: the file has no rows")
-        pi = m4.target_from_counts(shares, len(groups))
+        if pi is None:
+            pi = m4.target_from_counts(shares, len(groups))
+        if args.utility:
+            centered, shift = center_utility(np.concatenate(us))
+
+    def utility_of(row0, n):
+        return None if centered is None else centered[row0:row0 + n]
+
     solver = m4.M4Solver(pi, budget=args.budget, eps_rep=args.eps_rep, eps_assoc=args.eps_assoc)
     before, rows = None, 0
-    for s, y, u, _ in read_pass("fitting"):
+    for s, y, _, _ in read_pass("fitting"):
+        u = utility_of(rows, len(s))
         order = np.random.default_rng(args.seed + rows).permutation(len(s))
         solver.partial_fit(s[order], y[order], None if u is None else u[order])
         before = total(before, m4.weighted_counts(s, y))
         rows += len(s)
     if rows == 0:
         raise CLIError(f"{args.input}: the file has no rows")
-    after = None
-    for s, y, u, ids in read_pass("writing"):
-        q = solver.keep_probability(s, y, u)
+    after, row0 = None, 0
+    for s, y, _, ids in read_pass("writing"):
+        q = solver.keep_probability(s, y, utility_of(row0, len(s)))
+        row0 += len(s)
         after = total(after, m4.weighted_counts(s, y, q))
         kept["q"].append(q)
         kept["ids"].append(ids)
     report = m4.report(before, after, target=solver.pi, budget=args.budget, eps_rep=args.eps_rep,
                        eps_assoc=args.eps_assoc, method="stream", iterations=solver.steps,
                        group_names=groups, label_names=labels)
-    return {**report.summary(), "mu": solver.mu}, report
+    return {**report.summary(), "mu": solver.mu + shift}, report  # mu for the utility as given
 
 
 def _write_report(stem: str, summary: dict, report) -> None:

@@ -214,3 +214,24 @@ def test_report_leaves_the_matplotlib_backend_alone(tmp_path, capsys):
     finally:
         matplotlib.use(saved)
     assert (tmp_path / "o.report.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("constant", [5.0, 1e16])
+def test_stream_method_centres_the_utility(tmp_path, constant):
+    """--method stream on a file centres the utility as balance() does (pym4.m4._balance.
+    center_utility): a constant utility gives the q of no utility, u + 5 the q of u."""
+    table = make_table(20000, 3)
+    u = table["u"].to_numpy()
+    table = table.append_column("uc", pa.array(np.full(table.num_rows, constant)))
+    table = table.append_column("u5", pa.array(u + 5.0))
+    src = tmp_path / "d.parquet"
+    pq.write_table(table, src)
+
+    def q_of(*flags, name):
+        out = tmp_path / f"{name}.parquet"
+        assert cli.main(["balance", str(src), *ARGS, "--method", "stream", *flags, "--out", str(out)]) == 0
+        return pq.read_table(out)["q"].to_numpy()
+
+    np.testing.assert_allclose(q_of("--utility", "uc", name="uc"), q_of(name="none"), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(q_of("--utility", "u5", name="u5"), q_of("--utility", "u", name="u"), rtol=0,
+                               atol=1e-9)
