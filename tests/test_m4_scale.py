@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -222,3 +223,22 @@ def test_local_cache_holds_the_latest_column_set(seven):
     assert eng._cached == sum(b.nbytes for batches in eng._cache.values() for b, _ in batches)
     np.testing.assert_array_equal(got, LocalEngine(seven, batch_rows=64, cache_bytes=0).reduce(CountsStage(narrow)))
     np.testing.assert_array_equal(eng.reduce(CountsStage(narrow)), got)
+
+
+def test_pattern_pass_gives_up_early_on_nearly_unique_rows():
+    """A batch where more than half the rows are patterns seen once, in a dataset whose
+    rows at that rate would make 4x the bound, ends the table at once (each Spark/Ray task
+    decides from its own first batch); a dataset of few patterns, or one too small for the
+    rate to matter, keeps its table."""
+    rng = np.random.default_rng(5)
+    n = 4500
+    cols = {"g0": rng.random(n) < 0.4, **{f"l{r:02d}": rng.random(n) < 0.5 for r in range(20)}}
+    batch = pa.RecordBatch.from_pydict(cols)
+    rs = ColumnSpec.make(sensitive=["g0"], labels=[f"l{r:02d}" for r in range(20)]).resolve()
+    assert PatternStage(rs, 5000, rows=30000).partial(batch, "b", 0)[0] == TOO_MANY
+    for rows in (None, 15000):  # unknown size, or 4500 / 4500 x 15000 < 4 x 5000
+        tables = PatternStage(rs, 5000, rows=rows).partial(batch, "b", 0)[0]
+        assert tables != TOO_MANY and len(tables[0][1]) > n // 2
+    few = ColumnSpec.make(sensitive=["g0"], labels=["l00", "l01"]).resolve()  # 8 patterns
+    tables = PatternStage(few, 5000, rows=10 ** 10).partial(batch, "b", 0)[0]
+    assert tables != TOO_MANY and len(tables[0][1]) == 8

@@ -208,7 +208,8 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
         patterns = saved["pattern"]["patterns"]
         ustats = None if saved["pattern"]["utility"] is None else np.asarray(saved["pattern"]["utility"], np.float64)
     else:
-        counting = PatternStage(rs, max_patterns)
+        shards = getattr(engine, "shards", None)
+        counting = PatternStage(rs, max_patterns, None if shards is None else sum(shards.rows))
         got = runner.reduce(counting, "counting")
         if got is None or got[1][0] == 0:
             raise DataError(f"{engine.source}: the dataset has no rows")
