@@ -24,12 +24,17 @@ average with the figures (the machine may be shared).
 
     python benchmarks/bench_m4_scale.py [--quick | --full] [--n N] [--engines local,ray,spark]
                                         [--instances dense,dense-c8,sparse] [--modes compressed,passes]
-                                        [--cache DIR] [--out DIR] [--simulate SHARDS]
+                                        [--cache DIR] [--out DIR] [--simulate SHARDS] [--profile]
 
 ``--simulate 2000`` adds a run by passes over 2000 shards of 500 rows, for what a
 cluster-sized run costs (README): bytes read per pass (measured with /proc/self/io and
 from the Parquet metadata), the stats each task sends the driver, the driver state and
 the checkpoint's size, and the time per shard-task.
+
+``--profile`` instead times one solver pass over the dense instance stage by stage: the
+Parquet read and decode, the boolean-to-rows conversion, ``m4_partial`` at each state of a
+real solve and the merge, each on one thread (CPU ns per row), then the local engine's
+whole pass from Parquet and from its cache (rows/s): m4_scale_profile.csv.
 
 N = 1e7 by default, 1e8 with --full, 2e4 with --quick (a smoke run of a few seconds per
 engine). Targets (2-core CPU): local exact at N = 1e8 (m = 2, c = 32) in <= 3 minutes
@@ -39,6 +44,7 @@ Parquet; Ray and Spark within 3x of local.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import statistics
@@ -121,8 +127,9 @@ def columns(instance):
 
 # ----- peak memory of the process tree --------------------------------------------------------------
 
-def _tree_rss(root):
-    """Bytes resident in process ``root`` and all its descendants (from /proc)."""
+def _tree_rss(root, children_only=False):
+    """Bytes resident in process ``root`` and all its descendants (from /proc); with
+    ``children_only``, in its descendants alone."""
     children = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -133,7 +140,8 @@ def _tree_rss(root):
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(name))
-    total, todo, page = 0, [root], os.sysconf("SC_PAGE_SIZE")
+    total, page = 0, os.sysconf("SC_PAGE_SIZE")
+    todo = list(children.get(root, ())) if children_only else [root]
     while todo:
         pid = todo.pop()
         try:
@@ -145,19 +153,37 @@ def _tree_rss(root):
     return total
 
 
-class PeakMemory:
-    """Samples the RSS of this process tree every ``interval`` s while in the ``with`` block."""
+def _own_peak(reset=False):
+    """This process's peak RSS in bytes (VmHWM), exact; ``reset`` restarts it from the
+    current RSS (/proc/self/clear_refs, Linux >= 4.0; where refused, the peak stays the
+    lifetime one, an over-estimate)."""
+    if reset:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
-    def __init__(self, interval=0.05):
+
+class PeakMemory:
+    """Peak RSS of this process tree while in the ``with`` block: this process's own peak
+    exactly (VmHWM), plus its descendants' (Ray's and Spark's workers) sampled every
+    ``interval`` s. (Scanning /proc holds the GIL ~10 ms; sampling every 50 ms, as before,
+    took a sixth of a core from the run it measured.)"""
+
+    def __init__(self, interval=0.5):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._children = 0
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _tree_rss(os.getpid()))
+            self._children = max(self._children, _tree_rss(os.getpid(), children_only=True))
             self._stop.wait(self.interval)
 
     def __enter__(self):
-        self.peak = _tree_rss(os.getpid())
+        _own_peak(reset=True)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -165,7 +191,8 @@ class PeakMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _tree_rss(os.getpid()))
+        self._children = max(self._children, _tree_rss(os.getpid(), children_only=True))
+        self.peak = _own_peak() + self._children
 
 
 # ----- engines ----------------------------------------------------------------------------------
@@ -342,6 +369,75 @@ def _fit_keeping_checkpoint(folder, cols, ck, sizes):
     return model
 
 
+# ----- one pass, stage by stage ---------------------------------------------------------------------
+
+def _cpu_timed(fn):
+    """(wall s, CPU s of this process) of fn()."""
+    c0, t0 = os.times(), time.perf_counter()
+    fn()
+    c1 = os.times()
+    return time.perf_counter() - t0, (c1.user + c1.system) - (c0.user + c0.system)
+
+
+def profile(folder, instance="dense"):
+    """One pass of the exact solver by passes over ``folder``, stage by stage: each stage
+    on one thread over every file (CPU ns per row: what it costs wherever it runs), then the
+    local engine's whole pass from Parquet and from its cache (wall rows/s; CPU over wall is
+    the cores it kept busy). The solver states are those of a real solve (the duals after
+    each Newton step ask for different stats: the line search's, the Hessian's)."""
+    import pyarrow.dataset as pads
+
+    from pym4.engines.local import LocalEngine
+    from pym4.m4 import _passes
+    from pym4.m4._columns import ColumnSpec
+    from pym4.m4._stages import PartialStage
+
+    core = _backend.core()
+    cols = columns(instance)
+    spec = ColumnSpec.make(**cols).resolve()
+    names = cols["sensitive"] + cols["labels"]
+    ds = pads.dataset(folder, format="parquet")
+    frags = sorted(ds.get_fragments(), key=lambda f: f.path)
+    n = sum(f.metadata.num_rows for f in frags)
+    prev = core.set_thread_limit(1)  # every stage on this thread alone
+    rows = []
+
+    def stage(name, fn):
+        wall, cpu = _cpu_timed(fn)
+        rows.append(dict(instance=f"profile {instance} N={n:.0e}", n=n, method=name, engine="local",
+                         time_s=wall, cpu_ns_per_row=1e9 * cpu / n, rows_per_s_pass=n / wall))
+        print(f"PROFILE {name:44s} {1e9 * cpu / n:7.1f} CPU ns/row  {n / wall / 1e6:7.1f} M rows/s "
+              f"({cpu / wall:.2f} cores)", flush=True)
+
+    batches = []
+    stage("read+decode Parquet (1 thread)", lambda: batches.extend(
+        b for f in frags for b in f.to_batches(columns=names, batch_size=1 << 16, use_threads=False)))
+    datas = []
+    stage("bool columns -> uint8 rows (core)", lambda: datas.extend(spec.data_tuple(b, "x") for b in batches))
+    target = np.asarray(m4.default_target(np.concatenate([d[0] for d in datas])), np.float64)
+    problem = (target, ETA, EPS_REP, EPS_ASSOC)
+    states = []
+    res = _passes.solve(lambda: datas, problem, M, len(cols["labels"]), tol=TOL,
+                        on_pass=lambda k, st: states.append(st.copy()))
+    init = core.m4_exact_init(problem, M, len(cols["labels"]), n, 100, TOL, 1e6, None, 1 << 17)
+    print(f"PROFILE the solve: {len(states)} solver passes, status {res.status}", flush=True)
+    for k, st in enumerate([init] + states[:-1]):
+        parts = []
+        stage(f"m4_partial at solver state {k} (1 thread)",
+              lambda st=st: parts.extend(core.m4_partial(d, None, problem, st, 0) for d in datas))
+        stage(f"  merge of its {len(parts)} stats", lambda parts=parts: functools.reduce(PartialStage.merge, parts))
+    core.set_thread_limit(prev)
+    del batches, datas
+    mid = states[len(states) // 2 - 1] if len(states) > 1 else init
+    pstage = PartialStage(spec, problem, mid, None)
+    eng = LocalEngine(folder, cache_bytes=0)
+    stage(f"local pass from Parquet ({eng.workers} threads)", lambda: eng.reduce(pstage))
+    eng = LocalEngine(folder)
+    eng.reduce(pstage)
+    stage(f"local pass from its cache ({eng.workers} threads)", lambda: eng.reduce(pstage))
+    return rows
+
+
 # ----- the run ------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -361,6 +457,8 @@ def main(argv=None):
     ap.add_argument("--simulate", type=int, default=0, metavar="SHARDS",
                     help="also: a run by passes over SHARDS tiny shards (bytes per pass, stats, state)")
     ap.add_argument("--simulate-rows", type=int, default=500, help="rows per simulated shard")
+    ap.add_argument("--profile", action="store_true",
+                    help="only: one pass over the dense instance, stage by stage (read, convert, partial, merge)")
     args = ap.parse_args(argv)
     n = int(args.n or (2e4 if args.quick else 1e8 if args.full else 1e7))
     shard_rows = int(args.shard_rows or (min(5000, n) if args.quick else min(1_000_000, max(1, -(-n // 10)))))
@@ -378,6 +476,11 @@ def main(argv=None):
     load = os.getloadavg()
     print(f"N={n:,d} in shards of {shard_rows:,d}; {os.cpu_count()} CPUs, load average "
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", flush=True)
+    if args.profile:
+        rows = profile(dataset(cache, "dense", n, shard_rows))
+        csv_path, png = write_results(args.out, "m4_scale_profile", rows, title=f"one M4 pass, N={n:,d}")
+        print(f"wrote {csv_path}")
+        return 0
     folders = {k: dataset(cache, k, n, shard_rows) for k in sorted({"sparse" if i == "sparse" else "dense"
                                                                     for i in instances})}
     targets, reference, local_ws = {}, {}, {}
