@@ -63,6 +63,9 @@ SPECS = {
                      "method", (Panel(TIME, "time to the exact answer (s)"),
                                 Panel(("rows_per_s_pass",), "rows/s per pass over the data (median)"),
                                 Panel(("peak_rss_mb",), "peak RSS of the process tree (MB)"))),
+    "m4_scale_profile": Spec("one M4 solver pass over Parquet, stage by stage", "method", "stage", "instance",
+                             (Panel(("cpu_ns_per_row",), "CPU ns per row"),
+                              Panel(("rows_per_s_pass",), "rows/s (wall)"))),
     "sinkhorn": Spec("Sinkhorn-Knopp: pym4 vs SwAV reference and POT", "shape", "shape", "impl",
                      (Panel(TIME, "time per call (s, log)"),), floor="floor_passes_s"),
 }
