@@ -15,7 +15,7 @@ pattern table allowed (``compressed``: used when the distinct (s, y) rows fit th
 bound, else the solve falls back to passes and the row says so) and once by passes over the
 rows (``max_patterns=1``): passes over the data, rows/s of each data pass (median over the
 passes, from ``model.info["pass_seconds"]``), total time, and peak memory (RSS of this
-process and all its descendants, Ray's and Spark's workers included, sampled every 50 ms);
+process: its own peak exactly, plus its descendants, Ray's and Spark's workers, sampled every 0.5 s);
 against the in-memory exact solver (``balance(method="exact")`` on the arrays read from
 the files, when they fit: N <= --in-memory-max) and cvxpy/CLARABEL (N <= --cvxpy-max,
 dense only). Every engine's duals are compared with local's and with the in-memory solve's.
@@ -399,7 +399,8 @@ def profile(folder, instance="dense"):
     ds = pads.dataset(folder, format="parquet")
     frags = sorted(ds.get_fragments(), key=lambda f: f.path)
     n = sum(f.metadata.num_rows for f in frags)
-    prev = core.set_thread_limit(1)  # every stage on this thread alone
+    every = core.build_info()["omp_max_threads"]
+    core.set_thread_limit(1)  # every stage on this thread alone
     rows = []
 
     def stage(name, fn):
@@ -426,7 +427,7 @@ def profile(folder, instance="dense"):
         stage(f"m4_partial at solver state {k} (1 thread)",
               lambda st=st: parts.extend(core.m4_partial(d, None, problem, st, 0) for d in datas))
         stage(f"  merge of its {len(parts)} stats", lambda parts=parts: functools.reduce(PartialStage.merge, parts))
-    core.set_thread_limit(prev)
+    core.set_thread_limit(every)
     del batches, datas
     mid = states[len(states) // 2 - 1] if len(states) > 1 else init
     pstage = PartialStage(spec, problem, mid, None)
