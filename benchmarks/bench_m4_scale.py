@@ -373,10 +373,9 @@ def _fit_keeping_checkpoint(folder, cols, ck, sizes):
 
 def _cpu_timed(fn):
     """(wall s, CPU s of this process) of fn()."""
-    c0, t0 = os.times(), time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
-    c1 = os.times()
-    return time.perf_counter() - t0, (c1.user + c1.system) - (c0.user + c0.system)
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def profile(folder, instance="dense"):

@@ -58,3 +58,20 @@ def test_quick_run_writes_csv_and_png(tmp_path):
     stamp = os.stat(os.path.join(folder, "shard-00000.parquet")).st_mtime_ns
     assert bench_m4_scale.dataset(str(tmp_path / "m4_scale_data"), "dense", 2000, 500) == folder
     assert os.stat(os.path.join(folder, "shard-00000.parquet")).st_mtime_ns == stamp
+
+
+def test_profile_times_every_stage(tmp_path):
+    cmd = [sys.executable, BENCH, "--profile", "--quick", "--n", "8192", "--shard-rows", "4096", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "m4_scale_profile.csv", newline="") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    stages = ["read+decode Parquet (1 thread)", "bool columns -> uint8 rows (core)",
+              "m4_partial at solver state 0 (1 thread)", "local pass from Parquet (2 threads)",
+              "local pass from its cache (2 threads)"]
+    for name in stages:
+        if "2 threads" in name:
+            name = name.replace("2 threads", f"{os.cpu_count()} threads")
+        assert name in rows, (name, sorted(rows))
+        assert float(rows[name]["rows_per_s_pass"]) > 0 and float(rows[name]["cpu_ns_per_row"]) >= 0
+    assert "the solve: " in done.stdout and "status optimal" in done.stdout
