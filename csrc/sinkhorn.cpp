@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -173,6 +175,42 @@ PYM4_SIMD_CLONES void column_block_update(const T* __restrict x, int64_t ld, T a
   }
 }
 
+// exp(x) for x <= 0 (the kernel form's exponents, alpha x_ij minus the row maximum): the one
+// exponential per entry of the whole solve, and most of its time on cores where a 256-bit op
+// is two (measured on Zen 1: 1.4 ns per entry with fast_expf, 0.9 with this). Cheaper than
+// fast_expf by what the domain allows: no upper clamp (x <= 0, or a few ulp above 0 where the
+// row maximum was rounded), no zeroing below -87 (x < -87 gives e^-87 instead of ~0: such a
+// row is beyond the kernel form's range, which then declines), 2^n added to the exponent
+// bits straight from the rounding constant's mantissa (no float-to-int conversion, so no
+// undefined behaviour for any input: NaN or +inf only make a garbage value, and the caller
+// has flagged those inputs as non-finite), and a degree-6 polynomial fitted for relative
+// error on |r| <= ln2/2 (3e-9, under float rounding; max relative error 0.65 ulp measured
+// over [-87, 0] against double exp, fast_expf 2 ulp).
+inline float exp_nonpositive(float x) {
+  x = select_bits(!(x >= -87.0f), -87.0f, x);
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: n = round(x / ln2) lands in the low mantissa bits
+  const float shifted = x * 1.44269504088896341f + kRound;
+  const float n = shifted - kRound;
+  float r = n * -0.693359375f + x;  // Cody-Waite: ln2 in a short high part...
+  r = n * 2.12194440e-4f + r;       // ...and the low remainder
+  float p = 1.3814613004592014e-3f;
+  p = p * r + 8.368709866845512e-3f;
+  p = p * r + 4.166838736842976e-2f;
+  p = p * r + 1.6666520689434972e-1f;
+  p = p * r + 4.999999345166877e-1f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  uint32_t p_bits, n_bits;
+  std::memcpy(&p_bits, &p, sizeof p_bits);
+  std::memcpy(&n_bits, &shifted, sizeof n_bits);
+  // shifted's bits are 0x4B400000 + n (|n| < 2^22): shifted left by 23 they are n * 2^23 mod 2^32.
+  p_bits += n_bits << 23;
+  float result;
+  std::memcpy(&result, &p_bits, sizeof result);
+  return result;
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
 // max_j alpha x_j, and min_j in *mn. *probe gets the sum of alpha x_j * 0, which is NaN when
 // some alpha x_j is NaN or infinite. Read-only: the exponentials are then taken from x again
 // (exp_accumulate_row) instead of storing alpha x and reading it back.
@@ -198,7 +236,7 @@ template <typename T>
 PYM4_SIMD_CLONES void exp_accumulate_row(const T* x, T alpha, T mx, T c, T* out, T* __restrict acc, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const T e = fast_exp(alpha * x[j] - mx);
+    const T e = exp_nonpositive(alpha * x[j] - mx);
     out[j] = e;
     acc[j] += c * e;
   }
