@@ -22,13 +22,16 @@ namespace {
 constexpr int64_t kFlushRows = 64;  // rows accumulated in float before adding into double
 
 // Threads for one pass over a rows x cols matrix. Every pass ends in a join (its column sums
-// feed the next step), and a pass of the kernel form costs about 0.3 ns per entry on one
-// core, so below ~1M entries per thread (SwAV's 256 x 3000, SEER's 16 x 16000: passes of
-// 0.1-0.3 ms) a join costs more than the second core saves: microseconds on an idle machine,
-// and milliseconds on a loaded one, where the join waits for a descheduled thread (measured
-// at load 13 on two cores: SEER's solve 5 ms on one thread, 120 ms on two).
+// feed the next step); a pass of the kernel form costs about 0.3 ns per entry on one core
+// (its first pass, with the exponential, 1.5 ns), and a join on an idle machine a few
+// microseconds, so from 64K entries per thread (a pass of ~20 us) the second core pays:
+// SwAV's 256 x 3000 solve 2.1 -> 1.05 ms, SEER's 16 x 16000 1.26 -> 0.80 ms (the column-tile
+// form; best of 41 on two Zen 1 cores). The price is paid on a loaded machine, where a join
+// can wait a scheduler slice for a descheduled thread (at load 3 on two cores the median of
+// the 256 x 3000 solve went from 2.1 to 29 ms in one run of 41; at load 13, SEER's solve
+// 5 ms on one thread, 120 ms on two): OMP_NUM_THREADS=1 is the remedy there.
 int pass_threads(int64_t rows, int64_t cols) {
-  constexpr int64_t kPerThread = int64_t(1) << 20;
+  constexpr int64_t kPerThread = int64_t(1) << 16;
   const int64_t useful = rows * cols / kPerThread;
   const int t = max_threads();
   return useful < 1 ? 1 : (useful < t ? static_cast<int>(useful) : t);
@@ -730,13 +733,119 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
   return true;
 }
 
+// The kernel form for a wide matrix (few rows, SEER's 16 x 16000), with each iteration's
+// column step and the next row step fused into one read of E. Row-wise passes would read
+// every 64 KB row twice from L2 (its dot with w, then its share of the column sums) and
+// stream four K-vectors besides (w, the float block, its flush to double, the column step):
+// at SEER's shape as much traffic as E itself. Here E is taken in column tiles of all rows
+// (a tile fits L1): the column sums s_j = sum_i c_i E_ij of the tile, its column step w_j,
+// and the tile's part of the next row sums r_i = sum_j E_ij w_j are done while it is there,
+// so an iteration is one read of E and every per-column quantity stays in the tile. Threads
+// take contiguous ranges of tiles and add their partial row sums (B values) after the pass.
+// Same iterates as solve_kernel_form (the sums are grouped differently); without a tolerance
+// or a warm start only (the caller checks), as SwAV and SEER run. Returns false like it.
+template <typename T>
+bool solve_kernel_form_wide(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_iters,
+                            double log_out_scale, T* out, int64_t ld_out, double* g_out, Result& result) {
+  const int64_t K = m.cols, B = m.rows;
+  const T alpha = static_cast<T>(m.alpha);
+  const ColumnMarginals marg(log_b, K);
+  advise_huge_pages(out, static_cast<size_t>(B) * static_cast<size_t>(ld_out) * sizeof(T));
+
+  // Each row's maximum (its shift), the extremes of alpha x, and the NaN/Inf probe, first:
+  // the column sums of the first pass weigh row i by exp(m_i - M), M the global maximum.
+  std::vector<T> row_max(B);
+  T probe = 0, lo = std::numeric_limits<T>::infinity(), hi = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < B; ++i) {
+    T row_lo;
+    row_max[i] = scaled_row_stats(m.data + i * m.ld, alpha, K, &row_lo, &probe);
+    lo = std::min(lo, row_lo);
+    hi = std::max(hi, row_max[i]);
+  }
+  if (!(probe == T(0))) {
+    result.finite = false;
+    return true;
+  }
+  if (!(static_cast<double>(hi) - static_cast<double>(lo) <= kernel_form_range<T>())) return false;
+
+  // Tiles of about 128 KB (a multiple of 64 columns), so that a tile read for the column sums
+  // is still in L2 for the row sums, while each row's part of it is long enough (8 KB at
+  // SEER's shape) for the prefetcher to stream it (16 KB tiles of 1 KB pieces: 30% slower);
+  // at least one tile per thread.
+  const int threads = pass_threads(B, K);
+  const int64_t by_cache = (int64_t(1) << 17) / (B * static_cast<int64_t>(sizeof(T)));
+  const int64_t by_threads = (K + threads - 1) / threads;
+  const int64_t tile = std::max<int64_t>(64, (std::min(by_cache, by_threads) + 63) & ~int64_t(63));
+  const int64_t n_tiles = (K + tile - 1) / tile;
+  const int shares = static_cast<int>(std::min<int64_t>(threads, n_tiles));
+  std::vector<T> c(B), w(K);
+  std::vector<double> r_part(static_cast<size_t>(shares) * B), row_sum(B);
+  for (int64_t i = 0; i < B; ++i) c[i] = static_cast<T>(std::exp(static_cast<double>(row_max[i]) - hi));
+
+  // One fused pass: (first) E_ij = exp(alpha x_ij - m_i) into out; the column sums with the
+  // row scales c, the column step into w, and the row sums r_i = E_i . w; then c_i = a_i / r_i.
+  auto pass = [&](bool first) {
+    int bad = 0;
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(shares) reduction(| : bad)
+#endif
+    for (int t = 0; t < shares; ++t) {
+      double* r = r_part.data() + static_cast<size_t>(t) * B;
+      std::fill(r, r + B, 0.0);
+      std::vector<T> s(tile);
+      std::vector<double> s64(tile);
+      for (int64_t b = n_tiles * t / shares; b < n_tiles * (t + 1) / shares; ++b) {
+        const int64_t j0 = b * tile, n = std::min(tile, K - j0);
+        std::fill(s.begin(), s.begin() + n, T(0));
+        for (int64_t i = 0; i < B; ++i) {
+          T* e = out + i * ld_out + j0;
+          if (first)
+            exp_accumulate_row(m.data + i * m.ld + j0, alpha, row_max[i], c[i], e, s.data(), n);
+          else
+            axpy_row(c[i], e, s.data(), n);
+        }
+        for (int64_t j = 0; j < n; ++j) s64[j] = static_cast<double>(s[j]);
+        if (!column_step(marg.zero.data() + j0, marg.b.data() + j0, s64.data(), w.data() + j0, n)) bad = 1;
+        for (int64_t i = 0; i < B; ++i) r[i] += static_cast<double>(dot_row(out + i * ld_out + j0, w.data() + j0, n));
+      }
+    }
+    for (int64_t i = 0; i < B; ++i) {
+      double r = 0.0;
+      for (int t = 0; t < shares; ++t) r += r_part[static_cast<size_t>(t) * B + i];
+      if (!(r > 0.0) || !(r < static_cast<double>(std::numeric_limits<T>::max()))) bad = 1;
+      row_sum[i] = r;
+      c[i] = static_cast<T>(std::exp(a.at(i)) / r);
+    }
+    return bad == 0;
+  };
+
+  for (int64_t it = 1; it <= n_iters; ++it) {
+    interrupt::check();
+    result.iterations = it;
+    if (!pass(it == 1)) return false;
+  }
+  // The plan times exp(log_out_scale): P_ij = c_i E_ij w_j, in place.
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(shares)
+#endif
+  for (int64_t i = 0; i < B; ++i)
+    scale_row_by(static_cast<T>(std::exp(a.at(i) + log_out_scale) / row_sum[i]), w.data(), out + i * ld_out, K);
+  if (g_out)
+    for (int64_t j = 0; j < K; ++j) g_out[j] = std::log(static_cast<double>(w[j])) - static_cast<double>(hi);
+  return true;
+}
+
 }  // namespace
 
 template <typename T>
 Result solve(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_iters, double tol,
              double log_out_scale, T* out, int64_t ld_out, double* g_out, const Options& opt) {
   Result result;
-  if (solve_kernel_form(m, log_b, a, n_iters, tol, log_out_scale, out, ld_out, g_out, opt, result)) {
+  // Few rows: the fused column-tile passes (no tolerance or warm start there: SwAV, SEER).
+  constexpr int64_t kWideRows = 64;
+  const bool wide = m.rows <= kWideRows && tol <= 0 && opt.check_every == 0 && !opt.g_init;
+  if (wide ? solve_kernel_form_wide(m, log_b, a, n_iters, log_out_scale, out, ld_out, g_out, result)
+           : solve_kernel_form(m, log_b, a, n_iters, tol, log_out_scale, out, ld_out, g_out, opt, result)) {
     result.kernel_form = result.finite;
     return result;
   }

@@ -47,7 +47,7 @@ def test_matches_swav_reference(backend, shape):
 @pytest.mark.parametrize("epsilon", [0.05, 0.01])  # the kernel form; the log domain (spread > 80)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_row_shares_over_threads_match_reference(epsilon, threads):
-    # From ~1M entries per thread the core splits every pass's rows over threads, each with
+    # From 64K entries per thread the core splits every pass's rows over threads, each with
     # its own column sums (pass_threads in csrc/sinkhorn.cpp); below that one thread runs
     # it. Either way: the float64 reference.
     s = cosine_scores(1100, 2000)
@@ -58,6 +58,28 @@ def test_row_shares_over_threads_match_reference(epsilon, threads):
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(q.double(), swav_reference(s, epsilon, 4), rtol=5e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape,epsilon,n_iters", [
+    ((16, 16000), 0.03, 10),  # SEER's shape: tiles over both threads
+    ((1, 5000), 0.05, 3),     # one row
+    ((64, 4099), 0.05, 4),    # the widest rows the column-tile form takes, K no multiple of a tile
+    ((5, 70), 0.01, 3),       # one tile, spread > 80: the log domain takes over
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_column_tiles_over_threads_match_reference(shape, epsilon, n_iters, threads):
+    # Up to 64 rows the core fuses each column step with the next row sums, tile of columns by
+    # tile (solve_kernel_form_wide in csrc/sinkhorn.cpp), threads taking ranges of tiles.
+    s = cosine_scores(*shape, seed=5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q = pym4.sinkhorn(s, epsilon=epsilon, n_iters=n_iters, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    ref = swav_reference(s, epsilon, n_iters)
+    torch.testing.assert_close(q.double(), ref, rtol=5e-5, atol=1e-7)
+    torch.testing.assert_close(q.double().sum(dim=1), torch.ones(shape[0], dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
