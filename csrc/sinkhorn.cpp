@@ -6,6 +6,8 @@
 #include "pym4/sinkhorn.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -36,6 +38,49 @@ int pass_threads(int64_t rows, int64_t cols) {
   const int t = max_threads();
   return useful < 1 ? 1 : (useful < t ? static_cast<int>(useful) : t);
 }
+
+// The team that runs a kernel-form pass of `shares` over `entries` entries. A pass ends in a
+// join, and on a machine with more runnable threads than cores a thread of the team can start
+// its share a scheduler slice late, which the join waits for: milliseconds, for passes of
+// tens of microseconds (SEER's solve at load 2.5 on two cores: best 0.8 ms, median 36-100 ms
+// on two threads, 1.3 ms on one). So every share notes when it started; a pass whose last
+// share started over 1 ms after the pass (a pool thread wakes in microseconds; a descheduled
+// one waits a slice) marks the process contended for 0.2 s, and while it is, passes under 4M
+// entries (~2 ms) run all their shares on one thread: a loaded machine then pays at most one
+// late pass per 0.2 s. The shares, and so the result, stay the same: only who runs them changes.
+class Team {
+ public:
+  Team(int shares, int64_t entries)
+      : size_(shares > 1 && entries < kShortPass && now_ns() < contended_until_.load(std::memory_order_relaxed)
+                  ? 1
+                  : shares),
+        start_(size_ > 1 ? now_ns() : 0) {}
+  ~Team() {
+    if (size_ > 1 && latest_.load(std::memory_order_relaxed) - start_ > kLateNs)
+      contended_until_.store(now_ns() + kBackoffNs, std::memory_order_relaxed);
+  }
+  int size() const { return size_; }
+  void arrive() {  // at the start of each share
+    if (size_ < 2) return;
+    const int64_t t = now_ns();
+    int64_t seen = latest_.load(std::memory_order_relaxed);
+    while (t > seen && !latest_.compare_exchange_weak(seen, t, std::memory_order_relaxed)) {
+    }
+  }
+
+ private:
+  static constexpr int64_t kLateNs = 1000000;
+  static constexpr int64_t kBackoffNs = 200000000;
+  static constexpr int64_t kShortPass = int64_t(1) << 22;
+  static inline std::atomic<int64_t> contended_until_{0};
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+  const int size_;
+  const int64_t start_;
+  std::atomic<int64_t> latest_{0};
+};
 
 // Per-thread column accumulators, merged after the parallel region.
 struct ColumnPartials {
@@ -598,10 +643,13 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
   // first row maximum, the share's extremes of alpha x, and the NaN/Inf probe.
   ColumnPartials first(shares, K);
   std::vector<double> ref(shares), hi(shares), lo(shares), probe(shares);
+  {
+  Team team(shares, B * K);
 #if defined(PYM4_WITH_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(shares)
+#pragma omp parallel for schedule(static) num_threads(team.size())
 #endif
   for (int t = 0; t < shares; ++t) {
+    team.arrive();
     const auto [r0, r1] = share_rows(t);
     std::vector<T> block(K, T(0));
     T t_probe = 0, t_lo = std::numeric_limits<T>::infinity(), t_hi = -std::numeric_limits<T>::infinity(), r_t = 0;
@@ -621,6 +669,7 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
     hi[t] = t_hi;
     lo[t] = t_lo;
     probe[t] = t_probe;
+  }
   }
   double global_hi = -std::numeric_limits<double>::infinity(), global_lo = std::numeric_limits<double>::infinity();
   for (int t = 0; t < shares; ++t) {
@@ -673,10 +722,12 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
   auto pass = [&](bool write, bool want_sums) {
     int bad = 0;
     const double extra = write ? log_out_scale : 0.0;
+    Team team(shares, B * K);
 #if defined(PYM4_WITH_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(shares) reduction(| : bad)
+#pragma omp parallel for schedule(static) num_threads(team.size()) reduction(| : bad)
 #endif
     for (int t = 0; t < shares; ++t) {
+      team.arrive();
       const auto [r0, r1] = share_rows(t);
       T* block = blocks.data() + static_cast<size_t>(t) * K;
       bool flushed = false;
@@ -786,10 +837,12 @@ bool solve_kernel_form_wide(const Matrix<T>& m, const double* log_b, RowMarginal
   // row scales c, the column step into w, and the row sums r_i = E_i . w; then c_i = a_i / r_i.
   auto pass = [&](bool first) {
     int bad = 0;
+    Team team(shares, B * K);
 #if defined(PYM4_WITH_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(shares) reduction(| : bad)
+#pragma omp parallel for schedule(static) num_threads(team.size()) reduction(| : bad)
 #endif
     for (int t = 0; t < shares; ++t) {
+      team.arrive();
       double* r = r_part.data() + static_cast<size_t>(t) * B;
       std::fill(r, r + B, 0.0);
       std::vector<T> s(tile);
@@ -824,12 +877,16 @@ bool solve_kernel_form_wide(const Matrix<T>& m, const double* log_b, RowMarginal
     result.iterations = it;
     if (!pass(it == 1)) return false;
   }
-  // The plan times exp(log_out_scale): P_ij = c_i E_ij w_j, in place.
+  // The plan times exp(log_out_scale): P_ij = c_i E_ij w_j, in place (row by row: a few rows,
+  // each as long as a whole tile range; no sums to share).
+  Team team(shares, B * K);
 #if defined(PYM4_WITH_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(shares)
+#pragma omp parallel for schedule(static) num_threads(team.size())
 #endif
-  for (int64_t i = 0; i < B; ++i)
+  for (int64_t i = 0; i < B; ++i) {
+    team.arrive();
     scale_row_by(static_cast<T>(std::exp(a.at(i) + log_out_scale) / row_sum[i]), w.data(), out + i * ld_out, K);
+  }
   if (g_out)
     for (int64_t j = 0; j < K; ++j) g_out[j] = std::log(static_cast<double>(w[j])) - static_cast<double>(hi);
   return true;
