@@ -76,9 +76,12 @@ class _ResultPool:
                     raw = self._arrays.pop(i)
                     break
         if raw is None:
-            block = mmap.mmap(-1, nbytes)
+            # Private: mmap's default, shared anonymous memory, is shmem, which takes no
+            # transparent huge pages where shmem_enabled is "never" (measured: 12,000 faults
+            # for a 49 MB result, private and advised: 25).
+            block = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
             if hasattr(block, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
-                block.madvise(mmap.MADV_HUGEPAGE)  # 25 faults instead of 12,000 at 49 MB
+                block.madvise(mmap.MADV_HUGEPAGE)
             raw = np.frombuffer(block, dtype=np.uint8)
         # Built on the block itself (not on `raw`): numpy then collapses the base of every view
         # of the result to the result, so the finalizer runs only once all of them are gone.
