@@ -223,19 +223,19 @@ PYM4_SIMD_CLONES void column_block_update(const T* __restrict x, int64_t ld, T a
   }
 }
 
-// exp(x) for x <= 0 (the kernel form's exponents, alpha x_ij minus the row maximum): the one
-// exponential per entry of the whole solve, and most of its time on cores where a 256-bit op
-// is two (measured on Zen 1: 1.4 ns per entry with fast_expf, 0.9 with this). Cheaper than
-// fast_expf by what the domain allows: no upper clamp (x <= 0, or a few ulp above 0 where the
-// row maximum was rounded), no zeroing below -87 (x < -87 gives e^-87 instead of ~0: such a
-// row is beyond the kernel form's range, which then declines), 2^n added to the exponent
-// bits straight from the rounding constant's mantissa (no float-to-int conversion, so no
-// undefined behaviour for any input: NaN or +inf only make a garbage value, and the caller
-// has flagged those inputs as non-finite), and a degree-6 polynomial fitted for relative
-// error on |r| <= ln2/2 (3e-9, under float rounding; max relative error 0.65 ulp measured
-// over [-87, 0] against double exp, fast_expf 2 ulp).
+// exp(x) for x in [-87, 0] (the kernel form's exponents, alpha x_ij minus the row maximum;
+// a few ulp above 0 where that maximum was rounded): the one exponential per entry of the
+// whole solve, and most of its time on cores where a 256-bit op is two (measured on Zen 1:
+// 1.4 ns per entry with fast_expf, 0.8 with this). Cheaper than fast_expf by what the domain
+// allows: no clamping and no zeroing below -87 (the callers reach this only for rows whose
+// spread they then check: an entry below -80 makes the kernel form decline, and its value is
+// never used; NaN or infinite inputs are flagged by the probe), 2^n added to the exponent
+// bits straight from the rounding constant's mantissa (bit operations only: no float-to-int
+// conversion, so no undefined behaviour for any input, just an unspecified value outside
+// the domain), and a degree-6 polynomial fitted for relative error on |r| <= ln2/2 (3e-9,
+// under float rounding; max relative error 0.65 ulp over [-87, 0] against double exp,
+// fast_expf 2 ulp).
 inline float exp_nonpositive(float x) {
-  x = select_bits(!(x >= -87.0f), -87.0f, x);
   const float kRound = 12582912.0f;  // 1.5 * 2^23: n = round(x / ln2) lands in the low mantissa bits
   const float shifted = x * 1.44269504088896341f + kRound;
   const float n = shifted - kRound;
