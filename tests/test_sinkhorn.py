@@ -61,6 +61,27 @@ def test_row_shares_over_threads_match_reference(epsilon, threads):
     torch.testing.assert_close(q.double(), swav_reference(s, epsilon, 4), rtol=5e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rising_row_maxima_in_the_kernel_form_match_reference(threads):
+    # The first pass shifts each row by the running maximum of the rows before it; a row that
+    # sets a new maximum is rescaled. Here every row does, up to a spread of ~71 (the kernel
+    # form's limit is 80), and the rows' maxima are far apart from the share's first one.
+    g = torch.Generator().manual_seed(7)
+    b, k, eps = 600, 257, 0.035  # 154K entries: two shares of rows on two threads
+    s = torch.rand(b, k, generator=g) - 0.5 + 1.5 * torch.arange(b, dtype=torch.float32).unsqueeze(1) / b
+    x = s.numpy()
+    core = _backend.core()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        form = core.sinkhorn_solve(x, 1 / eps, None, -math.log(b), 3, 0.0, math.log(b), np.empty_like(x))[3]
+        q = pym4.sinkhorn(s, epsilon=eps, n_iters=3, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert form == "kernel"
+    torch.testing.assert_close(q.double(), swav_reference(s, eps, 3), rtol=5e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("shape,epsilon,n_iters", [
     ((16, 16000), 0.03, 10),  # SEER's shape: tiles over both threads
     ((1, 5000), 0.05, 3),     # one row
