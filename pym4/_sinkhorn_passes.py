@@ -79,14 +79,16 @@ class _ResultPool:
             # Private: mmap's default, shared anonymous memory, is shmem, which takes no
             # transparent huge pages where shmem_enabled is "never" (measured: 12,000 faults
             # for a 49 MB result, private and advised: 25).
-            block = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+            # (Windows has no flags: its anonymous mappings are private to the process.)
+            private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
+            block = mmap.mmap(-1, nbytes, **private)
             if hasattr(block, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
                 block.madvise(mmap.MADV_HUGEPAGE)
             raw = np.frombuffer(block, dtype=np.uint8)
         # Built on the block itself (not on `raw`): numpy then collapses the base of every view
         # of the result to the result, so the finalizer runs only once all of them are gone.
         arr = np.ndarray(shape, dtype=np_dtype, buffer=raw.base)
-        weakref.finalize(arr, self._release, raw)
+        weakref.finalize(arr, self._release, raw).atexit = False  # (nothing to hand back at exit)
         return torch.from_numpy(arr)
 
     def _release(self, raw: np.ndarray) -> None:
