@@ -45,9 +45,11 @@ int pass_threads(int64_t rows, int64_t cols) {
 // tens of microseconds (SEER's solve at load 2.5 on two cores: best 0.8 ms, median 36-100 ms
 // on two threads, 1.3 ms on one). So every share notes when it started; a pass whose last
 // share started over 1 ms after the pass (a pool thread wakes in microseconds; a descheduled
-// one waits a slice) marks the process contended for 0.2 s, and while it is, passes under 4M
+// one waits a slice) marks the process contended for 2 s, and while it is, passes under 4M
 // entries (~2 ms) run all their shares on one thread: a loaded machine then pays at most one
-// late pass per 0.2 s. The shares, and so the result, stay the same: only who runs them changes.
+// late pass per 2 s (with 0.2 s, a solve after each of torch's 2-thread ops at load 6 still
+// paid one: median 13 ms for SwAV's 256 x 3000, 4.4 ms with 2 s, 2.4 ms with no torch op in
+// between). The shares, and so the result, stay the same: only who runs them changes.
 class Team {
  public:
   Team(int shares, int64_t entries)
@@ -70,7 +72,7 @@ class Team {
 
  private:
   static constexpr int64_t kLateNs = 1000000;
-  static constexpr int64_t kBackoffNs = 200000000;
+  static constexpr int64_t kBackoffNs = 2000000000;
   static constexpr int64_t kShortPass = int64_t(1) << 22;
   static inline std::atomic<int64_t> contended_until_{0};
   static int64_t now_ns() {
