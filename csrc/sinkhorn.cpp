@@ -6,7 +6,11 @@
 #include "pym4/sinkhorn.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -20,17 +24,65 @@ namespace {
 constexpr int64_t kFlushRows = 64;  // rows accumulated in float before adding into double
 
 // Threads for one pass over a rows x cols matrix. Every pass ends in a join (its column sums
-// feed the next step), and a pass of the kernel form costs about 0.3 ns per entry on one
-// core, so below ~1M entries per thread (SwAV's 256 x 3000, SEER's 16 x 16000: passes of
-// 0.1-0.3 ms) a join costs more than the second core saves: microseconds on an idle machine,
-// and milliseconds on a loaded one, where the join waits for a descheduled thread (measured
-// at load 13 on two cores: SEER's solve 5 ms on one thread, 120 ms on two).
+// feed the next step); a pass of the kernel form costs about 0.3 ns per entry on one core
+// (its first pass, with the exponential, 1.5 ns), and a join on an idle machine a few
+// microseconds, so from 64K entries per thread (a pass of ~20 us) the second core pays:
+// SwAV's 256 x 3000 solve 2.1 -> 1.05 ms, SEER's 16 x 16000 1.26 -> 0.80 ms (the column-tile
+// form; best of 41 on two Zen 1 cores). The price is paid on a loaded machine, where a join
+// can wait a scheduler slice for a descheduled thread (at load 3 on two cores the median of
+// the 256 x 3000 solve went from 2.1 to 29 ms in one run of 41; at load 13, SEER's solve
+// 5 ms on one thread, 120 ms on two): OMP_NUM_THREADS=1 is the remedy there.
 int pass_threads(int64_t rows, int64_t cols) {
-  constexpr int64_t kPerThread = int64_t(1) << 20;
+  constexpr int64_t kPerThread = int64_t(1) << 16;
   const int64_t useful = rows * cols / kPerThread;
   const int t = max_threads();
   return useful < 1 ? 1 : (useful < t ? static_cast<int>(useful) : t);
 }
+
+// The team that runs a kernel-form pass of `shares` over `entries` entries. A pass ends in a
+// join, and on a machine with more runnable threads than cores a thread of the team can start
+// its share a scheduler slice late, which the join waits for: milliseconds, for passes of
+// tens of microseconds (SEER's solve at load 2.5 on two cores: best 0.8 ms, median 36-100 ms
+// on two threads, 1.3 ms on one). So every share notes when it started; a pass whose last
+// share started over 1 ms after the pass (a pool thread wakes in microseconds; a descheduled
+// one waits a slice) marks the process contended for 2 s, and while it is, passes under 4M
+// entries (~2 ms) run all their shares on one thread: a loaded machine then pays at most one
+// late pass per 2 s (with 0.2 s, a solve after each of torch's 2-thread ops at load 6 still
+// paid one: median 13 ms for SwAV's 256 x 3000, 4.4 ms with 2 s, 2.4 ms with no torch op in
+// between). The shares, and so the result, stay the same: only who runs them changes.
+class Team {
+ public:
+  Team(int shares, int64_t entries)
+      : size_(shares > 1 && entries < kShortPass && now_ns() < contended_until_.load(std::memory_order_relaxed)
+                  ? 1
+                  : shares),
+        start_(size_ > 1 ? now_ns() : 0) {}
+  ~Team() {
+    if (size_ > 1 && latest_.load(std::memory_order_relaxed) - start_ > kLateNs)
+      contended_until_.store(now_ns() + kBackoffNs, std::memory_order_relaxed);
+  }
+  int size() const { return size_; }
+  void arrive() {  // at the start of each share
+    if (size_ < 2) return;
+    const int64_t t = now_ns();
+    int64_t seen = latest_.load(std::memory_order_relaxed);
+    while (t > seen && !latest_.compare_exchange_weak(seen, t, std::memory_order_relaxed)) {
+    }
+  }
+
+ private:
+  static constexpr int64_t kLateNs = 1000000;
+  static constexpr int64_t kBackoffNs = 2000000000;
+  static constexpr int64_t kShortPass = int64_t(1) << 22;
+  static inline std::atomic<int64_t> contended_until_{0};
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+  const int size_;
+  const int64_t start_;
+  std::atomic<int64_t> latest_{0};
+};
 
 // Per-thread column accumulators, merged after the parallel region.
 struct ColumnPartials {
@@ -173,6 +225,41 @@ PYM4_SIMD_CLONES void column_block_update(const T* __restrict x, int64_t ld, T a
   }
 }
 
+// exp(x) for x in [-87, 88] (the kernel form's exponents: alpha x_ij minus a shift at most
+// 80 from them): the one exponential per entry of the whole solve, and most of its time on
+// cores where a 256-bit op is two (measured on Zen 1: 1.4 ns per entry with fast_expf, 0.8
+// with this). Cheaper than fast_expf by what the domain allows: no clamping and no zeroing
+// below -87 (the callers reach this only for rows whose spread they then check: an entry
+// beyond 80 from the shift makes the kernel form decline, and its value is never used; NaN
+// or infinite inputs are flagged by the probe), 2^n added to the exponent bits straight from
+// the rounding constant's mantissa (bit operations only: no float-to-int conversion, so no
+// undefined behaviour for any input, just an unspecified value outside the domain), and a
+// degree-6 polynomial fitted for relative error on |r| <= ln2/2 (3e-9, under float
+// rounding; max relative error 0.65 ulp over [-87, 0] against double exp, fast_expf 2 ulp).
+inline float exp_unchecked(float x) {
+  const float kRound = 12582912.0f;  // 1.5 * 2^23: n = round(x / ln2) lands in the low mantissa bits
+  const float shifted = x * 1.44269504088896341f + kRound;
+  const float n = shifted - kRound;
+  float r = n * -0.693359375f + x;  // Cody-Waite: ln2 in a short high part...
+  r = n * 2.12194440e-4f + r;       // ...and the low remainder
+  float p = 1.3814613004592014e-3f;
+  p = p * r + 8.368709866845512e-3f;
+  p = p * r + 4.166838736842976e-2f;
+  p = p * r + 1.6666520689434972e-1f;
+  p = p * r + 4.999999345166877e-1f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  uint32_t p_bits, n_bits;
+  std::memcpy(&p_bits, &p, sizeof p_bits);
+  std::memcpy(&n_bits, &shifted, sizeof n_bits);
+  // shifted's bits are 0x4B400000 + n (|n| < 2^22): shifted left by 23 they are n * 2^23 mod 2^32.
+  p_bits += n_bits << 23;
+  float result;
+  std::memcpy(&result, &p_bits, sizeof result);
+  return result;
+}
+inline double exp_unchecked(double x) { return std::exp(x); }
+
 // max_j alpha x_j, and min_j in *mn. *probe gets the sum of alpha x_j * 0, which is NaN when
 // some alpha x_j is NaN or infinite. Read-only: the exponentials are then taken from x again
 // (exp_accumulate_row) instead of storing alpha x and reading it back.
@@ -198,10 +285,35 @@ template <typename T>
 PYM4_SIMD_CLONES void exp_accumulate_row(const T* x, T alpha, T mx, T c, T* out, T* __restrict acc, int64_t n) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const T e = fast_exp(alpha * x[j] - mx);
+    const T e = exp_unchecked(alpha * x[j] - mx);
     out[j] = e;
     acc[j] += c * e;
   }
+}
+
+// The same with the shift known before the row (the running maximum of alpha x over the rows
+// before it) instead of the row's own maximum, so the row's extremes of d_j = alpha x_j - shift
+// (returned: the maximum; *mn: the minimum) and the NaN/Inf probe (*probe += sum d_j * 0) are
+// taken in this loop rather than in a read of their own (scaled_row_stats: 0.2 of the 1.6 ns
+// per entry of the first pass). e_j = exp(d_j) may then exceed 1 (by e^80 at most where the
+// kernel form accepts the matrix); the caller rescales such a row.
+template <typename T>
+PYM4_SIMD_CLONES T exp_accumulate_row_stats(const T* x, T alpha, T shift, T c, T* out, T* __restrict acc, int64_t n,
+                                            T* mn, T* probe) {
+  T mx = -std::numeric_limits<T>::infinity(), lo = std::numeric_limits<T>::infinity(), pr = 0;
+#pragma omp simd reduction(max : mx) reduction(min : lo) reduction(+ : pr)
+  for (int64_t j = 0; j < n; ++j) {
+    const T d = alpha * x[j] - shift;
+    mx = max_bits(mx, d);
+    lo = d < lo ? d : lo;
+    pr += d * T(0);
+    const T e = exp_unchecked(d);
+    out[j] = e;
+    acc[j] += c * e;
+  }
+  *mn = lo;
+  *probe += pr;
+  return mx;
 }
 
 // sum_j e_j w_j, in kLanes independent partial sums: a single vector of sums would chain
@@ -557,22 +669,37 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
   // first row maximum, the share's extremes of alpha x, and the NaN/Inf probe.
   ColumnPartials first(shares, K);
   std::vector<double> ref(shares), hi(shares), lo(shares), probe(shares);
+  {
+  Team team(shares, B * K);
 #if defined(PYM4_WITH_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(shares)
+#pragma omp parallel for schedule(static) num_threads(team.size())
 #endif
   for (int t = 0; t < shares; ++t) {
+    team.arrive();
     const auto [r0, r1] = share_rows(t);
     std::vector<T> block(K, T(0));
     T t_probe = 0, t_lo = std::numeric_limits<T>::infinity(), t_hi = -std::numeric_limits<T>::infinity(), r_t = 0;
     for (int64_t i = r0; i < r1; ++i) {
       T* e = out + i * ld_out;
-      T row_lo;
       const T* xi = m.data + i * m.ld;
-      const T mx = scaled_row_stats(xi, alpha, K, &row_lo, &t_probe);
-      if (i == r0) r_t = mx;
-      t_lo = std::min(t_lo, row_lo);
-      t_hi = std::max(t_hi, mx);
-      exp_accumulate_row(xi, alpha, mx, static_cast<T>(fast_exp(mx - r_t)), e, block.data(), K);
+      if (i == r0) {  // the share's first row: its maximum first (R_t), then the exponentials
+        T row_lo;
+        r_t = t_hi = scaled_row_stats(xi, alpha, K, &row_lo, &t_probe);
+        t_lo = row_lo;
+        exp_accumulate_row(xi, alpha, r_t, T(1), e, block.data(), K);
+      } else {
+        // Shifted by the running maximum t_hi: E_ij = exp(alpha x_ij - t_hi) <= 1 unless the
+        // row sets a new maximum (rare after the first rows), whose E row is then rescaled to
+        // it. The column sums take exp(alpha x_ij - R_t) whatever the shift.
+        T d_lo;
+        const T d_hi = exp_accumulate_row_stats(xi, alpha, t_hi, static_cast<T>(fast_exp(t_hi - r_t)), e,
+                                                block.data(), K, &d_lo, &t_probe);
+        t_lo = std::min(t_lo, t_hi + d_lo);
+        if (d_hi > T(0)) {
+          scale_row(static_cast<T>(fast_exp(-d_hi)), e, K);
+          t_hi += d_hi;
+        }
+      }
       if ((i - r0 + 1) % kFlushRows == 0) flush(block.data(), first.of(t), K);
     }
     flush(block.data(), first.of(t), K);
@@ -580,6 +707,7 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
     hi[t] = t_hi;
     lo[t] = t_lo;
     probe[t] = t_probe;
+  }
   }
   double global_hi = -std::numeric_limits<double>::infinity(), global_lo = std::numeric_limits<double>::infinity();
   for (int t = 0; t < shares; ++t) {
@@ -632,10 +760,12 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
   auto pass = [&](bool write, bool want_sums) {
     int bad = 0;
     const double extra = write ? log_out_scale : 0.0;
+    Team team(shares, B * K);
 #if defined(PYM4_WITH_OPENMP)
-#pragma omp parallel for schedule(static) num_threads(shares) reduction(| : bad)
+#pragma omp parallel for schedule(static) num_threads(team.size()) reduction(| : bad)
 #endif
     for (int t = 0; t < shares; ++t) {
+      team.arrive();
       const auto [r0, r1] = share_rows(t);
       T* block = blocks.data() + static_cast<size_t>(t) * K;
       bool flushed = false;
@@ -692,13 +822,125 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
   return true;
 }
 
+// The kernel form for a wide matrix (few rows, SEER's 16 x 16000), with each iteration's
+// column step and the next row step fused into one pass. E is taken in column tiles of all
+// rows (a tile stays in L2): the column sums s_j = sum_i c_i E_ij of the tile, its column
+// step w_j, and the tile's part of the next row sums r_i = sum_j E_ij w_j are done while it
+// is there, so every per-column quantity stays in the tile, and threads take contiguous
+// ranges of tiles, adding their partial row sums (B values) after the pass. Split by rows
+// instead, few rows give each thread a whole K-vector of column sums to flush and merge per
+// pass (SEER's solve on two threads: 1.41 ms by rows, 0.80 ms by tiles; on one thread both
+// 1.26 ms, measured best of 41 on two Zen 1 cores). Same iterates as solve_kernel_form (the
+// sums are grouped differently); without a tolerance or a warm start only (the caller
+// checks), as SwAV and SEER run. Returns false like it.
+template <typename T>
+bool solve_kernel_form_wide(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_iters,
+                            double log_out_scale, T* out, int64_t ld_out, double* g_out, Result& result) {
+  const int64_t K = m.cols, B = m.rows;
+  const T alpha = static_cast<T>(m.alpha);
+  const ColumnMarginals marg(log_b, K);
+  advise_huge_pages(out, static_cast<size_t>(B) * static_cast<size_t>(ld_out) * sizeof(T));
+
+  // Each row's maximum (its shift), the extremes of alpha x, and the NaN/Inf probe, first:
+  // the column sums of the first pass weigh row i by exp(m_i - M), M the global maximum.
+  std::vector<T> row_max(B);
+  T probe = 0, lo = std::numeric_limits<T>::infinity(), hi = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < B; ++i) {
+    T row_lo;
+    row_max[i] = scaled_row_stats(m.data + i * m.ld, alpha, K, &row_lo, &probe);
+    lo = std::min(lo, row_lo);
+    hi = std::max(hi, row_max[i]);
+  }
+  if (!(probe == T(0))) {
+    result.finite = false;
+    return true;
+  }
+  if (!(static_cast<double>(hi) - static_cast<double>(lo) <= kernel_form_range<T>())) return false;
+
+  // Tiles of about 128 KB (a multiple of 64 columns), so that a tile read for the column sums
+  // is still in L2 for the row sums, while each row's part of it is long enough (8 KB at
+  // SEER's shape) for the prefetcher to stream it (16 KB tiles of 1 KB pieces: 30% slower);
+  // at least one tile per thread.
+  const int threads = pass_threads(B, K);
+  const int64_t by_cache = (int64_t(1) << 17) / (B * static_cast<int64_t>(sizeof(T)));
+  const int64_t by_threads = (K + threads - 1) / threads;
+  const int64_t tile = std::max<int64_t>(64, (std::min(by_cache, by_threads) + 63) & ~int64_t(63));
+  const int64_t n_tiles = (K + tile - 1) / tile;
+  const int shares = static_cast<int>(std::min<int64_t>(threads, n_tiles));
+  std::vector<T> c(B), w(K);
+  std::vector<double> r_part(static_cast<size_t>(shares) * B), row_sum(B);
+  for (int64_t i = 0; i < B; ++i) c[i] = static_cast<T>(std::exp(static_cast<double>(row_max[i]) - hi));
+
+  // One fused pass: (first) E_ij = exp(alpha x_ij - m_i) into out; the column sums with the
+  // row scales c, the column step into w, and the row sums r_i = E_i . w; then c_i = a_i / r_i.
+  auto pass = [&](bool first) {
+    int bad = 0;
+    Team team(shares, B * K);
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(team.size()) reduction(| : bad)
+#endif
+    for (int t = 0; t < shares; ++t) {
+      team.arrive();
+      double* r = r_part.data() + static_cast<size_t>(t) * B;
+      std::fill(r, r + B, 0.0);
+      std::vector<T> s(tile);
+      std::vector<double> s64(tile);
+      for (int64_t b = n_tiles * t / shares; b < n_tiles * (t + 1) / shares; ++b) {
+        const int64_t j0 = b * tile, n = std::min(tile, K - j0);
+        std::fill(s.begin(), s.begin() + n, T(0));
+        for (int64_t i = 0; i < B; ++i) {
+          T* e = out + i * ld_out + j0;
+          if (first)
+            exp_accumulate_row(m.data + i * m.ld + j0, alpha, row_max[i], c[i], e, s.data(), n);
+          else
+            axpy_row(c[i], e, s.data(), n);
+        }
+        for (int64_t j = 0; j < n; ++j) s64[j] = static_cast<double>(s[j]);
+        if (!column_step(marg.zero.data() + j0, marg.b.data() + j0, s64.data(), w.data() + j0, n)) bad = 1;
+        for (int64_t i = 0; i < B; ++i) r[i] += static_cast<double>(dot_row(out + i * ld_out + j0, w.data() + j0, n));
+      }
+    }
+    for (int64_t i = 0; i < B; ++i) {
+      double r = 0.0;
+      for (int t = 0; t < shares; ++t) r += r_part[static_cast<size_t>(t) * B + i];
+      if (!(r > 0.0) || !(r < static_cast<double>(std::numeric_limits<T>::max()))) bad = 1;
+      row_sum[i] = r;
+      c[i] = static_cast<T>(std::exp(a.at(i)) / r);
+    }
+    return bad == 0;
+  };
+
+  for (int64_t it = 1; it <= n_iters; ++it) {
+    interrupt::check();
+    result.iterations = it;
+    if (!pass(it == 1)) return false;
+  }
+  // The plan times exp(log_out_scale): P_ij = c_i E_ij w_j, in place (row by row: a few rows,
+  // each as long as a whole tile range; no sums to share).
+  Team team(shares, B * K);
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp parallel for schedule(static) num_threads(team.size())
+#endif
+  for (int64_t i = 0; i < B; ++i) {
+    team.arrive();
+    scale_row_by(static_cast<T>(std::exp(a.at(i) + log_out_scale) / row_sum[i]), w.data(), out + i * ld_out, K);
+  }
+  if (g_out)
+    for (int64_t j = 0; j < K; ++j) g_out[j] = std::log(static_cast<double>(w[j])) - static_cast<double>(hi);
+  return true;
+}
+
 }  // namespace
 
 template <typename T>
 Result solve(const Matrix<T>& m, const double* log_b, RowMarginal a, int64_t n_iters, double tol,
              double log_out_scale, T* out, int64_t ld_out, double* g_out, const Options& opt) {
   Result result;
-  if (solve_kernel_form(m, log_b, a, n_iters, tol, log_out_scale, out, ld_out, g_out, opt, result)) {
+  // Few rows: the fused column-tile passes (no tolerance or warm start there: SwAV, SEER).
+  constexpr int64_t kWideRows = 64;
+  const bool wide = m.rows <= kWideRows && tol <= 0 && opt.check_every == 0 && !opt.g_init;
+  if (wide ? solve_kernel_form_wide(m, log_b, a, n_iters, log_out_scale, out, ld_out, g_out, result)
+           : solve_kernel_form(m, log_b, a, n_iters, tol, log_out_scale, out, ld_out, g_out, opt, result)) {
     result.kernel_form = result.finite;
     return result;
   }

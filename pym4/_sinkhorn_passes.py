@@ -12,8 +12,9 @@ column statistics all-reduced between passes when a process group is given.
 from __future__ import annotations
 
 import math
-import sys
+import mmap
 import threading
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -41,14 +42,18 @@ class _ResultPool:
     """Memory for fresh CPU results, reused once the caller has dropped them.
 
     A fresh B x K result from the system allocator is new pages that the kernel zeroes on
-    first touch (49 MB at SwAV's 4096 x 3000: a fifth of the whole solve). A training loop
-    drops each step's codes before the next step, so the pool hands out a buffer only
-    when nothing outside it refers to it any more (numpy's reference count: a tensor made by
-    torch.from_numpy, its views and its .numpy() all keep the array alive); the result is
-    still a new tensor sharing memory with nothing alive. Results from 512 KB up are pooled
-    (SEER's 16 x 16000 codes are 1 MB, SwAV's 256 x 3000 3 MB: glibc serves such sizes with
-    fresh pages as well, a tenth of a small solve), at most ``keep`` buffers (SwAV's two crops
-    hold two codes at once).
+    first touch (49 MB at SwAV's 4096 x 3000: 3.5 ms, an eighth of the whole solve, huge
+    pages or not: the zeroing, not the faults, is the cost; glibc maps every block above
+    32 MB afresh and unmaps it on free). So results from 512 KB up (SEER's 16 x 16000 codes
+    are 1 MB, SwAV's 256 x 3000 3 MB) live in blocks the pool maps itself, and a block returns
+    to it the moment nothing refers to its result any more: the result is an array over the
+    block (the array its views and tensors keep alive, numpy collapsing every view's base to
+    it), with a finalizer that hands the block back. However many results are alive at once
+    (SwAV's two crops, a caller keeping several), each dropped one is reused; at most ``keep``
+    blocks are held idle (those released last), the others are unmapped at once. The result
+    is still a new tensor sharing memory with nothing alive.
+
+    ``_arrays``: the idle blocks, as uint8 arrays over them (least recently released first).
     """
 
     min_bytes = 1 << 19
@@ -56,26 +61,41 @@ class _ResultPool:
 
     def __init__(self):
         self._arrays = []
-        self._lock = threading.Lock()
+        # Re-entrant: a garbage collection inside the locked section may finalize a result.
+        self._lock = threading.RLock()
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         np_dtype = np.float32 if dtype == torch.float32 else np.float64
-        size = math.prod(shape)  # (not np.prod: a call of it costs more than a small solve's set-up)
-        if size * np.dtype(np_dtype).itemsize < self.min_bytes:
+        nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize  # (not np.prod: it costs more than a small solve's set-up)
+        if nbytes < self.min_bytes:
             return torch.empty(shape, dtype=dtype)
+        raw = None
         with self._lock:
-            for i in range(len(self._arrays)):  # (enumerate's reused tuple would hold one more reference)
-                arr = self._arrays[i]
-                # 3 references: the list, `arr` and getrefcount's argument; more: still in use.
-                if arr.dtype == np_dtype and arr.size == size and sys.getrefcount(arr) == 3:
-                    self._arrays.append(self._arrays.pop(i))  # most recently used last
-                    return torch.from_numpy(arr.reshape(shape))
-            arr = None
-            arr = np.empty(shape, dtype=np_dtype)
-            self._arrays.append(arr)
+            for i in range(len(self._arrays) - 1, -1, -1):  # the most recently released first
+                if self._arrays[i].size == nbytes:
+                    raw = self._arrays.pop(i)
+                    break
+        if raw is None:
+            # Private: mmap's default, shared anonymous memory, is shmem, which takes no
+            # transparent huge pages where shmem_enabled is "never" (measured: 12,000 faults
+            # for a 49 MB result, private and advised: 25).
+            # (Windows has no flags: its anonymous mappings are private to the process.)
+            private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}
+            block = mmap.mmap(-1, nbytes, **private)
+            if hasattr(block, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
+                block.madvise(mmap.MADV_HUGEPAGE)
+            raw = np.frombuffer(block, dtype=np.uint8)
+        # Built on the block itself (not on `raw`): numpy then collapses the base of every view
+        # of the result to the result, so the finalizer runs only once all of them are gone.
+        arr = np.ndarray(shape, dtype=np_dtype, buffer=raw.base)
+        weakref.finalize(arr, self._release, raw).atexit = False  # (nothing to hand back at exit)
+        return torch.from_numpy(arr)
+
+    def _release(self, raw: np.ndarray) -> None:
+        with self._lock:
+            self._arrays.append(raw)
             if len(self._arrays) > self.keep:
-                self._arrays.pop(0)  # the least recently used leaves the pool (its user keeps it)
-            return torch.from_numpy(arr)
+                del self._arrays[0]  # unmapped once its last (internal) reference goes
 
 
 _RESULTS = _ResultPool()

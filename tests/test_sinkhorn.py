@@ -4,6 +4,7 @@ References are written here from the papers' formulas in float64 (SwAV's
 ``distributed_sinkhorn`` as published, and POT itself), never through pym4.
 """
 import math
+import os
 import warnings
 
 import numpy as np
@@ -47,7 +48,7 @@ def test_matches_swav_reference(backend, shape):
 @pytest.mark.parametrize("epsilon", [0.05, 0.01])  # the kernel form; the log domain (spread > 80)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_row_shares_over_threads_match_reference(epsilon, threads):
-    # From ~1M entries per thread the core splits every pass's rows over threads, each with
+    # From 64K entries per thread the core splits every pass's rows over threads, each with
     # its own column sums (pass_threads in csrc/sinkhorn.cpp); below that one thread runs
     # it. Either way: the float64 reference.
     s = cosine_scores(1100, 2000)
@@ -58,6 +59,49 @@ def test_row_shares_over_threads_match_reference(epsilon, threads):
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(q.double(), swav_reference(s, epsilon, 4), rtol=5e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rising_row_maxima_in_the_kernel_form_match_reference(threads):
+    # The first pass shifts each row by the running maximum of the rows before it; a row that
+    # sets a new maximum is rescaled. Here every row does, up to a spread of ~71 (the kernel
+    # form's limit is 80), and the rows' maxima are far apart from the share's first one.
+    g = torch.Generator().manual_seed(7)
+    b, k, eps = 600, 257, 0.035  # 154K entries: two shares of rows on two threads
+    s = torch.rand(b, k, generator=g) - 0.5 + 1.5 * torch.arange(b, dtype=torch.float32).unsqueeze(1) / b
+    x = s.numpy()
+    core = _backend.core()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        form = core.sinkhorn_solve(x, 1 / eps, None, -math.log(b), 3, 0.0, math.log(b), np.empty_like(x))[3]
+        q = pym4.sinkhorn(s, epsilon=eps, n_iters=3, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert form == "kernel"
+    torch.testing.assert_close(q.double(), swav_reference(s, eps, 3), rtol=5e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape,epsilon,n_iters", [
+    ((16, 16000), 0.03, 10),  # SEER's shape: tiles over both threads
+    ((1, 5000), 0.05, 3),     # one row
+    ((64, 4099), 0.05, 4),    # the widest rows the column-tile form takes, K no multiple of a tile
+    ((5, 70), 0.01, 3),       # one tile, spread > 80: the log domain takes over
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_column_tiles_over_threads_match_reference(shape, epsilon, n_iters, threads):
+    # Up to 64 rows the core fuses each column step with the next row sums, tile of columns by
+    # tile (solve_kernel_form_wide in csrc/sinkhorn.cpp), threads taking ranges of tiles.
+    s = cosine_scores(*shape, seed=5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q = pym4.sinkhorn(s, epsilon=epsilon, n_iters=n_iters, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    ref = swav_reference(s, epsilon, n_iters)
+    torch.testing.assert_close(q.double(), ref, rtol=5e-5, atol=1e-7)
+    torch.testing.assert_close(q.double().sum(dim=1), torch.ones(shape[0], dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -488,3 +532,43 @@ def test_dropped_results_are_reused():
         ptr = q.data_ptr()
         del q
     assert len(pool._arrays) == 1 and pool._arrays[0].ctypes.data == ptr
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads the Linux memory map")
+def test_pooled_results_are_private_memory():
+    # Shared anonymous memory (mmap's default) is shmem, which gets no transparent huge pages
+    # where shmem_enabled is "never": 12,000 page faults per fresh 49 MB result instead of 25.
+    q = pym4.sinkhorn(cosine_scores(1024, 1100, seed=6))
+    addr = q.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            span, perms = line.split()[:2]
+            lo, hi = (int(v, 16) for v in span.split("-"))
+            if lo <= addr < hi:
+                assert perms[3] == "p", f"result memory mapped {perms}"
+                break
+        else:
+            pytest.fail("the result's memory is in no mapping")
+
+
+def test_dropped_results_are_reused_while_others_are_alive():
+    # Three results alive at once, each replaced in turn (a trainer's two crops and a probe, or
+    # a benchmark keeping each path's last result): every buffer dropped is reused, none of
+    # the later calls takes fresh (kernel-zeroed) memory, and at most `keep` buffers sit idle.
+    import sys
+
+    pool = sys.modules["pym4.sinkhorn"]._RESULTS
+    pool._arrays.clear()
+    s = cosine_scores(1024, 1100, seed=4)
+    want = pym4.sinkhorn(s).clone()
+    held = {}
+    for step in range(10):
+        before = {a.ctypes.data for a in pool._arrays}
+        q = pym4.sinkhorn(s)
+        if step >= 4:  # (steps 0-3: four buffers, the old result being still alive during the call)
+            assert q.data_ptr() in before, f"step {step}: a fresh buffer although dropped ones were idle"
+        torch.testing.assert_close(q, want, rtol=0, atol=0)
+        held[step % 3] = q
+        del q
+    held.clear()
+    assert len(pool._arrays) == pool.keep  # idle: the last released; the third is unmapped
