@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 #include "m4_rows.h"
@@ -239,17 +241,527 @@ PYM4_SIMD_CLONES void newton_range(const Data& d, const Problem& prob, const dou
   }
 }
 
+// ----- the per-pattern passes (dense labels, m <= kPatternGroups: see m4_rows.h) -----------
+
+// The row loops below run over the labels eight at a time as two vectors of four doubles
+// (GCC's vector extensions: whole registers in every ISA clone). The widening of eight 0/1
+// bytes takes no per-byte work: one multiply gathers their bits into a byte (byte k -> bit
+// k) and each half indexes a table of the 16 vectors of four 0/1 doubles. The partial sums
+// of the dot products are combined in a fixed order, so results do not depend on the clone.
+// The remainder (c % 8 labels) runs one by one.
+#if defined(__GNUC__)
+#define PYM4_M4_VEC 1
+typedef double f64x4 __attribute__((vector_size(32)));
+
+struct Nibbles {
+  alignas(32) double v[16][4];
+  constexpr Nibbles() : v() {
+    for (int b = 0; b < 16; ++b)
+      for (int u = 0; u < 4; ++u) v[b][u] = static_cast<double>((b >> u) & 1);
+  }
+};
+constexpr Nibbles kNibbles;
+
+inline unsigned bits8(const uint8_t* p) {  // bit k = byte k (0/1 bytes)
+  uint64_t x;
+  std::memcpy(&x, p, 8);
+  return static_cast<unsigned>(((x & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56);
+}
+#endif
+
+// a_i^T w of a dense row from its pattern's margin vector Ws; widens y_i into yd (c doubles)
+// for the row's accumulations (yd null: no widening).
+inline double pattern_margin(const uint8_t* __restrict yr, int64_t c, const double* __restrict Ws,
+                             double* __restrict yd) {
+  const double* __restrict W1 = Ws + 1;
+  int64_t j = 0;
+  double dot = 0.0;
+#if defined(PYM4_M4_VEC)
+  f64x4 acc0 = {0.0, 0.0, 0.0, 0.0}, acc1 = acc0;
+  for (; j + 8 <= c; j += 8) {
+    const unsigned bits = bits8(yr + j);
+    f64x4 v0, v1, w0, w1;
+    std::memcpy(&v0, kNibbles.v[bits & 15], sizeof v0);
+    std::memcpy(&v1, kNibbles.v[bits >> 4], sizeof v1);
+    std::memcpy(&w0, W1 + j, sizeof w0);
+    std::memcpy(&w1, W1 + j + 4, sizeof w1);
+    if (yd) {
+      std::memcpy(yd + j, &v0, sizeof v0);
+      std::memcpy(yd + j + 4, &v1, sizeof v1);
+    }
+    acc0 += v0 * w0;
+    acc1 += v1 * w1;
+  }
+  acc0 += acc1;
+  dot = (acc0[0] + acc0[1]) + (acc0[2] + acc0[3]);
+#endif
+  for (; j < c; ++j) {
+    const double v = static_cast<double>(yr[j]);
+    if (yd) yd[j] = v;
+    dot += v * W1[j];
+  }
+  return Ws[0] + dot;
+}
+
+// The same without widening.
+inline double pattern_dot(const uint8_t* __restrict yr, int64_t c, const double* __restrict Ws) {
+  return pattern_margin(yr, c, Ws, nullptr);
+}
+
+// yd = y_i widened to doubles.
+inline void widen(const uint8_t* __restrict yr, int64_t c, double* __restrict yd) {
+  int64_t j = 0;
+#if defined(PYM4_M4_VEC)
+  for (; j + 8 <= c; j += 8) {
+    const unsigned bits = bits8(yr + j);
+    std::memcpy(yd + j, kNibbles.v[bits & 15], 4 * sizeof(double));
+    std::memcpy(yd + j + 4, kNibbles.v[bits >> 4], 4 * sizeof(double));
+  }
+#endif
+  for (; j < c; ++j) yd[j] = static_cast<double>(yr[j]);
+}
+
+// P[0] += f, P[1 + j] += f yd[j].
+inline void pattern_axpy(double f, const double* __restrict yd, int64_t c, double* __restrict P) {
+  P[0] += f;
+  double* __restrict P1 = P + 1;
+  int64_t j = 0;
+#if defined(PYM4_M4_VEC)
+  const f64x4 fv = {f, f, f, f};
+  for (; j + 4 <= c; j += 4) {
+    f64x4 a, v;
+    std::memcpy(&a, P1 + j, sizeof a);
+    std::memcpy(&v, yd + j, sizeof v);
+    a += fv * v;
+    std::memcpy(P1 + j, &a, sizeof a);
+  }
+#endif
+  for (; j < c; ++j) P1[j] += f * yd[j];
+}
+
+// P[0] += 1, P[1 + j] += yd[j].
+inline void pattern_add(const double* __restrict yd, int64_t c, double* __restrict P) {
+  P[0] += 1.0;
+  double* __restrict P1 = P + 1;
+  int64_t j = 0;
+#if defined(PYM4_M4_VEC)
+  for (; j + 4 <= c; j += 4) {
+    f64x4 a, v;
+    std::memcpy(&a, P1 + j, sizeof a);
+    std::memcpy(&v, yd + j, sizeof v);
+    a += v;
+    std::memcpy(P1 + j, &a, sizeof a);
+  }
+#endif
+  for (; j < c; ++j) P1[j] += yd[j];
+}
+
+// ----- per-pattern sums over a block of rows -----------------------------------------------
+// Updating a pattern's sums row by row is a chain through memory (load, add, store, and the
+// next row of the same pattern loads it again), which runs several times slower than the
+// arithmetic. So the passes first compute every row's weights for a block of up to kBlock
+// rows, then sort the block's rows by pattern (a stable counting sort) and sum each
+// pattern's rows with the accumulators in registers, eight labels at a time.
+constexpr int64_t kBlock = 256;
+
+// Inlined into each ISA clone of the passes that call them (a separate function would be
+// compiled for the baseline ISA only).
+#if defined(__GNUC__)
+#define PYM4_M4_INLINE inline __attribute__((always_inline))
+#else
+#define PYM4_M4_INLINE inline
+#endif
+
+struct RowBlock {
+  int64_t n = 0;
+  int64_t row[kBlock];
+  uint8_t pat[kBlock];
+  double w[3][kBlock];  // up to three weights per row
+};
+
+// sums[k] (padded per-pattern arrays, +=): for every pattern sigma, the sum over the block's
+// rows of pattern sigma of w[k]_i [1; y_i], k < NW.
+template <int NW>
+PYM4_M4_INLINE void block_sums(const Data& d, const RowBlock& rb, double* const* sums) {
+  const int64_t c = d.c, S = pattern_stride(c), nP = int64_t(1) << d.m;
+  int64_t start[(1 << kPatternGroups) + 1] = {};
+  for (int64_t r = 0; r < rb.n; ++r) ++start[rb.pat[r] + 1];
+  for (int64_t sg = 0; sg < nP; ++sg) start[sg + 1] += start[sg];
+  int64_t fill[1 << kPatternGroups];
+  std::copy(start, start + nP, fill);
+  int32_t order[kBlock];
+  for (int64_t r = 0; r < rb.n; ++r) order[fill[rb.pat[r]]++] = static_cast<int32_t>(r);
+  for (int64_t sg = 0; sg < nP; ++sg) {
+    const int64_t ob = start[sg], oe = start[sg + 1];
+    if (ob == oe) continue;
+    const int64_t at = pattern_at(sg, S);
+    for (int k = 0; k < NW; ++k) {
+      double tot = 0.0;
+      for (int64_t o = ob; o < oe; ++o) tot += rb.w[k][order[o]];
+      sums[k][at] += tot;
+    }
+    int64_t j = 0;
+#if defined(PYM4_M4_VEC)
+    for (; j + 8 <= c; j += 8) {
+      f64x4 acc[NW][2];
+      for (int k = 0; k < NW; ++k) acc[k][0] = acc[k][1] = f64x4{0.0, 0.0, 0.0, 0.0};
+      for (int64_t o = ob; o < oe; ++o) {
+        const int64_t r = order[o];
+        const unsigned bits = bits8(d.y + rb.row[r] * d.ld_y + j);
+        f64x4 v0, v1;
+        std::memcpy(&v0, kNibbles.v[bits & 15], sizeof v0);
+        std::memcpy(&v1, kNibbles.v[bits >> 4], sizeof v1);
+        for (int k = 0; k < NW; ++k) {
+          const double f = rb.w[k][r];
+          const f64x4 fv = {f, f, f, f};
+          acc[k][0] += fv * v0;
+          acc[k][1] += fv * v1;
+        }
+      }
+      for (int k = 0; k < NW; ++k) {
+        double* out = sums[k] + at + 1 + j;
+        f64x4 o0, o1;
+        std::memcpy(&o0, out, sizeof o0);
+        std::memcpy(&o1, out + 4, sizeof o1);
+        o0 += acc[k][0];
+        o1 += acc[k][1];
+        std::memcpy(out, &o0, sizeof o0);
+        std::memcpy(out + 4, &o1, sizeof o1);
+      }
+    }
+#endif
+    for (; j < c; ++j)
+      for (int k = 0; k < NW; ++k) {
+        double tot = 0.0;
+        for (int64_t o = ob; o < oe; ++o) {
+          const int64_t r = order[o];
+          tot += rb.w[k][r] * static_cast<double>(d.y[rb.row[r] * d.ld_y + j]);
+        }
+        sums[k][at + 1 + j] += tot;
+      }
+  }
+}
+
+// block_sums for nw = 1..3 weights (sums[0..nw)), then empties the block.
+PYM4_M4_INLINE void flush_block(const Data& d, RowBlock& rb, int nw, double* const* sums) {
+  if (rb.n) {
+    if (nw == 1) block_sums<1>(d, rb, sums);
+    else if (nw == 2) block_sums<2>(d, rb, sums);
+    else if (nw == 3) block_sums<3>(d, rb, sums);
+  }
+  rb.n = 0;
+}
+
+PYM4_SIMD_CLONES void margins_range_pattern(const Data& d, const double* W, int64_t b, int64_t e, double* out) {
+  const int64_t S = pattern_stride(d.c), c = d.c;
+  for (int64_t i = b; i < e; ++i)
+    out[i] = pattern_dot(dense_row(d, i), c, W + pattern_at(pattern_of(d.s + i * d.ld_s, d.m), S));
+}
+
+// The stream's mini-batch sums per pattern over rows [b, e) (of order[b..e) when given):
+// acc = [G: sum q [1; y] | C: sum [1; y]], each 2^m padded vectors (nPS doubles).
+PYM4_SIMD_CLONES void stream_range_pattern(const Data& d, const Problem& prob, const double* W, double mu,
+                                           const int64_t* order, int64_t b, int64_t e, double* acc, RowBlock& rb) {
+  const int64_t S = pattern_stride(d.c), c = d.c, nPS = (int64_t(1) << d.m) * S;
+  double* const sums[2] = {acc, acc + nPS};
+  for (int64_t t = b; t < e; ++t) {
+    const int64_t i = order ? order[t] : t;
+    if (order && t + 8 < e) {  // the shuffled rows are scattered: ask for them ahead
+      __builtin_prefetch(d.s + order[t + 8] * d.ld_s);
+      if (c) __builtin_prefetch(d.y + order[t + 8] * d.ld_y);
+    }
+    const int64_t sg = pattern_of(d.s + i * d.ld_s, d.m);
+    const double margin = pattern_dot(dense_row(d, i), c, W + pattern_at(sg, S));
+    const int64_t r = rb.n++;
+    rb.row[r] = i;
+    rb.pat[r] = static_cast<uint8_t>(sg);
+    rb.w[0][r] = clip01(prob.eta + (d.u ? d.u[i] : 0.0) - margin - mu);
+    rb.w[1][r] = 1.0;
+    if (rb.n == kBlock) flush_block(d, rb, 2, sums);
+  }
+  flush_block(d, rb, 2, sums);
+}
+
+// The Newton model's sums per pattern (newton_stats): acc = [G: sum q ytil | C: sum ytil
+// (padded, nPS each) | sampled rows | H (2^m x L x L): sum over the sampled active rows of
+// ytil ytil^T], ytil = [1; y].
+PYM4_SIMD_CLONES void newton_range_pattern(const Data& d, const Problem& prob, const double* W, double mu,
+                                           int64_t stride, int64_t b, int64_t e, double* acc, RowBlock& rb,
+                                           int32_t* idx) {
+  const int64_t L = d.c + 1, c = d.c, S = pattern_stride(c), nPS = (int64_t(1) << d.m) * S, LL = L * L;
+  double* const sums[2] = {acc, acc + nPS};
+  double* sampled = acc + 2 * nPS;
+  double* H = sampled + 1;
+  int64_t next = (b + stride - 1) / stride * stride;  // the first row of [b, e) with i % stride == 0
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t sg = pattern_of(d.s + i * d.ld_s, d.m);
+    const uint8_t* yr = dense_row(d, i);
+    const double z = prob.eta + (d.u ? d.u[i] : 0.0) - pattern_dot(yr, c, W + pattern_at(sg, S)) - mu;
+    const int64_t r = rb.n++;
+    rb.row[r] = i;
+    rb.pat[r] = static_cast<uint8_t>(sg);
+    rb.w[0][r] = clip01(z);
+    rb.w[1][r] = 1.0;
+    if (rb.n == kBlock) flush_block(d, rb, 2, sums);
+    if (i != next) continue;
+    next += stride;
+    sampled[0] += 1.0;
+    if (!(z > 0.0 && z < 1.0)) continue;  // clipped: no curvature
+    int64_t nz = 0;
+    idx[nz++] = 0;
+    for (int64_t j = 0; j < c; ++j) {
+      idx[nz] = static_cast<int32_t>(1 + j);
+      nz += yr[j] != 0;
+    }
+    double* blk = H + sg * LL;
+    for (int64_t t = 0; t < nz; ++t) {
+      double* row = blk + static_cast<int64_t>(idx[t]) * L;
+      for (int64_t u = 0; u < nz; ++u) row[idx[u]] += 1.0;
+    }
+  }
+  flush_block(d, rb, 2, sums);
+}
+
+// Pass 1 of keep_probability_at_budget: t_i = eta + u_i - a_i^T w into out, and (with
+// counts) per pattern at mu0 G0 = sum clip(t - mu0) ytil, A0 = sum over the active rows
+// (0 < t - mu0 < 1) of ytil, C = sum ytil (when count_data): acc = [G0 | A0 | C] (padded,
+// nPS each) then [sum clip(t - mu0) | active rows]; lo/hi: min and max of t.
+PYM4_SIMD_CLONES void budget_range_pattern(const Data& d, const Problem& prob, const double* W, double mu0,
+                                           bool counts, bool count_data, int64_t b, int64_t e, double* out,
+                                           double* acc, RowBlock& rb, double& lo, double& hi) {
+  const int64_t S = pattern_stride(d.c), c = d.c, nPS = (int64_t(1) << d.m) * S;
+  double* sums[3];
+  int nw = 0;
+  if (counts) {
+    sums[nw++] = acc;
+    sums[nw++] = acc + nPS;
+  }
+  if (count_data) sums[nw++] = acc + 2 * nPS;
+  double mn = lo, mx = hi;
+  double sq = 0.0, na = 0.0;
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t sg = pattern_of(d.s + i * d.ld_s, d.m);
+    const double t = prob.eta + (d.u ? d.u[i] : 0.0) - pattern_dot(dense_row(d, i), c, W + pattern_at(sg, S));
+    out[i] = t;
+    mn = std::min(mn, t);
+    mx = std::max(mx, t);
+    const double z = t - mu0, q = clip01(z);
+    const double active = (z > 0.0 && z < 1.0) ? 1.0 : 0.0;
+    sq += q;
+    na += active;
+    if (!nw) continue;
+    const int64_t r = rb.n++;
+    rb.row[r] = i;
+    rb.pat[r] = static_cast<uint8_t>(sg);
+    int k = 0;
+    if (counts) {
+      rb.w[k++][r] = q;
+      rb.w[k++][r] = active;
+    }
+    if (count_data) rb.w[k][r] = 1.0;
+    if (rb.n == kBlock) flush_block(d, rb, nw, sums);
+  }
+  flush_block(d, rb, nw, sums);
+  acc[3 * nPS] += sq;
+  acc[3 * nPS + 1] += na;
+  lo = mn;
+  hi = mx;
+}
+
+// The writing pass of keep_probability_at_budget: q_i = clip(t_i - mu) in place; the rows
+// whose q is not the linear extrapolation clip(t - mu0) - (mu - mu0) [0 < t - mu0 < 1] of
+// pass 1 (those that crossed a kink of clip between mu0 and mu) add their difference times
+// ytil to their pattern's correction in acc (padded; null: q only).
+PYM4_SIMD_CLONES void budget_write_pattern(const Data& d, double mu0, double mu, int64_t b, int64_t e, double* q,
+                                           double* acc, RowBlock& rb) {
+  const double dm = mu - mu0;
+  double* const sums[1] = {acc};
+  for (int64_t i = b; i < e; ++i) {
+    const double t = q[i], z0 = t - mu0, z = t - mu, qi = clip01(z);
+    q[i] = qi;
+    if (!acc) continue;
+    const bool act0 = z0 > 0.0 && z0 < 1.0, act = z > 0.0 && z < 1.0;
+    if ((act0 && act) || (z0 <= 0.0 && z <= 0.0) || (z0 >= 1.0 && z >= 1.0)) continue;
+    const int64_t r = rb.n++;
+    rb.row[r] = i;
+    rb.pat[r] = static_cast<uint8_t>(pattern_of(d.s + i * d.ld_s, d.m));
+    rb.w[0][r] = qi - (clip01(z0) - (act0 ? dm : 0.0));
+    if (rb.n == kBlock) flush_block(d, rb, 1, sums);
+  }
+  if (acc) flush_block(d, rb, 1, sums);
+}
+
+// counts of weighted_counts per pattern: acc (padded) += q_i ytil over the rows.
+PYM4_SIMD_CLONES void counts_range_pattern(const Data& d, const double* q, int64_t b, int64_t e, double* acc,
+                                           RowBlock& rb) {
+  double* const sums[1] = {acc};
+  for (int64_t i = b; i < e; ++i) {
+    const double qi = q ? q[i] : 1.0;
+    if (qi == 0.0) continue;
+    const int64_t r = rb.n++;
+    rb.row[r] = i;
+    rb.pat[r] = static_cast<uint8_t>(pattern_of(d.s + i * d.ld_s, d.m));
+    rb.w[0][r] = qi;
+    if (rb.n == kBlock) flush_block(d, rb, 1, sums);
+  }
+  flush_block(d, rb, 1, sums);
+}
+
+// The Newton stats' layout (newton_stats) from the per-pattern sums of newton_range_pattern.
+void fold_newton(int64_t m, int64_t c, const double* acc, double* stats) {
+  const int64_t L = c + 1, LL = L * L, nP = int64_t(1) << m, nb = 1 + m + m * (m - 1) / 2;
+  const int64_t S = pattern_stride(c), nPS = nP * S;
+  const double* G = acc;
+  const double* C = acc + nPS;
+  const double* H = acc + 2 * nPS + 1;
+  double* qv = stats + nb * LL;
+  double* cv = qv + (1 + m) * L;
+  auto add = [](double* dst, const double* src, int64_t len) {
+    for (int64_t a = 0; a < len; ++a) dst[a] += src[a];
+  };
+  for (int64_t sg = 0; sg < nP; ++sg) {
+    const int64_t at = pattern_at(sg, S);
+    add(stats, H + sg * LL, LL);
+    add(qv, G + at, L);
+    add(cv, C + at, L);
+    for (int64_t k = 0; k < m; ++k) {
+      if (!((sg >> k) & 1)) continue;
+      add(stats + (1 + k) * LL, H + sg * LL, LL);
+      add(qv + (1 + k) * L, G + at, L);
+      add(cv + (1 + k) * L, C + at, L);
+      for (int64_t l = k + 1; l < m; ++l)
+        if ((sg >> l) & 1) add(stats + (1 + m + pair_index(k, l, m)) * LL, H + sg * LL, LL);
+    }
+  }
+  stats[nb * LL + 2 * (1 + m) * L] += acc[2 * nPS];
+}
+
+// One mini-batch of the stream per pattern (batch_stats, stream_fit), with its buffers
+// reused across the batches of a pass.
+struct PatternBatch {
+  int64_t m, c, L, nPS;
+  AlignedDoubles W, acc;
+  RowBlock rb;
+  explicit PatternBatch(const Data& d)
+      : m(d.m), c(d.c), L(d.c + 1), nPS((int64_t(1) << d.m) * pattern_stride(d.c)), W(nPS), acc(2 * nPS) {}
+  // stats (stats_size(p), overwritten) of rows [b, e) (of order[b..e)) at duals (w, mu).
+  void stats(const Data& d, const Problem& prob, const double* w, double mu, const int64_t* order, int64_t b,
+             int64_t e, double* out) {
+    const int64_t p = m * L, S = pattern_stride(c);
+    pattern_weights(m, c, prob.pi, w, W.data());
+    acc.zero(2 * nPS);
+    if (e - b >= kParallelMin) {
+      parallel_accumulate_aligned(e - b, 2 * nPS, acc.data(), [&](int64_t lb, int64_t le, double* a) {
+        RowBlock rbt;
+        stream_range_pattern(d, prob, W.data(), mu, order, b + lb, b + le, a, rbt);
+      });
+    } else {
+      stream_range_pattern(d, prob, W.data(), mu, order, b, e, acc.data(), rb);
+    }
+    std::fill(out, out + stats_size(p), 0.0);
+    fold_groups(m, c, prob.pi, acc.data(), 1, out);
+    fold_groups(m, c, prob.pi, acc.data() + nPS, 2, out + p);
+    for (int64_t sg = 0; sg < (int64_t(1) << m); ++sg) {
+      out[2 * p] += acc.data()[pattern_at(sg, S)];
+      out[2 * p + 1] += acc.data()[nPS + pattern_at(sg, S)];
+    }
+  }
+};
+
+// keep_probability_at_budget on the per-pattern passes: one pass over the rows (t_i, and the
+// counts at mu0), the budget search over the stored t, and a writing pass that reads only
+// the rows that crossed a kink between mu0 and the final mu.
+double budget_pattern(const Data& d, const Problem& prob, const double* w, double mu0, double* q,
+                      double* counts_after, double* counts_before) {
+  const int64_t n = d.n, S = pattern_stride(d.c), nPS = (int64_t(1) << d.m) * S;
+  AlignedDoubles W(nPS);
+  pattern_weights(d.m, d.c, prob.pi, w, W.data());
+  const bool counts = counts_after != nullptr, count_data = counts_before != nullptr;
+  const int64_t width = (3 * nPS + 2 + 7) / 8 * 8;
+  const int T = n >= kParallelMin ? max_threads() : 1;
+  AlignedDoubles part(static_cast<size_t>(T) * width);
+  std::vector<double> lo_t(T, 0.0), hi_t(T, 0.0);
+  parallel_threads(n, [&](int t, int, int64_t b, int64_t e) {
+    RowBlock rb;
+    lo_t[t] = std::numeric_limits<double>::infinity();
+    hi_t[t] = -std::numeric_limits<double>::infinity();
+    budget_range_pattern(d, prob, W.data(), mu0, counts, count_data, b, e, q,
+                         part.data() + static_cast<size_t>(t) * width, rb, lo_t[t], hi_t[t]);
+  });
+  std::vector<double> acc(width, 0.0);
+  double lo = lo_t[0], hi = hi_t[0];
+  for (int t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < width; ++j) acc[j] += part.data()[static_cast<size_t>(t) * width + j];
+    lo = std::min(lo, lo_t[t]);
+    hi = std::max(hi, hi_t[t]);
+  }
+  // f(mu) = sum_i clip(t_i - mu) - n eta: >= 0 at min t - 1 (every q is 1), <= 0 at max t.
+  lo -= 1.0;
+  const double target = static_cast<double>(n) * prob.eta;
+  double mu = std::min(std::max(mu0, lo), hi);
+  for (int it = 0; it < 200; ++it) {
+    double sq, na;
+    if (it == 0 && mu == mu0) {  // pass 1 evaluated mu0
+      sq = acc[3 * nPS];
+      na = acc[3 * nPS + 1];
+    } else {
+      double a2[2] = {0.0, 0.0};
+      parallel_accumulate(n, 2, a2, [&](int64_t b, int64_t e, double* a) {
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t i = b; i < e; ++i) {
+          const double z = q[i] - mu;
+          s1 += clip01(z);
+          s2 += (z > 0.0 && z < 1.0) ? 1.0 : 0.0;
+        }
+        a[0] += s1;
+        a[1] += s2;
+      });
+      sq = a2[0];
+      na = a2[1];
+    }
+    const double f = sq - target;
+    if (std::abs(f) <= 1e-13 * static_cast<double>(n)) break;
+    (f > 0.0 ? lo : hi) = mu;
+    double next = na > 0.0 ? mu + f / na : 0.5 * (lo + hi);
+    if (!(next > lo && next < hi)) next = 0.5 * (lo + hi);
+    if (next == mu || hi - lo <= 1e-15 * (1.0 + std::abs(mu))) break;
+    mu = next;
+  }
+  std::vector<double> corr(counts ? nPS : 0, 0.0);
+  parallel_accumulate_aligned(n, counts ? nPS : 0, corr.data(), [&](int64_t b, int64_t e, double* a) {
+    RowBlock rb;
+    budget_write_pattern(d, mu0, mu, b, e, q, counts ? a : nullptr, rb);
+  });
+  if (counts) {
+    // sum_i q_i ytil = G0 - (mu - mu0) A0 + the crossing rows' corrections, per pattern.
+    const double dm = mu - mu0;
+    for (int64_t j = 0; j < nPS; ++j) corr[j] += acc[j] - dm * acc[nPS + j];
+    fold_counts(d.m, d.c, corr.data(), counts_after);
+  }
+  if (count_data) fold_counts(d.m, d.c, acc.data() + 2 * nPS, counts_before);
+  return mu;
+}
+
 }  // namespace
 
 // ----- public entry points --------------------------------------------------------------------
 
 void margins(const Data& d, const double* pi, const double* w, double* out) {
+  if (by_pattern(d)) {
+    AlignedDoubles W((size_t(1) << d.m) * pattern_stride(d.c));
+    pattern_weights(d.m, d.c, pi, w, W.data());
+    parallel_ranges(d.n, [&](int64_t b, int64_t e) { margins_range_pattern(d, W.data(), b, e, out); });
+    return;
+  }
   parallel_ranges(d.n, [&](int64_t b, int64_t e) { margins_range(d, pi, w, b, e, out); });
 }
 
 void keep_probability(const Data& d, const Problem& prob, const double* w, double mu, double* q) {
+  AlignedDoubles W(by_pattern(d) ? (size_t(1) << d.m) * pattern_stride(d.c) : 0);
+  if (by_pattern(d)) pattern_weights(d.m, d.c, prob.pi, w, W.data());
   parallel_ranges(d.n, [&](int64_t b, int64_t e) {
-    margins_range(d, prob.pi, w, b, e, q);
+    if (by_pattern(d)) margins_range_pattern(d, W.data(), b, e, q);
+    else margins_range(d, prob.pi, w, b, e, q);
     for (int64_t i = b; i < e; ++i) q[i] = clip01(prob.eta + (d.u ? d.u[i] : 0.0) - q[i] - mu);
   });
 }
@@ -258,6 +770,7 @@ double keep_probability_at_budget(const Data& d, const Problem& prob, const doub
                                   double* counts_after, double* counts_before) {
   const int64_t n = d.n;
   if (n == 0) return mu0;
+  if (by_pattern(d)) return budget_pattern(d, prob, w, mu0, q, counts_after, counts_before);
   parallel_ranges(n, [&](int64_t b, int64_t e) {
     margins_range(d, prob.pi, w, b, e, q);
     for (int64_t i = b; i < e; ++i) q[i] = prob.eta + (d.u ? d.u[i] : 0.0) - q[i];  // z_i + mu
@@ -311,6 +824,16 @@ double keep_probability_at_budget(const Data& d, const Problem& prob, const doub
 int64_t counts_size(int64_t m, int64_t c) { return 1 + m + c + m * c; }
 
 void weighted_counts(const Data& d, const double* q, double* counts) {
+  if (by_pattern(d)) {
+    const int64_t nPS = (int64_t(1) << d.m) * pattern_stride(d.c);
+    std::vector<double> P(nPS, 0.0);
+    parallel_accumulate_aligned(d.n, nPS, P.data(), [&](int64_t b, int64_t e, double* acc) {
+      RowBlock rb;
+      counts_range_pattern(d, q, b, e, acc, rb);
+    });
+    fold_counts(d.m, d.c, P.data(), counts);
+    return;
+  }
   parallel_accumulate(d.n, counts_size(d.m, d.c), counts,
                       [&](int64_t b, int64_t e, double* acc) { counts_range(d, q, b, e, acc); });
 }
@@ -321,6 +844,11 @@ void batch_stats(const Data& d, const Problem& prob, const double* w, double mu,
                  double* stats) {
   const int64_t p = d.dim();
   std::fill(stats, stats + stats_size(p), 0.0);
+  if (by_pattern(d)) {
+    PatternBatch pb(d);
+    pb.stats(d, prob, w, mu, nullptr, begin, end, stats);
+    return;
+  }
   parallel_accumulate(end - begin, stats_size(p), stats, [&](int64_t b, int64_t e, double* acc) {
     stream_range(d, prob, w, mu, begin + b, begin + e, acc);
   });
@@ -365,6 +893,18 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
   std::vector<int64_t> gptr(order && !d.y ? Bn + 1 : 0);
   std::vector<int32_t> gidx;
   int64_t steps = 0;
+  if (by_pattern(d)) {  // the rows are read in place (in `order`): no gathered copies
+    PatternBatch pb(d);
+    for (int64_t b = 0; b < d.n; b += B) {
+      interrupt::check();
+      const int64_t e = std::min(d.n, b + B);
+      for (int64_t j = 0; j < p; ++j) w[j] = st.v_plus[j] - st.v_minus[j];
+      pb.stats(d, prob, w.data(), st.scalars[0], order, b, e, stats.data());
+      apply_update(prob, d.m, d.c, cfg, st, stats.data());
+      ++steps;
+    }
+    return steps;
+  }
   for (int64_t b = 0; b < d.n; b += B) {
     interrupt::check();
     const int64_t e = std::min(d.n, b + B);
@@ -416,6 +956,20 @@ int64_t newton_stats_size(int64_t m, int64_t c) {
 void newton_stats(const Data& d, const Problem& prob, const double* w, double mu, int64_t hessian_stride,
                   double* stats) {
   const int64_t stride = std::max<int64_t>(1, hessian_stride);
+  if (by_pattern(d)) {
+    const int64_t L = d.c + 1, nP = int64_t(1) << d.m, S = pattern_stride(d.c);
+    const int64_t width = 2 * nP * S + 1 + nP * L * L;
+    AlignedDoubles W(nP * S);
+    std::vector<double> acc(width, 0.0);
+    pattern_weights(d.m, d.c, prob.pi, w, W.data());
+    parallel_accumulate_aligned(d.n, width, acc.data(), [&](int64_t b, int64_t e, double* a) {
+      RowBlock rb;
+      std::vector<int32_t> idx(L);
+      newton_range_pattern(d, prob, W.data(), mu, stride, b, e, a, rb, idx.data());
+    });
+    fold_newton(d.m, d.c, acc.data(), stats);
+    return;
+  }
   parallel_accumulate(d.n, newton_stats_size(d.m, d.c), stats,
                       [&](int64_t b, int64_t e, double* acc) { newton_range(d, prob, w, mu, stride, b, e, acc); });
 }

@@ -321,6 +321,84 @@ PYM4_SIMD_CLONES void partial_range(const Data& d, const int64_t* count, const P
   });
 }
 
+// partial_range for dense label rows and few groups (the s-pattern classes, m <= 4): the
+// row is widened to doubles once and its two margins are two straight c-dots with its
+// pattern's (V_b, dV_b) (Vw, Vd: nC x L each), each candidate's T_b one c-axpy; only the
+// Hessian blocks walk the row's set labels. Same sums as partial_range, to rounding.
+PYM4_SIMD_CLONES void partial_range_dense(const Data& d, const int64_t* count, const Problem& prob,
+                                          const double* state, const double* Vw, const double* Vd,
+                                          int64_t row_offset, int64_t b, int64_t e, double* acc, double* q_out) {
+  const Layout Ly(d.m, d.c, state[kFree] != 0.0);
+  const int64_t L = Ly.L, c = d.c;
+  const int K = static_cast<int>(state[kK]);
+  const int hess_at = static_cast<int>(state[kHessAt]);
+  const double* steps = state + kSteps;
+  const double mu = state[kMu], dmu = state[kDmu], eta = prob.eta;
+  std::vector<double> ybuf(L);
+  std::vector<int32_t> Jbuf(L);
+  double* __restrict yd = ybuf.data();
+  int32_t* J = Jbuf.data();
+  double* H = acc + Ly.shess();
+  for_rows(b, e, row_offset, static_cast<int64_t>(state[kRate]), [&](int64_t i) {
+    const int64_t sg = pattern_of(d.s + i * d.ld_s, d.m);
+    const uint8_t* __restrict yr = dense_row(d, i);
+    const double* __restrict vw = Vw + sg * L + 1;
+    const double* __restrict vd = Vd + sg * L + 1;
+    double cw = 0.0, cd = 0.0;
+#pragma omp simd reduction(+ : cw, cd)
+    for (int64_t j = 0; j < c; ++j) {
+      const double v = static_cast<double>(yr[j]);
+      yd[j] = v;
+      cw += v * vw[j];
+      cd += v * vd[j];
+    }
+    cw += Vw[sg * L];
+    cd += Vd[sg * L];
+    const double cnt = count ? static_cast<double>(count[i]) : 1.0;
+    const double m0 = cw + mu, md = cd + dmu;
+    const double z0 = eta + (d.u ? d.u[i] : 0.0) - m0;
+    acc[0] += cnt;
+    acc[1] += cnt * std::min(0.0, md);
+    for (int k = 0; k < K; ++k) {
+      const double t = steps[k];
+      const double z = z0 - t * md, q = clip01(z);
+      if (k == 0 && q_out) q_out[i] = q;
+      double* A = acc + Ly.cand(k);
+      A[0] += cnt * q;
+      A[1] += cnt * (0.5 * (q - eta) * (q - eta) - q * (z - eta));
+      A[2] += cnt * std::min(0.0, m0 + t * md);
+      const bool active = z > 0.0 && z < 1.0;
+      if (active) A[3] += cnt;
+      if (q != 0.0) {
+        const double cq = cnt * q;
+        double* __restrict T = A + 4 + sg * L;
+        T[0] += cq;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) T[1 + j] += cq * yd[j];
+      }
+      if (k == hess_at && active && Ly.free) {  // the diagonal's sums D_b
+        double* __restrict D = H + sg * L;
+        D[0] += cnt;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) D[1 + j] += cnt * yd[j];
+      } else if (k == hess_at && active) {
+        // Upper triangle (J ascending) of the row's pattern block.
+        int nJ = 0;
+        J[nJ++] = 0;
+        for (int64_t j = 0; j < c; ++j) {
+          J[nJ] = static_cast<int32_t>(j + 1);
+          nJ += yr[j] != 0;
+        }
+        double* B = H + sg * L * L;
+        for (int a = 0; a < nJ; ++a) {
+          double* row = B + static_cast<int64_t>(J[a]) * L;
+          for (int u = a; u < nJ; ++u) row[J[u]] += cnt;
+        }
+      }
+    }
+  });
+}
+
 // One Hessian-vector product (Hessian-free mode): at the current point, over the active rows,
 // s = a^T v + v_mu and the sums [weight | sum_A s | T_b = sum_{A, class b} s ytil] (counts
 // weighting every term). V interleaves per class (V_b of w, V_b of v) as in partial_range.
@@ -704,6 +782,18 @@ void exact_partial(const Data& d, const int64_t* count, const Problem& prob, con
   // Per-thread accumulators cover the Hessian blocks only when the pass builds them (they
   // are most of the stats once there are hundreds of labels).
   const int64_t width = S[kHessAt] >= 0 ? Ly.stats_size() : Ly.shess();
+  if (Ly.by_pattern && (d.y || d.c == 0) && !d.y_indptr) {
+    std::vector<double> Vw(Ly.nC * Ly.L), Vd(Ly.nC * Ly.L);
+    for (int64_t j = 0; j < Ly.nC * Ly.L; ++j) {
+      Vw[j] = V[2 * j];
+      Vd[j] = V[2 * j + 1];
+    }
+    parallel_accumulate(d.n, width, stats, [&](int64_t b, int64_t e, double* acc) {
+      partial_range_dense(d, count, prob, S, Vw.data(), Vd.data(), row_offset, b, e, acc,
+                          S[kRate] <= 1.0 ? q_first : nullptr);
+    });
+    return;
+  }
   parallel_accumulate(d.n, width, stats, [&](int64_t b, int64_t e, double* acc) {
     partial_range(d, count, prob, S, V.data(), row_offset, b, e, acc, S[kRate] <= 1.0 ? q_first : nullptr);
   });

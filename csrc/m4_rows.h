@@ -2,6 +2,7 @@
 // exact solver's passes and the pattern table): row access and OpenMP range splitting.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -78,6 +79,144 @@ void parallel_ranges(int64_t n, Body body) {
     int64_t b, e;
     range_of(n, thread_id(), T, b, e);
     body(b, e);
+  }
+}
+
+// Runs body(t, T, begin, end) on the T contiguous ranges of n (T threads when n is large,
+// else one), for passes whose per-thread results are not plain sums (minima, maxima).
+template <typename Body>
+void parallel_threads(int64_t n, Body body) {
+  const int T = n >= kParallelMin ? max_threads() : 1;
+  if (T == 1) {
+    body(0, 1, int64_t(0), n);
+    return;
+  }
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp parallel num_threads(T)
+#endif
+  {
+    const int t = thread_id();
+    int64_t b, e;
+    range_of(n, t, T, b, e);
+    body(t, T, b, e);
+  }
+}
+
+// ----- dense labels, few groups: one margin vector per s-pattern ----------------------------
+// With dense 0/1 label rows and m <= kPatternGroups, a row's groups are its s-pattern sigma
+// (bit k set when s_ik = 1) and a_i = (sigma - pi) (x) [1; y_i], so
+//     a_i^T w = W_sigma[0] + y_i . W_sigma[1:],   W_sigma = sum_k (sigma_k - pi_k) w_k,
+// one c-dot per row instead of m, and every sum over rows of f_i a_i (or f_i (s_ik - pi_k)^2
+// [1; y_i]) is sum_sigma (sigma_k - pi_k)^e P_sigma with P_sigma = sum over the rows of
+// pattern sigma of f_i [1; y_i]: a pass accumulates one (c+1)-vector per row into its
+// pattern's P and folds the 2^m of them into per-group sums at the end.
+constexpr int64_t kPatternGroups = 4;
+
+inline bool by_pattern(const Data& d) { return d.m <= kPatternGroups && (d.y != nullptr || d.c == 0); }
+
+// Row i's dense labels (c bytes; with c = 0 the pointer is never read and may be null).
+inline const uint8_t* dense_row(const Data& d, int64_t i) { return d.c ? d.y + i * d.ld_y : d.y; }
+
+inline int64_t pattern_of(const uint8_t* s, int64_t m) {  // m <= kPatternGroups
+  int64_t sg = 0;
+  switch (m) {  // unrolled: a loop over m is a loop the compiler vectorises for large m
+    case 4: sg |= static_cast<int64_t>(s[3] != 0) << 3; [[fallthrough]];
+    case 3: sg |= static_cast<int64_t>(s[2] != 0) << 2; [[fallthrough]];
+    case 2: sg |= static_cast<int64_t>(s[1] != 0) << 1; [[fallthrough]];
+    case 1: sg |= static_cast<int64_t>(s[0] != 0); break;
+    default: break;
+  }
+  return sg;
+}
+
+inline double pattern_coef(int64_t sg, int64_t k, const double* pi) {
+  return static_cast<double>((sg >> k) & 1) - pi[k];
+}
+
+// The per-pattern arrays (margin vectors W_sigma, sums P_sigma) are stored padded: pattern
+// sigma's (c+1)-vector starts at sigma S + 3, S = pattern_stride(c), so that its label part
+// (from sigma S + 4) is 32-byte aligned in a 64-byte aligned buffer. Vector loads and stores
+// must not straddle cache lines there: a split store defeats the store forwarding that the
+// next row's update of the same sums waits on.
+inline int64_t pattern_stride(int64_t c) { return 4 + (c + 3) / 4 * 4; }
+inline int64_t pattern_at(int64_t sg, int64_t S) { return sg * S + 3; }
+
+// A zeroed buffer of n doubles whose data is 64-byte aligned.
+struct AlignedDoubles {
+  std::vector<double> raw;
+  double* p;
+  explicit AlignedDoubles(size_t n) : raw(n + 8, 0.0) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(raw.data());
+    p = raw.data() + ((64 - a % 64) % 64) / sizeof(double);
+  }
+  double* data() { return p; }
+  void zero(size_t n) { std::fill(p, p + n, 0.0); }
+};
+
+// parallel_accumulate with 64-byte aligned per-thread accumulators (one cache line apart).
+template <typename Body>
+void parallel_accumulate_aligned(int64_t n, int64_t width, double* out, Body body) {
+  const int T = n >= kParallelMin ? max_threads() : 1;
+  const int64_t stride = (width + 7) / 8 * 8;
+  AlignedDoubles partial(static_cast<size_t>(T) * stride);
+  if (T == 1) {
+    body(int64_t(0), n, partial.data());
+  } else {
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp parallel num_threads(T)
+#endif
+    {
+      const int t = thread_id();
+      int64_t b, e;
+      range_of(n, t, T, b, e);
+      body(b, e, partial.data() + static_cast<size_t>(t) * stride);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int64_t j = 0; j < width; ++j) out[j] += partial.data()[static_cast<size_t>(t) * stride + j];
+}
+
+// W (padded, 2^m patterns) = the per-pattern margin vectors of w (m x (c+1)).
+inline void pattern_weights(int64_t m, int64_t c, const double* pi, const double* w, double* W) {
+  const int64_t L = c + 1, nP = int64_t(1) << m, S = pattern_stride(c);
+  for (int64_t sg = 0; sg < nP; ++sg) {
+    double* Ws = W + pattern_at(sg, S);
+    for (int64_t a = 0; a < L; ++a) Ws[a] = 0.0;
+    for (int64_t k = 0; k < m; ++k) {
+      const double dk = pattern_coef(sg, k, pi);
+      for (int64_t a = 0; a < L; ++a) Ws[a] += dk * w[k * L + a];
+    }
+  }
+}
+
+// out (m x (c+1), +=): sum_sigma (sigma_k - pi_k)^power P_sigma (P padded), power 1 or 2.
+inline void fold_groups(int64_t m, int64_t c, const double* pi, const double* P, int power, double* out) {
+  const int64_t L = c + 1, nP = int64_t(1) << m, S = pattern_stride(c);
+  for (int64_t k = 0; k < m; ++k)
+    for (int64_t sg = 0; sg < nP; ++sg) {
+      const double dk = pattern_coef(sg, k, pi);
+      const double f = power == 1 ? dk : dk * dk;
+      const double* Ps = P + pattern_at(sg, S);
+      for (int64_t a = 0; a < L; ++a) out[k * L + a] += f * Ps[a];
+    }
+}
+
+// counts (weighted_counts layout, +=) from P_sigma = sum over the rows of sigma of q_i [1; y_i]
+// (padded).
+inline void fold_counts(int64_t m, int64_t c, const double* P, double* counts) {
+  const int64_t nP = int64_t(1) << m, S = pattern_stride(c);
+  double* qs = counts + 1;
+  double* qy = counts + 1 + m;
+  double* qsy = counts + 1 + m + c;
+  for (int64_t sg = 0; sg < nP; ++sg) {
+    const double* Ps = P + pattern_at(sg, S);
+    counts[0] += Ps[0];
+    for (int64_t r = 0; r < c; ++r) qy[r] += Ps[1 + r];
+    for (int64_t k = 0; k < m; ++k) {
+      if (!((sg >> k) & 1)) continue;
+      qs[k] += Ps[0];
+      for (int64_t r = 0; r < c; ++r) qsy[k * c + r] += Ps[1 + r];
+    }
   }
 }
 
