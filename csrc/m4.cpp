@@ -241,33 +241,66 @@ PYM4_SIMD_CLONES void newton_range(const Data& d, const Problem& prob, const dou
   }
 }
 
+// ----- the budget search of keep_probability_at_budget --------------------------------------
+// A sum of n terms in [0, 1] kept in one running double errs by up to ~1e-16 n per term
+// added, which at n = 1e7 is above the search's tolerance 1e-13 n: the search then cannot
+// tell the root from rounding and bisects to the last bit (tens of passes). So sums run in
+// blocks of 64 terms added plainly, and the block sums are added with Neumaier's compensation.
+struct CompensatedSum {
+  double sum = 0.0, comp = 0.0;
+  void add(double x) {
+    const double t = sum + x;
+    comp += std::abs(sum) >= std::abs(x) ? (sum - t) + x : (x - t) + sum;
+    sum = t;
+  }
+  double value() const { return sum + comp; }
+};
+
+// [sum clip(t_i - mu), #{0 < t_i - mu < 1}] over [b, e).
+inline void clip_sums(const double* t, int64_t b, int64_t e, double mu, double* out) {
+  CompensatedSum sq;
+  double na = 0.0;
+  for (int64_t i = b; i < e; i += 64) {
+    const int64_t end = std::min(e, i + 64);
+    double blk = 0.0;
+    for (int64_t j = i; j < end; ++j) {
+      const double z = t[j] - mu;
+      blk += clip01(z);
+      na += (z > 0.0 && z < 1.0) ? 1.0 : 0.0;
+    }
+    sq.add(blk);
+  }
+  out[0] += sq.value();
+  out[1] += na;
+}
+
+// mu with sum_i clip(t_i - mu) = n eta (to 1e-13 n), by safeguarded Newton steps from mu0 on
+// that monotone piecewise-linear function, within the bracket [lo, hi] (lo: min t - 1, hi: max
+// t). first (may be null): [sum, count] at mu0 when a pass already has them.
+double budget_root(int64_t n, const double* t, double eta, double mu0, double lo, double hi, const double* first) {
+  const double target = static_cast<double>(n) * eta;
+  double mu = std::min(std::max(mu0, lo), hi);
+  for (int it = 0; it < 200; ++it) {
+    double acc[2] = {0.0, 0.0};  // sum q, active count
+    if (it == 0 && first && mu == mu0) {
+      acc[0] = first[0];
+      acc[1] = first[1];
+    } else {
+      parallel_accumulate(n, 2, acc, [&](int64_t b, int64_t e, double* a) { clip_sums(t, b, e, mu, a); });
+    }
+    const double f = acc[0] - target;
+    if (std::abs(f) <= 1e-13 * static_cast<double>(n)) break;
+    (f > 0.0 ? lo : hi) = mu;
+    double next = acc[1] > 0.0 ? mu + f / acc[1] : 0.5 * (lo + hi);
+    if (!(next > lo && next < hi)) next = 0.5 * (lo + hi);
+    if (next == mu || hi - lo <= 1e-15 * (1.0 + std::abs(mu))) break;
+    mu = next;
+  }
+  return mu;
+}
+
 // ----- the per-pattern passes (dense labels, m <= kPatternGroups: see m4_rows.h) -----------
 
-// The row loops below run over the labels eight at a time as two vectors of four doubles
-// (GCC's vector extensions: whole registers in every ISA clone). The widening of eight 0/1
-// bytes takes no per-byte work: one multiply gathers their bits into a byte (byte k -> bit
-// k) and each half indexes a table of the 16 vectors of four 0/1 doubles. The partial sums
-// of the dot products are combined in a fixed order, so results do not depend on the clone.
-// The remainder (c % 8 labels) runs one by one.
-#if defined(__GNUC__)
-#define PYM4_M4_VEC 1
-typedef double f64x4 __attribute__((vector_size(32)));
-
-struct Nibbles {
-  alignas(32) double v[16][4];
-  constexpr Nibbles() : v() {
-    for (int b = 0; b < 16; ++b)
-      for (int u = 0; u < 4; ++u) v[b][u] = static_cast<double>((b >> u) & 1);
-  }
-};
-constexpr Nibbles kNibbles;
-
-inline unsigned bits8(const uint8_t* p) {  // bit k = byte k (0/1 bytes)
-  uint64_t x;
-  std::memcpy(&x, p, 8);
-  return static_cast<unsigned>(((x & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56);
-}
-#endif
 
 // a_i^T w of a dense row from its pattern's margin vector Ws; widens y_i into yd (c doubles)
 // for the row's accumulations (yd null: no widening).
@@ -356,102 +389,6 @@ inline void pattern_add(const double* __restrict yd, int64_t c, double* __restri
   for (; j < c; ++j) P1[j] += yd[j];
 }
 
-// ----- per-pattern sums over a block of rows -----------------------------------------------
-// Updating a pattern's sums row by row is a chain through memory (load, add, store, and the
-// next row of the same pattern loads it again), which runs several times slower than the
-// arithmetic. So the passes first compute every row's weights for a block of up to kBlock
-// rows, then sort the block's rows by pattern (a stable counting sort) and sum each
-// pattern's rows with the accumulators in registers, eight labels at a time.
-constexpr int64_t kBlock = 256;
-
-// Inlined into each ISA clone of the passes that call them (a separate function would be
-// compiled for the baseline ISA only).
-#if defined(__GNUC__)
-#define PYM4_M4_INLINE inline __attribute__((always_inline))
-#else
-#define PYM4_M4_INLINE inline
-#endif
-
-struct RowBlock {
-  int64_t n = 0;
-  int64_t row[kBlock];
-  uint8_t pat[kBlock];
-  double w[3][kBlock];  // up to three weights per row
-};
-
-// sums[k] (padded per-pattern arrays, +=): for every pattern sigma, the sum over the block's
-// rows of pattern sigma of w[k]_i [1; y_i], k < NW.
-template <int NW>
-PYM4_M4_INLINE void block_sums(const Data& d, const RowBlock& rb, double* const* sums) {
-  const int64_t c = d.c, S = pattern_stride(c), nP = int64_t(1) << d.m;
-  int64_t start[(1 << kPatternGroups) + 1] = {};
-  for (int64_t r = 0; r < rb.n; ++r) ++start[rb.pat[r] + 1];
-  for (int64_t sg = 0; sg < nP; ++sg) start[sg + 1] += start[sg];
-  int64_t fill[1 << kPatternGroups];
-  std::copy(start, start + nP, fill);
-  int32_t order[kBlock];
-  for (int64_t r = 0; r < rb.n; ++r) order[fill[rb.pat[r]]++] = static_cast<int32_t>(r);
-  for (int64_t sg = 0; sg < nP; ++sg) {
-    const int64_t ob = start[sg], oe = start[sg + 1];
-    if (ob == oe) continue;
-    const int64_t at = pattern_at(sg, S);
-    for (int k = 0; k < NW; ++k) {
-      double tot = 0.0;
-      for (int64_t o = ob; o < oe; ++o) tot += rb.w[k][order[o]];
-      sums[k][at] += tot;
-    }
-    int64_t j = 0;
-#if defined(PYM4_M4_VEC)
-    for (; j + 8 <= c; j += 8) {
-      f64x4 acc[NW][2];
-      for (int k = 0; k < NW; ++k) acc[k][0] = acc[k][1] = f64x4{0.0, 0.0, 0.0, 0.0};
-      for (int64_t o = ob; o < oe; ++o) {
-        const int64_t r = order[o];
-        const unsigned bits = bits8(d.y + rb.row[r] * d.ld_y + j);
-        f64x4 v0, v1;
-        std::memcpy(&v0, kNibbles.v[bits & 15], sizeof v0);
-        std::memcpy(&v1, kNibbles.v[bits >> 4], sizeof v1);
-        for (int k = 0; k < NW; ++k) {
-          const double f = rb.w[k][r];
-          const f64x4 fv = {f, f, f, f};
-          acc[k][0] += fv * v0;
-          acc[k][1] += fv * v1;
-        }
-      }
-      for (int k = 0; k < NW; ++k) {
-        double* out = sums[k] + at + 1 + j;
-        f64x4 o0, o1;
-        std::memcpy(&o0, out, sizeof o0);
-        std::memcpy(&o1, out + 4, sizeof o1);
-        o0 += acc[k][0];
-        o1 += acc[k][1];
-        std::memcpy(out, &o0, sizeof o0);
-        std::memcpy(out + 4, &o1, sizeof o1);
-      }
-    }
-#endif
-    for (; j < c; ++j)
-      for (int k = 0; k < NW; ++k) {
-        double tot = 0.0;
-        for (int64_t o = ob; o < oe; ++o) {
-          const int64_t r = order[o];
-          tot += rb.w[k][r] * static_cast<double>(d.y[rb.row[r] * d.ld_y + j]);
-        }
-        sums[k][at + 1 + j] += tot;
-      }
-  }
-}
-
-// block_sums for nw = 1..3 weights (sums[0..nw)), then empties the block.
-PYM4_M4_INLINE void flush_block(const Data& d, RowBlock& rb, int nw, double* const* sums) {
-  if (rb.n) {
-    if (nw == 1) block_sums<1>(d, rb, sums);
-    else if (nw == 2) block_sums<2>(d, rb, sums);
-    else if (nw == 3) block_sums<3>(d, rb, sums);
-  }
-  rb.n = 0;
-}
-
 PYM4_SIMD_CLONES void margins_range_pattern(const Data& d, const double* W, int64_t b, int64_t e, double* out) {
   const int64_t S = pattern_stride(d.c), c = d.c;
   for (int64_t i = b; i < e; ++i)
@@ -538,8 +475,13 @@ PYM4_SIMD_CLONES void budget_range_pattern(const Data& d, const Problem& prob, c
   }
   if (count_data) sums[nw++] = acc + 2 * nPS;
   double mn = lo, mx = hi;
-  double sq = 0.0, na = 0.0;
+  CompensatedSum sq;  // as clip_sums: plain within 64 rows, compensated across
+  double blk = 0.0, na = 0.0;
   for (int64_t i = b; i < e; ++i) {
+    if (((i - b) & 63) == 0) {
+      sq.add(blk);
+      blk = 0.0;
+    }
     const int64_t sg = pattern_of(d.s + i * d.ld_s, d.m);
     const double t = prob.eta + (d.u ? d.u[i] : 0.0) - pattern_dot(dense_row(d, i), c, W + pattern_at(sg, S));
     out[i] = t;
@@ -547,7 +489,7 @@ PYM4_SIMD_CLONES void budget_range_pattern(const Data& d, const Problem& prob, c
     mx = std::max(mx, t);
     const double z = t - mu0, q = clip01(z);
     const double active = (z > 0.0 && z < 1.0) ? 1.0 : 0.0;
-    sq += q;
+    blk += q;
     na += active;
     if (!nw) continue;
     const int64_t r = rb.n++;
@@ -562,7 +504,8 @@ PYM4_SIMD_CLONES void budget_range_pattern(const Data& d, const Problem& prob, c
     if (rb.n == kBlock) flush_block(d, rb, nw, sums);
   }
   flush_block(d, rb, nw, sums);
-  acc[3 * nPS] += sq;
+  sq.add(blk);
+  acc[3 * nPS] += sq.value();
   acc[3 * nPS + 1] += na;
   lo = mn;
   hi = mx;
@@ -696,37 +639,7 @@ double budget_pattern(const Data& d, const Problem& prob, const double* w, doubl
     hi = std::max(hi, hi_t[t]);
   }
   // f(mu) = sum_i clip(t_i - mu) - n eta: >= 0 at min t - 1 (every q is 1), <= 0 at max t.
-  lo -= 1.0;
-  const double target = static_cast<double>(n) * prob.eta;
-  double mu = std::min(std::max(mu0, lo), hi);
-  for (int it = 0; it < 200; ++it) {
-    double sq, na;
-    if (it == 0 && mu == mu0) {  // pass 1 evaluated mu0
-      sq = acc[3 * nPS];
-      na = acc[3 * nPS + 1];
-    } else {
-      double a2[2] = {0.0, 0.0};
-      parallel_accumulate(n, 2, a2, [&](int64_t b, int64_t e, double* a) {
-        double s1 = 0.0, s2 = 0.0;
-        for (int64_t i = b; i < e; ++i) {
-          const double z = q[i] - mu;
-          s1 += clip01(z);
-          s2 += (z > 0.0 && z < 1.0) ? 1.0 : 0.0;
-        }
-        a[0] += s1;
-        a[1] += s2;
-      });
-      sq = a2[0];
-      na = a2[1];
-    }
-    const double f = sq - target;
-    if (std::abs(f) <= 1e-13 * static_cast<double>(n)) break;
-    (f > 0.0 ? lo : hi) = mu;
-    double next = na > 0.0 ? mu + f / na : 0.5 * (lo + hi);
-    if (!(next > lo && next < hi)) next = 0.5 * (lo + hi);
-    if (next == mu || hi - lo <= 1e-15 * (1.0 + std::abs(mu))) break;
-    mu = next;
-  }
+  const double mu = budget_root(n, q, prob.eta, mu0, lo - 1.0, hi, acc.data() + 3 * nPS);
   std::vector<double> corr(counts ? nPS : 0, 0.0);
   parallel_accumulate_aligned(n, counts ? nPS : 0, corr.data(), [&](int64_t b, int64_t e, double* a) {
     RowBlock rb;
@@ -781,29 +694,7 @@ double keep_probability_at_budget(const Data& d, const Problem& prob, const doub
     hi = std::max(hi, q[i]);
   }
   // f(mu) = sum_i clip(z_i - mu) - n eta: >= 0 at min z - 1 (every q is 1), <= 0 at max z.
-  lo -= 1.0;
-  const double target = static_cast<double>(n) * prob.eta;
-  double mu = std::min(std::max(mu0, lo), hi);
-  for (int it = 0; it < 200; ++it) {
-    double acc[2] = {0.0, 0.0};  // sum q, active count
-    parallel_accumulate(n, 2, acc, [&](int64_t b, int64_t e, double* a) {
-      double sq = 0.0, na = 0.0;
-      for (int64_t i = b; i < e; ++i) {
-        const double z = q[i] - mu;
-        sq += clip01(z);
-        na += (z > 0.0 && z < 1.0) ? 1.0 : 0.0;
-      }
-      a[0] += sq;
-      a[1] += na;
-    });
-    const double f = acc[0] - target;
-    if (std::abs(f) <= 1e-13 * static_cast<double>(n)) break;
-    (f > 0.0 ? lo : hi) = mu;
-    double next = acc[1] > 0.0 ? mu + f / acc[1] : 0.5 * (lo + hi);
-    if (!(next > lo && next < hi)) next = 0.5 * (lo + hi);
-    if (next == mu || hi - lo <= 1e-15 * (1.0 + std::abs(mu))) break;
-    mu = next;
-  }
+  const double mu = budget_root(n, q, prob.eta, mu0, lo - 1.0, hi, nullptr);
   // The writing pass also counts the kept data (and the data): one more read of the rows.
   const int64_t K = counts_size(d.m, d.c);
   std::vector<double> both(2 * K, 0.0);

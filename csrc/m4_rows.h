@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "pym4/common.h"
@@ -218,6 +219,145 @@ inline void fold_counts(int64_t m, int64_t c, const double* P, double* counts) {
       for (int64_t r = 0; r < c; ++r) qsy[k * c + r] += Ps[1 + r];
     }
   }
+}
+
+
+// ----- vectors of four doubles, and 0/1 bytes widened through a table -----------------------
+// The row loops below run over the labels eight at a time as two vectors of four doubles
+// (GCC's vector extensions: whole registers in every ISA clone). The widening of eight 0/1
+// bytes takes no per-byte work: one multiply gathers their bits into a byte (byte k -> bit
+// k) and each half indexes a table of the 16 vectors of four 0/1 doubles. The partial sums
+// of the dot products are combined in a fixed order, so results do not depend on the clone.
+// The remainder (c % 8 labels) runs one by one.
+#if defined(__GNUC__)
+#define PYM4_M4_VEC 1
+typedef double f64x4 __attribute__((vector_size(32)));
+
+struct Nibbles {
+  alignas(32) double v[16][4];
+  constexpr Nibbles() : v() {
+    for (int b = 0; b < 16; ++b)
+      for (int u = 0; u < 4; ++u) v[b][u] = static_cast<double>((b >> u) & 1);
+  }
+};
+constexpr Nibbles kNibbles;
+
+inline unsigned bits8(const uint8_t* p) {  // bit k = byte k (0/1 bytes)
+  uint64_t x;
+  std::memcpy(&x, p, 8);
+  return static_cast<unsigned>(((x & 0x0101010101010101ull) * 0x0102040810204080ull) >> 56);
+}
+#endif
+
+// ----- per-pattern sums over a block of rows -----------------------------------------------
+// Updating a pattern's sums row by row is a chain through memory (load, add, store, and the
+// next row of the same pattern loads it again), which runs several times slower than the
+// arithmetic. So the passes first compute every row's weights for a block of up to kBlock
+// rows, then sort the block's rows by pattern (a stable counting sort) and sum each
+// pattern's rows with the accumulators in registers, eight labels at a time.
+constexpr int64_t kBlock = 256;
+
+// Inlined into each ISA clone of the passes that call them (a separate function would be
+// compiled for the baseline ISA only).
+#if defined(__GNUC__)
+#define PYM4_M4_INLINE inline __attribute__((always_inline))
+#else
+#define PYM4_M4_INLINE inline
+#endif
+
+constexpr int kMaxWeights = 5;
+
+struct RowBlock {
+  int64_t n = 0;
+  int64_t row[kBlock];
+  uint8_t pat[kBlock];
+  double w[kMaxWeights][kBlock];  // up to kMaxWeights weights per row
+};
+
+// sums[k] (+=, k < NW): for every pattern sigma, the sum over the block's rows of pattern
+// sigma of w[k]_i [1; y_i], at sums[k] + sigma stride + off (the padded per-pattern layout:
+// stride pattern_stride(c), off 3).
+template <int NW>
+PYM4_M4_INLINE void block_sums(const Data& d, const RowBlock& rb, double* const* sums, int64_t stride,
+                               int64_t off) {
+  const int64_t c = d.c, nP = int64_t(1) << d.m;
+  int64_t start[(1 << kPatternGroups) + 1] = {};
+  for (int64_t r = 0; r < rb.n; ++r) ++start[rb.pat[r] + 1];
+  for (int64_t sg = 0; sg < nP; ++sg) start[sg + 1] += start[sg];
+  int64_t fill[1 << kPatternGroups];
+  std::copy(start, start + nP, fill);
+  int32_t order[kBlock];
+  for (int64_t r = 0; r < rb.n; ++r) order[fill[rb.pat[r]]++] = static_cast<int32_t>(r);
+  for (int64_t sg = 0; sg < nP; ++sg) {
+    const int64_t ob = start[sg], oe = start[sg + 1];
+    if (ob == oe) continue;
+    const int64_t at = sg * stride + off;
+    for (int k = 0; k < NW; ++k) {
+      double tot = 0.0;
+      for (int64_t o = ob; o < oe; ++o) tot += rb.w[k][order[o]];
+      sums[k][at] += tot;
+    }
+    int64_t j = 0;
+#if defined(PYM4_M4_VEC)
+    for (; j + 8 <= c; j += 8) {
+      f64x4 acc[NW][2];
+      for (int k = 0; k < NW; ++k) acc[k][0] = acc[k][1] = f64x4{0.0, 0.0, 0.0, 0.0};
+      for (int64_t o = ob; o < oe; ++o) {
+        const int64_t r = order[o];
+        const unsigned bits = bits8(d.y + rb.row[r] * d.ld_y + j);
+        f64x4 v0, v1;
+        std::memcpy(&v0, kNibbles.v[bits & 15], sizeof v0);
+        std::memcpy(&v1, kNibbles.v[bits >> 4], sizeof v1);
+        for (int k = 0; k < NW; ++k) {
+          const double f = rb.w[k][r];
+          const f64x4 fv = {f, f, f, f};
+          acc[k][0] += fv * v0;
+          acc[k][1] += fv * v1;
+        }
+      }
+      for (int k = 0; k < NW; ++k) {
+        double* out = sums[k] + at + 1 + j;
+        f64x4 o0, o1;
+        std::memcpy(&o0, out, sizeof o0);
+        std::memcpy(&o1, out + 4, sizeof o1);
+        o0 += acc[k][0];
+        o1 += acc[k][1];
+        std::memcpy(out, &o0, sizeof o0);
+        std::memcpy(out + 4, &o1, sizeof o1);
+      }
+    }
+#endif
+    for (; j < c; ++j)
+      for (int k = 0; k < NW; ++k) {
+        double tot = 0.0;
+        for (int64_t o = ob; o < oe; ++o) {
+          const int64_t r = order[o];
+          tot += rb.w[k][r] * static_cast<double>(d.y[rb.row[r] * d.ld_y + j]);
+        }
+        sums[k][at + 1 + j] += tot;
+      }
+  }
+}
+
+// block_sums for nw = 0..kMaxWeights weights (sums[0..nw)), then empties the block.
+PYM4_M4_INLINE void flush_block(const Data& d, RowBlock& rb, int nw, double* const* sums, int64_t stride,
+                                int64_t off) {
+  if (rb.n) {
+    switch (nw) {
+      case 1: block_sums<1>(d, rb, sums, stride, off); break;
+      case 2: block_sums<2>(d, rb, sums, stride, off); break;
+      case 3: block_sums<3>(d, rb, sums, stride, off); break;
+      case 4: block_sums<4>(d, rb, sums, stride, off); break;
+      case 5: block_sums<5>(d, rb, sums, stride, off); break;
+      default: break;
+    }
+  }
+  rb.n = 0;
+}
+
+// The same into padded per-pattern arrays.
+PYM4_M4_INLINE void flush_block(const Data& d, RowBlock& rb, int nw, double* const* sums) {
+  flush_block(d, rb, nw, sums, pattern_stride(d.c), 3);
 }
 
 }  // namespace detail
