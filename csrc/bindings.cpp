@@ -545,17 +545,19 @@ PYBIND11_MODULE(_core, m) {
         "Stochastic dual ascent over consecutive mini-batches (of the rows in `order` when given);\n"
         "returns the number of steps.");
   m.def("m4_newton_stats",
-        [](py::tuple data, py::tuple problem, py::array w, double mu, int64_t hessian_stride, py::array stats) {
+        [](py::tuple data, py::tuple problem, py::array w, double mu, int64_t hessian_stride, py::array stats,
+           bool count_data) {
           auto d = m4_data(data);
           auto pr = m4_problem(problem, d.m);
           const double* wp = m4_array<double>(w, "w", 1, 'f', d.dim());
           double* sp = m4_out<double>(stats, "stats", pym4::m4::newton_stats_size(d.m, d.c));
           py::gil_scoped_release release;
-          pym4::m4::newton_stats(d, pr, wp, mu, hessian_stride, sp);
+          pym4::m4::newton_stats(d, pr, wp, mu, hessian_stride, sp, count_data);
         },
         py::arg("data"), py::arg("problem"), py::arg("w"), py::arg("mu"), py::arg("hessian_stride"),
-        py::arg("stats"),
-        "Adds the Newton-model sums at duals (w, mu) into stats (see include/pym4/m4.h).");
+        py::arg("stats"), py::arg("count_data") = true,
+        "Adds the Newton-model sums at duals (w, mu) into stats (see include/pym4/m4.h); count_data=False\n"
+        "leaves the unweighted moments (the data's counts, independent of the duals) out.");
   m.def("m4_newton_model",
         [](int64_t m_, int64_t c, py::tuple problem, py::array stats) {
           PYM4_CHECK_VALUE(m_ >= 1 && c >= 0, "m, c: need at least one group and c >= 0 labels");

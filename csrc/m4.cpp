@@ -186,7 +186,7 @@ inline int64_t pair_index(int64_t k, int64_t l, int64_t m) {  // k < l, upper tr
 }
 
 PYM4_SIMD_CLONES void newton_range(const Data& d, const Problem& prob, const double* w, double mu, int64_t stride,
-                                   int64_t b, int64_t e, double* acc) {
+                                   bool count_data, int64_t b, int64_t e, double* acc) {
   const int64_t m = d.m, c = d.c, L = c + 1;
   const int64_t LL = L * L, nb = 1 + m + m * (m - 1) / 2;
   double* blocks = acc;
@@ -212,17 +212,15 @@ PYM4_SIMD_CLONES void newton_range(const Data& d, const Problem& prob, const dou
     int64_t ng = 0;
     for (int64_t k = 0; k < m; ++k)
       if (s[k]) groups[ng++] = k;
-    for (int64_t t = 0; t < nz; ++t) {
-      qv[idx[t]] += q;
-      cv[idx[t]] += 1.0;
-    }
+    for (int64_t t = 0; t < nz; ++t) qv[idx[t]] += q;
+    if (count_data)
+      for (int64_t t = 0; t < nz; ++t) cv[idx[t]] += 1.0;
     for (int64_t g = 0; g < ng; ++g) {
       double* qk = qv + (1 + groups[g]) * L;
       double* ck = cv + (1 + groups[g]) * L;
-      for (int64_t t = 0; t < nz; ++t) {
-        qk[idx[t]] += q;
-        ck[idx[t]] += 1.0;
-      }
+      for (int64_t t = 0; t < nz; ++t) qk[idx[t]] += q;
+      if (count_data)
+        for (int64_t t = 0; t < nz; ++t) ck[idx[t]] += 1.0;
     }
     if (i % stride != 0) continue;
     sampled[0] += 1.0;
@@ -408,23 +406,23 @@ PYM4_SIMD_CLONES void stream_range_pattern(const Data& d, const Problem& prob, c
       if (c) __builtin_prefetch(d.y + order[t + 8] * d.ld_y);
     }
     const int64_t sg = pattern_of(d.s + i * d.ld_s, d.m);
-    const double margin = pattern_dot(dense_row(d, i), c, W + pattern_at(sg, S));
     const int64_t r = rb.n++;
+    const double margin = pattern_dot_mask(dense_row(d, i), c, W + pattern_at(sg, S), &rb.mask[r]);
     rb.row[r] = i;
     rb.pat[r] = static_cast<uint8_t>(sg);
     rb.w[0][r] = clip01(prob.eta + (d.u ? d.u[i] : 0.0) - margin - mu);
     rb.w[1][r] = 1.0;
-    if (rb.n == kBlock) flush_block(d, rb, 2, sums);
+    if (rb.n == kBlock) flush_block(d, rb, 2, sums, c <= 64);
   }
-  flush_block(d, rb, 2, sums);
+  flush_block(d, rb, 2, sums, c <= 64);
 }
 
 // The Newton model's sums per pattern (newton_stats): acc = [G: sum q ytil | C: sum ytil
 // (padded, nPS each) | sampled rows | H (2^m x L x L): sum over the sampled active rows of
 // ytil ytil^T], ytil = [1; y].
 PYM4_SIMD_CLONES void newton_range_pattern(const Data& d, const Problem& prob, const double* W, double mu,
-                                           int64_t stride, int64_t b, int64_t e, double* acc, RowBlock& rb,
-                                           int32_t* idx) {
+                                           int64_t stride, bool count_data, int64_t b, int64_t e, double* acc,
+                                           RowBlock& rb, int32_t* idx) {
   const int64_t L = d.c + 1, c = d.c, S = pattern_stride(c), nPS = (int64_t(1) << d.m) * S, LL = L * L;
   double* const sums[2] = {acc, acc + nPS};
   double* sampled = acc + 2 * nPS;
@@ -433,13 +431,13 @@ PYM4_SIMD_CLONES void newton_range_pattern(const Data& d, const Problem& prob, c
   for (int64_t i = b; i < e; ++i) {
     const int64_t sg = pattern_of(d.s + i * d.ld_s, d.m);
     const uint8_t* yr = dense_row(d, i);
-    const double z = prob.eta + (d.u ? d.u[i] : 0.0) - pattern_dot(yr, c, W + pattern_at(sg, S)) - mu;
     const int64_t r = rb.n++;
+    const double z = prob.eta + (d.u ? d.u[i] : 0.0) - pattern_dot_mask(yr, c, W + pattern_at(sg, S), &rb.mask[r]) - mu;
     rb.row[r] = i;
     rb.pat[r] = static_cast<uint8_t>(sg);
     rb.w[0][r] = clip01(z);
     rb.w[1][r] = 1.0;
-    if (rb.n == kBlock) flush_block(d, rb, 2, sums);
+    if (rb.n == kBlock) flush_block(d, rb, count_data ? 2 : 1, sums, c <= 64);
     if (i != next) continue;
     next += stride;
     sampled[0] += 1.0;
@@ -456,7 +454,7 @@ PYM4_SIMD_CLONES void newton_range_pattern(const Data& d, const Problem& prob, c
       for (int64_t u = 0; u < nz; ++u) row[idx[u]] += 1.0;
     }
   }
-  flush_block(d, rb, 2, sums);
+  flush_block(d, rb, count_data ? 2 : 1, sums, c <= 64);
 }
 
 // Pass 1 of keep_probability_at_budget: t_i = eta + u_i - a_i^T w into out, and (with
@@ -483,7 +481,8 @@ PYM4_SIMD_CLONES void budget_range_pattern(const Data& d, const Problem& prob, c
       blk = 0.0;
     }
     const int64_t sg = pattern_of(d.s + i * d.ld_s, d.m);
-    const double t = prob.eta + (d.u ? d.u[i] : 0.0) - pattern_dot(dense_row(d, i), c, W + pattern_at(sg, S));
+    uint64_t bits;
+    const double t = prob.eta + (d.u ? d.u[i] : 0.0) - pattern_dot_mask(dense_row(d, i), c, W + pattern_at(sg, S), &bits);
     out[i] = t;
     mn = std::min(mn, t);
     mx = std::max(mx, t);
@@ -494,6 +493,7 @@ PYM4_SIMD_CLONES void budget_range_pattern(const Data& d, const Problem& prob, c
     if (!nw) continue;
     const int64_t r = rb.n++;
     rb.row[r] = i;
+    rb.mask[r] = bits;
     rb.pat[r] = static_cast<uint8_t>(sg);
     int k = 0;
     if (counts) {
@@ -501,9 +501,9 @@ PYM4_SIMD_CLONES void budget_range_pattern(const Data& d, const Problem& prob, c
       rb.w[k++][r] = active;
     }
     if (count_data) rb.w[k][r] = 1.0;
-    if (rb.n == kBlock) flush_block(d, rb, nw, sums);
+    if (rb.n == kBlock) flush_block(d, rb, nw, sums, c <= 64);
   }
-  flush_block(d, rb, nw, sums);
+  flush_block(d, rb, nw, sums, c <= 64);
   sq.add(blk);
   acc[3 * nPS] += sq.value();
   acc[3 * nPS + 1] += na;
@@ -527,11 +527,12 @@ PYM4_SIMD_CLONES void budget_write_pattern(const Data& d, double mu0, double mu,
     if ((act0 && act) || (z0 <= 0.0 && z <= 0.0) || (z0 >= 1.0 && z >= 1.0)) continue;
     const int64_t r = rb.n++;
     rb.row[r] = i;
+    if (d.c <= 64) rb.mask[r] = label_bits(dense_row(d, i), d.c);
     rb.pat[r] = static_cast<uint8_t>(pattern_of(d.s + i * d.ld_s, d.m));
     rb.w[0][r] = qi - (clip01(z0) - (act0 ? dm : 0.0));
-    if (rb.n == kBlock) flush_block(d, rb, 1, sums);
+    if (rb.n == kBlock) flush_block(d, rb, 1, sums, d.c <= 64);
   }
-  if (acc) flush_block(d, rb, 1, sums);
+  if (acc) flush_block(d, rb, 1, sums, d.c <= 64);
 }
 
 // counts of weighted_counts per pattern: acc (padded) += q_i ytil over the rows.
@@ -543,11 +544,12 @@ PYM4_SIMD_CLONES void counts_range_pattern(const Data& d, const double* q, int64
     if (qi == 0.0) continue;
     const int64_t r = rb.n++;
     rb.row[r] = i;
+    if (d.c <= 64) rb.mask[r] = label_bits(dense_row(d, i), d.c);
     rb.pat[r] = static_cast<uint8_t>(pattern_of(d.s + i * d.ld_s, d.m));
     rb.w[0][r] = qi;
-    if (rb.n == kBlock) flush_block(d, rb, 1, sums);
+    if (rb.n == kBlock) flush_block(d, rb, 1, sums, d.c <= 64);
   }
-  flush_block(d, rb, 1, sums);
+  flush_block(d, rb, 1, sums, d.c <= 64);
 }
 
 // The Newton stats' layout (newton_stats) from the per-pattern sums of newton_range_pattern.
@@ -845,7 +847,7 @@ int64_t newton_stats_size(int64_t m, int64_t c) {
 }
 
 void newton_stats(const Data& d, const Problem& prob, const double* w, double mu, int64_t hessian_stride,
-                  double* stats) {
+                  double* stats, bool count_data) {
   const int64_t stride = std::max<int64_t>(1, hessian_stride);
   if (by_pattern(d)) {
     const int64_t L = d.c + 1, nP = int64_t(1) << d.m, S = pattern_stride(d.c);
@@ -856,13 +858,13 @@ void newton_stats(const Data& d, const Problem& prob, const double* w, double mu
     parallel_accumulate_aligned(d.n, width, acc.data(), [&](int64_t b, int64_t e, double* a) {
       RowBlock rb;
       std::vector<int32_t> idx(L);
-      newton_range_pattern(d, prob, W.data(), mu, stride, b, e, a, rb, idx.data());
+      newton_range_pattern(d, prob, W.data(), mu, stride, count_data, b, e, a, rb, idx.data());
     });
     fold_newton(d.m, d.c, acc.data(), stats);
     return;
   }
   parallel_accumulate(d.n, newton_stats_size(d.m, d.c), stats,
-                      [&](int64_t b, int64_t e, double* acc) { newton_range(d, prob, w, mu, stride, b, e, acc); });
+                      [&](int64_t b, int64_t e, double* acc) { newton_range(d, prob, w, mu, stride, count_data, b, e, acc); });
 }
 
 void newton_model(const Problem& prob, int64_t m, int64_t c, const double* stats, double* H, double* r) {

@@ -366,13 +366,7 @@ struct GramBlocks {
 };
 
 // Bit 0 and bits 1 + j for the set labels of a dense row (c < 64).
-PYM4_M4_INLINE uint64_t row_mask(const uint8_t* yr, int64_t c) {
-  uint64_t mask = 1;
-  int64_t j = 0;
-  for (; j + 8 <= c; j += 8) mask |= static_cast<uint64_t>(bits8(yr + j)) << (1 + j);
-  for (; j < c; ++j) mask |= static_cast<uint64_t>(yr[j] != 0) << (1 + j);
-  return mask;
-}
+PYM4_M4_INLINE uint64_t row_mask(const uint8_t* yr, int64_t c) { return 1 | (label_bits(yr, c) << 1); }
 
 // partial_range for dense label rows and few groups (the s-pattern classes, m <= 4): a row's
 // two margins are two c-dots with its pattern's (V_b, dV_b) (Vw, Vd: nC x L each, the 0/1

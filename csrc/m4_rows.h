@@ -270,16 +270,61 @@ constexpr int kMaxWeights = 5;
 struct RowBlock {
   int64_t n = 0;
   int64_t row[kBlock];
+  uint64_t mask[kBlock];  // with c <= 64: bit j = label j of the row (pattern_dot_mask)
   uint8_t pat[kBlock];
   double w[kMaxWeights][kBlock];  // up to kMaxWeights weights per row
 };
 
+// The label bits of a dense row (bit j = label j; c <= 64).
+PYM4_M4_INLINE uint64_t label_bits(const uint8_t* yr, int64_t c) {
+  uint64_t mask = 0;
+  int64_t j = 0;
+#if defined(PYM4_M4_VEC)
+  for (; j + 8 <= c; j += 8) mask |= static_cast<uint64_t>(bits8(yr + j)) << j;
+#endif
+  for (; j < c; ++j) mask |= static_cast<uint64_t>(yr[j] != 0) << j;
+  return mask;
+}
+
+// a_i^T w of a dense row from its pattern's margin vector Ws (Ws[0] + y . Ws[1:]), and with
+// c <= 64 the row's label bits into *mask (for block_sums).
+PYM4_M4_INLINE double pattern_dot_mask(const uint8_t* __restrict yr, int64_t c, const double* __restrict Ws,
+                                       uint64_t* mask) {
+  const double* __restrict W1 = Ws + 1;
+  int64_t j = 0;
+  double dot = 0.0;
+  uint64_t bitsall = 0;
+#if defined(PYM4_M4_VEC)
+  f64x4 acc0 = {0.0, 0.0, 0.0, 0.0}, acc1 = acc0;
+  for (; j + 8 <= c; j += 8) {
+    const unsigned bits = bits8(yr + j);
+    if (j < 64) bitsall |= static_cast<uint64_t>(bits) << j;
+    f64x4 v0, v1, w0, w1;
+    std::memcpy(&v0, kNibbles.v[bits & 15], sizeof v0);
+    std::memcpy(&v1, kNibbles.v[bits >> 4], sizeof v1);
+    std::memcpy(&w0, W1 + j, sizeof w0);
+    std::memcpy(&w1, W1 + j + 4, sizeof w1);
+    acc0 += v0 * w0;
+    acc1 += v1 * w1;
+  }
+  acc0 += acc1;
+  dot = (acc0[0] + acc0[1]) + (acc0[2] + acc0[3]);
+#endif
+  for (; j < c; ++j) {
+    if (j < 64) bitsall |= static_cast<uint64_t>(yr[j] != 0) << j;
+    dot += static_cast<double>(yr[j]) * W1[j];
+  }
+  *mask = bitsall;
+  return Ws[0] + dot;
+}
+
 // sums[k] (+=, k < NW): for every pattern sigma, the sum over the block's rows of pattern
 // sigma of w[k]_i [1; y_i], at sums[k] + sigma stride + off (the padded per-pattern layout:
 // stride pattern_stride(c), off 3).
+// with_masks: the rows' rb.mask are set (c <= 64), else the label bytes are read again.
 template <int NW>
 PYM4_M4_INLINE void block_sums(const Data& d, const RowBlock& rb, double* const* sums, int64_t stride,
-                               int64_t off) {
+                               int64_t off, bool with_masks) {
   const int64_t c = d.c, nP = int64_t(1) << d.m;
   int64_t start[(1 << kPatternGroups) + 1] = {};
   for (int64_t r = 0; r < rb.n; ++r) ++start[rb.pat[r] + 1];
@@ -299,6 +344,35 @@ PYM4_M4_INLINE void block_sums(const Data& d, const RowBlock& rb, double* const*
     }
     int64_t j = 0;
 #if defined(PYM4_M4_VEC)
+    if (with_masks) {
+      // Eight labels at a time from the rows' bit masks (no second read of the label bytes).
+      for (; j < c; j += 8) {
+        f64x4 acc[NW][2];
+        for (int k = 0; k < NW; ++k) acc[k][0] = acc[k][1] = f64x4{0.0, 0.0, 0.0, 0.0};
+        for (int64_t o = ob; o < oe; ++o) {
+          const int64_t r = order[o];
+          const unsigned bits = static_cast<unsigned>(rb.mask[r] >> j);
+          f64x4 v0, v1;
+          std::memcpy(&v0, kNibbles.v[bits & 15], sizeof v0);
+          std::memcpy(&v1, kNibbles.v[(bits >> 4) & 15], sizeof v1);
+          for (int k = 0; k < NW; ++k) {
+            const double f = rb.w[k][r];
+            const f64x4 fv = {f, f, f, f};
+            acc[k][0] += fv * v0;
+            acc[k][1] += fv * v1;
+          }
+        }
+        const int64_t lanes = std::min<int64_t>(8, c - j);
+        for (int k = 0; k < NW; ++k) {
+          double* out = sums[k] + at + 1 + j;
+          double tmp[8];
+          std::memcpy(tmp, &acc[k][0], sizeof acc[k][0]);
+          std::memcpy(tmp + 4, &acc[k][1], sizeof acc[k][1]);
+          for (int64_t u = 0; u < lanes; ++u) out[u] += tmp[u];
+        }
+      }
+      continue;
+    }
     for (; j + 8 <= c; j += 8) {
       f64x4 acc[NW][2];
       for (int k = 0; k < NW; ++k) acc[k][0] = acc[k][1] = f64x4{0.0, 0.0, 0.0, 0.0};
@@ -341,14 +415,14 @@ PYM4_M4_INLINE void block_sums(const Data& d, const RowBlock& rb, double* const*
 
 // block_sums for nw = 0..kMaxWeights weights (sums[0..nw)), then empties the block.
 PYM4_M4_INLINE void flush_block(const Data& d, RowBlock& rb, int nw, double* const* sums, int64_t stride,
-                                int64_t off) {
+                                int64_t off, bool with_masks = false) {
   if (rb.n) {
     switch (nw) {
-      case 1: block_sums<1>(d, rb, sums, stride, off); break;
-      case 2: block_sums<2>(d, rb, sums, stride, off); break;
-      case 3: block_sums<3>(d, rb, sums, stride, off); break;
-      case 4: block_sums<4>(d, rb, sums, stride, off); break;
-      case 5: block_sums<5>(d, rb, sums, stride, off); break;
+      case 1: block_sums<1>(d, rb, sums, stride, off, with_masks); break;
+      case 2: block_sums<2>(d, rb, sums, stride, off, with_masks); break;
+      case 3: block_sums<3>(d, rb, sums, stride, off, with_masks); break;
+      case 4: block_sums<4>(d, rb, sums, stride, off, with_masks); break;
+      case 5: block_sums<5>(d, rb, sums, stride, off, with_masks); break;
       default: break;
     }
   }
@@ -356,8 +430,8 @@ PYM4_M4_INLINE void flush_block(const Data& d, RowBlock& rb, int nw, double* con
 }
 
 // The same into padded per-pattern arrays.
-PYM4_M4_INLINE void flush_block(const Data& d, RowBlock& rb, int nw, double* const* sums) {
-  flush_block(d, rb, nw, sums, pattern_stride(d.c), 3);
+PYM4_M4_INLINE void flush_block(const Data& d, RowBlock& rb, int nw, double* const* sums, bool with_masks = false) {
+  flush_block(d, rb, nw, sums, pattern_stride(d.c), 3, with_masks);
 }
 
 }  // namespace detail

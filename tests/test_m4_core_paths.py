@@ -140,3 +140,20 @@ def test_exact_partial_matches_general_loop(m, c):
     assert sols[0][0] == sols[1][0]
     np.testing.assert_allclose(sols[0][1], sols[1][1], rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(sols[0][2], sols[1][2], rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("m,c", [(2, 8), (3, 13), (6, 5)])
+def test_newton_stats_without_data_counts(m, c):
+    """count_data=False: the same sums but the unweighted moments (sum v, sum s_k v), zero."""
+    dense, csr, problem, w = _instance(900, m, c, seed=29 + m + c)
+    L = c + 1
+    size = core.m4_newton_stats_size(m, c)
+    cv = slice(size - 1 - (1 + m) * L, size - 1)
+    for data in (dense, csr):
+        full, part = np.zeros(size), np.zeros(size)
+        core.m4_newton_stats(data, problem, w, 0.01, 2, full)
+        core.m4_newton_stats(data, problem, w, 0.01, 2, part, count_data=False)
+        assert np.all(part[cv] == 0.0) and np.any(full[cv] != 0.0)
+        keep = np.ones(size, bool)
+        keep[cv] = False
+        np.testing.assert_array_equal(part[keep], full[keep])

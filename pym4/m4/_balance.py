@@ -176,7 +176,10 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         for _ in range(refine):
             # The gradient over every row, the curvature over a strided sample of about
             # HESSIAN_ROWS rows: an inexact Newton step, which converges as the gradient is exact.
-            H, n_h, r, _, before = _solver.newton_model(s8, lab, u, problem, w, mu, _solver.hessian_stride(n))
+            # The data's counts (the report's) do not depend on the duals: the first pass counts them.
+            H, n_h, r, _, counted = _solver.newton_model(s8, lab, u, problem, w, mu, _solver.hessian_stride(n),
+                                                          count_data=before is None)
+            before = counted if before is None else before
             w, mu = _solver.newton_step(H, n_h, r, n, problem, lab.c, w, mu)
         q, mu, after, counted = _solver.keep_probability_at_budget(s8, lab, u, problem, w, mu,
                                                                    want_before=before is None)
@@ -200,7 +203,9 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         rep.message = f"{rep.message}; {budget_text(largest)}"
     elif searched:
         rep.largest_feasible_budget = largest
-    objective = float(np.mean(0.5 * (q - problem.budget) ** 2 - (0.0 if u_given is None else u_given) * q))
+    # (1/N) sum 1/2 (q - eta)^2 - u q, as two dot products: no N-sized temporaries but one.
+    dq = q - problem.budget
+    objective = (0.5 * float(dq @ dq) - (0.0 if u_given is None else float(u_given @ q))) / n
     mu += u_shift  # the budget's dual for the utility as given
     if rep.status != "optimal":  # q does not solve the problem: say so even to callers who skip .status
         warnings.warn(f"pym4.m4.balance: {rep.message}", RuntimeWarning, stacklevel=2)

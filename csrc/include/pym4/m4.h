@@ -121,8 +121,10 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
 // estimates the mean curvature. stats (newton_stats_size doubles) are plain sums: shards
 // merge by adding.
 int64_t newton_stats_size(int64_t m, int64_t c);
+// count_data = false leaves the unweighted first moments (sum v, sum s_k v) out (zeros):
+// they do not depend on the duals, so a caller that has them skips their work.
 void newton_stats(const Data& d, const Problem& prob, const double* w, double mu, int64_t hessian_stride,
-                  double* stats);
+                  double* stats, bool count_data = true);
 // The model from merged stats: H ((p+1) x (p+1), row-major, the negated Hessian times N) and
 // r (p+1) = sum_i q_i [a_i; 1], with the index layout of a_i and mu last.
 void newton_model(const Problem& prob, int64_t m, int64_t c, const double* stats, double* H, double* r);
