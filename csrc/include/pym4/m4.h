@@ -15,7 +15,10 @@
 //     q_i = clip(eta + u_i - a_i^T w - mu, 0, 1).
 //
 // Nothing here builds the N x p matrix: every pass reads s_i and y_i (dense uint8 rows, or
-// CSR index lists for large c) and forms a_i on the fly. Plain C++17, no Python.
+// CSR index lists for large c) and forms a_i on the fly. With dense rows and m <= 4 groups
+// the passes work per s-pattern sigma: a_i^T w = W_sigma . [1; y_i] with W_sigma = sum_k
+// (sigma_k - pi_k) w_k (one c-dot per row), and sums over rows per pattern, folded into
+// per-group sums at the end (csrc/m4_rows.h). Plain C++17, no Python.
 #pragma once
 
 #include <cstdint>
