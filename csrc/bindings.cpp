@@ -476,15 +476,19 @@ PYBIND11_MODULE(_core, m) {
         "q_i = clip(eta + u_i - a_i^T w - mu, 0, 1) into q with mu such that mean q = eta; returns mu.\n"
         "Adds the weighted counts of q and of the data into counts_after/counts_before when given.");
   m.def("m4_weighted_counts",
-        [](py::tuple data, py::object q, py::array counts) {
+        [](py::tuple data, py::object q, py::array counts, py::object counts_data) {
           auto d = m4_data(data);
           const double* qp = q.is_none() ? nullptr : m4_array<double>(q, "q", 1, 'f', d.n);
-          double* cp = m4_out<double>(counts, "counts", pym4::m4::counts_size(d.m, d.c));
+          const int64_t K = pym4::m4::counts_size(d.m, d.c);
+          double* cp = m4_out<double>(counts, "counts", K);
+          py::array cd = counts_data.is_none() ? py::array() : counts_data.cast<py::array>();
+          double* cdp = counts_data.is_none() ? nullptr : m4_out<double>(cd, "counts_data", K);
           py::gil_scoped_release release;
-          pym4::m4::weighted_counts(d, qp, cp);
+          pym4::m4::weighted_counts(d, qp, cp, cdp);
         },
-        py::arg("data"), py::arg("q"), py::arg("counts"),
-        "Adds [sum q | sum q s_k | sum q y_r | sum q s_k y_r] into counts.");
+        py::arg("data"), py::arg("q"), py::arg("counts"), py::arg("counts_data") = py::none(),
+        "Adds [sum q | sum q s_k | sum q y_r | sum q s_k y_r] into counts (and with q = 1 into\n"
+        "counts_data when given, in the same pass).");
   m.def("m4_batch_stats",
         [](py::tuple data, py::tuple problem, py::array w, double mu) {
           auto d = m4_data(data);

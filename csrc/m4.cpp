@@ -536,20 +536,24 @@ PYM4_SIMD_CLONES void budget_write_pattern(const Data& d, double mu0, double mu,
 }
 
 // counts of weighted_counts per pattern: acc (padded) += q_i ytil over the rows.
-PYM4_SIMD_CLONES void counts_range_pattern(const Data& d, const double* q, int64_t b, int64_t e, double* acc,
-                                           RowBlock& rb) {
-  double* const sums[1] = {acc};
+// With count_data, acc + nPS (padded) += ytil over the rows as well (the data's counts).
+PYM4_SIMD_CLONES void counts_range_pattern(const Data& d, const double* q, bool count_data, int64_t b, int64_t e,
+                                           double* acc, RowBlock& rb) {
+  const int64_t nPS = (int64_t(1) << d.m) * pattern_stride(d.c);
+  double* const sums[2] = {acc, acc + nPS};
+  const int nw = count_data ? 2 : 1;
   for (int64_t i = b; i < e; ++i) {
     const double qi = q ? q[i] : 1.0;
-    if (qi == 0.0) continue;
+    if (qi == 0.0 && !count_data) continue;
     const int64_t r = rb.n++;
     rb.row[r] = i;
     if (d.c <= 64) rb.mask[r] = label_bits(dense_row(d, i), d.c);
     rb.pat[r] = static_cast<uint8_t>(pattern_of(d.s + i * d.ld_s, d.m));
     rb.w[0][r] = qi;
-    if (rb.n == kBlock) flush_block(d, rb, 1, sums, d.c <= 64);
+    rb.w[1][r] = 1.0;
+    if (rb.n == kBlock) flush_block(d, rb, nw, sums, d.c <= 64);
   }
-  flush_block(d, rb, 1, sums, d.c <= 64);
+  flush_block(d, rb, nw, sums, d.c <= 64);
 }
 
 // The Newton stats' layout (newton_stats) from the per-pattern sums of newton_range_pattern.
@@ -716,19 +720,29 @@ double keep_probability_at_budget(const Data& d, const Problem& prob, const doub
 
 int64_t counts_size(int64_t m, int64_t c) { return 1 + m + c + m * c; }
 
-void weighted_counts(const Data& d, const double* q, double* counts) {
+void weighted_counts(const Data& d, const double* q, double* counts, double* counts_data) {
   if (by_pattern(d)) {
     const int64_t nPS = (int64_t(1) << d.m) * pattern_stride(d.c);
-    std::vector<double> P(nPS, 0.0);
-    parallel_accumulate_aligned(d.n, nPS, P.data(), [&](int64_t b, int64_t e, double* acc) {
+    const bool both = counts_data != nullptr;
+    std::vector<double> P((both ? 2 : 1) * nPS, 0.0);
+    parallel_accumulate_aligned(d.n, static_cast<int64_t>(P.size()), P.data(), [&](int64_t b, int64_t e, double* acc) {
       RowBlock rb;
-      counts_range_pattern(d, q, b, e, acc, rb);
+      counts_range_pattern(d, q, both, b, e, acc, rb);
     });
     fold_counts(d.m, d.c, P.data(), counts);
+    if (both) fold_counts(d.m, d.c, P.data() + nPS, counts_data);
     return;
   }
-  parallel_accumulate(d.n, counts_size(d.m, d.c), counts,
-                      [&](int64_t b, int64_t e, double* acc) { counts_range(d, q, b, e, acc); });
+  const int64_t K = counts_size(d.m, d.c);
+  std::vector<double> both(2 * K, 0.0);
+  parallel_accumulate(d.n, counts_data ? 2 * K : K, both.data(), [&](int64_t b, int64_t e, double* acc) {
+    counts_range(d, q, b, e, acc);
+    if (counts_data) counts_range(d, nullptr, b, e, acc + K);
+  });
+  for (int64_t j = 0; j < K; ++j) {
+    counts[j] += both[j];
+    if (counts_data) counts_data[j] += both[K + j];
+  }
 }
 
 int64_t stats_size(int64_t p) { return 2 * p + 2; }

@@ -157,3 +157,22 @@ def test_newton_stats_without_data_counts(m, c):
         keep = np.ones(size, bool)
         keep[cv] = False
         np.testing.assert_array_equal(part[keep], full[keep])
+
+
+@pytest.mark.parametrize("m,c", [(2, 8), (3, 13), (6, 5)])
+def test_weighted_counts_of_q_and_data_in_one_pass(m, c):
+    """counts_data: the data's counts (q = 1) from the same pass, equal to a separate call."""
+    dense, csr, problem, w = _instance(1100, m, c, seed=41 + m + c)
+    q = np.empty(1100)
+    core.m4_keep_probability(dense, problem, w, 0.3, q)
+    assert np.any(q == 0.0)  # rows with q = 0 still count in the data's counts
+    K = 1 + m + c + m * c
+    for data in (dense, csr):
+        after, before = np.zeros(K), np.zeros(K)
+        core.m4_weighted_counts(data, q, after, before)
+        a1, b1 = np.zeros(K), np.zeros(K)
+        core.m4_weighted_counts(data, q, a1)
+        core.m4_weighted_counts(data, None, b1)
+        np.testing.assert_allclose(after, a1, rtol=1e-13, atol=1e-10)
+        np.testing.assert_array_equal(before, b1)
+        assert before[0] == 1100

@@ -156,8 +156,13 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     before = after = None
     if method == "exact":
         w, q = np.zeros(p), np.empty(n)
-        info = _backend.core().m4_solve_exact(data, problem.core(), max_iter, float(tol), 1e6, w, q)
+        core = _backend.core()
+        info = core.m4_solve_exact(data, problem.core(), max_iter, float(tol), 1e6, w, q)
         status, iterations, mu = _STATUS[info["status"]], int(info["iterations"]), float(info["mu"])
+        # The report's counts of q and of the data: one pass over the rows for both.
+        K = _problem.counts_size(m, lab.c)
+        after, before = np.zeros(K), np.zeros(K)
+        core.m4_weighted_counts(_inputs.data_tuple(s8, lab, None), q, after, before)
         if status == "infeasible":
             big = np.abs(w) >= 1e-3 * np.abs(w).max()
             order = np.argsort(-np.abs(w))

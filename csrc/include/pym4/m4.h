@@ -69,7 +69,8 @@ double keep_probability_at_budget(const Data& d, const Problem& prob, const doub
 // counts = [sum_i q_i | sum_i q_i s_ik (m) | sum_i q_i y_ir (c) | sum_i q_i s_ik y_ir (m x c)]
 // (size 1 + m + c + m c, all doubles). q == nullptr means q_i = 1.
 int64_t counts_size(int64_t m, int64_t c);
-void weighted_counts(const Data& d, const double* q, double* counts);
+// counts_data (may be null): the data's counts (q_i = 1) as well, in the same pass.
+void weighted_counts(const Data& d, const double* q, double* counts, double* counts_data = nullptr);
 
 // ----- method="stream": one-pass stochastic projected dual ascent -------------------------
 // Per mini-batch B with the current iterate (w = v+ - v-, mu): g = mean_B q_i a_i and
