@@ -195,7 +195,8 @@ def run_cpu(args, rows):
                 rows.append(_solved(instance, method, timing, s, y, pi, exact_obj))
         report(rows, n, "dense")
         del s, y, times, cases
-    for c in [int(x) for x in args.sparse_c.split(",") if x]:
+    # --sparse-n 0 (or --sparse-c '') skips the sparse instances.
+    for c in ([int(x) for x in args.sparse_c.split(",") if x] if args.sparse_n > 0 else []):
         n = args.sparse_n
         s, y = make_sparse(n, c, seed=c)
         pi = m4.default_target(s)
@@ -275,7 +276,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1e4,1e5,1e6,1e7")
     ap.add_argument("--sparse-c", default="256,1024", help="label counts of the sparse instances ('' to skip)")
-    ap.add_argument("--sparse-n", type=int, default=100_000)
+    ap.add_argument("--sparse-n", type=int, default=100_000, help="N of the sparse instances (0: skip them)")
     ap.add_argument("--sparse-cvxpy-n", type=int, default=10_000, help="cvxpy on the first N sparse rows (0: skip)")
     ap.add_argument("--cvxpy-max", type=float, default=1e5, help="largest N given to cvxpy (0: skip)")
     ap.add_argument("--numpy-max", type=float, default=1e7, help="largest N given to the numpy stream")

@@ -520,15 +520,19 @@ PYBIND11_MODULE(_core, m) {
         "q_i = clip(eta + u_i - a_i^T w - mu, 0, 1) into q with mu such that mean q = eta; returns mu.\n"
         "Adds the weighted counts of q and of the data into counts_after/counts_before when given.");
   m.def("m4_weighted_counts",
-        [](py::tuple data, py::object q, py::array counts) {
+        [](py::tuple data, py::object q, py::array counts, py::object counts_data) {
           auto d = m4_data(data);
           const double* qp = q.is_none() ? nullptr : m4_array<double>(q, "q", 1, 'f', d.n);
-          double* cp = m4_out<double>(counts, "counts", pym4::m4::counts_size(d.m, d.c));
+          const int64_t K = pym4::m4::counts_size(d.m, d.c);
+          double* cp = m4_out<double>(counts, "counts", K);
+          py::array cd = counts_data.is_none() ? py::array() : counts_data.cast<py::array>();
+          double* cdp = counts_data.is_none() ? nullptr : m4_out<double>(cd, "counts_data", K);
           py::gil_scoped_release release;
-          pym4::m4::weighted_counts(d, qp, cp);
+          pym4::m4::weighted_counts(d, qp, cp, cdp);
         },
-        py::arg("data"), py::arg("q"), py::arg("counts"),
-        "Adds [sum q | sum q s_k | sum q y_r | sum q s_k y_r] into counts.");
+        py::arg("data"), py::arg("q"), py::arg("counts"), py::arg("counts_data") = py::none(),
+        "Adds [sum q | sum q s_k | sum q y_r | sum q s_k y_r] into counts (and with q = 1 into\n"
+        "counts_data when given, in the same pass).");
   m.def("m4_batch_stats",
         [](py::tuple data, py::tuple problem, py::array w, double mu) {
           auto d = m4_data(data);
@@ -589,17 +593,19 @@ PYBIND11_MODULE(_core, m) {
         "Stochastic dual ascent over consecutive mini-batches (of the rows in `order` when given);\n"
         "returns the number of steps.");
   m.def("m4_newton_stats",
-        [](py::tuple data, py::tuple problem, py::array w, double mu, int64_t hessian_stride, py::array stats) {
+        [](py::tuple data, py::tuple problem, py::array w, double mu, int64_t hessian_stride, py::array stats,
+           bool count_data) {
           auto d = m4_data(data);
           auto pr = m4_problem(problem, d.m);
           const double* wp = m4_array<double>(w, "w", 1, 'f', d.dim());
           double* sp = m4_out<double>(stats, "stats", pym4::m4::newton_stats_size(d.m, d.c));
           py::gil_scoped_release release;
-          pym4::m4::newton_stats(d, pr, wp, mu, hessian_stride, sp);
+          pym4::m4::newton_stats(d, pr, wp, mu, hessian_stride, sp, count_data);
         },
         py::arg("data"), py::arg("problem"), py::arg("w"), py::arg("mu"), py::arg("hessian_stride"),
-        py::arg("stats"),
-        "Adds the Newton-model sums at duals (w, mu) into stats (see include/pym4/m4.h).");
+        py::arg("stats"), py::arg("count_data") = true,
+        "Adds the Newton-model sums at duals (w, mu) into stats (see include/pym4/m4.h); count_data=False\n"
+        "leaves the unweighted moments (the data's counts, independent of the duals) out.");
   m.def("m4_newton_model",
         [](int64_t m_, int64_t c, py::tuple problem, py::array stats) {
           PYM4_CHECK_VALUE(m_ >= 1 && c >= 0, "m, c: need at least one group and c >= 0 labels");

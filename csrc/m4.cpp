@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 #include "m4_rows.h"
@@ -184,7 +186,7 @@ inline int64_t pair_index(int64_t k, int64_t l, int64_t m) {  // k < l, upper tr
 }
 
 PYM4_SIMD_CLONES void newton_range(const Data& d, const Problem& prob, const double* w, double mu, int64_t stride,
-                                   int64_t b, int64_t e, double* acc) {
+                                   bool count_data, int64_t b, int64_t e, double* acc) {
   const int64_t m = d.m, c = d.c, L = c + 1;
   const int64_t LL = L * L, nb = 1 + m + m * (m - 1) / 2;
   double* blocks = acc;
@@ -210,17 +212,15 @@ PYM4_SIMD_CLONES void newton_range(const Data& d, const Problem& prob, const dou
     int64_t ng = 0;
     for (int64_t k = 0; k < m; ++k)
       if (s[k]) groups[ng++] = k;
-    for (int64_t t = 0; t < nz; ++t) {
-      qv[idx[t]] += q;
-      cv[idx[t]] += 1.0;
-    }
+    for (int64_t t = 0; t < nz; ++t) qv[idx[t]] += q;
+    if (count_data)
+      for (int64_t t = 0; t < nz; ++t) cv[idx[t]] += 1.0;
     for (int64_t g = 0; g < ng; ++g) {
       double* qk = qv + (1 + groups[g]) * L;
       double* ck = cv + (1 + groups[g]) * L;
-      for (int64_t t = 0; t < nz; ++t) {
-        qk[idx[t]] += q;
-        ck[idx[t]] += 1.0;
-      }
+      for (int64_t t = 0; t < nz; ++t) qk[idx[t]] += q;
+      if (count_data)
+        for (int64_t t = 0; t < nz; ++t) ck[idx[t]] += 1.0;
     }
     if (i % stride != 0) continue;
     sampled[0] += 1.0;
@@ -239,17 +239,448 @@ PYM4_SIMD_CLONES void newton_range(const Data& d, const Problem& prob, const dou
   }
 }
 
+// ----- the budget search of keep_probability_at_budget --------------------------------------
+// A sum of n terms in [0, 1] kept in one running double errs by up to ~1e-16 n per term
+// added, which at n = 1e7 is above the search's tolerance 1e-13 n: the search then cannot
+// tell the root from rounding and bisects to the last bit (tens of passes). So sums run in
+// blocks of 64 terms added plainly, and the block sums are added with Neumaier's compensation.
+struct CompensatedSum {
+  double sum = 0.0, comp = 0.0;
+  void add(double x) {
+    const double t = sum + x;
+    comp += std::abs(sum) >= std::abs(x) ? (sum - t) + x : (x - t) + sum;
+    sum = t;
+  }
+  double value() const { return sum + comp; }
+};
+
+// [sum clip(t_i - mu), #{0 < t_i - mu < 1}] over [b, e).
+inline void clip_sums(const double* t, int64_t b, int64_t e, double mu, double* out) {
+  CompensatedSum sq;
+  double na = 0.0;
+  for (int64_t i = b; i < e; i += 64) {
+    const int64_t end = std::min(e, i + 64);
+    double blk = 0.0;
+    for (int64_t j = i; j < end; ++j) {
+      const double z = t[j] - mu;
+      blk += clip01(z);
+      na += (z > 0.0 && z < 1.0) ? 1.0 : 0.0;
+    }
+    sq.add(blk);
+  }
+  out[0] += sq.value();
+  out[1] += na;
+}
+
+// mu with sum_i clip(t_i - mu) = n eta (to 1e-13 n), by safeguarded Newton steps from mu0 on
+// that monotone piecewise-linear function, within the bracket [lo, hi] (lo: min t - 1, hi: max
+// t). first (may be null): [sum, count] at mu0 when a pass already has them.
+double budget_root(int64_t n, const double* t, double eta, double mu0, double lo, double hi, const double* first) {
+  const double target = static_cast<double>(n) * eta;
+  double mu = std::min(std::max(mu0, lo), hi);
+  for (int it = 0; it < 200; ++it) {
+    double acc[2] = {0.0, 0.0};  // sum q, active count
+    if (it == 0 && first && mu == mu0) {
+      acc[0] = first[0];
+      acc[1] = first[1];
+    } else {
+      parallel_accumulate(n, 2, acc, [&](int64_t b, int64_t e, double* a) { clip_sums(t, b, e, mu, a); });
+    }
+    const double f = acc[0] - target;
+    if (std::abs(f) <= 1e-13 * static_cast<double>(n)) break;
+    (f > 0.0 ? lo : hi) = mu;
+    double next = acc[1] > 0.0 ? mu + f / acc[1] : 0.5 * (lo + hi);
+    if (!(next > lo && next < hi)) next = 0.5 * (lo + hi);
+    if (next == mu || hi - lo <= 1e-15 * (1.0 + std::abs(mu))) break;
+    mu = next;
+  }
+  return mu;
+}
+
+// ----- the per-pattern passes (dense labels, m <= kPatternGroups: see m4_rows.h) -----------
+
+
+// a_i^T w of a dense row from its pattern's margin vector Ws; widens y_i into yd (c doubles)
+// for the row's accumulations (yd null: no widening).
+inline double pattern_margin(const uint8_t* __restrict yr, int64_t c, const double* __restrict Ws,
+                             double* __restrict yd) {
+  const double* __restrict W1 = Ws + 1;
+  int64_t j = 0;
+  double dot = 0.0;
+#if defined(PYM4_M4_VEC)
+  f64x4 acc0 = {0.0, 0.0, 0.0, 0.0}, acc1 = acc0;
+  for (; j + 8 <= c; j += 8) {
+    const unsigned bits = bits8(yr + j);
+    f64x4 v0, v1, w0, w1;
+    std::memcpy(&v0, kNibbles.v[bits & 15], sizeof v0);
+    std::memcpy(&v1, kNibbles.v[bits >> 4], sizeof v1);
+    std::memcpy(&w0, W1 + j, sizeof w0);
+    std::memcpy(&w1, W1 + j + 4, sizeof w1);
+    if (yd) {
+      std::memcpy(yd + j, &v0, sizeof v0);
+      std::memcpy(yd + j + 4, &v1, sizeof v1);
+    }
+    acc0 += v0 * w0;
+    acc1 += v1 * w1;
+  }
+  acc0 += acc1;
+  dot = (acc0[0] + acc0[1]) + (acc0[2] + acc0[3]);
+#endif
+  for (; j < c; ++j) {
+    const double v = static_cast<double>(yr[j]);
+    if (yd) yd[j] = v;
+    dot += v * W1[j];
+  }
+  return Ws[0] + dot;
+}
+
+// The same without widening.
+inline double pattern_dot(const uint8_t* __restrict yr, int64_t c, const double* __restrict Ws) {
+  return pattern_margin(yr, c, Ws, nullptr);
+}
+
+// yd = y_i widened to doubles.
+inline void widen(const uint8_t* __restrict yr, int64_t c, double* __restrict yd) {
+  int64_t j = 0;
+#if defined(PYM4_M4_VEC)
+  for (; j + 8 <= c; j += 8) {
+    const unsigned bits = bits8(yr + j);
+    std::memcpy(yd + j, kNibbles.v[bits & 15], 4 * sizeof(double));
+    std::memcpy(yd + j + 4, kNibbles.v[bits >> 4], 4 * sizeof(double));
+  }
+#endif
+  for (; j < c; ++j) yd[j] = static_cast<double>(yr[j]);
+}
+
+// P[0] += f, P[1 + j] += f yd[j].
+inline void pattern_axpy(double f, const double* __restrict yd, int64_t c, double* __restrict P) {
+  P[0] += f;
+  double* __restrict P1 = P + 1;
+  int64_t j = 0;
+#if defined(PYM4_M4_VEC)
+  const f64x4 fv = {f, f, f, f};
+  for (; j + 4 <= c; j += 4) {
+    f64x4 a, v;
+    std::memcpy(&a, P1 + j, sizeof a);
+    std::memcpy(&v, yd + j, sizeof v);
+    a += fv * v;
+    std::memcpy(P1 + j, &a, sizeof a);
+  }
+#endif
+  for (; j < c; ++j) P1[j] += f * yd[j];
+}
+
+// P[0] += 1, P[1 + j] += yd[j].
+inline void pattern_add(const double* __restrict yd, int64_t c, double* __restrict P) {
+  P[0] += 1.0;
+  double* __restrict P1 = P + 1;
+  int64_t j = 0;
+#if defined(PYM4_M4_VEC)
+  for (; j + 4 <= c; j += 4) {
+    f64x4 a, v;
+    std::memcpy(&a, P1 + j, sizeof a);
+    std::memcpy(&v, yd + j, sizeof v);
+    a += v;
+    std::memcpy(P1 + j, &a, sizeof a);
+  }
+#endif
+  for (; j < c; ++j) P1[j] += yd[j];
+}
+
+PYM4_SIMD_CLONES void margins_range_pattern(const Data& d, const double* W, int64_t b, int64_t e, double* out) {
+  const int64_t S = pattern_stride(d.c), c = d.c;
+  for (int64_t i = b; i < e; ++i)
+    out[i] = pattern_dot(dense_row(d, i), c, W + pattern_at(pattern_of(d.s + i * d.ld_s, d.m), S));
+}
+
+// The stream's mini-batch sums per pattern over rows [b, e) (of order[b..e) when given):
+// acc = [G: sum q [1; y] | C: sum [1; y]], each 2^m padded vectors (nPS doubles).
+PYM4_SIMD_CLONES void stream_range_pattern(const Data& d, const Problem& prob, const double* W, double mu,
+                                           const int64_t* order, int64_t b, int64_t e, double* acc, RowBlock& rb) {
+  const int64_t S = pattern_stride(d.c), c = d.c, nPS = (int64_t(1) << d.m) * S;
+  double* const sums[2] = {acc, acc + nPS};
+  for (int64_t t = b; t < e; ++t) {
+    const int64_t i = order ? order[t] : t;
+    if (order && t + 8 < e) {  // the shuffled rows are scattered: ask for them ahead
+      __builtin_prefetch(d.s + order[t + 8] * d.ld_s);
+      if (c) __builtin_prefetch(d.y + order[t + 8] * d.ld_y);
+    }
+    const int64_t sg = pattern_of(d.s + i * d.ld_s, d.m);
+    const int64_t r = rb.n++;
+    const double margin = pattern_dot_mask(dense_row(d, i), c, W + pattern_at(sg, S), &rb.mask[r]);
+    rb.row[r] = i;
+    rb.pat[r] = static_cast<uint8_t>(sg);
+    rb.w[0][r] = clip01(prob.eta + (d.u ? d.u[i] : 0.0) - margin - mu);
+    rb.w[1][r] = 1.0;
+    if (rb.n == kBlock) flush_block(d, rb, 2, sums, c <= 64);
+  }
+  flush_block(d, rb, 2, sums, c <= 64);
+}
+
+// The Newton model's sums per pattern (newton_stats): acc = [G: sum q ytil | C: sum ytil
+// (padded, nPS each) | sampled rows | H (2^m x L x L): sum over the sampled active rows of
+// ytil ytil^T], ytil = [1; y].
+PYM4_SIMD_CLONES void newton_range_pattern(const Data& d, const Problem& prob, const double* W, double mu,
+                                           int64_t stride, bool count_data, int64_t b, int64_t e, double* acc,
+                                           RowBlock& rb, int32_t* idx) {
+  const int64_t L = d.c + 1, c = d.c, S = pattern_stride(c), nPS = (int64_t(1) << d.m) * S, LL = L * L;
+  double* const sums[2] = {acc, acc + nPS};
+  double* sampled = acc + 2 * nPS;
+  double* H = sampled + 1;
+  int64_t next = (b + stride - 1) / stride * stride;  // the first row of [b, e) with i % stride == 0
+  for (int64_t i = b; i < e; ++i) {
+    const int64_t sg = pattern_of(d.s + i * d.ld_s, d.m);
+    const uint8_t* yr = dense_row(d, i);
+    const int64_t r = rb.n++;
+    const double z = prob.eta + (d.u ? d.u[i] : 0.0) - pattern_dot_mask(yr, c, W + pattern_at(sg, S), &rb.mask[r]) - mu;
+    rb.row[r] = i;
+    rb.pat[r] = static_cast<uint8_t>(sg);
+    rb.w[0][r] = clip01(z);
+    rb.w[1][r] = 1.0;
+    if (rb.n == kBlock) flush_block(d, rb, count_data ? 2 : 1, sums, c <= 64);
+    if (i != next) continue;
+    next += stride;
+    sampled[0] += 1.0;
+    if (!(z > 0.0 && z < 1.0)) continue;  // clipped: no curvature
+    int64_t nz = 0;
+    idx[nz++] = 0;
+    for (int64_t j = 0; j < c; ++j) {
+      idx[nz] = static_cast<int32_t>(1 + j);
+      nz += yr[j] != 0;
+    }
+    double* blk = H + sg * LL;
+    for (int64_t t = 0; t < nz; ++t) {
+      double* row = blk + static_cast<int64_t>(idx[t]) * L;
+      for (int64_t u = 0; u < nz; ++u) row[idx[u]] += 1.0;
+    }
+  }
+  flush_block(d, rb, count_data ? 2 : 1, sums, c <= 64);
+}
+
+// Pass 1 of keep_probability_at_budget: t_i = eta + u_i - a_i^T w into out, and (with
+// counts) per pattern at mu0 G0 = sum clip(t - mu0) ytil, A0 = sum over the active rows
+// (0 < t - mu0 < 1) of ytil, C = sum ytil (when count_data): acc = [G0 | A0 | C] (padded,
+// nPS each) then [sum clip(t - mu0) | active rows]; lo/hi: min and max of t.
+PYM4_SIMD_CLONES void budget_range_pattern(const Data& d, const Problem& prob, const double* W, double mu0,
+                                           bool counts, bool count_data, int64_t b, int64_t e, double* out,
+                                           double* acc, RowBlock& rb, double& lo, double& hi) {
+  const int64_t S = pattern_stride(d.c), c = d.c, nPS = (int64_t(1) << d.m) * S;
+  double* sums[3];
+  int nw = 0;
+  if (counts) {
+    sums[nw++] = acc;
+    sums[nw++] = acc + nPS;
+  }
+  if (count_data) sums[nw++] = acc + 2 * nPS;
+  double mn = lo, mx = hi;
+  CompensatedSum sq;  // as clip_sums: plain within 64 rows, compensated across
+  double blk = 0.0, na = 0.0;
+  for (int64_t i = b; i < e; ++i) {
+    if (((i - b) & 63) == 0) {
+      sq.add(blk);
+      blk = 0.0;
+    }
+    const int64_t sg = pattern_of(d.s + i * d.ld_s, d.m);
+    uint64_t bits;
+    const double t = prob.eta + (d.u ? d.u[i] : 0.0) - pattern_dot_mask(dense_row(d, i), c, W + pattern_at(sg, S), &bits);
+    out[i] = t;
+    mn = std::min(mn, t);
+    mx = std::max(mx, t);
+    const double z = t - mu0, q = clip01(z);
+    const double active = (z > 0.0 && z < 1.0) ? 1.0 : 0.0;
+    blk += q;
+    na += active;
+    if (!nw) continue;
+    const int64_t r = rb.n++;
+    rb.row[r] = i;
+    rb.mask[r] = bits;
+    rb.pat[r] = static_cast<uint8_t>(sg);
+    int k = 0;
+    if (counts) {
+      rb.w[k++][r] = q;
+      rb.w[k++][r] = active;
+    }
+    if (count_data) rb.w[k][r] = 1.0;
+    if (rb.n == kBlock) flush_block(d, rb, nw, sums, c <= 64);
+  }
+  flush_block(d, rb, nw, sums, c <= 64);
+  sq.add(blk);
+  acc[3 * nPS] += sq.value();
+  acc[3 * nPS + 1] += na;
+  lo = mn;
+  hi = mx;
+}
+
+// The writing pass of keep_probability_at_budget: q_i = clip(t_i - mu) in place; the rows
+// whose q is not the linear extrapolation clip(t - mu0) - (mu - mu0) [0 < t - mu0 < 1] of
+// pass 1 (those that crossed a kink of clip between mu0 and mu) add their difference times
+// ytil to their pattern's correction in acc (padded; null: q only).
+PYM4_SIMD_CLONES void budget_write_pattern(const Data& d, double mu0, double mu, int64_t b, int64_t e, double* q,
+                                           double* acc, RowBlock& rb) {
+  const double dm = mu - mu0;
+  double* const sums[1] = {acc};
+  for (int64_t i = b; i < e; ++i) {
+    const double t = q[i], z0 = t - mu0, z = t - mu, qi = clip01(z);
+    q[i] = qi;
+    if (!acc) continue;
+    const bool act0 = z0 > 0.0 && z0 < 1.0, act = z > 0.0 && z < 1.0;
+    if ((act0 && act) || (z0 <= 0.0 && z <= 0.0) || (z0 >= 1.0 && z >= 1.0)) continue;
+    const int64_t r = rb.n++;
+    rb.row[r] = i;
+    if (d.c <= 64) rb.mask[r] = label_bits(dense_row(d, i), d.c);
+    rb.pat[r] = static_cast<uint8_t>(pattern_of(d.s + i * d.ld_s, d.m));
+    rb.w[0][r] = qi - (clip01(z0) - (act0 ? dm : 0.0));
+    if (rb.n == kBlock) flush_block(d, rb, 1, sums, d.c <= 64);
+  }
+  if (acc) flush_block(d, rb, 1, sums, d.c <= 64);
+}
+
+// counts of weighted_counts per pattern: acc (padded) += q_i ytil over the rows.
+// With count_data, acc + nPS (padded) += ytil over the rows as well (the data's counts).
+PYM4_SIMD_CLONES void counts_range_pattern(const Data& d, const double* q, bool count_data, int64_t b, int64_t e,
+                                           double* acc, RowBlock& rb) {
+  const int64_t nPS = (int64_t(1) << d.m) * pattern_stride(d.c);
+  double* const sums[2] = {acc, acc + nPS};
+  const int nw = count_data ? 2 : 1;
+  for (int64_t i = b; i < e; ++i) {
+    const double qi = q ? q[i] : 1.0;
+    if (qi == 0.0 && !count_data) continue;
+    const int64_t r = rb.n++;
+    rb.row[r] = i;
+    if (d.c <= 64) rb.mask[r] = label_bits(dense_row(d, i), d.c);
+    rb.pat[r] = static_cast<uint8_t>(pattern_of(d.s + i * d.ld_s, d.m));
+    rb.w[0][r] = qi;
+    rb.w[1][r] = 1.0;
+    if (rb.n == kBlock) flush_block(d, rb, nw, sums, d.c <= 64);
+  }
+  flush_block(d, rb, nw, sums, d.c <= 64);
+}
+
+// The Newton stats' layout (newton_stats) from the per-pattern sums of newton_range_pattern.
+void fold_newton(int64_t m, int64_t c, const double* acc, double* stats) {
+  const int64_t L = c + 1, LL = L * L, nP = int64_t(1) << m, nb = 1 + m + m * (m - 1) / 2;
+  const int64_t S = pattern_stride(c), nPS = nP * S;
+  const double* G = acc;
+  const double* C = acc + nPS;
+  const double* H = acc + 2 * nPS + 1;
+  double* qv = stats + nb * LL;
+  double* cv = qv + (1 + m) * L;
+  auto add = [](double* dst, const double* src, int64_t len) {
+    for (int64_t a = 0; a < len; ++a) dst[a] += src[a];
+  };
+  for (int64_t sg = 0; sg < nP; ++sg) {
+    const int64_t at = pattern_at(sg, S);
+    add(stats, H + sg * LL, LL);
+    add(qv, G + at, L);
+    add(cv, C + at, L);
+    for (int64_t k = 0; k < m; ++k) {
+      if (!((sg >> k) & 1)) continue;
+      add(stats + (1 + k) * LL, H + sg * LL, LL);
+      add(qv + (1 + k) * L, G + at, L);
+      add(cv + (1 + k) * L, C + at, L);
+      for (int64_t l = k + 1; l < m; ++l)
+        if ((sg >> l) & 1) add(stats + (1 + m + pair_index(k, l, m)) * LL, H + sg * LL, LL);
+    }
+  }
+  stats[nb * LL + 2 * (1 + m) * L] += acc[2 * nPS];
+}
+
+// One mini-batch of the stream per pattern (batch_stats, stream_fit), with its buffers
+// reused across the batches of a pass.
+struct PatternBatch {
+  int64_t m, c, L, nPS;
+  AlignedDoubles W, acc;
+  RowBlock rb;
+  explicit PatternBatch(const Data& d)
+      : m(d.m), c(d.c), L(d.c + 1), nPS((int64_t(1) << d.m) * pattern_stride(d.c)), W(nPS), acc(2 * nPS) {}
+  // stats (stats_size(p), overwritten) of rows [b, e) (of order[b..e)) at duals (w, mu).
+  void stats(const Data& d, const Problem& prob, const double* w, double mu, const int64_t* order, int64_t b,
+             int64_t e, double* out) {
+    const int64_t p = m * L, S = pattern_stride(c);
+    pattern_weights(m, c, prob.pi, w, W.data());
+    acc.zero(2 * nPS);
+    if (e - b >= kParallelMin) {
+      parallel_accumulate_aligned(e - b, 2 * nPS, acc.data(), [&](int64_t lb, int64_t le, double* a) {
+        RowBlock rbt;
+        stream_range_pattern(d, prob, W.data(), mu, order, b + lb, b + le, a, rbt);
+      });
+    } else {
+      stream_range_pattern(d, prob, W.data(), mu, order, b, e, acc.data(), rb);
+    }
+    std::fill(out, out + stats_size(p), 0.0);
+    fold_groups(m, c, prob.pi, acc.data(), 1, out);
+    fold_groups(m, c, prob.pi, acc.data() + nPS, 2, out + p);
+    for (int64_t sg = 0; sg < (int64_t(1) << m); ++sg) {
+      out[2 * p] += acc.data()[pattern_at(sg, S)];
+      out[2 * p + 1] += acc.data()[nPS + pattern_at(sg, S)];
+    }
+  }
+};
+
+// keep_probability_at_budget on the per-pattern passes: one pass over the rows (t_i, and the
+// counts at mu0), the budget search over the stored t, and a writing pass that reads only
+// the rows that crossed a kink between mu0 and the final mu.
+double budget_pattern(const Data& d, const Problem& prob, const double* w, double mu0, double* q,
+                      double* counts_after, double* counts_before) {
+  const int64_t n = d.n, S = pattern_stride(d.c), nPS = (int64_t(1) << d.m) * S;
+  AlignedDoubles W(nPS);
+  pattern_weights(d.m, d.c, prob.pi, w, W.data());
+  const bool counts = counts_after != nullptr, count_data = counts_before != nullptr;
+  const int64_t width = (3 * nPS + 2 + 7) / 8 * 8;
+  const int T = n >= kParallelMin ? max_threads() : 1;
+  AlignedDoubles part(static_cast<size_t>(T) * width);
+  std::vector<double> lo_t(T, 0.0), hi_t(T, 0.0);
+  parallel_threads(n, [&](int t, int, int64_t b, int64_t e) {
+    RowBlock rb;
+    lo_t[t] = std::numeric_limits<double>::infinity();
+    hi_t[t] = -std::numeric_limits<double>::infinity();
+    budget_range_pattern(d, prob, W.data(), mu0, counts, count_data, b, e, q,
+                         part.data() + static_cast<size_t>(t) * width, rb, lo_t[t], hi_t[t]);
+  });
+  std::vector<double> acc(width, 0.0);
+  double lo = lo_t[0], hi = hi_t[0];
+  for (int t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < width; ++j) acc[j] += part.data()[static_cast<size_t>(t) * width + j];
+    lo = std::min(lo, lo_t[t]);
+    hi = std::max(hi, hi_t[t]);
+  }
+  // f(mu) = sum_i clip(t_i - mu) - n eta: >= 0 at min t - 1 (every q is 1), <= 0 at max t.
+  const double mu = budget_root(n, q, prob.eta, mu0, lo - 1.0, hi, acc.data() + 3 * nPS);
+  std::vector<double> corr(counts ? nPS : 0, 0.0);
+  parallel_accumulate_aligned(n, counts ? nPS : 0, corr.data(), [&](int64_t b, int64_t e, double* a) {
+    RowBlock rb;
+    budget_write_pattern(d, mu0, mu, b, e, q, counts ? a : nullptr, rb);
+  });
+  if (counts) {
+    // sum_i q_i ytil = G0 - (mu - mu0) A0 + the crossing rows' corrections, per pattern.
+    const double dm = mu - mu0;
+    for (int64_t j = 0; j < nPS; ++j) corr[j] += acc[j] - dm * acc[nPS + j];
+    fold_counts(d.m, d.c, corr.data(), counts_after);
+  }
+  if (count_data) fold_counts(d.m, d.c, acc.data() + 2 * nPS, counts_before);
+  return mu;
+}
+
 }  // namespace
 
 // ----- public entry points --------------------------------------------------------------------
 
 void margins(const Data& d, const double* pi, const double* w, double* out) {
+  if (by_pattern(d)) {
+    AlignedDoubles W((size_t(1) << d.m) * pattern_stride(d.c));
+    pattern_weights(d.m, d.c, pi, w, W.data());
+    parallel_ranges(d.n, [&](int64_t b, int64_t e) { margins_range_pattern(d, W.data(), b, e, out); });
+    return;
+  }
   parallel_ranges(d.n, [&](int64_t b, int64_t e) { margins_range(d, pi, w, b, e, out); });
 }
 
 void keep_probability(const Data& d, const Problem& prob, const double* w, double mu, double* q) {
+  AlignedDoubles W(by_pattern(d) ? (size_t(1) << d.m) * pattern_stride(d.c) : 0);
+  if (by_pattern(d)) pattern_weights(d.m, d.c, prob.pi, w, W.data());
   parallel_ranges(d.n, [&](int64_t b, int64_t e) {
-    margins_range(d, prob.pi, w, b, e, q);
+    if (by_pattern(d)) margins_range_pattern(d, W.data(), b, e, q);
+    else margins_range(d, prob.pi, w, b, e, q);
     for (int64_t i = b; i < e; ++i) q[i] = clip01(prob.eta + (d.u ? d.u[i] : 0.0) - q[i] - mu);
   });
 }
@@ -258,6 +689,7 @@ double keep_probability_at_budget(const Data& d, const Problem& prob, const doub
                                   double* counts_after, double* counts_before) {
   const int64_t n = d.n;
   if (n == 0) return mu0;
+  if (by_pattern(d)) return budget_pattern(d, prob, w, mu0, q, counts_after, counts_before);
   parallel_ranges(n, [&](int64_t b, int64_t e) {
     margins_range(d, prob.pi, w, b, e, q);
     for (int64_t i = b; i < e; ++i) q[i] = prob.eta + (d.u ? d.u[i] : 0.0) - q[i];  // z_i + mu
@@ -268,29 +700,7 @@ double keep_probability_at_budget(const Data& d, const Problem& prob, const doub
     hi = std::max(hi, q[i]);
   }
   // f(mu) = sum_i clip(z_i - mu) - n eta: >= 0 at min z - 1 (every q is 1), <= 0 at max z.
-  lo -= 1.0;
-  const double target = static_cast<double>(n) * prob.eta;
-  double mu = std::min(std::max(mu0, lo), hi);
-  for (int it = 0; it < 200; ++it) {
-    double acc[2] = {0.0, 0.0};  // sum q, active count
-    parallel_accumulate(n, 2, acc, [&](int64_t b, int64_t e, double* a) {
-      double sq = 0.0, na = 0.0;
-      for (int64_t i = b; i < e; ++i) {
-        const double z = q[i] - mu;
-        sq += clip01(z);
-        na += (z > 0.0 && z < 1.0) ? 1.0 : 0.0;
-      }
-      a[0] += sq;
-      a[1] += na;
-    });
-    const double f = acc[0] - target;
-    if (std::abs(f) <= 1e-13 * static_cast<double>(n)) break;
-    (f > 0.0 ? lo : hi) = mu;
-    double next = acc[1] > 0.0 ? mu + f / acc[1] : 0.5 * (lo + hi);
-    if (!(next > lo && next < hi)) next = 0.5 * (lo + hi);
-    if (next == mu || hi - lo <= 1e-15 * (1.0 + std::abs(mu))) break;
-    mu = next;
-  }
+  const double mu = budget_root(n, q, prob.eta, mu0, lo - 1.0, hi, nullptr);
   // The writing pass also counts the kept data (and the data): one more read of the rows.
   const int64_t K = counts_size(d.m, d.c);
   std::vector<double> both(2 * K, 0.0);
@@ -310,9 +720,29 @@ double keep_probability_at_budget(const Data& d, const Problem& prob, const doub
 
 int64_t counts_size(int64_t m, int64_t c) { return 1 + m + c + m * c; }
 
-void weighted_counts(const Data& d, const double* q, double* counts) {
-  parallel_accumulate(d.n, counts_size(d.m, d.c), counts,
-                      [&](int64_t b, int64_t e, double* acc) { counts_range(d, q, b, e, acc); });
+void weighted_counts(const Data& d, const double* q, double* counts, double* counts_data) {
+  if (by_pattern(d)) {
+    const int64_t nPS = (int64_t(1) << d.m) * pattern_stride(d.c);
+    const bool both = counts_data != nullptr;
+    std::vector<double> P((both ? 2 : 1) * nPS, 0.0);
+    parallel_accumulate_aligned(d.n, static_cast<int64_t>(P.size()), P.data(), [&](int64_t b, int64_t e, double* acc) {
+      RowBlock rb;
+      counts_range_pattern(d, q, both, b, e, acc, rb);
+    });
+    fold_counts(d.m, d.c, P.data(), counts);
+    if (both) fold_counts(d.m, d.c, P.data() + nPS, counts_data);
+    return;
+  }
+  const int64_t K = counts_size(d.m, d.c);
+  std::vector<double> both(2 * K, 0.0);
+  parallel_accumulate(d.n, counts_data ? 2 * K : K, both.data(), [&](int64_t b, int64_t e, double* acc) {
+    counts_range(d, q, b, e, acc);
+    if (counts_data) counts_range(d, nullptr, b, e, acc + K);
+  });
+  for (int64_t j = 0; j < K; ++j) {
+    counts[j] += both[j];
+    if (counts_data) counts_data[j] += both[K + j];
+  }
 }
 
 int64_t stats_size(int64_t p) { return 2 * p + 2; }
@@ -321,6 +751,11 @@ void batch_stats(const Data& d, const Problem& prob, const double* w, double mu,
                  double* stats) {
   const int64_t p = d.dim();
   std::fill(stats, stats + stats_size(p), 0.0);
+  if (by_pattern(d)) {
+    PatternBatch pb(d);
+    pb.stats(d, prob, w, mu, nullptr, begin, end, stats);
+    return;
+  }
   parallel_accumulate(end - begin, stats_size(p), stats, [&](int64_t b, int64_t e, double* acc) {
     stream_range(d, prob, w, mu, begin + b, begin + e, acc);
   });
@@ -365,6 +800,18 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
   std::vector<int64_t> gptr(order && !d.y ? Bn + 1 : 0);
   std::vector<int32_t> gidx;
   int64_t steps = 0;
+  if (by_pattern(d)) {  // the rows are read in place (in `order`): no gathered copies
+    PatternBatch pb(d);
+    for (int64_t b = 0; b < d.n; b += B) {
+      interrupt::check();
+      const int64_t e = std::min(d.n, b + B);
+      for (int64_t j = 0; j < p; ++j) w[j] = st.v_plus[j] - st.v_minus[j];
+      pb.stats(d, prob, w.data(), st.scalars[0], order, b, e, stats.data());
+      apply_update(prob, d.m, d.c, cfg, st, stats.data());
+      ++steps;
+    }
+    return steps;
+  }
   for (int64_t b = 0; b < d.n; b += B) {
     interrupt::check();
     const int64_t e = std::min(d.n, b + B);
@@ -414,10 +861,24 @@ int64_t newton_stats_size(int64_t m, int64_t c) {
 }
 
 void newton_stats(const Data& d, const Problem& prob, const double* w, double mu, int64_t hessian_stride,
-                  double* stats) {
+                  double* stats, bool count_data) {
   const int64_t stride = std::max<int64_t>(1, hessian_stride);
+  if (by_pattern(d)) {
+    const int64_t L = d.c + 1, nP = int64_t(1) << d.m, S = pattern_stride(d.c);
+    const int64_t width = 2 * nP * S + 1 + nP * L * L;
+    AlignedDoubles W(nP * S);
+    std::vector<double> acc(width, 0.0);
+    pattern_weights(d.m, d.c, prob.pi, w, W.data());
+    parallel_accumulate_aligned(d.n, width, acc.data(), [&](int64_t b, int64_t e, double* a) {
+      RowBlock rb;
+      std::vector<int32_t> idx(L);
+      newton_range_pattern(d, prob, W.data(), mu, stride, count_data, b, e, a, rb, idx.data());
+    });
+    fold_newton(d.m, d.c, acc.data(), stats);
+    return;
+  }
   parallel_accumulate(d.n, newton_stats_size(d.m, d.c), stats,
-                      [&](int64_t b, int64_t e, double* acc) { newton_range(d, prob, w, mu, stride, b, e, acc); });
+                      [&](int64_t b, int64_t e, double* acc) { newton_range(d, prob, w, mu, stride, count_data, b, e, acc); });
 }
 
 void newton_model(const Problem& prob, int64_t m, int64_t c, const double* stats, double* H, double* r) {

@@ -321,6 +321,175 @@ PYM4_SIMD_CLONES void partial_range(const Data& d, const int64_t* count, const P
   });
 }
 
+// The dense Hessian blocks of unweighted rows with c < 64 labels, as Gram matrices of bit
+// sets: a block's entry (a, b) is the number of its active rows with bits a and b of
+// [1; y] set, so the rows are collected per pattern as 64-bit masks and, kGramRows at a
+// time, turned into one bit set of rows per label; each entry is then a popcount of the AND
+// of two such sets (~(c+1)^2/2 word operations per 64 rows instead of ~nnz^2/2 scattered
+// adds per row). Integer counts: the same doubles as the per-row updates, in any order.
+constexpr int64_t kGramRows = 2048;
+
+struct GramBlocks {
+  int64_t L, nP;
+  std::vector<uint64_t> masks, cols;
+  std::vector<int64_t> fill;
+  GramBlocks(int64_t L_, int64_t nP_)
+      : L(L_), nP(nP_), masks(static_cast<size_t>(nP_) * kGramRows), cols(static_cast<size_t>(L_) * (kGramRows / 64)),
+        fill(nP_, 0) {}
+  static bool applies(int64_t c, const int64_t* count) { return count == nullptr && c + 1 <= 64; }
+  PYM4_M4_INLINE void add(int64_t sg, uint64_t mask, double* H) {
+    masks[sg * kGramRows + fill[sg]++] = mask;
+    if (fill[sg] == kGramRows) flush(sg, H);
+  }
+  PYM4_M4_INLINE void flush(int64_t sg, double* H) {
+    const int64_t n = fill[sg], words = (n + 63) / 64;
+    if (!n) return;
+    std::fill(cols.begin(), cols.begin() + L * words, 0);
+    const uint64_t* ms = masks.data() + sg * kGramRows;
+    for (int64_t r = 0; r < n; ++r)
+      for (uint64_t x = ms[r]; x; x &= x - 1) cols[__builtin_ctzll(x) * words + (r >> 6)] |= uint64_t(1) << (r & 63);
+    double* B = H + sg * L * L;
+    for (int64_t a = 0; a < L; ++a) {
+      const uint64_t* ca = cols.data() + a * words;
+      for (int64_t b = a; b < L; ++b) {
+        const uint64_t* cb = cols.data() + b * words;
+        int64_t tot = 0;
+        for (int64_t w = 0; w < words; ++w) tot += __builtin_popcountll(ca[w] & cb[w]);
+        B[a * L + b] += static_cast<double>(tot);
+      }
+    }
+    fill[sg] = 0;
+  }
+  PYM4_M4_INLINE void flush_all(double* H) {
+    for (int64_t sg = 0; sg < nP; ++sg) flush(sg, H);
+  }
+};
+
+// Bit 0 and bits 1 + j for the set labels of a dense row (c < 64).
+PYM4_M4_INLINE uint64_t row_mask(const uint8_t* yr, int64_t c) { return 1 | (label_bits(yr, c) << 1); }
+
+// partial_range for dense label rows and few groups (the s-pattern classes, m <= 4): a row's
+// two margins are two c-dots with its pattern's (V_b, dV_b) (Vw, Vd: nC x L each, the 0/1
+// bytes widened through a table), and the candidates' T_b (and the Hessian-free diagonal's
+// D_b) are block sums (m4_rows.h): per block of rows, each pattern's rows summed with the
+// accumulators in registers. Only the dense Hessian blocks walk the row's set labels. Same
+// sums as partial_range, to rounding. (No lambda here: a lambda's body would be compiled for
+// the baseline ISA, not for the clone.)
+PYM4_SIMD_CLONES void partial_range_dense(const Data& d, const int64_t* count, const Problem& prob,
+                                          const double* state, const double* Vw, const double* Vd,
+                                          int64_t row_offset, int64_t b, int64_t e, double* acc, double* q_out) {
+  const Layout Ly(d.m, d.c, state[kFree] != 0.0);
+  const int64_t L = Ly.L, c = d.c;
+  const int K = static_cast<int>(state[kK]);
+  const int hess_at = static_cast<int>(state[kHessAt]);
+  const int64_t rate = static_cast<int64_t>(state[kRate]);
+  const double* steps = state + kSteps;
+  const double mu = state[kMu], dmu = state[kDmu], eta = prob.eta;
+  double* H = acc + Ly.shess();
+  // Block sums: T of every candidate, then D (Hessian-free, at the Hessian candidate).
+  const bool diag = Ly.free && hess_at >= 0 && hess_at < K;
+  const int nw = K + (diag ? 1 : 0);
+  double* sums[kMaxWeights];
+  for (int k = 0; k < K; ++k) sums[k] = acc + Ly.cand(k) + 4;
+  if (diag) sums[K] = H;
+  RowBlock rb;
+  std::vector<int32_t> Jbuf(L);
+  int32_t* J = Jbuf.data();
+  const bool by_gram = !Ly.free && hess_at >= 0 && hess_at < K && GramBlocks::applies(c, count);
+  GramBlocks gram(by_gram ? L : 0, by_gram ? Ly.nC : 0);
+  int64_t i = b;
+  while (i < e) {
+    // The rows the request reads (as for_rows): all, or the sampled 64-row blocks.
+    int64_t run_end = e;
+    if (rate > 1) {
+      const int64_t blk = (row_offset + i) >> kBlockShift;
+      run_end = std::min(e, ((blk + 1) << kBlockShift) - row_offset);
+      if (mix64(static_cast<uint64_t>(blk)) % static_cast<uint64_t>(rate) != 0) {
+        i = run_end;
+        continue;
+      }
+    }
+    for (; i < run_end; ++i) {
+      const int64_t sg = pattern_of(d.s + i * d.ld_s, d.m);
+      const uint8_t* __restrict yr = dense_row(d, i);
+      const double* __restrict vw = Vw + sg * L;
+      const double* __restrict vd = Vd + sg * L;
+      double cw = 0.0, cd = 0.0;
+      int64_t j = 0;
+#if defined(PYM4_M4_VEC)
+      f64x4 aw0 = {0.0, 0.0, 0.0, 0.0}, aw1 = aw0, ad0 = aw0, ad1 = aw0;
+      for (; j + 8 <= c; j += 8) {
+        const unsigned bits = bits8(yr + j);
+        f64x4 v0, v1, x;
+        std::memcpy(&v0, kNibbles.v[bits & 15], sizeof v0);
+        std::memcpy(&v1, kNibbles.v[bits >> 4], sizeof v1);
+        std::memcpy(&x, vw + 1 + j, sizeof x);
+        aw0 += v0 * x;
+        std::memcpy(&x, vw + 5 + j, sizeof x);
+        aw1 += v1 * x;
+        std::memcpy(&x, vd + 1 + j, sizeof x);
+        ad0 += v0 * x;
+        std::memcpy(&x, vd + 5 + j, sizeof x);
+        ad1 += v1 * x;
+      }
+      aw0 += aw1;
+      ad0 += ad1;
+      cw = (aw0[0] + aw0[1]) + (aw0[2] + aw0[3]);
+      cd = (ad0[0] + ad0[1]) + (ad0[2] + ad0[3]);
+#endif
+      for (; j < c; ++j) {
+        const double v = static_cast<double>(yr[j]);
+        cw += v * vw[1 + j];
+        cd += v * vd[1 + j];
+      }
+      cw += vw[0];
+      cd += vd[0];
+      const double cnt = count ? static_cast<double>(count[i]) : 1.0;
+      const double m0 = cw + mu, md = cd + dmu;
+      const double z0 = eta + (d.u ? d.u[i] : 0.0) - m0;
+      acc[0] += cnt;
+      acc[1] += cnt * std::min(0.0, md);
+      const int64_t r = rb.n++;
+      rb.row[r] = i;
+      rb.pat[r] = static_cast<uint8_t>(sg);
+      for (int k = 0; k < K; ++k) {
+        const double t = steps[k];
+        const double z = z0 - t * md, q = clip01(z);
+        if (k == 0 && q_out) q_out[i] = q;
+        double* A = acc + Ly.cand(k);
+        A[0] += cnt * q;
+        A[1] += cnt * (0.5 * (q - eta) * (q - eta) - q * (z - eta));
+        A[2] += cnt * std::min(0.0, m0 + t * md);
+        const bool active = z > 0.0 && z < 1.0;
+        if (active) A[3] += cnt;
+        rb.w[k][r] = cnt * q;
+        if (k != hess_at) continue;
+        if (Ly.free) {
+          rb.w[K][r] = active ? cnt : 0.0;
+        } else if (active && by_gram) {
+          gram.add(sg, row_mask(yr, c), H);
+        } else if (active) {
+          // Upper triangle (J ascending) of the row's pattern block.
+          int nJ = 0;
+          J[nJ++] = 0;
+          for (int64_t l = 0; l < c; ++l) {
+            J[nJ] = static_cast<int32_t>(l + 1);
+            nJ += yr[l] != 0;
+          }
+          double* B = H + sg * L * L;
+          for (int a = 0; a < nJ; ++a) {
+            double* row = B + static_cast<int64_t>(J[a]) * L;
+            for (int u = a; u < nJ; ++u) row[J[u]] += cnt;
+          }
+        }
+      }
+      if (rb.n == kBlock) flush_block(d, rb, nw, sums, L, 0);
+    }
+  }
+  flush_block(d, rb, nw, sums, L, 0);
+  if (by_gram) gram.flush_all(H);
+}
+
 // One Hessian-vector product (Hessian-free mode): at the current point, over the active rows,
 // s = a^T v + v_mu and the sums [weight | sum_A s | T_b = sum_{A, class b} s ytil] (counts
 // weighting every term). V interleaves per class (V_b of w, V_b of v) as in partial_range.
@@ -704,6 +873,18 @@ void exact_partial(const Data& d, const int64_t* count, const Problem& prob, con
   // Per-thread accumulators cover the Hessian blocks only when the pass builds them (they
   // are most of the stats once there are hundreds of labels).
   const int64_t width = S[kHessAt] >= 0 ? Ly.stats_size() : Ly.shess();
+  if (Ly.by_pattern && (d.y || d.c == 0) && !d.y_indptr) {
+    std::vector<double> Vw(Ly.nC * Ly.L), Vd(Ly.nC * Ly.L);
+    for (int64_t j = 0; j < Ly.nC * Ly.L; ++j) {
+      Vw[j] = V[2 * j];
+      Vd[j] = V[2 * j + 1];
+    }
+    parallel_accumulate(d.n, width, stats, [&](int64_t b, int64_t e, double* acc) {
+      partial_range_dense(d, count, prob, S, Vw.data(), Vd.data(), row_offset, b, e, acc,
+                          S[kRate] <= 1.0 ? q_first : nullptr);
+    });
+    return;
+  }
   parallel_accumulate(d.n, width, stats, [&](int64_t b, int64_t e, double* acc) {
     partial_range(d, count, prob, S, V.data(), row_offset, b, e, acc, S[kRate] <= 1.0 ? q_first : nullptr);
   });

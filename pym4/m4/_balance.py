@@ -156,8 +156,13 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     before = after = None
     if method == "exact":
         w, q = np.zeros(p), np.empty(n)
-        info = _backend.core().m4_solve_exact(data, problem.core(), max_iter, float(tol), 1e6, w, q)
+        core = _backend.core()
+        info = core.m4_solve_exact(data, problem.core(), max_iter, float(tol), 1e6, w, q)
         status, iterations, mu = _STATUS[info["status"]], int(info["iterations"]), float(info["mu"])
+        # The report's counts of q and of the data: one pass over the rows for both.
+        K = _problem.counts_size(m, lab.c)
+        after, before = np.zeros(K), np.zeros(K)
+        core.m4_weighted_counts(_inputs.data_tuple(s8, lab, None), q, after, before)
         if status == "infeasible":
             big = np.abs(w) >= 1e-3 * np.abs(w).max()
             order = np.argsort(-np.abs(w))
@@ -176,7 +181,10 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         for _ in range(refine):
             # The gradient over every row, the curvature over a strided sample of about
             # HESSIAN_ROWS rows: an inexact Newton step, which converges as the gradient is exact.
-            H, n_h, r, _, before = _solver.newton_model(s8, lab, u, problem, w, mu, _solver.hessian_stride(n))
+            # The data's counts (the report's) do not depend on the duals: the first pass counts them.
+            H, n_h, r, _, counted = _solver.newton_model(s8, lab, u, problem, w, mu, _solver.hessian_stride(n),
+                                                          count_data=before is None)
+            before = counted if before is None else before
             w, mu = _solver.newton_step(H, n_h, r, n, problem, lab.c, w, mu)
         q, mu, after, counted = _solver.keep_probability_at_budget(s8, lab, u, problem, w, mu,
                                                                    want_before=before is None)
@@ -200,7 +208,9 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         rep.message = f"{rep.message}; {budget_text(largest)}"
     elif searched:
         rep.largest_feasible_budget = largest
-    objective = float(np.mean(0.5 * (q - problem.budget) ** 2 - (0.0 if u_given is None else u_given) * q))
+    # (1/N) sum 1/2 (q - eta)^2 - u q, as two dot products: no N-sized temporaries but one.
+    dq = q - problem.budget
+    objective = (0.5 * float(dq @ dq) - (0.0 if u_given is None else float(u_given @ q))) / n
     mu += u_shift  # the budget's dual for the utility as given
     if rep.status != "optimal":  # q does not solve the problem: say so even to callers who skip .status
         warnings.warn(f"pym4.m4.balance: {rep.message}", RuntimeWarning, stacklevel=2)

@@ -380,7 +380,7 @@ def hessian_stride(n: int) -> int:
 
 
 def newton_model(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], problem: Problem, w: np.ndarray,
-                 mu: float, stride: int = 1):
+                 mu: float, stride: int = 1, count_data: bool = True):
     """The dual's quadratic model at duals (w, mu) from one pass over checked rows.
 
     Returns ``(H, n_h, r, after, before)``: H ((p+1, p+1), float64) = sum over the rows
@@ -388,19 +388,22 @@ def newton_model(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], p
     a_i^T w - mu) and n_h the number of rows with i % stride == 0 (so H / n_h estimates the
     mean curvature; an inexact Newton step converges when the gradient is exact), r
     (p+1,) = sum_i q_i [a_i; 1] over every row, and the weighted counts
-    (:func:`pym4.m4.weighted_counts` layout) of q_i = clip(z_i, 0, 1) and of the data. The
-    core builds them from per-group-set Kronecker blocks (include/pym4/m4.h); without it,
-    from the dense rows here.
+    (:func:`pym4.m4.weighted_counts` layout) of q_i = clip(z_i, 0, 1) and of the data
+    (None with ``count_data=False``: they do not depend on the duals, so a caller that has
+    them skips that work). The core builds them from per-group-set Kronecker blocks
+    (include/pym4/m4.h); without it, from the dense rows here.
     """
     m, c = s8.shape[1], lab.c
     core = _backend.core()
     if core is not None:
         stats = np.zeros(core.m4_newton_stats_size(m, c))
-        core.m4_newton_stats(_inputs.data_tuple(s8, lab, u), problem.core(), w, float(mu), int(stride), stats)
+        core.m4_newton_stats(_inputs.data_tuple(s8, lab, u), problem.core(), w, float(mu), int(stride), stats,
+                             count_data=bool(count_data))
         H, r = core.m4_newton_model(m, c, problem.core(), stats)
         L = c + 1
         moments = stats[-2 * (1 + m) * L - 1:-1].reshape(2, 1 + m, L)
-        return H, float(stats[-1]), r, _counts_of_moments(moments[0]), _counts_of_moments(moments[1])
+        before = _counts_of_moments(moments[1]) if count_data else None
+        return H, float(stats[-1]), r, _counts_of_moments(moments[0]), before
     y = lab.to_dense().astype(np.float64)
     d = s8.astype(np.float64) - problem.target
     v = np.concatenate([np.ones((len(s8), 1)), y], axis=1)
@@ -412,7 +415,7 @@ def newton_model(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], p
     sf = s8.astype(np.float64)
     moments = [np.concatenate([(wt @ v)[None], (wt[:, None] * sf).T @ v]) for wt in (q, np.ones(len(s8)))]
     return (act.T @ act, float(np.count_nonzero(sampled)), q @ a, _counts_of_moments(moments[0]),
-            _counts_of_moments(moments[1]))
+            _counts_of_moments(moments[1]) if count_data else None)
 
 
 def _counts_of_moments(mv: np.ndarray) -> np.ndarray:

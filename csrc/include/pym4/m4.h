@@ -15,7 +15,10 @@
 //     q_i = clip(eta + u_i - a_i^T w - mu, 0, 1).
 //
 // Nothing here builds the N x p matrix: every pass reads s_i and y_i (dense uint8 rows, or
-// CSR index lists for large c) and forms a_i on the fly. Plain C++17, no Python.
+// CSR index lists for large c) and forms a_i on the fly. With dense rows and m <= 4 groups
+// the passes work per s-pattern sigma: a_i^T w = W_sigma . [1; y_i] with W_sigma = sum_k
+// (sigma_k - pi_k) w_k (one c-dot per row), and sums over rows per pattern, folded into
+// per-group sums at the end (csrc/m4_rows.h). Plain C++17, no Python.
 #pragma once
 
 #include <cstdint>
@@ -66,7 +69,8 @@ double keep_probability_at_budget(const Data& d, const Problem& prob, const doub
 // counts = [sum_i q_i | sum_i q_i s_ik (m) | sum_i q_i y_ir (c) | sum_i q_i s_ik y_ir (m x c)]
 // (size 1 + m + c + m c, all doubles). q == nullptr means q_i = 1.
 int64_t counts_size(int64_t m, int64_t c);
-void weighted_counts(const Data& d, const double* q, double* counts);
+// counts_data (may be null): the data's counts (q_i = 1) as well, in the same pass.
+void weighted_counts(const Data& d, const double* q, double* counts, double* counts_data = nullptr);
 
 // ----- method="stream": one-pass stochastic projected dual ascent -------------------------
 // Per mini-batch B with the current iterate (w = v+ - v-, mu): g = mean_B q_i a_i and
@@ -121,8 +125,10 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
 // estimates the mean curvature. stats (newton_stats_size doubles) are plain sums: shards
 // merge by adding.
 int64_t newton_stats_size(int64_t m, int64_t c);
+// count_data = false leaves the unweighted first moments (sum v, sum s_k v) out (zeros):
+// they do not depend on the duals, so a caller that has them skips their work.
 void newton_stats(const Data& d, const Problem& prob, const double* w, double mu, int64_t hessian_stride,
-                  double* stats);
+                  double* stats, bool count_data = true);
 // The model from merged stats: H ((p+1) x (p+1), row-major, the negated Hessian times N) and
 // r (p+1) = sum_i q_i [a_i; 1], with the index layout of a_i and mu last.
 void newton_model(const Problem& prob, int64_t m, int64_t c, const double* stats, double* H, double* r);
