@@ -79,7 +79,7 @@ tests=(tests/test_sinkhorn.py tests/test_sinkhorn_vs_swav.py tests/test_sinkhorn
        tests/test_backend.py tests/test_interrupt.py
        tests/test_m4.py tests/test_m4_model.py tests/test_m4_passes.py tests/test_m4_data.py
        tests/test_m4_columns.py tests/test_m4_dataset.py tests/test_m4_cli.py tests/test_m4_cli_dataset.py
-       tests/test_m4_stream.py tests/test_m4_inputs.py tests/test_sinkhorn_hardening.py)
+       tests/test_m4_stream.py tests/test_m4_inputs.py tests/test_sinkhorn_hardening.py tests/test_m4_core_paths.py)
 shopt -s nullglob
 tests+=(tests/test_properties_*.py)
 rc=0
