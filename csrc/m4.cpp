@@ -600,7 +600,7 @@ struct PatternBatch {
     pattern_weights(m, c, prob.pi, w, W.data());
     acc.zero(2 * nPS);
     if (e - b >= kParallelMin) {
-      parallel_accumulate_aligned(e - b, 2 * nPS, acc.data(), [&](int64_t lb, int64_t le, double* a) {
+      parallel_accumulate(e - b, 2 * nPS, acc.data(), [&](int64_t lb, int64_t le, double* a) {
         RowBlock rbt;
         stream_range_pattern(d, prob, W.data(), mu, order, b + lb, b + le, a, rbt);
       });
@@ -647,7 +647,7 @@ double budget_pattern(const Data& d, const Problem& prob, const double* w, doubl
   // f(mu) = sum_i clip(t_i - mu) - n eta: >= 0 at min t - 1 (every q is 1), <= 0 at max t.
   const double mu = budget_root(n, q, prob.eta, mu0, lo - 1.0, hi, acc.data() + 3 * nPS);
   std::vector<double> corr(counts ? nPS : 0, 0.0);
-  parallel_accumulate_aligned(n, counts ? nPS : 0, corr.data(), [&](int64_t b, int64_t e, double* a) {
+  parallel_accumulate(n, counts ? nPS : 0, corr.data(), [&](int64_t b, int64_t e, double* a) {
     RowBlock rb;
     budget_write_pattern(d, mu0, mu, b, e, q, counts ? a : nullptr, rb);
   });
@@ -725,7 +725,7 @@ void weighted_counts(const Data& d, const double* q, double* counts, double* cou
     const int64_t nPS = (int64_t(1) << d.m) * pattern_stride(d.c);
     const bool both = counts_data != nullptr;
     std::vector<double> P((both ? 2 : 1) * nPS, 0.0);
-    parallel_accumulate_aligned(d.n, static_cast<int64_t>(P.size()), P.data(), [&](int64_t b, int64_t e, double* acc) {
+    parallel_accumulate(d.n, static_cast<int64_t>(P.size()), P.data(), [&](int64_t b, int64_t e, double* acc) {
       RowBlock rb;
       counts_range_pattern(d, q, both, b, e, acc, rb);
     });
@@ -869,7 +869,7 @@ void newton_stats(const Data& d, const Problem& prob, const double* w, double mu
     AlignedDoubles W(nP * S);
     std::vector<double> acc(width, 0.0);
     pattern_weights(d.m, d.c, prob.pi, w, W.data());
-    parallel_accumulate_aligned(d.n, width, acc.data(), [&](int64_t b, int64_t e, double* a) {
+    parallel_accumulate(d.n, width, acc.data(), [&](int64_t b, int64_t e, double* a) {
       RowBlock rb;
       std::vector<int32_t> idx(L);
       newton_range_pattern(d, prob, W.data(), mu, stride, count_data, b, e, a, rb, idx.data());

@@ -253,6 +253,19 @@ void for_rows(int64_t b, int64_t e, int64_t row_offset, int64_t rate, Body body)
 
 // ----- one pass ------------------------------------------------------------------------------
 
+// A candidate step's scalar sums for one row (z: its unclipped keep value, q = clip01(z),
+// margin: a^T w + mu at the step): [sum q | objective | sum min(0, margin) | active count],
+// each weighted by the row's count. Returns whether the row is active (0 < z < 1). Shared by
+// the general and the dense row loops, so that both sum exactly the same terms.
+inline bool add_candidate_scalars(double* A, double cnt, double z, double q, double eta, double margin) {
+  A[0] += cnt * q;
+  A[1] += cnt * (0.5 * (q - eta) * (q - eta) - q * (z - eta));
+  A[2] += cnt * std::min(0.0, margin);
+  const bool active = z > 0.0 && z < 1.0;
+  if (active) A[3] += cnt;
+  return active;
+}
+
 PYM4_SIMD_CLONES void partial_range(const Data& d, const int64_t* count, const Problem& prob, const double* state,
                                     const double* V, int64_t row_offset, int64_t b, int64_t e, double* acc,
                                     double* q_out) {
@@ -289,11 +302,7 @@ PYM4_SIMD_CLONES void partial_range(const Data& d, const int64_t* count, const P
       const double z = z0 - t * md, q = clip01(z);
       if (k == 0 && q_out) q_out[i] = q;
       double* A = acc + Ly.cand(k);
-      A[0] += cnt * q;
-      A[1] += cnt * (0.5 * (q - eta) * (q - eta) - q * (z - eta));
-      A[2] += cnt * std::min(0.0, m0 + t * md);
-      const bool active = z > 0.0 && z < 1.0;
-      if (active) A[3] += cnt;
+      const bool active = add_candidate_scalars(A, cnt, z, q, eta, m0 + t * md);
       if (q != 0.0) {
         const double cq = cnt * q;
         for (int ci = 0; ci < nc; ++ci) {
@@ -457,11 +466,7 @@ PYM4_SIMD_CLONES void partial_range_dense(const Data& d, const int64_t* count, c
         const double z = z0 - t * md, q = clip01(z);
         if (k == 0 && q_out) q_out[i] = q;
         double* A = acc + Ly.cand(k);
-        A[0] += cnt * q;
-        A[1] += cnt * (0.5 * (q - eta) * (q - eta) - q * (z - eta));
-        A[2] += cnt * std::min(0.0, m0 + t * md);
-        const bool active = z > 0.0 && z < 1.0;
-        if (active) A[3] += cnt;
+        const bool active = add_candidate_scalars(A, cnt, z, q, eta, m0 + t * md);
         rb.w[k][r] = cnt * q;
         if (k != hess_at) continue;
         if (Ly.free) {

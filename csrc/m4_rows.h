@@ -40,31 +40,6 @@ inline void range_of(int64_t n, int t, int T, int64_t& b, int64_t& e) {
   e = n * (t + 1) / T;
 }
 
-// Runs body(begin, end, acc) on contiguous ranges in parallel, each with its own zeroed
-// accumulator of `width` doubles, and adds the accumulators into out in thread order.
-template <typename Body>
-void parallel_accumulate(int64_t n, int64_t width, double* out, Body body) {
-  const int T = n >= kParallelMin ? max_threads() : 1;
-  if (T == 1) {
-    std::vector<double> acc(width, 0.0);
-    body(int64_t(0), n, acc.data());
-    for (int64_t j = 0; j < width; ++j) out[j] += acc[j];
-    return;
-  }
-  std::vector<double> partial(static_cast<size_t>(T) * width, 0.0);
-#if defined(PYM4_WITH_OPENMP)
-#pragma omp parallel num_threads(T)
-#endif
-  {
-    const int t = thread_id();
-    int64_t b, e;
-    range_of(n, t, T, b, e);
-    body(b, e, partial.data() + static_cast<size_t>(t) * width);
-  }
-  for (int t = 0; t < T; ++t)
-    for (int64_t j = 0; j < width; ++j) out[j] += partial[static_cast<size_t>(t) * width + j];
-}
-
 // Runs body(begin, end) on contiguous ranges in parallel (no reduction).
 template <typename Body>
 void parallel_ranges(int64_t n, Body body) {
@@ -154,9 +129,12 @@ struct AlignedDoubles {
   void zero(size_t n) { std::fill(p, p + n, 0.0); }
 };
 
-// parallel_accumulate with 64-byte aligned per-thread accumulators (one cache line apart).
+// Runs body(begin, end, acc) on contiguous ranges in parallel, each with its own zeroed
+// accumulator of `width` doubles, and adds the accumulators into out in thread order. The
+// accumulators are 64-byte aligned and a whole number of cache lines apart, so that two
+// threads never write one line and vector loads never straddle one.
 template <typename Body>
-void parallel_accumulate_aligned(int64_t n, int64_t width, double* out, Body body) {
+void parallel_accumulate(int64_t n, int64_t width, double* out, Body body) {
   const int T = n >= kParallelMin ? max_threads() : 1;
   const int64_t stride = (width + 7) / 8 * 8;
   AlignedDoubles partial(static_cast<size_t>(T) * stride);
