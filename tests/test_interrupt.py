@@ -34,8 +34,12 @@ EXIT_S = 60      # SIGINT to the child's answer: generous (a check comes every ~
 RESENDS = 5      # signals that landed between two calls, tolerated per scenario
 
 CHILD = """\
+import signal
 import sys
 import traceback
+# Python leaves SIGINT ignored when it starts with it ignored (a background job of a
+# non-interactive shell, as CI scripts may run): the scenarios need Python's own handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np
 import pym4
 {setup}
