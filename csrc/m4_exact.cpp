@@ -253,6 +253,21 @@ void for_rows(int64_t b, int64_t e, int64_t row_offset, int64_t rate, Body body)
 
 // ----- one pass ------------------------------------------------------------------------------
 
+// A row's pair of margins (a^T x, a^T y) from V, which interleaves per class b the vectors
+// (V_b of x, V_b of y) over ytil's entries: the row's classes C[0..nc) and label list J[0..nJ).
+inline void margin_pair(const double* V, int64_t L, const int64_t* C, int nc, const int32_t* J, int nJ,
+                        double& ax, double& ay) {
+  ax = 0.0;
+  ay = 0.0;
+  for (int ci = 0; ci < nc; ++ci) {
+    const double* Vb = V + 2 * C[ci] * L;
+    for (int t = 0; t < nJ; ++t) {
+      ax += Vb[2 * J[t]];
+      ay += Vb[2 * J[t] + 1];
+    }
+  }
+}
+
 // A candidate step's scalar sums for one row (z: its unclipped keep value, q = clip01(z),
 // margin: a^T w + mu at the step): [sum q | objective | sum min(0, margin) | active count],
 // each weighted by the row's count. Returns whether the row is active (0 < z < 1). Shared by
@@ -285,14 +300,8 @@ PYM4_SIMD_CLONES void partial_range(const Data& d, const int64_t* count, const P
     const int nc = ls.classes(Ly, C.data());
     const double cnt = count ? static_cast<double>(count[i]) : 1.0;
     // (a^T w, a^T dw): V holds per class the interleaved (V_b, dV_b) of ytil's entries.
-    double cw = 0.0, cd = 0.0;
-    for (int ci = 0; ci < nc; ++ci) {
-      const double* Vb = V + 2 * C[ci] * L;
-      for (int t = 0; t < nJ; ++t) {
-        cw += Vb[2 * J[t]];
-        cd += Vb[2 * J[t] + 1];
-      }
-    }
+    double cw, cd;
+    margin_pair(V, L, C.data(), nc, J, nJ, cw, cd);
     const double m0 = cw + mu, md = cd + dmu;
     const double z0 = eta + (d.u ? d.u[i] : 0.0) - m0;
     acc[0] += cnt;
@@ -511,14 +520,8 @@ PYM4_SIMD_CLONES void product_range(const Data& d, const int64_t* count, const P
     const int nJ = ls.nJ;
     const int nc = ls.classes(Ly, C.data());
     const double cnt = count ? static_cast<double>(count[i]) : 1.0;
-    double cw = 0.0, cv = 0.0;
-    for (int ci = 0; ci < nc; ++ci) {
-      const double* Vb = V + 2 * C[ci] * L;
-      for (int t = 0; t < nJ; ++t) {
-        cw += Vb[2 * J[t]];
-        cv += Vb[2 * J[t] + 1];
-      }
-    }
+    double cw, cv;
+    margin_pair(V, L, C.data(), nc, J, nJ, cw, cv);
     const double z = eta + (d.u ? d.u[i] : 0.0) - (cw + mu);
     acc[0] += cnt;
     if (z > 0.0 && z < 1.0) {

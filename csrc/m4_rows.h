@@ -138,19 +138,9 @@ void parallel_accumulate(int64_t n, int64_t width, double* out, Body body) {
   const int T = n >= kParallelMin ? max_threads() : 1;
   const int64_t stride = (width + 7) / 8 * 8;
   AlignedDoubles partial(static_cast<size_t>(T) * stride);
-  if (T == 1) {
-    body(int64_t(0), n, partial.data());
-  } else {
-#if defined(PYM4_WITH_OPENMP)
-#pragma omp parallel num_threads(T)
-#endif
-    {
-      const int t = thread_id();
-      int64_t b, e;
-      range_of(n, t, T, b, e);
-      body(b, e, partial.data() + static_cast<size_t>(t) * stride);
-    }
-  }
+  parallel_threads(n, [&](int t, int, int64_t b, int64_t e) {
+    body(b, e, partial.data() + static_cast<size_t>(t) * stride);
+  });
   for (int t = 0; t < T; ++t)
     for (int64_t j = 0; j < width; ++j) out[j] += partial.data()[static_cast<size_t>(t) * stride + j];
 }
