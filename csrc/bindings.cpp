@@ -148,6 +148,29 @@ py::tuple sinkhorn_solve(const py::array& x, double alpha, const py::object& log
                         r.converged, py::cast(r.errors));
 }
 
+// SwAV's solve as pym4.sinkhorn runs it on the CPU: rows of mass 1/B, columns 1/K, the plan
+// written times B, no tolerance. Returns (form, max |alpha x|) instead of the column potential
+// (K logs the caller has no use for: 0.1 ms at SEER's K = 16000).
+template <typename T>
+py::tuple sinkhorn_swav(const py::array& x, double alpha, int64_t n_iters, py::array out) {
+  auto m = as_matrix<T>(x, alpha);
+  const int64_t ld_out = check_matrix<T>(out, "out");
+  PYM4_CHECK_VALUE(out.shape(0) == m.rows && out.shape(1) == m.cols, "out: shape must match x");
+  PYM4_CHECK_VALUE(out.writeable(), "out: must be writeable");
+  PYM4_CHECK_VALUE(n_iters >= 1, "n_iters: must be >= 1, got " << n_iters);
+  PYM4_CHECK_VALUE(out.data() != x.data() || ld_out == m.ld, "out: an in-place solve needs the same row stride as x");
+  pym4::sinkhorn::RowMarginal a;
+  a.log_a_scalar = -std::log(static_cast<double>(m.rows));
+  T* out_ptr = static_cast<T*>(out.mutable_data());
+  pym4::sinkhorn::Result r;
+  {
+    InterruptibleRelease release;
+    r = pym4::sinkhorn::solve<T>(m, nullptr, a, n_iters, 0.0, -a.log_a_scalar, out_ptr, ld_out, nullptr);
+  }
+  PYM4_CHECK_VALUE(r.finite, "scores: contains NaN or Inf (or overflows once divided by epsilon)");
+  return py::make_tuple(!r.solved ? "none" : r.kernel_form ? "kernel" : "log", r.max_abs_exponent);
+}
+
 template <typename T>
 py::tuple sinkhorn_column_logsumexp(const py::array& x, double alpha) {
   auto m = as_matrix<T>(x, alpha);
@@ -471,6 +494,13 @@ PYBIND11_MODULE(_core, m) {
         "form, converged, errors), form saying what ran: \"kernel\", \"log\", or \"none\" for an in-place\n"
         "solve the kernel form declined (x overwritten). g_init (warm start) and check_every: see\n"
         "sinkhorn::Options in include/pym4/sinkhorn.h.");
+  m.def("sinkhorn_swav",
+        [](const py::array& x, double alpha, int64_t n_iters, py::array out) {
+          return PYM4_DISPATCH_FLOAT(x, sinkhorn_swav, alpha, n_iters, out);
+        },
+        py::arg("x"), py::arg("alpha"), py::arg("n_iters"), py::arg("out"),
+        "SwAV's solve (rows 1/B, columns 1/K, the plan times B) into `out`; returns (form,\n"
+        "max_abs_exponent): max |alpha x| when the kernel form ran, NaN when the log domain did.");
   m.def("sinkhorn_column_logsumexp",
         [](const py::array& x, double alpha) { return PYM4_DISPATCH_FLOAT(x, sinkhorn_column_logsumexp, alpha); },
         py::arg("x"), py::arg("alpha"), "(col_max, col_sum) with LSE_i(alpha x_ij) = col_max + log(col_sum).");

@@ -103,6 +103,11 @@ struct ColumnPartials {
 struct ColumnMarginals {
   std::vector<double> log_b, b, zero;  // zero_j = 1 where b_j = 0 exactly (log b_j = -inf), else 0
   ColumnMarginals(const double* log_b_in, int64_t K) : log_b(K), b(K), zero(K) {
+    if (!log_b_in) {  // uniform (SwAV): one log, not an exp and a log per column (K = 16000 for SEER)
+      std::fill(log_b.begin(), log_b.end(), -std::log(static_cast<double>(K)));
+      std::fill(b.begin(), b.end(), 1.0 / static_cast<double>(K));
+      return;
+    }
     for (int64_t j = 0; j < K; ++j) {
       log_b[j] = log_b_in ? log_b_in[j] : -std::log(static_cast<double>(K));
       b[j] = std::exp(log_b[j]);
@@ -719,6 +724,7 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
     global_lo = std::min(global_lo, lo[t]);
   }
   if (!(global_hi - global_lo <= kernel_form_range<T>())) return false;
+  result.max_abs_exponent = std::max(std::abs(global_hi), std::abs(global_lo));
 
   // First column step: w_j = b_j / sum_i exp(alpha x_ij - M), the sums rebased from R_t to M.
   std::vector<double> col(K, 0.0);
@@ -856,6 +862,7 @@ bool solve_kernel_form_wide(const Matrix<T>& m, const double* log_b, RowMarginal
     return true;
   }
   if (!(static_cast<double>(hi) - static_cast<double>(lo) <= kernel_form_range<T>())) return false;
+  result.max_abs_exponent = std::max(std::abs(static_cast<double>(hi)), std::abs(static_cast<double>(lo)));
 
   // Tiles of about 128 KB (a multiple of 64 columns), so that a tile read for the column sums
   // is still in L2 for the row sums, while each row's part of it is long enough (8 KB at

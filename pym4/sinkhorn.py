@@ -201,17 +201,15 @@ def _swav_cpu(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torch.T
         x = x.contiguous()
     if out is None:
         out = _RESULTS.empty(tuple(x.shape), x.dtype)
-    b = x.shape[0]
     # Rows carry mass 1/B during the iterations; the plan is written times B (rows sum to 1).
     try:
-        _, _, g, form, _, _ = _backend.core().sinkhorn_solve(x.numpy(), alpha, None, -math.log(b), n_iters, 0.0,
-                                                             math.log(b), out.numpy())
+        form, max_exponent = _backend.core().sinkhorn_swav(x.numpy(), alpha, n_iters, out.numpy())
     except ValueError:
         if x.dtype != torch.float32:
             raise
         check_finite(t, "scores")
-        form = g = None  # finite scores whose scores/epsilon overflow float32: float64 below
-    if x.dtype == torch.float32 and _float32_too_coarse(x, alpha, form, g):
+        form = max_exponent = None  # finite scores whose scores/epsilon overflow float32: float64 below
+    if x.dtype == torch.float32 and _float32_too_coarse(x, alpha, form, max_exponent):
         out.copy_(_swav_cpu(x.double(), alpha, n_iters))  # (float64: the core raises on overflow)
     return out
 
@@ -225,19 +223,15 @@ def _precise(x: torch.Tensor, alpha: float) -> torch.Tensor:
     return x
 
 
-def _float32_too_coarse(x: torch.Tensor, alpha: float, form, g) -> bool:
-    """Whether a float32 solve of ``x`` (its form and column potential ``g`` as the core
-    returned them, None when it overflowed) must be redone in float64: max |alpha x| beyond
-    _FLOAT32_MAX_EXPONENT, decided without another pass over x on the usual path."""
-    if form is None or not bool(np.isfinite(g).all()):
+def _float32_too_coarse(x: torch.Tensor, alpha: float, form, max_exponent) -> bool:
+    """Whether a float32 solve of ``x`` must be redone in float64: max |alpha x| beyond
+    _FLOAT32_MAX_EXPONENT. ``form`` and ``max_exponent`` are what the core's ``sinkhorn_swav``
+    returned (None: it overflowed): the kernel form measured max |alpha x| while it read x,
+    so x is read again only after the log domain (which reads it once per pass anyway)."""
+    if form is None:
         return True
     if form == "kernel":
-        # The kernel form ran only because max - min of alpha x is <= 80, and its g_j is
-        # log w_j - max(alpha x) with w_j a float (|log w_j| <= 104): max |g| bounds
-        # max |alpha x| within 184, so x is read again only near the bound.
-        if float(np.abs(g).max()) <= _FLOAT32_MAX_EXPONENT - 200.0:
-            return False
-    # The log domain (spread > 80) already reads x once per iteration: one more read decides.
+        return not (max_exponent <= _FLOAT32_MAX_EXPONENT)
     lo, hi = torch.aminmax(x)
     return alpha * max(abs(float(lo)), abs(float(hi))) > _FLOAT32_MAX_EXPONENT
 
@@ -385,10 +379,8 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
         torch.mm(zc, cc.t(), out=q)
         try:
             if name == "cpu":
-                _, _, g, form, _, _ = _backend.core().sinkhorn_solve(q.numpy(), alpha, None, -math.log(b), n_iters,
-                                                                     0.0, math.log(b), q.numpy())
-                # (max |g| bounds max |alpha x| in the kernel form: see _float32_too_coarse)
-                if form == "kernel" and (dtype != torch.float32 or np.abs(g).max() <= _FLOAT32_MAX_EXPONENT - 200):
+                form, max_exponent = _backend.core().sinkhorn_swav(q.numpy(), alpha, n_iters, q.numpy())
+                if form == "kernel" and (dtype != torch.float32 or max_exponent <= _FLOAT32_MAX_EXPONENT):
                     return q
             elif name == "cuda":
                 return _swav_cuda(q, alpha, n_iters, out=q)

@@ -150,11 +150,11 @@ def test_sinkhorn_variants():
     # (the solve's scratch) and is not returned, the scores untouched; the features form
     # solved in place in the result buffer; general OT.
     run_interrupted(SINKHORN_SETUP, [
-        *(scenario(f"scores_{e.replace('.', '_')}_{d}", f"pym4.sinkhorn(x{d}, {e}, n_iters=10**12)", "sinkhorn_solve")
+        *(scenario(f"scores_{e.replace('.', '_')}_{d}", f"pym4.sinkhorn(x{d}, {e}, n_iters=10**12)", "sinkhorn_swav")
           for e in ("0.05", "0.002") for d in ("32", "64")),
-        scenario("out_buffer", "pym4.sinkhorn(x32, 0.05, n_iters=10**12, out=out)", "sinkhorn_solve",
+        scenario("out_buffer", "pym4.sinkhorn(x32, 0.05, n_iters=10**12, out=out)", "sinkhorn_swav",
                  "assert np.array_equal(x32, x0), 'scores changed'"),
-        scenario("features_in_place", "pym4.sinkhorn(z, 0.05, n_iters=10**12, prototypes=c)", "sinkhorn_solve"),
+        scenario("features_in_place", "pym4.sinkhorn(z, 0.05, n_iters=10**12, prototypes=c)", "sinkhorn_swav"),
         # A spread that needs the log domain: Python drives block passes of the core (each a
         # short call), so the interrupt surfaces between two of them.
         scenario("features_passes", "pym4.sinkhorn(z, 0.002, n_iters=10**12, prototypes=c)", None),

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace pym4 {
@@ -64,6 +65,10 @@ struct Result {
   bool finite = true;         // false: the input had NaN/Inf (nothing was written)
   bool kernel_form = false;   // true: solved in the kernel form (no exp after the first pass)
   bool solved = true;         // false: an in-place solve the kernel form declined (see solve)
+  // max_ij |alpha x_ij| as the kernel form read it in its first pass (NaN: not measured, as
+  // in the log domain): a float32 caller learns from it whether float32 was fine enough
+  // for these exponents without reading x again.
+  double max_abs_exponent = std::numeric_limits<double>::quiet_NaN();
 };
 
 // Whole solve on one process. When the spread of alpha * x is small enough for
