@@ -845,22 +845,44 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
       const auto [r0, r1] = share_rows(t);
       T* block = blocks.data() + static_cast<size_t>(t) * K;
       bool flushed = false;
-      for (int64_t i = r0; i < r1; ++i) {
-        T* e = out + i * ld_out;
-        const T r = dot_row(e, w.data(), K);
-        if (!(r > T(0)) || !(r < std::numeric_limits<T>::infinity())) {
-          bad = 1;
-          continue;
+      int64_t in_block = 0;  // rows added into `block` since its last flush
+      auto scale_of = [&](int64_t i, T r) {
+        if (!(r > T(0)) || !(r < std::numeric_limits<T>::infinity())) bad = 1;
+        return static_cast<T>(std::exp(a.at(i) + extra) / static_cast<double>(r));
+      };
+      // Four rows at a time (see axpy_rows4), the rest one by one; `block` is flushed into
+      // double every kFlushRows rows (a multiple of 4) as before.
+      for (int64_t i = r0; i < r1;) {
+        const int64_t rows = r1 - i >= 4 ? 4 : 1;
+        T* e[4] = {out + i * ld_out, nullptr, nullptr, nullptr};
+        T c[4];
+        if (rows == 4) {
+          for (int k = 1; k < 4; ++k) e[k] = e[0] + k * ld_out;
+          T r4[4];
+          dot_rows4(e[0], e[1], e[2], e[3], w.data(), K, r4);
+          for (int k = 0; k < 4; ++k) c[k] = scale_of(i + k, r4[k]);
+        } else {
+          c[0] = scale_of(i, dot_row(e[0], w.data(), K));
         }
-        const T c = static_cast<T>(std::exp(a.at(i) + extra) / static_cast<double>(r));
-        if (write) scale_row_by(c, w.data(), e, K);
+        if (bad) break;  // the pass is discarded (see above)
+        if (write)
+          for (int k = 0; k < rows; ++k) {
+            scale_row_by(c[k], w.data(), e[k], K);
+            c[k] = T(1);  // the sums are of the plan just written
+          }
         if (want_sums) {
-          axpy_row(write ? T(1) : c, e, block, K);
-          if ((i - r0 + 1) % kFlushRows == 0) {
+          if (rows == 4)
+            axpy_rows4(c, e[0], e[1], e[2], e[3], block, K);
+          else
+            axpy_row(c[0], e[0], block, K);
+          in_block += rows;
+          if (in_block >= kFlushRows) {
             flushed ? flush(block, acc.of(t), K) : flush_first(block, acc.of(t), K);
             flushed = true;
+            in_block = 0;
           }
         }
+        i += rows;
       }
       if (want_sums) flushed ? flush(block, acc.of(t), K) : flush_first(block, acc.of(t), K);
     }
