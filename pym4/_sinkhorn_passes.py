@@ -48,7 +48,7 @@ class _ResultPool:
     are 1 MB, SwAV's 256 x 3000 3 MB) live in blocks the pool maps itself, and a block returns
     to it the moment nothing refers to its result any more: the result is an array over the
     block (the array its views and tensors keep alive, numpy collapsing every view's base to
-    it), with a finalizer that hands the block back. However many results are alive at once
+    it), with a weak reference whose callback hands the block back. However many results are alive at once
     (SwAV's two crops, a caller keeping several), each dropped one is reused; at most ``keep``
     blocks are held idle (those released last), the others are unmapped at once. The result
     is still a new tensor sharing memory with nothing alive.
@@ -61,12 +61,16 @@ class _ResultPool:
 
     def __init__(self):
         self._arrays = []
+        # id(weak reference to a live result) -> (the reference, its block): the callback of
+        # a plain weakref.ref runs only while the reference lives. (Not weakref.finalize: its
+        # Python-level bookkeeping cost 20 us a call with the caches cold after a solve.)
+        self._live = {}
         # Re-entrant: a garbage collection inside the locked section may finalize a result.
         self._lock = threading.RLock()
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        np_dtype = np.float32 if dtype == torch.float32 else np.float64
-        nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize  # (not np.prod: it costs more than a small solve's set-up)
+        np_dtype, itemsize = (np.float32, 4) if dtype == torch.float32 else (np.float64, 8)
+        nbytes = math.prod(shape) * itemsize  # (not np.prod: it costs more than a small solve's set-up)
         if nbytes < self.min_bytes:
             return torch.empty(shape, dtype=dtype)
         raw = None
@@ -88,12 +92,13 @@ class _ResultPool:
         # Built on the block itself (not on `raw`): numpy then collapses the base of every view
         # of the result to the result, so the finalizer runs only once all of them are gone.
         arr = np.ndarray(shape, dtype=np_dtype, buffer=raw.base)
-        weakref.finalize(arr, self._release, raw).atexit = False  # (nothing to hand back at exit)
+        ref = weakref.ref(arr, self._release)
+        self._live[id(ref)] = (ref, raw)
         return torch.from_numpy(arr)
 
-    def _release(self, raw: np.ndarray) -> None:
+    def _release(self, ref: weakref.ref) -> None:
         with self._lock:
-            self._arrays.append(raw)
+            self._arrays.append(self._live.pop(id(ref))[1])
             if len(self._arrays) > self.keep:
                 del self._arrays[0]  # unmapped once its last (internal) reference goes
 

@@ -149,8 +149,16 @@ def _check_out(out, scores, t: torch.Tensor, origin, prototypes) -> torch.Tensor
     return o.detach()
 
 
-def _byte_range(t: torch.Tensor):
-    """[first, last + 1) byte addresses a strided tensor can touch (None when empty)."""
+def _byte_range(t):
+    """[first, last + 1) byte addresses a strided tensor or numpy array can touch (None when
+    empty)."""
+    if isinstance(t, np.ndarray):
+        if t.size == 0:
+            return None
+        low = sum((n - 1) * s for n, s in zip(t.shape, t.strides) if s < 0)  # (numpy strides are in bytes)
+        high = sum((n - 1) * s for n, s in zip(t.shape, t.strides) if s > 0)
+        start = t.__array_interface__["data"][0]
+        return start + low, start + high + t.itemsize
     if t.numel() == 0:
         return None
     low = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s < 0)
@@ -169,8 +177,10 @@ def _shares_memory(x, y) -> bool:
     devices = {"cpu" if isinstance(v, np.ndarray) else str(v.device) for v in (x, y)}
     if len(devices) > 1:
         return False
-    if devices != {"cpu"}:
-        rx, ry = _byte_range(x), _byte_range(y)
+    rx, ry = _byte_range(x), _byte_range(y)
+    if devices != {"cpu"} or rx is None or ry is None or not (rx[0] < ry[1] and ry[0] < rx[1]):
+        # (on the CPU, apart ranges decide at once: a training loop's out= and scores are
+        # separate buffers, and numpy's test below costs tens of microseconds per call)
         return rx is not None and ry is not None and rx[0] < ry[1] and ry[0] < rx[1]
 
     def as_numpy(v):
