@@ -572,3 +572,36 @@ def test_dropped_results_are_reused_while_others_are_alive():
         del q
     held.clear()
     assert len(pool._arrays) == pool.keep  # idle: the last released; the third is unmapped
+
+
+# ----- the CPU core's passes: rows in groups of four, the range it reports ---------------------
+
+@pytest.mark.parametrize("b,k", [(1, 3000), (3, 3000), (5, 3000), (9, 3000), (63, 3000), (64, 2100),
+                                 (65, 1100), (67, 1100), (130, 1100), (263, 700)])
+def test_row_groups_of_four_and_their_remainders(b, k):
+    # The kernel form's passes take rows four at a time and the rest one by one, per share of
+    # rows (B > 64) or over all rows per column tile (B <= 64); these shapes cover remainders
+    # of 0-3 rows, one and two shares, and both forms.
+    s = cosine_scores(b, k, seed=b)
+    q = pym4.sinkhorn(s, epsilon=0.03, n_iters=4, backend="cpu")
+    torch.testing.assert_close(q.double(), swav_reference(s, 0.03, 4), rtol=2e-5, atol=1e-9)
+
+
+def test_core_reports_max_abs_exponent_of_the_kernel_form():
+    core = _backend.core()
+    s = cosine_scores(40, 300, seed=5).numpy()
+    form, max_exponent = core.sinkhorn_swav(s, 1 / 0.05, 3, np.empty_like(s))
+    assert form == "kernel"
+    assert max_exponent == float(np.abs(np.float32(1 / 0.05) * s).max())  # the same float products
+    form, max_exponent = core.sinkhorn_swav(s, 1 / 0.002, 3, np.empty_like(s))  # spread 1000: log domain
+    assert form == "log" and math.isnan(max_exponent)
+
+
+def test_float32_too_coarse_inside_the_kernel_form_is_solved_in_float64():
+    # alpha x from 10000 to 10050: a spread the kernel form takes, max |alpha x| beyond
+    # float32's limit (4096): the solve is redone in float64, so the plan errs only by its
+    # rounding to float32 (2^-24 relative); the float32 solve errs by 3e-7 to 5e-7 here.
+    g = torch.Generator().manual_seed(7)
+    s = 100 + 0.5 * torch.rand(6, 9, generator=g)
+    q = pym4.sinkhorn(s, epsilon=0.01, n_iters=3, backend="cpu")
+    torch.testing.assert_close(q.double(), swav_reference(s, 0.01, 3), rtol=1e-7, atol=0)
