@@ -8,9 +8,12 @@
 #include "pym4/m4.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "m4_rows.h"
@@ -607,15 +610,141 @@ struct PatternBatch {
     } else {
       stream_range_pattern(d, prob, W.data(), mu, order, b, e, acc.data(), rb);
     }
+    fold_batch(m, c, prob.pi, acc.data(), out);
+  }
+  // stats (stats_size(p), overwritten) from a batch's per-pattern sums acc = [G | C] (padded).
+  static void fold_batch(int64_t m, int64_t c, const double* pi, const double* acc, double* out) {
+    const int64_t p = m * (c + 1), S = pattern_stride(c), nPS = (int64_t(1) << m) * S;
     std::fill(out, out + stats_size(p), 0.0);
-    fold_groups(m, c, prob.pi, acc.data(), 1, out);
-    fold_groups(m, c, prob.pi, acc.data() + nPS, 2, out + p);
+    fold_groups(m, c, pi, acc, 1, out);
+    fold_groups(m, c, pi, acc + nPS, 2, out + p);
     for (int64_t sg = 0; sg < (int64_t(1) << m); ++sg) {
-      out[2 * p] += acc.data()[pattern_at(sg, S)];
-      out[2 * p + 1] += acc.data()[nPS + pattern_at(sg, S)];
+      out[2 * p] += acc[pattern_at(sg, S)];
+      out[2 * p + 1] += acc[nPS + pattern_at(sg, S)];
     }
   }
 };
+
+// ----- the stream's pass on two cores (dense labels, m <= kPatternGroups) --------------------
+// The ascent is sequential over mini-batches, but a batch's sums are sums over its rows: each
+// batch is cut into two contiguous shares, summed separately and added in share order, so the
+// result depends on the shares only, not on which thread ran them. Thread 0 runs the pass:
+// per batch it publishes the batch's margin vectors, sums share 0, and then sums share 1
+// itself unless a helper thread (one team for the whole pass: a fork/join per batch would
+// cost more than the batch) has claimed it first, in which case it waits for the helper's
+// sums. A claim is one compare-and-swap on the index of the last claimed batch, so exactly
+// one thread sums each share, and a helper that starts late (a busy machine) costs nothing
+// but the work it does not take. A helper descheduled in the middle of its share costs a
+// scheduler slice, so after one wait over kLateNs the helper sits out kSoloBatches batches.
+constexpr int64_t kShareRows = 64;           // a batch is cut only when each share gets this many rows
+constexpr int64_t kLateNs = 1000000;         // a wait for the helper this long: the machine is busy
+constexpr int64_t kSoloBatches = 1 << 12;    // batches thread 0 then runs alone (~50 ms at 256 rows)
+
+bool stream_in_shares(const Data& d, int64_t batch) {
+  return by_pattern(d) && d.n >= kParallelMin && batch >= 2 * kShareRows;
+}
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Spins a little, then yields the core, until ready() (or stop()) holds.
+template <typename Ready>
+inline void wait_until(Ready ready) {
+  for (int k = 0; !ready(); ++k) {
+    if (k < 256) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+int64_t stream_fit_shares(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
+                          const int64_t* order) {
+  const int64_t m = d.m, c = d.c, p = d.dim(), B = cfg.batch_size;
+  const int64_t nPS = (int64_t(1) << m) * pattern_stride(c), width = (2 * nPS + 7) / 8 * 8;
+  const int64_t steps = (d.n + B - 1) / B;
+  const bool helper = max_threads() > 1;
+  // [share 0 | share 1 (thread 0's) | share 1 (the helper's)], a whole number of cache lines each.
+  AlignedDoubles part(static_cast<size_t>(3 * width)), W(static_cast<size_t>(nPS));
+  double mu_batch = 0.0;                 // the batch's mu, published with W
+  std::atomic<int64_t> opened{-1};       // the batch whose W and mu are published
+  std::atomic<int64_t> claimed{-1};      // the last batch whose share 1 a thread claimed
+  std::atomic<int64_t> helped{-1};       // the last batch whose share 1 the helper has summed
+  std::atomic<int64_t> solo_until{0};    // the helper claims no batch below this
+  std::atomic<bool> finished{false};
+  int64_t done = 0;
+  auto share = [&](int64_t j, int h, double* a, RowBlock& rb) {
+    const int64_t b = j * B, e = std::min(d.n, b + B), mid = b + (e - b) / 2;
+    std::fill(a, a + 2 * nPS, 0.0);
+    stream_range_pattern(d, prob, W.data(), mu_batch, order, h ? mid : b, h ? e : mid, a, rb);
+  };
+  auto main_loop = [&]() {
+    std::vector<double> w(p), stats(stats_size(p));
+    RowBlock rb;
+    double* s0 = part.data();
+    double* s1 = part.data() + width;
+    double* s1_helper = part.data() + 2 * width;
+    for (int64_t j = 0; j < steps; ++j) {
+      if (interrupt::pending()) break;
+      for (int64_t k = 0; k < p; ++k) w[k] = st.v_plus[k] - st.v_minus[k];
+      pattern_weights(m, c, prob.pi, w.data(), W.data());
+      mu_batch = st.scalars[0];
+      opened.store(j, std::memory_order_release);
+      share(j, 0, s0, rb);
+      int64_t expect = j - 1;
+      const double* other = s1;
+      if (claimed.compare_exchange_strong(expect, j, std::memory_order_acq_rel)) {
+        share(j, 1, s1, rb);
+      } else {  // the helper claimed it
+        const int64_t t0 = now_ns();
+        wait_until([&] { return helped.load(std::memory_order_acquire) >= j; });
+        if (now_ns() - t0 > kLateNs) solo_until.store(j + kSoloBatches, std::memory_order_relaxed);
+        other = s1_helper;
+      }
+      for (int64_t x = 0; x < 2 * nPS; ++x) s0[x] += other[x];  // share 0 + share 1, in that order
+      PatternBatch::fold_batch(m, c, prob.pi, s0, stats.data());
+      apply_update(prob, m, c, cfg, st, stats.data());
+      done = j + 1;
+    }
+    finished.store(true, std::memory_order_release);
+  };
+  auto helper_loop = [&]() {
+    RowBlock rb;
+    int64_t last = -1;
+    while (true) {
+      wait_until([&] {
+        return opened.load(std::memory_order_acquire) > last || finished.load(std::memory_order_acquire);
+      });
+      if (finished.load(std::memory_order_acquire)) return;
+      const int64_t j = opened.load(std::memory_order_acquire);
+      last = j;
+      if (j < solo_until.load(std::memory_order_relaxed)) continue;
+      int64_t expect = j - 1;
+      if (!claimed.compare_exchange_strong(expect, j, std::memory_order_acq_rel)) continue;
+      // Claimed: thread 0 waits for these sums, so W and mu stay those of batch j meanwhile.
+      share(j, 1, part.data() + 2 * width, rb);
+      helped.store(j, std::memory_order_release);
+    }
+  };
+  if (helper) {
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp parallel num_threads(2)
+#endif
+    {
+      if (thread_id() == 0) main_loop();
+      else helper_loop();
+    }
+  } else {
+    main_loop();
+  }
+  interrupt::check();  // throws when the pass stopped for an interrupt
+  return done;
+}
 
 // keep_probability_at_budget on the per-pattern passes: one pass over the rows (t_i, and the
 // counts at mu0), the budget search over the stored t, and a writing pass that reads only
@@ -800,6 +929,7 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
   std::vector<int64_t> gptr(order && !d.y ? Bn + 1 : 0);
   std::vector<int32_t> gidx;
   int64_t steps = 0;
+  if (stream_in_shares(d, B)) return stream_fit_shares(d, prob, cfg, st, order);
   if (by_pattern(d)) {  // the rows are read in place (in `order`): no gathered copies
     PatternBatch pb(d);
     for (int64_t b = 0; b < d.n; b += B) {

@@ -178,14 +178,7 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         else:
             solver.partial_fit(s8[order], lab.take(order), None if u is None else u[order])
         w, mu = solver.state.avg_w.copy(), float(solver.state.mu_avg)
-        for _ in range(refine):
-            # The gradient over every row, the curvature over a strided sample of about
-            # HESSIAN_ROWS rows: an inexact Newton step, which converges as the gradient is exact.
-            # The data's counts (the report's) do not depend on the duals: the first pass counts them.
-            H, n_h, r, _, counted = _solver.newton_model(s8, lab, u, problem, w, mu, _solver.hessian_stride(n),
-                                                          count_data=before is None)
-            before = counted if before is None else before
-            w, mu = _solver.newton_step(H, n_h, r, n, problem, lab.c, w, mu)
+        w, mu, before = _solver.refine_duals(s8, lab, u, problem, w, mu, refine)
         q, mu, after, counted = _solver.keep_probability_at_budget(s8, lab, u, problem, w, mu,
                                                                    want_before=before is None)
         before = counted if before is None else before

@@ -379,6 +379,26 @@ def hessian_stride(n: int) -> int:
     return max(1, n // HESSIAN_ROWS)
 
 
+def refine_duals(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], problem: Problem, w: np.ndarray,
+                 mu: float, refine: int, before: Optional[np.ndarray] = None):
+    """``refine`` Newton passes from duals (w, mu) (balance(method="stream") after its pass).
+
+    Each pass builds :func:`newton_model` at the current duals, the gradient over every row
+    and the curvature over a strided sample of about HESSIAN_ROWS rows (an inexact Newton
+    step, which converges as the gradient is exact), and takes :func:`newton_step`.
+    ``before``: the data's counts (:func:`pym4.m4.weighted_counts` layout) when the caller has
+    them (the stream's pass counts them); else the first pass counts them, as they do not
+    depend on the duals. Returns (w, mu, before); before stays None when refine = 0 and none
+    was given.
+    """
+    n = s8.shape[0]
+    for _ in range(refine):
+        H, n_h, r, _, counted = newton_model(s8, lab, u, problem, w, mu, hessian_stride(n), count_data=before is None)
+        before = counted if before is None else before
+        w, mu = newton_step(H, n_h, r, n, problem, lab.c, w, mu)
+    return w, mu, before
+
+
 def newton_model(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], problem: Problem, w: np.ndarray,
                  mu: float, stride: int = 1, count_data: bool = True):
     """The dual's quadratic model at duals (w, mu) from one pass over checked rows.
