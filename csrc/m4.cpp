@@ -664,7 +664,7 @@ inline void wait_until(Ready ready) {
 }
 
 int64_t stream_fit_shares(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
-                          const int64_t* order) {
+                          const int64_t* order, double* counts_data) {
   const int64_t m = d.m, c = d.c, p = d.dim(), B = cfg.batch_size;
   const int64_t nPS = (int64_t(1) << m) * pattern_stride(c), width = (2 * nPS + 7) / 8 * 8;
   const int64_t steps = (d.n + B - 1) / B;
@@ -683,6 +683,7 @@ int64_t stream_fit_shares(const Data& d, const Problem& prob, const StreamConfig
     std::fill(a, a + 2 * nPS, 0.0);
     stream_range_pattern(d, prob, W.data(), mu_batch, order, h ? mid : b, h ? e : mid, a, rb);
   };
+  std::vector<double> data_sums(counts_data ? nPS : 0, 0.0);  // per pattern: sum [1; y] over the batches
   auto main_loop = [&]() {
     std::vector<double> w(p), stats(stats_size(p));
     RowBlock rb;
@@ -707,6 +708,8 @@ int64_t stream_fit_shares(const Data& d, const Problem& prob, const StreamConfig
         other = s1_helper;
       }
       for (int64_t x = 0; x < 2 * nPS; ++x) s0[x] += other[x];  // share 0 + share 1, in that order
+      if (counts_data)
+        for (int64_t x = 0; x < nPS; ++x) data_sums[x] += s0[nPS + x];
       PatternBatch::fold_batch(m, c, prob.pi, s0, stats.data());
       apply_update(prob, m, c, cfg, st, stats.data());
       done = j + 1;
@@ -743,6 +746,7 @@ int64_t stream_fit_shares(const Data& d, const Problem& prob, const StreamConfig
     main_loop();
   }
   interrupt::check();  // throws when the pass stopped for an interrupt
+  if (counts_data) fold_counts(m, c, data_sums.data(), counts_data);
   return done;
 }
 
@@ -917,7 +921,7 @@ void apply_update(const Problem& prob, int64_t m, int64_t c, const StreamConfig&
 }
 
 int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
-                   const int64_t* order) {
+                   const int64_t* order, double* counts_data) {
   const int64_t p = d.dim();
   const int64_t B = std::max<int64_t>(1, cfg.batch_size);
   std::vector<double> stats(stats_size(p)), w(p);
@@ -929,17 +933,21 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
   std::vector<int64_t> gptr(order && !d.y ? Bn + 1 : 0);
   std::vector<int32_t> gidx;
   int64_t steps = 0;
-  if (stream_in_shares(d, B)) return stream_fit_shares(d, prob, cfg, st, order);
+  if (stream_in_shares(d, B)) return stream_fit_shares(d, prob, cfg, st, order, counts_data);
   if (by_pattern(d)) {  // the rows are read in place (in `order`): no gathered copies
     PatternBatch pb(d);
+    std::vector<double> data_sums(counts_data ? pb.nPS : 0, 0.0);
     for (int64_t b = 0; b < d.n; b += B) {
       interrupt::check();
       const int64_t e = std::min(d.n, b + B);
       for (int64_t j = 0; j < p; ++j) w[j] = st.v_plus[j] - st.v_minus[j];
       pb.stats(d, prob, w.data(), st.scalars[0], order, b, e, stats.data());
+      if (counts_data)
+        for (int64_t x = 0; x < pb.nPS; ++x) data_sums[x] += pb.acc.data()[pb.nPS + x];
       apply_update(prob, d.m, d.c, cfg, st, stats.data());
       ++steps;
     }
+    if (counts_data) fold_counts(d.m, d.c, data_sums.data(), counts_data);
     return steps;
   }
   for (int64_t b = 0; b < d.n; b += B) {
@@ -982,6 +990,7 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
     apply_update(prob, d.m, d.c, cfg, st, stats.data());
     ++steps;
   }
+  if (counts_data) weighted_counts(d, nullptr, counts_data);
   return steps;
 }
 

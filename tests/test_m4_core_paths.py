@@ -227,3 +227,20 @@ def test_stream_fit_in_shares_does_not_depend_on_threads():
         out.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                   check=True, timeout=120).stdout)
     assert out[0] and out[0] == out[1]
+
+
+@pytest.mark.parametrize("n,batch", [(70_000, 256), (3000, 96)])  # in shares; one thread per batch
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+def test_stream_fit_counts_the_data(n, batch, layout):
+    """counts_data: the data's counts [n | sum s_k | sum y_r | sum s_k y_r] of the rows the
+    pass streamed (numpy float64 reference), added to what the array held; shuffled or not."""
+    m, c = 3, 10
+    dense, csr, problem, _ = _instance(n, m, c, seed=n % 13)
+    data = dense if layout == "dense" else csr
+    s, y = dense[0].astype(np.float64), dense[1].astype(np.float64)
+    want = np.concatenate([[n], s.sum(0), y.sum(0), (s.T @ y).reshape(-1)])
+    for order in (None, np.random.default_rng(2).permutation(n).astype(np.int64)):
+        got = np.full(1 + m + c + m * c, 5.0)
+        arrays = [np.zeros(m * (c + 1)) for _ in range(4)] + [np.zeros(4)]
+        core.m4_stream_fit(data, problem, 0.1, 3.0, batch, *arrays, order=order, counts_data=got)
+        np.testing.assert_array_equal(got, want + 5.0)

@@ -172,13 +172,15 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
                           eps_assoc=problem.eps_assoc, lr=lr, batch_size=batch_size, backend=backend)
         order = np.random.default_rng(seed).permutation(n) if shuffle else None
         if solver._backend_for("m4_fit", s8) == "cpu":  # the core gathers each mini-batch itself
-            solver._fit_core(s8, lab, u, order)
+            # The pass also counts the data (the report's counts, independent of the duals).
+            before = np.zeros(_problem.counts_size(m, lab.c))
+            solver._fit_core(s8, lab, u, order, counts_data=before)
         elif order is None:
             solver.partial_fit(s8, lab, u)
         else:
             solver.partial_fit(s8[order], lab.take(order), None if u is None else u[order])
         w, mu = solver.state.avg_w.copy(), float(solver.state.mu_avg)
-        w, mu, before = _solver.refine_duals(s8, lab, u, problem, w, mu, refine)
+        w, mu, before = _solver.refine_duals(s8, lab, u, problem, w, mu, refine, before=before)
         q, mu, after, counted = _solver.keep_probability_at_budget(s8, lab, u, problem, w, mu,
                                                                    want_before=before is None)
         before = counted if before is None else before

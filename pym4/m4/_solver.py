@@ -256,9 +256,11 @@ class M4Solver:
         return steps
 
     def _fit_core(self, s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray],
-                  order: Optional[np.ndarray] = None) -> None:
+                  order: Optional[np.ndarray] = None, counts_data: Optional[np.ndarray] = None) -> None:
         """The core's pass; ``order`` (a permutation of the n rows, int64) visits the rows in
-        that order without a shuffled copy of the data (one process only)."""
+        that order without a shuffled copy of the data (one process only). ``counts_data``
+        (float64, :func:`pym4.m4.weighted_counts` layout; one process only): the data's counts
+        of these rows are added into it (the pass has them: balance's report needs them)."""
         n, m = s8.shape
         self._init(m, lab.c)
         core, st, pr = _backend.core(), self.state, self.problem.core()
@@ -267,11 +269,11 @@ class M4Solver:
         if self.group is None:
             if n:
                 core.m4_stream_fit(_inputs.data_tuple(s8, lab, u), pr, self.lr, self.gamma, self.batch_size, *arrays,
-                                   order=order)
+                                   order=order, counts_data=counts_data)
             st.set_scalars(scalars)
             return
-        if order is not None:
-            raise ValueError("order: not supported with a process group (shuffle each rank's shard instead)")
+        if order is not None or counts_data is not None:
+            raise ValueError("order, counts_data: not supported with a process group (one process only)")
         import torch.distributed as dist
         B, p = self.batch_size, m * (lab.c + 1)
         for j in range(self._steps(n)):

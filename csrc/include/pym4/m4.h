@@ -106,9 +106,11 @@ void apply_update(const Problem& prob, int64_t m, int64_t c, const StreamConfig&
 // batch_stats + apply_update over consecutive mini-batches of cfg.batch_size (the last one
 // may be shorter). Returns the number of steps taken. order (n row indices, may be null)
 // visits the rows in that order: each mini-batch is gathered into a small buffer, so a
-// shuffled pass needs no shuffled copy of the data.
+// shuffled pass needs no shuffled copy of the data. counts_data (may be null): += the data's
+// counts (weighted_counts layout, q = 1) of the rows streamed, which the per-pattern pass
+// has as the sums its curvature needs (the general loop counts them in one more pass).
 int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
-                   const int64_t* order = nullptr);
+                   const int64_t* order = nullptr, double* counts_data = nullptr);
 
 // ----- Newton refinement of given duals (method="stream" after its pass) ---------------
 // At fixed duals x = (w, mu) the dual is, to second order, the quadratic model with gradient
