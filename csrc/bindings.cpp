@@ -597,6 +597,19 @@ PYBIND11_MODULE(_core, m) {
         "Stochastic dual ascent over consecutive mini-batches (of the rows in `order` when given);\n"
         "returns the number of steps. Adds the data's counts (weighted_counts layout) of the rows\n"
         "streamed into counts_data when given.");
+  m.def("m4_shuffled_order",
+        [](int64_t n, uint64_t seed) {
+          PYM4_CHECK_VALUE(n >= 0, "n: must be >= 0, got " << n);
+          py::array_t<int64_t> out(n);
+          int64_t* op = out.mutable_data();
+          {
+            py::gil_scoped_release release;
+            pym4::m4::shuffled_order(n, seed, op);
+          }
+          return out;
+        },
+        py::arg("n"), py::arg("seed"),
+        "(n,) int64: a uniformly random permutation of range(n), a pure function of (n, seed).");
   m.def("m4_newton_stats",
         [](py::tuple data, py::tuple problem, py::array w, double mu, int64_t hessian_stride, py::array stats,
            bool count_data) {

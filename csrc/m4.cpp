@@ -994,6 +994,61 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
   return steps;
 }
 
+namespace {
+// splitmix64 (Steele, Lea and Flood, 2014): a 64-bit generator that passes BigCrush.
+struct SplitMix64 {
+  uint64_t x;
+  uint64_t next() {
+    uint64_t z = (x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  // Uniform in [0, bound) by Lemire's multiply-shift with rejection (exact, no modulo bias).
+  uint64_t below(uint64_t bound) {
+    unsigned __int128 mm = static_cast<unsigned __int128>(next()) * bound;
+    uint64_t low = static_cast<uint64_t>(mm);
+    if (low < bound) {
+      const uint64_t floor = (0 - bound) % bound;
+      while (low < floor) {
+        mm = static_cast<unsigned __int128>(next()) * bound;
+        low = static_cast<uint64_t>(mm);
+      }
+    }
+    return static_cast<uint64_t>(mm >> 64);
+  }
+};
+}  // namespace
+
+void shuffled_order(int64_t n, uint64_t seed, int64_t* out) {
+  if (n <= 0) return;
+  advise_huge_pages(out, static_cast<size_t>(n) * sizeof(int64_t));  // a fresh output: its page faults
+  int shift = 0;  // 2^shift buckets of about 2^15 indices (256 KB of int64: in L2), at most 2^12
+  while (shift < 12 && (n >> (15 + shift)) > 0) ++shift;
+  const int64_t K = int64_t(1) << shift;
+  // The bucket draws come from their own stream, drawn twice (count, then place): no n-sized
+  // array of buckets.
+  const uint64_t bucket_seed = SplitMix64{seed}.next(), shuffle_seed = SplitMix64{~seed}.next();
+  auto bucket = [shift](SplitMix64& g) -> int64_t { return shift ? static_cast<int64_t>(g.next() >> (64 - shift)) : 0; };
+  std::vector<int64_t> start(K + 1, 0);
+  {
+    SplitMix64 g{bucket_seed};
+    for (int64_t i = 0; i < n; ++i) ++start[bucket(g) + 1];
+  }
+  for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    SplitMix64 g{bucket_seed};
+    for (int64_t i = 0; i < n; ++i) out[fill[bucket(g)]++] = i;
+  }
+  SplitMix64 g{shuffle_seed};
+  for (int64_t k = 0; k < K; ++k) {
+    int64_t* a = out + start[k];
+    for (int64_t i = start[k + 1] - start[k] - 1; i > 0; --i)
+      std::swap(a[i], a[static_cast<int64_t>(g.below(static_cast<uint64_t>(i) + 1))]);
+  }
+}
+
 int64_t newton_stats_size(int64_t m, int64_t c) {
   const int64_t L = c + 1;
   return (1 + m + m * (m - 1) / 2) * L * L + 2 * (1 + m) * L + 1;

@@ -112,6 +112,15 @@ void apply_update(const Problem& prob, int64_t m, int64_t c, const StreamConfig&
 int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
                    const int64_t* order = nullptr, double* counts_data = nullptr);
 
+// out (n) = a uniformly random permutation of [0, n), a pure function of (n, seed): the
+// stream's shuffled order. Each index draws a bucket (2^k buckets of ~2^15 indices each),
+// the indices are laid out bucket by bucket, and each bucket is shuffled by Fisher-Yates:
+// with iid uniform buckets and uniform orders within them every permutation is equally
+// likely, and every pass runs in cache (a Fisher-Yates over all n swaps at random across
+// the whole array: a cache miss per index; at n = 1e7 numpy's permutation takes several
+// times as long).
+void shuffled_order(int64_t n, uint64_t seed, int64_t* out);
+
 // ----- Newton refinement of given duals (method="stream" after its pass) ---------------
 // At fixed duals x = (w, mu) the dual is, to second order, the quadratic model with gradient
 // (1/N) sum_i q_i [a_i; 1] - [0; eta] and Hessian -(1/N) sum_A [a_i; 1][a_i; 1]^T (A: the
