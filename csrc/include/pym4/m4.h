@@ -109,6 +109,10 @@ void apply_update(const Problem& prob, int64_t m, int64_t c, const StreamConfig&
 // shuffled pass needs no shuffled copy of the data. counts_data (may be null): += the data's
 // counts (weighted_counts layout, q = 1) of the rows streamed, which the per-pattern pass
 // has as the sums its curvature needs (the general loop counts them in one more pass).
+// Dense labels with m <= 4 over n >= 2^16 rows in batches of >= 128: each batch is summed in
+// two shares, on two threads where there are two (m4.cpp), added in share order; the result
+// depends on the shares only (the same bits on one thread or two), and differs from one
+// undivided sum per batch by rounding.
 int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
                    const int64_t* order = nullptr, double* counts_data = nullptr);
 
