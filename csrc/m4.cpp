@@ -634,11 +634,16 @@ struct PatternBatch {
 // cost more than the batch) has claimed it first, in which case it waits for the helper's
 // sums. A claim is one compare-and-swap on the index of the last claimed batch, so exactly
 // one thread sums each share, and a helper that starts late (a busy machine) costs nothing
-// but the work it does not take. A helper descheduled in the middle of its share costs a
-// scheduler slice, so after one wait over kLateNs the helper sits out kSoloBatches batches.
+// but the work it does not take. A helper descheduled in the middle of its share costs thread
+// 0 a scheduler slice, and a waiting thread that spins takes the core from a thread with
+// work: so waits spin briefly, then sleep; after one wait over kLateNs the helper sleeps
+// through kSoloBatches batches, and the next passes for kBusyNs run without it (as
+// sinkhorn.cpp's Team does).
 constexpr int64_t kShareRows = 64;           // a batch is cut only when each share gets this many rows
-constexpr int64_t kLateNs = 1000000;         // a wait for the helper this long: the machine is busy
+constexpr int64_t kLateNs = 250000;          // a wait for the helper this long: the machine is busy
 constexpr int64_t kSoloBatches = 1 << 12;    // batches thread 0 then runs alone (~50 ms at 256 rows)
+constexpr int64_t kBusyNs = 2000000000;      // and the passes that start within this time
+std::atomic<int64_t> stream_busy_until{0};
 
 bool stream_in_shares(const Data& d, int64_t batch) {
   return by_pattern(d) && d.n >= kParallelMin && batch >= 2 * kShareRows;
@@ -649,16 +654,19 @@ inline int64_t now_ns() {
       .count();
 }
 
-// Spins a little, then yields the core, until ready() (or stop()) holds.
+// Spins a little (a batch's other share takes microseconds), yields a few times, then
+// sleeps in short naps until ready() holds.
 template <typename Ready>
 inline void wait_until(Ready ready) {
   for (int k = 0; !ready(); ++k) {
-    if (k < 256) {
+    if (k < 512) {
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_ia32_pause();
 #endif
-    } else {
+    } else if (k < 544) {
       std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
     }
   }
 }
@@ -668,7 +676,7 @@ int64_t stream_fit_shares(const Data& d, const Problem& prob, const StreamConfig
   const int64_t m = d.m, c = d.c, p = d.dim(), B = cfg.batch_size;
   const int64_t nPS = (int64_t(1) << m) * pattern_stride(c), width = (2 * nPS + 7) / 8 * 8;
   const int64_t steps = (d.n + B - 1) / B;
-  const bool helper = max_threads() > 1;
+  const bool helper = max_threads() > 1 && now_ns() >= stream_busy_until.load(std::memory_order_relaxed);
   // [share 0 | share 1 (thread 0's) | share 1 (the helper's)], a whole number of cache lines each.
   AlignedDoubles part(static_cast<size_t>(3 * width)), W(static_cast<size_t>(nPS));
   double mu_batch = 0.0;                 // the batch's mu, published with W
@@ -704,7 +712,10 @@ int64_t stream_fit_shares(const Data& d, const Problem& prob, const StreamConfig
       } else {  // the helper claimed it
         const int64_t t0 = now_ns();
         wait_until([&] { return helped.load(std::memory_order_acquire) >= j; });
-        if (now_ns() - t0 > kLateNs) solo_until.store(j + kSoloBatches, std::memory_order_relaxed);
+        if (now_ns() - t0 > kLateNs) {
+          solo_until.store(j + kSoloBatches, std::memory_order_relaxed);
+          stream_busy_until.store(now_ns() + kBusyNs, std::memory_order_relaxed);
+        }
         other = s1_helper;
       }
       for (int64_t x = 0; x < 2 * nPS; ++x) s0[x] += other[x];  // share 0 + share 1, in that order
@@ -726,7 +737,10 @@ int64_t stream_fit_shares(const Data& d, const Problem& prob, const StreamConfig
       if (finished.load(std::memory_order_acquire)) return;
       const int64_t j = opened.load(std::memory_order_acquire);
       last = j;
-      if (j < solo_until.load(std::memory_order_relaxed)) continue;
+      if (j < solo_until.load(std::memory_order_relaxed)) {  // a busy machine: leave the core to thread 0
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        continue;
+      }
       int64_t expect = j - 1;
       if (!claimed.compare_exchange_strong(expect, j, std::memory_order_acq_rel)) continue;
       // Claimed: thread 0 waits for these sums, so W and mu stay those of batch j meanwhile.
