@@ -15,10 +15,11 @@ from m4_<device>.csv.
 Targets (2-core CPU): pym4 stream >= 5 million examples/s at m=2, c=32; exact at N = 1e5
 at least 100x faster than cvxpy at equal objective (1e-4 relative).
 
-"pym4-stream" is balance(method="stream") as called by default (the stream's pass, two
-Newton passes, the pass that writes q and sets the budget); "pym4-stream-pass" the same
-with refine=0 (the stream's pass and the writing pass only); "pym4-stream-core" the core's
-pass alone (M4Solver.partial_fit). --accuracy-n runs the stream's accuracy study on the
+"pym4-stream" is balance(method="stream", shuffle=False) (the stream's pass over the rows in
+their order, two Newton passes, the pass that writes q and sets the budget);
+"pym4-stream-pass" the same with refine=0 (the stream's pass and the writing pass only);
+"pym4-stream-shuffled" balance(method="stream") with every default (the rows streamed in a
+shuffled order); "pym4-stream-core" the core's pass alone (M4Solver.partial_fit). --accuracy-n runs the stream's accuracy study on the
 class of issue 9 (m = 2 overlapping groups, c = 16, budget 0.8, eps 0.01): objective vs
 the exact one, largest violation and the duality-gap bound, for refine = 0, 1, 2.
 """
@@ -132,7 +133,9 @@ def _balance_cases(s, y, pi):
     opts = dict(target=pi, budget=ETA, eps_rep=EPS_REP, eps_assoc=EPS_ASSOC)
     return {"pym4-exact": lambda: m4.balance(s, y, **opts),
             "pym4-stream": lambda: m4.balance(s, y, method="stream", shuffle=False, **opts),
-            "pym4-stream-pass": lambda: m4.balance(s, y, method="stream", shuffle=False, refine=0, **opts)}
+            "pym4-stream-pass": lambda: m4.balance(s, y, method="stream", shuffle=False, refine=0, **opts),
+            # As called with every default (shuffled order, refine=2); target=pi is the default target.
+            "pym4-stream-shuffled": lambda: m4.balance(s, y, method="stream", **opts)}
 
 
 def make_overlapping(n, c=16, seed=12, coupling=0.2):
@@ -260,7 +263,8 @@ def report(rows, n, kind, c=32):
               f"{by['pym4-stream']['examples_per_s'] / 1e6:.2f} M/s "
               f"({by['pym4-stream']['median_s'] / core['median_s']:.2f}x the core's time), refine=0 "
               f"{by['pym4-stream-pass']['examples_per_s'] / 1e6:.2f} M/s "
-              f"({by['pym4-stream-pass']['median_s'] / core['median_s']:.2f}x); objective vs exact "
+              f"({by['pym4-stream-pass']['median_s'] / core['median_s']:.2f}x), shuffled (every default) "
+              f"{by['pym4-stream-shuffled']['examples_per_s'] / 1e6:.2f} M/s; objective vs exact "
               f"{100 * by['pym4-stream'].get('objective_rel_to_exact', float('nan')):+.2f} % "
               f"(refine=0: {100 * by['pym4-stream-pass'].get('objective_rel_to_exact', float('nan')):+.2f} %)")
     if "numpy-stream" in by and "pym4-stream-core" in by:

@@ -595,13 +595,17 @@ PYBIND11_MODULE(_core, m) {
         "One stochastic dual-ascent step from (all-reduced) mini-batch stats.");
   m.def("m4_stream_fit",
         [](py::tuple data, py::tuple problem, double lr, double gamma, int64_t batch_size, py::array v_plus,
-           py::array v_minus, py::array avg_w, py::array curv, py::array scalars, py::object order) {
+           py::array v_minus, py::array avg_w, py::array curv, py::array scalars, py::object order,
+           py::object counts_data) {
           auto d = m4_data(data);
           auto pr = m4_problem(problem, d.m);
           PYM4_CHECK_VALUE(batch_size >= 1, "batch_size: must be >= 1, got " << batch_size);
           auto s = m4_state(v_plus, v_minus, avg_w, curv, scalars, d.dim());
           // The caller passes a permutation of [0, n) (checked in pym4/m4/_solver.py).
           const int64_t* op = order.is_none() ? nullptr : m4_array<int64_t>(order, "order", 1, 'i', d.n);
+          py::array cd = counts_data.is_none() ? py::array() : counts_data.cast<py::array>();
+          double* cdp = counts_data.is_none() ? nullptr
+                                              : m4_out<double>(cd, "counts_data", pym4::m4::counts_size(d.m, d.c));
           pym4::m4::StreamConfig cfg;
           cfg.lr = lr;
           cfg.gamma = gamma;
@@ -612,16 +616,30 @@ PYBIND11_MODULE(_core, m) {
           int64_t steps;
           {
             InterruptibleRelease release;
-            steps = pym4::m4::stream_fit(d, pr, cfg, work.st, op);
+            steps = pym4::m4::stream_fit(d, pr, cfg, work.st, op, cdp);
           }
           work.copy_to(s.st);
           return steps;
         },
         py::arg("data"), py::arg("problem"), py::arg("lr"), py::arg("gamma"), py::arg("batch_size"),
         py::arg("v_plus"), py::arg("v_minus"), py::arg("avg_w"), py::arg("curv"), py::arg("scalars"),
-        py::arg("order") = py::none(),
+        py::arg("order") = py::none(), py::arg("counts_data") = py::none(),
         "Stochastic dual ascent over consecutive mini-batches (of the rows in `order` when given);\n"
-        "returns the number of steps.");
+        "returns the number of steps. Adds the data's counts (weighted_counts layout) of the rows\n"
+        "streamed into counts_data when given.");
+  m.def("m4_shuffled_order",
+        [](int64_t n, uint64_t seed) {
+          PYM4_CHECK_VALUE(n >= 0, "n: must be >= 0, got " << n);
+          py::array_t<int64_t> out(n);
+          int64_t* op = out.mutable_data();
+          {
+            py::gil_scoped_release release;
+            pym4::m4::shuffled_order(n, seed, op);
+          }
+          return out;
+        },
+        py::arg("n"), py::arg("seed"),
+        "(n,) int64: a uniformly random permutation of range(n), a pure function of (n, seed).");
   m.def("m4_newton_stats",
         [](py::tuple data, py::tuple problem, py::array w, double mu, int64_t hessian_stride, py::array stats,
            bool count_data) {

@@ -8,9 +8,12 @@
 #include "pym4/m4.h"
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "m4_rows.h"
@@ -607,15 +610,159 @@ struct PatternBatch {
     } else {
       stream_range_pattern(d, prob, W.data(), mu, order, b, e, acc.data(), rb);
     }
+    fold_batch(m, c, prob.pi, acc.data(), out);
+  }
+  // stats (stats_size(p), overwritten) from a batch's per-pattern sums acc = [G | C] (padded).
+  static void fold_batch(int64_t m, int64_t c, const double* pi, const double* acc, double* out) {
+    const int64_t p = m * (c + 1), S = pattern_stride(c), nPS = (int64_t(1) << m) * S;
     std::fill(out, out + stats_size(p), 0.0);
-    fold_groups(m, c, prob.pi, acc.data(), 1, out);
-    fold_groups(m, c, prob.pi, acc.data() + nPS, 2, out + p);
+    fold_groups(m, c, pi, acc, 1, out);
+    fold_groups(m, c, pi, acc + nPS, 2, out + p);
     for (int64_t sg = 0; sg < (int64_t(1) << m); ++sg) {
-      out[2 * p] += acc.data()[pattern_at(sg, S)];
-      out[2 * p + 1] += acc.data()[nPS + pattern_at(sg, S)];
+      out[2 * p] += acc[pattern_at(sg, S)];
+      out[2 * p + 1] += acc[nPS + pattern_at(sg, S)];
     }
   }
 };
+
+// ----- the stream's pass on two cores (dense labels, m <= kPatternGroups) --------------------
+// The ascent is sequential over mini-batches, but a batch's sums are sums over its rows: each
+// batch is cut into two contiguous shares, summed separately and added in share order, so the
+// result depends on the shares only, not on which thread ran them. Thread 0 runs the pass:
+// per batch it publishes the batch's margin vectors, sums share 0, and then sums share 1
+// itself unless a helper thread (one team for the whole pass: a fork/join per batch would
+// cost more than the batch) has claimed it first, in which case it waits for the helper's
+// sums. A claim is one compare-and-swap on the index of the last claimed batch, so exactly
+// one thread sums each share, and a helper that starts late (a busy machine) costs nothing
+// but the work it does not take. A helper descheduled in the middle of its share costs thread
+// 0 a scheduler slice, and a waiting thread that spins takes the core from a thread with
+// work: so waits spin briefly, then sleep; after one wait over kLateNs the helper sleeps
+// through kSoloBatches batches, and the next passes for kBusyNs run without it (as
+// sinkhorn.cpp's Team does).
+constexpr int64_t kShareRows = 64;           // a batch is cut only when each share gets this many rows
+constexpr int64_t kLateNs = 250000;          // a wait for the helper this long: the machine is busy
+constexpr int64_t kSoloBatches = 1 << 12;    // batches thread 0 then runs alone (~50 ms at 256 rows)
+constexpr int64_t kBusyNs = 2000000000;      // and the passes that start within this time
+std::atomic<int64_t> stream_busy_until{0};
+
+bool stream_in_shares(const Data& d, int64_t batch) {
+  return by_pattern(d) && d.n >= kParallelMin && batch >= 2 * kShareRows;
+}
+
+inline int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Spins a little (a batch's other share takes microseconds), yields a few times, then
+// sleeps in short naps until ready() holds.
+template <typename Ready>
+inline void wait_until(Ready ready) {
+  for (int k = 0; !ready(); ++k) {
+    if (k < 512) {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    } else if (k < 544) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+}
+
+int64_t stream_fit_shares(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
+                          const int64_t* order, double* counts_data) {
+  const int64_t m = d.m, c = d.c, p = d.dim(), B = cfg.batch_size;
+  const int64_t nPS = (int64_t(1) << m) * pattern_stride(c), width = (2 * nPS + 7) / 8 * 8;
+  const int64_t steps = (d.n + B - 1) / B;
+  const bool helper = max_threads() > 1 && now_ns() >= stream_busy_until.load(std::memory_order_relaxed);
+  // [share 0 | share 1 (thread 0's) | share 1 (the helper's)], a whole number of cache lines each.
+  AlignedDoubles part(static_cast<size_t>(3 * width)), W(static_cast<size_t>(nPS));
+  double mu_batch = 0.0;                 // the batch's mu, published with W
+  std::atomic<int64_t> opened{-1};       // the batch whose W and mu are published
+  std::atomic<int64_t> claimed{-1};      // the last batch whose share 1 a thread claimed
+  std::atomic<int64_t> helped{-1};       // the last batch whose share 1 the helper has summed
+  std::atomic<int64_t> solo_until{0};    // the helper claims no batch below this
+  std::atomic<bool> finished{false};
+  int64_t done = 0;
+  auto share = [&](int64_t j, int h, double* a, RowBlock& rb) {
+    const int64_t b = j * B, e = std::min(d.n, b + B), mid = b + (e - b) / 2;
+    std::fill(a, a + 2 * nPS, 0.0);
+    stream_range_pattern(d, prob, W.data(), mu_batch, order, h ? mid : b, h ? e : mid, a, rb);
+  };
+  std::vector<double> data_sums(counts_data ? nPS : 0, 0.0);  // per pattern: sum [1; y] over the batches
+  auto main_loop = [&]() {
+    std::vector<double> w(p), stats(stats_size(p));
+    RowBlock rb;
+    double* s0 = part.data();
+    double* s1 = part.data() + width;
+    double* s1_helper = part.data() + 2 * width;
+    for (int64_t j = 0; j < steps; ++j) {
+      if (interrupt::pending()) break;
+      for (int64_t k = 0; k < p; ++k) w[k] = st.v_plus[k] - st.v_minus[k];
+      pattern_weights(m, c, prob.pi, w.data(), W.data());
+      mu_batch = st.scalars[0];
+      opened.store(j, std::memory_order_release);
+      share(j, 0, s0, rb);
+      int64_t expect = j - 1;
+      const double* other = s1;
+      if (claimed.compare_exchange_strong(expect, j, std::memory_order_acq_rel)) {
+        share(j, 1, s1, rb);
+      } else {  // the helper claimed it
+        const int64_t t0 = now_ns();
+        wait_until([&] { return helped.load(std::memory_order_acquire) >= j; });
+        if (now_ns() - t0 > kLateNs) {
+          solo_until.store(j + kSoloBatches, std::memory_order_relaxed);
+          stream_busy_until.store(now_ns() + kBusyNs, std::memory_order_relaxed);
+        }
+        other = s1_helper;
+      }
+      for (int64_t x = 0; x < 2 * nPS; ++x) s0[x] += other[x];  // share 0 + share 1, in that order
+      if (counts_data)
+        for (int64_t x = 0; x < nPS; ++x) data_sums[x] += s0[nPS + x];
+      PatternBatch::fold_batch(m, c, prob.pi, s0, stats.data());
+      apply_update(prob, m, c, cfg, st, stats.data());
+      done = j + 1;
+    }
+    finished.store(true, std::memory_order_release);
+  };
+  auto helper_loop = [&]() {
+    RowBlock rb;
+    int64_t last = -1;
+    while (true) {
+      wait_until([&] {
+        return opened.load(std::memory_order_acquire) > last || finished.load(std::memory_order_acquire);
+      });
+      if (finished.load(std::memory_order_acquire)) return;
+      const int64_t j = opened.load(std::memory_order_acquire);
+      last = j;
+      if (j < solo_until.load(std::memory_order_relaxed)) {  // a busy machine: leave the core to thread 0
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        continue;
+      }
+      int64_t expect = j - 1;
+      if (!claimed.compare_exchange_strong(expect, j, std::memory_order_acq_rel)) continue;
+      // Claimed: thread 0 waits for these sums, so W and mu stay those of batch j meanwhile.
+      share(j, 1, part.data() + 2 * width, rb);
+      helped.store(j, std::memory_order_release);
+    }
+  };
+  if (helper) {
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp parallel num_threads(2)
+#endif
+    {
+      if (thread_id() == 0) main_loop();
+      else helper_loop();
+    }
+  } else {
+    main_loop();
+  }
+  interrupt::check();  // throws when the pass stopped for an interrupt
+  if (counts_data) fold_counts(m, c, data_sums.data(), counts_data);
+  return done;
+}
 
 // keep_probability_at_budget on the per-pattern passes: one pass over the rows (t_i, and the
 // counts at mu0), the budget search over the stored t, and a writing pass that reads only
@@ -788,7 +935,7 @@ void apply_update(const Problem& prob, int64_t m, int64_t c, const StreamConfig&
 }
 
 int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
-                   const int64_t* order) {
+                   const int64_t* order, double* counts_data) {
   const int64_t p = d.dim();
   const int64_t B = std::max<int64_t>(1, cfg.batch_size);
   std::vector<double> stats(stats_size(p)), w(p);
@@ -800,16 +947,21 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
   std::vector<int64_t> gptr(order && !d.y ? Bn + 1 : 0);
   std::vector<int32_t> gidx;
   int64_t steps = 0;
+  if (stream_in_shares(d, B)) return stream_fit_shares(d, prob, cfg, st, order, counts_data);
   if (by_pattern(d)) {  // the rows are read in place (in `order`): no gathered copies
     PatternBatch pb(d);
+    std::vector<double> data_sums(counts_data ? pb.nPS : 0, 0.0);
     for (int64_t b = 0; b < d.n; b += B) {
       interrupt::check();
       const int64_t e = std::min(d.n, b + B);
       for (int64_t j = 0; j < p; ++j) w[j] = st.v_plus[j] - st.v_minus[j];
       pb.stats(d, prob, w.data(), st.scalars[0], order, b, e, stats.data());
+      if (counts_data)
+        for (int64_t x = 0; x < pb.nPS; ++x) data_sums[x] += pb.acc.data()[pb.nPS + x];
       apply_update(prob, d.m, d.c, cfg, st, stats.data());
       ++steps;
     }
+    if (counts_data) fold_counts(d.m, d.c, data_sums.data(), counts_data);
     return steps;
   }
   for (int64_t b = 0; b < d.n; b += B) {
@@ -852,7 +1004,63 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
     apply_update(prob, d.m, d.c, cfg, st, stats.data());
     ++steps;
   }
+  if (counts_data) weighted_counts(d, nullptr, counts_data);
   return steps;
+}
+
+namespace {
+// splitmix64 (Steele, Lea and Flood, 2014): a 64-bit generator that passes BigCrush.
+struct SplitMix64 {
+  uint64_t x;
+  uint64_t next() {
+    uint64_t z = (x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  // Uniform in [0, bound) by Lemire's multiply-shift with rejection (exact, no modulo bias).
+  uint64_t below(uint64_t bound) {
+    unsigned __int128 mm = static_cast<unsigned __int128>(next()) * bound;
+    uint64_t low = static_cast<uint64_t>(mm);
+    if (low < bound) {
+      const uint64_t floor = (0 - bound) % bound;
+      while (low < floor) {
+        mm = static_cast<unsigned __int128>(next()) * bound;
+        low = static_cast<uint64_t>(mm);
+      }
+    }
+    return static_cast<uint64_t>(mm >> 64);
+  }
+};
+}  // namespace
+
+void shuffled_order(int64_t n, uint64_t seed, int64_t* out) {
+  if (n <= 0) return;
+  advise_huge_pages(out, static_cast<size_t>(n) * sizeof(int64_t));  // a fresh output: its page faults
+  int shift = 0;  // 2^shift buckets of about 2^15 indices (256 KB of int64: in L2), at most 2^12
+  while (shift < 12 && (n >> (15 + shift)) > 0) ++shift;
+  const int64_t K = int64_t(1) << shift;
+  // The bucket draws come from their own stream, drawn twice (count, then place): no n-sized
+  // array of buckets.
+  const uint64_t bucket_seed = SplitMix64{seed}.next(), shuffle_seed = SplitMix64{~seed}.next();
+  auto bucket = [shift](SplitMix64& g) -> int64_t { return shift ? static_cast<int64_t>(g.next() >> (64 - shift)) : 0; };
+  std::vector<int64_t> start(K + 1, 0);
+  {
+    SplitMix64 g{bucket_seed};
+    for (int64_t i = 0; i < n; ++i) ++start[bucket(g) + 1];
+  }
+  for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    SplitMix64 g{bucket_seed};
+    for (int64_t i = 0; i < n; ++i) out[fill[bucket(g)]++] = i;
+  }
+  SplitMix64 g{shuffle_seed};
+  for (int64_t k = 0; k < K; ++k) {
+    int64_t* a = out + start[k];
+    for (int64_t i = start[k + 1] - start[k] - 1; i > 0; --i)
+      std::swap(a[i], a[static_cast<int64_t>(g.below(static_cast<uint64_t>(i) + 1))]);
+  }
 }
 
 int64_t newton_stats_size(int64_t m, int64_t c) {

@@ -23,5 +23,6 @@ def test_sparse_n_zero_skips_the_sparse_cases(tmp_path):
     with open(tmp_path / "m4_cpu.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["kind"] for r in rows} == {"dense"}
-    assert {r["method"] for r in rows} == {"pym4-exact", "pym4-stream", "pym4-stream-pass", "pym4-stream-core"}
+    assert {r["method"] for r in rows} == {"pym4-exact", "pym4-stream", "pym4-stream-pass", "pym4-stream-shuffled",
+                                           "pym4-stream-core"}
     assert "RATIO stream throughput N=3,000" in done.stdout

@@ -174,6 +174,9 @@ solver = m4.M4Solver([0.3, 0.4], budget=0.5, batch_size=1)
 solver.partial_fit(s[:1000], y[:1000])
 def snapshot():
     return {k: np.array(np.asarray(v), copy=True) for k, v in solver.state_dict().items()}
+# The stream in shares (batches of 256 over the same rows: the dense pass's team of two).
+sh_data = (s, y, None, None, 8, None)
+sh_state = [np.zeros(18) for _ in range(4)] + [np.zeros(4)]
 # The exact solve: a utility rules out the pattern table; at budget 1e-6 the solve takes
 # max_iter iterations (issue 11, item 10), each a pass over the rows: hours with 10**9.
 ne = 20_000
@@ -198,6 +201,9 @@ def test_m4_loops():
                  assert now.keys() == before.keys(), "state keys changed"
                  assert all(np.array_equal(now[k], v) for k, v in before.items()), "state changed"
                  """),
+        # The helper thread of the shares leaves the region with thread 0, which checks.
+        scenario("stream_shares", "core.m4_stream_fit(sh_data, ((0.3, 0.4), 0.5, 0.01, 0.01), 0.1, 3.0, 256, "
+                 "*sh_state)", "m4_stream_fit"),
         scenario("exact", "m4.balance(se, ye, budget=1e-6, target=0.5, utility=ue, method='exact', max_iter=10**9)",
                  "m4_solve_exact"),
         # The check is asked inside the table's parallel region and raised after it.

@@ -176,3 +176,71 @@ def test_weighted_counts_of_q_and_data_in_one_pass(m, c):
         np.testing.assert_allclose(after, a1, rtol=1e-13, atol=1e-10)
         np.testing.assert_array_equal(before, b1)
         assert before[0] == 1100
+
+
+@pytest.mark.parametrize("m,c,with_u,shuffled", [(2, 9, False, False), (3, 13, True, True), (1, 0, False, True)])
+def test_stream_fit_in_shares_matches_numpy(m, c, with_u, shuffled):
+    """Above 2^16 rows with batches of >= 128 the dense pass cuts each batch into two shares
+    (summed on two threads when there are two, added in share order): the same ascent as the
+    plain numpy stream, batch by batch."""
+    from references import m4_stream
+
+    n, batch = 70_001, 256  # a short last batch
+    dense, _, problem, _ = _instance(n, m, c, seed=17 + m + c, with_u=with_u)
+    s, y, u = dense[0], dense[1], dense[5]
+    pi, eta, er, ea = problem
+    order = np.random.default_rng(4).permutation(n).astype(np.int64) if shuffled else None
+    arrays = [np.zeros(m * (c + 1)) for _ in range(4)] + [np.zeros(4)]
+    steps = core.m4_stream_fit(dense, problem, 0.1, 3.0, batch, *arrays, order=order)
+    assert steps == -(-n // batch)
+    idx = np.arange(n) if order is None else order
+    vp, vm, avg, avg_mu = m4_stream(s[idx], y[idx], pi, eta, er, ea, lr=0.1, gamma=3.0, batch=batch,
+                                    utility=None if u is None else u[idx])
+    assert np.abs(avg).max() > 1e-3  # the duals moved: the comparison is not of zeros
+    for got, want in zip(arrays[:3], (vp, vm, avg)):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
+    assert abs(arrays[4][1] - avg_mu) <= 1e-11
+    np.testing.assert_array_equal(arrays[4][2:], [n, steps])
+
+
+def test_stream_fit_in_shares_does_not_depend_on_threads():
+    """The shares, not the threads that sum them, fix the result: one thread and two give the
+    same bits."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from pym4 import _backend\n"
+        "rng = np.random.default_rng(0)\n"
+        "n = 100_000\n"
+        "s = (rng.random((n, 2)) < [0.3, 0.5]).astype(np.uint8)\n"
+        "y = (rng.random((n, 12)) < 0.3).astype(np.uint8)\n"
+        "a = [np.zeros(26) for _ in range(4)] + [np.zeros(4)]\n"
+        "_backend.core().m4_stream_fit((s, y, None, None, 12, None), (np.array([0.35, 0.45]), 0.7, 0.01, 0.02),"
+        " 0.1, 3.0, 256, *a)\n"
+        "print(np.concatenate(a).tobytes().hex())\n")
+    import os
+    out = []
+    for threads in ("1", "2"):
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        out.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                  check=True, timeout=120).stdout)
+    assert out[0] and out[0] == out[1]
+
+
+@pytest.mark.parametrize("n,batch", [(70_000, 256), (3000, 96)])  # in shares; one thread per batch
+@pytest.mark.parametrize("layout", ["dense", "csr"])
+def test_stream_fit_counts_the_data(n, batch, layout):
+    """counts_data: the data's counts [n | sum s_k | sum y_r | sum s_k y_r] of the rows the
+    pass streamed (numpy float64 reference), added to what the array held; shuffled or not."""
+    m, c = 3, 10
+    dense, csr, problem, _ = _instance(n, m, c, seed=n % 13)
+    data = dense if layout == "dense" else csr
+    s, y = dense[0].astype(np.float64), dense[1].astype(np.float64)
+    want = np.concatenate([[n], s.sum(0), y.sum(0), (s.T @ y).reshape(-1)])
+    for order in (None, np.random.default_rng(2).permutation(n).astype(np.int64)):
+        got = np.full(1 + m + c + m * c, 5.0)
+        arrays = [np.zeros(m * (c + 1)) for _ in range(4)] + [np.zeros(4)]
+        core.m4_stream_fit(data, problem, 0.1, 3.0, batch, *arrays, order=order, counts_data=got)
+        np.testing.assert_array_equal(got, want + 5.0)

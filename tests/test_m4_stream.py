@@ -275,3 +275,47 @@ def test_shuffled_stream_without_labels():
     res = m4.balance(s, target=0.3, budget=0.5, eps_rep=0.2, eps_assoc=0.2, utility=np.array([-1.3, 0.9, 0.4]),
                      method="stream", batch_size=1, backend="cpu", shuffle=True)
     assert np.all((res.q >= 0) & (res.q <= 1)) and np.isfinite(res.q).all()
+
+
+# ----- the stream's shuffled order -------------------------------------------------------------
+
+def test_shuffled_order_is_a_seeded_permutation():
+    from pym4 import _backend
+    from pym4.m4._balance import shuffled_order
+    for n in (0, 1, 7, (1 << 15) + 3, 3 * (1 << 15) + 1):  # one bucket; several, cut unevenly
+        o = shuffled_order(n, 11)
+        assert o.dtype == np.int64 and o.shape == (n,)
+        np.testing.assert_array_equal(np.sort(o), np.arange(n))
+        np.testing.assert_array_equal(shuffled_order(n, 11), o)
+        if n > 5:
+            assert not np.array_equal(shuffled_order(n, 12), o)
+    if _backend.core() is not None:  # seeds past 64 bits: numpy's permutation
+        np.testing.assert_array_equal(shuffled_order(9, 1 << 70), np.random.default_rng(1 << 70).permutation(9))
+
+
+def test_shuffled_order_is_uniform():
+    """Every permutation of 4 equally often over 24,000 seeds; and with several buckets, the
+    first index lands in each tenth of the positions equally often (chi-square, 9 dof)."""
+    from collections import Counter
+
+    from pym4.m4._balance import shuffled_order
+    counts = Counter(tuple(shuffled_order(4, seed)) for seed in range(24_000))
+    assert len(counts) == 24
+    chi2 = sum((v - 1000) ** 2 / 1000 for v in counts.values())
+    assert chi2 < 60  # 23 dof: P(chi2 > 60) ~ 4e-5
+    n = 3 * (1 << 15) + 1
+    pos = np.array([int(np.flatnonzero(shuffled_order(n, seed) == 0)[0]) for seed in range(3000)])
+    hist = np.bincount(pos * 10 // n, minlength=10)
+    assert ((hist - 300) ** 2 / 300).sum() < 35  # 9 dof: P ~ 6e-5
+
+
+def test_balance_streams_the_shuffled_order():
+    from pym4.m4._balance import shuffled_order
+    s, y = make_data(5000, 2, 4, 3)
+    kw = dict(target=0.35, budget=0.7, method="stream", refine=0, batch_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        shuffled = m4.balance(s, y, shuffle=True, seed=5, **kw)
+        o = shuffled_order(5000, 5)
+        in_order = m4.balance(s[o], y[o], shuffle=False, **kw)
+    np.testing.assert_allclose(shuffled.q[o], in_order.q, rtol=0, atol=1e-12)

@@ -322,7 +322,14 @@ def default_target(s) -> np.ndarray:
     s8 = binary_matrix(s, "s")
     if s8.shape[0] == 0:
         raise ValueError("s: no examples")
-    shares = s8.mean(axis=0, dtype=np.float64)
+    n, m = s8.shape
+    if m <= 8:
+        # One count per column: numpy's mean over axis 0 of a narrow uint8 matrix runs ~20x
+        # slower (0.3 s at N = 1e7, m = 2). 0/1 values, so the sum is the count, and
+        # count / n is the float64 mean to the bit.
+        shares = np.array([np.count_nonzero(s8[:, k]) for k in range(m)], dtype=np.float64) / n
+    else:
+        shares = s8.mean(axis=0, dtype=np.float64)
     pi = target_from_shares(shares)
     if not 0.0 < pi[0] < 1.0:
         # Only when every group is empty, or every group holds every example: name the data,

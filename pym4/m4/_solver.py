@@ -256,9 +256,11 @@ class M4Solver:
         return steps
 
     def _fit_core(self, s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray],
-                  order: Optional[np.ndarray] = None) -> None:
+                  order: Optional[np.ndarray] = None, counts_data: Optional[np.ndarray] = None) -> None:
         """The core's pass; ``order`` (a permutation of the n rows, int64) visits the rows in
-        that order without a shuffled copy of the data (one process only)."""
+        that order without a shuffled copy of the data (one process only). ``counts_data``
+        (float64, :func:`pym4.m4.weighted_counts` layout; one process only): the data's counts
+        of these rows are added into it (the pass has them: balance's report needs them)."""
         n, m = s8.shape
         self._init(m, lab.c)
         core, st, pr = _backend.core(), self.state, self.problem.core()
@@ -267,11 +269,11 @@ class M4Solver:
         if self.group is None:
             if n:
                 core.m4_stream_fit(_inputs.data_tuple(s8, lab, u), pr, self.lr, self.gamma, self.batch_size, *arrays,
-                                   order=order)
+                                   order=order, counts_data=counts_data)
             st.set_scalars(scalars)
             return
-        if order is not None:
-            raise ValueError("order: not supported with a process group (shuffle each rank's shard instead)")
+        if order is not None or counts_data is not None:
+            raise ValueError("order, counts_data: not supported with a process group (one process only)")
         import torch.distributed as dist
         B, p = self.batch_size, m * (lab.c + 1)
         for j in range(self._steps(n)):
@@ -377,6 +379,26 @@ HESSIAN_ROWS = 1 << 18
 def hessian_stride(n: int) -> int:
     """Every how many rows the curvature sums take one: about HESSIAN_ROWS of n rows."""
     return max(1, n // HESSIAN_ROWS)
+
+
+def refine_duals(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], problem: Problem, w: np.ndarray,
+                 mu: float, refine: int, before: Optional[np.ndarray] = None):
+    """``refine`` Newton passes from duals (w, mu) (balance(method="stream") after its pass).
+
+    Each pass builds :func:`newton_model` at the current duals, the gradient over every row
+    and the curvature over a strided sample of about HESSIAN_ROWS rows (an inexact Newton
+    step, which converges as the gradient is exact), and takes :func:`newton_step`.
+    ``before``: the data's counts (:func:`pym4.m4.weighted_counts` layout) when the caller has
+    them (the stream's pass counts them); else the first pass counts them, as they do not
+    depend on the duals. Returns (w, mu, before); before stays None when refine = 0 and none
+    was given.
+    """
+    n = s8.shape[0]
+    for _ in range(refine):
+        H, n_h, r, _, counted = newton_model(s8, lab, u, problem, w, mu, hessian_stride(n), count_data=before is None)
+        before = counted if before is None else before
+        w, mu = newton_step(H, n_h, r, n, problem, lab.c, w, mu)
+    return w, mu, before
 
 
 def newton_model(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], problem: Problem, w: np.ndarray,

@@ -106,9 +106,24 @@ void apply_update(const Problem& prob, int64_t m, int64_t c, const StreamConfig&
 // batch_stats + apply_update over consecutive mini-batches of cfg.batch_size (the last one
 // may be shorter). Returns the number of steps taken. order (n row indices, may be null)
 // visits the rows in that order: each mini-batch is gathered into a small buffer, so a
-// shuffled pass needs no shuffled copy of the data.
+// shuffled pass needs no shuffled copy of the data. counts_data (may be null): += the data's
+// counts (weighted_counts layout, q = 1) of the rows streamed, which the per-pattern pass
+// has as the sums its curvature needs (the general loop counts them in one more pass).
+// Dense labels with m <= 4 over n >= 2^16 rows in batches of >= 128: each batch is summed in
+// two shares, on two threads where there are two (m4.cpp), added in share order; the result
+// depends on the shares only (the same bits on one thread or two), and differs from one
+// undivided sum per batch by rounding.
 int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
-                   const int64_t* order = nullptr);
+                   const int64_t* order = nullptr, double* counts_data = nullptr);
+
+// out (n) = a uniformly random permutation of [0, n), a pure function of (n, seed): the
+// stream's shuffled order. Each index draws a bucket (2^k buckets of ~2^15 indices each),
+// the indices are laid out bucket by bucket, and each bucket is shuffled by Fisher-Yates:
+// with iid uniform buckets and uniform orders within them every permutation is equally
+// likely, and every pass runs in cache (a Fisher-Yates over all n swaps at random across
+// the whole array: a cache miss per index; at n = 1e7 numpy's permutation takes several
+// times as long).
+void shuffled_order(int64_t n, uint64_t seed, int64_t* out);
 
 // ----- Newton refinement of given duals (method="stream" after its pass) ---------------
 // At fixed duals x = (w, mu) the dual is, to second order, the quadratic model with gradient
