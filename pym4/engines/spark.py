@@ -32,8 +32,6 @@ Between passes (the solver reads the same columns pass after pass):
   the workers' caches (``spark.read.parquet`` + pack + persist, then 5 s a pass against 2-3
   s), so files keep pyarrow and the per-file tasks.
 
-Each task's calls into the core use the task's CPUs (``spark.task.cpus``), not every core.
-
 Progress: while a pass over files runs, the driver polls Spark's status tracker and
 advances by the finished tasks' share of the rows.
 """
@@ -58,21 +56,6 @@ __all__ = ["SparkEngine"]
 _PACKED_BAD = "pym4 packed pass: "
 
 
-def _task_threads() -> None:
-    """The core's calls in this Spark task use the task's CPUs (``spark.task.cpus``, 1 by
-    default), not every core of the machine: Spark already runs a task per core, and a core
-    call forking a team of all cores in each of them oversubscribes the CPUs (measured at
-    N = 1e7 on 2 cores: a pass took 25.6 s in fresh workers against 3.0 s with one thread
-    each)."""
-    from pyspark import TaskContext
-
-    from .. import _backend
-    core = _backend.core()
-    ctx = TaskContext.get()
-    if core is not None:
-        core.set_thread_limit(max(1, int(ctx.cpus()) if ctx is not None else 1))
-
-
 def _data_errors(run):
     from pyspark.errors import PythonException
     return reraise_data_errors(run, PythonException)
@@ -88,7 +71,6 @@ class _ShardTasks:
 
     def __call__(self, batches):
         import pyarrow as pa
-        _task_threads()
         cache = worker_cache(self.cache_bytes) if self.cache_bytes else None
         columns = tuple(self.stage.columns)
         for batch in batches:
@@ -110,7 +92,6 @@ class _Partials:
     def __call__(self, batches):
         import pyarrow as pa
         from pyspark import TaskContext
-        _task_threads()
         ctx = TaskContext.get()
         where = f"spark partition {ctx.partitionId() if ctx else '?'}"
         acc = None
@@ -130,7 +111,6 @@ class _PackedPartials:
     def __call__(self, batches):
         import pyarrow as pa
         from pyspark import TaskContext
-        _task_threads()
         ctx = TaskContext.get()
         where = f"spark partition {ctx.partitionId() if ctx else '?'}"
         acc = None
@@ -148,7 +128,6 @@ class _Transform:
         self.stage = stage
 
     def __call__(self, batches):
-        _task_threads()
         for batch in batches:
             yield from self.stage.transform(batch.select(self.stage.columns), "spark dataframe", 0).to_batches()
 
