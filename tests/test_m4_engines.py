@@ -256,18 +256,20 @@ def test_engines_name_bad_shard(engine, request, table, tmp_path):
         weighted_counts(eng, rs)
 
 
-# ----- Spark: the workers' caches, a DataFrame's packed columns ----------------------------------
+# ----- Ray and Spark: the workers' caches; Spark: a DataFrame's packed columns ----------------------
 
-def test_spark_worker_cache_gives_the_same_passes(spark, seven):
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_worker_cache_gives_the_same_passes(engine, request, seven):
     """Passes over files whose batches the workers kept give what passes without it give."""
+    request.getfixturevalue("ray_session" if engine == "ray" else "spark")
     src, _, _, model, rs = seven
-    cached, plain = engine_for(src, engine="spark"), engine_for(src, engine="spark", cache_bytes=0)
+    cached, plain = engine_for(src, engine=engine), engine_for(src, engine=engine, cache_bytes=0)
     want = weighted_counts(LocalEngine(src), rs, model)
     for _ in range(3):
         np.testing.assert_allclose(weighted_counts(cached, rs, model), want, rtol=0, atol=1e-9)
     np.testing.assert_allclose(weighted_counts(plain, rs, model), want, rtol=0, atol=1e-9)
     with pytest.raises(ValueError, match="cache_bytes: must be an integer >= 0"):
-        engine_for(src, engine="spark", cache_bytes=-1)
+        engine_for(src, engine=engine, cache_bytes=-1)
 
 
 def test_batch_cache_keeps_one_dataset_and_column_set(table, tmp_path):
