@@ -26,7 +26,7 @@ Between passes (the solver reads the same columns pass after pass):
   non-0/1 value sets the word's top bit), and that small frame is persisted (MEMORY_ONLY, 8
   bytes a row per 63 columns) by the first pass, so ``mapInArrow`` converts one long a row
   to Arrow, not 34 booleans (Spark converts row by row: measured at N = 1e7, c = 32, a pass
-  took 34-47 s with the boolean columns, 5 s packed). A bad value found by the packing makes
+  took 20-47 s with the boolean columns, 2.8-5 s packed, at load 3.4-5). A bad value found by the packing makes
   the pass run again on the raw columns, for the error naming the column and the row.
   :meth:`SparkEngine.close` unpersists. Over files, packing in the JVM measured slower than
   the workers' caches (``spark.read.parquet`` + pack + persist, then 5 s a pass against 2-3
