@@ -25,6 +25,7 @@ average with the figures (the machine may be shared).
     python benchmarks/bench_m4_scale.py [--quick | --full] [--n N] [--engines local,ray,spark]
                                         [--instances dense,dense-c8,sparse] [--modes compressed,passes]
                                         [--cache DIR] [--out DIR] [--simulate SHARDS] [--profile]
+                                        [--profile-spark]
 
 ``--simulate 2000`` adds a run by passes over 2000 shards of 500 rows, for what a
 cluster-sized run costs (README): bytes read per pass (measured with /proc/self/io and
@@ -34,7 +35,10 @@ the checkpoint's size, and the time per shard-task.
 ``--profile`` instead times one solver pass over the dense instance stage by stage: the
 Parquet read and decode, the boolean-to-rows conversion, ``m4_partial`` at each state of a
 real solve and the merge, each on one thread (CPU ns per row), then the local engine's
-whole pass from Parquet and from its cache (rows/s): m4_scale_profile.csv.
+whole pass from Parquet and from its cache (rows/s): m4_scale_profile.csv. ``--profile-spark``
+times the Spark engine's pass piece by piece (per-file pyarrow passes with and without the
+workers' caches, Spark's own Parquet read, packing and Arrow transfer, a DataFrame's passes
+raw and packed): m4_scale_profile_spark.csv.
 
 N = 1e7 by default, 1e8 with --full, 2e4 with --quick (a smoke run of a few seconds per
 engine). Targets (2-core CPU): local exact at N = 1e8 (m = 2, c = 32) in <= 3 minutes
@@ -438,6 +442,75 @@ def profile(folder, instance="dense"):
     return rows
 
 
+def profile_spark(folder, instance="dense"):
+    """The Spark engine's pass over ``folder``, piece by piece (wall seconds, this machine's
+    local[cores] session): the per-file pass (pyarrow in the Python workers) without and with
+    the workers' caches, pass after pass; what Spark's own reader would cost instead (the JVM
+    Parquet read of the 0/1 columns, their packing into a word, and ``mapInArrow`` over the
+    persisted packed frame with a Python side that does nothing: the transfer's floor, at
+    Spark's default Arrow batch and at 2^17 rows); and a DataFrame handed in, by its boolean
+    columns and packed (the engine's way). Each time is printed with the load average."""
+    import pyarrow as pa
+    from pyspark import StorageLevel
+    from pyspark.sql import SparkSession
+
+    from pym4.engines.local import LocalEngine
+    from pym4.engines.spark import SparkEngine, _word
+    from pym4.m4._columns import ColumnSpec
+    from pym4.m4._stages import CountsStage
+
+    spark = SparkSession.getActiveSession()
+    rs = ColumnSpec.make(**columns(instance)).resolve()
+    stage, layout = CountsStage(rs), rs.packed_layout()
+    n = sum(LocalEngine(folder).shards.rows)
+    rows = []
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        fn()
+        sec = time.perf_counter() - t0
+        rows.append(dict(instance=f"profile spark {instance} N={n:.0e}", n=n, method=name, engine="spark",
+                         time_s=sec, rows_per_s_pass=n / sec, load_avg_1m=os.getloadavg()[0]))
+        print(f"PROFILE spark {name:52s} {sec:7.2f} s {n / sec / 1e6:6.1f} M rows/s  (load {os.getloadavg()[0]:.1f})",
+              flush=True)
+
+    local = LocalEngine(folder)
+    timed("local pass from Parquet (for scale)", lambda: local.reduce(stage))
+    timed("local pass from its cache", lambda: local.reduce(stage))
+    plain, cached = SparkEngine(folder, cache_bytes=0), SparkEngine(folder)
+    for k in range(3):
+        timed(f"files, pyarrow in the workers, no cache ({k})", lambda: plain.reduce(stage))
+    for k in range(4):
+        timed(f"files, the workers' caches ({k}: filling)", lambda: cached.reduce(stage))
+    raw = spark.read.parquet(*plain.shards.paths)
+    types = {c: plain.shards.dataset.schema.field(c).type for c in layout.columns}
+    word = _word(layout, 0, types).alias("w")
+
+    def noop(df):
+        df.write.format("noop").mode("overwrite").save()
+    timed("JVM: read the 0/1 columns (noop write)", lambda: noop(raw.select(*layout.columns)))
+    timed("JVM: read + pack into a word (noop write)", lambda: noop(raw.select(word)))
+    frame = raw.select(word).persist(StorageLevel.MEMORY_ONLY)
+    timed("JVM: read + pack + persist (count)", frame.count)
+    timed("JVM: count of the persisted word", frame.count)
+
+    def nothing(batches):
+        yield pa.RecordBatch.from_pydict({"n": [sum(b.num_rows for b in batches)]})
+    conf = "spark.sql.execution.arrow.maxRecordsPerBatch"
+    default = spark.conf.get(conf)
+    for batch in (default, str(1 << 17)):
+        spark.conf.set(conf, batch)
+        timed(f"persisted word to Python, no work (batch {batch})", lambda: frame.mapInArrow(nothing, "n long").collect())
+    spark.conf.set(conf, default)
+    frame.unpersist()
+    given = SparkEngine(raw)
+    timed("a DataFrame: its boolean columns to Python", lambda: given._raw_partials(stage))
+    for k in range(3):
+        timed(f"a DataFrame: packed and persisted ({k})", lambda: given.reduce(stage))
+    given.close()
+    return rows
+
+
 # ----- the run ------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -459,6 +532,8 @@ def main(argv=None):
     ap.add_argument("--simulate-rows", type=int, default=500, help="rows per simulated shard")
     ap.add_argument("--profile", action="store_true",
                     help="only: one pass over the dense instance, stage by stage (read, convert, partial, merge)")
+    ap.add_argument("--profile-spark", action="store_true",
+                    help="only: the Spark engine's pass over the dense instance, piece by piece")
     args = ap.parse_args(argv)
     n = int(args.n or (2e4 if args.quick else 1e8 if args.full else 1e7))
     shard_rows = int(args.shard_rows or (min(5000, n) if args.quick else min(1_000_000, max(1, -(-n // 10)))))
@@ -476,6 +551,15 @@ def main(argv=None):
     load = os.getloadavg()
     print(f"N={n:,d} in shards of {shard_rows:,d}; {os.cpu_count()} CPUs, load average "
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}", flush=True)
+    if args.profile_spark:
+        start_engine("spark")
+        try:
+            rows = profile_spark(dataset(cache, "dense", n, shard_rows))
+        finally:
+            stop_engine("spark")
+        csv_path, png = write_results(args.out, "m4_scale_profile_spark", rows, title=f"Spark M4 pass, N={n:,d}")
+        print(f"wrote {csv_path}")
+        return 0
     if args.profile:
         rows = profile(dataset(cache, "dense", n, shard_rows))
         csv_path, png = write_results(args.out, "m4_scale_profile", rows, title=f"one M4 pass, N={n:,d}")

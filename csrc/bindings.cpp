@@ -472,6 +472,32 @@ PYBIND11_MODULE(_core, m) {
       py::arg("bitmaps"), py::arg("offsets"), py::arg("n"),
       "(n, k) uint8 0/1, row-major, from k bit-packed boolean columns (Arrow's LSB-first bitmaps,\n"
       "column j from bit offsets[j] of bitmaps[j]).");
+  m.def(
+      "unpack_bit_words",
+      [](const std::vector<py::array_t<int64_t, py::array::c_style>>& words, int64_t n, int64_t first, int64_t k) {
+        PYM4_CHECK_VALUE(n >= 0, "n: must be >= 0, got " << n);
+        PYM4_CHECK_VALUE(first >= 0 && k >= 0, "first, k: must be >= 0, got " << first << ", " << k);
+        const int64_t w = static_cast<int64_t>(words.size());
+        PYM4_CHECK_VALUE(first + k <= w * pym4::kWordBits, "words: " << w << " words hold " << w * pym4::kWordBits
+                                                                      << " bits; bits " << first << " .. "
+                                                                      << first + k - 1 << " were asked for");
+        std::vector<const int64_t*> ptrs(w);
+        for (int64_t i = 0; i < w; ++i) {
+          PYM4_CHECK_VALUE(words[i].ndim() == 1 && words[i].shape(0) == n,
+                           "words: entry " << i << " must be 1-D with " << n << " rows");
+          ptrs[i] = words[i].data();
+        }
+        py::array_t<uint8_t> out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(k)});
+        uint8_t* dst = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          pym4::unpack_bit_words(ptrs.data(), w, n, first, k, dst);
+        }
+        return out;
+      },
+      py::arg("words"), py::arg("n"), py::arg("first"), py::arg("k"),
+      "(n, k) uint8 0/1, row-major: bits first .. first + k - 1 of each row of the packed int64\n"
+      "words (column b is bit b % 63 of word b // 63; bit 63 is a flag, not read).");
   // A loop stopped by Ctrl-C: the exception the signal handler raised is still set.
   py::register_local_exception_translator([](std::exception_ptr p) {
     try {

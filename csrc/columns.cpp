@@ -96,4 +96,27 @@ void unpack_bit_columns(const uint8_t* const* bits, const int64_t* offsets, int6
     }
 }
 
+void unpack_bit_words(const int64_t* const* words, int64_t w, int64_t n, int64_t first, int64_t k, uint8_t* out) {
+  (void)w;  // the caller checked that first + k bits lie within the w words
+  // Row by row: up to 8 bits of one word at a time, spread over 8 output bytes by the table
+  // (a row of c = 32 labels is 4 lookups and 4 stores, not 32 shifts).
+  for (int64_t r = 0; r < n; ++r) {
+    uint8_t* dst = out + r * k;
+    for (int64_t j = 0; j < k;) {
+      const int64_t b = first + j;
+      const int64_t bit = b % kWordBits;
+      int64_t take = k - j < 8 ? k - j : 8;
+      if (take > kWordBits - bit) take = kWordBits - bit;
+      const uint64_t x = (static_cast<uint64_t>(words[b / kWordBits][r]) >> bit) & ((1u << take) - 1u);
+      const uint64_t e = kSpread[x];
+      if (take == 8) {
+        std::memcpy(dst + j, &e, 8);
+      } else {
+        std::memcpy(dst + j, &e, static_cast<size_t>(take));
+      }
+      j += take;
+    }
+  }
+}
+
 }  // namespace pym4

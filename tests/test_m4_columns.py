@@ -189,3 +189,67 @@ def test_sliced_boolean_batch_to_data_tuple():
     assert t.column("l1").type == pa.bool_() and t.slice(13, 250).column("l1").chunk(0).offset == 13
     np.testing.assert_array_equal(data[0], dense(t, ["g0"])[13:263])
     np.testing.assert_array_equal(data[1], dense(t, ["l1", "l2"])[13:263])
+
+
+def _pack_words(bits):
+    """Reference packing (plain Python ints): column b of (n, k) 0/1 rows is bit b % 63 of
+    word b // 63; returns the int64 word columns."""
+    n, k = bits.shape
+    words = []
+    for w in range(-(-k // 63)):
+        vals = [sum(int(bits[r, b]) << (b - 63 * w) for b in range(63 * w, min(k, 63 * w + 63))) for r in range(n)]
+        words.append(np.array(vals, dtype=np.int64))
+    return words
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1023])
+@pytest.mark.parametrize("k", [1, 9, 34, 63, 64, 130])
+def test_unpack_bit_words_matches_numpy(n, k):
+    """Bits of packed int64 words to rows, at any first bit and width: within one word, across
+    the 63-bit word boundary, and with the flag bit 63 set (never read as a column)."""
+    rng = np.random.default_rng(n * 1000 + k)
+    ref = (rng.random((n, k)) < 0.4).astype(np.uint8)
+    words = _pack_words(ref)
+    flagged = [w | np.int64(-(1 << 63)) for w in words]
+    core = _backend.core()
+    for first, width in [(0, k), (0, min(k, 2)), (min(k, 2), k - min(k, 2)), (k // 2, k - k // 2)]:
+        for ws in (words, flagged):
+            got = core.unpack_bit_words(ws, n, first, width)
+            assert got.shape == (n, width) and got.dtype == np.uint8 and got.flags.c_contiguous
+            np.testing.assert_array_equal(got, ref[:, first:first + width])
+
+
+def test_unpack_bit_words_checks():
+    core = _backend.core()
+    w = [np.zeros(5, np.int64)]
+    with pytest.raises(ValueError, match=r"words: 1 words hold 63 bits; bits 60 \.\. 63 were asked for"):
+        core.unpack_bit_words(w, 5, 60, 4)
+    with pytest.raises(ValueError, match="words: entry 0 must be 1-D with 6 rows"):
+        core.unpack_bit_words(w, 6, 0, 1)
+
+
+def test_packed_batch_gives_the_same_data_tuple():
+    """A batch whose 0/1 columns come packed into words (as the Spark engine hands them over)
+    gives the data tuple of the raw columns; the utility travels as it is."""
+    from pym4.m4._columns import WORD
+    t = metadata(300, seed=5)
+    rs = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0", "l1", "l2"], utility="u").resolve() \
+        .with_utility_shift(0.25)
+    layout = rs.packed_layout()
+    assert layout.columns == ("g0", "g1", "l0", "l1", "l2") and layout.m == 2 and layout.words == [WORD + "0"]
+    bits = np.concatenate([dense(t, ["g0", "g1"]), dense(t, ["l0", "l1", "l2"])], axis=1)
+    packed = pa.table({WORD + "0": _pack_words(bits)[0], "u": t.column("u")})
+    want = rs.data_tuple(t, "t")
+    got = rs.data_tuple(packed, "t")
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[2] is None and got[3] is None and got[4] == want[4] == 3
+    np.testing.assert_array_equal(got[5], t.column("u").to_numpy() - 0.25)
+    # a row flagged by the packing (a null or a value not 0/1 somewhere in its word)
+    flagged = pa.table({WORD + "0": np.where(np.arange(300) == 17, np.int64(-(1 << 63)), _pack_words(bits)[0]),
+                        "u": t.column("u")})
+    with pytest.raises(DataError, match=r"^t: one of the columns 'g0', 'g1', 'l0', 'l1', 'l2' has a missing "
+                                        r"\(null\) or non-0/1 value at row 20"):
+        rs.data_tuple(flagged, "t", row0=3)
+    # tag columns are never packed
+    assert ColumnSpec.make(sensitive=["g0"], labels_from="tags:a,b").resolve().packed_layout() is None

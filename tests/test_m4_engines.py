@@ -254,3 +254,88 @@ def test_engines_name_bad_shard(engine, request, table, tmp_path):
     rs = resolve_columns(eng, ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0"]))
     with pytest.raises(DataError, match=r"^/.*/shard-004\.parquet: column 'l0' is not binary: row 123 has value 0\.5"):
         weighted_counts(eng, rs)
+
+
+# ----- Ray and Spark: the workers' caches; Spark: a DataFrame's packed columns ----------------------
+
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_worker_cache_gives_the_same_passes(engine, request, seven):
+    """Passes over files whose batches the workers kept give what passes without it give."""
+    request.getfixturevalue("ray_session" if engine == "ray" else "spark")
+    src, _, _, model, rs = seven
+    cached, plain = engine_for(src, engine=engine), engine_for(src, engine=engine, cache_bytes=0)
+    want = weighted_counts(LocalEngine(src), rs, model)
+    for _ in range(3):
+        np.testing.assert_allclose(weighted_counts(cached, rs, model), want, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(weighted_counts(plain, rs, model), want, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="cache_bytes: must be an integer >= 0"):
+        engine_for(src, engine=engine, cache_bytes=-1)
+
+
+def test_batch_cache_keeps_one_dataset_and_column_set(table, tmp_path):
+    """The cache (local engine, Spark workers) is dropped for other columns or other files,
+    and a file rewritten in place is read again."""
+    from pym4.engines.local import BatchCache
+    write_shards(table, str(tmp_path / "a"), [500, 497])
+    shards = list_shards(str(tmp_path / "a"))
+    cache = BatchCache(1 << 20)
+    first = [b for b, _ in cache.batches(shards, 0, ("g0", "l1"), 128)]
+    assert len(cache._files) == 1 and cache.nbytes == sum(b.nbytes for b in first)
+    again = [b for b, _ in cache.batches(shards, 0, ("g0", "l1"), 128)]
+    assert all(a is b for a, b in zip(first, again))  # from memory
+    other = [b for b, _ in cache.batches(shards, 0, ("g0",), 128)]
+    assert other[0].schema.names == ["g0"] and len(cache._files) == 1
+    t = pq.read_table(shards.paths[0])
+    pq.write_table(t.set_column(0, "g0", pa.array(np.ones(t.num_rows, bool))), shards.paths[0])
+    os.utime(shards.paths[0], ns=(0, os.stat(shards.paths[0]).st_mtime_ns + 10**9))
+    fresh = [b for b, _ in cache.batches(list_shards(str(tmp_path / "a")), 0, ("g0",), 128)]
+    assert all(b.column(0).to_numpy(zero_copy_only=False).all() for b in fresh)
+
+
+_BINARY = dict(sensitive=["g0", "g1"], labels=["l0", "l2"], utility="u")
+
+
+def test_spark_dataframe_passes_run_packed(spark, seven, table):
+    """A DataFrame's 0/1 columns (bool, int8, float) go to the workers packed into int64
+    words, persisted between passes: the same counts, plain and weighted, as local; the
+    frame is unpersisted by close()."""
+    src, _, _, model, _ = seven
+    rs = ColumnSpec.make(**_BINARY).resolve()
+    eng = engine_for(spark.read.parquet(src))
+    want = weighted_counts(LocalEngine(src), rs)
+    np.testing.assert_allclose(weighted_counts(eng, rs), want, rtol=0, atol=1e-9)
+    assert eng._packed is not None and eng._packed[1].storageLevel.useMemory
+    m2 = M4Model.from_duals(rs, target=[0.3, 0.3], budget=0.8, eps_rep=0.02, eps_assoc=0.05,
+                            v_plus=np.abs(model.v_plus[:, :3]), v_minus=np.abs(model.v_minus[:, :3]), mu=model.mu)
+    np.testing.assert_allclose(weighted_counts(eng, rs, m2), weighted_counts(LocalEngine(src), rs, m2),
+                               rtol=0, atol=1e-9)
+    frame = eng._packed[1]
+    eng.close()
+    assert eng._packed is None and not frame.storageLevel.useMemory
+    fitted = pym4.m4.fit_dataset(spark.read.parquet(src), **_BINARY, target=0.3, budget=0.8, eps_rep=0.02,
+                                 eps_assoc=0.05, progress=False)
+    local = pym4.m4.fit_dataset(src, **_BINARY, target=0.3, budget=0.8, eps_rep=0.02, eps_assoc=0.05,
+                                progress=False)
+    assert fitted.info["status"] == local.info["status"] == "optimal"
+    np.testing.assert_allclose(fitted.w, local.w, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", ["value", "null"])
+def test_spark_dataframe_packed_bad_value_named(spark, table, tmp_path, case):
+    """A null or a value other than 0/1 met by the packing is reported as the raw columns
+    report it: the column, the partition and the row."""
+    t = table.slice(0, 300)
+    if case == "value":
+        l0 = t.column("l0").to_numpy().copy()
+        l0[123] = 0.5
+        t = t.set_column(t.schema.get_field_index("l0"), "l0", pa.array(l0))
+        match = r"^spark partition 0: column 'l0' is not binary: row 123 has value 0\.5"
+    else:
+        g0 = t.column("g0").to_pylist()
+        g0[77] = None
+        t = t.set_column(0, "g0", pa.array(g0, pa.bool_()))
+        match = r"^spark partition 0: column 'g0' has a missing value \(null\) at row 77"
+    pq.write_table(t, str(tmp_path / "one.parquet"))
+    eng = engine_for(spark.read.parquet(str(tmp_path / "one.parquet")))
+    with pytest.raises(DataError, match=match):
+        weighted_counts(eng, ColumnSpec.make(**_BINARY).resolve())

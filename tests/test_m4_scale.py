@@ -158,12 +158,12 @@ def test_local_cache_gives_the_same_passes_within_its_bound(seven):
     full = LocalEngine(seven, batch_rows=64)
     for _ in range(3):  # read and keep, then from memory
         np.testing.assert_array_equal(full.reduce(stage), want)
-    assert len(full._cache) == len(SEVEN) and full._cached > 0
-    bound = full._cached // 2
+    assert len(full._cache._files) == len(SEVEN) and full._cache.nbytes > 0
+    bound = full._cache.nbytes // 2
     half = LocalEngine(seven, batch_rows=64, cache_bytes=bound)
     for _ in range(3):
         np.testing.assert_array_equal(half.reduce(stage), want)
-    assert 0 < half._cached <= bound and 0 < len(half._cache) < len(SEVEN)
+    assert 0 < half._cache.nbytes <= bound and 0 < len(half._cache._files) < len(SEVEN)
     with pytest.raises(ValueError, match="cache_bytes: must be an integer >= 0"):
         LocalEngine(seven, cache_bytes=-1)
 
@@ -217,10 +217,10 @@ def test_local_cache_holds_the_latest_column_set(seven):
     narrow = ColumnSpec.make(sensitive=["g0"], labels=["l2"]).resolve()
     eng = LocalEngine(seven, batch_rows=64)
     eng.reduce(CountsStage(wide))
-    assert {key[1] for key in eng._cache} == {tuple(CountsStage(wide).columns)}
+    assert eng._cache._key[1] == tuple(CountsStage(wide).columns) and eng._cache._files
     got = eng.reduce(CountsStage(narrow))
-    assert {key[1] for key in eng._cache} == {tuple(CountsStage(narrow).columns)}
-    assert eng._cached == sum(b.nbytes for batches in eng._cache.values() for b, _ in batches)
+    assert eng._cache._key[1] == tuple(CountsStage(narrow).columns) and eng._cache._files
+    assert eng._cache.nbytes == sum(b.nbytes for batches in eng._cache._files.values() for b, _ in batches)
     np.testing.assert_array_equal(got, LocalEngine(seven, batch_rows=64, cache_bytes=0).reduce(CountsStage(narrow)))
     np.testing.assert_array_equal(eng.reduce(CountsStage(narrow)), got)
 

@@ -11,6 +11,8 @@ A stage is any object with
     merge(a, b)                      associative, order-independent merge of two results
     transform(batch, where, row0)    the output rows of one batch (write passes)
     output_schema                    the pyarrow schema ``transform`` returns
+    packing                          optional: a PackedLayout (pym4/m4/_columns.py) when the
+                                     stage also takes its 0/1 columns packed into int64 words
 
 ``where`` names the shard (a file path, or a partition/block of an engine's dataset) and
 ``row0`` is the row number of the batch's first row within it, both for error messages.
@@ -72,6 +74,9 @@ class Engine(abc.ABC):
                 acc = part if acc is None else stage.merge(acc, part)
         return acc
 
+    def close(self) -> None:
+        """Drop what the engine holds between passes (a cache); it reads the data again after."""
+
     @abc.abstractmethod
     def write(self, stage, out: str) -> List[str]:
         """``stage.transform`` over every batch, written as Parquet parts into folder ``out``
@@ -120,6 +125,15 @@ class Shards:
     @functools.cached_property
     def rows(self) -> List[int]:
         return [f.metadata.num_rows if f.metadata is not None else f.count_rows() for f in self.fragments]
+
+    @functools.cached_property
+    def identity(self) -> tuple:
+        """(path, size, mtime in ns) of every file: what a cache of their batches is valid for."""
+        out = []
+        for p in self.paths:
+            st = os.stat(p)
+            out.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
+        return tuple(out)
 
     @functools.cached_property
     def offsets(self) -> List[int]:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 from ..m4._columns import ROW, ColumnSpec
 from . import Engine, Shards, _check_out, list_shards
 
-__all__ = ["LocalEngine", "scan_shard", "reduce_shard", "write_shard"]
+__all__ = ["LocalEngine", "BatchCache", "worker_cache", "scan_shard", "reduce_shard", "write_shard"]
 
 
 def scan_shard(shards: Shards, i: int, columns: List[str], batch_rows: int, with_rows: bool) -> Iterator[Tuple[Any, int]]:
@@ -76,6 +76,68 @@ def write_shard(shards: Shards, i: int, stage, batch_rows: int, path: str) -> st
     return path
 
 
+class BatchCache:
+    """Decoded Arrow batches of files, kept between passes while their total stays under
+    ``limit`` bytes (see :class:`LocalEngine`). It holds one column set of one dataset (files,
+    sizes and mtimes: :attr:`Shards.identity`), the latest pass's: a pass over other columns,
+    or over other files, drops it, so an earlier pass's columns never take the room of the
+    ones read again, and a file rewritten in place is read again. Thread-safe."""
+
+    def __init__(self, limit: int):
+        self.limit = int(limit)
+        self._files: Dict[int, list] = {}
+        self._bytes = 0
+        self._key: Optional[tuple] = None
+        self._lock = threading.Lock()
+
+    def use(self, shards: Shards, columns: Tuple[str, ...], batch_rows: int) -> None:
+        """Start a pass over ``columns`` of ``shards``: the cache is dropped unless it holds them."""
+        key = (shards.identity, tuple(columns), int(batch_rows))
+        with self._lock:
+            if key != self._key:
+                self._files.clear()
+                self._bytes, self._key = 0, key
+
+    def batches(self, shards: Shards, i: int, columns: Tuple[str, ...], batch_rows: int) -> Iterator[Tuple[Any, int]]:
+        """File ``i``'s (batch, row0): from the cache, or read (and kept if they fit)."""
+        self.use(shards, columns, batch_rows)
+        hit = self._files.get(i)
+        if hit is not None:
+            yield from hit
+            return
+        kept: Optional[list] = [] if self.limit > 0 else None
+        size = 0
+        for batch, row0 in scan_shard(shards, i, list(columns), batch_rows, False):
+            if kept is not None:
+                size += batch.nbytes
+                if self._bytes + size > self.limit:
+                    kept = None  # does not fit: stop holding on to this file's batches
+                else:
+                    kept.append((batch, row0))
+            yield batch, row0
+        if kept is not None:
+            with self._lock:
+                if self._bytes + size <= self.limit and self._key == (shards.identity, tuple(columns), int(batch_rows)):
+                    self._files[i] = kept
+                    self._bytes += size
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+
+# A worker process's cache (Spark's Python workers outlive the tasks they run: the next pass's
+# task for a file may find its batches here). Its bound is the largest a task asked for.
+_WORKER_CACHE = BatchCache(0)
+
+
+def worker_cache(limit: int) -> BatchCache:
+    """This process's :class:`BatchCache`, its bound raised to ``limit`` bytes if lower."""
+    if limit > _WORKER_CACHE.limit:
+        _WORKER_CACHE.limit = int(limit)
+    return _WORKER_CACHE
+
+
 def _serial_core() -> None:
     """Run in each pool thread: its calls into the core use one OpenMP thread. The pool
     already runs a file per core; a core call that forks its own team from every pool
@@ -127,32 +189,7 @@ class LocalEngine(Engine):
         self.workers = workers or os.cpu_count() or 1
         self.batch_rows = batch_rows
         self.cache_bytes = cache_bytes
-        self._cache: Dict[Tuple[int, Tuple[str, ...]], list] = {}
-        self._cached = 0            # bytes held in _cache
-        self._cache_columns: Optional[Tuple[str, ...]] = None  # the column set _cache holds
-        self._lock = threading.Lock()
-
-    def _batches(self, i: int, columns: Tuple[str, ...], keep: bool) -> Iterator[Tuple[Any, int]]:
-        """File ``i``'s batches: from the cache, or read (and kept if ``keep`` and they fit)."""
-        hit = self._cache.get((i, columns))
-        if hit is not None:
-            yield from hit
-            return
-        kept: Optional[list] = [] if keep else None
-        size = 0
-        for batch, row0 in scan_shard(self.shards, i, list(columns), self.batch_rows, False):
-            if kept is not None:
-                size += batch.nbytes
-                if self._cached + size > self.cache_bytes:
-                    kept = None  # does not fit: stop holding on to this file's batches
-                else:
-                    kept.append((batch, row0))
-            yield batch, row0
-        if kept is not None:
-            with self._lock:
-                if self._cached + size <= self.cache_bytes:
-                    self._cache[(i, columns)] = kept
-                    self._cached += size
+        self._cache = BatchCache(cache_bytes)
 
     def field(self, name: str):
         return self.shards.dataset.schema.field(name)
@@ -171,13 +208,9 @@ class LocalEngine(Engine):
 
     def partials(self, stage, progress: Optional[Callable[[int], None]] = None) -> Iterator[Any]:
         columns = tuple(stage.columns)
-        keep = self.cache_bytes > 0
-        if keep and columns != self._cache_columns:
-            with self._lock:
-                self._cache.clear()
-                self._cached, self._cache_columns = 0, columns
+        self._cache.use(self.shards, columns, self.batch_rows)
         return self._map(lambda i: reduce_shard(self.shards, i, stage, self.batch_rows, progress,
-                                                self._batches(i, columns, keep)))
+                                                self._cache.batches(self.shards, i, columns, self.batch_rows)))
 
     def write(self, stage, out: str) -> List[str]:
         out = _check_out(out)

@@ -32,10 +32,12 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["DataError", "TagSpec", "ColumnSpec", "parse_tags", "binary_matrix", "ROW"]
+__all__ = ["DataError", "TagSpec", "ColumnSpec", "PackedLayout", "parse_tags", "binary_matrix", "ROW", "WORD"]
 
 # Name of the row-number column engines attach when the user gives no id column.
 ROW = "row"
+# Names of the packed word columns (PackedLayout): WORD + "0", WORD + "1", ...
+WORD = "__pym4_bits"
 
 
 class DataError(ValueError):
@@ -157,6 +159,33 @@ class ColumnSpec:
                    d["utility"], d["id"])
 
 
+@dataclass(frozen=True)
+class PackedLayout:
+    """The 0/1 columns of a spec packed into int64 words, as an engine may hand them over
+    instead of one column each (Spark packs them in the JVM: Arrow then carries a word a
+    row, not 34 boolean columns, and the conversion Spark does row by row is the cost).
+
+    ``columns``: the 0/1 columns in data-tuple order (the ``m`` groups, then the labels);
+    column ``b`` is bit ``b % 63`` of word column ``WORD + str(b // 63)`` (int64); bit 63 of
+    a word is set when one of its columns has a null or a value other than 0/1 in that row
+    (the packing cannot say which: the engine then reads the raw columns for the error).
+    :meth:`ResolvedSpec.data_tuple` takes such a batch (the words, and the spec's other
+    columns as they are) and unpacks the words in the core (``unpack_bit_words``)."""
+    columns: Tuple[str, ...]
+    m: int
+
+    BITS = 63
+
+    @property
+    def words(self) -> List[str]:
+        return [f"{WORD}{i}" for i in range(-(-len(self.columns) // self.BITS))]
+
+    def word_columns(self, i: int) -> List[Tuple[str, int]]:
+        """(column, bit) of word ``i``."""
+        cols = self.columns[i * self.BITS:(i + 1) * self.BITS]
+        return [(c, b) for b, c in enumerate(cols)]
+
+
 # ----- schema checks ------------------------------------------------------------------------------
 
 def _is_binary_type(t) -> bool:
@@ -228,13 +257,53 @@ class ResolvedSpec:
     def check_schema(self, schema, shard: str) -> None:
         check_schema(self.spec, schema, shard)
 
+    def packed_layout(self) -> Optional[PackedLayout]:
+        """How an engine may pack this spec's 0/1 columns (:class:`PackedLayout`); None when
+        a tag column gives groups or labels (those travel as they are: no packing then)."""
+        sp = self.spec
+        if sp.sensitive_from is not None or sp.labels_from is not None:
+            return None
+        return PackedLayout(tuple(sp.sensitive) + tuple(sp.labels), len(sp.sensitive))
+
+    def _utility(self, col, shard: str, row0: int) -> Optional[np.ndarray]:
+        """The utility column, shifted; None when it is all zero after the shift."""
+        u = _utility_column(col, self.spec.utility, shard, row0)
+        u = u - self.utility_shift if self.utility_shift else u
+        return u if np.any(u) else None
+
+    def _unpacked(self, batch, shard: str, row0: int):
+        """(s, y) of a batch of packed words (:class:`PackedLayout`)."""
+        layout = self.packed_layout()
+        if layout is None:
+            raise DataError(f"{shard}: packed 0/1 columns, but the spec reads tag columns")
+        names = batch.schema.names
+        missing = [w for w in layout.words if w not in names]
+        if missing:
+            raise DataError(f"{shard}: missing packed column {missing[0]!r}")
+        words = [np.ascontiguousarray(_column(batch, batch.schema, w, shard).to_numpy(zero_copy_only=False),
+                                      dtype=np.int64) for w in layout.words]
+        for w in words:
+            if len(w) and w.min() < 0:
+                i = int(np.argmax(w < 0))
+                raise DataError(f"{shard}: one of the columns {', '.join(map(repr, layout.columns))} has a "
+                                f"missing (null) or non-0/1 value at row {row0 + i}")
+        n, core, m = batch.num_rows, _core(), layout.m
+        return (core.unpack_bit_words(words, n, 0, m),
+                core.unpack_bit_words(words, n, m, len(layout.columns) - m))
+
     def data_tuple(self, batch, shard: str, row0: int = 0):
         """The core's data tuple of ``batch`` (a pyarrow RecordBatch or Table); ``row0`` is
-        the row number of its first row within ``shard``, for error messages."""
+        the row number of its first row within ``shard``, for error messages. The 0/1
+        columns may come packed (:class:`PackedLayout`: the word columns instead)."""
         sp = self.spec
         schema = batch.schema
-        check_schema(sp, schema, shard, with_id=False)
         n = batch.num_rows
+        if WORD + "0" in schema.names:
+            s, y_dense = self._unpacked(batch, shard, row0)
+            u = self._utility(_column(batch, schema, _field(schema, sp.utility, shard).name, shard), shard, row0) \
+                if sp.utility else None
+            return (s, y_dense, None, None, y_dense.shape[1], u)
+        check_schema(sp, schema, shard, with_id=False)
         cols = {name: _column(batch, schema, name, shard) for name in sp.columns() if name != sp.id}
         s = _binary_matrix([cols[c] for c in sp.sensitive], sp.sensitive, shard, row0, n)
         if sp.sensitive_from is not None:
@@ -246,11 +315,7 @@ class ResolvedSpec:
         s = np.ascontiguousarray(s)
         y_dense = _binary_matrix([cols[c] for c in sp.labels], sp.labels, shard, row0, n)
         c0 = y_dense.shape[1]
-        u = _utility_column(cols[sp.utility], sp.utility, shard, row0) if sp.utility else None
-        if u is not None:
-            u = u - self.utility_shift if self.utility_shift else u
-            if not np.any(u):
-                u = None
+        u = self._utility(cols[sp.utility], shard, row0) if sp.utility else None
         if sp.labels_from is None:
             return (s, y_dense, None, None, c0, u)
         col = sp.labels_from.column

@@ -361,9 +361,12 @@ def fit_dataset(data, *, sensitive=(), labels=(), sensitive_from=None, labels_fr
                            labels_from=labels_from, utility=utility, id=id)
     _check_args(budget, eps_rep, eps_assoc, tol, max_passes, max_patterns)
     eng = engine_for(data, engine, **(engine_options or {}))
-    return _fit(eng, spec, target=target, budget=budget, eps_rep=eps_rep, eps_assoc=eps_assoc, tol=tol,
-                max_passes=max_passes, max_patterns=max_patterns, checkpoint=checkpoint, keep_checkpoint=False,
-                progress=progress)[0]
+    try:
+        return _fit(eng, spec, target=target, budget=budget, eps_rep=eps_rep, eps_assoc=eps_assoc, tol=tol,
+                    max_passes=max_passes, max_patterns=max_patterns, checkpoint=checkpoint, keep_checkpoint=False,
+                    progress=progress)[0]
+    finally:
+        eng.close()  # what the engine kept between passes (Spark: a persisted frame)
 
 
 def _partial_name(out: str) -> str:
@@ -404,9 +407,12 @@ def balance_dataset(source, out, *, sample: bool = False, seed: int = 0, sensiti
     eng = engine_for(source, engine, **(engine_options or {}))
     checkpoint = out + CHECKPOINT_SUFFIX
     clean_stale(os.path.dirname(out))  # an interrupted run's output folder and checkpoint temporaries
-    model, rep = _fit(eng, spec, target=target, budget=budget, eps_rep=eps_rep, eps_assoc=eps_assoc, tol=tol,
-                      max_passes=max_passes, max_patterns=max_patterns, checkpoint=checkpoint, keep_checkpoint=True,
-                      progress=progress)
+    try:
+        model, rep = _fit(eng, spec, target=target, budget=budget, eps_rep=eps_rep, eps_assoc=eps_assoc, tol=tol,
+                          max_passes=max_passes, max_patterns=max_patterns, checkpoint=checkpoint,
+                          keep_checkpoint=True, progress=progress)
+    finally:
+        eng.close()  # the write pass reads other columns: nothing kept is of use to it
     from ._files import write_report
     tmp = _partial_name(out)
     try:

@@ -48,6 +48,7 @@ class CountsStage:
         self.spec = columns
         self.model = model
         self.columns = [c for c in columns.spec.columns() if c != columns.spec.id]
+        self.packing = columns.packed_layout()  # an engine may hand the 0/1 columns over packed
 
     def partial(self, batch, where: str, row0: int) -> np.ndarray:
         data = self.spec.data_tuple(batch, where, row0)
@@ -96,6 +97,7 @@ class PatternStage:
         self.max_patterns = int(max_patterns)
         self.rows = rows  # rows of the whole dataset, when known (for the early give-up below)
         self.columns = [c for c in columns.spec.columns() if c != columns.spec.id]
+        self.packing = columns.packed_layout()
         # Set once this process saw the bound passed: the pass's table is TOO_MANY whatever
         # comes next, so later batches only count.
         self.over = False
@@ -192,6 +194,7 @@ class PartialStage:
     def __init__(self, columns: ResolvedSpec, problem: tuple, state: np.ndarray, offsets: Optional[Dict[str, int]]):
         self.spec, self.problem, self.state, self.offsets = columns, problem, state, offsets or {}
         self.columns = [c for c in columns.spec.columns() if c != columns.spec.id]
+        self.packing = columns.packed_layout()
 
     def partial(self, batch, where: str, row0: int):
         data = self.spec.data_tuple(batch, where, row0)
