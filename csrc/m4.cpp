@@ -302,92 +302,9 @@ double budget_root(int64_t n, const double* t, double eta, double mu0, double lo
 
 // ----- the per-pattern passes (dense labels, m <= kPatternGroups: see m4_rows.h) -----------
 
-
-// a_i^T w of a dense row from its pattern's margin vector Ws; widens y_i into yd (c doubles)
-// for the row's accumulations (yd null: no widening).
-inline double pattern_margin(const uint8_t* __restrict yr, int64_t c, const double* __restrict Ws,
-                             double* __restrict yd) {
-  const double* __restrict W1 = Ws + 1;
-  int64_t j = 0;
-  double dot = 0.0;
-#if defined(PYM4_M4_VEC)
-  f64x4 acc0 = {0.0, 0.0, 0.0, 0.0}, acc1 = acc0;
-  for (; j + 8 <= c; j += 8) {
-    const unsigned bits = bits8(yr + j);
-    f64x4 v0, v1, w0, w1;
-    std::memcpy(&v0, kNibbles.v[bits & 15], sizeof v0);
-    std::memcpy(&v1, kNibbles.v[bits >> 4], sizeof v1);
-    std::memcpy(&w0, W1 + j, sizeof w0);
-    std::memcpy(&w1, W1 + j + 4, sizeof w1);
-    if (yd) {
-      std::memcpy(yd + j, &v0, sizeof v0);
-      std::memcpy(yd + j + 4, &v1, sizeof v1);
-    }
-    acc0 += v0 * w0;
-    acc1 += v1 * w1;
-  }
-  acc0 += acc1;
-  dot = (acc0[0] + acc0[1]) + (acc0[2] + acc0[3]);
-#endif
-  for (; j < c; ++j) {
-    const double v = static_cast<double>(yr[j]);
-    if (yd) yd[j] = v;
-    dot += v * W1[j];
-  }
-  return Ws[0] + dot;
-}
-
-// The same without widening.
+// a_i^T w of a dense row from its pattern's margin vector Ws (m4_rows.h's dot, no label bits).
 inline double pattern_dot(const uint8_t* __restrict yr, int64_t c, const double* __restrict Ws) {
-  return pattern_margin(yr, c, Ws, nullptr);
-}
-
-// yd = y_i widened to doubles.
-inline void widen(const uint8_t* __restrict yr, int64_t c, double* __restrict yd) {
-  int64_t j = 0;
-#if defined(PYM4_M4_VEC)
-  for (; j + 8 <= c; j += 8) {
-    const unsigned bits = bits8(yr + j);
-    std::memcpy(yd + j, kNibbles.v[bits & 15], 4 * sizeof(double));
-    std::memcpy(yd + j + 4, kNibbles.v[bits >> 4], 4 * sizeof(double));
-  }
-#endif
-  for (; j < c; ++j) yd[j] = static_cast<double>(yr[j]);
-}
-
-// P[0] += f, P[1 + j] += f yd[j].
-inline void pattern_axpy(double f, const double* __restrict yd, int64_t c, double* __restrict P) {
-  P[0] += f;
-  double* __restrict P1 = P + 1;
-  int64_t j = 0;
-#if defined(PYM4_M4_VEC)
-  const f64x4 fv = {f, f, f, f};
-  for (; j + 4 <= c; j += 4) {
-    f64x4 a, v;
-    std::memcpy(&a, P1 + j, sizeof a);
-    std::memcpy(&v, yd + j, sizeof v);
-    a += fv * v;
-    std::memcpy(P1 + j, &a, sizeof a);
-  }
-#endif
-  for (; j < c; ++j) P1[j] += f * yd[j];
-}
-
-// P[0] += 1, P[1 + j] += yd[j].
-inline void pattern_add(const double* __restrict yd, int64_t c, double* __restrict P) {
-  P[0] += 1.0;
-  double* __restrict P1 = P + 1;
-  int64_t j = 0;
-#if defined(PYM4_M4_VEC)
-  for (; j + 4 <= c; j += 4) {
-    f64x4 a, v;
-    std::memcpy(&a, P1 + j, sizeof a);
-    std::memcpy(&v, yd + j, sizeof v);
-    a += v;
-    std::memcpy(P1 + j, &a, sizeof a);
-  }
-#endif
-  for (; j < c; ++j) P1[j] += yd[j];
+  return pattern_dot_mask(yr, c, Ws, nullptr);
 }
 
 PYM4_SIMD_CLONES void margins_range_pattern(const Data& d, const double* W, int64_t b, int64_t e, double* out) {

@@ -255,7 +255,8 @@ PYM4_M4_INLINE uint64_t label_bits(const uint8_t* yr, int64_t c) {
 }
 
 // a_i^T w of a dense row from its pattern's margin vector Ws (Ws[0] + y . Ws[1:]), and with
-// c <= 64 the row's label bits into *mask (for block_sums).
+// c <= 64 the row's label bits into *mask (for block_sums; mask null: not wanted, and the
+// bit gathering folds away once inlined).
 PYM4_M4_INLINE double pattern_dot_mask(const uint8_t* __restrict yr, int64_t c, const double* __restrict Ws,
                                        uint64_t* mask) {
   const double* __restrict W1 = Ws + 1;
@@ -282,7 +283,7 @@ PYM4_M4_INLINE double pattern_dot_mask(const uint8_t* __restrict yr, int64_t c, 
     if (j < 64) bitsall |= static_cast<uint64_t>(yr[j] != 0) << j;
     dot += static_cast<double>(yr[j]) * W1[j];
   }
-  *mask = bitsall;
+  if (mask) *mask = bitsall;
   return Ws[0] + dot;
 }
 
