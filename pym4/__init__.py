@@ -9,17 +9,16 @@ and CLIP/SigLIP training and of M4 data balancing, under a thin Python layer:
 - :mod:`pym4.m4`: M4 data balancing (``balance``, ``M4Solver``, bias metrics);
 - :func:`build_info`: what the compiled core was built with.
 
-``import pym4`` never needs triton, a GPU or a CUDA build.
+``import pym4`` never needs triton, a GPU or a CUDA build, and it does not import torch:
+the ops load it on first use (below), so an M4 worker on Ray or Spark that only runs
+``pym4.m4``'s data-side code never pays torch's import (about a second per process).
 """
 from __future__ import annotations
 
 from importlib import metadata as _metadata
 
 from . import _backend
-from .sinkhorn import ConvergenceWarning, sinkhorn, sinkhorn_ot
-from .contrastive import clip_loss, siglip_loss, similarity_topk
-from . import nn
-from . import m4  # M4 data balancing: balance, M4Solver, representation_bias, ...
+from . import m4  # M4 data balancing: balance, M4Solver, representation_bias, ... (torch-free until used)
 
 try:
     __version__ = _metadata.version("pym4")
@@ -52,15 +51,29 @@ def build_info() -> dict:
     return info
 
 
-# ----- training, evaluation, data, demo: imported on first access ----------------------------
-# (pym4.eval and pym4.demo pull in scikit-learn/matplotlib when used, never at `import pym4`.)
-# pym4.ot: POT's ``ot.sinkhorn`` signature over the same core (``from pym4 import ot``).
-_LAZY_SUBMODULES = ("train", "eval", "data", "demo", "ot")
+# ----- everything that imports torch: loaded on first access --------------------------------
+# The ops, by the private module that defines them. The Sinkhorn module is ``_sinkhorn``, not
+# ``sinkhorn``: importing a submodule binds its name on the package, so a module named like
+# the function would replace ``pym4.sinkhorn`` (the function) as soon as anything imported it.
+_LAZY_ATTRIBUTES = {"sinkhorn": "_sinkhorn", "sinkhorn_ot": "_sinkhorn", "ConvergenceWarning": "_sinkhorn",
+                    "clip_loss": "contrastive", "siglip_loss": "contrastive", "similarity_topk": "contrastive"}
+# Submodules: the losses as modules (nn), training, evaluation, data, demo (pym4.eval and
+# pym4.demo pull in scikit-learn/matplotlib when used), and pym4.ot, POT's ``ot.sinkhorn``
+# signature over the same core (``from pym4 import ot``).
+_LAZY_SUBMODULES = ("nn", "train", "eval", "data", "demo", "ot")
 
 
 def __getattr__(name: str):
-    if name in _LAZY_SUBMODULES:
-        import importlib
+    import importlib
 
+    if name in _LAZY_ATTRIBUTES:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY_ATTRIBUTES[name]}"), name)
+        globals()[name] = value  # later accesses skip this hook
+        return value
+    if name in _LAZY_SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_ATTRIBUTES) | set(_LAZY_SUBMODULES))

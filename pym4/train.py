@@ -135,7 +135,7 @@ def swav_loss(scores: Sequence[torch.Tensor], n_global: int = 2, *, temperature:
     -------
     0-d Tensor.
     """
-    from .sinkhorn import sinkhorn
+    from ._sinkhorn import sinkhorn
 
     if len(scores) < 2:
         raise ValueError(f"scores: expected at least 2 crops, got {len(scores)}")

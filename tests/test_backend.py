@@ -1,5 +1,8 @@
 """The dispatch table (pym4._backend): automatic choices, forced backends, and M4 and the
 losses asking it (no core, float64 or no Triton on CUDA, PYM4_BACKEND)."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +21,31 @@ def test_every_op_lists_backends_per_device_best_first():
     assert _backend.OPS["clip_loss"]["cpu"][0] == "chunked"
     assert "cpu" not in _backend.OPS["siglip_loss"]["cpu"]
     assert _backend.OPS["m4_fit"] == {"cpu": ("cpu", "torch"), "cuda": ("cuda", "torch")}
+
+
+def test_import_pym4_loads_torch_only_when_an_op_is_used():
+    # A fresh interpreter: `import pym4` must not import torch (Ray/Spark workers that run only
+    # pym4.m4's data side pay nothing for it), and loading the modules that import the Sinkhorn
+    # module (pym4.ot, pym4.train) must leave `pym4.sinkhorn` the function, not a module.
+    code = """
+import sys, types
+import pym4
+assert "torch" not in sys.modules, "import pym4 imported torch"
+assert {"sinkhorn", "clip_loss", "nn", "m4"} <= set(dir(pym4))
+import pym4.ot, pym4.train, pym4.nn
+assert "torch" in sys.modules
+assert isinstance(pym4.sinkhorn, types.FunctionType), pym4.sinkhorn
+from pym4 import sinkhorn, sinkhorn_ot, ConvergenceWarning, clip_loss, siglip_loss, similarity_topk
+assert pym4.sinkhorn is sinkhorn and pym4.ot.sinkhorn_ot is sinkhorn_ot and issubclass(ConvergenceWarning, Warning)
+q = sinkhorn(__import__("torch").zeros(4, 3), epsilon=0.5, n_iters=3)
+assert abs(float(q.sum()) - 4.0) < 1e-5, q.sum()  # each sample's codes sum to one: B = 4 in all
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_op'"):
+        pym4.no_such_op
 
 
 def test_losses_never_fall_back_to_the_b_by_b_reference(monkeypatch):

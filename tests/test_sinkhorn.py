@@ -524,7 +524,7 @@ def test_fresh_results_never_overwrite_live_ones():
 def test_dropped_results_are_reused():
     import sys
 
-    pool = sys.modules["pym4.sinkhorn"]._RESULTS
+    pool = sys.modules["pym4._sinkhorn"]._RESULTS
     pool._arrays.clear()
     s = cosine_scores(1024, 1100, seed=3)
     for _ in range(4):  # each result dropped before the next call: one buffer serves them all
@@ -557,7 +557,7 @@ def test_dropped_results_are_reused_while_others_are_alive():
     # the later calls takes fresh (kernel-zeroed) memory, and at most `keep` buffers sit idle.
     import sys
 
-    pool = sys.modules["pym4.sinkhorn"]._RESULTS
+    pool = sys.modules["pym4._sinkhorn"]._RESULTS
     pool._arrays.clear()
     s = cosine_scores(1024, 1100, seed=4)
     want = pym4.sinkhorn(s).clone()
