@@ -9,7 +9,8 @@ benchmark's own writer settings (pyarrow's defaults: nullable fields, snappy, di
 data page v1, row groups of 2^20 rows) and one change at a time from them (non-nullable
 fields, no compression, zstd, dictionary off, data page v2, RLE boolean encoding, row
 groups of 2^16 rows and of the whole file), and int8 instead of boolean columns. Reader
-options: batch size, pre_buffer, use_threads, ``pq.read_table`` of the whole file.
+options: batch size, pre_buffer, use_threads, ``pq.read_table`` of the whole file; and the
+engines' own read (column "pym4": polars for these columns when it is installed).
 
     python benchmarks/bench_parquet_read.py [--n 4e6] [--dir DIR] [--repeat 3]
 """
@@ -105,6 +106,21 @@ def read_table(paths, threads, pre_buffer=True):
                for p in paths)
 
 
+def read_pym4(paths, threads, batch_rows=1 << 16):
+    """What the engines read with (pym4.engines._parquet): polars for boolean and integer
+    columns when it is installed, a file per thread as the local engine runs them."""
+    import pyarrow.dataset as pads
+
+    from pym4.engines._parquet import fragment_batches
+
+    def one(p):
+        ds = pads.dataset(p, format="parquet")
+        frag = next(iter(ds.get_fragments()))
+        return sum(b.num_rows for b in fragment_batches(frag, ds.schema, NAMES, batch_rows))
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(one, paths))
+
+
 READERS = {
     "1 thread": lambda paths, cores: read_fragments(paths, 1),
     f"{os.cpu_count() or 1} thr": lambda paths, cores: read_fragments(paths, cores),
@@ -112,6 +128,7 @@ READERS = {
     "pre_buf": lambda paths, cores: read_iter_batches(paths, cores, pre_buffer=True),
     "b=2^20": lambda paths, cores: read_fragments(paths, cores, batch_rows=1 << 20),
     "table": lambda paths, cores: read_table(paths, cores),
+    "pym4": lambda paths, cores: read_pym4(paths, cores),
 }
 
 

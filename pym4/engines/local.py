@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 from ..m4._columns import ROW, ColumnSpec
 from . import Engine, Shards, _check_out, list_shards
+from ._parquet import fragment_batches
 
 __all__ = ["LocalEngine", "BatchCache", "worker_cache", "scan_shard", "reduce_shard", "write_shard"]
 
@@ -22,10 +23,7 @@ def scan_shard(shards: Shards, i: int, columns: List[str], batch_rows: int, with
     import numpy as np
     import pyarrow as pa
 
-    frag = shards.fragments[i]
-    # One batch read ahead per file: memory stays bounded by batch_rows, not the file size.
-    it = frag.to_batches(schema=shards.dataset.schema, columns=columns, batch_size=batch_rows,
-                         batch_readahead=1, fragment_readahead=1)
+    it = fragment_batches(shards.fragments[i], shards.dataset.schema, columns, batch_rows)
     row0 = 0
     base = shards.offsets[i]
     for batch in it:
