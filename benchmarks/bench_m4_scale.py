@@ -390,6 +390,7 @@ def profile(folder, instance="dense"):
     each Newton step ask for different stats: the line search's, the Hessian's)."""
     import pyarrow.dataset as pads
 
+    from pym4.engines import _parquet
     from pym4.engines.local import LocalEngine
     from pym4.m4 import _passes
     from pym4.m4._columns import ColumnSpec
@@ -416,6 +417,9 @@ def profile(folder, instance="dense"):
     batches = []
     stage("read+decode Parquet (1 thread)", lambda: batches.extend(
         b for f in frags for b in f.to_batches(columns=names, batch_size=1 << 16, use_threads=False)))
+    if _parquet.polars_module() is not None:  # the engines' read: polars for these columns (its own threads)
+        stage("read+decode Parquet, engines' reader (polars)", lambda: sum(
+            b.num_rows for f in frags for b in _parquet.fragment_batches(f, ds.schema, names, 1 << 16)))
     datas = []
     stage("bool columns -> uint8 rows (core)", lambda: datas.extend(spec.data_tuple(b, "x") for b in batches))
     target = np.asarray(m4.default_target(np.concatenate([d[0] for d in datas])), np.float64)
