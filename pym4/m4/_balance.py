@@ -173,11 +173,14 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     else:
         solver = M4Solver(problem.target, budget=problem.budget, eps_rep=problem.eps_rep,
                           eps_assoc=problem.eps_assoc, lr=lr, batch_size=batch_size, backend=backend)
-        order = shuffled_order(n, seed) if shuffle else None
-        if solver._backend_for("m4_fit", s8) == "cpu":  # the core gathers each mini-batch itself
+        on_core = solver._backend_for("m4_fit", s8) == "cpu"
+        # The core visits the rows in shuffled_order(n, seed) itself (seeds below 2^64).
+        order = shuffled_order(n, seed) if shuffle and not (on_core and seed < 1 << 64) else None
+        if on_core:  # the core gathers each mini-batch itself
             # The pass also counts the data (the report's counts, independent of the duals).
             before = np.zeros(_problem.counts_size(m, lab.c))
-            solver._fit_core(s8, lab, u, order, counts_data=before)
+            solver._fit_core(s8, lab, u, order, counts_data=before,
+                             shuffle_seed=seed if shuffle and order is None else None)
         elif order is None:
             solver.partial_fit(s8, lab, u)
         else:

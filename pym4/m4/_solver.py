@@ -256,9 +256,12 @@ class M4Solver:
         return steps
 
     def _fit_core(self, s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray],
-                  order: Optional[np.ndarray] = None, counts_data: Optional[np.ndarray] = None) -> None:
+                  order: Optional[np.ndarray] = None, counts_data: Optional[np.ndarray] = None,
+                  shuffle_seed: Optional[int] = None) -> None:
         """The core's pass; ``order`` (a permutation of the n rows, int64) visits the rows in
-        that order without a shuffled copy of the data (one process only). ``counts_data``
+        that order without a shuffled copy of the data (one process only); ``shuffle_seed``
+        (< 2^64) visits them in the order ``m4_shuffled_order(n, shuffle_seed)`` without
+        building it where the rows pack into 8 bytes (include/pym4/m4.h). ``counts_data``
         (float64, :func:`pym4.m4.weighted_counts` layout; one process only): the data's counts
         of these rows are added into it (the pass has them: balance's report needs them)."""
         n, m = s8.shape
@@ -269,11 +272,11 @@ class M4Solver:
         if self.group is None:
             if n:
                 core.m4_stream_fit(_inputs.data_tuple(s8, lab, u), pr, self.lr, self.gamma, self.batch_size, *arrays,
-                                   order=order, counts_data=counts_data)
+                                   order=order, counts_data=counts_data, shuffle_seed=shuffle_seed)
             st.set_scalars(scalars)
             return
-        if order is not None or counts_data is not None:
-            raise ValueError("order, counts_data: not supported with a process group (one process only)")
+        if order is not None or counts_data is not None or shuffle_seed is not None:
+            raise ValueError("order, counts_data, shuffle_seed: not supported with a process group (one process only)")
         import torch.distributed as dist
         B, p = self.batch_size, m * (lab.c + 1)
         for j in range(self._steps(n)):
