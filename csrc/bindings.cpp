@@ -622,13 +622,14 @@ PYBIND11_MODULE(_core, m) {
   m.def("m4_stream_fit",
         [](py::tuple data, py::tuple problem, double lr, double gamma, int64_t batch_size, py::array v_plus,
            py::array v_minus, py::array avg_w, py::array curv, py::array scalars, py::object order,
-           py::object counts_data) {
+           py::object counts_data, py::object shuffle_seed) {
           auto d = m4_data(data);
           auto pr = m4_problem(problem, d.m);
           PYM4_CHECK_VALUE(batch_size >= 1, "batch_size: must be >= 1, got " << batch_size);
           auto s = m4_state(v_plus, v_minus, avg_w, curv, scalars, d.dim());
           // The caller passes a permutation of [0, n) (checked in pym4/m4/_solver.py).
           const int64_t* op = order.is_none() ? nullptr : m4_array<int64_t>(order, "order", 1, 'i', d.n);
+          PYM4_CHECK_VALUE(order.is_none() || shuffle_seed.is_none(), "order, shuffle_seed: give one, not both");
           py::array cd = counts_data.is_none() ? py::array() : counts_data.cast<py::array>();
           double* cdp = counts_data.is_none() ? nullptr
                                               : m4_out<double>(cd, "counts_data", pym4::m4::counts_size(d.m, d.c));
@@ -639,20 +640,24 @@ PYBIND11_MODULE(_core, m) {
           // The fit runs on a copy of the state (O(p), the data is O(n p)), copied back once it
           // has finished: after Ctrl-C the caller's state is as it was before the call.
           StreamStateCopy work(s.st, d.dim());
+          const uint64_t seed = shuffle_seed.is_none() ? 0 : shuffle_seed.cast<uint64_t>();
           int64_t steps;
           {
             InterruptibleRelease release;
-            steps = pym4::m4::stream_fit(d, pr, cfg, work.st, op, cdp);
+            steps = shuffle_seed.is_none()
+                        ? pym4::m4::stream_fit(d, pr, cfg, work.st, op, cdp)
+                        : pym4::m4::stream_fit_shuffled(d, pr, cfg, work.st, seed, cdp);
           }
           work.copy_to(s.st);
           return steps;
         },
         py::arg("data"), py::arg("problem"), py::arg("lr"), py::arg("gamma"), py::arg("batch_size"),
         py::arg("v_plus"), py::arg("v_minus"), py::arg("avg_w"), py::arg("curv"), py::arg("scalars"),
-        py::arg("order") = py::none(), py::arg("counts_data") = py::none(),
-        "Stochastic dual ascent over consecutive mini-batches (of the rows in `order` when given);\n"
-        "returns the number of steps. Adds the data's counts (weighted_counts layout) of the rows\n"
-        "streamed into counts_data when given.");
+        py::arg("order") = py::none(), py::arg("counts_data") = py::none(), py::arg("shuffle_seed") = py::none(),
+        "Stochastic dual ascent over consecutive mini-batches (of the rows in `order` when given, or\n"
+        "in the order m4_shuffled_order(n, shuffle_seed) when that is given); returns the number of\n"
+        "steps. Adds the data's counts (weighted_counts layout) of the rows streamed into\n"
+        "counts_data when given.");
   m.def("m4_shuffled_order",
         [](int64_t n, uint64_t seed) {
           PYM4_CHECK_VALUE(n >= 0, "n: must be >= 0, got " << n);

@@ -313,12 +313,30 @@ PYM4_SIMD_CLONES void margins_range_pattern(const Data& d, const double* W, int6
     out[i] = pattern_dot(dense_row(d, i), c, W + pattern_at(pattern_of(d.s + i * d.ld_s, d.m), S));
 }
 
-// The stream's mini-batch sums per pattern over rows [b, e) (of order[b..e) when given):
+// The stream's mini-batch sums per pattern over rows [b, e) (of order[b..e) when given; the
+// packed rows keys[b..e) (packed_row, no utility) when given):
 // acc = [G: sum q [1; y] | C: sum [1; y]], each 2^m padded vectors (nPS doubles).
 PYM4_SIMD_CLONES void stream_range_pattern(const Data& d, const Problem& prob, const double* W, double mu,
-                                           const int64_t* order, int64_t b, int64_t e, double* acc, RowBlock& rb) {
+                                           const int64_t* order, const uint64_t* keys, int64_t b, int64_t e,
+                                           double* acc, RowBlock& rb) {
   const int64_t S = pattern_stride(d.c), c = d.c, nPS = (int64_t(1) << d.m) * S;
   double* const sums[2] = {acc, acc + nPS};
+  if (keys) {
+    for (int64_t t = b; t < e; ++t) {
+      const uint64_t key = keys[t];
+      const int64_t sg = static_cast<int64_t>(key & ((1u << kKeyShift) - 1));
+      const uint64_t mask = key >> kKeyShift;
+      const int64_t r = rb.n++;
+      rb.row[r] = t;
+      rb.mask[r] = mask;
+      rb.pat[r] = static_cast<uint8_t>(sg);
+      rb.w[0][r] = clip01(prob.eta - mask_dot(mask, c, W + pattern_at(sg, S)) - mu);
+      rb.w[1][r] = 1.0;
+      if (rb.n == kBlock) flush_block(d, rb, 2, sums, true);
+    }
+    flush_block(d, rb, 2, sums, true);
+    return;
+  }
   for (int64_t t = b; t < e; ++t) {
     const int64_t i = order ? order[t] : t;
     if (order && t + 8 < e) {  // the shuffled rows are scattered: ask for them ahead
@@ -513,19 +531,19 @@ struct PatternBatch {
   RowBlock rb;
   explicit PatternBatch(const Data& d)
       : m(d.m), c(d.c), L(d.c + 1), nPS((int64_t(1) << d.m) * pattern_stride(d.c)), W(nPS), acc(2 * nPS) {}
-  // stats (stats_size(p), overwritten) of rows [b, e) (of order[b..e)) at duals (w, mu).
-  void stats(const Data& d, const Problem& prob, const double* w, double mu, const int64_t* order, int64_t b,
-             int64_t e, double* out) {
+  // stats (stats_size(p), overwritten) of rows [b, e) (of order[b..e), or keys[b..e)) at duals (w, mu).
+  void stats(const Data& d, const Problem& prob, const double* w, double mu, const int64_t* order,
+             const uint64_t* keys, int64_t b, int64_t e, double* out) {
     const int64_t p = m * L, S = pattern_stride(c);
     pattern_weights(m, c, prob.pi, w, W.data());
     acc.zero(2 * nPS);
     if (e - b >= kParallelMin) {
       parallel_accumulate(e - b, 2 * nPS, acc.data(), [&](int64_t lb, int64_t le, double* a) {
         RowBlock rbt;
-        stream_range_pattern(d, prob, W.data(), mu, order, b + lb, b + le, a, rbt);
+        stream_range_pattern(d, prob, W.data(), mu, order, keys, b + lb, b + le, a, rbt);
       });
     } else {
-      stream_range_pattern(d, prob, W.data(), mu, order, b, e, acc.data(), rb);
+      stream_range_pattern(d, prob, W.data(), mu, order, keys, b, e, acc.data(), rb);
     }
     fold_batch(m, c, prob.pi, acc.data(), out);
   }
@@ -589,7 +607,7 @@ inline void wait_until(Ready ready) {
 }
 
 int64_t stream_fit_shares(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
-                          const int64_t* order, double* counts_data) {
+                          const int64_t* order, const uint64_t* keys, double* counts_data) {
   const int64_t m = d.m, c = d.c, p = d.dim(), B = cfg.batch_size;
   const int64_t nPS = (int64_t(1) << m) * pattern_stride(c), width = (2 * nPS + 7) / 8 * 8;
   const int64_t steps = (d.n + B - 1) / B;
@@ -606,7 +624,7 @@ int64_t stream_fit_shares(const Data& d, const Problem& prob, const StreamConfig
   auto share = [&](int64_t j, int h, double* a, RowBlock& rb) {
     const int64_t b = j * B, e = std::min(d.n, b + B), mid = b + (e - b) / 2;
     std::fill(a, a + 2 * nPS, 0.0);
-    stream_range_pattern(d, prob, W.data(), mu_batch, order, h ? mid : b, h ? e : mid, a, rb);
+    stream_range_pattern(d, prob, W.data(), mu_batch, order, keys, h ? mid : b, h ? e : mid, a, rb);
   };
   std::vector<double> data_sums(counts_data ? nPS : 0, 0.0);  // per pattern: sum [1; y] over the batches
   auto main_loop = [&]() {
@@ -817,7 +835,7 @@ void batch_stats(const Data& d, const Problem& prob, const double* w, double mu,
   std::fill(stats, stats + stats_size(p), 0.0);
   if (by_pattern(d)) {
     PatternBatch pb(d);
-    pb.stats(d, prob, w, mu, nullptr, begin, end, stats);
+    pb.stats(d, prob, w, mu, nullptr, nullptr, begin, end, stats);
     return;
   }
   parallel_accumulate(end - begin, stats_size(p), stats, [&](int64_t b, int64_t e, double* acc) {
@@ -851,8 +869,12 @@ void apply_update(const Problem& prob, int64_t m, int64_t c, const StreamConfig&
   avg_mu = (1.0 - r) * avg_mu + r * mu;
 }
 
-int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
-                   const int64_t* order, double* counts_data) {
+namespace {
+
+// stream_fit, and over packed rows keys (n, in the order to visit; dense labels, m <= 4, no
+// utility) when given.
+int64_t stream_fit_rows(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
+                        const int64_t* order, const uint64_t* keys, double* counts_data) {
   const int64_t p = d.dim();
   const int64_t B = std::max<int64_t>(1, cfg.batch_size);
   std::vector<double> stats(stats_size(p)), w(p);
@@ -864,7 +886,7 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
   std::vector<int64_t> gptr(order && !d.y ? Bn + 1 : 0);
   std::vector<int32_t> gidx;
   int64_t steps = 0;
-  if (stream_in_shares(d, B)) return stream_fit_shares(d, prob, cfg, st, order, counts_data);
+  if (stream_in_shares(d, B)) return stream_fit_shares(d, prob, cfg, st, order, keys, counts_data);
   if (by_pattern(d)) {  // the rows are read in place (in `order`): no gathered copies
     PatternBatch pb(d);
     std::vector<double> data_sums(counts_data ? pb.nPS : 0, 0.0);
@@ -872,7 +894,7 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
       interrupt::check();
       const int64_t e = std::min(d.n, b + B);
       for (int64_t j = 0; j < p; ++j) w[j] = st.v_plus[j] - st.v_minus[j];
-      pb.stats(d, prob, w.data(), st.scalars[0], order, b, e, stats.data());
+      pb.stats(d, prob, w.data(), st.scalars[0], order, keys, b, e, stats.data());
       if (counts_data)
         for (int64_t x = 0; x < pb.nPS; ++x) data_sums[x] += pb.acc.data()[pb.nPS + x];
       apply_update(prob, d.m, d.c, cfg, st, stats.data());
@@ -925,16 +947,20 @@ int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, 
   return steps;
 }
 
-namespace {
+constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ull;
+
+inline uint64_t splitmix_mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
 // splitmix64 (Steele, Lea and Flood, 2014): a 64-bit generator that passes BigCrush.
 struct SplitMix64 {
   uint64_t x;
-  uint64_t next() {
-    uint64_t z = (x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-  }
+  uint64_t next() { return splitmix_mix(x += kGolden); }
+  // The i-th draw (from 0) of SplitMix64{seed}: the state is a counter, so any draw is O(1).
+  static uint64_t draw(uint64_t seed, uint64_t i) { return splitmix_mix(seed + (i + 1) * kGolden); }
   // Uniform in [0, bound) by Lemire's multiply-shift with rejection (exact, no modulo bias).
   uint64_t below(uint64_t bound) {
     unsigned __int128 mm = static_cast<unsigned __int128>(next()) * bound;
@@ -949,35 +975,101 @@ struct SplitMix64 {
     return static_cast<uint64_t>(mm >> 64);
   }
 };
-}  // namespace
 
-void shuffled_order(int64_t n, uint64_t seed, int64_t* out) {
+// out[0..n) = value_of(i) for i in the order shuffled_order(n, seed) defines (see m4.h), in
+// three passes that run on every thread: count each thread's indices per bucket, place
+// them (thread t's indices of bucket k after those of threads < t: in index order, as one
+// thread would), then shuffle each bucket with its own generator. value_of(i) reads row i
+// in place: the rows are read in order, the writes go to 2^shift sequential streams.
+template <typename V, typename Value>
+void shuffle_into(int64_t n, uint64_t seed, V* out, Value value_of) {
   if (n <= 0) return;
-  advise_huge_pages(out, static_cast<size_t>(n) * sizeof(int64_t));  // a fresh output: its page faults
-  int shift = 0;  // 2^shift buckets of about 2^15 indices (256 KB of int64: in L2), at most 2^12
+  advise_huge_pages(out, static_cast<size_t>(n) * sizeof(V));  // a fresh output: its page faults
+  int shift = 0;  // 2^shift buckets of about 2^15 entries (256 KB of 8-byte values: in L2), at most 2^12
   while (shift < 12 && (n >> (15 + shift)) > 0) ++shift;
   const int64_t K = int64_t(1) << shift;
-  // The bucket draws come from their own stream, drawn twice (count, then place): no n-sized
-  // array of buckets.
   const uint64_t bucket_seed = SplitMix64{seed}.next(), shuffle_seed = SplitMix64{~seed}.next();
-  auto bucket = [shift](SplitMix64& g) -> int64_t { return shift ? static_cast<int64_t>(g.next() >> (64 - shift)) : 0; };
-  std::vector<int64_t> start(K + 1, 0);
-  {
-    SplitMix64 g{bucket_seed};
-    for (int64_t i = 0; i < n; ++i) ++start[bucket(g) + 1];
-  }
-  for (int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
-  {
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    SplitMix64 g{bucket_seed};
-    for (int64_t i = 0; i < n; ++i) out[fill[bucket(g)]++] = i;
-  }
-  SplitMix64 g{shuffle_seed};
+  auto bucket = [&](int64_t i) -> int64_t {
+    return shift ? static_cast<int64_t>(SplitMix64::draw(bucket_seed, static_cast<uint64_t>(i)) >> (64 - shift)) : 0;
+  };
+  const int T = n >= kParallelMin ? max_threads() : 1;
+  std::vector<int64_t> fill(static_cast<size_t>(T) * K, 0), start(K + 1, 0);
+  auto team = [&](auto body) {  // body(t, b, e) on T contiguous ranges of [0, n)
+    if (T == 1) {
+      body(0, int64_t(0), n);
+      return;
+    }
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp parallel num_threads(T)
+#endif
+    {
+      int64_t b, e;
+      range_of(n, thread_id(), T, b, e);
+      body(thread_id(), b, e);
+    }
+  };
+  team([&](int t, int64_t b, int64_t e) {
+    int64_t* f = fill.data() + static_cast<size_t>(t) * K;
+    for (int64_t i = b; i < e; ++i) ++f[bucket(i)];
+  });
+  int64_t at = 0;
   for (int64_t k = 0; k < K; ++k) {
-    int64_t* a = out + start[k];
-    for (int64_t i = start[k + 1] - start[k] - 1; i > 0; --i)
-      std::swap(a[i], a[static_cast<int64_t>(g.below(static_cast<uint64_t>(i) + 1))]);
+    start[k] = at;
+    for (int t = 0; t < T; ++t) {
+      const int64_t cnt = fill[static_cast<size_t>(t) * K + k];
+      fill[static_cast<size_t>(t) * K + k] = at;
+      at += cnt;
+    }
   }
+  start[K] = at;
+  team([&](int t, int64_t b, int64_t e) {
+    int64_t* f = fill.data() + static_cast<size_t>(t) * K;
+    for (int64_t i = b; i < e; ++i) out[f[bucket(i)]++] = value_of(i);
+  });
+  // The buckets split over the threads (T contiguous ranges of [0, K)).
+  auto shuffle_buckets = [&](int64_t kb, int64_t ke) {
+    for (int64_t k = kb; k < ke; ++k) {
+      SplitMix64 g{SplitMix64::draw(shuffle_seed, static_cast<uint64_t>(k))};
+      V* a = out + start[k];
+      for (int64_t i = start[k + 1] - start[k] - 1; i > 0; --i)
+        std::swap(a[i], a[static_cast<int64_t>(g.below(static_cast<uint64_t>(i) + 1))]);
+    }
+  };
+  if (T == 1 || K < T) {
+    shuffle_buckets(0, K);
+  } else {
+#if defined(PYM4_WITH_OPENMP)
+#pragma omp parallel num_threads(T)
+#endif
+    {
+      int64_t kb, ke;
+      range_of(K, thread_id(), T, kb, ke);
+      shuffle_buckets(kb, ke);
+    }
+  }
+}
+
+}  // namespace
+
+int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
+                   const int64_t* order, double* counts_data) {
+  return stream_fit_rows(d, prob, cfg, st, order, nullptr, counts_data);
+}
+
+void shuffled_order(int64_t n, uint64_t seed, int64_t* out) {
+  shuffle_into(n, seed, out, [](int64_t i) { return i; });
+}
+
+int64_t stream_fit_shuffled(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
+                            uint64_t seed, double* counts_data) {
+  if (by_pattern(d) && !d.u && d.c <= kKeyLabels) {
+    std::vector<uint64_t> keys(static_cast<size_t>(d.n));
+    shuffle_into(d.n, seed, keys.data(), [&](int64_t i) { return packed_row(d, i); });
+    return stream_fit_rows(d, prob, cfg, st, nullptr, keys.data(), counts_data);
+  }
+  std::vector<int64_t> order(static_cast<size_t>(d.n));
+  shuffled_order(d.n, seed, order.data());
+  return stream_fit_rows(d, prob, cfg, st, order.data(), nullptr, counts_data);
 }
 
 int64_t newton_stats_size(int64_t m, int64_t c) {

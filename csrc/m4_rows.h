@@ -287,6 +287,40 @@ PYM4_M4_INLINE double pattern_dot_mask(const uint8_t* __restrict yr, int64_t c, 
   return Ws[0] + dot;
 }
 
+// pattern_dot_mask of a row given as its label bits (bit j = label j, c <= 64): the same
+// products added in the same order, so the same bits as from the row's bytes.
+PYM4_M4_INLINE double mask_dot(uint64_t mask, int64_t c, const double* __restrict Ws) {
+  const double* __restrict W1 = Ws + 1;
+  int64_t j = 0;
+  double dot = 0.0;
+#if defined(PYM4_M4_VEC)
+  f64x4 acc0 = {0.0, 0.0, 0.0, 0.0}, acc1 = acc0;
+  for (; j + 8 <= c; j += 8) {
+    const unsigned bits = static_cast<unsigned>(mask >> j) & 255u;
+    f64x4 v0, v1, w0, w1;
+    std::memcpy(&v0, kNibbles.v[bits & 15], sizeof v0);
+    std::memcpy(&v1, kNibbles.v[bits >> 4], sizeof v1);
+    std::memcpy(&w0, W1 + j, sizeof w0);
+    std::memcpy(&w1, W1 + j + 4, sizeof w1);
+    acc0 += v0 * w0;
+    acc1 += v1 * w1;
+  }
+  acc0 += acc1;
+  dot = (acc0[0] + acc0[1]) + (acc0[2] + acc0[3]);
+#endif
+  for (; j < c; ++j) dot += static_cast<double>((mask >> j) & 1) * W1[j];
+  return Ws[0] + dot;
+}
+
+// A dense row packed into 8 bytes (m <= kPatternGroups, c <= kKeyLabels): its s-pattern in
+// the low kKeyShift bits, its label bits above.
+constexpr int kKeyShift = 4;
+constexpr int64_t kKeyLabels = 64 - kKeyShift;
+PYM4_M4_INLINE uint64_t packed_row(const Data& d, int64_t i) {
+  return static_cast<uint64_t>(pattern_of(d.s + i * d.ld_s, d.m)) |
+         (d.c ? label_bits(dense_row(d, i), d.c) << kKeyShift : 0);
+}
+
 // sums[k] (+=, k < NW): for every pattern sigma, the sum over the block's rows of pattern
 // sigma of w[k]_i [1; y_i], at sums[k] + sigma stride + off (the padded per-pattern layout:
 // stride pattern_stride(c), off 3).

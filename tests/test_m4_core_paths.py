@@ -244,3 +244,54 @@ def test_stream_fit_counts_the_data(n, batch, layout):
         arrays = [np.zeros(m * (c + 1)) for _ in range(4)] + [np.zeros(4)]
         core.m4_stream_fit(data, problem, 0.1, 3.0, batch, *arrays, order=order, counts_data=got)
         np.testing.assert_array_equal(got, want + 5.0)
+
+
+@pytest.mark.parametrize("n,m,c,with_u,layout", [
+    (70_001, 2, 9, False, "dense"),   # packed rows, in shares
+    (3000, 4, 60, False, "dense"),    # packed rows at the widest key, one thread per batch
+    (70_001, 2, 61, False, "dense"),  # too wide to pack: the order is built and the rows gathered
+    (70_001, 3, 13, True, "dense"),   # a utility: gathered
+    (3000, 2, 9, False, "csr"),       # index lists: gathered
+])
+def test_stream_fit_shuffled_streams_the_shuffled_order(n, m, c, with_u, layout):
+    """shuffle_seed visits the rows in m4_shuffled_order(n, seed): the plain numpy stream over
+    the rows taken in that order gives the same duals, and the data's counts are those of
+    every row."""
+    from references import m4_stream
+
+    batch = 256
+    dense, csr, problem, _ = _instance(n, m, c, seed=n % 11 + c, with_u=with_u)
+    s, y, u = dense[0], dense[1], dense[5]
+    pi, eta, er, ea = problem
+    arrays = [np.zeros(m * (c + 1)) for _ in range(4)] + [np.zeros(4)]
+    got = np.zeros(1 + m + c + m * c)
+    steps = core.m4_stream_fit(dense if layout == "dense" else csr, problem, 0.1, 3.0, batch, *arrays,
+                               counts_data=got, shuffle_seed=123)
+    assert steps == -(-n // batch)
+    o = core.m4_shuffled_order(n, 123)
+    vp, vm, avg, avg_mu = m4_stream(s[o], y[o], pi, eta, er, ea, lr=0.1, gamma=3.0, batch=batch,
+                                    utility=None if u is None else u[o])
+    assert np.abs(avg).max() > 1e-3
+    for a, want in zip(arrays[:3], (vp, vm, avg)):
+        np.testing.assert_allclose(a, want, rtol=1e-9, atol=1e-11)
+    assert abs(arrays[4][1] - avg_mu) <= 1e-11
+    sf, yf = s.astype(np.float64), y.astype(np.float64)
+    np.testing.assert_array_equal(got, np.concatenate([[n], sf.sum(0), yf.sum(0), (sf.T @ yf).reshape(-1)]))
+    with pytest.raises(ValueError, match="order, shuffle_seed: give one"):
+        core.m4_stream_fit(dense, problem, 0.1, 3.0, batch, *arrays, order=o, shuffle_seed=1)
+
+
+def test_shuffled_order_does_not_depend_on_threads():
+    """The permutation's passes run on every thread; the draws are counters, so one thread
+    and two give the same permutation."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib\nimport numpy as np\nfrom pym4 import _backend\n"
+            "o = np.asarray(_backend.core().m4_shuffled_order(200_003, 9))\n"
+            "assert np.array_equal(np.sort(o), np.arange(200_003))\n"
+            "print(hashlib.sha256(o.tobytes()).hexdigest())\n")
+    out = [subprocess.run([sys.executable, "-c", code], env=dict(os.environ, OMP_NUM_THREADS=t),
+                          capture_output=True, text=True, check=True, timeout=120).stdout for t in ("1", "2")]
+    assert out[0] and out[0] == out[1]

@@ -205,7 +205,7 @@ def test_stream_is_within_tolerance_and_near_the_optimum():
     assert abs(stream.objective - exact.objective) <= 0.02 * exact.objective
     # The reported bound holds: the optimum is at least objective - bound.
     bound = stream.summary()["objective_gap_bound"]
-    assert 0 <= bound <= 0.02 * stream.objective
+    assert 0 <= bound <= 0.02 * stream.objective and stream.summary()["objective_gap_note"] == ""
     assert stream.objective - exact.objective <= bound + 1e-9
 
 
@@ -221,6 +221,11 @@ def test_stream_pass_alone_reports_what_holds():
     assert budget_err <= 1e-9
     assert res.status == ("optimal" if excess <= 1 + 1e-7 else "approximate" if excess <= 2 else "max_iter")
     assert res.status != "optimal"  # on this instance one pass is not within tolerance
+    # q misses a constraint: it is no candidate, and the duality gap bounds nothing (it may be
+    # negative); the summary says so instead of giving a number.
+    summary = res.summary()
+    assert summary["objective_gap_bound"] is None and res.report.objective_gap_bound is None
+    assert "misses a constraint" in summary["objective_gap_note"] and res.status in summary["objective_gap_note"]
     assert [str(w.message) for w in caught if w.category is RuntimeWarning] == [f"pym4.m4.balance: {res.message}"]
 
 
@@ -319,3 +324,15 @@ def test_balance_streams_the_shuffled_order():
         o = shuffled_order(5000, 5)
         in_order = m4.balance(s[o], y[o], shuffle=False, **kw)
     np.testing.assert_allclose(shuffled.q[o], in_order.q, rtol=0, atol=1e-12)
+
+
+def test_infeasible_result_gives_no_gap_bound():
+    # Group 1 holds every example but its target is 0.5: infeasible, so no optimum to be near.
+    s = np.ones((400, 2), np.uint8)
+    s[::2, 0] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = m4.balance(s, target=0.5, budget=0.5, method="stream")
+    assert res.status == "infeasible"
+    assert res.summary()["objective_gap_bound"] is None
+    assert "infeasible" in res.summary()["objective_gap_note"]

@@ -59,9 +59,11 @@ class BalanceResult:
     def summary(self) -> Dict[str, Any]:
         """JSON-serialisable summary (no per-example arrays, no NaN): the report's, with the
         objective, the budget's dual and ``objective_gap_bound`` (the duality gap at the
-        returned duals: a feasible q's objective is at most that far above the optimum)."""
+        returned duals: q's objective is at most that far above the optimum), given only when
+        q holds every constraint ("optimal"); else None, and ``objective_gap_note`` says why."""
         return {**self.report.summary(), "objective": self.objective, "mu": self.mu,
-                "objective_gap_bound": self.report.objective_gap_bound}
+                "objective_gap_bound": self.report.objective_gap_bound,
+                "objective_gap_note": self.report.objective_gap_note}
 
 
 def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.01, eps_assoc: float = 0.01,
@@ -107,7 +109,8 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     Returns
     -------
     BalanceResult (its ``report.objective_gap_bound``: the duality gap at the returned duals,
-    so a feasible q's objective is at most that far above the optimum); an infeasible problem gives ``status="infeasible"`` and a message naming
+    so q's objective is at most that far above the optimum; None, with the reason in
+    ``report.objective_gap_note``, unless the status is "optimal"); an infeasible problem gives ``status="infeasible"`` and a message naming
     the constraints that cannot hold together (a certificate of the dual's recession). Any
     status other than "optimal" also emits a RuntimeWarning carrying ``message``.
     """
@@ -170,11 +173,14 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     else:
         solver = M4Solver(problem.target, budget=problem.budget, eps_rep=problem.eps_rep,
                           eps_assoc=problem.eps_assoc, lr=lr, batch_size=batch_size, backend=backend)
-        order = shuffled_order(n, seed) if shuffle else None
-        if solver._backend_for("m4_fit", s8) == "cpu":  # the core gathers each mini-batch itself
+        on_core = solver._backend_for("m4_fit", s8) == "cpu"
+        # The core visits the rows in shuffled_order(n, seed) itself (seeds below 2^64).
+        order = shuffled_order(n, seed) if shuffle and not (on_core and seed < 1 << 64) else None
+        if on_core:  # the core gathers each mini-batch itself
             # The pass also counts the data (the report's counts, independent of the duals).
             before = np.zeros(_problem.counts_size(m, lab.c))
-            solver._fit_core(s8, lab, u, order, counts_data=before)
+            solver._fit_core(s8, lab, u, order, counts_data=before,
+                             shuffle_seed=seed if shuffle and order is None else None)
         elif order is None:
             solver.partial_fit(s8, lab, u)
         else:

@@ -211,9 +211,12 @@ class Report:
     label_names: List[str] = field(repr=False)
     # Set when it was searched for (an infeasible problem, or budget="max"); None: none >= 1e-3.
     largest_feasible_budget: Optional[float] = None
-    # P(q) - D(w, mu): the duality gap at the duals q came from (None: no duals given). When
-    # q is feasible, its objective is at most this much above the optimum (weak duality).
+    # P(q) - D(w, mu): the duality gap at the duals q came from, given only when q holds every
+    # constraint ("optimal"): then its objective is at most this much above the optimum (weak
+    # duality). None otherwise, and objective_gap_note says why (no duals given; q misses a
+    # constraint, so it is no candidate and the gap, often negative, bounds nothing; infeasible).
     objective_gap_bound: Optional[float] = None
+    objective_gap_note: str = ""
 
     def summary(self) -> Dict[str, Any]:
         """JSON-serialisable summary (no per-example arrays) with no NaN or Inf
@@ -302,10 +305,17 @@ def evaluate(problem: Problem, before: np.ndarray, after: np.ndarray, c: int, *,
     if downgraded:
         near = not np.any(np.abs(g) > 2 * lam + slack) and budget_err <= 0.01 * problem.budget
         status = "approximate" if near else "max_iter"
-    gap = None
-    if duals is not None:
+    gap, gap_note = None, "no duals given"
+    if duals is not None and status == "optimal":
         w, mu = np.asarray(duals[0], dtype=np.float64).reshape(-1), float(duals[1])
-        gap = float(lam @ np.abs(w) - w @ g - mu * (kept - problem.budget))
+        gap, gap_note = float(lam @ np.abs(w) - w @ g - mu * (kept - problem.budget)), ""
+    elif duals is not None and status == "infeasible":
+        gap_note = "the problem is infeasible: there is no optimum to be near"
+    elif duals is not None:
+        # Weak duality bounds P(q) - P* by P(q) - D for a feasible q only; q off a constraint
+        # can have an objective below the optimum, and the gap is then negative or meaningless.
+        gap_note = (f"q misses a constraint (status {status!r}, max violation {max_viol:.2e}): "
+                    f"no bound on its distance to the optimum")
     shares = group_shares(before, m, c)
     message = _message(status, method, names, [(gnames[k], shares[k], problem.target[k]) for k in empty],
                        problem.budget, max_viol, iterations, _worst(g, lam, budget_err, c, gnames, lnames), downgraded)
@@ -319,7 +329,7 @@ def evaluate(problem: Problem, before: np.ndarray, after: np.ndarray, c: int, *,
                   ab_after=association_bias_from_counts(after, m, c), target=problem.target,
                   infeasible_constraints=names, counts_before=np.asarray(before, dtype=np.float64),
                   counts_after=np.asarray(after, dtype=np.float64), group_names=gnames, label_names=lnames,
-                  objective_gap_bound=gap)
+                  objective_gap_bound=gap, objective_gap_note=gap_note)
 
 
 def _worst(g, lam, budget_err, c, gnames, lnames) -> str:

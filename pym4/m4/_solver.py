@@ -256,9 +256,12 @@ class M4Solver:
         return steps
 
     def _fit_core(self, s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray],
-                  order: Optional[np.ndarray] = None, counts_data: Optional[np.ndarray] = None) -> None:
+                  order: Optional[np.ndarray] = None, counts_data: Optional[np.ndarray] = None,
+                  shuffle_seed: Optional[int] = None) -> None:
         """The core's pass; ``order`` (a permutation of the n rows, int64) visits the rows in
-        that order without a shuffled copy of the data (one process only). ``counts_data``
+        that order without a shuffled copy of the data (one process only); ``shuffle_seed``
+        (< 2^64) visits them in the order ``m4_shuffled_order(n, shuffle_seed)`` without
+        building it where the rows pack into 8 bytes (include/pym4/m4.h). ``counts_data``
         (float64, :func:`pym4.m4.weighted_counts` layout; one process only): the data's counts
         of these rows are added into it (the pass has them: balance's report needs them)."""
         n, m = s8.shape
@@ -269,11 +272,11 @@ class M4Solver:
         if self.group is None:
             if n:
                 core.m4_stream_fit(_inputs.data_tuple(s8, lab, u), pr, self.lr, self.gamma, self.batch_size, *arrays,
-                                   order=order, counts_data=counts_data)
+                                   order=order, counts_data=counts_data, shuffle_seed=shuffle_seed)
             st.set_scalars(scalars)
             return
-        if order is not None or counts_data is not None:
-            raise ValueError("order, counts_data: not supported with a process group (one process only)")
+        if order is not None or counts_data is not None or shuffle_seed is not None:
+            raise ValueError("order, counts_data, shuffle_seed: not supported with a process group (one process only)")
         import torch.distributed as dist
         B, p = self.batch_size, m * (lab.c + 1)
         for j in range(self._steps(n)):
@@ -385,7 +388,8 @@ def refine_duals(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], p
                  mu: float, refine: int, before: Optional[np.ndarray] = None):
     """``refine`` Newton passes from duals (w, mu) (balance(method="stream") after its pass).
 
-    Each pass builds :func:`newton_model` at the current duals, the gradient over every row
+    Above 2 SAMPLE_ROWS rows every pass but the last runs on every k-th row (about
+    SAMPLE_ROWS of them); the last always on every row. Each pass builds :func:`newton_model` at the current duals, the gradient over every row
     and the curvature over a strided sample of about HESSIAN_ROWS rows (an inexact Newton
     step, which converges as the gradient is exact), and takes :func:`newton_step`.
     ``before``: the data's counts (:func:`pym4.m4.weighted_counts` layout) when the caller has
@@ -394,11 +398,34 @@ def refine_duals(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], p
     was given.
     """
     n = s8.shape[0]
-    for _ in range(refine):
-        H, n_h, r, _, counted = newton_model(s8, lab, u, problem, w, mu, hessian_stride(n), count_data=before is None)
-        before = counted if before is None else before
-        w, mu = newton_step(H, n_h, r, n, problem, lab.c, w, mu)
+    sample = _sample_rows(s8, lab, u) if refine > 1 else None
+    for k in range(refine):
+        # Every pass but the last on a spread-out sample (when the data is much larger): the
+        # steps from the stream's duals land near the optimum for a tenth of a pass each; the
+        # last, on every row, removes the sample's error (as the exact solver's warm start).
+        rows = sample if (sample is not None and k < refine - 1) else (s8, lab, u)
+        full = rows[0] is s8
+        H, n_h, r, _, counted = newton_model(*rows, problem, w, mu, hessian_stride(rows[0].shape[0]),
+                                             count_data=before is None and full)
+        before = counted if (before is None and full) else before
+        w, mu = newton_step(H, n_h, r, rows[0].shape[0], problem, lab.c, w, mu)
     return w, mu, before
+
+
+# Rows of the sample the first refinement passes run on (every k-th row); data up to twice
+# this size is refined on every row.
+SAMPLE_ROWS = 1 << 20
+
+
+def _sample_rows(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray]):
+    """(s, labels, u) of every k-th row, k = n // SAMPLE_ROWS, or None when n < 2 SAMPLE_ROWS."""
+    k = s8.shape[0] // SAMPLE_ROWS
+    if k < 2:
+        return None
+    idx = np.arange(0, s8.shape[0], k)
+    lab_k = (_inputs.Labels(lab.c, dense=np.ascontiguousarray(lab.dense[::k])) if lab.dense is not None
+             else lab.take(idx))
+    return np.ascontiguousarray(s8[::k]), lab_k, None if u is None else np.ascontiguousarray(u[::k])
 
 
 def newton_model(s8: np.ndarray, lab: _inputs.Labels, u: Optional[np.ndarray], problem: Problem, w: np.ndarray,

@@ -116,13 +116,23 @@ void apply_update(const Problem& prob, int64_t m, int64_t c, const StreamConfig&
 int64_t stream_fit(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
                    const int64_t* order = nullptr, double* counts_data = nullptr);
 
+// stream_fit over the rows in the order shuffled_order(n, seed) (the same steps, to
+// rounding). With dense labels, c <= 60, m <= 4 and no utility, a row is 8 bytes (its
+// s-pattern and label bits): the rows are packed in the shuffled order while they are read
+// in place (the permutation's cache-sized buckets, as shuffled_order builds it), and the pass
+// reads them sequentially instead of two scattered rows per example. Otherwise the order is
+// built and the rows gathered as stream_fit does with an order.
+int64_t stream_fit_shuffled(const Data& d, const Problem& prob, const StreamConfig& cfg, StreamState& st,
+                            uint64_t seed, double* counts_data = nullptr);
+
 // out (n) = a uniformly random permutation of [0, n), a pure function of (n, seed): the
 // stream's shuffled order. Each index draws a bucket (2^k buckets of ~2^15 indices each),
-// the indices are laid out bucket by bucket, and each bucket is shuffled by Fisher-Yates:
-// with iid uniform buckets and uniform orders within them every permutation is equally
-// likely, and every pass runs in cache (a Fisher-Yates over all n swaps at random across
-// the whole array: a cache miss per index; at n = 1e7 numpy's permutation takes several
-// times as long).
+// the indices are laid out bucket by bucket, and each bucket is shuffled by Fisher-Yates
+// (its own generator per bucket): with iid uniform buckets and uniform orders within them
+// every permutation is equally likely, and every pass runs in cache (a Fisher-Yates over
+// all n swaps at random across the whole array: a cache miss per index; at n = 1e7 numpy's
+// permutation takes several times as long). The draws are counter-based, so the passes run
+// on every thread and the result does not depend on the thread count.
 void shuffled_order(int64_t n, uint64_t seed, int64_t* out);
 
 // ----- Newton refinement of given duals (method="stream" after its pass) ---------------
