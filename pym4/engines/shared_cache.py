@@ -21,8 +21,9 @@ on a file both write it and the last rename wins (the same bytes).
   (:attr:`Shards.identity`), and the column set and batch size of the pass. The folder
   holds one column set, the latest pass's: a task that writes one removes the files of
   the others (as the local cache drops an earlier column set).
-- Bound: ``limit`` bytes in the folder; a file that would pass it is not kept (the task
-  reads its shard from Parquet, as without a cache).
+- Bound: ``limit`` bytes in the folder, and at most half the free space of its file
+  system; a file that would pass it is not kept (the task reads its shard from Parquet,
+  as without a cache).
 - Where: ``$PYM4_SHARD_CACHE_DIR`` if set, else ``/dev/shm`` (memory) when it is writable,
   else the temp folder; in it ``pym4-shard-cache-<uid>/.pym4-<driver pid>-<host>-<random>.tmp``
   (pym4._io's temporary names).
@@ -169,9 +170,15 @@ class SharedCache:
             except OSError:
                 return None
         used = self._evict_other_sets(self._set_key(columns, batch_rows))
-        if used >= self.limit:
+        room = self.limit - used
+        with contextlib.suppress(OSError, AttributeError):
+            # At most half the file system's free space: /dev/shm is memory, and a container's
+            # is often small (Docker's default: 64 MB); the cache must not fill it for others.
+            st = os.statvfs(self.folder)
+            room = min(room, st.f_bavail * st.f_frsize // 2)
+        if room <= 0:
             return None
-        return _Writer(self, path, self.limit - used)
+        return _Writer(self, path, room)
 
     def _evict_other_sets(self, keep: str) -> int:
         """Remove the files of other column sets; the bytes left in the folder."""
