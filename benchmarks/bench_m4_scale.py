@@ -15,7 +15,8 @@ pattern table allowed (``compressed``: used when the distinct (s, y) rows fit th
 bound, else the solve falls back to passes and the row says so) and once by passes over the
 rows (``max_patterns=1``): passes over the data, rows/s of each data pass (median over the
 passes, from ``model.info["pass_seconds"]``), total time, and peak memory (RSS of this
-process: its own peak exactly, plus its descendants, Ray's and Spark's workers, sampled every 0.5 s);
+process: its own peak exactly, plus its descendants, Ray's and Spark's workers, sampled every 0.5 s;
+and the tree's PSS plus the shared shard cache's files, sampled: shared pages counted once);
 against the in-memory exact solver (``balance(method="exact")`` on the arrays read from
 the files, when they fit: N <= --in-memory-max) and cvxpy/CLARABEL (N <= --cvxpy-max,
 dense only). Every engine's duals are compared with local's and with the in-memory solve's.
@@ -171,19 +172,78 @@ def _own_peak(reset=False):
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
+def _tree_pss(root):
+    """Proportional set size of process ``root`` and all its descendants (smaps_rollup's
+    Pss, Linux >= 4.14): a page shared by k processes counts 1/k in each, so shared
+    libraries (libtorch, libarrow, mapped in every Ray/Spark worker) and the pages of the
+    shared shard cache that several workers map count once, where a sum of RSS counts them
+    in every process. None where smaps_rollup cannot be read."""
+    total = 0
+    for pid in [root] + _descendants(root):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration, ValueError):
+            if pid == root:
+                return None
+    return total
+
+
+def _descendants(root):
+    children = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def _shard_cache_bytes():
+    """Bytes in the engines' shared shard caches on this host (files in memory, /dev/shm:
+    no process's RSS holds them unless it maps them)."""
+    from pym4.engines.shared_cache import cache_root
+    total = 0
+    for folder, _, files in os.walk(cache_root()):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(folder, name))
+            except OSError:
+                pass
+    return total
+
+
 class PeakMemory:
     """Peak RSS of this process tree while in the ``with`` block: this process's own peak
     exactly (VmHWM), plus its descendants' (Ray's and Spark's workers) sampled every
     ``interval`` s. (Scanning /proc holds the GIL ~10 ms; sampling every 50 ms, as before,
-    took a sixth of a core from the run it measured.)"""
+    took a sixth of a core from the run it measured.) Also ``peak_pss``: the largest sampled
+    PSS of the whole tree plus the shared shard cache's bytes (the cache's mapped pages are
+    then counted twice: an over-estimate by at most the cache's size)."""
 
     def __init__(self, interval=0.5):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
         self._children = 0
+        self.peak_pss = 0
+
+    def _sample(self):
+        self._children = max(self._children, _tree_rss(os.getpid(), children_only=True))
+        pss = _tree_pss(os.getpid())
+        if pss is not None:
+            self.peak_pss = max(self.peak_pss, pss + _shard_cache_bytes())
 
     def _run(self):
         while not self._stop.is_set():
-            self._children = max(self._children, _tree_rss(os.getpid(), children_only=True))
+            self._sample()
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -195,7 +255,7 @@ class PeakMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self._children = max(self._children, _tree_rss(os.getpid(), children_only=True))
+        self._sample()
         self.peak = _own_peak() + self._children
 
 
@@ -243,7 +303,7 @@ def fit(folder, instance, engine, compressed, target):
         t0 = time.perf_counter()
         model = m4.fit_dataset(folder, **kw)
         seconds = time.perf_counter() - t0
-    return model, seconds, mem.peak, base_rss
+    return model, seconds, mem, base_rss
 
 
 def data_pass_rates(info):
@@ -534,6 +594,8 @@ def main(argv=None):
     ap.add_argument("--simulate", type=int, default=0, metavar="SHARDS",
                     help="also: a run by passes over SHARDS tiny shards (bytes per pass, stats, state)")
     ap.add_argument("--simulate-rows", type=int, default=500, help="rows per simulated shard")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="no untimed fit after an engine starts: the first timed fit pays the workers' imports")
     ap.add_argument("--profile", action="store_true",
                     help="only: one pass over the dense instance, stage by stage (read, convert, partial, merge)")
     ap.add_argument("--profile-spark", action="store_true",
@@ -605,14 +667,15 @@ def main(argv=None):
         if engine != "local":
             print(f"{engine}: started in {startup:.1f} s", flush=True)
         try:
-            fit(warm, "dense-c8", engine, False, None)  # untimed: first calls (imports, workers) out of the figures
+            if not args.no_warmup:  # untimed: first calls (imports, workers) out of the figures
+                fit(warm, "dense-c8", engine, False, None)
             local_w = {}
             for instance in instances:
                 folder = folders["sparse" if instance == "sparse" else "dense"]
                 base = dict(instance=f"{instance} N={n:.0e}", n=n, shards=-(-n // shard_rows))
                 for mode in modes:
-                    model, seconds, peak, base_rss = fit(folder, instance, engine, mode == "compressed",
-                                                         targets[instance])
+                    model, seconds, mem, base_rss = fit(folder, instance, engine, mode == "compressed",
+                                                        targets[instance])
                     info = model.info
                     rates = data_pass_rates(info)
                     row = dict(base, method=f"{engine} {mode}", engine=engine, mode=mode, time_s=seconds,
@@ -622,7 +685,8 @@ def main(argv=None):
                                rows_per_s_pass=statistics.median(rates) if rates else float("nan"),
                                min_rows_per_s_pass=min(rates) if rates else float("nan"),
                                pass_s=" ".join(f"{t:.2f}" for t in info.get("pass_seconds", [])),
-                               peak_rss_mb=peak / 2**20, rss_before_mb=base_rss / 2**20,
+                               peak_rss_mb=mem.peak / 2**20, peak_pss_mb=mem.peak_pss / 2**20,
+                               rss_before_mb=base_rss / 2**20,
                                max_violation=info["max_violation"])
                     w = np.asarray(model.w)
                     if instance in reference:
@@ -655,12 +719,15 @@ def m4_engines():
 
 
 def report(r):
-    keys = ("passes", "solver_passes", "compressed", "patterns", "rows_per_s_pass", "peak_rss_mb", "status",
+    keys = ("passes", "solver_passes", "compressed", "patterns", "rows_per_s_pass", "peak_rss_mb", "peak_pss_mb",
+            "status", "pass_s",
             "max_abs_w_diff_local", "max_abs_w_diff_in_memory", "objective_rel_to_exact")
 
     def fmt(k, v):
         if k == "rows_per_s_pass":
             return f"{v / 1e6:.1f}M rows/s/pass"
+        if k == "pass_s":
+            return f"pass_s=[{v}]"
         return f"{k}={v:.2e}" if isinstance(v, float) else f"{k}={v}"
     extra = " ".join(fmt(k, r[k]) for k in keys if k in r and r[k] is not None)
     print(f"{r['instance']:18s} {r['method']:22s} {r['time_s']:8.2f} s  {extra}", flush=True)

@@ -256,24 +256,153 @@ def test_engines_name_bad_shard(engine, request, table, tmp_path):
         weighted_counts(eng, rs)
 
 
-# ----- Ray and Spark: the workers' caches; Spark: a DataFrame's packed columns ----------------------
+# ----- Ray and Spark: the host's shared cache; Spark: a DataFrame's packed columns ---------------------
+
+def _garble_keeping_identity(paths):
+    """Overwrite each file with other bytes of the same size and mtime: a read of it fails,
+    but its (path, size, mtime) is unchanged, so only a cache keyed by them can still serve it."""
+    for p in paths:
+        st = os.stat(p)
+        with open(p, "wb") as f:
+            f.write(b"\0" * st.st_size)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+
 
 @pytest.mark.parametrize("engine", ["ray", "spark"])
-def test_worker_cache_gives_the_same_passes(engine, request, seven):
-    """Passes over files whose batches the workers kept give what passes without it give."""
+def test_shared_cache_serves_every_worker_and_is_removed(engine, request, table, tmp_path, monkeypatch):
+    """After one pass the workers have left every file's batches in the host's cache; the
+    next passes read no Parquet at all (the files are garbled in place, size and mtime kept,
+    and the passes still give local's counts, in whichever worker each task runs); close()
+    leaves nothing behind. Without the cache (cache_bytes=0) the same passes read the files."""
     request.getfixturevalue("ray_session" if engine == "ray" else "spark")
-    src, _, _, model, rs = seven
-    cached, plain = engine_for(src, engine=engine), engine_for(src, engine=engine, cache_bytes=0)
-    want = weighted_counts(LocalEngine(src), rs, model)
-    for _ in range(3):
-        np.testing.assert_allclose(weighted_counts(cached, rs, model), want, rtol=0, atol=1e-9)
-    np.testing.assert_allclose(weighted_counts(plain, rs, model), want, rtol=0, atol=1e-9)
-    with pytest.raises(ValueError, match="cache_bytes: must be an integer >= 0"):
-        engine_for(src, engine=engine, cache_bytes=-1)
+    root = tmp_path / "cache"
+    monkeypatch.setenv("PYM4_SHARD_CACHE_DIR", str(root))
+    paths = write_shards(table, str(tmp_path / "d"), LAYOUTS["seven"])
+    rs = ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0", "l2"]).resolve()
+    want = weighted_counts(LocalEngine(paths), rs)
+    eng = engine_for(str(tmp_path / "d"), engine=engine, tasks=3)
+    plain = engine_for(str(tmp_path / "d"), engine=engine, cache_bytes=0)
+    np.testing.assert_allclose(weighted_counts(eng, rs), want, rtol=0, atol=1e-9)
+    folder = eng._shared.folder
+    assert os.path.dirname(folder) == str(root / f"pym4-shard-cache-{os.getuid()}")
+    assert len([f for f in os.listdir(folder) if f.endswith(".arrow")]) == len(paths)
+    _garble_keeping_identity(paths)
+    for _ in range(2):
+        np.testing.assert_allclose(weighted_counts(eng, rs), want, rtol=0, atol=1e-9)
+    eng.close()
+    assert not os.path.exists(folder) and os.listdir(root / f"pym4-shard-cache-{os.getuid()}") == []
+    with pytest.raises(Exception):
+        weighted_counts(plain, rs)  # garbled files, no cache: the pass reads them and fails
+    for bad in ({"cache_bytes": -1}, {"tasks": 0}, {"tasks": 1.5}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}: must be an integer"):
+            engine_for(str(tmp_path / "d"), engine=engine, **bad)
+
+
+def _run_python(code, env):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
+_READ_IN_ANOTHER_PROCESS = """
+import pickle, sys
+import pym4.engines.local as local
+from pym4.engines.local import reduce_shard
+def no_parquet(*args, **kwargs):
+    raise AssertionError("read Parquet")
+local.scan_shard = no_parquet  # a cache hit must not come here
+cache, shards, stage = pickle.load(open(sys.argv[1] if len(sys.argv) > 1 else %r, "rb"))
+cols = tuple(stage.columns)
+out = [reduce_shard(shards, i, stage, 64, None, cache.batches(shards, i, cols, 64)) for i in range(len(shards.paths))]
+pickle.dump((out, cache.hits, cache.misses), open(%r, "wb"))
+"""
+
+
+def test_shared_cache_read_by_another_process(table, tmp_path, monkeypatch):
+    """A second process (another worker) maps the words the first one cached: every file a
+    hit, no Parquet read (its reader is replaced by one that fails), the same partials.
+    The bound keeps what fits; another column set replaces the cached one."""
+    import pickle
+    from pym4.engines.local import reduce_shard
+    from pym4.engines.shared_cache import SharedCache
+    from pym4.m4._stages import CountsStage
+    monkeypatch.setenv("PYM4_SHARD_CACHE_DIR", str(tmp_path / "cache"))
+    paths = write_shards(table, str(tmp_path / "d"), LAYOUTS["empty"])  # an empty file too
+    shards = list_shards(paths)
+    shards.identity
+    stage = CountsStage(ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0"], labels_from="tags").resolve(
+        {"tags": ["a", "b", "c", "d", "e"]}))
+    cols = tuple(stage.columns)
+    cache = SharedCache.create(1 << 30)
+    want = [reduce_shard(shards, i, stage, 64, None, cache.batches(shards, i, cols, 64)) for i in range(3)]
+    assert (cache.hits, cache.misses, cache.written) == (0, 3, 3)
+    with open(tmp_path / "job.pkl", "wb") as f:
+        pickle.dump((cache, shards, stage), f)
+    run = _run_python(_READ_IN_ANOTHER_PROCESS % (str(tmp_path / "job.pkl"), str(tmp_path / "got.pkl")), {})
+    assert run.returncode == 0, run.stderr
+    with open(tmp_path / "got.pkl", "rb") as f:
+        got, hits, misses = pickle.load(f)
+    assert (hits, misses) == (3, 0)
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or np.array_equal(a, b)
+    # another column set: the old files go; a bound of one file's bytes keeps one file
+    used = cache.nbytes
+    list(cache.batches(shards, 0, ("g0",), 64))
+    assert len(os.listdir(cache.folder)) == 1 and cache.nbytes < used
+    small = SharedCache.create(os.path.getsize(os.path.join(cache.folder, os.listdir(cache.folder)[0])) + 1)
+    for i in (0, 2):
+        assert sum(b.num_rows for b, _ in small.batches(shards, i, ("g0",), 64)) == shards.rows[i]
+    assert small.written == 1 and len(os.listdir(small.folder)) == 1
+    cache.close()
+    small.close()
+    assert os.listdir(tmp_path / "cache" / f"pym4-shard-cache-{os.getuid()}") == []
+
+
+_LEAVE = """
+import os, signal, sys
+from pym4.engines.shared_cache import SharedCache
+from pym4.engines import list_shards
+cache = SharedCache.create(1 << 20)
+shards = list_shards(%r)
+shards.identity
+list(cache.batches(shards, 0, ("g0",), 64))
+print(cache.folder, flush=True)
+if sys.argv[-1] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "kill"])
+def test_shared_cache_left_by_a_driver_is_removed(table, tmp_path, how):
+    """A driver that exits without close() removes its folder at exit; one killed outright
+    (kill -9) leaves it, and the next cache made on this host sweeps it."""
+    from pym4.engines.shared_cache import SharedCache
+    env = {"PYM4_SHARD_CACHE_DIR": str(tmp_path / "cache")}
+    write_shards(table, str(tmp_path / "d"), [N])
+    code = _LEAVE % str(tmp_path / "d")
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", code, how], env={**os.environ, **env}, capture_output=True,
+                         text=True, timeout=120)
+    folder = run.stdout.strip()
+    assert folder.startswith(str(tmp_path / "cache")), run.stderr
+    if how == "exit":
+        assert run.returncode == 0 and not os.path.exists(folder)
+        return
+    assert run.returncode == -9 and len(os.listdir(folder)) == 1
+    os.environ["PYM4_SHARD_CACHE_DIR"] = env["PYM4_SHARD_CACHE_DIR"]
+    try:
+        fresh = SharedCache.create(1 << 20)
+    finally:
+        del os.environ["PYM4_SHARD_CACHE_DIR"]
+    assert not os.path.exists(folder) and os.path.isdir(fresh.folder)
+    fresh.close()
+    assert not os.path.exists(fresh.folder)
 
 
 def test_batch_cache_keeps_one_dataset_and_column_set(table, tmp_path):
-    """The cache (local engine, Spark workers) is dropped for other columns or other files,
+    """The local engine's cache is dropped for other columns or other files,
     and a file rewritten in place is read again."""
     from pym4.engines.local import BatchCache
     write_shards(table, str(tmp_path / "a"), [500, 497])

@@ -14,7 +14,7 @@ from ..m4._columns import ROW, ColumnSpec
 from . import Engine, Shards, _check_out, list_shards
 from ._parquet import fragment_batches
 
-__all__ = ["LocalEngine", "BatchCache", "worker_cache", "scan_shard", "reduce_shard", "write_shard"]
+__all__ = ["LocalEngine", "BatchCache", "scan_shard", "reduce_shard", "write_shard"]
 
 
 def scan_shard(shards: Shards, i: int, columns: List[str], batch_rows: int, with_rows: bool) -> Iterator[Tuple[Any, int]]:
@@ -122,18 +122,6 @@ class BatchCache:
     @property
     def nbytes(self) -> int:
         return self._bytes
-
-
-# A worker process's cache (Spark's Python workers outlive the tasks they run: the next pass's
-# task for a file may find its batches here). Its bound is the largest a task asked for.
-_WORKER_CACHE = BatchCache(0)
-
-
-def worker_cache(limit: int) -> BatchCache:
-    """This process's :class:`BatchCache`, its bound raised to ``limit`` bytes if lower."""
-    if limit > _WORKER_CACHE.limit:
-        _WORKER_CACHE.limit = int(limit)
-    return _WORKER_CACHE
 
 
 def _serial_core() -> None:

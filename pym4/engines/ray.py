@@ -4,13 +4,16 @@
   ``map_batches(batch_format="pyarrow")`` computes each block's partial result, which comes
   back to the driver as one pickled row and is merged there (never ``Dataset.aggregate``,
   which materialises its inputs); a write pass is ``map_batches`` + ``write_parquet``.
-- Parquet files (a path, glob, directory or list): one Ray task per file runs the same
-  per-file code as the local engine (streamed in record batches), so row numbers are
+- Parquet files (a path, glob, directory or list): Ray tasks over runs of consecutive
+  files (``tasks`` of them, default: the cluster's CPUs, at most one per file; a task
+  costs its slot a fixed time whatever it does, as on Spark) run the same per-file code as
+  the local engine (streamed in record batches) and send one result per file, so row numbers are
   exact (``read_parquet`` does not say where in its file a row was) and the final pass
-  writes one part per input file, named as the local engine names it. Ray reuses its
-  worker processes, so each keeps the decoded batches of the files its tasks read for the
-  next pass (:func:`pym4.engines.local.worker_cache`, ``cache_bytes`` per worker; measured
-  at N = 1e7, c = 32: a pass from 3.3 s to 1.1 s once the workers had seen the files).
+  writes one part per input file, named as the local engine names it. The first task on a
+  host to read a file leaves its decoded batches in the host's shared cache, and every
+  later pass's task for it, in whichever worker, memory-maps them
+  (:class:`pym4.engines.shared_cache.SharedCache`, ``cache_bytes`` per host; removed by
+  :meth:`RayEngine.close`).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from typing import Any, Iterable, List, Optional
 
 from ..m4._columns import ColumnSpec, DataError, check_schema
 from . import Engine, _check_out, list_shards, reraise_data_errors
-from .local import part_name, reduce_shard, worker_cache, write_shard
+from .local import part_name, reduce_shard, write_shard
+from .shared_cache import SharedCache
 
 __all__ = ["RayEngine"]
 
@@ -54,13 +58,14 @@ def _data_errors(run):
 class _ShardTask:
     """A Ray task over one file: the partial result (reduce) or the part written (write)."""
 
-    def __init__(self, shards, stage, batch_rows: int, out: Optional[str] = None, cache_bytes: int = 0):
+    def __init__(self, shards, stage, batch_rows: int, out: Optional[str] = None,
+                 cache: Optional[SharedCache] = None):
         self.shards, self.stage, self.batch_rows, self.out = shards, stage, batch_rows, out
-        self.cache_bytes = cache_bytes
+        self.cache = cache
 
     def __call__(self, batch):
         results = []
-        cache = worker_cache(self.cache_bytes) if self.cache_bytes else None
+        cache = self.cache
         columns = tuple(self.stage.columns)
         for i in batch.column("shard").to_pylist():
             if self.out is None:
@@ -98,12 +103,13 @@ class _TransformTask:
 
 class RayEngine(Engine):
     """data: a ``ray.data.Dataset``, or Parquet files as for :class:`LocalEngine`
-    (batch_rows: rows per record batch of a file; cache_bytes: per worker process, for the
-    decoded batches of the files its tasks read, 0: none).
+    (batch_rows: rows per record batch of a file; cache_bytes: the bound of the host's shared
+    cache of decoded files, 0: none; tasks: Ray tasks per pass over files, default: the
+    cluster's CPUs; see the module docstring).
     Ray must be initialised (``ray.init``) by the caller, or is started locally."""
     name = "ray"
 
-    def __init__(self, data, *, batch_rows: int = 1 << 16, cache_bytes: int = 1 << 29):
+    def __init__(self, data, *, batch_rows: int = 1 << 16, cache_bytes: int = 1 << 30, tasks: Optional[int] = None):
         import ray
         import ray.data
 
@@ -111,8 +117,12 @@ class RayEngine(Engine):
             raise ValueError(f"batch_rows: must be an integer >= 1, got {batch_rows!r}")
         if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
             raise ValueError(f"cache_bytes: must be an integer >= 0, got {cache_bytes!r}")
+        if tasks is not None and (isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1):
+            raise ValueError(f"tasks: must be an integer >= 1, got {tasks!r}")
         self.batch_rows = batch_rows
         self.cache_bytes = cache_bytes
+        self.tasks = tasks
+        self._shared: Optional[SharedCache] = None
         if isinstance(data, ray.data.Dataset):
             self.ds, self.shards, self.source = data, None, "ray dataset"
         else:
@@ -138,17 +148,28 @@ class RayEngine(Engine):
         import ray.data
         n = len(self.shards.fragments)
         rows = self.shards.rows
-        items = ray.data.from_items([{"shard": i} for i in range(n)], override_num_blocks=max(n, 1))
-        return _collect(items.map_batches(task, batch_size=1, batch_format="pyarrow"), lambda r: rows[r["shard"]],
+        tasks = self.tasks
+        if tasks is None:
+            import ray
+            tasks = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else n
+        # from_items splits the files into runs of consecutive numbers, one block (a task) each.
+        items = ray.data.from_items([{"shard": i} for i in range(n)], override_num_blocks=max(1, min(n, tasks)))
+        return _collect(items.map_batches(task, batch_size=None, batch_format="pyarrow"), lambda r: rows[r["shard"]],
                         progress)
 
     def partials(self, stage, progress=None) -> Iterable[Any]:
         if self.shards is not None:
-            self.shards.identity  # stat every file once here (the workers' caches are keyed by it)
-            return self._over_shards(_ShardTask(self.shards, stage, self.batch_rows, cache_bytes=self.cache_bytes),
-                                     progress)
+            self.shards.identity  # stat every file once here (the shared cache is keyed by it)
+            if self._shared is None and self.cache_bytes:
+                self._shared = SharedCache.create(self.cache_bytes)
+            return self._over_shards(_ShardTask(self.shards, stage, self.batch_rows, cache=self._shared), progress)
         return _collect(self.ds.map_batches(_BlockTask(stage), batch_size=None, batch_format="pyarrow"),
                         lambda r: r["rows"], progress)
+
+    def close(self) -> None:
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
 
     def write(self, stage, out: str) -> List[str]:
         out = _check_out(out)

@@ -1,10 +1,15 @@
 """The Spark engine (``pip install 'pym4[spark]'``), DataFrame API only, so it works on
 Spark Connect (no RDDs). Nothing is shuffled: each task's result (a few KB) is collected.
 
-- Parquet files (a path, glob, directory or list): one Spark task per file,
-  ``spark.range(n_files, numPartitions=n_files).mapInArrow(...)``, runs the same per-file
-  code as the local engine (pyarrow reads the file in record batches, hive partition
-  columns from the path). So rows are numbered exactly as local numbers them, and the final
+- Parquet files (a path, glob, directory or list): ``spark.range(n_files,
+  numPartitions=tasks).mapInArrow(...)``, each task a run of consecutive files, runs the
+  same per-file code as the local engine (pyarrow reads the file in record batches, hive
+  partition columns from the path) and sends one result per file. ``tasks`` defaults to
+  Spark's default parallelism (the cores it has), at most one per file: a Spark task
+  costs 0.1-0.3 s of its slot whatever it does (measured on local[2] at load ~5: an empty
+  10-task job took 0.7-1.3 s, a 2-task one 0.2-0.3 s), against ~0.05 s for a cached
+  1e6-row file, so a task per file made a warm pass 3-5x local's. Rows are numbered exactly
+  as local numbers them, and the final
   pass writes one part per input file, named as local names it (``part-NNNNN.parquet``),
   into the output folder (which the executors must see, as for any Spark write).
   ``spark.read.parquet`` is not used: it splits large files and packs small ones into
@@ -16,11 +21,11 @@ Spark Connect (no RDDs). Nothing is shuffled: each task's result (a few KB) is c
 
 Between passes (the solver reads the same columns pass after pass):
 
-- over files, each Python worker keeps the decoded Arrow batches of the files its tasks
-  read (:func:`pym4.engines.local.worker_cache`, ``cache_bytes`` per worker, the local
-  engine's cache rules): Spark reuses its Python workers, so a later pass's task for a file
-  often finds the file decoded (pyarrow's boolean decode is ~10x the core's work on the
-  rows). A task whose worker has not seen its file reads it, as without a cache.
+- over files, the first task on a host to read a file leaves its decoded Arrow batches in
+  the host's shared cache, and every later pass's task for it, in whichever Python
+  worker, memory-maps them (:class:`pym4.engines.shared_cache.SharedCache`, ``cache_bytes``
+  per host; pyarrow's boolean decode is ~10x the core's work on the rows). Removed by
+  :meth:`SparkEngine.close`.
 - a DataFrame handed in is packed: its 0/1 columns become int64 words by a Spark SQL
   expression in the JVM (the layout of :class:`~pym4.m4._columns.PackedLayout`; a null or
   non-0/1 value sets the word's top bit), and that small frame is persisted (MEMORY_ONLY, 8
@@ -47,7 +52,8 @@ from typing import Any, Callable, Iterable, List, Optional
 
 from ..m4._columns import ColumnSpec, DataError, check_schema
 from . import Engine, _check_out, list_shards, reraise_data_errors
-from .local import part_name, reduce_shard, worker_cache, write_shard
+from .local import part_name, reduce_shard, write_shard
+from .shared_cache import SharedCache
 
 __all__ = ["SparkEngine"]
 
@@ -65,13 +71,14 @@ class _ShardTasks:
     """mapInArrow over shard numbers: per file, the partial result (reduce) or the part
     written (write), as one pickled row."""
 
-    def __init__(self, shards, stage, batch_rows: int, out: Optional[str] = None, cache_bytes: int = 0):
+    def __init__(self, shards, stage, batch_rows: int, out: Optional[str] = None,
+                 cache: Optional[SharedCache] = None):
         self.shards, self.stage, self.batch_rows, self.out = shards, stage, batch_rows, out
-        self.cache_bytes = cache_bytes
+        self.cache = cache
 
     def __call__(self, batches):
         import pyarrow as pa
-        cache = worker_cache(self.cache_bytes) if self.cache_bytes else None
+        cache = self.cache
         columns = tuple(self.stage.columns)
         for batch in batches:
             for i in batch.column(0).to_pylist():
@@ -201,20 +208,26 @@ def _collect_with_progress(spark, df, total: int, progress: Optional[Callable[[i
 class SparkEngine(Engine):
     """data: a Spark ``DataFrame``, or Parquet files as for :class:`LocalEngine` (run with
     ``spark``, default: the active session, else a local one). batch_rows: rows per record
-    batch of a file; cache_bytes: per Python worker, for the decoded batches of the files its
-    tasks read (0: none; see the module docstring)."""
+    batch of a file; cache_bytes: the bound of the host's shared cache of decoded files (0:
+    none); tasks: Spark tasks per pass over files (default: Spark's default parallelism);
+    see the module docstring."""
     name = "spark"
 
-    def __init__(self, data, *, spark=None, batch_rows: int = 1 << 16, cache_bytes: int = 1 << 29):
+    def __init__(self, data, *, spark=None, batch_rows: int = 1 << 16, cache_bytes: int = 1 << 30,
+                 tasks: Optional[int] = None):
         from pyspark.sql import DataFrame, SparkSession
 
         if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
             raise ValueError(f"batch_rows: must be an integer >= 1, got {batch_rows!r}")
         if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
             raise ValueError(f"cache_bytes: must be an integer >= 0, got {cache_bytes!r}")
+        if tasks is not None and (isinstance(tasks, bool) or not isinstance(tasks, int) or tasks < 1):
+            raise ValueError(f"tasks: must be an integer >= 1, got {tasks!r}")
         self.batch_rows = batch_rows
         self.cache_bytes = cache_bytes
+        self.tasks = tasks
         self.shards = None
+        self._shared: Optional[SharedCache] = None  # over files (module docstring)
         self._packed = None  # (key, persisted packed frame) of the latest packed pass
         if isinstance(data, DataFrame) or type(data).__module__.startswith("pyspark.sql"):
             self.df, self.source = data, "spark dataframe"
@@ -242,10 +255,22 @@ class SparkEngine(Engine):
             from pyspark.sql.pandas.types import to_arrow_schema
             check_schema(spec, to_arrow_schema(self.df.schema), self.source)
 
+    def _task_count(self, n: int) -> int:
+        """Tasks of a pass over ``n`` files (module docstring)."""
+        tasks = self.tasks
+        if tasks is None:
+            try:
+                tasks = self.spark.sparkContext.defaultParallelism
+            except Exception:  # Spark Connect: no SparkContext on the client
+                tasks = int(self.spark.conf.get("spark.default.parallelism", str(n)) or n)
+        return max(1, min(n, int(tasks)))
+
     def _over_shards(self, task, progress=None) -> List[Any]:
         n = len(self.shards.fragments)
         self.shards.offsets  # read every footer once here, not again in each task
-        df = self.spark.range(0, n, 1, numPartitions=max(n, 1)).mapInArrow(task, "result binary")
+        # spark.range splits 0..n-1 into runs of consecutive numbers, in partition order, and
+        # collect keeps that order: the results come back in file order.
+        df = self.spark.range(0, n, 1, numPartitions=self._task_count(n)).mapInArrow(task, "result binary")
         rows = _collect_with_progress(self.spark, df, sum(self.shards.rows), progress)
         return [pickle.loads(r["result"]) for r in rows]
 
@@ -269,9 +294,10 @@ class SparkEngine(Engine):
 
     def _raw_partials(self, stage, progress=None) -> List[Any]:
         if self.shards is not None:
-            self.shards.identity  # stat every file once here (the workers' caches are keyed by it)
-            return self._over_shards(_ShardTasks(self.shards, stage, self.batch_rows, cache_bytes=self.cache_bytes),
-                                     progress)
+            self.shards.identity  # stat every file once here (the shared cache is keyed by it)
+            if self._shared is None and self.cache_bytes:
+                self._shared = SharedCache.create(self.cache_bytes)
+            return self._over_shards(_ShardTasks(self.shards, stage, self.batch_rows, cache=self._shared), progress)
         from pyspark.sql import functions as F
         df = self.df.select(*[F.col(f"`{c}`") for c in stage.columns]).mapInArrow(_Partials(stage), "result binary")
         rows = _data_errors(df.collect)
@@ -290,7 +316,7 @@ class SparkEngine(Engine):
         key = (layout, tuple(extras))
         if self._packed is not None and self._packed[0] == key:
             return self._packed[1]
-        self.close()
+        self._unpersist()
         from pyspark import StorageLevel
         from pyspark.errors import PySparkException
         try:
@@ -310,6 +336,12 @@ class SparkEngine(Engine):
         return self.df.select(*words, *[F.col(f"`{c}`") for c in extras])
 
     def close(self) -> None:
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
+        self._unpersist()
+
+    def _unpersist(self) -> None:
         if self._packed is not None:
             self._packed[1].unpersist()
             self._packed = None
