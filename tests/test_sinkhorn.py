@@ -5,6 +5,7 @@ References are written here from the papers' formulas in float64 (SwAV's
 """
 import math
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -605,3 +606,47 @@ def test_float32_too_coarse_inside_the_kernel_form_is_solved_in_float64():
     s = 100 + 0.5 * torch.rand(6, 9, generator=g)
     q = pym4.sinkhorn(s, epsilon=0.01, n_iters=3, backend="cpu")
     torch.testing.assert_close(q.double(), swav_reference(s, 0.01, 3), rtol=1e-7, atol=0)
+
+
+# ----- the plain call's short path -----------------------------------------------------------------
+
+@pytest.mark.parametrize("make,epsilon", [
+    (lambda: cosine_scores(257, 300), 0.05),  # the kernel form
+    (lambda: cosine_scores(257, 300), 0.01),  # a spread beyond 80: the log domain
+    (lambda: 100 + 0.5 * uniform_scores(6, 9), 0.01),  # float32 too coarse: redone in float64
+    (lambda: cosine_scores(16, 1000).requires_grad_(), 0.05),
+    (lambda: cosine_scores(40, 600)[:, 100:400], 0.05),  # rows with a stride of their own
+])
+def test_plain_call_equals_the_fully_checked_one(make, epsilon):
+    # Float32 CPU scores with no option but out= take a short path with fewer checks: it must
+    # give the codes of the path with every check (forced by backend="cpu") to the bit.
+    s = make()
+    full = pym4.sinkhorn(s, epsilon, 3, backend="cpu")
+    assert torch.equal(pym4.sinkhorn(s, epsilon, 3), full)
+    buf = torch.full(tuple(full.shape), float("nan"))
+    assert pym4.sinkhorn(s, epsilon, 3, out=buf) is buf
+    assert torch.equal(buf, full)
+
+
+def test_plain_call_takes_the_short_path(monkeypatch):
+    # The full path's first step is to_tensor: with it broken, only the short path can answer.
+    module = sys.modules["pym4.sinkhorn"]
+    s = cosine_scores(33, 70)
+    expected = pym4.sinkhorn(s)
+
+    def broken(*args, **kwargs):
+        raise AssertionError("the full path ran")
+
+    monkeypatch.setattr(module, "to_tensor", broken)
+    assert torch.equal(pym4.sinkhorn(s), expected)
+    buf = torch.empty(33, 70)
+    assert torch.equal(pym4.sinkhorn(s, out=buf), expected)
+    with pytest.raises(AssertionError, match="the full path ran"):  # an option it does not take
+        pym4.sinkhorn(s, backend="cpu")
+
+
+def test_plain_call_reports_non_finite_scores():
+    s = cosine_scores(20, 30)
+    s[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="scores: contains NaN or Inf"):
+        pym4.sinkhorn(s)
