@@ -85,7 +85,9 @@ def test_pym4_with_uneven_shards_equals_one_process(tmp_path):
     results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
     assert all("q" in r for r in results), [r.get("trace") for r in results]
     q = torch.cat([r["q"] for r in results])
-    assert float((q.double() - swav_sinkhorn(s)).abs().max()) < 3e-7  # float32; measured 1.7e-7
+    # float32 codes of ~1e-2 after float32 exponentials: measured 1.7e-7 on one CI machine and 3.4e-7 on
+    # another (2026-12-02, the same code): the bound separates this from SwAV's own 1e-2 error above.
+    assert float((q.double() - swav_sinkhorn(s)).abs().max()) < 1e-6
 
 
 # ----- overflow: small epsilon on cosine scores, un-normalised features ------------------------------
