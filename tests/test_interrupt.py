@@ -42,6 +42,9 @@ import traceback
 signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np
 import pym4
+# `import pym4` loads the ops (and torch) on first use: load them before "ready", so that the
+# SIGINT lands inside a call, never inside torch's import (which cannot be re-run after it).
+pym4.sinkhorn, pym4.sinkhorn_ot, pym4.clip_loss
 {setup}
 def interrupt(name, call, after, where):
     # Runs call() until a KeyboardInterrupt comes from the binding `where` (None: anywhere).
