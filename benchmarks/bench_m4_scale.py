@@ -135,26 +135,13 @@ def columns(instance):
 def _tree_rss(root, children_only=False):
     """Bytes resident in process ``root`` and all its descendants (from /proc); with
     ``children_only``, in its descendants alone."""
-    children = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(name))
     total, page = 0, os.sysconf("SC_PAGE_SIZE")
-    todo = list(children.get(root, ())) if children_only else [root]
-    while todo:
-        pid = todo.pop()
+    for pid in ([] if children_only else [root]) + _descendants(root):
         try:
             with open(f"/proc/{pid}/statm") as f:
                 total += int(f.read().split()[1]) * page
         except (OSError, IndexError, ValueError):
             pass
-        todo.extend(children.get(pid, ()))
     return total
 
 
@@ -190,6 +177,7 @@ def _tree_pss(root):
 
 
 def _descendants(root):
+    """The pids of every descendant of process ``root`` (from /proc's parent links)."""
     children = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
