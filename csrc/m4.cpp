@@ -709,7 +709,7 @@ double budget_pattern(const Data& d, const Problem& prob, const double* w, doubl
   pattern_weights(d.m, d.c, prob.pi, w, W.data());
   const bool counts = counts_after != nullptr, count_data = counts_before != nullptr;
   const int64_t width = (3 * nPS + 2 + 7) / 8 * 8;
-  const int T = n >= kParallelMin ? max_threads() : 1;
+  const int T = team_size(n);
   AlignedDoubles part(static_cast<size_t>(T) * width);
   std::vector<double> lo_t(T, 0.0), hi_t(T, 0.0);
   parallel_threads(n, [&](int t, int, int64_t b, int64_t e) {
@@ -992,23 +992,9 @@ void shuffle_into(int64_t n, uint64_t seed, V* out, Value value_of) {
   auto bucket = [&](int64_t i) -> int64_t {
     return shift ? static_cast<int64_t>(SplitMix64::draw(bucket_seed, static_cast<uint64_t>(i)) >> (64 - shift)) : 0;
   };
-  const int T = n >= kParallelMin ? max_threads() : 1;
+  const int T = team_size(n);  // parallel_threads' team: thread t fills row t of `fill`
   std::vector<int64_t> fill(static_cast<size_t>(T) * K, 0), start(K + 1, 0);
-  auto team = [&](auto body) {  // body(t, b, e) on T contiguous ranges of [0, n)
-    if (T == 1) {
-      body(0, int64_t(0), n);
-      return;
-    }
-#if defined(PYM4_WITH_OPENMP)
-#pragma omp parallel num_threads(T)
-#endif
-    {
-      int64_t b, e;
-      range_of(n, thread_id(), T, b, e);
-      body(thread_id(), b, e);
-    }
-  };
-  team([&](int t, int64_t b, int64_t e) {
+  parallel_threads(n, [&](int t, int, int64_t b, int64_t e) {
     int64_t* f = fill.data() + static_cast<size_t>(t) * K;
     for (int64_t i = b; i < e; ++i) ++f[bucket(i)];
   });
@@ -1022,7 +1008,7 @@ void shuffle_into(int64_t n, uint64_t seed, V* out, Value value_of) {
     }
   }
   start[K] = at;
-  team([&](int t, int64_t b, int64_t e) {
+  parallel_threads(n, [&](int t, int, int64_t b, int64_t e) {
     int64_t* f = fill.data() + static_cast<size_t>(t) * K;
     for (int64_t i = b; i < e; ++i) out[f[bucket(i)]++] = value_of(i);
   });

@@ -1219,7 +1219,7 @@ Data PatternTable::data() const {
 
 bool pattern_table(const Data& d, const int64_t* count, int64_t max_patterns, PatternTable& out) {
   out = PatternTable();
-  const int T = d.n >= kParallelMin ? max_threads() : 1;
+  const int T = team_size(d.n);
   std::vector<KeyTable> tables(T);
   std::atomic<bool> over{false};
 #if defined(PYM4_WITH_OPENMP)

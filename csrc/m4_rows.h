@@ -40,10 +40,13 @@ inline void range_of(int64_t n, int t, int T, int64_t& b, int64_t& e) {
   e = n * (t + 1) / T;
 }
 
+// The threads a pass over n rows runs on: all of them when n is large, else one.
+inline int team_size(int64_t n) { return n >= kParallelMin ? max_threads() : 1; }
+
 // Runs body(begin, end) on contiguous ranges in parallel (no reduction).
 template <typename Body>
 void parallel_ranges(int64_t n, Body body) {
-  const int T = n >= kParallelMin ? max_threads() : 1;
+  const int T = team_size(n);
   if (T == 1) {
     body(int64_t(0), n);
     return;
@@ -62,7 +65,7 @@ void parallel_ranges(int64_t n, Body body) {
 // else one), for passes whose per-thread results are not plain sums (minima, maxima).
 template <typename Body>
 void parallel_threads(int64_t n, Body body) {
-  const int T = n >= kParallelMin ? max_threads() : 1;
+  const int T = team_size(n);
   if (T == 1) {
     body(0, 1, int64_t(0), n);
     return;
@@ -135,7 +138,7 @@ struct AlignedDoubles {
 // threads never write one line and vector loads never straddle one.
 template <typename Body>
 void parallel_accumulate(int64_t n, int64_t width, double* out, Body body) {
-  const int T = n >= kParallelMin ? max_threads() : 1;
+  const int T = team_size(n);
   const int64_t stride = (width + 7) / 8 * 8;
   AlignedDoubles partial(static_cast<size_t>(T) * stride);
   parallel_threads(n, [&](int t, int, int64_t b, int64_t e) {
@@ -243,6 +246,21 @@ struct RowBlock {
   double w[kMaxWeights][kBlock];  // up to kMaxWeights weights per row
 };
 
+#if defined(PYM4_M4_VEC)
+// acc0 += labels 0-3 of the 8 in `bits` times w[0..4), acc1 += labels 4-7 times w[4..8): the
+// nibble-widened products that pattern_dot_mask and mask_dot both add, in one order, so a row's
+// bytes and its label bits give the same dot to the bit.
+PYM4_M4_INLINE void nibble_madd8(unsigned bits, const double* __restrict w, f64x4& acc0, f64x4& acc1) {
+  f64x4 v0, v1, w0, w1;
+  std::memcpy(&v0, kNibbles.v[bits & 15], sizeof v0);
+  std::memcpy(&v1, kNibbles.v[bits >> 4], sizeof v1);
+  std::memcpy(&w0, w, sizeof w0);
+  std::memcpy(&w1, w + 4, sizeof w1);
+  acc0 += v0 * w0;
+  acc1 += v1 * w1;
+}
+#endif
+
 // The label bits of a dense row (bit j = label j; c <= 64).
 PYM4_M4_INLINE uint64_t label_bits(const uint8_t* yr, int64_t c) {
   uint64_t mask = 0;
@@ -268,13 +286,7 @@ PYM4_M4_INLINE double pattern_dot_mask(const uint8_t* __restrict yr, int64_t c, 
   for (; j + 8 <= c; j += 8) {
     const unsigned bits = bits8(yr + j);
     if (j < 64) bitsall |= static_cast<uint64_t>(bits) << j;
-    f64x4 v0, v1, w0, w1;
-    std::memcpy(&v0, kNibbles.v[bits & 15], sizeof v0);
-    std::memcpy(&v1, kNibbles.v[bits >> 4], sizeof v1);
-    std::memcpy(&w0, W1 + j, sizeof w0);
-    std::memcpy(&w1, W1 + j + 4, sizeof w1);
-    acc0 += v0 * w0;
-    acc1 += v1 * w1;
+    nibble_madd8(bits, W1 + j, acc0, acc1);
   }
   acc0 += acc1;
   dot = (acc0[0] + acc0[1]) + (acc0[2] + acc0[3]);
@@ -296,14 +308,7 @@ PYM4_M4_INLINE double mask_dot(uint64_t mask, int64_t c, const double* __restric
 #if defined(PYM4_M4_VEC)
   f64x4 acc0 = {0.0, 0.0, 0.0, 0.0}, acc1 = acc0;
   for (; j + 8 <= c; j += 8) {
-    const unsigned bits = static_cast<unsigned>(mask >> j) & 255u;
-    f64x4 v0, v1, w0, w1;
-    std::memcpy(&v0, kNibbles.v[bits & 15], sizeof v0);
-    std::memcpy(&v1, kNibbles.v[bits >> 4], sizeof v1);
-    std::memcpy(&w0, W1 + j, sizeof w0);
-    std::memcpy(&w1, W1 + j + 4, sizeof w1);
-    acc0 += v0 * w0;
-    acc1 += v1 * w1;
+    nibble_madd8(static_cast<unsigned>(mask >> j) & 255u, W1 + j, acc0, acc1);
   }
   acc0 += acc1;
   dot = (acc0[0] + acc0[1]) + (acc0[2] + acc0[3]);
