@@ -534,7 +534,6 @@ struct PatternBatch {
   // stats (stats_size(p), overwritten) of rows [b, e) (of order[b..e), or keys[b..e)) at duals (w, mu).
   void stats(const Data& d, const Problem& prob, const double* w, double mu, const int64_t* order,
              const uint64_t* keys, int64_t b, int64_t e, double* out) {
-    const int64_t p = m * L, S = pattern_stride(c);
     pattern_weights(m, c, prob.pi, w, W.data());
     acc.zero(2 * nPS);
     if (e - b >= kParallelMin) {
