@@ -7,6 +7,9 @@ import json
 import os
 import sys
 
+# The extra that installs a module a run may find missing (its ImportError's top-level name).
+_EXTRA_OF_MODULE = {"ray": "ray", "pyspark": "spark", "pyarrow": "data", "polars": "data", "matplotlib": "plot"}
+
 
 def _cols(text: str):
     return [c.strip() for c in text.split(",") if c.strip()]
@@ -59,8 +62,11 @@ def run_balance_dataset(args) -> int:
                                 engine=args.engine, progress=not args.no_progress, engine_options=options)
     except _feasibility.InfeasibleError as e:
         raise CLIError(str(e)) from None
-    except ImportError as e:  # an engine whose extra is not installed
-        raise CLIError(f"--engine {args.engine}: {e} (pip install 'pym4[{args.engine}]')") from None
+    except ImportError as e:  # a dependency whose extra is not installed: name the extra that has it
+        extra = _EXTRA_OF_MODULE.get((e.name or "").split(".")[0])
+        where = f"--engine {args.engine}: " if extra in ("ray", "spark") else ""
+        hint = f" (pip install 'pym4[{extra}]')" if extra else ""
+        raise CLIError(f"{where}{e}{hint}") from None
     except (DataError, ValueError, TypeError, OSError) as e:
         raise CLIError(str(e)) from None
     with open(os.path.join(out, "_pym4_report.json")) as f:

@@ -154,3 +154,30 @@ def test_budget_argument_and_subprocess(table, tmp_path):
     assert json.loads(ok.stdout)["status"] == "optimal"
     got = pq.read_table(str(tmp_path / "o"))
     assert got.column_names == ["row", "q", "keep"] and got.num_rows == N
+
+
+def test_without_matplotlib_the_run_completes_with_no_png(table, tmp_path, capsys, monkeypatch):
+    # A fit that read a whole dataset must not fail at its last step over a plot: the JSON
+    # report is written, the PNG skipped with a warning that says what to install.
+    write_shards(table, str(tmp_path / "d"), SEVEN)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... raises ImportError
+    with pytest.warns(RuntimeWarning, match=r"_pym4_report\.png not written: matplotlib is not installed"):
+        rc = cli.main(["balance", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--sensitive", "g0,g1",
+                       "--labels", "l0", *PROBLEM])
+    assert rc == 0, capsys.readouterr().err
+    files = sorted(os.listdir(tmp_path / "o"))
+    assert "_pym4_report.json" in files and "_pym4_report.png" not in files
+    assert len([f for f in files if f.endswith(".parquet")]) == 7
+    assert sorted(os.listdir(tmp_path)) == ["d", "o"]  # no checkpoint or partial folder left
+
+
+@pytest.mark.parametrize("engine,module,extra", [("ray", "ray", "ray"), ("spark", "pyspark", "spark")])
+def test_a_missing_engine_names_its_extra(table, tmp_path, capsys, monkeypatch, engine, module, extra):
+    write_shards(table, str(tmp_path / "d"), [N])
+    monkeypatch.setitem(sys.modules, module, None)
+    rc = cli.main(["balance", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--sensitive", "g0",
+                   "--engine", engine, *PROBLEM])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"pym4: error: --engine {engine}: "), err
+    assert err.rstrip().endswith(f"(pip install 'pym4[{extra}]')"), err
+    assert sorted(os.listdir(tmp_path)) == ["d"]

@@ -80,6 +80,28 @@ def test_the_bar_advances_during_the_pass(seven, capsys):
     assert "counting" in err and "rows/s" in err
 
 
+def test_the_write_pass_has_a_bar_too(seven, tmp_path, capsys):
+    """balance_dataset's last pass (writing q) shows its rows and rate like the fit's passes."""
+    m4.balance_dataset(seven, str(tmp_path / "out"), sensitive=["g0", "g1"], labels=["l0"], target=0.3,
+                       budget=0.8, eps_rep=0.02, eps_assoc=0.05, progress=True, engine_options=dict(batch_rows=50))
+    err = capsys.readouterr().err
+    assert "writing q" in err and "rows/s" in err
+
+
+@pytest.mark.parametrize("engine", ["local", "ray", "spark"])
+def test_write_progress_adds_up_to_the_rows(engine, request, seven, tmp_path):
+    if engine != "local":
+        request.getfixturevalue("ray_session" if engine == "ray" else "spark")
+    from pym4.m4._stages import write_keep_probability
+    model = m4.fit_dataset(seven, sensitive=["g0", "g1"], labels=["l0"], target=0.3, budget=0.8, eps_rep=0.02,
+                           eps_assoc=0.05, progress=False)
+    calls = []
+    parts = write_keep_probability(engine_for(seven, engine=engine), model, str(tmp_path / "q"), None,
+                                   calls.append)
+    assert len(parts) == len(SEVEN) and sum(calls) == N
+    assert sum(pq.read_metadata(p).num_rows for p in parts) == N
+
+
 @pytest.mark.parametrize("engine", ["ray", "spark"])
 def test_engine_progress_adds_up_to_the_rows(engine, request, seven):
     request.getfixturevalue("ray_session" if engine == "ray" else "spark")

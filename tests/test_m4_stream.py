@@ -354,3 +354,19 @@ def test_stream_on_sorted_rows_is_within_tolerance(order):
     assert np.all(np.abs(g) <= 0.8 * 0.01 + 1e-9)
     assert abs(stream.q.mean() - 0.8) <= 1e-9
     assert abs(stream.objective - exact.objective) <= 0.02 * exact.objective
+
+
+def test_results_say_how_many_passes_and_whether_compressed():
+    s, y = make_data(20_000, 2, 4, 7)
+    u = np.random.default_rng(7).random(len(s))
+    exact, with_u = m4.balance(s, y, budget=0.7), m4.balance(s, y, budget=0.7, utility=u)
+    # No utility: the solve runs on the table of distinct (s, y) patterns; with one, on the rows.
+    assert exact.summary()["compressed"] is True and with_u.summary()["compressed"] is False
+    assert exact.report.passes >= 1 and with_u.report.passes >= 1
+    for refine in (0, 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # refine=0 need not be within tolerance
+            stream = m4.balance(s, y, budget=0.7, method="stream", refine=refine)
+        extra = stream.iterations - (-(-len(s) // 256) + refine)  # Newton passes past a bound
+        assert stream.summary()["passes"] == 1 + refine + 1 + 2 * extra and stream.report.compressed is False
+    json.dumps(exact.summary(), allow_nan=False)

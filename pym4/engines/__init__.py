@@ -78,9 +78,10 @@ class Engine(abc.ABC):
         """Drop what the engine holds between passes (a cache); it reads the data again after."""
 
     @abc.abstractmethod
-    def write(self, stage, out: str) -> List[str]:
+    def write(self, stage, out: str, progress: Optional[Callable[[int], None]] = None) -> List[str]:
         """``stage.transform`` over every batch, written as Parquet parts into folder ``out``
-        (created; it must not exist yet); returns the part paths."""
+        (created; it must not exist yet); returns the part paths. ``progress(rows)`` as batches
+        or tasks finish, as in :meth:`reduce`."""
 
 
 def _check_out(out: str) -> str:

@@ -58,9 +58,10 @@ def reduce_shard(shards: Shards, i: int, stage, batch_rows: int, progress: Optio
     return acc
 
 
-def write_shard(shards: Shards, i: int, stage, batch_rows: int, path: str) -> str:
+def write_shard(shards: Shards, i: int, stage, batch_rows: int, path: str,
+                progress: Optional[Callable[[int], None]] = None) -> str:
     """``stage.transform`` of file ``i`` written to one Parquet file at ``path`` (an empty
-    file with the output schema when the shard has no rows)."""
+    file with the output schema when the shard has no rows); ``progress(rows)`` after each batch."""
     import pyarrow.parquet as pq
 
     where = shards.paths[i]
@@ -69,6 +70,8 @@ def write_shard(shards: Shards, i: int, stage, batch_rows: int, path: str) -> st
         for batch, row0 in scan_shard(shards, i, stage.columns, batch_rows, stage.needs_rows):
             writer.write(stage.transform(batch, where, row0))
             wrote = True
+            if progress is not None:
+                progress(batch.num_rows)
         if not wrote:
             writer.write(stage.transform(_empty_batch(shards, stage.columns, stage.needs_rows), where, 0))
     return path
@@ -198,8 +201,8 @@ class LocalEngine(Engine):
         return self._map(lambda i: reduce_shard(self.shards, i, stage, self.batch_rows, progress,
                                                 self._cache.batches(self.shards, i, columns, self.batch_rows)))
 
-    def write(self, stage, out: str) -> List[str]:
+    def write(self, stage, out: str, progress: Optional[Callable[[int], None]] = None) -> List[str]:
         out = _check_out(out)
         os.makedirs(out)
         return list(self._map(lambda i: write_shard(self.shards, i, stage, self.batch_rows,
-                                                    os.path.join(out, part_name(i)))))
+                                                    os.path.join(out, part_name(i)), progress)))

@@ -171,12 +171,13 @@ class RayEngine(Engine):
             self._shared.close()
             self._shared = None
 
-    def write(self, stage, out: str) -> List[str]:
+    def write(self, stage, out: str, progress=None) -> List[str]:
         out = _check_out(out)
         if self.shards is not None:
             self.shards.offsets  # read every footer once here, not again in each task
             os.makedirs(out)
-            return sorted(self._over_shards(_ShardTask(self.shards, stage, self.batch_rows, os.path.abspath(out))))
+            return sorted(self._over_shards(_ShardTask(self.shards, stage, self.batch_rows, os.path.abspath(out)),
+                                            progress))
         if stage.needs_rows:
             raise DataError(f"{self.source}: a Ray Dataset has no file order to number rows by; "
                             f"give an id column (id=...)")

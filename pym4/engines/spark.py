@@ -346,14 +346,15 @@ class SparkEngine(Engine):
             self._packed[1].unpersist()
             self._packed = None
 
-    def write(self, stage, out: str) -> List[str]:
+    def write(self, stage, out: str, progress=None) -> List[str]:
         from pyspark.sql import functions as F
         from pyspark.sql.pandas.types import from_arrow_schema
 
         out = _check_out(out)
         if self.shards is not None:
             os.makedirs(out)
-            return sorted(self._over_shards(_ShardTasks(self.shards, stage, self.batch_rows, os.path.abspath(out))))
+            return sorted(self._over_shards(_ShardTasks(self.shards, stage, self.batch_rows, os.path.abspath(out)),
+                                            progress))
         if stage.needs_rows:
             raise DataError(f"{self.source}: a Spark DataFrame has no file order to number rows by; "
                             f"give an id column (id=...)")

@@ -163,6 +163,7 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         core = _backend.core()
         info = core.m4_solve_exact(data, problem.core(), max_iter, float(tol), 1e6, w, q)
         status, iterations, mu = _STATUS[info["status"]], int(info["iterations"]), float(info["mu"])
+        passes, compressed = int(info["passes"]), bool(info["compressed"])
         # The report's counts of q and of the data: one pass over the rows for both.
         K = _problem.counts_size(m, lab.c)
         after, before = np.zeros(K), np.zeros(K)
@@ -192,6 +193,7 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
                                                                    want_before=before is None)
         before = counted if before is None else before
         iterations, status = solver.steps + refine, "optimal"
+        passes, compressed = 1 + refine + 1, False  # the stream's pass, the refinement, the pass writing q
         # The sampled refinement's last step can end a hair past a bound (seen on rows sorted by
         # group or by label: 1e-5 on a bound of 8e-3). Up to EXTRA_NEWTON_PASSES more Newton
         # passes over every row, from duals by then near the optimum, each only while some
@@ -202,6 +204,7 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
             w, mu, _ = _solver.refine_duals(s8, lab, u, problem, w, mu, 1, before=before)
             q, mu, after, _ = _solver.keep_probability_at_budget(s8, lab, u, problem, w, mu)
             iterations += 1
+            passes += 2  # the Newton pass and the pass writing q again
 
     if before is None:
         before = _problem.counts(s8, lab, None)
@@ -211,6 +214,7 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
                             method=method, iterations=iterations, status=status, infeasible=infeasible,
                             group_names=gnames, label_names=lnames, duals=(w, mu),
                             slack=max(float(tol), 1e-9) if method == "exact" else 1e-9)
+    rep.passes, rep.compressed = passes, compressed
     if rep.status == "infeasible" and _backend.core() is not None:  # the search needs the exact solver
         from ._feasibility import budget_text, largest_feasible_budget
         if not searched:

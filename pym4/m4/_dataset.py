@@ -69,19 +69,27 @@ class _Passes:
 
     def reduce(self, stage, desc: str):
         t0 = time.perf_counter()
-        if not self.progress:
-            out = self.engine.reduce(stage)
-        else:
-            from tqdm import tqdm
-            lock = threading.Lock()  # the local engine reports from its worker threads
-            with tqdm(total=self.rows, unit="rows", unit_scale=True, desc=desc, file=sys.stderr, leave=False) as bar:
-                def advance(rows: int) -> None:
-                    with lock:
-                        bar.update(rows)
-                out = self.engine.reduce(stage, advance)
+        with progress_bar(self.progress, self.rows, desc) as advance:
+            out = self.engine.reduce(stage) if advance is None else self.engine.reduce(stage, advance)
         self.seconds.append(time.perf_counter() - t0)
         self.count += 1
         return out
+
+
+@contextlib.contextmanager
+def progress_bar(show: bool, rows: Optional[int], desc: str):
+    """A tqdm bar of ``rows`` rows (rows/s) on stderr, yielding ``advance(rows)`` (safe to call
+    from the local engine's worker threads), or None when not ``show``."""
+    if not show:
+        yield None
+        return
+    from tqdm import tqdm
+    lock = threading.Lock()
+    with tqdm(total=rows, unit="rows", unit_scale=True, desc=desc, file=sys.stderr, leave=False) as bar:
+        def advance(n: int) -> None:
+            with lock:
+                bar.update(n)
+        yield advance
 
 
 def _fingerprint(engine, spec: ColumnSpec, request) -> Dict[str, Any]:
@@ -416,7 +424,8 @@ def balance_dataset(source, out, *, sample: bool = False, seed: int = 0, sensiti
     from ._files import write_report
     tmp = _partial_name(out)
     try:
-        parts = write_keep_probability(eng, model, tmp, int(seed) if sample else None)
+        with progress_bar(progress, model.info.get("rows"), "pym4: writing q") as advance:
+            parts = write_keep_probability(eng, model, tmp, int(seed) if sample else None, advance)
         summary = {**rep.summary(), **{k: v for k, v in model.info.items() if k != "message"},
                    "mu": model.mu, "input": str(eng.source), "output": out, "parts": len(parts),
                    "groups": model.group_names, "labels": model.label_names}

@@ -3,21 +3,29 @@ associations) and ``STEM.png``, written atomically. matplotlib is imported only 
 from __future__ import annotations
 
 import json
+import warnings
 
 
 def write_report(stem: str, summary: dict, report) -> None:
     """stem.json (the summary, group shares and strongest associations of ``report``, a
     pym4.m4.Report) and stem.png. The plot is drawn on its own Agg canvas, so the caller's
-    matplotlib backend and pyplot state stay as they are."""
+    matplotlib backend and pyplot state stay as they are. Without matplotlib the JSON is
+    written and the PNG skipped with a warning: a fit that read a whole dataset must not fail
+    at its last step over a plot."""
     import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     from .._io import atomic_output
 
     details = report.details()
     with atomic_output(stem + ".json") as tmp, open(tmp, "w") as f:
         json.dump({**summary, **details}, f, indent=2, default=float, allow_nan=False)
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        warnings.warn(f"{stem}.png not written: matplotlib is not installed (pip install 'pym4[plot]')",
+                      RuntimeWarning, stacklevel=2)
+        return
 
     groups, assoc = report.group_names, details["strongest_associations"]
     fig = Figure(figsize=(11, 4))

@@ -217,13 +217,18 @@ class Report:
     # constraint, so it is no candidate and the gap, often negative, bounds nothing; infeasible).
     objective_gap_bound: Optional[float] = None
     objective_gap_note: str = ""
+    # Passes the solve made over the rows (over the table of distinct (s, y) patterns when
+    # ``compressed``); None where the caller did not say (a report built from counts).
+    passes: Optional[int] = None
+    compressed: Optional[bool] = None
 
     def summary(self) -> Dict[str, Any]:
         """JSON-serialisable summary (no per-example arrays) with no NaN or Inf
         (``json.dumps(allow_nan=False)`` takes it): a bias that is undefined (no weight kept,
         a group holding no example) is None, and ``undefined`` says why."""
         out = {"status": self.status, "message": self.message, "method": self.method,
-               "iterations": self.iterations, "max_violation": self.max_violation,
+               "iterations": self.iterations, "passes": self.passes, "compressed": self.compressed,
+               "max_violation": self.max_violation,
                "budget_error": self.violations["budget"], "kept_fraction": self.kept_fraction,
                "rb_before": self.rb_before, "rb_after": self.rb_after,
                "ab_before": self.ab_before, "ab_after": self.ab_after,

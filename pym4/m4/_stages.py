@@ -14,7 +14,7 @@ into local threads, Ray tasks and Spark's mapInArrow.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -285,9 +285,10 @@ def weighted_counts(engine, columns: ResolvedSpec, model=None) -> np.ndarray:
     return counts
 
 
-def write_keep_probability(engine, model, out: str, seed: Optional[int] = None) -> List[str]:
+def write_keep_probability(engine, model, out: str, seed: Optional[int] = None,
+                           progress: Optional[Callable[[int], None]] = None) -> List[str]:
     """The final pass: ``(id or row, q)`` per row (and ``keep`` with ``seed``), Parquet
-    parts in folder ``out``."""
+    parts in folder ``out``; ``progress(rows)`` as rows are written (where the engine can tell)."""
     id_col = model.columns.spec.id
     id_field = engine.field(id_col) if id_col else None
-    return engine.write(KeepProbabilityStage(model, id_field, seed), out)
+    return engine.write(KeepProbabilityStage(model, id_field, seed), out, progress)
