@@ -160,7 +160,8 @@ def test_without_matplotlib_the_run_completes_with_no_png(table, tmp_path, capsy
     # A fit that read a whole dataset must not fail at its last step over a plot: the JSON
     # report is written, the PNG skipped with a warning that says what to install.
     write_shards(table, str(tmp_path / "d"), SEVEN)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... raises ImportError
+    for name in [k for k in sys.modules if k.split(".")[0] == "matplotlib"] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # import matplotlib(.*) raises ImportError
     with pytest.warns(RuntimeWarning, match=r"_pym4_report\.png not written: matplotlib is not installed"):
         rc = cli.main(["balance", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--sensitive", "g0,g1",
                        "--labels", "l0", *PROBLEM])
