@@ -193,6 +193,9 @@ def test_report_json_agrees_with_balance_summary(tmp_path, capsys, empty_group):
                             eps_assoc=0.02, method="exact", iterations=res.iterations,
                             group_names=["women", "young"], label_names=[f"lab{r}" for r in range(4)])
     for key, value in from_counts.summary().items():
+        if key in ("passes", "compressed"):  # how the solve ran: counts alone do not say
+            assert value is None and want[key] is not None, key
+            continue
         if key in ("message", "largest_feasible_budget") and empty_group:
             # Counts alone do not give the largest feasible budget (that needs the patterns):
             # balance's message is the counts' one with that sentence added.
