@@ -17,6 +17,7 @@ import math
 import os
 import random
 import sys
+import time
 
 import numpy as np
 import torch
@@ -67,25 +68,31 @@ def pot_sinkhorn(scores_np: np.ndarray, epsilon: float, n_iters: int) -> np.ndar
 
 
 def time_shuffled(impls, rounds: int, device: str):
-    """``time_interleaved`` one round at a time, the implementations in a new (seeded) random
-    order each round. Its rotation keeps every implementation's predecessor the same in every
-    round, and what ran just before matters at the small shapes: the same pym4 call measured
+    """``time_interleaved`` with the implementations in a new (seeded) random order each round
+    on the CPU. Its rotation keeps every implementation's predecessor the same in every round,
+    and what ran just before matters at the small shapes: the same pym4 call measured
     0.10-0.14 ms (20-30%) slower at 256 x 3000 and SEER's 16 x 16000 when it followed SwAV's
     torch code than when it followed another pym4 call (two orders swapped, 41 rounds each),
-    so a fixed order favours some entries over others. (CUDA: its timer runs each one alone.)"""
+    so a fixed order favours some entries over others. As there, each call's result replaces
+    the implementation's last one inside the timed span (so fresh results come from pym4's
+    pool as in a loop). (CUDA: its timer runs each implementation alone.)"""
     if device != "cpu":
         return time_interleaved(impls, rounds=rounds, warmup=0, device=device)
+    cases = {name: impl if isinstance(impl, Case) else Case(impl) for name, impl in impls.items()}
     rng = random.Random(0)
-    samples = {name: [] for name in impls}
+    names = list(cases)
+    samples = {name: [] for name in names}
     outputs = {}
     for _ in range(rounds):
-        names = [n for n in impls
-                 if len(samples[n]) < ((impls[n].max_rounds if isinstance(impls[n], Case) else None) or rounds)]
         rng.shuffle(names)
-        for name, t in time_interleaved({n: impls[n] for n in names}, rounds=1, warmup=0).items():
-            samples[name].append(t.median)
-            outputs[name] = t.output
-    return {name: Timing(*_quartiles(samples[name]), len(samples[name]), outputs[name]) for name in impls}
+        for name in names:
+            case = cases[name]
+            if len(samples[name]) >= (case.max_rounds or rounds):
+                continue
+            t0 = time.perf_counter()
+            outputs[name] = case.fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: Timing(*_quartiles(samples[name]), len(samples[name]), outputs[name]) for name in cases}
 
 
 # ----- counting ---------------------------------------------------------------------------------
