@@ -48,11 +48,14 @@ def test_matches_swav_reference(backend, shape):
 
 @pytest.mark.parametrize("epsilon", [0.05, 0.01])  # the kernel form; the log domain (spread > 80)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_row_shares_over_threads_match_reference(epsilon, threads):
+@pytest.mark.parametrize("rows", [1100, 1103])
+def test_row_shares_over_threads_match_reference(epsilon, threads, rows):
     # From 64K entries per thread the core splits every pass's rows over threads, each with
     # its own column sums (pass_threads in csrc/sinkhorn.cpp); below that one thread runs
-    # it. Either way: the float64 reference.
-    s = cosine_scores(1100, 2000)
+    # it. Either way: the float64 reference. A share's rows go four at a time, a quarter of
+    # the share apart, then the last 0-3 one by one: 1100 rows leave 0 or 2 (550 per share),
+    # 1103 rows 3 (one share) or 3 and 0 (551 and 552).
+    s = cosine_scores(rows, 2000)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # the core shares torch's OpenMP runtime
     try:
