@@ -71,9 +71,9 @@ def time_shuffled(impls, rounds: int, device: str):
     """``time_interleaved`` with the implementations in a new (seeded) random order each round
     on the CPU. Its rotation keeps every implementation's predecessor the same in every round,
     and what ran just before matters at the small shapes: the same pym4 call measured
-    0.10-0.14 ms (20-30%) slower at 256 x 3000 and SEER's 16 x 16000 when it followed SwAV's
-    torch code than when it followed another pym4 call (two orders swapped, 41 rounds each),
-    so a fixed order favours some entries over others. As there, each call's result replaces
+    0.11-0.14 ms (29-37%) slower at 256 x 3000, and 0.07-0.09 ms (23-25%) at SEER's 16 x 16000,
+    when it followed SwAV's torch code than when it followed another pym4 call (two orders
+    swapped, 41 rounds each), so a fixed order favours some entries over others. As there, each call's result replaces
     the implementation's last one inside the timed span (so fresh results come from pym4's
     pool as in a loop). (CUDA: its timer runs each implementation alone.)"""
     if device != "cpu":
