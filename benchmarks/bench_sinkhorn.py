@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import sys
+import time
 
 import numpy as np
 import torch
@@ -24,7 +26,8 @@ import pym4
 from pym4 import _backend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _harness import Case, references, stream_bandwidth, time_interleaved, write_results  # noqa: E402
+from _harness import (Case, Timing, _quartiles, references, stream_bandwidth, time_interleaved,  # noqa: E402
+                      write_results)
 
 # (label, B, K, n_iters, epsilon)
 SHAPES = [
@@ -62,6 +65,34 @@ def pot_sinkhorn(scores_np: np.ndarray, epsilon: float, n_iters: int) -> np.ndar
     plan = ot.sinkhorn(np.full(b, 1.0 / b, dtype=scores_np.dtype), np.full(k, 1.0 / k, dtype=scores_np.dtype),
                        -scores_np, epsilon, numItermax=n_iters, stopThr=0.0, warn=False)
     return plan * b
+
+
+def time_shuffled(impls, rounds: int, device: str):
+    """``time_interleaved`` with the implementations in a new (seeded) random order each round
+    on the CPU. Its rotation keeps every implementation's predecessor the same in every round,
+    and what ran just before matters at the small shapes: the same pym4 call measured
+    0.11-0.14 ms (29-37%) slower at 256 x 3000, and 0.07-0.09 ms (23-25%) at SEER's 16 x 16000,
+    when it followed SwAV's torch code than when it followed another pym4 call (two orders
+    swapped, 41 rounds each), so a fixed order favours some entries over others. As there, each call's result replaces
+    the implementation's last one inside the timed span (so fresh results come from pym4's
+    pool as in a loop). (CUDA: its timer runs each implementation alone.)"""
+    if device != "cpu":
+        return time_interleaved(impls, rounds=rounds, warmup=0, device=device)
+    cases = {name: impl if isinstance(impl, Case) else Case(impl) for name, impl in impls.items()}
+    rng = random.Random(0)
+    names = list(cases)
+    samples = {name: [] for name in names}
+    outputs = {}
+    for _ in range(rounds):
+        rng.shuffle(names)
+        for name in names:
+            case = cases[name]
+            if len(samples[name]) >= (case.max_rounds or rounds):
+                continue
+            t0 = time.perf_counter()
+            outputs[name] = case.fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: Timing(*_quartiles(samples[name]), len(samples[name]), outputs[name]) for name in cases}
 
 
 # ----- counting ---------------------------------------------------------------------------------
@@ -147,7 +178,7 @@ def main(argv=None) -> int:
             out = impl.fn() if isinstance(impl, Case) else impl()
             errors[name] = (math.nan if name == "matmul" else
                             float((torch.as_tensor(out).to(reference.device, torch.float64) - reference).abs().max()))
-        timings = time_interleaved(impls, rounds=args.repeats, warmup=0, device=device)
+        timings = time_shuffled(impls, args.repeats, device)
         times = {name: t.median for name, t in timings.items()}
         launches = {name: count_launches(fn) for name, fn in impls.items() if name != "pot"} if device == "cuda" else {}
         for name in impls:

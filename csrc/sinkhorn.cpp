@@ -854,18 +854,31 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
         return static_cast<T>(std::exp(a.at(i) + extra) / static_cast<double>(r));
       };
       // Four rows at a time (see axpy_rows4), the rest one by one; `block` is flushed into
-      // double every kFlushRows rows (a multiple of 4) as before.
-      for (int64_t i = r0; i < r1;) {
-        const int64_t rows = r1 - i >= 4 ? 4 : 1;
-        T* e[4] = {out + i * ld_out, nullptr, nullptr, nullptr};
+      // double every kFlushRows rows (a multiple of 4) as before. The four rows are a quarter
+      // of the share apart (rows r0 + g + k q, q = a quarter of the share's rows), not
+      // adjacent: each of the four then reads one long sequential run of E through the pass,
+      // instead of four runs that restart at the next group every 12 KB (K = 3000). Measured
+      // on one Zen 4 core (two cores were shared with other runs), solves 8% faster at
+      // 4096 x 3000 and 5-13% at 16384 x 3000 (E from DRAM), the same at 256 x 3000 (E in
+      // cache), in A/B runs alternating in one process. Only the order of the column sums'
+      // additions changes (the plan moves by a few float32 ulps).
+      const int64_t quarter = (r1 - r0) / 4;
+      const int64_t groups = quarter + (r1 - r0 - 4 * quarter);  // then the last rows one by one
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t rows = g < quarter ? 4 : 1;
+        int64_t row[4] = {g < quarter ? r0 + g : r0 + 3 * quarter + g, 0, 0, 0};
+        T* e[4] = {out + row[0] * ld_out, nullptr, nullptr, nullptr};
         T c[4];
         if (rows == 4) {
-          for (int k = 1; k < 4; ++k) e[k] = e[0] + k * ld_out;
+          for (int k = 1; k < 4; ++k) {
+            row[k] = row[0] + k * quarter;
+            e[k] = out + row[k] * ld_out;
+          }
           T r4[4];
           dot_rows4(e[0], e[1], e[2], e[3], w.data(), K, r4);
-          for (int k = 0; k < 4; ++k) c[k] = scale_of(i + k, r4[k]);
+          for (int k = 0; k < 4; ++k) c[k] = scale_of(row[k], r4[k]);
         } else {
-          c[0] = scale_of(i, dot_row(e[0], w.data(), K));
+          c[0] = scale_of(row[0], dot_row(e[0], w.data(), K));
         }
         if (bad) break;  // the pass is discarded (see above)
         if (write)
@@ -885,7 +898,6 @@ bool solve_kernel_form(const Matrix<T>& m, const double* log_b, RowMarginal a, i
             in_block = 0;
           }
         }
-        i += rows;
       }
       if (want_sums) flushed ? flush(block, acc.of(t), K) : flush_first(block, acc.of(t), K);
     }

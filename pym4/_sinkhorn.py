@@ -74,9 +74,14 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
     the answer (every backend but ``cuda``). Raises ValueError on NaN/Inf scores. Tensors
     that require grad are read as their values (the codes are a target, not differentiated).
     """
-    if (prototypes is None and chunk is None and group is None and backend is None and type(scores) is torch.Tensor
-            and scores.dtype is torch.float32 and scores.is_cpu):
-        q = _fast_cpu(scores, epsilon, n_iters, out)
+    # backend="cpu" takes the fast path too: it is the core either way (the fast path gives
+    # the full path's result to the bit), and a caller who forces the core is the one who
+    # cares about its cost (the full path's checks: ~0.2-0.3 ms with cold caches, as much as
+    # SwAV's 256 x 3000 solve itself, measured in the benchmark's interleaved runs).
+    forced_cpu = type(backend) is str and backend == "cpu"
+    if (prototypes is None and chunk is None and group is None and (backend is None or forced_cpu)
+            and type(scores) is torch.Tensor and scores.dtype is torch.float32 and scores.is_cpu):
+        q = _fast_cpu(scores, epsilon, n_iters, out, forced_cpu)
         if q is not None:
             return q
     t, origin = to_tensor(scores, "scores")
@@ -131,19 +136,20 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
     return _deliver(q, origin, out, out_t)
 
 
-def _fast_cpu(t: torch.Tensor, epsilon, n_iters, out) -> Optional[torch.Tensor]:
+def _fast_cpu(t: torch.Tensor, epsilon, n_iters, out, forced_cpu: bool = False) -> Optional[torch.Tensor]:
     """The call a training loop makes, float32 CPU scores and nothing but ``out`` (a float32
     CPU tensor) among the options, with only the checks it needs: on a small solve the full
     path's checks cost as much as a tenth of it (SEER's 16 x 16000: 0.05-0.3 ms of Python with
     the caches cold from the training step, against a 0.3 ms solve). The result is the full
     path's, to the bit. Returns None, having done nothing, for any other case (an argument
-    the full path rejects, PYM4_BACKEND set, an ``out`` it must inspect further), which the
-    full path then takes, with its error messages."""
+    the full path rejects, PYM4_BACKEND set without ``forced_cpu`` (backend="cpu", which wins
+    over it), an ``out`` it must inspect further), which the full path then takes, with its
+    error messages."""
     if not (type(epsilon) is float and 0.0 < epsilon < math.inf and type(n_iters) is int and 1 <= n_iters <= INT64_MAX
             and t.dim() == 2 and t.stride(1) == 1):
         return None
     b, k = t.shape
-    if b == 0 or k == 0 or t.stride(0) < k or os.environ.get("PYM4_BACKEND"):
+    if b == 0 or k == 0 or t.stride(0) < k or (not forced_cpu and os.environ.get("PYM4_BACKEND")):
         return None
     core = _backend.core()
     if core is None:

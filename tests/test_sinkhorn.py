@@ -48,11 +48,14 @@ def test_matches_swav_reference(backend, shape):
 
 @pytest.mark.parametrize("epsilon", [0.05, 0.01])  # the kernel form; the log domain (spread > 80)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_row_shares_over_threads_match_reference(epsilon, threads):
+@pytest.mark.parametrize("rows", [1100, 1103])
+def test_row_shares_over_threads_match_reference(epsilon, threads, rows):
     # From 64K entries per thread the core splits every pass's rows over threads, each with
     # its own column sums (pass_threads in csrc/sinkhorn.cpp); below that one thread runs
-    # it. Either way: the float64 reference.
-    s = cosine_scores(1100, 2000)
+    # it. Either way: the float64 reference. A share's rows go four at a time, a quarter of
+    # the share apart, then the last 0-3 one by one: 1100 rows leave 0 or 2 (550 per share),
+    # 1103 rows 3 (one share) or 3 and 0 (551 and 552).
+    s = cosine_scores(rows, 2000)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # the core shares torch's OpenMP runtime
     try:
@@ -617,12 +620,15 @@ def test_float32_too_coarse_inside_the_kernel_form_is_solved_in_float64():
     (lambda: cosine_scores(16, 1000).requires_grad_(), 0.05),
     (lambda: cosine_scores(40, 600)[:, 100:400], 0.05),  # rows with a stride of their own
 ])
-def test_plain_call_equals_the_fully_checked_one(make, epsilon):
-    # Float32 CPU scores with no option but out= take a short path with fewer checks: it must
-    # give the codes of the path with every check (forced by backend="cpu") to the bit.
+def test_plain_call_equals_the_fully_checked_one(make, epsilon, monkeypatch):
+    # Float32 CPU scores with no option but out= (and backend="cpu") take a short path with
+    # fewer checks: it must give the codes of the path with every check to the bit.
     s = make()
-    full = pym4.sinkhorn(s, epsilon, 3, backend="cpu")
+    with monkeypatch.context() as m:
+        m.setattr(sys.modules["pym4._sinkhorn"], "_fast_cpu", lambda *args: None)  # the full path only
+        full = pym4.sinkhorn(s, epsilon, 3)
     assert torch.equal(pym4.sinkhorn(s, epsilon, 3), full)
+    assert torch.equal(pym4.sinkhorn(s, epsilon, 3, backend="cpu"), full)
     buf = torch.full(tuple(full.shape), float("nan"))
     assert pym4.sinkhorn(s, epsilon, 3, out=buf) is buf
     assert torch.equal(buf, full)
@@ -641,8 +647,14 @@ def test_plain_call_takes_the_short_path(monkeypatch):
     assert torch.equal(pym4.sinkhorn(s), expected)
     buf = torch.empty(33, 70)
     assert torch.equal(pym4.sinkhorn(s, out=buf), expected)
+    # backend="cpu" is the core either way, and wins over PYM4_BACKEND
+    monkeypatch.setenv("PYM4_BACKEND", "torch")
+    assert torch.equal(pym4.sinkhorn(s, backend="cpu"), expected)
+    with pytest.raises(AssertionError, match="the full path ran"):  # PYM4_BACKEND, unforced
+        pym4.sinkhorn(s)
+    monkeypatch.delenv("PYM4_BACKEND")
     with pytest.raises(AssertionError, match="the full path ran"):  # an option it does not take
-        pym4.sinkhorn(s, backend="cpu")
+        pym4.sinkhorn(s, backend="torch")
 
 
 def test_plain_call_reports_non_finite_scores():
