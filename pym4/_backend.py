@@ -63,9 +63,11 @@ def core():
     # parallel region, starving torch ops that run in between (seen: a 16000-element
     # torch.log taking 8 ms); sleeping at once (OMP_WAIT_POLICY=PASSIVE) instead made
     # solvers with many short regions far slower. A short spin (about 0.1 ms) covers
-    # back-to-back regions and then yields. libgomp reads this once, when it is loaded with
-    # the core; a user's own OMP_WAIT_POLICY/GOMP_SPINCOUNT wins, and the environment is
-    # restored afterwards so torch's runtime is unaffected.
+    # back-to-back regions and then yields. libgomp reads this once, when it is first
+    # loaded: the core and torch share one libgomp, so this takes effect only when the core
+    # loads it before torch does (import torch first, and torch's libgomp, already
+    # initialised, keeps its default). A user's own OMP_WAIT_POLICY/GOMP_SPINCOUNT wins, and
+    # the environment is restored afterwards.
     saved = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if all(v is None for v in saved.values()):
         os.environ["GOMP_SPINCOUNT"] = "20000"
