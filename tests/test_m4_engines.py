@@ -446,7 +446,8 @@ def test_spark_dataframe_passes_run_packed(spark, seven, table):
     local = pym4.m4.fit_dataset(src, **_BINARY, target=0.3, budget=0.8, eps_rep=0.02, eps_assoc=0.05,
                                 progress=False)
     assert fitted.info["status"] == local.info["status"] == "optimal"
-    np.testing.assert_allclose(fitted.w, local.w, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(fitted.w, local.w, rtol=0, atol=1e-9)
+    assert abs(fitted.mu - local.mu) <= 1e-9
 
 
 @pytest.mark.parametrize("case", ["value", "null"])
@@ -468,3 +469,51 @@ def test_spark_dataframe_packed_bad_value_named(spark, table, tmp_path, case):
     eng = engine_for(spark.read.parquet(str(tmp_path / "one.parquet")))
     with pytest.raises(DataError, match=match):
         weighted_counts(eng, ColumnSpec.make(**_BINARY).resolve())
+
+
+# ----- fit_dataset on every input kind equal to local (duals and q at 1e-9) ----------------------------
+
+_FIT = dict(target=0.3, budget=0.8, eps_rep=0.02, eps_assoc=0.05, progress=False)
+
+
+def _same_fit(got, want, table):
+    """The same duals (w, mu) and the same q on every row as the local fit, at 1e-9."""
+    assert got.info["status"] == want.info["status"] == "optimal"
+    assert got.info["compressed"] == want.info["compressed"]
+    np.testing.assert_allclose(got.w, want.w, rtol=0, atol=1e-9)
+    assert abs(got.mu - want.mu) <= 1e-9
+    q_got, q_want = got.transform(table).column("q").to_numpy(), want.transform(table).column("q").to_numpy()
+    np.testing.assert_allclose(q_got, q_want, rtol=0, atol=1e-9)
+    assert 0 < q_want.mean() < 1  # q moved: a fit that kept or dropped every row would prove little
+
+
+@pytest.mark.parametrize("utility", [None, "u"], ids=["compressed", "passes"])
+def test_fit_ray_dataset_equals_local(ray_session, seven, table, utility):
+    import ray.data
+    src = seven[0]
+    kw = dict(_BINARY, utility=utility, **_FIT)
+    local = pym4.m4.fit_dataset(src, **kw)
+    assert local.info["compressed"] == (utility is None)
+    _same_fit(pym4.m4.fit_dataset(ray.data.read_parquet(src), **kw), local, table)
+
+
+@pytest.mark.parametrize("utility", [None, "u"], ids=["compressed", "passes"])
+def test_fit_spark_dataframe_equals_local(spark, seven, table, utility):
+    src = seven[0]
+    kw = dict(_BINARY, utility=utility, **_FIT)
+    local = pym4.m4.fit_dataset(src, **kw)
+    _same_fit(pym4.m4.fit_dataset(spark.read.parquet(src), **kw), local, table)
+
+
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_fit_files_compressed_on_engine_equals_local(engine, request, seven, table):
+    """Files run on Ray/Spark with the pattern table allowed: the table is built on the
+    engine (a group-by of its tasks' tables) and solved on the driver, as local does."""
+    request.getfixturevalue("ray_session" if engine == "ray" else "spark")
+    src = seven[0]
+    kw = dict(_BINARY, utility=None, **_FIT)
+    local = pym4.m4.fit_dataset(src, **kw)
+    got = pym4.m4.fit_dataset(src, engine=engine, **kw)
+    assert got.info["engine"] == engine and got.info["compressed"]
+    assert got.info["patterns"] == local.info["patterns"]
+    _same_fit(got, local, table)
