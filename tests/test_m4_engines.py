@@ -517,3 +517,69 @@ def test_fit_files_compressed_on_engine_equals_local(engine, request, seven, tab
     assert got.info["engine"] == engine and got.info["compressed"]
     assert got.info["patterns"] == local.info["patterns"]
     _same_fit(got, local, table)
+
+
+# ----- a checkpoint of a dataset handed in is resumed only for the same data -------------------------
+
+def _leave_checkpoint(data, path, kw):
+    """A fit on ``data`` that leaves its checkpoint (as a killed run would: every pass saved)."""
+    from pym4.m4._dataset import _fit
+    eng = engine_for(data)
+    try:
+        _fit(eng, ColumnSpec.make(**_BINARY), checkpoint=path, keep_checkpoint=True, max_passes=100,
+             max_patterns=1 << 20, tol=1e-9, **kw)
+    finally:
+        eng.close()
+    assert os.path.exists(path)
+
+
+def test_spark_dataframe_checkpoint_not_resumed_for_other_data(spark, seven, table, tmp_path, capsys):
+    """A DataFrame is identified by its plan's semantic hash, schema and files: the same read
+    resumes; another frame (other rows) with the same checkpoint path starts afresh and gets
+    its own answer, not the saved one."""
+    src = seven[0]
+    kw = dict(target=0.3, budget=0.8, eps_rep=0.02, eps_assoc=0.05, progress=False)
+    ck = str(tmp_path / "fit.ckpt.json")
+    _leave_checkpoint(spark.read.parquet(src), ck, kw)
+    again = pym4.m4.fit_dataset(spark.read.parquet(src), **_BINARY, checkpoint=ck, **kw)
+    assert "resumed_after_pass" in again.info  # the control: the same data does resume
+    _leave_checkpoint(spark.read.parquet(src), ck, kw)
+    other = spark.read.parquet(src).filter("l1")
+    capsys.readouterr()
+    got = pym4.m4.fit_dataset(other, **_BINARY, checkpoint=ck, **kw)
+    assert "resumed_after_pass" not in got.info and "belongs to another run" in capsys.readouterr().err
+    own = pym4.m4.fit_dataset(other, **_BINARY, **kw)
+    np.testing.assert_allclose(got.w, own.w, rtol=0, atol=1e-12)
+    assert np.abs(own.w - again.w).max() > 1e-3  # the saved state would have been a different answer
+
+
+def test_spark_dataframe_file_rewritten_not_resumed(spark, table, tmp_path):
+    """The same read of files rewritten in place (same paths, same plan hash) is other data."""
+    write_shards(table, str(tmp_path / "d"), [500, 497])
+    kw = dict(target=0.3, budget=0.8, eps_rep=0.02, eps_assoc=0.05, progress=False)
+    ck = str(tmp_path / "fit.ckpt.json")
+    _leave_checkpoint(spark.read.parquet(str(tmp_path / "d")), ck, kw)
+    p = str(tmp_path / "d" / "shard-001.parquet")
+    pq.write_table(table.slice(0, 497), p)  # other rows, same path
+    os.utime(p, ns=(0, os.stat(p).st_mtime_ns + 10**9))
+    got = pym4.m4.fit_dataset(spark.read.parquet(str(tmp_path / "d")), **_BINARY, checkpoint=ck, **kw)
+    assert "resumed_after_pass" not in got.info
+    own = pym4.m4.fit_dataset(str(tmp_path / "d"), **_BINARY, **kw)
+    np.testing.assert_allclose(got.w, own.w, rtol=0, atol=1e-9)
+
+
+def test_ray_dataset_checkpoint_never_trusted_unidentified(ray_session, seven, tmp_path, capsys):
+    """A Ray Dataset whose files Ray does not list (or one transformed after its read) has
+    nothing that identifies it: its checkpoint is not resumed, and the fit says so."""
+    import ray.data
+    src = seven[0]
+    kw = dict(target=0.3, budget=0.8, eps_rep=0.02, eps_assoc=0.05, progress=False)
+    ck = str(tmp_path / "fit.ckpt.json")
+    _leave_checkpoint(ray.data.read_parquet(src), ck, kw)
+    other = ray.data.read_parquet(src).map_batches(lambda b: b.filter(b["l1"]), batch_format="pyarrow")
+    assert engine_for(other).identity() is None
+    capsys.readouterr()
+    got = pym4.m4.fit_dataset(other, **_BINARY, checkpoint=ck, **kw)
+    assert "resumed_after_pass" not in got.info and "nothing identifies this dataset" in capsys.readouterr().err
+    own = pym4.m4.fit_dataset(other, **_BINARY, **kw)
+    np.testing.assert_allclose(got.w, own.w, rtol=0, atol=1e-12)

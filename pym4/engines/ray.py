@@ -22,7 +22,7 @@ import pickle
 from typing import Any, Iterable, List, Optional
 
 from ..m4._columns import ColumnSpec, DataError, check_schema
-from . import Engine, _check_out, list_shards, reraise_data_errors
+from . import Engine, _check_out, file_identity, list_shards, reraise_data_errors
 from .local import part_name, reduce_shard, write_shard
 from .shared_cache import SharedCache
 
@@ -137,6 +137,23 @@ class RayEngine(Engine):
 
     def field(self, name: str):
         return self._schema().field(name)
+
+    def identity(self):
+        """A Dataset that only reads files (no transform after the read, which would change
+        the rows and not the files): its ``input_files()`` with their sizes and mtimes, and its
+        schema. None otherwise, and when Ray does not list the files (Ray 2.60 lists none
+        before the dataset runs): a checkpoint of such a dataset is never resumed."""
+        if self.ds is None:
+            return None
+        try:
+            dag = self.ds._logical_plan.dag  # Ray's own plan; its layout is not public API
+            reads_only = type(dag).__name__.startswith("Read")
+            files = file_identity(sorted(self.ds.input_files())) if reads_only else None
+        except Exception:
+            return None
+        if not files:
+            return None
+        return {"files": files, "schema": str(self._schema())}
 
     def check(self, spec: ColumnSpec) -> None:
         if self.shards is not None:

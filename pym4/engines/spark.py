@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, List, Optional
 
 
 from ..m4._columns import ColumnSpec, DataError, check_schema
-from . import Engine, _check_out, list_shards, reraise_data_errors
+from . import Engine, _check_out, file_identity, list_shards, reraise_data_errors
 from .local import part_name, reduce_shard, write_shard
 from .shared_cache import SharedCache
 
@@ -254,6 +254,23 @@ class SparkEngine(Engine):
         else:
             from pyspark.sql.pandas.types import to_arrow_schema
             check_schema(spec, to_arrow_schema(self.df.schema), self.source)
+
+    def identity(self):
+        """A DataFrame: its plan's ``semanticHash()`` (the same for the same query, whatever its
+        column ids), its schema and the files it reads with their sizes and mtimes (the plan
+        names a file by path only, so a file rewritten in place keeps its hash); None when a
+        file cannot be looked at here. Two reads of the same files give the same identity; a
+        frame made from driver data (createDataFrame) gets a new hash each time, so a
+        checkpoint of one is never resumed."""
+        if self.df is None:
+            return None
+        try:
+            files = file_identity(sorted(self.df.inputFiles()))
+            if files is None:
+                return None
+            return {"semantic_hash": int(self.df.semanticHash()), "schema": self.df.schema.json(), "files": files}
+        except Exception:  # a plan Spark cannot hash or list: nothing identifies it
+            return None
 
     def _task_count(self, n: int) -> int:
         """Tasks of a pass over ``n`` files (module docstring)."""

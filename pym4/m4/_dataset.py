@@ -84,16 +84,24 @@ class _Passes:
         return out
 
 
-def _fingerprint(engine, spec: ColumnSpec, request) -> Dict[str, Any]:
-    """What a checkpoint belongs to: the files (path, size, mtime), the columns and the
-    problem as requested (the target and budget derived from the data are saved with it)."""
-    files = []
+def _fingerprint(engine, spec: ColumnSpec, request) -> Optional[Dict[str, Any]]:
+    """What a checkpoint belongs to: the files (path, size, mtime), or for a dataset handed
+    in (a Ray Dataset, a Spark DataFrame) what the engine says identifies it
+    (:meth:`Engine.identity`); the columns and the problem as requested (the target and
+    budget derived from the data are saved with it). None when nothing identifies the data:
+    such a checkpoint is written but never resumed, as resuming another dataset's state
+    would give a wrong answer with no error."""
+    files, data = [], None
     shards = getattr(engine, "shards", None)
     if shards is not None:
         for p in shards.paths:
             st = os.stat(p)
             files.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
-    return {"source": engine.source, "files": files, "columns": spec.to_json(), "problem": request}
+    else:
+        data = engine.identity()
+        if data is None:
+            return None
+    return {"source": engine.source, "files": files, "data": data, "columns": spec.to_json(), "problem": request}
 
 
 def _as_json_target(target):
@@ -150,6 +158,11 @@ class _Checkpoint:
     def load(self) -> dict:
         """The saved fields ({} when there is no checkpoint of this run)."""
         if not os.path.exists(self.path):
+            return {}
+        if self.fingerprint is None:
+            print(f"pym4: {self.path} is not resumed: nothing identifies this dataset (no files, or a "
+                  f"transform after its read), so the saved state may be another's; starting afresh",
+                  file=sys.stderr)
             return {}
         try:
             with open(self.path) as f:
