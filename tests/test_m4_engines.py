@@ -450,10 +450,11 @@ def test_spark_dataframe_passes_run_packed(spark, seven, table):
     assert abs(fitted.mu - local.mu) <= 1e-9
 
 
-@pytest.mark.parametrize("case", ["value", "null"])
+@pytest.mark.parametrize("case", ["value", "null", "null_later_batch"])
 def test_spark_dataframe_packed_bad_value_named(spark, table, tmp_path, case):
     """A null or a value other than 0/1 met by the packing is reported as the raw columns
-    report it: the column, the partition and the row."""
+    report it: the column, the partition and the row within the partition (the session's
+    Arrow batches hold 200 rows: row 277 is in the second)."""
     t = table.slice(0, 300)
     if case == "value":
         l0 = t.column("l0").to_numpy().copy()
@@ -461,10 +462,11 @@ def test_spark_dataframe_packed_bad_value_named(spark, table, tmp_path, case):
         t = t.set_column(t.schema.get_field_index("l0"), "l0", pa.array(l0))
         match = r"^spark partition 0: column 'l0' is not binary: row 123 has value 0\.5"
     else:
+        bad = 77 if case == "null" else 277
         g0 = t.column("g0").to_pylist()
-        g0[77] = None
+        g0[bad] = None
         t = t.set_column(0, "g0", pa.array(g0, pa.bool_()))
-        match = r"^spark partition 0: column 'g0' has a missing value \(null\) at row 77"
+        match = rf"^spark partition 0: column 'g0' has a missing value \(null\) at row {bad}\b"
     pq.write_table(t, str(tmp_path / "one.parquet"))
     eng = engine_for(spark.read.parquet(str(tmp_path / "one.parquet")))
     with pytest.raises(DataError, match=match):
@@ -583,3 +585,20 @@ def test_ray_dataset_checkpoint_never_trusted_unidentified(ray_session, seven, t
     assert "resumed_after_pass" not in got.info and "nothing identifies this dataset" in capsys.readouterr().err
     own = pym4.m4.fit_dataset(other, **_BINARY, **kw)
     np.testing.assert_allclose(got.w, own.w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("include_paths", [False, True])
+def test_ray_dataset_bad_value_row_of_block(ray_session, table, tmp_path, include_paths):
+    """A Ray Dataset's bad row is named by its row in the block (map_batches hands a whole
+    block at once), and by its file when the dataset carries the paths; the file's three
+    row groups make one block here, so that row is the file's."""
+    import ray.data
+    t = table.slice(0, 900)
+    g0 = t.column("g0").to_pylist()
+    g0[700] = None
+    pq.write_table(t.set_column(0, "g0", pa.array(g0, pa.bool_())), str(tmp_path / "one.parquet"), row_group_size=300)
+    ds = ray.data.read_parquet(str(tmp_path / "one.parquet"), include_paths=include_paths)
+    where = f"ray dataset block of {tmp_path / 'one.parquet'}" if include_paths else "ray dataset block"
+    with pytest.raises(DataError, match="^" + where.replace(".", r"\.") +
+                       r": column 'g0' has a missing value \(null\) at row 700\b"):
+        pym4.m4.fit_dataset(ds, sensitive=["g0", "g1"], labels=["l0"], progress=False)

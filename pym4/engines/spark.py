@@ -101,16 +101,21 @@ class _Partials:
         from pyspark import TaskContext
         ctx = TaskContext.get()
         where = f"spark partition {ctx.partitionId() if ctx else '?'}"
-        acc = None
+        # Rows are numbered within the partition (Arrow batches are split from it at
+        # spark.sql.execution.arrow.maxRecordsPerBatch rows): an error names the partition's row,
+        # and the warm-start sample takes blocks spread over the partition, not the first rows
+        # of every batch.
+        acc, row = None, 0
         for batch in batches:
-            part = self.stage.partial(batch.select(self.stage.columns), where, 0)
+            part = self.stage.partial(batch.select(self.stage.columns), where, row)
+            row += batch.num_rows
             acc = part if acc is None else self.stage.merge(acc, part)
         yield pa.RecordBatch.from_pydict({"result": pa.array([pickle.dumps(acc)], type=pa.binary())})
 
 
 class _PackedPartials:
     """mapInArrow over a packed frame (module docstring): the merged partial result of a
-    partition, its batches numbered from 0 as _Partials numbers them."""
+    partition, its rows numbered within the partition as _Partials numbers them."""
 
     def __init__(self, stage, columns: List[str]):
         self.stage, self.columns = stage, columns
@@ -120,12 +125,13 @@ class _PackedPartials:
         from pyspark import TaskContext
         ctx = TaskContext.get()
         where = f"spark partition {ctx.partitionId() if ctx else '?'}"
-        acc = None
+        acc, row = None, 0
         for batch in batches:
             try:
-                part = self.stage.partial(batch.select(self.columns), where, 0)
+                part = self.stage.partial(batch.select(self.columns), where, row)
             except DataError as e:
                 raise DataError(_PACKED_BAD + str(e)) from None
+            row += batch.num_rows
             acc = part if acc is None else self.stage.merge(acc, part)
         yield pa.RecordBatch.from_pydict({"result": pa.array([pickle.dumps(acc)], type=pa.binary())})
 
