@@ -508,6 +508,24 @@ def test_fit_spark_dataframe_equals_local(spark, seven, table, utility):
 
 
 @pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_fit_handed_in_with_warm_start_sample_equals_local(engine, request, seven, table, monkeypatch):
+    """With the warm-start sample on (the core samples 64-row blocks by row number once the data
+    has 4x the sample's rows: forced here at N = 997), a DataFrame or Dataset has no file
+    offsets, so its rows are numbered within each partition or block and the sample takes other
+    rows than local's: another path to the optimum (other pass counts), the same duals and q."""
+    import pym4.m4._dataset as fitting
+    session = request.getfixturevalue("ray_session" if engine == "ray" else "spark")
+    src = seven[0]
+    kw = dict(_BINARY, **_FIT)
+    unsampled = pym4.m4.fit_dataset(src, **kw)
+    monkeypatch.setattr(fitting, "_SAMPLE_ROWS", 32)
+    local = pym4.m4.fit_dataset(src, **kw)
+    assert local.info["solver_passes"] > unsampled.info["solver_passes"]  # the sample's passes were taken
+    data = session.data.read_parquet(src) if engine == "ray" else session.read.parquet(src)
+    _same_fit(pym4.m4.fit_dataset(data, **kw), local, table)
+
+
+@pytest.mark.parametrize("engine", ["ray", "spark"])
 def test_fit_files_compressed_on_engine_equals_local(engine, request, seven, table):
     """Files run on Ray/Spark with the pattern table allowed: the table is built on the
     engine (a group-by of its tasks' tables) and solved on the driver, as local does."""

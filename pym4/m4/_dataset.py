@@ -43,6 +43,9 @@ CHECKPOINT_SUFFIX = ".pym4-checkpoint.json"
 _CHECKPOINT_FORMAT = "pym4.checkpoint/3"  # /3: the counting pass's utility stats saved too
 # Test hook: seconds to sleep after each checkpoint saved (so a test can kill -9 a run mid-solve).
 _SLEEP_ENV = "PYM4_TEST_SLEEP_AFTER_PASS"
+# Rows of the exact solver's warm-start sample (the core samples only when the data has 4x
+# as many rows); a module constant so that a test can make a small dataset take the sample.
+_SAMPLE_ROWS = 1 << 17
 
 
 def _check_args(budget, eps_rep, eps_assoc, tol, max_passes, max_patterns):
@@ -266,7 +269,7 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
     def _solve_passes(x, state, done_passes, on_pass=None):
         problem = (pi, float(x), er, ea)
         if state is None:
-            state = core.m4_exact_init(problem, m, c, rows, max_passes, tol, 1e6, None, 1 << 17)
+            state = core.m4_exact_init(problem, m, c, rows, max_passes, tol, 1e6, None, _SAMPLE_ROWS)
         def one_pass(st):
             steps[0] += 1
             return runner.reduce(PartialStage(rs, problem, st, offsets), f"pass {runner.count}")
