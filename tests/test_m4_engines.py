@@ -573,6 +573,21 @@ def test_spark_dataframe_checkpoint_not_resumed_for_other_data(spark, seven, tab
     assert np.abs(own.w - again.w).max() > 1e-3  # the saved state would have been a different answer
 
 
+def test_spark_dataframe_identity_kinds(spark, seven):
+    """A read of files with Spark SQL on top is identified by its plan text (the same in every
+    session: a killed driver's checkpoint resumes); a Python function or driver data adds
+    the session-bound semanticHash, as the text does not show them."""
+    from pyspark.sql import functions as F
+    src = seven[0]
+    plain = engine_for(spark.read.parquet(src).filter("l1")).identity()
+    assert plain == engine_for(spark.read.parquet(src).filter("l1")).identity()
+    assert "semantic_hash" not in plain and "Filter" in plain["plan"]
+    assert len(plain["files"]) == len(LAYOUTS["seven"]) and all(size > 0 for _, size, _ in plain["files"])
+    flag = F.udf(lambda x: bool(x), "boolean")
+    assert "semantic_hash" in engine_for(spark.read.parquet(src).filter(flag("l1"))).identity()
+    assert "semantic_hash" in engine_for(spark.createDataFrame([(True, 1)], "g0 boolean, g1 int")).identity()
+
+
 def test_spark_dataframe_file_rewritten_not_resumed(spark, table, tmp_path):
     """The same read of files rewritten in place (same paths, same plan hash) is other data."""
     write_shards(table, str(tmp_path / "d"), [500, 497])

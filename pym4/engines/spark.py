@@ -262,19 +262,35 @@ class SparkEngine(Engine):
             check_schema(spec, to_arrow_schema(self.df.schema), self.source)
 
     def identity(self):
-        """A DataFrame: its plan's ``semanticHash()`` (the same for the same query, whatever its
-        column ids), its schema and the files it reads with their sizes and mtimes (the plan
-        names a file by path only, so a file rewritten in place keeps its hash); None when a
-        file cannot be looked at here. Two reads of the same files give the same identity; a
-        frame made from driver data (createDataFrame) gets a new hash each time, so a
-        checkpoint of one is never resumed."""
+        """A DataFrame: its analysed plan, its schema and the files it reads with their sizes
+        and mtimes (a plan names a file by path only, so a file rewritten in place keeps its
+        plan); None when a file cannot be looked at here.
+
+        The plan is its canonical text (column ids normalised) where that says everything:
+        a read of files with Spark SQL on top, the same text in every session, so a driver
+        killed mid-fit resumes. Python functions appear in that text by name only, and
+        driver data (createDataFrame) not at all: then ``semanticHash()`` is added, which
+        hashes the function's bytes and the relation itself, but differs from one session
+        (or one createDataFrame) to the next: such a checkpoint is resumed only in the same
+        session, and never for other data. Spark Connect has no plan text on the client:
+        ``semanticHash()`` alone."""
         if self.df is None:
             return None
         try:
             files = file_identity(sorted(self.df.inputFiles()))
             if files is None:
                 return None
-            return {"semantic_hash": int(self.df.semanticHash()), "schema": self.df.schema.json(), "files": files}
+            ident = {"schema": self.df.schema.json(), "files": files}
+            try:
+                analyzed = self.df._jdf.queryExecution().analyzed()
+                ident["plan"] = analyzed.canonicalized().toString()
+                tree = analyzed.toJSON().lower()
+                plain = not any(k in tree for k in ("python", "logicalrdd", "localrelation"))
+            except Exception:  # Spark Connect: no JVM plan on the client
+                plain = False
+            if not plain:
+                ident["semantic_hash"] = int(self.df.semanticHash())
+            return ident
         except Exception:  # a plan Spark cannot hash or list: nothing identifies it
             return None
 
