@@ -541,12 +541,12 @@ def test_fit_files_compressed_on_engine_equals_local(engine, request, seven, tab
 
 # ----- a checkpoint of a dataset handed in is resumed only for the same data -------------------------
 
-def _leave_checkpoint(data, path, kw):
+def _leave_checkpoint(data, path, kw, columns=_BINARY):
     """A fit on ``data`` that leaves its checkpoint (as a killed run would: every pass saved)."""
     from pym4.m4._dataset import _fit
     eng = engine_for(data)
     try:
-        _fit(eng, ColumnSpec.make(**_BINARY), checkpoint=path, keep_checkpoint=True, max_passes=100,
+        _fit(eng, ColumnSpec.make(**columns), checkpoint=path, keep_checkpoint=True, max_passes=100,
              max_patterns=1 << 20, tol=1e-9, **kw)
     finally:
         eng.close()
@@ -610,13 +610,14 @@ def test_ray_dataset_checkpoint_never_trusted_unidentified(ray_session, seven, t
     src = seven[0]
     kw = dict(target=0.3, budget=0.8, eps_rep=0.02, eps_assoc=0.05, progress=False)
     ck = str(tmp_path / "fit.ckpt.json")
-    _leave_checkpoint(ray.data.read_parquet(src), ck, kw)
+    cols = dict(_BINARY, utility=None)  # the pattern table: few Ray passes
+    _leave_checkpoint(ray.data.read_parquet(src), ck, kw, cols)
     other = ray.data.read_parquet(src).map_batches(lambda b: b.filter(b["l1"]), batch_format="pyarrow")
     assert engine_for(other).identity() is None
     capsys.readouterr()
-    got = pym4.m4.fit_dataset(other, **_BINARY, checkpoint=ck, **kw)
+    got = pym4.m4.fit_dataset(other, **cols, checkpoint=ck, **kw)
     assert "resumed_after_pass" not in got.info and "nothing identifies this dataset" in capsys.readouterr().err
-    own = pym4.m4.fit_dataset(other, **_BINARY, **kw)
+    own = pym4.m4.fit_dataset(other, **cols, **kw)
     np.testing.assert_allclose(got.w, own.w, rtol=0, atol=1e-12)
 
 
