@@ -446,13 +446,15 @@ def test_spark_dataframe_passes_run_packed(spark, seven, table):
     local = pym4.m4.fit_dataset(src, **_BINARY, target=0.3, budget=0.8, eps_rep=0.02, eps_assoc=0.05,
                                 progress=False)
     assert fitted.info["status"] == local.info["status"] == "optimal"
-    np.testing.assert_allclose(fitted.w, local.w, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(fitted.w, local.w, rtol=0, atol=1e-9)
+    assert abs(fitted.mu - local.mu) <= 1e-9
 
 
-@pytest.mark.parametrize("case", ["value", "null"])
+@pytest.mark.parametrize("case", ["value", "null", "null_later_batch"])
 def test_spark_dataframe_packed_bad_value_named(spark, table, tmp_path, case):
     """A null or a value other than 0/1 met by the packing is reported as the raw columns
-    report it: the column, the partition and the row."""
+    report it: the column, the partition and the row within the partition (the session's
+    Arrow batches hold 200 rows: row 277 is in the second)."""
     t = table.slice(0, 300)
     if case == "value":
         l0 = t.column("l0").to_numpy().copy()
@@ -460,11 +462,177 @@ def test_spark_dataframe_packed_bad_value_named(spark, table, tmp_path, case):
         t = t.set_column(t.schema.get_field_index("l0"), "l0", pa.array(l0))
         match = r"^spark partition 0: column 'l0' is not binary: row 123 has value 0\.5"
     else:
+        bad = 77 if case == "null" else 277
         g0 = t.column("g0").to_pylist()
-        g0[77] = None
+        g0[bad] = None
         t = t.set_column(0, "g0", pa.array(g0, pa.bool_()))
-        match = r"^spark partition 0: column 'g0' has a missing value \(null\) at row 77"
+        match = rf"^spark partition 0: column 'g0' has a missing value \(null\) at row {bad}\b"
     pq.write_table(t, str(tmp_path / "one.parquet"))
     eng = engine_for(spark.read.parquet(str(tmp_path / "one.parquet")))
     with pytest.raises(DataError, match=match):
         weighted_counts(eng, ColumnSpec.make(**_BINARY).resolve())
+
+
+# ----- fit_dataset on every input kind equal to local (duals and q at 1e-9) ----------------------------
+
+_FIT = dict(target=0.3, budget=0.8, eps_rep=0.02, eps_assoc=0.05, progress=False)
+
+
+def _same_fit(got, want, table):
+    """The same duals (w, mu) and the same q on every row as the local fit, at 1e-9."""
+    assert got.info["status"] == want.info["status"] == "optimal"
+    assert got.info["compressed"] == want.info["compressed"]
+    np.testing.assert_allclose(got.w, want.w, rtol=0, atol=1e-9)
+    assert abs(got.mu - want.mu) <= 1e-9
+    q_got, q_want = got.transform(table).column("q").to_numpy(), want.transform(table).column("q").to_numpy()
+    np.testing.assert_allclose(q_got, q_want, rtol=0, atol=1e-9)
+    assert 0 < q_want.mean() < 1  # q moved: a fit that kept or dropped every row would prove little
+
+
+@pytest.mark.parametrize("utility", [None, "u"], ids=["compressed", "passes"])
+def test_fit_ray_dataset_equals_local(ray_session, seven, table, utility):
+    import ray.data
+    src = seven[0]
+    kw = dict(_BINARY, utility=utility, **_FIT)
+    local = pym4.m4.fit_dataset(src, **kw)
+    assert local.info["compressed"] == (utility is None)
+    _same_fit(pym4.m4.fit_dataset(ray.data.read_parquet(src), **kw), local, table)
+
+
+@pytest.mark.parametrize("utility", [None, "u"], ids=["compressed", "passes"])
+def test_fit_spark_dataframe_equals_local(spark, seven, table, utility):
+    src = seven[0]
+    kw = dict(_BINARY, utility=utility, **_FIT)
+    local = pym4.m4.fit_dataset(src, **kw)
+    _same_fit(pym4.m4.fit_dataset(spark.read.parquet(src), **kw), local, table)
+
+
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_fit_handed_in_with_warm_start_sample_equals_local(engine, request, seven, table, monkeypatch):
+    """With the warm-start sample on (the core samples 64-row blocks by row number once the data
+    has 4x the sample's rows: forced here at N = 997), a DataFrame or Dataset has no file
+    offsets, so its rows are numbered within each partition or block and the sample takes other
+    rows than local's: another path to the optimum (other pass counts), the same duals and q."""
+    import pym4.m4._dataset as fitting
+    session = request.getfixturevalue("ray_session" if engine == "ray" else "spark")
+    src = seven[0]
+    kw = dict(_BINARY, **_FIT)
+    unsampled = pym4.m4.fit_dataset(src, **kw)
+    monkeypatch.setattr(fitting, "_SAMPLE_ROWS", 32)
+    local = pym4.m4.fit_dataset(src, **kw)
+    assert local.info["solver_passes"] > unsampled.info["solver_passes"]  # the sample's passes were taken
+    data = session.data.read_parquet(src) if engine == "ray" else session.read.parquet(src)
+    _same_fit(pym4.m4.fit_dataset(data, **kw), local, table)
+
+
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_fit_files_compressed_on_engine_equals_local(engine, request, seven, table):
+    """Files run on Ray/Spark with the pattern table allowed: the table is built on the
+    engine (a group-by of its tasks' tables) and solved on the driver, as local does."""
+    request.getfixturevalue("ray_session" if engine == "ray" else "spark")
+    src = seven[0]
+    kw = dict(_BINARY, utility=None, **_FIT)
+    local = pym4.m4.fit_dataset(src, **kw)
+    got = pym4.m4.fit_dataset(src, engine=engine, **kw)
+    assert got.info["engine"] == engine and got.info["compressed"]
+    assert got.info["patterns"] == local.info["patterns"]
+    _same_fit(got, local, table)
+
+
+# ----- a checkpoint of a dataset handed in is resumed only for the same data -------------------------
+
+def _leave_checkpoint(data, path, kw, columns=_BINARY):
+    """A fit on ``data`` that leaves its checkpoint (as a killed run would: every pass saved)."""
+    from pym4.m4._dataset import _fit
+    eng = engine_for(data)
+    try:
+        _fit(eng, ColumnSpec.make(**columns), checkpoint=path, keep_checkpoint=True, max_passes=100,
+             max_patterns=1 << 20, tol=1e-9, **kw)
+    finally:
+        eng.close()
+    assert os.path.exists(path)
+
+
+def test_spark_dataframe_checkpoint_not_resumed_for_other_data(spark, seven, table, tmp_path, capsys):
+    """A DataFrame is identified by its plan's semantic hash, schema and files: the same read
+    resumes; another frame (other rows) with the same checkpoint path starts afresh and gets
+    its own answer, not the saved one."""
+    src = seven[0]
+    kw = dict(target=0.3, budget=0.8, eps_rep=0.02, eps_assoc=0.05, progress=False)
+    ck = str(tmp_path / "fit.ckpt.json")
+    _leave_checkpoint(spark.read.parquet(src), ck, kw)
+    again = pym4.m4.fit_dataset(spark.read.parquet(src), **_BINARY, checkpoint=ck, **kw)
+    assert "resumed_after_pass" in again.info  # the control: the same data does resume
+    _leave_checkpoint(spark.read.parquet(src), ck, kw)
+    other = spark.read.parquet(src).filter("l1")
+    capsys.readouterr()
+    got = pym4.m4.fit_dataset(other, **_BINARY, checkpoint=ck, **kw)
+    assert "resumed_after_pass" not in got.info and "belongs to another run" in capsys.readouterr().err
+    own = pym4.m4.fit_dataset(other, **_BINARY, **kw)
+    np.testing.assert_allclose(got.w, own.w, rtol=0, atol=1e-12)
+    assert np.abs(own.w - again.w).max() > 1e-3  # the saved state would have been a different answer
+
+
+def test_spark_dataframe_identity_kinds(spark, seven):
+    """A read of files with Spark SQL on top is identified by its plan text (the same in every
+    session: a killed driver's checkpoint resumes); a Python function or driver data adds
+    the session-bound semanticHash, as the text does not show them."""
+    from pyspark.sql import functions as F
+    src = seven[0]
+    plain = engine_for(spark.read.parquet(src).filter("l1")).identity()
+    assert plain == engine_for(spark.read.parquet(src).filter("l1")).identity()
+    assert "semantic_hash" not in plain and "Filter" in plain["plan"]
+    assert len(plain["files"]) == len(LAYOUTS["seven"]) and all(size > 0 for _, size, _ in plain["files"])
+    flag = F.udf(lambda x: bool(x), "boolean")
+    assert "semantic_hash" in engine_for(spark.read.parquet(src).filter(flag("l1"))).identity()
+    assert "semantic_hash" in engine_for(spark.createDataFrame([(True, 1)], "g0 boolean, g1 int")).identity()
+
+
+def test_spark_dataframe_file_rewritten_not_resumed(spark, table, tmp_path):
+    """The same read of files rewritten in place (same paths, same plan hash) is other data."""
+    write_shards(table, str(tmp_path / "d"), [500, 497])
+    kw = dict(target=0.3, budget=0.8, eps_rep=0.02, eps_assoc=0.05, progress=False)
+    ck = str(tmp_path / "fit.ckpt.json")
+    _leave_checkpoint(spark.read.parquet(str(tmp_path / "d")), ck, kw)
+    p = str(tmp_path / "d" / "shard-001.parquet")
+    pq.write_table(table.slice(0, 497), p)  # other rows, same path
+    os.utime(p, ns=(0, os.stat(p).st_mtime_ns + 10**9))
+    got = pym4.m4.fit_dataset(spark.read.parquet(str(tmp_path / "d")), **_BINARY, checkpoint=ck, **kw)
+    assert "resumed_after_pass" not in got.info
+    own = pym4.m4.fit_dataset(str(tmp_path / "d"), **_BINARY, **kw)
+    np.testing.assert_allclose(got.w, own.w, rtol=0, atol=1e-9)
+
+
+def test_ray_dataset_checkpoint_never_trusted_unidentified(ray_session, seven, tmp_path, capsys):
+    """A Ray Dataset whose files Ray does not list (or one transformed after its read) has
+    nothing that identifies it: its checkpoint is not resumed, and the fit says so."""
+    import ray.data
+    src = seven[0]
+    kw = dict(target=0.3, budget=0.8, eps_rep=0.02, eps_assoc=0.05, progress=False)
+    ck = str(tmp_path / "fit.ckpt.json")
+    cols = dict(_BINARY, utility=None)  # the pattern table: few Ray passes
+    _leave_checkpoint(ray.data.read_parquet(src), ck, kw, cols)
+    other = ray.data.read_parquet(src).map_batches(lambda b: b.filter(b["l1"]), batch_format="pyarrow")
+    assert engine_for(other).identity() is None
+    capsys.readouterr()
+    got = pym4.m4.fit_dataset(other, **cols, checkpoint=ck, **kw)
+    assert "resumed_after_pass" not in got.info and "nothing identifies this dataset" in capsys.readouterr().err
+    own = pym4.m4.fit_dataset(other, **cols, **kw)
+    np.testing.assert_allclose(got.w, own.w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("include_paths", [False, True])
+def test_ray_dataset_bad_value_row_of_block(ray_session, table, tmp_path, include_paths):
+    """A Ray Dataset's bad row is named by its row in the block (map_batches hands a whole
+    block at once), and by its file when the dataset carries the paths; the file's three
+    row groups make one block here, so that row is the file's."""
+    import ray.data
+    t = table.slice(0, 900)
+    g0 = t.column("g0").to_pylist()
+    g0[700] = None
+    pq.write_table(t.set_column(0, "g0", pa.array(g0, pa.bool_())), str(tmp_path / "one.parquet"), row_group_size=300)
+    ds = ray.data.read_parquet(str(tmp_path / "one.parquet"), include_paths=include_paths)
+    where = f"ray dataset block of {tmp_path / 'one.parquet'}" if include_paths else "ray dataset block"
+    with pytest.raises(DataError, match="^" + where.replace(".", r"\.") +
+                       r": column 'g0' has a missing value \(null\) at row 700\b"):
+        pym4.m4.fit_dataset(ds, sensitive=["g0", "g1"], labels=["l0"], progress=False)

@@ -74,6 +74,12 @@ class Engine(abc.ABC):
                 acc = part if acc is None else stage.merge(acc, part)
         return acc
 
+    def identity(self) -> Optional[dict]:
+        """What identifies a dataset that was handed in (not files): a JSON-able dict that
+        changes when the data does, or None when the engine cannot tell (a checkpoint is then
+        never resumed). Engines over files are identified by the files themselves."""
+        return None
+
     def close(self) -> None:
         """Drop what the engine holds between passes (a cache); it reads the data again after."""
 
@@ -82,6 +88,27 @@ class Engine(abc.ABC):
         """``stage.transform`` over every batch, written as Parquet parts into folder ``out``
         (created; it must not exist yet); returns the part paths. ``progress(rows)`` as batches
         or tasks finish, as in :meth:`reduce`."""
+
+
+def file_identity(paths) -> Optional[list]:
+    """[[path, size, mtime_ns]] of files named by local paths or ``file:`` URIs; None when one
+    cannot be looked at here (a remote URI, a file gone), since then a rewrite in place
+    would go unseen."""
+    from urllib.parse import unquote, urlparse
+    out = []
+    for p in paths:
+        if p.startswith("file:"):
+            local = unquote(urlparse(p).path)
+        elif "://" in p:
+            return None
+        else:
+            local = p
+        try:
+            st = os.stat(local)
+        except OSError:
+            return None
+        out.append([os.path.abspath(local), st.st_size, st.st_mtime_ns])
+    return out
 
 
 def _check_out(out: str) -> str:

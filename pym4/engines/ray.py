@@ -22,7 +22,7 @@ import pickle
 from typing import Any, Iterable, List, Optional
 
 from ..m4._columns import ColumnSpec, DataError, check_schema
-from . import Engine, _check_out, list_shards, reraise_data_errors
+from . import Engine, _check_out, file_identity, list_shards, reraise_data_errors
 from .local import part_name, reduce_shard, write_shard
 from .shared_cache import SharedCache
 
@@ -86,11 +86,22 @@ class _BlockTask:
         self.stage = stage
 
     def __call__(self, batch):
-        # read_parquet(include_paths=True) leaves the file in 'path': name it in errors.
-        where = "ray dataset block"
+        # map_batches(batch_size=None) hands the whole block in one call, so row numbers count
+        # from the block's first row. Ray does not say where in its file (or in the dataset) a
+        # block starts, so an error names the block's row; with read_parquet(include_paths=True)
+        # it also names the file of the bad row: the block is taken in runs of one file each
+        # (a block may hold rows of several small files), numbered on from the block's start.
+        data = batch.select(self.stage.columns)
+        runs = [("ray dataset block", 0, batch.num_rows)]
         if "path" in batch.schema.names and "path" not in self.stage.columns and batch.num_rows:
-            where = str(batch.column("path")[0].as_py())
-        return _result_table(self.stage.partial(batch.select(self.stage.columns), where, 0), batch.num_rows)
+            paths = batch.column("path").to_pylist()
+            starts = [0] + [i for i in range(1, len(paths)) if paths[i] != paths[i - 1]]
+            runs = [(f"ray dataset block of {paths[a]}", a, b) for a, b in zip(starts, starts[1:] + [len(paths)])]
+        acc = None
+        for where, a, b in runs:
+            part = self.stage.partial(data.slice(a, b - a), where, a)
+            acc = part if acc is None else self.stage.merge(acc, part)
+        return _result_table(acc, batch.num_rows)
 
 
 class _TransformTask:
@@ -137,6 +148,23 @@ class RayEngine(Engine):
 
     def field(self, name: str):
         return self._schema().field(name)
+
+    def identity(self):
+        """A Dataset that only reads files (no transform after the read, which would change
+        the rows and not the files): its ``input_files()`` with their sizes and mtimes, and its
+        schema. None otherwise, and when Ray does not list the files (Ray 2.60 lists none
+        before the dataset runs): a checkpoint of such a dataset is never resumed."""
+        if self.ds is None:
+            return None
+        try:
+            dag = self.ds._logical_plan.dag  # Ray's own plan; its layout is not public API
+            reads_only = type(dag).__name__.startswith("Read")
+            files = file_identity(sorted(self.ds.input_files())) if reads_only else None
+        except Exception:
+            return None
+        if not files:
+            return None
+        return {"files": files, "schema": str(self._schema())}
 
     def check(self, spec: ColumnSpec) -> None:
         if self.shards is not None:

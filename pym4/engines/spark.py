@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, List, Optional
 
 
 from ..m4._columns import ColumnSpec, DataError, check_schema
-from . import Engine, _check_out, list_shards, reraise_data_errors
+from . import Engine, _check_out, file_identity, list_shards, reraise_data_errors
 from .local import part_name, reduce_shard, write_shard
 from .shared_cache import SharedCache
 
@@ -101,16 +101,21 @@ class _Partials:
         from pyspark import TaskContext
         ctx = TaskContext.get()
         where = f"spark partition {ctx.partitionId() if ctx else '?'}"
-        acc = None
+        # Rows are numbered within the partition (Arrow batches are split from it at
+        # spark.sql.execution.arrow.maxRecordsPerBatch rows): an error names the partition's row,
+        # and the warm-start sample takes blocks spread over the partition, not the first rows
+        # of every batch.
+        acc, row = None, 0
         for batch in batches:
-            part = self.stage.partial(batch.select(self.stage.columns), where, 0)
+            part = self.stage.partial(batch.select(self.stage.columns), where, row)
+            row += batch.num_rows
             acc = part if acc is None else self.stage.merge(acc, part)
         yield pa.RecordBatch.from_pydict({"result": pa.array([pickle.dumps(acc)], type=pa.binary())})
 
 
 class _PackedPartials:
     """mapInArrow over a packed frame (module docstring): the merged partial result of a
-    partition, its batches numbered from 0 as _Partials numbers them."""
+    partition, its rows numbered within the partition as _Partials numbers them."""
 
     def __init__(self, stage, columns: List[str]):
         self.stage, self.columns = stage, columns
@@ -120,12 +125,13 @@ class _PackedPartials:
         from pyspark import TaskContext
         ctx = TaskContext.get()
         where = f"spark partition {ctx.partitionId() if ctx else '?'}"
-        acc = None
+        acc, row = None, 0
         for batch in batches:
             try:
-                part = self.stage.partial(batch.select(self.columns), where, 0)
+                part = self.stage.partial(batch.select(self.columns), where, row)
             except DataError as e:
                 raise DataError(_PACKED_BAD + str(e)) from None
+            row += batch.num_rows
             acc = part if acc is None else self.stage.merge(acc, part)
         yield pa.RecordBatch.from_pydict({"result": pa.array([pickle.dumps(acc)], type=pa.binary())})
 
@@ -254,6 +260,39 @@ class SparkEngine(Engine):
         else:
             from pyspark.sql.pandas.types import to_arrow_schema
             check_schema(spec, to_arrow_schema(self.df.schema), self.source)
+
+    def identity(self):
+        """A DataFrame: its analysed plan, its schema and the files it reads with their sizes
+        and mtimes (a plan names a file by path only, so a file rewritten in place keeps its
+        plan); None when a file cannot be looked at here.
+
+        The plan is its canonical text (column ids normalised) where that says everything:
+        a read of files with Spark SQL on top, the same text in every session, so a driver
+        killed mid-fit resumes. Python functions appear in that text by name only, and
+        driver data (createDataFrame) not at all: then ``semanticHash()`` is added, which
+        hashes the function's bytes and the relation itself, but differs from one session
+        (or one createDataFrame) to the next: such a checkpoint is resumed only in the same
+        session, and never for other data. Spark Connect has no plan text on the client:
+        ``semanticHash()`` alone."""
+        if self.df is None:
+            return None
+        try:
+            files = file_identity(sorted(self.df.inputFiles()))
+            if files is None:
+                return None
+            ident = {"schema": self.df.schema.json(), "files": files}
+            try:
+                analyzed = self.df._jdf.queryExecution().analyzed()
+                ident["plan"] = analyzed.canonicalized().toString()
+                tree = analyzed.toJSON().lower()
+                plain = not any(k in tree for k in ("python", "logicalrdd", "localrelation"))
+            except Exception:  # Spark Connect: no JVM plan on the client
+                plain = False
+            if not plain:
+                ident["semantic_hash"] = int(self.df.semanticHash())
+            return ident
+        except Exception:  # a plan Spark cannot hash or list: nothing identifies it
+            return None
 
     def _task_count(self, n: int) -> int:
         """Tasks of a pass over ``n`` files (module docstring)."""

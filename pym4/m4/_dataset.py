@@ -43,6 +43,9 @@ CHECKPOINT_SUFFIX = ".pym4-checkpoint.json"
 _CHECKPOINT_FORMAT = "pym4.checkpoint/3"  # /3: the counting pass's utility stats saved too
 # Test hook: seconds to sleep after each checkpoint saved (so a test can kill -9 a run mid-solve).
 _SLEEP_ENV = "PYM4_TEST_SLEEP_AFTER_PASS"
+# Rows of the exact solver's warm-start sample (the core samples only when the data has 4x
+# as many rows); a module constant so that a test can make a small dataset take the sample.
+_SAMPLE_ROWS = 1 << 17
 
 
 def _check_args(budget, eps_rep, eps_assoc, tol, max_passes, max_patterns):
@@ -92,16 +95,24 @@ def progress_bar(show: bool, rows: Optional[int], desc: str):
         yield advance
 
 
-def _fingerprint(engine, spec: ColumnSpec, request) -> Dict[str, Any]:
-    """What a checkpoint belongs to: the files (path, size, mtime), the columns and the
-    problem as requested (the target and budget derived from the data are saved with it)."""
-    files = []
+def _fingerprint(engine, spec: ColumnSpec, request) -> Optional[Dict[str, Any]]:
+    """What a checkpoint belongs to: the files (path, size, mtime), or for a dataset handed
+    in (a Ray Dataset, a Spark DataFrame) what the engine says identifies it
+    (:meth:`Engine.identity`); the columns and the problem as requested (the target and
+    budget derived from the data are saved with it). None when nothing identifies the data:
+    such a checkpoint is written but never resumed, as resuming another dataset's state
+    would give a wrong answer with no error."""
+    files, data = [], None
     shards = getattr(engine, "shards", None)
     if shards is not None:
         for p in shards.paths:
             st = os.stat(p)
             files.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
-    return {"source": engine.source, "files": files, "columns": spec.to_json(), "problem": request}
+    else:
+        data = engine.identity()
+        if data is None:
+            return None
+    return {"source": engine.source, "files": files, "data": data, "columns": spec.to_json(), "problem": request}
 
 
 def _as_json_target(target):
@@ -158,6 +169,11 @@ class _Checkpoint:
     def load(self) -> dict:
         """The saved fields ({} when there is no checkpoint of this run)."""
         if not os.path.exists(self.path):
+            return {}
+        if self.fingerprint is None:
+            print(f"pym4: {self.path} is not resumed: nothing identifies this dataset (no files, or a "
+                  f"transform after its read), so the saved state may be another's; starting afresh",
+                  file=sys.stderr)
             return {}
         try:
             with open(self.path) as f:
@@ -261,7 +277,7 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
     def _solve_passes(x, state, done_passes, on_pass=None):
         problem = (pi, float(x), er, ea)
         if state is None:
-            state = core.m4_exact_init(problem, m, c, rows, max_passes, tol, 1e6, None, 1 << 17)
+            state = core.m4_exact_init(problem, m, c, rows, max_passes, tol, 1e6, None, _SAMPLE_ROWS)
         def one_pass(st):
             steps[0] += 1
             return runner.reduce(PartialStage(rs, problem, st, offsets), f"pass {runner.count}")
