@@ -78,10 +78,11 @@ def test_other_filesystems_fit_as_the_local_path(folders, kind):
         mem = None
     if mem is not None:
         sources["memory dataset"] = pads.dataset("/lake/" + kind, filesystem=mem, format="parquet", **part)
+    local = list_shards(os.path.join(root, kind))
+    assert len(local.fragments) == (7 if kind == "shards" else 3)
     for name, src in sources.items():
         sh = list_shards(src)
-        assert len(sh.fragments) == (7 if kind == "shards" else 4), name
-        assert [r for r in sh.rows] == list(list_shards(os.path.join(root, kind)).rows), name  # same file order
+        assert sh.rows == local.rows, name  # the same files in the same order
         assert len(sh.identity) == len(sh.fragments) and all(i[1] > 0 for i in sh.identity), name
         fit = _fit(src, cols)
         assert fit.info["status"] == "optimal" and fit.info["rows"] == N, name
@@ -136,3 +137,29 @@ def test_spark_engine_refuses_a_uri_before_any_work():
     with pytest.raises(ValueError, match=r"engine='spark' reads local paths only, not 's3://bucket/lake/'; "
                                          r"use engine='local' or hand in a Spark DataFrame"):
         m4.fit_dataset("s3://bucket/lake/", sensitive=["g0"], labels=["l0"], target=0.3, engine="spark", progress=False)
+
+
+
+class _Spec:
+    def to_json(self):
+        return {"columns": "stand-in"}
+
+
+def test_checkpoint_fingerprint_on_another_filesystem(folders):
+    """The checkpoint fingerprint is the engine's shards identity (the filesystem's file info):
+    equal for the same files listed again, JSON-able as saved; None (never resumed) on a store
+    that keeps no mtime (fsspec's memory store), as a same-size rewrite would go unseen."""
+    import json
+    from pym4.engines.local import LocalEngine
+    from pym4.m4._dataset import _fingerprint
+    root = folders[0]
+    sub = pafs.SubTreeFileSystem(root, pafs.LocalFileSystem())
+    fps = [_fingerprint(LocalEngine(pads.dataset("shards", filesystem=sub, format="parquet")), _Spec(), {})
+           for _ in range(2)]
+    assert fps[0] is not None and fps[0] == fps[1] == json.loads(json.dumps(fps[0]))
+    assert len(fps[0]["files"]) == 7
+    local = _fingerprint(LocalEngine(os.path.join(root, "shards")), _Spec(), {})
+    assert [f[1:] for f in local["files"]] == [f[1:] for f in fps[0]["files"]]
+    assert local["files"] == [list(i) for i in list_shards(os.path.join(root, "shards")).identity]
+    mem = _memory_fs(root)
+    assert _fingerprint(LocalEngine(pads.dataset("/lake/shards", filesystem=mem, format="parquet")), _Spec(), {}) is None
