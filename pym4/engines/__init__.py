@@ -176,7 +176,7 @@ class Shards:
             return tuple(out)
         fs = self.dataset.filesystem
         name = _fs_name(fs)
-        # One call for all files: on an object store each is a request, which pyarrow may batch.
+        # One call for the whole list, not one per file: on an object store each file is a request.
         return tuple((f"{name}:{info.path}", info.size, info.mtime_ns)
                      for info in fs.get_file_info(self.paths))
 
@@ -234,6 +234,8 @@ def _uri_dataset(uri: str):
         fs, path = pafs.FileSystem.from_uri(uri)
     except (ValueError, NotImplementedError) as e:  # pyarrow's ArrowInvalid / ArrowNotImplementedError: an unknown scheme
         raise ValueError(f"data: cannot open {uri!r}: {e}") from e
+    except OSError as e:  # a store that cannot be reached (an S3 bucket's region looked up, say)
+        raise OSError(f"data: cannot open {uri!r}: {e}") from e
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.Directory:
         # pyarrow lists the folder itself (FileSelector, recursive), skipping _ and . files as a local folder's.
