@@ -35,12 +35,13 @@ import abc
 import functools
 import glob
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 from ..m4._columns import ROW, ColumnSpec, DataError, check_same_schema
 
-__all__ = ["Engine", "Shards", "list_shards", "engine_for", "ENGINES", "ROW"]
+__all__ = ["Engine", "Shards", "list_shards", "is_uri", "require_local", "engine_for", "ENGINES", "ROW"]
 
 ENGINES = ("local", "ray", "spark")
 
@@ -147,6 +148,12 @@ class Shards:
     source: str                         # how the user named it, for messages
 
     @property
+    def local(self) -> bool:
+        """Whether the files are on the local filesystem (their paths are then os paths)."""
+        import pyarrow.fs as pafs
+        return isinstance(self.dataset.filesystem, pafs.LocalFileSystem)
+
+    @property
     def paths(self) -> List[str]:
         return [f.path for f in self.fragments]
 
@@ -156,12 +163,22 @@ class Shards:
 
     @functools.cached_property
     def identity(self) -> tuple:
-        """(path, size, mtime in ns) of every file: what a cache of their batches is valid for."""
-        out = []
-        for p in self.paths:
-            st = os.stat(p)
-            out.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
-        return tuple(out)
+        """(path, size, mtime in ns) of every file: what a cache of their batches (and a
+        checkpoint) is valid for. Local files by os.stat, as always; on another filesystem
+        (an object store) the path is prefixed by the filesystem's name, so that equal paths
+        on two stores differ, and size and mtime come from the filesystem (mtime None where
+        the store keeps none)."""
+        if self.local:
+            out = []
+            for p in self.paths:
+                st = os.stat(p)
+                out.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
+            return tuple(out)
+        fs = self.dataset.filesystem
+        name = _fs_name(fs)
+        # One call for the whole list, not one per file: on an object store each file is a request.
+        return tuple((f"{name}:{info.path}", info.size, info.mtime_ns)
+                     for info in fs.get_file_info(self.paths))
 
     @functools.cached_property
     def offsets(self) -> List[int]:
@@ -187,9 +204,76 @@ class Shards:
             raise DataError(f"{self.source}: no Parquet files")
 
 
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_GLOB_CHARS = re.compile(r"[*?[]")
+
+
+def is_uri(source) -> bool:
+    """Whether ``source`` is a filesystem URI (``s3://``, ``gs://``, ``file://``, ...), which
+    pyarrow's filesystems read; plain paths (no ``scheme://``) keep the os path code."""
+    return isinstance(source, str) and _URI.match(source) is not None
+
+
+def _fs_name(fs) -> str:
+    """A filesystem's name for identities: its type, and for a subtree the folder it is rooted at."""
+    import pyarrow.fs as pafs
+    if isinstance(fs, pafs.SubTreeFileSystem):
+        return f"{_fs_name(fs.base_fs)}/{fs.base_path}"
+    return fs.type_name
+
+
+def _uri_dataset(uri: str):
+    """(dataset, base) of a URI naming a directory (hive partitions read), one file, or a glob
+    on the path part (matched with fnmatch against the files listed under the glob's fixed
+    folder, so ``*`` also crosses ``/``), all listed through the URI's own filesystem."""
+    import fnmatch
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (ValueError, NotImplementedError) as e:  # pyarrow's ArrowInvalid / ArrowNotImplementedError: an unknown scheme
+        raise ValueError(f"data: cannot open {uri!r}: {e}") from e
+    except OSError as e:  # a store that cannot be reached (an S3 bucket's region looked up, say)
+        raise OSError(f"data: cannot open {uri!r}: {e}") from e
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        # pyarrow lists the folder itself (FileSelector, recursive), skipping _ and . files as a local folder's.
+        return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive"), uri
+    if info.type == pafs.FileType.File:
+        return pads.dataset([path], filesystem=fs, format="parquet"), None
+    m = _GLOB_CHARS.search(path)
+    if m is not None:
+        root = path[:m.start()].rpartition("/")[0]
+        listed = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        paths = sorted(i.path for i in listed if i.type == pafs.FileType.File and fnmatch.fnmatchcase(i.path, path))
+        if paths:
+            return pads.dataset(paths, filesystem=fs, format="parquet"), None
+        raise FileNotFoundError(f"data: no file matches {uri!r}")
+    raise FileNotFoundError(f"data: no such file or folder {uri!r}")
+
+
+def require_local(source, engine: str, handed: str) -> None:
+    """Ray and Spark read shards by path in their workers, which holds for local files only (a
+    pyarrow filesystem object need not reach, or mean the same store in, another process):
+    refuse a URI or a pyarrow Dataset on another filesystem before any work, naming both."""
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+    if is_uri(source) and not source.lower().startswith("file://"):
+        what = repr(source)
+    elif isinstance(source, pads.FileSystemDataset) and not isinstance(source.filesystem, pafs.LocalFileSystem):
+        what = f"a pyarrow Dataset on {source.filesystem.type_name!r}"
+    else:
+        return
+    raise ValueError(f"data: engine={engine!r} reads local paths only, not {what}; "
+                     f"use engine='local' or hand in a {handed}")
+
+
 def list_shards(source) -> Shards:
     """The Parquet shards of ``source``: a file, a directory (hive partitions ``key=value/``
-    included), a glob, a list of files, or a ``pyarrow.dataset.Dataset`` of files. The
+    included), a glob, a list of files, a URI of any of the first three (``s3://``, ``gs://``,
+    ``file://``: whatever ``pyarrow.fs.FileSystem.from_uri`` opens), or a
+    ``pyarrow.dataset.Dataset`` of files on any pyarrow filesystem. The
     files are always ordered by path (that order defines the row numbers)."""
     import pyarrow.dataset as pads
 
@@ -197,6 +281,9 @@ def list_shards(source) -> Shards:
         if not isinstance(source, pads.FileSystemDataset):
             raise TypeError(f"data: a pyarrow Dataset of files is needed, got {type(source).__name__}")
         ds, base, name = source, None, "dataset"
+    elif is_uri(source):
+        ds, base = _uri_dataset(source)
+        name = source
     else:
         if isinstance(source, (list, tuple)):
             paths = [os.fspath(p) for p in source]

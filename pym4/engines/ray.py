@@ -22,7 +22,7 @@ import pickle
 from typing import Any, Iterable, List, Optional
 
 from ..m4._columns import ColumnSpec, DataError, check_schema
-from . import Engine, _check_out, file_identity, list_shards, reraise_data_errors
+from . import Engine, _check_out, file_identity, list_shards, require_local, reraise_data_errors
 from .local import part_name, reduce_shard, write_shard
 from .shared_cache import SharedCache
 
@@ -137,6 +137,7 @@ class RayEngine(Engine):
         if isinstance(data, ray.data.Dataset):
             self.ds, self.shards, self.source = data, None, "ray dataset"
         else:
+            require_local(data, "ray", "Ray Dataset")
             self.ds, self.shards = None, list_shards(data)
             self.source = self.shards.source
 

@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, List, Optional
 
 
 from ..m4._columns import ColumnSpec, DataError, check_schema
-from . import Engine, _check_out, file_identity, list_shards, reraise_data_errors
+from . import Engine, _check_out, file_identity, list_shards, require_local, reraise_data_errors
 from .local import part_name, reduce_shard, write_shard
 from .shared_cache import SharedCache
 
@@ -239,6 +239,7 @@ class SparkEngine(Engine):
             self.df, self.source = data, "spark dataframe"
             self.spark = data.sparkSession
         else:
+            require_local(data, "spark", "Spark DataFrame")
             self.shards = list_shards(data)
             self.source = self.shards.source
             if spark is None:

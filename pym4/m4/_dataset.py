@@ -105,9 +105,11 @@ def _fingerprint(engine, spec: ColumnSpec, request) -> Optional[Dict[str, Any]]:
     files, data = [], None
     shards = getattr(engine, "shards", None)
     if shards is not None:
-        for p in shards.paths:
-            st = os.stat(p)
-            files.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+        # The engine's own identity of its files (os.stat locally, the filesystem's file info on
+        # an object store), as lists: the fingerprint is compared with its JSON round trip.
+        files = [list(f) for f in shards.identity]
+        if any(f[2] is None for f in files):
+            return None  # a store that keeps no mtime: a same-size rewrite would go unseen
     else:
         data = engine.identity()
         if data is None:
@@ -358,9 +360,11 @@ def fit_dataset(data, *, sensitive=(), labels=(), sensitive_from=None, labels_fr
                 max_patterns: int = 1 << 20, engine_options: Optional[dict] = None) -> M4Model:
     """Fit M4 on a dataset by exact passes (DESIGN.md §3b); returns the :class:`M4Model`.
 
-    data : a Parquet file, directory (hive partitions included), glob or list of files, a
-        ``pyarrow.dataset.Dataset``, a Ray ``Dataset`` or a Spark ``DataFrame`` (the engine is
-        inferred; ``engine="ray"``/``"spark"`` runs files on Ray/Spark).
+    data : a Parquet file, directory (hive partitions included), glob or list of files, a URI
+        of a file, directory or glob (``s3://``, ``gs://``, ``file://``: any that
+        ``pyarrow.fs.FileSystem.from_uri`` opens), a ``pyarrow.dataset.Dataset`` (on any pyarrow
+        filesystem), a Ray ``Dataset`` or a Spark ``DataFrame`` (the engine is inferred;
+        ``engine="ray"``/``"spark"`` runs local files on Ray/Spark).
     sensitive, labels : 0/1 columns (bool, integer or float); sensitive_from, labels_from :
         ``"COL"`` (every value of a list<string>/string column) or ``"COL:V1,V2"``.
     utility : numeric column (no pattern table then); id : id column (for the written q).
