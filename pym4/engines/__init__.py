@@ -105,11 +105,16 @@ def file_identity(paths) -> Optional[list]:
         else:
             local = p
         try:
-            st = os.stat(local)
+            out.append(_stat_entry(local))
         except OSError:
             return None
-        out.append([os.path.abspath(local), st.st_size, st.st_mtime_ns])
     return out
+
+
+def _stat_entry(path: str) -> list:
+    """[absolute path, size, mtime in ns] of a local file: what identifies its contents."""
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
 
 def _check_out(out: str) -> str:
@@ -169,11 +174,7 @@ class Shards:
         on two stores differ, and size and mtime come from the filesystem (mtime None where
         the store keeps none)."""
         if self.local:
-            out = []
-            for p in self.paths:
-                st = os.stat(p)
-                out.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
-            return tuple(out)
+            return tuple(tuple(_stat_entry(p)) for p in self.paths)
         fs = self.dataset.filesystem
         name = _fs_name(fs)
         # One call for the whole list, not one per file: on an object store each file is a request.

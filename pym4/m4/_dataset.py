@@ -73,7 +73,7 @@ class _Passes:
     def reduce(self, stage, desc: str):
         t0 = time.perf_counter()
         with progress_bar(self.progress, self.rows, desc) as advance:
-            out = self.engine.reduce(stage) if advance is None else self.engine.reduce(stage, advance)
+            out = self.engine.reduce(stage, advance)
         self.seconds.append(time.perf_counter() - t0)
         self.count += 1
         return out
