@@ -17,14 +17,15 @@ def _cols(text: str):
 
 def run_balance_dataset(args) -> int:
     from . import _io
-    from .cli import CLIError, _column_spec, _DEFAULT_BATCH_ROWS, _flag_names, _parse_target
+    from .cli import CLIError, _column_spec, _DEFAULT_BATCH_ROWS, _flag_names, _is_uri, _parse_target
     from .m4 import _feasibility
     from .m4._columns import DataError
     from .m4._dataset import balance_dataset
 
     out = os.path.abspath(args.out)
     if args.out.lower().endswith((".parquet", ".pq", ".csv")):
-        raise CLIError(f"--out: {args.out!r} names a file; for a dataset INPUT, OUTPUT is a folder")
+        what = "a URI INPUT is read as a dataset" if _is_uri(args.input) else "for a dataset INPUT"
+        raise CLIError(f"--out: {args.out!r} names a file; {what}, OUTPUT is a folder")
     if os.path.lexists(out):
         raise CLIError(f"--out: {args.out!r} already exists (OUTPUT must be a new folder)")
     if not os.path.isdir(os.path.dirname(out)):

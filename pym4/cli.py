@@ -327,9 +327,16 @@ def _numeric_column(batch, name: str, row0: int):
 _FILE_SUFFIXES = (".parquet", ".pq", ".csv")
 
 
+def _is_uri(path: str) -> bool:
+    """``scheme://...`` (s3, gs, hdfs, file): read through a pyarrow filesystem, by the dataset
+    route, whose listing takes a folder, a file or a glob alike (os.path knows none of them)."""
+    scheme, sep, _ = path.partition("://")
+    return bool(sep) and scheme.isidentifier()
+
+
 def _is_dataset(args) -> bool:
-    """A dataset run: INPUT a directory or a glob, or OUTPUT not a .parquet/.csv file."""
-    return (os.path.isdir(args.input) or any(ch in args.input for ch in "*?[")
+    """A dataset run: INPUT a directory, a glob or a URI, or OUTPUT not a .parquet/.csv file."""
+    return (os.path.isdir(args.input) or any(ch in args.input for ch in "*?[") or _is_uri(args.input)
             or not args.out.lower().endswith(_FILE_SUFFIXES))
 
 

@@ -182,3 +182,19 @@ def test_a_missing_engine_names_its_extra(table, tmp_path, capsys, monkeypatch, 
     assert rc == 2 and err.startswith(f"pym4: error: --engine {engine}: "), err
     assert err.rstrip().endswith(f"(pip install 'pym4[{extra}]')"), err
     assert sorted(os.listdir(tmp_path)) == ["d"]
+
+
+def test_a_uri_input_is_a_dataset(table, tmp_path, capsys):
+    # os.path knows no URI: a folder, a file or a glob behind scheme:// all take the dataset route.
+    write_shards(table, str(tmp_path / "d"), SEVEN)
+    args = ["--sensitive", "g0,g1", *PROBLEM]
+    assert cli.main(["balance", str(tmp_path / "d"), "--out", str(tmp_path / "plain"), *args]) == 0
+    assert cli.main(["balance", (tmp_path / "d").as_uri(), "--out", str(tmp_path / "uri"), *args]) == 0
+    np.testing.assert_array_equal(_q(str(tmp_path / "uri")), _q(str(tmp_path / "plain")))
+    one = sorted(os.listdir(tmp_path / "d"))[0]
+    capsys.readouterr()
+    assert cli.main(["balance", (tmp_path / "d" / one).as_uri(), "--out", str(tmp_path / "o.parquet"), *args]) == 2
+    assert "names a file; a URI INPUT is read as a dataset, OUTPUT is a folder" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o.parquet")
+    assert cli.main(["balance", (tmp_path / "nowhere").as_uri(), "--out", str(tmp_path / "o2"), *args]) == 2
+    assert "nowhere" in capsys.readouterr().err and not os.path.exists(tmp_path / "o2")
