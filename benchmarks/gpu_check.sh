@@ -50,7 +50,24 @@ SITE=${PYM4_GPU_SITE:-/tmp/pym4-gpu-site}
 step build "${PYM4_BUILD_LIMIT:-200}" env PYM4_CUDA=ON PYM4_CUDA_ARCHS="${PYM4_CUDA_ARCHS:-90}" \
   "$PY" -m pip install --no-build-isolation --no-deps -q --upgrade --target "$SITE" .
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONSAFEPATH=1
-step build_info 40 "$PY" -c "import json, pym4; print(json.dumps(pym4.build_info(), indent=1))"
+# The build just made must be the pym4 every later step imports, with its CUDA kernels: an
+# editable install in $PY's environment (`make setup`'s .venv) is found by its own import
+# hook before PYTHONPATH, and would run the tests against a CPU-only core in silence.
+check_build() {
+  "$PY" - "$SITE" <<'PYEOF'
+import json, os, sys
+import pym4
+print(json.dumps(pym4.build_info(), indent=1))
+site, where = os.path.realpath(sys.argv[1]), os.path.realpath(pym4.__file__)
+if not where.startswith(site + os.sep):
+    sys.exit(f"pym4 is imported from {where}, not from the build in {site}: another install shadows it "
+             f"(an editable one, e.g. make setup's .venv); run with a python that has no pym4 (PYTHON=...)")
+if not pym4.build_info()["cuda"]:
+    sys.exit(f"the build in {site} has no CUDA kernels (build_info cuda=False): see the build step's log")
+PYEOF
+}
+step build_info 40 check_build
+if [ "$status" -ne 0 ]; then log "stopping: the later steps would not test this build"; log "done (status $status)"; exit $status; fi
 install_anchors() {  # each missing anchor from the wheelhouse, into the same folder
   local anchor missing=""
   # Found, not imported: open_clip's package import needs torchvision, but the tests and the
@@ -75,13 +92,18 @@ install_anchors() {  # each missing anchor from the wheelhouse, into the same fo
 step anchors 40 install_anchors
 step triton_import 40 "$PY" -c "from pym4.kernels import sinkhorn as k; print(len(list(k.compile_configs())), 'Triton Sinkhorn configurations')"
 if [ "$DRY_RUN" = "1" ]; then
-  log "dry run: stopping before the first CUDA call (pytest -m gpu, benchmarks --device cuda)"
+  log "dry run: stopping before the first CUDA call (the GPU tests, benchmarks --device cuda)"
   log "done (status $status)"
   exit $status
 fi
 # Includes the Sinkhorn GPU tests: CUDA kernel with group= (NCCL group of one) and prototypes=,
 # the torch fallback's launch counts, and the native Triton Sinkhorn (test_sinkhorn_triton.py).
 step tests 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
+# The Triton test files whole: with a GPU present their unmarked tests (both forms, out=,
+# non-contiguous input, the features form, non-finite input) run natively on CUDA too, and
+# -m gpu above selects only their marked ones.
+step tests_triton 120 "$PY" -m pytest -q -m "not gpu" -p no:cacheprovider tests/test_sinkhorn_triton.py \
+  tests/test_contrastive_triton.py
 # Benchmarks, one per op (each writes CSV and PNG under $OUT); the step limits keep the
 # whole script under 10 minutes.
 step bench_sinkhorn 70 "$PY" benchmarks/bench_sinkhorn.py --device cuda --out "$OUT"

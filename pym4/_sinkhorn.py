@@ -59,8 +59,10 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
         training loop that passes last step's buffer saves allocating (and the kernel
         zeroing) a fresh B x K result every step. A solve stopped by Ctrl-C
         (KeyboardInterrupt) leaves unspecified values in it.
-    backend : {"cpu", "cuda", "torch"}, optional
-        Force an implementation (default: the best available; see ``pym4._backend``).
+    backend : {"cpu", "cuda", "triton", "torch"}, optional
+        Force an implementation (default: the best available; see ``pym4._backend``). On
+        CUDA the default is the core's CUDA kernel, else (a core built without CUDA) the
+        Triton kernel, else torch; ``group=`` takes the CUDA kernel's passes or torch's.
 
     Returns
     -------

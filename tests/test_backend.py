@@ -143,3 +143,19 @@ def test_balance_without_the_core_streams_in_torch(monkeypatch):
     auto = m4.balance(s, y, **{k: v for k, v in kw.items() if k != "method"})
     assert auto.method == "stream"
     np.testing.assert_allclose(auto.q, with_core.q, atol=1e-9)
+
+
+@pytest.mark.parametrize("has_cuda,has_triton,want", [(True, True, "cuda"), (False, True, "triton"),
+                                                      (False, False, "torch")])
+def test_sinkhorn_on_cuda_takes_the_core_then_triton_then_torch(monkeypatch, has_cuda, has_triton, want):
+    # The dispatch alone (no GPU needed): a CPU-only wheel on a GPU machine runs the Triton kernel.
+    monkeypatch.delenv("PYM4_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "core_has_cuda", lambda: has_cuda)
+    monkeypatch.setattr(_backend, "_triton_importable", lambda: has_triton)
+    assert _backend.choose("sinkhorn", "cuda") == want
+    assert _backend.choose("sinkhorn_features", "cuda") == want
+    # group=: the Triton kernel has no per-pass form, so the CUDA kernel's passes or torch's.
+    assert _backend.choose("sinkhorn_distributed", "cuda") == ("cuda" if has_cuda else "torch")
+    # The CPU never picks the interpreter by itself.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.choose("sinkhorn", "cpu") == ("cpu" if _backend.core() is not None else "torch")
