@@ -474,6 +474,7 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
                     return solved
             # (float64 when float32 cannot hold scores/epsilon, as on the scores path)
             return _swav_iterate(_TorchPasses(_precise(scores, alpha), alpha), k, b, n_iters, z.device)
+        del q  # the block-wise passes write a plan of their own: one B x K alive at a time, not two
     if dtype == torch.float32 and name != "cuda":
         # |z_i . c_j| <= |z_i| |c_j|: when that bound of scores/epsilon is beyond what float32
         # holds (see _FLOAT32_MAX_EXPONENT), the passes run in float64.

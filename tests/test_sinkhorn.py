@@ -432,6 +432,29 @@ def test_features_form_log_domain(backend, chunk):
                                rtol=5e-5, atol=1e-7)
 
 
+def test_features_form_log_domain_holds_one_b_by_k_at_a_time(monkeypatch):
+    # Blocks of 8 rows: the in-place buffer the declined solve used is dropped before the
+    # block-wise passes write their plan, so the peak stays one B x K (plus a block).
+    import gc
+    from pym4 import _sinkhorn_passes
+
+    g = torch.Generator().manual_seed(6)
+    z, c = 0.5 * torch.randn(64, 16, generator=g), torch.randn(37, 16, generator=g)
+    alive = []
+    write_plan = _sinkhorn_passes._FeaturePasses.write_plan
+
+    def spy(self, *args):
+        gc.collect()
+        alive.append(sum(1 for o in gc.get_objects() if type(o) is torch.Tensor and tuple(o.shape) == (64, 37)))
+        return write_plan(self, *args)
+
+    monkeypatch.setattr(_sinkhorn_passes._FeaturePasses, "write_plan", spy)
+    q = pym4.sinkhorn(z, 0.02, 3, prototypes=c, chunk=8, backend="cpu")
+    assert alive == [0]  # the block-wise passes ran, with no B x K alive when the plan is written
+    torch.testing.assert_close(q.double(), swav_reference(z.double() @ c.double().t(), 0.02, 3),
+                               rtol=5e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     ({"prototypes": torch.zeros(5, 3)}, ValueError, "prototypes: expected shape"),
     ({"prototypes": torch.zeros(0, 4)}, ValueError, "prototypes: expected shape"),
