@@ -258,15 +258,53 @@ def test_group_uses_the_cuda_kernel(nccl_group_of_one, b, k, epsilon, dtype, mon
     assert_matches_reference(out, x, epsilon, 3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("group", [False, True])
-def test_features_form_uses_the_cuda_kernel(request, group):
+def test_features_form_uses_the_cuda_kernel(request, group, dtype, monkeypatch):
     g = torch.Generator().manual_seed(3)
-    z = torch.nn.functional.normalize(torch.randn(300, 64, generator=g), dim=1)
-    c = torch.nn.functional.normalize(torch.randn(3000, 64, generator=g), dim=1)
+    z = torch.nn.functional.normalize(torch.randn(300, 64, generator=g), dim=1).to(dtype)
+    c = torch.nn.functional.normalize(torch.randn(3000, 64, generator=g), dim=1).to(dtype)
     kwargs = {"group": request.getfixturevalue("nccl_group_of_one")} if group else {}
+    calls = []
+    core = _backend.core()
+    for entry in ("sinkhorn_solve_cuda", "sinkhorn_pass_cuda"):  # whichever form serves it: the kernel
+        real = getattr(core, entry)
+        monkeypatch.setattr(core, entry, lambda *a, real=real, entry=entry: calls.append(entry) or real(*a))
     q = pym4.sinkhorn(z.cuda(), 0.05, 3, prototypes=c.cuda(), backend="cuda", **kwargs)
-    torch.testing.assert_close(q.double().cpu(), swav_sinkhorn(z.double() @ c.double().t(), 0.05, 3), rtol=5e-4,
-                               atol=1e-8)
+    assert calls == (["sinkhorn_pass_cuda"] * 4 if group else ["sinkhorn_solve_cuda"]), calls
+    assert q.dtype == dtype and q.is_cuda
+    rtol, atol, _ = TOLERANCES[dtype]  # the scores in float32 from the inputs as given, the codes rounded to dtype
+    torch.testing.assert_close(q.double().cpu(), swav_sinkhorn(z.double() @ c.double().t(), 0.05, 3), rtol=rtol,
+                               atol=atol)
+
+
+def _two_rank_worker(rank, init_file, shards, out_dir):
+    import os
+
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            device_id=torch.device("cuda", rank))
+    try:
+        q = pym4.sinkhorn(shards[rank].cuda(rank), 0.05, 3, group=dist.group.WORLD)
+        torch.save(q.cpu(), os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_group_over_two_gpus_equals_one_process_on_the_whole_batch(tmp_path):
+    # Uneven shards (100 and 200 rows) over 2 NCCL ranks: the codes of one process on all 300.
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(5)
+    s = 2 * torch.rand(300, 129, generator=g) - 1
+    shards = [s[:100].clone(), s[100:].clone()]
+    mp.spawn(_two_rank_worker, args=(str(tmp_path / "init"), shards, str(tmp_path)), nprocs=2, join=True)
+    q = torch.cat([torch.load(tmp_path / f"{r}.pt") for r in range(2)])
+    rtol, atol, _ = TOLERANCES[torch.float32]
+    torch.testing.assert_close(q.double(), swav_sinkhorn(s.double(), 0.05, 3), rtol=rtol, atol=atol)
 
 
 def cuda_launches(fn) -> int:
