@@ -1062,6 +1062,14 @@ bool exact_step(const Problem& prob, int64_t m, int64_t c, double* S, const doub
     }
   } else if (r <= std::max(tol, 1e-9) || S[kSamplePasses] >= 40 ||
              (viol > tol * eta && (rec_pt > 1e-10 * wsum || rec_dir > 1e-10 * dsum))) {
+    // An infeasible sample's duals run along its recession direction: a ray, not a point near
+    // the data's optimum, and a start from it can leave the full solve crawling (N = 997 with
+    // a 64-row sample: violation 1.9e-4 after 100 iterations, 7.8e-5 after 400). The data
+    // then starts cold, as without a sample.
+    if (!(r <= std::max(tol, 1e-9)) && viol > tol * eta && (rec_pt > 1e-10 * wsum || rec_dir > 1e-10 * dsum)) {
+      std::fill(w, w + p, 0.0);
+      S[kMu] = 0.0;
+    }
     to_full();
     return false;
   }

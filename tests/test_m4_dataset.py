@@ -378,3 +378,23 @@ def test_shifted_utility_gives_the_same_q(table, tmp_path):
     np.testing.assert_allclose(q, res.q, rtol=0, atol=1e-8)
     # the dual for the utility as given: u + 5 moves it by 5
     assert abs((model.mu + model.info["utility_shift"]) - (base.mu + base.info["utility_shift"] + 5.0)) < 1e-10
+
+
+def test_an_infeasible_warm_start_sample_leaves_the_data_a_cold_start(tmp_path, monkeypatch):
+    """With the warm-start sample forced to 32 rows (one 64-row block of N = 997), this row
+    order's sample is infeasible: its duals run along a recession direction. The full solve
+    starts cold instead of from them (from them it stopped at max_iter, violation 1.9e-4), and
+    reaches the unsampled fit's optimum."""
+    import pym4.m4._dataset as fitting
+
+    table = metadata(N, seed=11)
+    write_shards(table.take(pa.array(np.random.default_rng(14).permutation(N))), str(tmp_path / "d"), [N])
+    kw = dict(sensitive=["g0", "g1"], labels=["l0", "l2"], utility="u", target=0.3, budget=0.8, eps_rep=0.02,
+              eps_assoc=0.05, progress=False)
+    unsampled = m4.fit_dataset(str(tmp_path / "d"), **kw)
+    monkeypatch.setattr(fitting, "_SAMPLE_ROWS", 32)
+    sampled = m4.fit_dataset(str(tmp_path / "d"), **kw)
+    assert sampled.info["solver_passes"] > unsampled.info["solver_passes"]  # the sample's passes ran
+    assert sampled.info["status"] == unsampled.info["status"] == "optimal", sampled.info["message"]
+    np.testing.assert_allclose(sampled.w, unsampled.w, rtol=0, atol=1e-6)
+    assert abs(sampled.mu - unsampled.mu) <= 1e-6
