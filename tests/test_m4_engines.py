@@ -476,16 +476,17 @@ def test_spark_dataframe_packed_bad_value_named(spark, table, tmp_path, case):
 # ----- fit_dataset on every input kind equal to local (duals and q at 1e-9) ----------------------------
 
 _FIT = dict(target=0.3, budget=0.8, eps_rep=0.02, eps_assoc=0.05, progress=False)
+_FIT_TOL = 1e-9  # fit_dataset's default tol
 
 
-def _same_fit(got, want, table):
-    """The same duals (w, mu) and the same q on every row as the local fit, at 1e-9."""
+def _same_fit(got, want, table, atol=1e-9):
+    """The same duals (w, mu) and the same q on every row as the local fit, at ``atol``."""
     assert got.info["status"] == want.info["status"] == "optimal"
     assert got.info["compressed"] == want.info["compressed"]
-    np.testing.assert_allclose(got.w, want.w, rtol=0, atol=1e-9)
-    assert abs(got.mu - want.mu) <= 1e-9
+    np.testing.assert_allclose(got.w, want.w, rtol=0, atol=atol)
+    assert abs(got.mu - want.mu) <= atol
     q_got, q_want = got.transform(table).column("q").to_numpy(), want.transform(table).column("q").to_numpy()
-    np.testing.assert_allclose(q_got, q_want, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(q_got, q_want, rtol=0, atol=atol)
     assert 0 < q_want.mean() < 1  # q moved: a fit that kept or dropped every row would prove little
 
 
@@ -507,15 +508,18 @@ def test_fit_spark_dataframe_equals_local(spark, seven, table, utility):
     _same_fit(pym4.m4.fit_dataset(spark.read.parquet(src), **kw), local, table)
 
 
-# Spark only: its partitions follow the files, so the sample is the same in every run. A Ray
-# Dataset's blocks depend on Ray's scheduling, and with this forced 32-row sample one CI run's
-# blocks gave a warm start from which the exact solve stopped at max_iter (violation 2e-6).
-@pytest.mark.parametrize("engine", ["spark"])
+# A Ray Dataset's blocks depend on Ray's scheduling, so its sample differs between runs. One CI
+# run's blocks once gave an infeasible sample whose duals (a ray) the exact solve started from
+# and stopped at max_iter (violation 2e-6); such a sample now leaves the data a cold start.
+@pytest.mark.parametrize("engine", ["ray", "spark"])
 def test_fit_handed_in_with_warm_start_sample_equals_local(engine, request, seven, table, monkeypatch):
     """With the warm-start sample on (the core samples 64-row blocks by row number once the data
     has 4x the sample's rows: forced here at N = 997), a DataFrame or Dataset has no file
     offsets, so its rows are numbered within each partition or block and the sample takes other
-    rows than local's: another path to the optimum (other pass counts), the same duals and q."""
+    rows than local's: another path to the optimum (other pass counts), the same duals and q.
+    Another path stops at another point within tol = 1e-9 of every constraint (Spark's sample
+    of this data is infeasible, so its fit starts cold and stops at violation 4.5e-10, where
+    local's stops at 5e-16): duals and q agree to 1e-8 (measured 3.1e-9 and 2.3e-9), not 1e-9."""
     import pym4.m4._dataset as fitting
     session = request.getfixturevalue("ray_session" if engine == "ray" else "spark")
     src = seven[0]
@@ -525,7 +529,10 @@ def test_fit_handed_in_with_warm_start_sample_equals_local(engine, request, seve
     local = pym4.m4.fit_dataset(src, **kw)
     assert local.info["solver_passes"] > unsampled.info["solver_passes"]  # the sample's passes were taken
     data = session.data.read_parquet(src) if engine == "ray" else session.read.parquet(src)
-    _same_fit(pym4.m4.fit_dataset(data, **kw), local, table)
+    got = pym4.m4.fit_dataset(data, **kw)
+    for fit in (got, local):
+        assert fit.info["max_violation"] <= _FIT_TOL, fit.info["message"]
+    _same_fit(got, local, table, atol=1e-8)
 
 
 @pytest.mark.parametrize("engine", ["ray", "spark"])
