@@ -45,11 +45,16 @@ int pass_threads(int64_t rows, int64_t cols) {
 // tens of microseconds (SEER's solve at load 2.5 on two cores: best 0.8 ms, median 36-100 ms
 // on two threads, 1.3 ms on one). So every share notes when it started; a pass whose last
 // share started over 1 ms after the pass (a pool thread wakes in microseconds; a descheduled
-// one waits a slice) marks the process contended for 2 s, and while it is, passes under 4M
-// entries (~2 ms) run all their shares on one thread: a loaded machine then pays at most one
-// late pass per 2 s (with 0.2 s, a solve after each of torch's 2-thread ops at load 6 still
-// paid one: median 13 ms for SwAV's 256 x 3000, 4.4 ms with 2 s, 2.4 ms with no torch op in
-// between). The shares, and so the result, stay the same: only who runs them changes.
+// one waits a slice) marks the process contended, and while it is, passes under 4M entries
+// (~2 ms) run all their shares on one thread. The back-off starts at 0.25 s and doubles, up to
+// 2 s, with each late pass within 4 s of the previous one: a loaded machine soon pays at most
+// one late pass per 2 s (with a fixed 0.2 s, a solve after each of torch's 2-thread ops at
+// load 6 still paid one: median 13 ms for SwAV's 256 x 3000, 4.4 ms with 2 s, 2.4 ms with no
+// torch op in between), while an idle VM whose vCPU the hypervisor takes for a burst (25%
+// steal here: 0 to 2 late passes in a benchmark run of 1536) loses a quarter of a second of
+// its second core, not two seconds (a fixed 2 s doubled the small shapes' medians in one
+// benchmark run in three). The shares, and so the result, stay the same: only who runs them
+// changes.
 class Team {
  public:
   Team(int shares, int64_t entries)
@@ -58,8 +63,14 @@ class Team {
                   : shares),
         start_(size_ > 1 ? now_ns() : 0) {}
   ~Team() {
-    if (size_ > 1 && latest_.load(std::memory_order_relaxed) - start_ > kLateNs)
-      contended_until_.store(now_ns() + kBackoffNs, std::memory_order_relaxed);
+    if (size_ > 1 && latest_.load(std::memory_order_relaxed) - start_ > kLateNs) {
+      const int64_t now = now_ns();
+      const bool again = now - last_late_.exchange(now, std::memory_order_relaxed) < kRecentNs;
+      const int64_t backoff = again ? std::min(2 * backoff_ns_.load(std::memory_order_relaxed), kMaxBackoffNs)
+                                    : kMinBackoffNs;
+      backoff_ns_.store(backoff, std::memory_order_relaxed);
+      contended_until_.store(now + backoff, std::memory_order_relaxed);
+    }
   }
   int size() const { return size_; }
   void arrive() {  // at the start of each share
@@ -72,9 +83,13 @@ class Team {
 
  private:
   static constexpr int64_t kLateNs = 1000000;
-  static constexpr int64_t kBackoffNs = 2000000000;
+  static constexpr int64_t kMinBackoffNs = 250000000;
+  static constexpr int64_t kMaxBackoffNs = 2000000000;
+  static constexpr int64_t kRecentNs = 4000000000;
   static constexpr int64_t kShortPass = int64_t(1) << 22;
   static inline std::atomic<int64_t> contended_until_{0};
+  static inline std::atomic<int64_t> backoff_ns_{kMinBackoffNs};
+  static inline std::atomic<int64_t> last_late_{-kRecentNs};  // (steady clock: 0 is long past)
   static int64_t now_ns() {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
         .count();
