@@ -166,8 +166,11 @@ def main(argv=None) -> int:
         impls["matmul"] = lambda: z_dev @ c_dev.t()
         if "cpu" in backends:
             # The core's solve alone (into a held buffer, no Python layer): what pym4-cpu costs
-            # beyond it is argument checks, the result's allocation and the dispatch.
-            core, s_np, held = _backend.core(), scores.numpy(), np.empty(tuple(scores.shape), np.float32)
+            # beyond it is argument checks, the result's allocation and the dispatch. The buffer
+            # is torch's (64-byte aligned, as pym4's results are): into np.empty's (16-byte
+            # aligned) the same solve measured 0.05-0.3x the floor slower at the small shapes.
+            core, s_np = _backend.core(), scores.numpy()
+            held = torch.empty_like(scores).numpy()
             impls["core-call"] = lambda: (core.sinkhorn_swav(s_np, 1.0 / eps, n_iters, held), held)[1]
         impls["swav-reference"] = lambda: swav_code(scores, eps, n_iters)
         # The memory-traffic floor, measured in the same shuffled rounds as the implementations:
@@ -184,6 +187,16 @@ def main(argv=None) -> int:
                 scores.sum()
             return floor_buffer.fill_(1.0)
         impls["memory-floor"] = memory_floor
+
+        # The work floor: the same traffic with the one exponential per entry that every
+        # Sinkhorn solve takes (the reference's exp(S / eps), the core's first pass). At the
+        # cache-resident shapes (SwAV's 256 x 3000, SEER's 16 x 16000) the reads above cost
+        # less than the exponentials, so the memory floor alone is one no solve can reach.
+        def work_floor(reads=n_iters):
+            for _ in range(reads):
+                scores.sum()
+            return torch.exp(scores, out=floor_buffer)
+        impls["work-floor"] = work_floor
         reference = refs.swav_sinkhorn(scores, eps, n_iters)  # float64, the tests' reference
         if have_pot:
             # (its own name: core-call's lambda reads s_np when it runs)
@@ -192,18 +205,18 @@ def main(argv=None) -> int:
         errors = {}
         for name, impl in impls.items():  # correctness first (and the timer's warm-up)
             out = impl.fn() if isinstance(impl, Case) else impl()
-            errors[name] = (math.nan if name in ("matmul", "memory-floor") else
+            errors[name] = (math.nan if name in ("matmul", "memory-floor", "work-floor") else
                             float((torch.as_tensor(out).to(reference.device, torch.float64) - reference).abs().max()))
         timings = time_shuffled(impls, args.repeats, device)
         times = {name: t.median for name, t in timings.items()}
-        launches = ({name: count_launches(fn) for name, fn in impls.items() if name not in ("pot", "memory-floor")}
+        launches = ({name: count_launches(fn) for name, fn in impls.items() if name not in ("pot", "memory-floor", "work-floor")}
                     if device == "cuda" else {})
-        floor_measured = times["memory-floor"]
+        floor_measured, floor_work = times["memory-floor"], times["work-floor"]
         for name in impls:
             rows.append({"shape": label, "B": b, "K": k, "n_iters": n_iters, "epsilon": eps, "impl": name,
                          **timings[name].row(), "max_abs_err": errors[name], "launches": launches.get(name, ""),
                          "floor_min_s": floor_min, "floor_passes_s": floor_passes,
-                         "floor_measured_s": floor_measured, "read_GBps": read_bw / 1e9,
+                         "floor_measured_s": floor_measured, "floor_work_s": floor_work, "read_GBps": read_bw / 1e9,
                          "write_GBps": write_bw / 1e9})
             count = f"   {launches[name]:4d} launches" if name in launches else ""
             print(f"{label:<20} {name:<16} {times[name] * 1e3:10.3f} ms   max|err| {errors[name]:.2e}{count}")
@@ -217,6 +230,11 @@ def main(argv=None) -> int:
         print(f"{label:<20} measured floor: {floor_measured * 1e3:.3f} ms ({n_iters + 1} reads of the scores + 1 "
               f"write of B x K by torch, in the same rounds); "
               + ", ".join(f"{name} {times[name] / floor_measured:.2f}x" for name in
+                          [f"pym4-{be}" for be in backends if be != "torch"] + ["pym4-reuse-out", "core-call"]
+                          if name in times))
+        print(f"{label:<20} work floor: {floor_work * 1e3:.3f} ms ({n_iters} reads of the scores + one exp of "
+              f"every entry into B x K by torch, in the same rounds); "
+              + ", ".join(f"{name} {times[name] / floor_work:.2f}x" for name in
                           [f"pym4-{be}" for be in backends if be != "torch"] + ["pym4-reuse-out", "core-call"]
                           if name in times))
         for anchor in ("swav-reference", "pot"):
