@@ -68,6 +68,8 @@ SPECS = {
                               Panel(("rows_per_s_pass",), "rows/s (wall)"))),
     "sinkhorn": Spec("Sinkhorn-Knopp: pym4 vs SwAV reference and POT", "shape", "shape", "impl",
                      (Panel(TIME, "time per call (s, log)"),), floor="floor_passes_s"),
+    "sinkhorn_load": Spec("Sinkhorn-Knopp on the CPU beside busy processes", "shape", "shape", "busy",
+                          (Panel(TIME, "median time per call (s, log)"), Panel(("p90_s",), "90th percentile (s, log)"))),
 }
 
 
