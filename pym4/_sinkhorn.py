@@ -21,10 +21,14 @@ from . import _backend
 from ._arrays import (INT64_MAX, check_finite, check_float, check_int_at_least, check_ndim, check_positive_scalar,
                       from_tensor, to_tensor)
 from ._sinkhorn_passes import (_CUDA_DTYPE_CODES, _FLOAT32_MAX_EXPONENT, _RESULTS, _CorePasses, _CudaPasses,
-                               _FeaturePasses, _TorchPasses, _compute_dtype, _global_batch, _swav_iterate)
+                               _FeaturePasses, _TorchPasses, _beyond_cuda_kernel, _compute_dtype, _global_batch,
+                               _not_finite, _swav_iterate)
 from .ot import ConvergenceWarning, sinkhorn_ot
 
 __all__ = ["sinkhorn", "sinkhorn_ot", "ConvergenceWarning"]
+
+# What the CUDA kernel cannot take (it computes alpha * x in float32), as its errors say it.
+_CUDA_REFUSES = "contains NaN or Inf (or overflows once divided by epsilon)"
 
 
 def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None, chunk: Optional[int] = None,
@@ -108,10 +112,13 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
         _swav_cpu(t, alpha, n_iters, out=out_t)  # written in place: no allocation at all
         return out
     if group is not None:
-        b_global = _global_batch(t.shape[0], t.shape[1], bool(torch.isfinite(t).all()), group, t.device)
         if name == "cuda":  # the CUDA kernel, pass by pass, all-reducing between passes
-            passes = _CudaPasses(t if t.dtype in _CUDA_DTYPE_CODES else t.float(), alpha)
+            x = t if t.dtype in _CUDA_DTYPE_CODES else t.float()
+            b_global = _global_batch(t.shape[0], t.shape[1], _beyond_cuda_kernel(x, alpha), group, t.device,
+                                     _CUDA_REFUSES)
+            passes = _CudaPasses(x, alpha)
         else:
+            b_global = _global_batch(t.shape[0], t.shape[1], _not_finite(t), group, t.device)
             x = _precise(t.to(_compute_dtype(t.dtype)), alpha)
             passes = _CorePasses(x, alpha) if name == "cpu" else _TorchPasses(x, alpha)
         q = _swav_iterate(passes, t.shape[1], b_global, n_iters, t.device, group)
@@ -346,7 +353,7 @@ def _swav_cuda(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torch.
                                  -math.log(b), n_iters, math.log(b), out.data_ptr(), workspace.data_ptr(),
                                  non_finite.data_ptr(), stream)
     if int(non_finite.item()):
-        raise ValueError("scores: contains NaN or Inf (or overflows once divided by epsilon)")
+        raise ValueError(f"scores: {_CUDA_REFUSES}")
     return out
 
 
@@ -425,11 +432,12 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
             raise ValueError("prototypes: contains NaN or Inf")
 
     if group is not None:
-        finite = bool(torch.isfinite(zc).all()) and bool(torch.isfinite(cc).all())
-        b_global = _global_batch(b, k, finite, group, z.device)
         if name == "cuda":  # this rank's scores in the result buffer; the plan overwrites them
+            # (checked once formed: finite z and C can still give scores past alpha's range)
             q = torch.mm(zc, cc.t())
+            b_global = _global_batch(b, k, _beyond_cuda_kernel(q, alpha), group, z.device, _CUDA_REFUSES)
             return _swav_iterate(_CudaPasses(q, alpha, in_place=True), k, b_global, n_iters, z.device, group)
+        b_global = _global_batch(b, k, _not_finite(zc) | _not_finite(cc), group, z.device)
     else:
         # The result buffer is B x K anyway: form the scores in it with one matmul and solve
         # there in place (kernel form), with no other B x K memory. Only when the spread

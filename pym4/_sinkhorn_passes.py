@@ -32,6 +32,7 @@ _CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # it (scores/epsilon of 1e4 and more: un-normalised features, epsilon far below 0.01) float32
 # gives wrong plans, or NaN once the rounding exceeds the range of exp; float64 is exact there.
 _FLOAT32_MAX_EXPONENT = 4096.0
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -173,7 +174,9 @@ class _CudaPasses:
         b, k = self.x.shape
         self.workspace = torch.empty(self.core.sinkhorn_workspace_bytes_cuda(b, k), dtype=torch.uint8,
                                      device=x.device)
-        self.non_finite = torch.zeros(1, dtype=torch.int32, device=x.device)  # checked before (_global_batch)
+        # The kernel's flag for NaN/Inf in alpha * x; never read: the callers check before the
+        # first pass (_beyond_cuda_kernel), when every rank can still stop together.
+        self.non_finite = torch.zeros(1, dtype=torch.int32, device=x.device)
 
     def _pass(self, kind: int, g, log_a: float, out=None, stats=None):
         x = self.x
@@ -272,20 +275,42 @@ def _swav_iterate(passes, k: int, b_global: int, n_iters: int, device, group=Non
     return _iterate(passes, log_b, -math.log(b_global), n_iters, 0.0, math.log(b_global), group=group)[0]
 
 
-def _global_batch(b_local: int, k: int, finite: bool, group, device) -> int:
+def _global_batch(b_local: int, k: int, bad: torch.Tensor, group, device, what: str = "contains NaN or Inf") -> int:
     """Check every rank's shard and learn the global batch size, before any work: a bad
-    shard raises on all ranks instead of leaving the others blocked in a collective."""
+    shard raises on all ranks instead of leaving the others blocked in a collective.
+
+    ``bad``: a 0-dim bool tensor (on the shard's device), True where this rank's shard cannot
+    be solved, for the reason ``what`` says. It joins the all-reduce as it is, so the check
+    costs no host synchronisation of its own (the all-reduce's result is read once)."""
     import torch.distributed as dist
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("group: torch.distributed is not initialised")
     comm_device = device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-    stats = torch.tensor([float(b_local), 0.0 if finite else 1.0, float(k)], dtype=torch.float64, device=comm_device)
+    stats = torch.tensor([float(b_local), 0.0, float(k)], dtype=torch.float64, device=comm_device)
+    stats[1] = bad.to(comm_device, torch.float64)
     _all_reduce(stats, group, "sum")
-    if float(stats[1]) > 0:
-        raise ValueError("scores: contains NaN or Inf on at least one rank")
-    if float(stats[2]) != float(k) * dist.get_world_size(group):
+    b_global, any_bad, k_total = stats.tolist()  # (the one read of the all-reduce)
+    if any_bad > 0:
+        raise ValueError(f"scores: {what} on at least one rank")
+    if k_total != float(k) * dist.get_world_size(group):
         raise ValueError("scores: every rank must hold the same number of prototypes (columns)")
-    return int(stats[0])
+    return int(b_global)
+
+
+def _not_finite(x: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor on x's device: whether x holds NaN or Inf (no host synchronisation)."""
+    return ~torch.isfinite(x).all()
+
+
+def _beyond_cuda_kernel(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """0-dim bool tensor on x's device (no host synchronisation): whether the CUDA kernel
+    cannot take x, which it reads in float32 as alpha * x: NaN or Inf in x, or alpha * |x|
+    past float32's range (the kernel's own flag says so only after the solve, too late for
+    a group whose ranks must all stop before the first all-reduce). One read of x
+    (aminmax: no B x K temporary)."""
+    lo, hi = torch.aminmax(x)
+    top = torch.maximum(lo.double().abs(), hi.double().abs())  # NaN propagates, and fails the test
+    return ~((top * float(alpha) <= _FLOAT32_MAX) & (float(alpha) <= _FLOAT32_MAX))
 
 
 class _FeaturePasses:

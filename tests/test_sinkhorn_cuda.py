@@ -258,6 +258,22 @@ def test_group_uses_the_cuda_kernel(nccl_group_of_one, b, k, epsilon, dtype, mon
     assert_matches_reference(out, x, epsilon, 3)
 
 
+@pytest.mark.parametrize("features", [False, True])
+def test_group_refuses_scores_past_the_kernels_range_before_any_pass(nccl_group_of_one, features, monkeypatch):
+    """The kernel computes alpha * x in float32; past its range the group= path raises on
+    every rank before the first pass (its flag would say so only after the solve)."""
+    core = _backend.core()
+    calls = []
+    monkeypatch.setattr(core, "sinkhorn_pass_cuda", lambda *a: calls.append(a[0]))
+    x = torch.full((16, 8), 1e4, device="cuda")
+    kwargs = {"prototypes": torch.full((5, 8), 1e4, device="cuda")} if features else {}
+    # scores 1e4 (or z @ C^T = 8e8) over epsilon 1e-35: past 3.4e38
+    with pytest.raises(ValueError, match=r"scores: contains NaN or Inf \(or overflows once divided by epsilon\) "
+                                         r"on at least one rank"):
+        pym4.sinkhorn(x, 1e-35, 3, group=nccl_group_of_one, **kwargs)
+    assert calls == []
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("group", [False, True])
 def test_features_form_uses_the_cuda_kernel(request, group, dtype, monkeypatch):

@@ -88,3 +88,21 @@ def test_features_form_two_ranks(tmp_path):
     mp.spawn(_features_worker, args=(2, str(tmp_path / "init"), shards, c, str(tmp_path)), nprocs=2, join=True)
     q = torch.cat([torch.load(tmp_path / f"{r}.pt")["q"] for r in range(2)])
     torch.testing.assert_close(q, pym4.sinkhorn(z @ c.t(), 0.05, 3), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_the_cuda_kernels_range_check_names_what_it_cannot_take(dtype):
+    """The check group= runs on CUDA before its first pass (the kernel computes alpha * x in
+    float32), run here on CPU tensors: it is device-neutral torch."""
+    from pym4._sinkhorn_passes import _beyond_cuda_kernel
+
+    def refused(values, alpha):
+        return bool(_beyond_cuda_kernel(torch.tensor(values, dtype=torch.float32).to(dtype), alpha))
+
+    assert not refused([[0.5, -1.0], [0.25, 1.0]], 100.0)
+    assert not refused([[-1.0, 1.0]], 3.0e38)        # 3e38: still inside float32
+    assert refused([[-1.0, 1.0]], 3.5e38)            # alpha * 1 past 3.4e38
+    assert refused([[1e4, 0.0]], 1e35)               # 1e39
+    assert refused([[0.0, 0.0]], 1e39)               # alpha itself past float32 (0 * inf = NaN there)
+    assert refused([[0.0, float("nan")]], 1.0)
+    assert refused([[float("-inf"), 0.0]], 1.0)
