@@ -17,9 +17,9 @@ import pym4.m4 as m4
 from pym4 import _backend
 from pym4.engines import engine_for
 from pym4.engines.local import LocalEngine
-from pym4.m4._columns import ColumnSpec
+from pym4.m4._columns import ColumnSpec, DataError
 from pym4.m4._dataset import CHECKPOINT_SUFFIX
-from pym4.m4._stages import TOO_MANY, CountsStage, PatternStage
+from pym4.m4._stages import TOO_MANY, CountsStage, PatternStage, VocabularyStage
 
 pytestmark = [pytest.mark.skipif(_backend.core() is None, reason="needs the compiled core"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*"),
@@ -112,6 +112,55 @@ def test_engine_progress_adds_up_to_the_rows(engine, request, seven):
     assert counts[0] == N and sum(calls) == N
     if engine == "ray":  # one report per file task, as each finishes
         assert sorted(calls) == sorted(SEVEN)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_spark_dataframes_passes_move_the_bar(spark, seven, packed):
+    """A handed-in DataFrame: its first pass learns the row count (the bar moves once, at the
+    end), and every later pass moves it as partition tasks finish (16 tasks on 2 slots, each
+    0.1 s or more: the 0.2 s poll sees some finish), adding up to the rows every time."""
+    df = spark.read.parquet(seven).repartition(16)
+    eng = engine_for(df, engine="spark")
+    # The counts take the packed frame's path, the tags' vocabulary the raw columns'.
+    stage = CountsStage(ColumnSpec.make(sensitive=["g0", "g1"], labels=["l0"]).resolve()) if packed \
+        else VocabularyStage(["tags"])
+    assert (getattr(stage, "packing", None) is not None) == packed
+    try:
+        first, second = [], []
+        eng.reduce(stage, first.append)
+        eng.reduce(stage, second.append)
+    finally:
+        eng.close()
+    assert first == [N]
+    assert sum(second) == N and len(second) >= 2, second
+
+
+def test_a_spark_dataframes_write_moves_the_bar(spark, seven, tmp_path):
+    from pym4.m4._stages import write_keep_probability
+    df = spark.read.parquet(seven).repartition(8)
+    model = m4.fit_dataset(df, sensitive=["g0", "g1"], labels=["l0"], id="id", target=0.3, budget=0.8,
+                           eps_rep=0.02, eps_assoc=0.05, progress=False)
+    calls = []
+    parts = write_keep_probability(engine_for(df, engine="spark"), model, str(tmp_path / "q"), None, calls.append)
+    assert sum(calls) == N == sum(pq.read_metadata(p).num_rows for p in parts)
+
+
+def test_a_spark_dataframes_bad_value_in_the_write_names_its_partition_row(spark, tmp_path):
+    """The write numbers rows within the partition (not within each Arrow batch of 200 rows,
+    as it did), as the fit's errors do."""
+    from pym4.m4._stages import write_keep_probability
+    good = metadata(997, seed=5)
+    folder = str(tmp_path / "good")
+    write_shards(good, folder, [997])
+    model = m4.fit_dataset(folder, sensitive=["g0", "g1"], labels=["l0"], id="id", target=0.3, budget=0.8,
+                           eps_rep=0.02, eps_assoc=0.05, progress=False)
+    l0 = good.column("l0").to_numpy().copy()
+    l0[450] = 0.5  # the third Arrow batch of the one partition (maxRecordsPerBatch = 200)
+    bad = str(tmp_path / "bad.parquet")
+    pq.write_table(good.set_column(good.schema.get_field_index("l0"), "l0", pa.array(l0)), bad)
+    df = spark.read.parquet(bad).coalesce(1)
+    with pytest.raises(DataError, match=r"spark partition 0: column 'l0' is not binary: row 450 has value 0\.5"):
+        write_keep_probability(engine_for(df, engine="spark"), model, str(tmp_path / "q"))
 
 
 # ----- checkpoint on the pattern-table path -------------------------------------------------------

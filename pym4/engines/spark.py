@@ -37,8 +37,10 @@ Between passes (the solver reads the same columns pass after pass):
   the workers' caches (``spark.read.parquet`` + pack + persist, then 5 s a pass against 2-3
   s), so files keep pyarrow and the per-file tasks.
 
-Progress: while a pass over files runs, the driver polls Spark's status tracker and
-advances by the finished tasks' share of the rows.
+Progress: while a pass runs, the driver polls Spark's status tracker and advances the bar
+by the finished tasks' share of the rows: over files from the first pass, over a DataFrame
+from its second (each partition task reports its rows, so the first pass learns the count;
+its bar moves once, when it ends), the final write included. Ctrl-C cancels the pass's jobs.
 """
 from __future__ import annotations
 
@@ -110,7 +112,7 @@ class _Partials:
             part = self.stage.partial(batch.select(self.stage.columns), where, row)
             row += batch.num_rows
             acc = part if acc is None else self.stage.merge(acc, part)
-        yield pa.RecordBatch.from_pydict({"result": pa.array([pickle.dumps(acc)], type=pa.binary())})
+        yield _partition_result(acc, row)
 
 
 class _PackedPartials:
@@ -133,16 +135,35 @@ class _PackedPartials:
                 raise DataError(_PACKED_BAD + str(e)) from None
             row += batch.num_rows
             acc = part if acc is None else self.stage.merge(acc, part)
-        yield pa.RecordBatch.from_pydict({"result": pa.array([pickle.dumps(acc)], type=pa.binary())})
+        yield _partition_result(acc, row)
+
+
+# A partition task's one output row: its merged partial result and its row count (the
+# driver's progress and the DataFrame's size, learnt on the first pass).
+_PARTITION_RESULT = "result binary, rows long"
+
+
+def _partition_result(acc, rows: int):
+    import pyarrow as pa
+    return pa.RecordBatch.from_pydict({"result": pa.array([pickle.dumps(acc)], type=pa.binary()),
+                                       "rows": pa.array([rows], type=pa.int64())})
 
 
 class _Transform:
+    """mapInArrow over a DataFrame's partitions: the output rows of each batch, its rows
+    numbered within the partition for errors (as _Partials numbers them)."""
+
     def __init__(self, stage):
         self.stage = stage
 
     def __call__(self, batches):
+        from pyspark import TaskContext
+        ctx = TaskContext.get()
+        where = f"spark partition {ctx.partitionId() if ctx else '?'}"
+        row = 0
         for batch in batches:
-            yield from self.stage.transform(batch.select(self.stage.columns), "spark dataframe", 0).to_batches()
+            yield from self.stage.transform(batch.select(self.stage.columns), where, row).to_batches()
+            row += batch.num_rows
 
 
 def _raise(error):
@@ -166,25 +187,29 @@ def _word(layout, i: int, types):
     return value + F.when(bad, F.lit(-(1 << 63)).cast("long")).otherwise(F.lit(0).cast("long"))
 
 
-def _collect_with_progress(spark, df, total: int, progress: Optional[Callable[[int], None]]):
-    """``df.collect()``; meanwhile (classic Spark, not Connect) ``progress`` gets the finished
-    tasks' share of ``total`` rows, polled from the status tracker every 0.2 s."""
-    sc = getattr(spark, "sparkContext", None) if progress is not None else None
+def _run_with_progress(spark, action: Callable[[], Any], total: Optional[int],
+                       progress: Optional[Callable[[int], None]], rows_done: Callable[[Any], int]):
+    """``action()`` (a Spark action: a collect, a write), its data errors raised as
+    DataError; ``progress`` meanwhile gets the finished tasks' share of ``total`` rows, polled
+    from the status tracker every 0.2 s (classic Spark with ``total`` known), and at the end
+    the rest of ``rows_done(result)``, the rows the action did. Ctrl-C (or any exception in
+    the driver while waiting) cancels the action's jobs, and is raised."""
+    sc = getattr(spark, "sparkContext", None) if progress is not None and total is not None else None
     try:
         tracker = sc.statusTracker() if sc is not None else None
     except Exception:  # Spark Connect: no SparkContext on the client
         tracker = None
     if tracker is None:
-        rows = _data_errors(df.collect)
+        result = _data_errors(action)
         if progress is not None:
-            progress(total)
-        return rows
+            progress(rows_done(result))
+        return result
     group, result, done = f"pym4-{uuid.uuid4().hex}", {}, threading.Event()
 
     def run():
         try:
             sc.setJobGroup(group, "pym4 pass", interruptOnCancel=False)
-            result["rows"] = df.collect()
+            result["value"] = action()
         except BaseException as e:  # handed to the driver thread below
             result["error"] = e
         finally:
@@ -192,23 +217,37 @@ def _collect_with_progress(spark, df, total: int, progress: Optional[Callable[[i
     t = threading.Thread(target=run, daemon=True)
     t.start()
     shown = 0
-    while not done.wait(0.2):
-        finished = tasks = 0
-        for job in tracker.getJobIdsForGroup(group):
-            info = tracker.getJobInfo(job)
-            for stage in (info.stageIds if info else ()):
-                st = tracker.getStageInfo(stage)
-                if st is not None:
-                    finished, tasks = finished + st.numCompletedTasks, tasks + st.numTasks
-        now = total * finished // tasks if tasks else 0
-        if now > shown:
-            progress(now - shown)
-            shown = now
+    try:
+        while not done.wait(0.2):
+            finished = tasks = 0
+            for job in tracker.getJobIdsForGroup(group):
+                info = tracker.getJobInfo(job)
+                for stage in (info.stageIds if info else ()):
+                    st = tracker.getStageInfo(stage)
+                    if st is not None:
+                        finished, tasks = finished + st.numCompletedTasks, tasks + st.numTasks
+            now = total * finished // tasks if tasks else 0
+            if now > shown:
+                progress(now - shown)
+                shown = now
+    except BaseException:
+        sc.cancelJobGroup(group)
+        raise
     t.join()
     if "error" in result:
         return _data_errors(lambda: _raise(result["error"]))
-    progress(total - shown)
-    return result["rows"]
+    progress(max(0, rows_done(result["value"]) - shown))
+    return result["value"]
+
+
+def _rows_of_results(rows) -> int:
+    return sum(r["rows"] for r in rows)
+
+
+def _parquet_rows(parts: List[str]) -> int:
+    """Rows in the Parquet files ``parts`` (their footers)."""
+    import pyarrow.parquet as pq
+    return sum(pq.read_metadata(p).num_rows for p in parts)
 
 
 class SparkEngine(Engine):
@@ -235,6 +274,7 @@ class SparkEngine(Engine):
         self.shards = None
         self._shared: Optional[SharedCache] = None  # over files (module docstring)
         self._packed = None  # (key, persisted packed frame) of the latest packed pass
+        self._df_rows: Optional[int] = None  # a DataFrame's rows, once a pass has counted them
         if isinstance(data, DataFrame) or type(data).__module__.startswith("pyspark.sql"):
             self.df, self.source = data, "spark dataframe"
             self.spark = data.sparkSession
@@ -311,7 +351,15 @@ class SparkEngine(Engine):
         # spark.range splits 0..n-1 into runs of consecutive numbers, in partition order, and
         # collect keeps that order: the results come back in file order.
         df = self.spark.range(0, n, 1, numPartitions=self._task_count(n)).mapInArrow(task, "result binary")
-        rows = _collect_with_progress(self.spark, df, sum(self.shards.rows), progress)
+        total = sum(self.shards.rows)
+        rows = _run_with_progress(self.spark, df.collect, total, progress, lambda _: total)
+        return [pickle.loads(r["result"]) for r in rows]
+
+    def _over_partitions(self, df, progress=None) -> List[Any]:
+        """A pass of partition tasks over the DataFrame (``df``: their mapInArrow), its bar
+        moved by finished tasks from the second pass on (the first learns the row count)."""
+        rows = _run_with_progress(self.spark, df.collect, self._df_rows, progress, _rows_of_results)
+        self._df_rows = _rows_of_results(rows)
         return [pickle.loads(r["result"]) for r in rows]
 
     def partials(self, stage, progress=None) -> List[Any]:
@@ -319,9 +367,9 @@ class SparkEngine(Engine):
         if frame is not None:
             layout = stage.packing
             columns = layout.words + [c for c in stage.columns if c not in layout.columns]
-            df = frame.mapInArrow(_PackedPartials(stage, columns), "result binary")
+            df = frame.mapInArrow(_PackedPartials(stage, columns), _PARTITION_RESULT)
             try:
-                rows = _data_errors(df.collect)
+                return self._over_partitions(df, progress)
             except DataError as e:
                 if not str(e).startswith(_PACKED_BAD):
                     raise
@@ -329,7 +377,6 @@ class SparkEngine(Engine):
                 # it: the raw columns say (the error names the shard, the column and the row).
                 self._raw_partials(stage)
                 raise DataError(str(e)[len(_PACKED_BAD):]) from None
-            return [pickle.loads(r["result"]) for r in rows]
         return self._raw_partials(stage, progress)
 
     def _raw_partials(self, stage, progress=None) -> List[Any]:
@@ -339,9 +386,8 @@ class SparkEngine(Engine):
                 self._shared = SharedCache.create(self.cache_bytes)
             return self._over_shards(_ShardTasks(self.shards, stage, self.batch_rows, cache=self._shared), progress)
         from pyspark.sql import functions as F
-        df = self.df.select(*[F.col(f"`{c}`") for c in stage.columns]).mapInArrow(_Partials(stage), "result binary")
-        rows = _data_errors(df.collect)
-        return [pickle.loads(r["result"]) for r in rows]
+        df = self.df.select(*[F.col(f"`{c}`") for c in stage.columns]).mapInArrow(_Partials(stage), _PARTITION_RESULT)
+        return self._over_partitions(df, progress)
 
     # ----- packed passes (module docstring) -----
 
@@ -400,5 +446,10 @@ class SparkEngine(Engine):
                             f"give an id column (id=...)")
         df = self.df.select(*[F.col(f"`{c}`") for c in stage.columns]).mapInArrow(
             _Transform(stage), from_arrow_schema(stage.output_schema))
-        _data_errors(lambda: df.write.parquet(out))
+        return _run_with_progress(self.spark, lambda: self._write_frame(df, out), self._df_rows, progress,
+                                  _parquet_rows)
+
+    @staticmethod
+    def _write_frame(df, out: str) -> List[str]:
+        df.write.parquet(out)
         return sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".parquet"))
