@@ -259,6 +259,14 @@ pym4::m4::Data m4_data(const py::tuple& t) {
     PYM4_CHECK_VALUE(idx.ndim() == 1, "y_indices: expected a 1-D array");
     d.y_indices = m4_array<int32_t>(t[3], "y_indices", 1, 'i', idx.shape(0));
     PYM4_CHECK_VALUE(d.y_indptr[0] == 0 && d.y_indptr[d.n] == idx.shape(0), "y_indptr: inconsistent with y_indices");
+    // The kernels index label tables by these without bounds checks: one O(n + nnz) scan
+    // here, so a malformed CSR is an error rather than memory read out of bounds.
+    for (int64_t i = 0; i < d.n; ++i)
+      PYM4_CHECK_VALUE(d.y_indptr[i] <= d.y_indptr[i + 1],
+                       "y_indptr: must be non-decreasing, but entry " << i + 1 << " < entry " << i);
+    for (py::ssize_t k = 0; k < idx.shape(0); ++k)
+      PYM4_CHECK_VALUE(d.y_indices[k] >= 0 && d.y_indices[k] < d.c,
+                       "y_indices: entry " << k << " is " << d.y_indices[k] << ", outside [0, c = " << d.c << ")");
   }
   if (!t[5].is_none()) d.u = m4_array<double>(t[5], "u", 1, 'f', d.n);
   return d;

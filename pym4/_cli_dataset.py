@@ -20,7 +20,7 @@ def run_balance_dataset(args) -> int:
     from .cli import CLIError, _column_spec, _DEFAULT_BATCH_ROWS, _flag_names, _is_uri, _parse_target
     from .m4 import _feasibility
     from .m4._columns import DataError
-    from .m4._dataset import balance_dataset
+    from .m4._dataset import balance_dataset, out_inside_source
 
     out = os.path.abspath(args.out)
     if args.out.lower().endswith((".parquet", ".pq", ".csv")):
@@ -30,8 +30,7 @@ def run_balance_dataset(args) -> int:
         raise CLIError(f"--out: {args.out!r} already exists (OUTPUT must be a new folder)")
     if not os.path.isdir(os.path.dirname(out)):
         raise CLIError(f"--out: folder {os.path.dirname(out)!r} does not exist")
-    src = os.path.abspath(args.input)
-    if os.path.exists(src) and os.path.commonpath([src, out]) == src and os.path.isdir(src):
+    if out_inside_source(args.input, out):
         raise CLIError("--out: must not lie inside INPUT (the input is never modified)")
     if args.input.lower().endswith(".csv"):
         raise CLIError(f"INPUT: {args.input!r}: a dataset is read as Parquet; a CSV file takes a .parquet/.csv --out")

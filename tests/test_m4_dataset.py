@@ -168,6 +168,45 @@ def test_bad_input_before_any_output(table, tmp_path, case, match):
     assert left == (["d", "out"] if case == "out_exists" else ["d"])
 
 
+def test_out_inside_the_source_folder_is_refused(table, tmp_path):
+    """Every folder below a source folder is read: parts written there would join the input."""
+    write_shards(table, str(tmp_path / "d"), LAYOUTS["seven"])
+    before = sorted(os.listdir(tmp_path / "d"))
+    with pytest.raises(ValueError, match=r"out: .*/d/inner' lies inside the source folder"):
+        m4.balance_dataset(str(tmp_path / "d"), str(tmp_path / "d" / "inner"), sensitive=["g0", "g1"],
+                           labels=["l0"], progress=False)
+    assert sorted(os.listdir(tmp_path / "d")) == before
+
+
+@pytest.mark.parametrize("content", [b"important notes\n", b'{"format": "mine"}', b"[1, 2]"])
+def test_a_checkpoint_path_holding_a_users_file_is_refused_and_left_alone(table, tmp_path, content):
+    """The run would overwrite the file, then remove it at the end: refused before any pass."""
+    write_shards(table, str(tmp_path / "d"), LAYOUTS["seven"])
+    mine = tmp_path / "notes.txt"
+    mine.write_bytes(content)
+    with pytest.raises(ValueError, match=r"checkpoint: .*notes\.txt exists and is not a pym4 checkpoint"):
+        m4.fit_dataset(str(tmp_path / "d"), sensitive=["g0", "g1"], labels=["l0"], max_patterns=1,
+                       checkpoint=str(mine), progress=False)
+    assert mine.read_bytes() == content
+
+
+@pytest.mark.parametrize("where,match", [("folder", ".*/ck is a folder; give the path of a file"),
+                                         ("missing", "the folder .*/nowhere does not exist")])
+def test_a_checkpoint_path_that_cannot_be_written_is_refused_before_any_pass(table, tmp_path, where, match,
+                                                                             monkeypatch):
+    from pym4.m4 import _dataset
+    write_shards(table, str(tmp_path / "d"), LAYOUTS["seven"])
+    path = tmp_path / "ck" if where == "folder" else tmp_path / "nowhere" / "ck.json"
+    if where == "folder":
+        path.mkdir()
+    passes = []
+    monkeypatch.setattr(_dataset._Passes, "reduce", lambda self, *a: passes.append(a))
+    with pytest.raises(ValueError, match="checkpoint: " + match):
+        m4.fit_dataset(str(tmp_path / "d"), sensitive=["g0", "g1"], labels=["l0"], max_patterns=1,
+                       checkpoint=str(path), progress=False)
+    assert passes == []
+
+
 # ----- the largest feasible budget ------------------------------------------------------------------
 
 def overlapping_groups(n=20000, seed=0):

@@ -53,6 +53,23 @@ def test_keep_probability_closed_form():
     np.testing.assert_allclose(model.keep_probability(s, scipy_sparse.csr_matrix(y)), ref, atol=1e-12)
 
 
+def test_a_malformed_label_csr_is_an_error_not_a_crash():
+    """The core indexes label tables by the CSR without bounds checks; its bindings check
+    it first (a label index past c read memory out of bounds: a segfault)."""
+    model = _model()  # m = 2 groups, c = 4 labels
+    s = np.array([[0, 1], [1, 0], [1, 1]], np.uint8)
+    indptr = np.array([0, 1, 2, 3], np.int64)
+    for indices, what in ((np.array([0, 99999999, 3], np.int32), "y_indices: entry 1 is 99999999, outside"),
+                          (np.array([0, -1, 3], np.int32), "y_indices: entry 1 is -1, outside"),
+                          (np.array([0, 4, 3], np.int32), r"y_indices: entry 1 is 4, outside \[0, c = 4\)")):
+        with pytest.raises(ValueError, match=what):
+            model.keep_probability_data((s, None, indptr, indices, 4, None))
+    with pytest.raises(ValueError, match="y_indptr: must be non-decreasing, but entry 2 < entry 1"):
+        model.keep_probability_data((s, None, np.array([0, 2, 1, 3], np.int64), np.zeros(3, np.int32), 4, None))
+    q = model.keep_probability_data((s, None, indptr, np.array([0, 3, 1], np.int32), 4, None))
+    assert np.all((0 <= q) & (q <= 1))  # a well-formed one still runs
+
+
 def test_keep_probability_errors():
     model = _model()
     with pytest.raises(ValueError, match="s: this model has 2 groups, got 3 columns"):

@@ -40,7 +40,9 @@ from .model import M4Model
 __all__ = ["fit_dataset", "balance_dataset", "CHECKPOINT_SUFFIX"]
 
 CHECKPOINT_SUFFIX = ".pym4-checkpoint.json"
-_CHECKPOINT_FORMAT = "pym4.checkpoint/3"  # /3: the counting pass's utility stats saved too
+_CHECKPOINT_KIND = "pym4.checkpoint/"  # every version's format starts so (an older one is ours to replace)
+_CHECKPOINT_HEAD = '{"format": "' + _CHECKPOINT_KIND
+_CHECKPOINT_FORMAT = _CHECKPOINT_KIND + "3"  # /3: the counting pass's utility stats saved too
 # Test hook: seconds to sleep after each checkpoint saved (so a test can kill -9 a run mid-solve).
 _SLEEP_ENV = "PYM4_TEST_SLEEP_AFTER_PASS"
 # Rows of the exact solver's warm-start sample (the core samples only when the data has 4x
@@ -169,20 +171,34 @@ class _Checkpoint:
         self.sleep = float(os.environ.get(_SLEEP_ENV, "0") or 0)
 
     def load(self) -> dict:
-        """The saved fields ({} when there is no checkpoint of this run)."""
+        """The saved fields ({} when there is no checkpoint of this run), before any pass.
+        Raises ValueError when the path cannot be a checkpoint (a folder, or in a folder that
+        does not exist) or holds a file that is not one: the run would overwrite, then
+        remove it, and a user's file is never touched."""
+        if os.path.isdir(self.path):
+            raise ValueError(f"checkpoint: {self.path} is a folder; give the path of a file")
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"checkpoint: the folder {folder} does not exist")
         if not os.path.exists(self.path):
             return {}
+        # save() writes the format first: the head tells a checkpoint from a user's file
+        # without reading a large file whole.
+        head = _CHECKPOINT_HEAD.encode()
+        try:
+            with open(self.path, "rb") as f:
+                ck = json.load(f) if f.read(len(head)) == head and f.seek(0) == 0 else None
+        except (OSError, ValueError):
+            ck = None
+        if not (isinstance(ck, dict) and str(ck.get("format", "")).startswith(_CHECKPOINT_KIND)):
+            raise ValueError(f"checkpoint: {self.path} exists and is not a pym4 checkpoint (left as it is); "
+                             f"give another path, or remove the file")
         if self.fingerprint is None:
             print(f"pym4: {self.path} is not resumed: nothing identifies this dataset (no files, or a "
                   f"transform after its read), so the saved state may be another's; starting afresh",
                   file=sys.stderr)
             return {}
-        try:
-            with open(self.path) as f:
-                ck = json.load(f)
-        except (OSError, ValueError):
-            ck = None
-        if not isinstance(ck, dict) or ck.get("format") != _CHECKPOINT_FORMAT or ck.get("fingerprint") != self.fingerprint:
+        if ck.get("format") != _CHECKPOINT_FORMAT or ck.get("fingerprint") != self.fingerprint:
             print(f"pym4: {self.path} belongs to another run (other data, columns or parameters); starting afresh",
                   file=sys.stderr)
             return {}
@@ -405,6 +421,15 @@ def _partial_name(out: str) -> str:
                         f"{temp_prefix()}{os.path.basename(out)}-{secrets.token_hex(4)}.tmp")
 
 
+def out_inside_source(source, out: str) -> bool:
+    """Whether folder ``out`` would lie inside ``source``, a local folder of shards (every
+    folder below it is read, so the parts written would join the input of the next run)."""
+    if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
+        return False
+    src, out = os.path.realpath(source), os.path.realpath(out)
+    return os.path.commonpath([src, out]) == src
+
+
 def balance_dataset(source, out, *, sample: bool = False, seed: int = 0, sensitive=(), labels=(),
                     sensitive_from=None, labels_from=None, utility=None, id=None, target=None, budget=0.9,
                     eps_rep: float = 0.01, eps_assoc: float = 0.01, engine: Optional[str] = None, tol: float = 1e-9,
@@ -427,6 +452,8 @@ def balance_dataset(source, out, *, sample: bool = False, seed: int = 0, sensiti
         raise FileExistsError(f"out: {out!r} already exists")
     if not os.path.isdir(os.path.dirname(out)):
         raise FileNotFoundError(f"out: folder {os.path.dirname(out)!r} does not exist")
+    if out_inside_source(source, out):
+        raise ValueError(f"out: {out!r} lies inside the source folder (the input is never modified)")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed: must be an integer >= 0, got {seed!r}")
     spec = ColumnSpec.make(sensitive=sensitive, labels=labels, sensitive_from=sensitive_from,
