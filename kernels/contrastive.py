@@ -44,9 +44,9 @@ def _logit_tile(a_ptr, b_ptr, rows, cols, n_a, n_b, D, sa0, sa1, sb0, sb1, scale
     col_ok = cols < n_b
     for k0 in range(0, D, BLOCK_K):
         k = k0 + ks
-        a = tl.load(a_ptr + rows[:, None] * sa0 + k[None, :] * sa1,
+        a = tl.load(a_ptr + rows[:, None].to(tl.int64) * sa0 + k[None, :] * sa1,
                     mask=row_ok[:, None] & (k[None, :] < D), other=0.0)
-        bt = tl.load(b_ptr + cols[None, :] * sb0 + k[:, None] * sb1,
+        bt = tl.load(b_ptr + cols[None, :].to(tl.int64) * sb0 + k[:, None] * sb1,
                      mask=col_ok[None, :] & (k[:, None] < D), other=0.0)
         raw = tl.dot(a, bt, raw, input_precision=PRECISION)
     return raw * scale + bias, raw
@@ -120,10 +120,10 @@ def _clip_grad_kernel(a_ptr, b_ptr, lse_own_ptr, lse_oth_ptr, w_own_ptr, w_oth_p
         g = g_own + w_oth[None, :] * (tl.exp(s - lse_oth[None, :]) - is_diag)
         g = tl.where(col_ok[None, :] & row_ok[:, None], g, 0.0)
         ds += tl.sum(tl.where(col_ok[None, :], g_own * raw, 0.0), axis=1)
-        bv = tl.load(b_ptr + cols[:, None] * sb0 + dout[None, :] * sb1,
+        bv = tl.load(b_ptr + cols[:, None].to(tl.int64) * sb0 + dout[None, :] * sb1,
                      mask=col_ok[:, None] & (dout[None, :] < D), other=0.0)
         acc = tl.dot(g.to(bv.dtype), bv, acc, input_precision=PRECISION)
-    tl.store(da_ptr + rows[:, None] * sd0 + dout[None, :], acc * scale,
+    tl.store(da_ptr + rows[:, None].to(tl.int64) * sd0 + dout[None, :], acc * scale,
              mask=row_ok[:, None] & (dout[None, :] < D))
     if slab == 0:
         tl.store(ds_ptr + rows, ds, mask=row_ok)
@@ -162,10 +162,10 @@ def _siglip_grad_kernel(a_ptr, b_ptr, w_ptr, da_ptr, ds_ptr, dbias_ptr,
         if WEIGHT_ON_ROWS:
             ds += tl.sum(g * raw, axis=1)
             dbias += tl.sum(g, axis=1)
-        bv = tl.load(b_ptr + cols[:, None] * sb0 + dout[None, :] * sb1,
+        bv = tl.load(b_ptr + cols[:, None].to(tl.int64) * sb0 + dout[None, :] * sb1,
                      mask=col_ok[:, None] & (dout[None, :] < D), other=0.0)
         acc = tl.dot(g.to(bv.dtype), bv, acc, input_precision=PRECISION)
-    tl.store(da_ptr + rows[:, None] * sd0 + dout[None, :], acc * scale,
+    tl.store(da_ptr + rows[:, None].to(tl.int64) * sd0 + dout[None, :], acc * scale,
              mask=row_ok[:, None] & (dout[None, :] < D))
     if WEIGHT_ON_ROWS:
         if slab == 0:

@@ -84,9 +84,9 @@ def _column_kernel(x_ptr, part_a_ptr, part_b_ptr, B, K, stride_x, alpha, shift, 
             run_sum += tl.sum(tl.where(ok, tl.exp(tl.where(ok, t, shift) - shift), 0.0), axis=0)
         else:
             run_max, run_sum = _online_lse(run_max, run_sum, tl.where(ok, t, float("-inf")), 0)
-    tl.store(part_a_ptr + pid * K + cols, run_sum, mask=col_ok)
+    tl.store(part_a_ptr + pid.to(tl.int64) * K + cols, run_sum, mask=col_ok)
     if not KERNEL_FORM:
-        tl.store(part_b_ptr + pid * K + cols, run_max, mask=col_ok)
+        tl.store(part_b_ptr + pid.to(tl.int64) * K + cols, run_max, mask=col_ok)
 
 
 @triton.jit
@@ -148,7 +148,7 @@ def _row_kernel(x_ptr, out_ptr, v_ptr, log_a_ptr, row_ptr, part_ptr, B, K, strid
             tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :],
                      p.to(out_ptr.dtype.element_ty), mask=ok)
         else:
-            tl.store(part_ptr + pid * K + cols, tl.sum(p, axis=0), mask=cols < K)
+            tl.store(part_ptr + pid.to(tl.int64) * K + cols, tl.sum(p, axis=0), mask=cols < K)
 
 
 @triton.jit
@@ -160,16 +160,25 @@ def _combine_kernel(part_a_ptr, part_b_ptr, v_ptr, log_b_ptr, P, K, shift,
     total = tl.zeros((BLOCK_K,), dtype=tl.float32)
     if FIRST and not KERNEL_FORM:
         # Merge the (max, sum) pairs of the column log-sum-exp.
+        # (Partial p's row is reached by stepping the pointers K at a time: 64-bit pointer
+        # arithmetic, where p * K in int32 would wrap past 2^31 entries of partials.)
         mx = tl.full((BLOCK_K,), float("-inf"), dtype=tl.float32)
+        b_row = part_b_ptr + cols
         for p in range(0, P):
-            mx = tl.maximum(mx, tl.load(part_b_ptr + p * K + cols, mask=ok, other=0.0))
+            mx = tl.maximum(mx, tl.load(b_row, mask=ok, other=0.0))
+            b_row += K
+        a_row, b_row = part_a_ptr + cols, part_b_ptr + cols
         for p in range(0, P):
-            m_p = tl.load(part_b_ptr + p * K + cols, mask=ok, other=0.0)
-            s_p = tl.load(part_a_ptr + p * K + cols, mask=ok, other=0.0)
+            m_p = tl.load(b_row, mask=ok, other=0.0)
+            s_p = tl.load(a_row, mask=ok, other=0.0)
             total += tl.where(m_p == float("-inf"), 0.0, s_p * tl.exp(m_p - mx))
+            a_row += K
+            b_row += K
     else:
+        a_row = part_a_ptr + cols
         for p in range(0, P):
-            total += tl.load(part_a_ptr + p * K + cols, mask=ok, other=0.0)
+            total += tl.load(a_row, mask=ok, other=0.0)
+            a_row += K
     zero_mass = log_b == float("-inf")
     total = tl.where(ok, total, 1.0)  # padding columns: no log(0) or 1/0
     if KERNEL_FORM:
