@@ -282,9 +282,28 @@ def _swav_cpu(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torch.T
             raise
         check_finite(t, "scores")
         form = max_exponent = None  # finite scores whose scores/epsilon overflow float32: float64 below
-    if x.dtype == torch.float32 and _float32_too_coarse(x, alpha, form, max_exponent):
-        out.copy_(_swav_cpu(x.double(), alpha, n_iters))  # (float64: the core raises on overflow)
+    if x.dtype == torch.float32:
+        if _float32_too_coarse(x, alpha, form, max_exponent):
+            out.copy_(_swav_cpu(x.double(), alpha, n_iters))  # (float64: the core raises on overflow)
+    elif (max_exponent if form == "kernel" else _max_exponent(x, alpha)) > _CORE_FLOAT64_MAX_EXPONENT:
+        out.copy_(_swav_iterate(_TorchPasses(x, alpha), x.shape[1], x.shape[0], n_iters, x.device))
     return out
+
+
+# Largest max |alpha x| the core's float64 solve takes. Its loops may fuse alpha * x - m into
+# one FMA, skipping the rounding of the product that the maximum m had; the difference is
+# half an ulp of alpha x, and past ~1e18 an exponent off by more than 745 turns an entry's
+# exp(0) into 0 or inf (measured: all-NaN codes at scores/epsilon of 1e19, randn 8 x 5). The
+# torch passes round alpha x once and use it as it is: their codes stay finite with rows
+# summing to 1 however large (meaning little past 1e13, where float64 resolves the duals to
+# worse than 1e-3: see pym4.ot's _FLOAT64_MAX_EXPONENT, which refuses such costs).
+_CORE_FLOAT64_MAX_EXPONENT = 1e15
+
+
+def _max_exponent(x: torch.Tensor, alpha: float) -> float:
+    """max |alpha x| (one read of x)."""
+    lo, hi = torch.aminmax(x)
+    return alpha * max(abs(float(lo)), abs(float(hi)))
 
 
 def _precise(x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -454,7 +473,8 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
         try:
             if name == "cpu":
                 form, max_exponent = _backend.core().sinkhorn_swav(q.numpy(), alpha, n_iters, q.numpy())
-                if form == "kernel" and (dtype != torch.float32 or max_exponent <= _FLOAT32_MAX_EXPONENT):
+                if form == "kernel" and max_exponent <= (_FLOAT32_MAX_EXPONENT if dtype == torch.float32
+                                                         else _CORE_FLOAT64_MAX_EXPONENT):
                     return q
             elif name == "cuda":
                 return _swav_cuda(q, alpha, n_iters, out=q)
@@ -483,11 +503,12 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
             # (float64 when float32 cannot hold scores/epsilon, as on the scores path)
             return _swav_iterate(_TorchPasses(_precise(scores, alpha), alpha), k, b, n_iters, z.device)
         del q  # the block-wise passes write a plan of their own: one B x K alive at a time, not two
-    if dtype == torch.float32 and name != "cuda":
-        # |z_i . c_j| <= |z_i| |c_j|: when that bound of scores/epsilon is beyond what float32
-        # holds (see _FLOAT32_MAX_EXPONENT), the passes run in float64.
-        bound = float(torch.linalg.vector_norm(zc, dim=1).max()) * float(torch.linalg.vector_norm(cc, dim=1).max())
-        if alpha * bound > _FLOAT32_MAX_EXPONENT:
-            zc, cc = zc.double(), cc.double()
-    passes = _FeaturePasses(zc, cc, alpha, chunk, _CorePasses if name == "cpu" else _TorchPasses)
+    # |z_i . c_j| <= |z_i| |c_j|: when that bound of scores/epsilon is beyond what float32
+    # holds (see _FLOAT32_MAX_EXPONENT), the passes run in float64.
+    bound = float(torch.linalg.vector_norm(zc, dim=1).max()) * float(torch.linalg.vector_norm(cc, dim=1).max())
+    if dtype == torch.float32 and name != "cuda" and alpha * bound > _FLOAT32_MAX_EXPONENT:
+        zc, cc = zc.double(), cc.double()
+    # (the core's passes up to what it takes in float64: see _CORE_FLOAT64_MAX_EXPONENT)
+    core_takes = name == "cpu" and alpha * bound <= _CORE_FLOAT64_MAX_EXPONENT
+    passes = _FeaturePasses(zc, cc, alpha, chunk, _CorePasses if core_takes else _TorchPasses)
     return _swav_iterate(passes, k, b_global, n_iters, z.device, group)

@@ -118,6 +118,27 @@ def test_float32_huge_scores_features_form_and_out(backend):
     np.testing.assert_allclose(out.numpy(), sinkhorn_reference(scores, 1e-9), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("case", ["eps1e-19", "eps1e-25", "eps1e-100", "scores1e200", "features", "features-blocks"])
+def test_float64_scores_over_epsilon_past_1e18_stay_finite(case):
+    """The core's float64 loops may fuse alpha * x - max into one FMA (skipping the
+    product's rounding the max had): past ~1e18 that put exponents 745 off and made the codes
+    all-NaN (eps 1e-19 on randn 8 x 5). Past 1e15 the torch passes take over: finite codes,
+    rows summing to 1, as for float32 scores of any size."""
+    rng = np.random.default_rng(0)
+    x, eps, kwargs = rng.standard_normal((8, 5)), 0.05, {}
+    if case.startswith("eps"):
+        eps = float(case[3:])
+    elif case == "scores1e200":
+        x = x * 1e200
+    else:  # z (8, 5) against prototypes (3, 5), in one block or in blocks of 2 rows
+        eps, kwargs["prototypes"] = 1e-20, rng.standard_normal((3, 5))
+        if case == "features-blocks":
+            kwargs["chunk"] = 2
+    q = pym4.sinkhorn(x, eps, 3, backend="cpu", **kwargs)
+    assert np.isfinite(q).all() and (q >= 0).all()
+    np.testing.assert_allclose(q.sum(1), 1.0, rtol=0, atol=1e-12)
+
+
 def test_float32_scores_over_epsilon_beyond_float32_range():
     # 1e30 / 1e-10 overflows float32 but not float64: still the answer, not an error.
     scores = np.array([[1e30, -1e30, 0.0], [0.0, 1e30, 2e30]], "f4")
