@@ -298,7 +298,14 @@ def _warmstart(warmstart, n: int, m: int, hists: int, device) -> Optional[torch.
         if bool(torch.isnan(t).any()) or bool((t == math.inf).any()):
             raise ValueError(f"warmstart: {what} contains NaN or +Inf")
         parts.append(t)
-    return parts[0].reshape(n, hists)
+    log_u = parts[0].reshape(n, hists)
+    # -inf marks a row with no mass (u_i = 0, as POT's log_u has for a_i = 0): the first
+    # column step sums over the others, so at least one must be finite, or every column's
+    # potential is +inf and the plan NaN.
+    if not bool(torch.isfinite(log_u).any(dim=0).all()):
+        raise ValueError("warmstart: log_u is -inf in every row" + (" of some histogram" if hists > 1 else "")
+                         + " (no mass anywhere): nothing to start from; pass warmstart=None")
+    return log_u
 
 
 # Largest max |cost| / reg solved: float64 rounds an exponent v by v * 2^-53, 1e-3 here. Beyond

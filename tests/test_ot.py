@@ -117,6 +117,8 @@ def test_uniform_marginals_when_empty():
     ({"tau": 1e3}, TypeError, "unexpected keyword"),
     ({"warmstart": (np.zeros(3), np.zeros(23))}, ValueError, r"warmstart: log_u must have shape \(17,\)"),
     ({"warmstart": np.zeros(17)}, TypeError, "warmstart: expected a pair"),
+    ({"warmstart": (np.full(17, -np.inf), np.zeros(23))}, ValueError,
+     r"warmstart: log_u is -inf in every row \(no mass anywhere\)"),
     ({"reg": 0.0}, ValueError, "reg: must be a positive"),
 ])
 def test_bad_input(kwargs, exc, match):
@@ -127,6 +129,17 @@ def test_bad_input(kwargs, exc, match):
 
 
 # ----- sinkhorn_ot's own spelling of the same options ----------------------------------------
+
+def test_a_warm_start_with_some_rows_at_minus_inf_still_solves():
+    """-inf in log_u marks rows without mass (POT's log_u for a_i = 0); the others carry the
+    first column step, and the solve ends at POT's plan."""
+    a, b, M = problem()
+    _, log0 = pot.sinkhorn(a, b, M, 0.1, log=True)
+    log_u = np.log(log0["u"])
+    log_u[[0, 5]] = -np.inf
+    got = ot.sinkhorn(a, b, M, 0.1, warmstart=(log_u, np.log(log0["v"])))
+    np.testing.assert_allclose(got, pot.sinkhorn(a, b, M, 0.1), rtol=0, atol=1e-9)
+
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 def test_sinkhorn_ot_log_multi_b_and_warmstart(backend):
