@@ -184,6 +184,40 @@ def test_report_of_nothing_kept_has_no_nan():
     assert summary["kept_fraction"] == 0.0 and '"rb_before": ' in text
 
 
+@pytest.mark.parametrize("change,match", [
+    ("nan_after", "counts_after: contains NaN or Inf"),
+    ("negative", r"counts_before: weighted counts cannot be negative \(value -1 at 3\)"),
+    ("after_over_before", r"counts_after: value .* at 2 exceeds counts_before's"),
+    ("no_rows", r"counts_before: its first value \(the number of examples\) must be > 0"),
+    ("short_duals", r"duals: w must have 8 values \(m \(c \+ 1\) = 2 x 4\), got 5"),
+    ("nan_duals", "duals: contains NaN or Inf"),
+    ("iterations", "iterations: must be an integer >= 0, got 'x'"),
+])
+def test_report_refuses_counts_no_data_can_have(change, match):
+    """NaN counts were once reported "optimal" (max constraint violation nan)."""
+    s, y = make_data(100, 2, 3, 4)
+    before, after = _counts(s, y, np.ones(100)), _counts(s, y, np.full(100, 0.6))
+    kw = dict(target=0.4, budget=0.5, method="exact", group_names=["a", "b"], label_names=["x", "y", "z"])
+    if change == "nan_after":
+        after = after * np.nan
+    elif change == "negative":
+        before = before.copy()
+        before[3] = -1.0
+    elif change == "after_over_before":
+        after = after.copy()
+        after[2] = before[2] + 1.0
+    elif change == "no_rows":
+        before, after = before * 0, after * 0
+    elif change == "short_duals":
+        kw["duals"] = (np.zeros(5), 0.0)
+    elif change == "nan_duals":
+        kw["duals"] = (np.full(8, np.nan), 0.0)
+    else:
+        kw["iterations"] = "x"
+    with pytest.raises(ValueError, match=match):
+        m4.report(before, after, **kw)
+
+
 # ----- the stream's result: within tolerance and near the optimum, with a bound -----------------
 
 def _constraints(s, y, q, pi):

@@ -393,8 +393,33 @@ def report(counts_before, counts_after, *, target, budget: float, eps_rep: float
                          + ("" if label_names is None else f" and c={len(label_names)} labels"))
     if after.shape != before.shape:
         raise ValueError(f"counts_after: expected {before.shape[0]} values like counts_before, got {after.shape[0]}")
+    for counts, name in ((before, "counts_before"), (after, "counts_after")):
+        if not np.all(np.isfinite(counts)):
+            raise ValueError(f"{name}: contains NaN or Inf")
+        if np.any(counts < 0):
+            raise ValueError(f"{name}: weighted counts cannot be negative (value {counts.min():g} "
+                             f"at {int(np.argmin(counts))})")
+    if not before[0] > 0:
+        raise ValueError("counts_before: its first value (the number of examples) must be > 0")
+    # q in [0, 1]: every kept count is at most the data's (up to the rounding of sums of q).
+    over = after - before * (1 + 1e-9) - 1e-9
+    if np.any(over > 0):
+        j = int(np.argmax(over))
+        raise ValueError(f"counts_after: value {after[j]:g} at {j} exceeds counts_before's {before[j]:g} "
+                         f"(the kept data's counts, weights q in [0, 1], cannot exceed the data's)")
     if method not in ("exact", "stream"):
         raise ValueError(f"method: expected 'exact' or 'stream', got {method!r}")
+    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
+        raise ValueError(f"iterations: must be an integer >= 0, got {iterations!r}")
+    if duals is not None:
+        p = m * (c + 1)
+        if not isinstance(duals, (tuple, list)) or len(duals) != 2:
+            raise TypeError("duals: expected a pair (w, mu)")
+        w = np.asarray(duals[0], dtype=np.float64).reshape(-1)
+        if w.shape != (p,):
+            raise ValueError(f"duals: w must have {p} values (m (c + 1) = {m} x {c + 1}), got {w.shape[0]}")
+        if not (np.all(np.isfinite(w)) and np.isfinite(float(duals[1]))):
+            raise ValueError("duals: contains NaN or Inf")
     problem = make_problem(target, m, None, budget, eps_rep, eps_assoc)
     return evaluate(problem, before, after, c, method=method, iterations=iterations,
                     group_names=group_names, label_names=label_names, duals=duals)
