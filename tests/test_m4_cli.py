@@ -109,15 +109,16 @@ def test_empty_csv_and_infeasible(tmp_path, capsys):
     assert json.loads((tmp_path / "o.report.json").read_text())["status"] == "infeasible"
 
 
-def test_module_entry_point(tmp_path):
+@pytest.mark.parametrize("module", ["pym4.cli", "pym4"])
+def test_module_entry_point(tmp_path, module):
     src = tmp_path / "d.csv"
     pacsv.write_csv(make_table(400), src)
     out = tmp_path / "o.parquet"
-    proc = subprocess.run([sys.executable, "-m", "pym4.cli", "balance", str(src), *ARGS, "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", module, "balance", str(src), *ARGS, "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert pq.read_table(out).num_rows == 400
-    bad = subprocess.run([sys.executable, "-m", "pym4.cli", "balance", str(src), "--sensitive", "nope",
+    bad = subprocess.run([sys.executable, "-m", module, "balance", str(src), "--sensitive", "nope",
                           "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "missing column(s) 'nope'" in bad.stderr
 
