@@ -118,6 +118,18 @@ def test_max_iter_is_reported_and_warned():
     # is a Newton variable like the others, so a stopped solve can miss the budget too.
     viol = max(np.abs(bias_matrix(s, y, res.target).T @ res.q / 3000).max(), abs(res.q.mean() - 0.7))
     assert res.max_violation == pytest.approx(viol, rel=1e-9) and viol > 1e-6
+    assert res.message.startswith("exact: stopped at max_iter=1 iterations short of the tolerance")
+
+
+def test_a_solve_that_stops_before_max_iter_says_so():
+    """The exact solve can stop with no further progress before max_iter (here a utility of
+    +-1e10): it said "stopped at max_iter=14 ... raise max_iter" with max_iter=100."""
+    s = np.random.default_rng(0).random((200, 2)) < 0.4
+    with pytest.warns(RuntimeWarning):
+        res = m4.balance(s, utility=np.where(np.arange(200) % 2 == 0, 1e10, -1e10), eps_rep=0.5, max_iter=100)
+    assert res.status == "max_iter" and res.iterations < 100
+    assert f"stopped after {res.iterations} of max_iter=100 iterations, making no further progress" in res.message
+    assert "raise max_iter" not in res.message
 
 
 @pytest.mark.parametrize("indices,indptr,match", [

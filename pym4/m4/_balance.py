@@ -212,7 +212,7 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         after = _problem.counts(s8, lab, q)
     rep = _problem.evaluate(problem, before, after, lab.c,
                             method=method, iterations=iterations, status=status, infeasible=infeasible,
-                            group_names=gnames, label_names=lnames, duals=(w, mu),
+                            group_names=gnames, label_names=lnames, duals=(w, mu), max_iter=max_iter,
                             slack=max(float(tol), 1e-9) if method == "exact" else 1e-9)
     rep.passes, rep.compressed = passes, compressed
     if rep.status == "infeasible" and _backend.core() is not None:  # the search needs the exact solver

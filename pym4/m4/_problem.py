@@ -274,9 +274,10 @@ def _json_floats(values) -> List[Optional[float]]:
 def evaluate(problem: Problem, before: np.ndarray, after: np.ndarray, c: int, *, method: str, iterations: int,
              status: str = "optimal", infeasible: Sequence[str] = (),
              group_names: Optional[Sequence[str]] = None, label_names: Optional[Sequence[str]] = None,
-             slack: float = 1e-9, duals=None) -> Report:
+             slack: float = 1e-9, duals=None, max_iter: Optional[int] = None) -> Report:
     """The report of keep probabilities q from the counts of the data (``before``, w = 1)
-    and of the kept data (``after``, w = q).
+    and of the kept data (``after``, w = q). ``max_iter``: the exact solve's limit, when
+    known (its message then says whether the solve ran to it).
 
     ``status`` is the solver's ("optimal", "infeasible" with the dual's ``infeasible``
     constraint names, or "max_iter"). Here it becomes "infeasible" when a group is empty
@@ -323,7 +324,8 @@ def evaluate(problem: Problem, before: np.ndarray, after: np.ndarray, c: int, *,
                     f"no bound on its distance to the optimum")
     shares = group_shares(before, m, c)
     message = _message(status, method, names, [(gnames[k], shares[k], problem.target[k]) for k in empty],
-                       problem.budget, max_viol, iterations, _worst(g, lam, budget_err, c, gnames, lnames), downgraded)
+                       problem.budget, max_viol, iterations, _worst(g, lam, budget_err, c, gnames, lnames), downgraded,
+                       max_iter)
     violations = {"budget": float(budget_err), "representation": viol.reshape(m, c + 1)[:, 0].copy(),
                   "association": viol.reshape(m, c + 1)[:, 1:].copy()}
     return Report(status=status, message=message, method=method, iterations=int(iterations), violations=violations,
@@ -346,7 +348,8 @@ def _worst(g, lam, budget_err, c, gnames, lnames) -> str:
     return f"{constraint_name(j, c, gnames, lnames)} (|value| {abs(g[j]):.3e}, bound {lam[j]:.3e})"
 
 
-def _message(status, method, infeasible, empty, eta, max_viol, iterations, worst="", downgraded=False) -> str:
+def _message(status, method, infeasible, empty, eta, max_viol, iterations, worst="", downgraded=False,
+             max_iter=None) -> str:
     if status == "optimal":
         return f"{method}: solved in {iterations} iterations (max constraint violation {max_viol:.2e})"
     if status == "infeasible":
@@ -365,7 +368,12 @@ def _message(status, method, infeasible, empty, eta, max_viol, iterations, worst
                 f"(max violation {max_viol:.2e}, worst: {worst}); stream more data, or use method='exact'")
     if downgraded:  # the solver's test passed, yet q (recomputed here) misses a constraint
         return f"exact: after {iterations} iterations q misses a constraint beyond its tolerance (max violation {max_viol:.2e}, worst: {worst})"
-    return f"exact: stopped at max_iter={iterations} (max constraint violation {max_viol:.2e}); raise max_iter"
+    if max_iter is not None and iterations < max_iter:  # the solver stopped early: no further progress
+        return (f"exact: stopped after {iterations} of max_iter={max_iter} iterations, making no further progress, "
+                f"short of the tolerance (max constraint violation {max_viol:.2e}, worst: {worst}): loosen tol, "
+                f"or bring a large utility to the scale of q (about 1)")
+    return (f"exact: stopped at {'max_iter=' if max_iter is not None else ''}{iterations} iterations short of the "
+            f"tolerance (max constraint violation {max_viol:.2e}); raise max_iter")
 
 
 def report(counts_before, counts_after, *, target, budget: float, eps_rep: float = 0.01, eps_assoc: float = 0.01,
