@@ -60,6 +60,10 @@ def check_finite(t: torch.Tensor, name: str) -> None:
 
 
 def check_positive_scalar(value: Any, name: str) -> float:
+    # float() reads "0.05" and True too: a string or a bool is a mistake, not a number
+    # (epsilon=True would run as 1.0).
+    if isinstance(value, (str, bytes, bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name}: expected a positive number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):

@@ -114,6 +114,9 @@ def test_numpy_float32_scalars():
                                   _q(s, y, method="stream", lr=0.5, batch_size=8, **KW))
     with pytest.raises(TypeError, match=r"^tol: expected a number"):
         m4.balance(s, y, tol="1e-3", **KW)
+    for flag in (True, np.bool_(True)):  # (budget=True ran as 1.0)
+        with pytest.raises(TypeError, match=r"^budget: expected a number"):
+            m4.balance(s, y, budget=flag)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

@@ -207,6 +207,16 @@ def test_messages_name_the_argument(call, match):
         call()
 
 
+@pytest.mark.parametrize("value", ["0.05", True, np.bool_(True), torch.tensor(True)], ids=repr)
+def test_a_string_or_bool_is_not_a_number(value):
+    """float() reads "0.05" and True (which ran as epsilon 1.0): both are refused."""
+    x = np.random.default_rng(0).random((4, 3))
+    with pytest.raises(TypeError, match="epsilon: expected a positive number"):
+        pym4.sinkhorn(x, value)
+    with pytest.raises(TypeError, match="reg: expected a positive number"):
+        pym4.sinkhorn_ot(None, None, x, value)
+
+
 def test_requires_grad_tensors_are_accepted():
     s = torch.rand(6, 4, requires_grad=True)
     q = pym4.sinkhorn(s)

@@ -265,7 +265,9 @@ def selection_weights(w: Any, n: int) -> Optional[np.ndarray]:
 def _number(v: Any, name: str) -> float:
     """A Python float from a number: int, float, numpy scalar, or a one-value (0-d) numpy
     array or tensor (detached); TypeError naming ``name`` for anything else (a string too)."""
-    if isinstance(v, (str, bytes)) or (np.ndim(v) if isinstance(v, (np.ndarray, np.generic)) else 0) != 0:
+    # (a bool is a mistake, not a number: budget=True would run as 1.0)
+    if isinstance(v, (str, bytes, bool, np.bool_)) or (np.ndim(v) if isinstance(v, (np.ndarray, np.generic)) else 0) != 0 \
+            or getattr(v, "dtype", None) is not None and str(v.dtype) in ("bool", "torch.bool"):
         raise TypeError(f"{name}: expected a number, got {v!r}")
     if hasattr(v, "detach") and hasattr(v, "numel"):  # a torch tensor: one value
         if v.numel() != 1 or v.dim() != 0:
