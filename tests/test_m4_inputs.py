@@ -221,3 +221,19 @@ def test_seed_named(value):
     with pytest.raises(ValueError, match=r"^seed: must be an integer >= 0"):
         m4.sample(np.full(5, 0.5), seed=value)
     np.testing.assert_array_equal(m4.sample(np.full(50, 0.5), seed=np.int64(3)), m4.sample(np.full(50, 0.5), seed=3))
+
+
+@pytest.mark.parametrize("call", ["balance", "representation_bias", "default_target", "largest_feasible_budget",
+                                  "solver-cpu", "solver-torch"])
+def test_no_group_column_is_refused_naming_s(call):
+    """An (n, 0) s was an IndexError from deep inside (and ran on the torch solver)."""
+    import torch
+    s = np.zeros((20, 0), np.uint8)
+    run = {"balance": lambda: m4.balance(s),
+           "representation_bias": lambda: m4.representation_bias(s),
+           "default_target": lambda: m4.default_target(s),
+           "largest_feasible_budget": lambda: m4.largest_feasible_budget(s, target=0.3),
+           "solver-cpu": lambda: m4.M4Solver(0.4).partial_fit(s),
+           "solver-torch": lambda: m4.M4Solver(0.4, backend="torch").partial_fit(torch.zeros(20, 0))}[call]
+    with pytest.raises(ValueError, match=r"^s: need at least one group column, got shape \(20, 0\)"):
+        run()

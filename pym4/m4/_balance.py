@@ -115,7 +115,7 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     the constraints that cannot hold together (a certificate of the dual's recession). Any
     status other than "optimal" also emits a RuntimeWarning carrying ``message``.
     """
-    s8 = _inputs.binary_matrix(s, "s")
+    s8 = _inputs.group_matrix(s)
     n, m = s8.shape
     if n == 0:
         raise ValueError("s: no examples")

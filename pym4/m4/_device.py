@@ -22,6 +22,8 @@ def as_rows(s, y, utility, device: torch.device):
     s_t = (st[:, None] if st.dim() == 1 else st).to(device=device, dtype=torch.float64)
     if s_t.dim() != 2:
         raise ValueError(f"s: expected a 1-D or 2-D array (examples, columns), got shape {tuple(s_t.shape)}")
+    if s_t.shape[1] == 0:  # (as _inputs.group_matrix says it on the host)
+        raise ValueError(f"s: need at least one group column, got shape {tuple(s_t.shape)}")
     n = s_t.shape[0]
     if y is None:
         y_t = torch.zeros((n, 0), dtype=torch.float64, device=device)

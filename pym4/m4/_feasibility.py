@@ -81,7 +81,7 @@ def largest_feasible_budget(s, y=None, *, target=None, eps_rep: float = 0.01, ep
     The exact solver decides at each budget, on the pattern table of the data when it fits
     (one hash aggregate; the solves then cost nothing in N)."""
     from . import _inputs, _passes
-    s8 = _inputs.binary_matrix(s, "s")
+    s8 = _inputs.group_matrix(s)
     if s8.shape[0] == 0:
         raise ValueError("s: no examples")
     lab = _inputs.as_labels(y, s8.shape[0])

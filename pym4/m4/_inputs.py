@@ -82,6 +82,15 @@ class Labels:
         return out
 
 
+def group_matrix(s: Any) -> np.ndarray:
+    """The (n, m) uint8 0/1 group indicators ``s`` (:func:`binary_matrix`), m >= 1: a problem
+    with no group has no constraint to balance."""
+    s8 = binary_matrix(s, "s")
+    if s8.shape[1] == 0:
+        raise ValueError(f"s: need at least one group column, got shape {s8.shape}")
+    return s8
+
+
 def binary_matrix(x: Any, name: str, n: Optional[int] = None) -> np.ndarray:
     """A (n, k) uint8 0/1 array from a bool/int/float array or tensor (dense, or sparse:
     scipy or torch, made dense); checks values."""
@@ -321,7 +330,7 @@ def target_from_shares(shares: np.ndarray) -> np.ndarray:
 def default_target(s) -> np.ndarray:
     """The default target of ``s`` (N, m): every group at the mean of the observed group
     shares, (m,) float64."""
-    s8 = binary_matrix(s, "s")
+    s8 = group_matrix(s)
     if s8.shape[0] == 0:
         raise ValueError("s: no examples")
     n, m = s8.shape

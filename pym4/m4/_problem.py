@@ -82,7 +82,7 @@ def weighted_counts(s, y=None, weights=None) -> np.ndarray:
     Counts of disjoint parts of a dataset add up to the counts of the whole, which is what
     :func:`report` takes.
     """
-    s8 = _inputs.binary_matrix(s, "s")
+    s8 = _inputs.group_matrix(s)
     return counts(s8, _inputs.as_labels(y, s8.shape[0]), _inputs.weights(weights, s8.shape[0]))
 
 
@@ -148,7 +148,7 @@ def representation_bias(s, weights=None, target=None) -> float:
     Like :func:`association_bias`, refuses an empty selection (N = 0, or every weight 0),
     where the bias is undefined, with a ValueError.
     """
-    s8 = _inputs.binary_matrix(s, "s")
+    s8 = _inputs.group_matrix(s)
     q = _inputs.selection_weights(weights, s8.shape[0])
     pi = _inputs.target(target, s8.shape[1], s8)
     return representation_bias_from_counts(counts(s8, _inputs.Labels.none(s8.shape[0]), q), s8.shape[1], pi)
@@ -162,7 +162,7 @@ def association_bias(s, y, weights=None) -> float:
     0 when no group is left. An empty selection (N = 0, or every weight 0) is refused with a
     ValueError, as by :func:`representation_bias`.
     """
-    s8 = _inputs.binary_matrix(s, "s")
+    s8 = _inputs.group_matrix(s)
     lab = _inputs.as_labels(y, s8.shape[0])
     q = _inputs.selection_weights(weights, s8.shape[0])
     return association_bias_from_counts(counts(s8, lab, q), s8.shape[1], lab.c)

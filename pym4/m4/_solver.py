@@ -236,7 +236,7 @@ class M4Solver:
         """
         name = self._backend_for("m4_fit", s)
         if name == "cpu":
-            s8 = _inputs.binary_matrix(s, "s")
+            s8 = _inputs.group_matrix(s)
             lab = _inputs.as_labels(y, s8.shape[0])
             self._fit_core(s8, lab, _inputs.utility(utility, s8.shape[0]))
         else:
@@ -336,7 +336,7 @@ class M4Solver:
             else:
                 q = _device.keep_probability(st, yt, ut, pi, self.problem.budget, w, mu[0])
             return q.cpu().numpy() if origin.is_numpy else q
-        s8 = _inputs.binary_matrix(s, "s")
+        s8 = _inputs.group_matrix(s)
         lab = _inputs.as_labels(y, s8.shape[0])
         u = _inputs.utility(utility, s8.shape[0])
         self._init(s8.shape[1], lab.c)

@@ -24,7 +24,7 @@ import numpy as np
 from .. import _backend
 from .._io import atomic_output
 from ._columns import ColumnSpec, ResolvedSpec, binary_matrix
-from ._inputs import is_scipy_sparse
+from ._inputs import group_matrix, is_scipy_sparse
 
 __all__ = ["M4Model"]
 
@@ -148,7 +148,7 @@ class M4Model:
         s : (n, m) 0/1 (bool / integer / float); y : (n, c) 0/1, or a scipy CSR matrix
         (n, c), or None when c = 0; utility : (n,) numbers, default 0.
         """
-        s8 = binary_matrix(s, "s")
+        s8 = group_matrix(s)
         n = s8.shape[0]
         if s8.shape[1] != self.m:
             raise ValueError(f"s: this model has {self.m} groups, got {s8.shape[1]} columns")
