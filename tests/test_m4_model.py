@@ -47,8 +47,11 @@ def test_keep_probability_closed_form():
     assert 0 < ref.min() < ref.max() <= 1  # the clip and the margins both matter here
     np.testing.assert_allclose(model.keep_probability(s.astype(bool), y), ref, rtol=0, atol=1e-12)
     u = t.column("u").to_numpy()
-    np.testing.assert_allclose(model.keep_probability(s, y, utility=u),
+    with_u = _model(utility="u")  # (the same duals, fitted with a utility column)
+    np.testing.assert_allclose(with_u.keep_probability(s, y, utility=u),
                                _closed_form(s, y, u, model.target, model.budget, model.w, model.mu), atol=1e-12)
+    with pytest.raises(ValueError, match="utility: this model was fitted without a utility"):
+        model.keep_probability(s, y, utility=u)  # (it moved q off the budget in silence)
     scipy_sparse = pytest.importorskip("scipy.sparse")
     np.testing.assert_allclose(model.keep_probability(s, scipy_sparse.csr_matrix(y)), ref, atol=1e-12)
 
@@ -79,7 +82,7 @@ def test_keep_probability_errors():
     with pytest.raises(ValueError, match="y: values must be 0 or 1"):
         model.keep_probability(np.zeros((4, 2)), np.full((4, 4), 2.0))
     with pytest.raises(ValueError, match=r"utility: expected shape \(4,\)"):
-        model.keep_probability(np.zeros((4, 2)), np.zeros((4, 4)), utility=np.zeros(3))
+        _model(utility="u").keep_probability(np.zeros((4, 2)), np.zeros((4, 4)), utility=np.zeros(3))
     with pytest.raises(ValueError, match="w: expected 10 finite duals"):
         M4Model(model.target, 0.8, 0.01, 0.01, np.zeros(9), 0.0, model.columns)
     with pytest.raises(ValueError, match="budget: must be in"):

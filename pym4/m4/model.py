@@ -146,7 +146,8 @@ class M4Model:
         """``q_i = clip(eta + u_i - a_i^T w - mu, 0, 1)``, (n,) float64.
 
         s : (n, m) 0/1 (bool / integer / float); y : (n, c) 0/1, or a scipy CSR matrix
-        (n, c), or None when c = 0; utility : (n,) numbers, default 0.
+        (n, c), or None when c = 0; utility : (n,) numbers, default 0 (only for a model
+        fitted with a utility).
         """
         s8 = group_matrix(s)
         n = s8.shape[0]
@@ -171,6 +172,9 @@ class M4Model:
                 raise ValueError(f"y: this model has {self.c} labels, got {y8.shape[1]} columns")
             data_y = (y8, None, None)
         u = None
+        if utility is not None and self.columns.spec.utility is None:
+            # (its duals are those of a utility of 0: another utility moves q off the budget)
+            raise ValueError("utility: this model was fitted without a utility, so its q takes none")
         if utility is not None:
             u = np.ascontiguousarray(np.asarray(utility), dtype=np.float64)
             if u.shape != (n,):
