@@ -191,6 +191,11 @@ def _fast_cpu(t: torch.Tensor, epsilon, n_iters, out, forced_cpu: bool = False) 
 def _check_out(out, scores, t: torch.Tensor, origin, prototypes) -> torch.Tensor:
     """Validate a caller's output buffer before any work; returns its torch view."""
     o, o_origin = to_tensor(out, "out")
+    if isinstance(out, torch.Tensor) and out.requires_grad:
+        # (torch refuses in-place writes to such a tensor; writing through a detached view
+        # would change a leaf of someone's graph behind autograd's back)
+        raise ValueError("out: requires grad; the codes are a target, never differentiated: "
+                         "pass a buffer without requires_grad")
     k = to_tensor(prototypes, "prototypes")[0].shape[0] if prototypes is not None else t.shape[1]
     if o_origin.is_numpy != origin.is_numpy:
         raise TypeError(f"out: must be a {'numpy array' if origin.is_numpy else 'torch tensor'} like scores")

@@ -207,6 +207,15 @@ def test_messages_name_the_argument(call, match):
         call()
 
 
+def test_an_out_that_requires_grad_is_refused_and_left_alone():
+    """torch refuses in-place writes to a leaf that requires grad; sinkhorn wrote into it."""
+    x = torch.randn(8, 5)
+    out = torch.zeros(8, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="out: requires grad"):
+        pym4.sinkhorn(x, out=out)
+    assert bool((out == 0).all())
+
+
 @pytest.mark.parametrize("value", ["0.05", True, np.bool_(True), torch.tensor(True)], ids=repr)
 def test_a_string_or_bool_is_not_a_number(value):
     """float() reads "0.05" and True (which ran as epsilon 1.0): both are refused."""
