@@ -168,6 +168,15 @@ def test_bad_input_before_any_output(table, tmp_path, case, match):
     assert left == (["d", "out"] if case == "out_exists" else ["d"])
 
 
+def test_data_that_is_not_a_parquet_dataset_is_named(tmp_path):
+    csv = tmp_path / "d.csv"
+    csv.write_text("g0,g1\n1,0\n0,1\n")
+    with pytest.raises(ValueError, match=r"^data: .*d\.csv: not a Parquet dataset \(.*\); pym4 reads datasets as Parquet"):
+        m4.fit_dataset(str(csv), sensitive=["g0", "g1"], progress=False)
+    with pytest.raises(TypeError, match="^data: expected a path, .* got int"):
+        m4.fit_dataset(5, sensitive=["g0", "g1"], progress=False)
+
+
 def test_out_inside_the_source_folder_is_refused(table, tmp_path):
     """Every folder below a source folder is read: parts written there would join the input."""
     write_shards(table, str(tmp_path / "d"), LAYOUTS["seven"])

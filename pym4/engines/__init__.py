@@ -293,6 +293,9 @@ def list_shards(source) -> Shards:
                 raise FileNotFoundError(f"data: no such file {missing[0]!r}")
             base, name = None, f"{len(paths)} files"
         else:
+            if not isinstance(source, (str, os.PathLike)):
+                raise TypeError(f"data: expected a path, glob, URI or list of Parquet files, a pyarrow Dataset, "
+                                f"a Ray Dataset or a Spark DataFrame, got {type(source).__name__}")
             path = os.fspath(source)
             name = path
             if os.path.isdir(path):
@@ -303,7 +306,12 @@ def list_shards(source) -> Shards:
                 paths, base = sorted(glob.glob(path, recursive=True)), None
                 if not paths:
                     raise FileNotFoundError(f"data: no file matches {path!r}")
-        ds = pads.dataset(paths, format="parquet", partitioning="hive" if base else None)
+        import pyarrow as pa
+        try:
+            ds = pads.dataset(paths, format="parquet", partitioning="hive" if base else None)
+        except pa.ArrowInvalid as e:  # a file that is not Parquet (a CSV, a stray text file)
+            raise ValueError(f"data: {name}: not a Parquet dataset ({e}); pym4 reads datasets as Parquet "
+                             f"(a single .csv file goes through m4.balance, or `pym4 balance FILE.csv`)") from None
     frags = sorted(ds.get_fragments(), key=lambda f: f.path)
     return Shards(ds, frags, base, name)
 
