@@ -154,7 +154,8 @@ def test_a_missed_budget_is_not_optimal(method):
 def test_constant_utility_changes_nothing(method):
     s, y = make_data(4000, 2, 4, 3)
     plain = m4.balance(s, y, budget=0.5, method=method)
-    for shift in (1e16, -3.0):
+    # (np.mean of 1e30s is not 1e30, and of 1e308s overflows: both once broke the solve)
+    for shift in (1e16, -3.0, 1e30, 1e308, -1e308):
         res = m4.balance(s, y, budget=0.5, method=method, utility=np.full(4000, shift))
         assert res.status == plain.status == "optimal", res.message
         np.testing.assert_allclose(res.q, plain.q, atol=1e-9)

@@ -224,9 +224,12 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         rep.message = f"{rep.message}; {budget_text(largest)}"
     elif searched:
         rep.largest_feasible_budget = largest
-    # (1/N) sum 1/2 (q - eta)^2 - u q, as two dot products: no N-sized temporaries but one.
+    # (1/N) sum 1/2 (q - eta)^2 - u q, as dot products: no N-sized temporaries but one. The
+    # utility as given is u + u_shift: its shift's term is u_shift * mean q, so that a utility
+    # near float64's limit (1e308) gives a finite objective, not u . q = inf.
     dq = q - problem.budget
-    objective = (0.5 * float(dq @ dq) - (0.0 if u_given is None else float(u_given @ q))) / n
+    utility_term = (0.0 if u is None else float(u @ q) / n) + (u_shift * float(q.mean()) if u_given is not None else 0.0)
+    objective = 0.5 * float(dq @ dq) / n - utility_term
     mu += u_shift  # the budget's dual for the utility as given
     if rep.status != "optimal":  # q does not solve the problem: say so even to callers who skip .status
         warnings.warn(f"pym4.m4.balance: {rep.message}", RuntimeWarning, stacklevel=2)
@@ -265,13 +268,17 @@ def shuffled_order(n: int, seed: int) -> np.ndarray:
 
 
 def center_utility(u: Optional[np.ndarray]):
-    """(u - mean u, mean u), or (None, 0) for no or a constant utility: the one place where
-    both methods drop the part of u that cannot change q (sum q = N eta is fixed, so adding
-    a constant to every u_i only shifts mu). Without it, u = 1e16 swamps eta in
-    eta + u_i - a_i^T w - mu and rounds every q to 0 or 1."""
+    """(u - shift, shift), or (None, shift) for a constant utility, (None, 0) for none: the
+    one place where both methods drop the part of u that cannot change q (sum q = N eta is
+    fixed, so adding a constant to every u_i only shifts mu). Without it, u = 1e16 swamps
+    eta in eta + u_i - a_i^T w - mu and rounds every q to 0 or 1. The shift is the midrange
+    min/2 + max/2 (:func:`pym4.m4._stages.utility_shift` takes the same from a pass): exact
+    for a constant utility, which then drops out entirely (np.mean of 1e30s is not 1e30, and
+    the remainder had the solve stop at max_iter), and never past float64 (the mean of 1e308s
+    overflowed, making every q 0)."""
     if u is None:
         return None, 0.0
-    shift = float(np.mean(u))
+    shift = float(u.min()) / 2 + float(u.max()) / 2
     centered = u - shift
     if not np.any(centered):
         return None, shift

@@ -173,15 +173,15 @@ class PatternStage:
 
 
 def utility_shift(stats: Optional[np.ndarray], rows: int) -> Tuple[float, bool]:
-    """(mean of the utility, whether it is constant) from the counting pass's ``[sum, min,
-    max]`` over ``rows`` rows; (0, False) without a utility. The dataset's form of
-    ``pym4.m4._balance.center_utility`` (which needs the whole array): the same shift, and a
-    constant utility drops out of the problem (it may then use the pattern table)."""
+    """(midrange of the utility, whether it is constant) from the counting pass's ``[sum,
+    min, max]`` over ``rows`` rows; (0, False) without a utility. The dataset's form of
+    ``pym4.m4._balance.center_utility``: the same shift, and a constant utility drops out of
+    the problem (it may then use the pattern table)."""
     if stats is None:
         return 0.0, False
     if stats[1] == stats[2]:
         return float(stats[1]), True
-    return float(stats[0] / rows), False
+    return float(stats[1]) / 2 + float(stats[2]) / 2, False
 
 
 class PartialStage:
