@@ -23,6 +23,7 @@ class Origin:
 def to_tensor(x: Any, name: str) -> Tuple[torch.Tensor, Origin]:
     """A torch view of a numpy array or tensor (no copy when possible), and its origin."""
     if isinstance(x, torch.Tensor):
+        check_has_values(x, name)
         return x, Origin(False, x.dtype, x.device)
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "fiub" or x.dtype.itemsize > 8:
@@ -35,6 +36,14 @@ def to_tensor(x: Any, name: str) -> Tuple[torch.Tensor, Origin]:
             t = torch.from_numpy(x)
         return t, Origin(True, t.dtype, t.device)
     raise TypeError(f"{name}: expected a numpy array or a torch tensor, got {type(x).__name__}")
+
+
+def check_has_values(t: torch.Tensor, name: str) -> None:
+    # A meta tensor has a shape and no values: every op would fail deep inside torch, on
+    # .item() or a copy, with a message that names no argument.
+    if t.device.type == "meta":
+        raise ValueError(f"{name}: is on the meta device (a shape without values); "
+                         "pass a tensor with values, on the CPU or a GPU")
 
 
 def from_tensor(t: torch.Tensor, origin: Origin):

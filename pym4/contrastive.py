@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, _exchange
-from ._arrays import check_int_at_least, from_tensor, to_tensor
+from ._arrays import check_has_values, check_int_at_least, from_tensor, to_tensor
 from ._chunked import ChunkedEngine
 
 __all__ = ["clip_loss", "siglip_loss", "similarity_topk"]
@@ -140,6 +140,14 @@ def similarity_topk(queries, keys, k: int, *, chunk: Optional[int] = None):
     chunk = check_int_at_least(chunk, 1, "chunk")
     _check_finite_all((q, "queries"), (kt, "keys"))
     dtype = torch.float64 if torch.float64 in (q.dtype, kt.dtype) else torch.float32
+    # Every score (and partial sum) is within max|q_i| max|k_j| (Cauchy-Schwarz): past the
+    # compute dtype's range a block of scores holds inf - inf, and the values came out NaN.
+    reach = float(torch.linalg.vector_norm(q, dim=1, dtype=torch.float64).amax()
+                  * torch.linalg.vector_norm(kt, dim=1, dtype=torch.float64).amax())
+    if not reach <= torch.finfo(dtype).max:
+        raise ValueError(f"queries, keys: the scores can reach {reach:.3g} (the product of their largest row norms), "
+                         f"beyond {str(dtype).replace('torch.', '')}'s range: normalise or rescale them"
+                         + (", or pass float64 features" if dtype == torch.float32 else ""))
     values = torch.empty((n, k), dtype=dtype, device=q.device)
     indices = torch.empty((n, k), dtype=torch.int64, device=q.device)
     for q0 in range(0, n, chunk):
@@ -156,7 +164,13 @@ def similarity_topk(queries, keys, k: int, *, chunk: Optional[int] = None):
             best_v, best_i = v, i
         best_v, order = torch.sort(best_v, dim=1, descending=True)
         values[q0:q0 + chunk], indices[q0:q0 + chunk] = best_v, best_i.gather(1, order)
-    return from_tensor(values, q_origin), (indices.numpy() if q_origin.is_numpy else indices)
+    delivered = from_tensor(values, q_origin)
+    if q_origin.dtype != dtype and not bool(torch.isfinite(torch.as_tensor(delivered)).all()):
+        # (a float16 query's scores past 65504: the order is right, its values would be inf)
+        raise ValueError(f"queries: the best scores reach {float(values.abs().max()):.3g}, beyond "
+                         f"{str(q_origin.dtype).replace('torch.', '')}'s range, the dtype of the values returned: "
+                         "pass float32 features")
+    return delivered, (indices.numpy() if q_origin.is_numpy else indices)
 
 
 # ----- checks --------------------------------------------------------------------------------
@@ -164,6 +178,7 @@ def similarity_topk(queries, keys, k: int, *, chunk: Optional[int] = None):
 def _check_features(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch tensor, got {type(t).__name__}")
+    check_has_values(t, name)
     if t.dtype not in _FEATURE_DTYPES:
         raise TypeError(f"{name}: expected float32, float16, bfloat16 or float64, got {str(t.dtype).replace('torch.', '')}")
     if t.dim() != 2:
@@ -209,8 +224,13 @@ def _validate(x, y, logit_scale, logit_bias):
     scale, _ = _as_scalar(logit_scale, "logit_scale", x.device)
     bias = None if logit_bias is None else _as_scalar(logit_bias, "logit_bias", x.device)[0]
     # One sync for every value check: finiteness of features and scalars, positivity of s.
+    # The logits' reach, |s x_i . y_j| <= s max|x_i| max|y_j| (Cauchy-Schwarz, which bounds
+    # every partial sum of the dot product too), in float64 so that the norms do not overflow.
+    reach = (scale.detach().double().reshape(()) * torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).amax()
+             * torch.linalg.vector_norm(y, dim=1, dtype=torch.float64).amax())
+    limit = torch.finfo(_acc_dtype(x.dtype)).max * _LOGIT_HEADROOM
     checks = [torch.isfinite(x).all(), torch.isfinite(y).all(), torch.isfinite(scale.detach()).all(),
-              (scale.detach() > 0).all()]
+              (scale.detach() > 0).all(), reach <= limit]
     if bias is not None:
         checks.append(torch.isfinite(bias.detach()).all())
     ok = torch.stack([c.to(x.device) for c in checks]).tolist()
@@ -221,8 +241,14 @@ def _validate(x, y, logit_scale, logit_bias):
         problem = "text_features: contains NaN or Inf"
     elif not (ok[2] and ok[3]):
         problem = f"logit_scale: must be a positive finite scalar, got {float(scale.detach().reshape(()))!r}"
-    elif bias is not None and not ok[4]:
+    elif bias is not None and not ok[5]:
         problem = "logit_bias: must be finite"
+    elif not ok[4]:
+        acc = str(_acc_dtype(x.dtype)).replace("torch.", "")
+        problem = (f"image_features, text_features: the logits can reach {float(reach):.3g} (logit_scale times the "
+                   f"largest row norms of both), beyond what the loss can sum in {acc} ({limit:.3g}): "
+                   "L2-normalise the features, as CLIP and SigLIP do"
+                   + (", or pass float64 features" if acc == "float32" else ""))
     return scale, bias, problem
 
 
@@ -272,6 +298,12 @@ def _contrastive(kind, x, y, logit_scale, logit_bias, group, backend, local_grad
     else:
         loss = _ContrastiveLoss.apply(x, y, scale, bias, _Spec(kind, _engine(name), group, local_grad))
     return loss if zero is None else loss + zero.to(loss.dtype)
+
+
+# The logits' largest magnitude, as a share of the accumulation dtype's range, that the loss
+# takes: its sums run over up to 2**32 rows (float32: logits up to 7.9e28, which no normalised
+# features times a logit scale come near; past float32's range the loss was NaN).
+_LOGIT_HEADROOM = 2.0 ** -32
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -261,6 +261,29 @@ def test_bad_input_is_rejected_with_the_argument_named(kind):
             f(*args)
     with pytest.raises(ValueError, match="backend"):
         f(x, y, 1.0, 0.0, backend="cuda")
+    with pytest.raises(ValueError, match=r"^image_features: is on the meta device"):
+        f(x.to("meta"), y.to("meta"), 1.0, 0.0)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_logits_past_the_accumulators_range_are_refused_not_nan(kind):
+    """Was: features of norm 1e20 made the logits overflow float32 and the loss NaN."""
+    f = LOSS[kind]
+    x, y = features(6, 4)
+    for big_x, big_y in ((x * 1e20, y * 1e20), (x * 1e30, y), (x * 1e15, y * 1e15)):
+        with pytest.raises(ValueError, match=r"^image_features, text_features: the logits can reach .* float32") as e:
+            f(big_x, big_y, 10.0, -10.0)
+        assert "or pass float64 features" in str(e.value)
+    with pytest.raises(ValueError, match=r"the logits can reach .* float64"):
+        f(x.double() * 1e160, y.double() * 1e160, 1.0, 0.0)
+    # float64 takes what float32 cannot, and gets the reference's loss.
+    got = f(x.double() * 1e15, y.double() * 1e15, 10.0, -10.0)
+    want = REF[kind](x.double() * 1e15, y.double() * 1e15, torch.tensor(10.0, dtype=torch.float64),
+                     torch.tensor(-10.0, dtype=torch.float64))
+    assert torch.isfinite(got) and float(got) == pytest.approx(float(want), rel=1e-9)
+    # Large but summable logits are taken (the reach is s max|x| max|y|: 1e7, then 1e21).
+    assert torch.isfinite(f(x * 1e3, y * 1e3, 10.0, -10.0))
+    assert torch.isfinite(f(x * 1e20, y, 10.0, -10.0))
 
 
 # ----- similarity_topk ---------------------------------------------------------------------------
@@ -293,6 +316,26 @@ def test_similarity_topk_numpy_and_errors():
         pym4.similarity_topk(q.index_fill(0, torch.tensor([0]), math.nan), keys, 1)
     with pytest.raises(ValueError, match="chunk"):
         pym4.similarity_topk(q, keys, 1, chunk=0)
+    with pytest.raises(ValueError, match=r"^queries: is on the meta device"):
+        pym4.similarity_topk(q.to("meta"), keys.to("meta"), 1)
+
+
+def test_similarity_topk_scores_past_the_dtypes_range():
+    """Was: NaN values for features of norm 1e30 (the scores' block held inf - inf)."""
+    q, keys = features(9, 4, seed=4, correlated=False)
+    with pytest.raises(ValueError, match=r"^queries, keys: the scores can reach 1e\+60 .* float32's range"):
+        pym4.similarity_topk(q * 1e30, keys * 1e30, 2)
+    # float64 holds them: the order and the values of the float64 reference.
+    q64, k64 = q.double() * 1e30, keys.double() * 1e30
+    values, indices = pym4.similarity_topk(q64, k64, 3)
+    want = torch.topk(q64 @ k64.T, 3, dim=1)
+    assert torch.equal(indices, want.indices)
+    torch.testing.assert_close(values, want.values, rtol=1e-12, atol=0)
+    # float16 values past 65504 would come back inf: refused, the values named.
+    with pytest.raises(ValueError, match=r"^queries: the best scores reach .* float16's range"):
+        pym4.similarity_topk((q * 1e3).half(), (keys * 1e3).half(), 2)
+    values, _ = pym4.similarity_topk((q * 10).half(), (keys * 10).half(), 2)
+    assert values.dtype == torch.float16 and bool(torch.isfinite(values).all())
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
