@@ -250,7 +250,7 @@ def _is_2d(v) -> bool:
 
 
 def _marginal(v, n: int, name: str, device) -> torch.Tensor:
-    if v is None or (hasattr(v, "__len__") and len(v) == 0):
+    if v is None or (hasattr(v, "__len__") and getattr(v, "ndim", 1) != 0 and len(v) == 0):  # (0-d: refused below)
         return torch.full((n,), 1.0 / n, dtype=torch.float64, device=device)
     t, _ = to_tensor(v, name)
     t = t.detach()
@@ -262,8 +262,12 @@ def _marginal(v, n: int, name: str, device) -> torch.Tensor:
     check_finite(t, name)
     if bool((t < 0).any()):
         raise ValueError(f"{name}: marginals must be non-negative")
-    if not float(t.sum()) > 0:
+    total = float(t.sum())
+    if not total > 0:
         raise ValueError(f"{name}: marginals must have positive total mass")
+    if total == math.inf:  # (two such sums compared equal: inf == inf, and the plan was inf)
+        raise ValueError(f"{name}: the total mass overflows float64 (entries up to {float(t.max()):.3g}); "
+                         "rescale the marginals")
     return t.contiguous()
 
 

@@ -211,6 +211,7 @@ def test_backends_agree():
     (torch.zeros(3, 4, dtype=torch.int64), TypeError, "scores: expected a floating-point"),
     (np.zeros((3, 4), dtype=np.int32), TypeError, "scores: expected a floating-point"),
     ([[0.0, 1.0]], TypeError, "scores: expected a numpy array or a torch tensor"),
+    (torch.zeros(3, 4, device="meta"), ValueError, "scores: is on the meta device"),  # (was: Tensor.item() ...)
 ])
 def test_bad_scores(scores, exc, match):
     with pytest.raises(exc, match=match):
@@ -366,6 +367,12 @@ def test_ot_warns_when_not_converged():
     (lambda a, b, c: (np.where(np.arange(10) == 0, np.inf, a), b, c), ValueError, "a: contains NaN or Inf"),
     (lambda a, b, c: (a, b, c.astype(np.int64)), TypeError, "cost: expected a floating-point"),
     (lambda a, b, c: (np.zeros(10), np.zeros(8), c), ValueError, "a: marginals must have positive total mass"),
+    # (was: both sums inf, "equal", and a plan of 1e307s)
+    (lambda a, b, c: (np.full(10, 1e308), np.full(8, 1.25e308), c), ValueError, "a: the total mass overflows float64"),
+    (lambda a, b, c: (torch.tensor(1.0, dtype=torch.float64), b, c[:1]), ValueError,  # (was: len() of a 0-d tensor)
+     r"a: expected a 1-D array, got shape \(\)"),
+    (lambda a, b, c: (a, np.array(1.0), c[:, :1]), ValueError, r"b: expected a 1-D array, got shape \(\)"),
+    (lambda a, b, c: (torch.from_numpy(a).to("meta"), b, c), ValueError, "a: is on the meta device"),
 ])
 def test_ot_bad_input(change, exc, match):
     a, b, cost = random_problem(10, 8)
