@@ -87,6 +87,10 @@ def test_keep_probability_errors():
         M4Model(model.target, 0.8, 0.01, 0.01, np.zeros(9), 0.0, model.columns)
     with pytest.raises(ValueError, match="budget: must be in"):
         M4Model(model.target, 1.5, 0.01, 0.01, model.w, 0.0, model.columns)
+    # The core's data tuple, as the engines hand it: anything else is named (was: IndexError).
+    for data, what in ((np.zeros((4, 2)), "ndarray"), ((np.zeros((4, 2), np.uint8),), "a tuple of 1")):
+        with pytest.raises(TypeError, match=rf"^data: expected the core's data tuple .* got {what}"):
+            model.keep_probability_data(data)
 
 
 def test_json_and_pickle_round_trip(tmp_path):
@@ -131,6 +135,9 @@ def test_transform_arrow_and_pandas():
         model.transform(t.drop_columns(["tags"]))
     with pytest.raises(TypeError, match="batch: expected a pyarrow"):
         model.transform({"g0": [1]})
+    for column in ("", None, 3):  # (was: an Arrow column named "" appended)
+        with pytest.raises(ValueError, match=r"^column: expected a non-empty column name"):
+            model.transform(t, column=column)
 
 
 def test_data_side_imports_no_torch():

@@ -130,6 +130,10 @@ class M4Model:
     # ----- applying it --------------------------------------------------------------------------
     def keep_probability_data(self, data) -> np.ndarray:
         """q (n,) float64 of a core data tuple (s, y, y_indptr, y_indices, c, u)."""
+        if not isinstance(data, tuple) or len(data) != 6:
+            raise TypeError("data: expected the core's data tuple (s, y, y_indptr, y_indices, c, u), got "
+                            + (f"a tuple of {len(data)}" if isinstance(data, tuple) else type(data).__name__)
+                            + "; keep_probability(s, y, utility) takes arrays")
         s, c = data[0], data[4]
         if s.shape[1] != self.m or c != self.c:
             raise ValueError(f"data: this model has m={self.m} groups and c={self.c} labels, "
@@ -194,6 +198,8 @@ class M4Model:
         error messages.
         """
         import pyarrow as pa
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"column: expected a non-empty column name, got {column!r}")
         is_pandas = type(batch).__module__.startswith("pandas")
         table = pa.Table.from_pandas(batch, preserve_index=False) if is_pandas else batch
         if not isinstance(table, (pa.RecordBatch, pa.Table)):
