@@ -68,7 +68,7 @@ def run_balance_dataset(args) -> int:
         hint = f" (pip install 'pym4[{extra}]')" if extra else ""
         raise CLIError(f"{where}{e}{hint}") from None
     except (DataError, ValueError, TypeError, OSError) as e:
-        raise CLIError(str(e)) from None
+        raise CLIError(_flag_names(str(e))) from None
     with open(os.path.join(out, "_pym4_report.json")) as f:
         summary = json.load(f)
     print(json.dumps({k: summary.get(k) for k in ("status", "kept_fraction", "rb_before", "rb_after", "ab_before",

@@ -341,6 +341,9 @@ def _is_dataset(args) -> bool:
 
 
 def _run_balance(args) -> int:
+    for flag, value in (("INPUT", args.input), ("--out", args.out)):
+        if not value:  # (as a path, '' is the current folder, which "already exists")
+            raise CLIError(f"{flag}: is empty; give a file or folder name")
     if _is_dataset(args):
         from ._cli_dataset import run_balance_dataset
         return run_balance_dataset(args)
@@ -351,6 +354,7 @@ def _run_balance(args) -> int:
     from tqdm import tqdm
 
     from . import _io, m4
+    from .m4._inputs import default_target_of_shares
 
     src = _os.path.abspath(args.input)
     dst = _os.path.abspath(args.out)
@@ -423,6 +427,9 @@ def _run_balance(args) -> int:
             y = np.concatenate([p[1] for p in parts])
             u = np.concatenate([p[2] for p in parts]) if args.utility else None
             ids = pa.chunked_array([p[3] for p in parts])
+            if target is None:  # (refused here in the CLI's words: m4.balance would name s= and target=)
+                default_target_of_shares(s.mean(axis=0, dtype=np.float64), f"--sensitive {args.sensitive}",
+                                         "--target")
             with warnings.catch_warnings():  # a non-optimal status is reported below, once
                 warnings.filterwarnings("ignore", message="pym4.m4.balance: ", category=RuntimeWarning)
                 res = m4.balance(s, y, target=target, budget=args.budget, eps_rep=args.eps_rep,
@@ -467,6 +474,7 @@ def _stream_balance(args, read_pass, target, kept, groups: List[str], labels: Li
         return counts if acc is None else acc + counts
 
     from .m4._balance import center_utility
+    from .m4._inputs import default_target_of_shares
 
     pi = target
     centered, shift = None, 0.0
@@ -482,7 +490,8 @@ def _stream_balance(args, read_pass, target, kept, groups: List[str], labels: Li
         if shares is None or shares[0] == 0:
             raise CLIError(f"{args.input}: the file has no rows")
         if pi is None:
-            pi = m4.target_from_counts(shares, len(groups))
+            pi = default_target_of_shares(m4.group_shares(shares, len(groups)), f"--sensitive {args.sensitive}",
+                                          "--target")
         if args.utility:
             centered, shift = center_utility(np.concatenate(us))
 
@@ -533,6 +542,7 @@ def _flag_names(text: str) -> str:
     import re
     text = re.sub(r"^(sensitive_from|labels_from|sensitive|labels|utility)\b", lambda m: _FLAGS[m.group(1)], text)
     text = re.sub(r"(?<!['\w-])(sensitive_from|labels_from)=", lambda m: _FLAGS[m.group(1)] + " ", text)
+    text = re.sub(r"\bpass target=", "pass --target", text)
     return re.sub(r"(already used as )(sensitive_from|labels_from|sensitive|labels|utility)\b",
                   lambda m: m.group(1) + _FLAGS[m.group(2)], text)
 

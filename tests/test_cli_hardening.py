@@ -97,6 +97,39 @@ def test_bad_flag_values_exit_2(data, tmp_path, capsys, extra, match):
     assert listing(tmp_path) == ["d.parquet"]
 
 
+@pytest.mark.parametrize("dataset", [False, True])
+def test_empty_paths_are_named(data, tmp_path, capsys, monkeypatch, dataset):
+    """Was: "--out: '' already exists" ('' is the current folder as a path)."""
+    monkeypatch.chdir(tmp_path)
+    src = str(tmp_path) if dataset else str(data)
+    for argv, match in (([src, "--out", ""], "pym4: error: --out: is empty; give a file or folder name"),
+                        (["", "--out", "q.parquet"], "pym4: error: INPUT: is empty; give a file or folder name")):
+        assert cli.main(["balance", *argv, *ARGS]) == 2
+        assert match in capsys.readouterr().err
+    assert listing(tmp_path) == ["d.parquet"]
+
+
+@pytest.mark.parametrize("method", ["exact", "stream"])
+@pytest.mark.parametrize("fill", [0, 1])
+def test_groups_without_a_default_target_are_named_as_flags(tmp_path, capsys, method, fill):
+    """Was: m4.balance's "s: ... pass target= proportions" (and, in a dataset, "target:
+    proportions must be in (0, 1), got [0.0, 0.0]"), arguments a CLI user never saw."""
+    g, lab = columns()
+    src = tmp_path / "z.parquet"
+    pq.write_table(pa.table({"g": np.full(len(g), fill), "h": np.full(len(g), fill), "l": lab}), src)
+    argv = ["balance", str(src), "--sensitive", "g,h", "--labels", "l", "--method", method, "--no-progress"]
+    what = "no example is in any group" if fill == 0 else "every example is in every group"
+    assert cli.main([*argv, "--out", str(tmp_path / "q.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pym4: error: --sensitive g,h: {what}") and "pass --target proportions" in err, err
+    assert "s:" not in err and "target=" not in err
+    if method == "exact":  # a folder OUTPUT: the dataset path, after its counting pass
+        assert cli.main([*argv, "--out", str(tmp_path / "folder")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pym4: error: --sensitive: {what}") and "pass --target proportions" in err, err
+    assert not os.path.exists(tmp_path / "q.parquet") and not os.path.exists(tmp_path / "folder")
+
+
 def test_bad_seed_in_a_subprocess_is_no_traceback(data, tmp_path):
     # Before: the whole solve ran, the report was written, then m4.sample raised (exit 1).
     proc = subprocess.run([sys.executable, "-m", "pym4.cli", "balance", str(data), *ARGS, "--sample", "--seed",

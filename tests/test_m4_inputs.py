@@ -186,6 +186,45 @@ def test_bias_of_an_empty_selection_is_refused_by_both():
     assert m4.representation_bias(s, w, 0.3) == pytest.approx(np.abs(s[30:].mean(0) - 0.3).max(), abs=1e-12)
 
 
+def test_biases_of_weights_whose_sums_overflow():
+    """Was: representation_bias NaN with weights 1e308 (their sum is inf); the biases are
+    ratios of weighted counts, the same for any scale of the weights."""
+    s, y = _data()
+    w = np.random.default_rng(3).random(60)
+    for scale in (1e308, 1e300):
+        assert m4.representation_bias(s, w * scale, 0.3) == pytest.approx(m4.representation_bias(s, w, 0.3), rel=1e-12)
+        assert m4.association_bias(s, y, w * scale) == pytest.approx(m4.association_bias(s, y, w), rel=1e-12)
+
+
+def test_counts_functions_refuse_what_no_weights_count():
+    """group_shares, association_gaps and target_from_counts took negative, NaN and
+    inconsistent counts and returned shares of -0.1, 2.0 or NaN."""
+    # m = 2, c = 1: [total | group 0, group 1 | label | group 0 & label, group 1 & label]
+    good = np.array([10.0, 3, 7, 5, 2, 3])
+    np.testing.assert_allclose(m4.group_shares(good, 2, 1), [0.3, 0.7])
+    np.testing.assert_allclose(m4.association_gaps(good, 2, 1), [[2 / 3 - 3 / 7], [3 / 7 - 2 / 3]])
+    np.testing.assert_allclose(m4.target_from_counts(good, 2, 1), [0.5, 0.5])
+    cases = [(np.r_[10.0, -1, 7, 5, 2, 3], ValueError, r"^counts: weighted counts cannot be negative \(value -1 at 1\)"),
+             (np.r_[10.0, np.nan, 7, 5, 2, 3], ValueError, r"^counts: contains NaN or Inf \(at 1\)"),
+             (np.r_[np.inf, 3, 7, 5, 2, 3], ValueError, r"^counts: contains NaN or Inf \(at 0\)"),
+             (np.r_[10.0, 20, 7, 5, 2, 3], ValueError, r"^counts: a group's count exceeds the total at 1 \(20\)"),
+             (np.r_[10.0, 3, 7, 11, 2, 3], ValueError, r"^counts: a label's count exceeds the total at 3 \(11\)"),
+             (np.r_[10.0, 3, 7, 5, 4, 3], ValueError, r"^counts: a \(group, label\) count exceeds .* at 4 \(4\)"),
+             (good[:5], ValueError, r"^counts: expected 6 values for m=2 groups and c=1 labels, got 5"),
+             (np.array(["a"] * 6), TypeError, r"^counts: expected numbers")]
+    for counts, err, match in cases:
+        for call in (m4.group_shares, m4.association_gaps, m4.target_from_counts):
+            with pytest.raises(err, match=match):
+                call(counts, 2, 1)
+    for m, c, err, match in (("2", 1, TypeError, r"^m: expected an integer"), (0, 1, ValueError, r"^m: must be >= 1"),
+                             (2, -1, ValueError, r"^c: must be >= 0")):
+        with pytest.raises(err, match=match):
+            m4.group_shares(good, m, c)
+    # No default target where every group is empty: the counts named, as default_target names s.
+    with pytest.raises(ValueError, match=r"^counts: no example is in any group"):
+        m4.target_from_counts(np.array([10.0, 0, 0, 5, 0, 0]), 2, 1)
+
+
 def test_passes_and_dataset_take_numpy_scalars(tmp_path):
     """The data-side exact solver and fit_dataset: numpy scalars for tol and max_iter, huge
     counts named (was: tol=np.float32 refused, max_iter=2**63 passed to the core)."""

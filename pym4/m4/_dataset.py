@@ -269,7 +269,11 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
         rs = rs.with_utility_shift(shift)
         info["utility_shift"] = shift
     runner.rows = rows
-    pi = _problem.target_from_counts(before, m, c) if target is None else _inputs.target(target, m, None)
+    if target is None:  # (the message names the columns the groups came from)
+        pi = _inputs.default_target_of_shares(_problem.group_shares(before, m, c), "sensitive" if spec.sensitive
+                                              else "sensitive_from")
+    else:
+        pi = _inputs.target(target, m, None)
     info.update({"rows": rows, "patterns": patterns})
 
     largest = None

@@ -266,8 +266,17 @@ def selection_weights(w: Any, n: int) -> Optional[np.ndarray]:
     if n == 0:
         raise ValueError("s: no examples; the bias of an empty selection is undefined")
     arr = weights(w, n)
-    if arr is not None and not arr.sum() > 0:
+    if arr is None:
+        return None
+    with np.errstate(over="ignore"):
+        total = float(arr.sum())
+    if not total > 0:
         raise ValueError("weights: every weight is 0; the bias of an empty selection is undefined")
+    if not math.isfinite(total):
+        # The biases are ratios of weighted counts, the same for any scale of the weights:
+        # finite weights whose sums overflow (1e308s) are measured as their shares of the
+        # largest (the bias was NaN).
+        arr = arr / arr.max()
     return arr
 
 
@@ -327,6 +336,20 @@ def target_from_shares(shares: np.ndarray) -> np.ndarray:
     return np.full(shares.shape[0], float(shares.mean()))
 
 
+def default_target_of_shares(shares: np.ndarray, data: str = "s", give_target: str = "target=") -> np.ndarray:
+    """:func:`target_from_shares`, refused (ValueError) where no default exists: every group
+    empty, or every group holding every example. The message names the data (``data``: the
+    argument, columns or flag the groups came from), not a target the caller never gave, and
+    how to give one (``give_target``: ``target=``, or the CLI's ``--target``)."""
+    pi = target_from_shares(shares)
+    if not 0.0 < pi[0] < 1.0:
+        what = "no example is in any group (every group column is 0)" if pi[0] <= 0.0 else \
+            "every example is in every group (every group column is 1)"
+        raise ValueError(f"{data}: {what}, so there is no default target (the mean group share is {pi[0]:g}); "
+                         f"pass {give_target} proportions in (0, 1), or check the group columns")
+    return pi
+
+
 def default_target(s) -> np.ndarray:
     """The default target of ``s`` (N, m): every group at the mean of the observed group
     shares, (m,) float64."""
@@ -341,15 +364,7 @@ def default_target(s) -> np.ndarray:
         shares = np.array([np.count_nonzero(s8[:, k]) for k in range(m)], dtype=np.float64) / n
     else:
         shares = s8.mean(axis=0, dtype=np.float64)
-    pi = target_from_shares(shares)
-    if not 0.0 < pi[0] < 1.0:
-        # Only when every group is empty, or every group holds every example: name the data,
-        # not a target the caller never gave.
-        what = "no example is in any group (every column of s is 0)" if pi[0] <= 0.0 else \
-            "every example is in every group (every column of s is 1)"
-        raise ValueError(f"s: {what}, so there is no default target (the mean group share is {pi[0]:g}); "
-                         f"pass target= proportions in (0, 1), or check the group columns")
-    return pi
+    return default_target_of_shares(shares, "s")
 
 
 def target(value: Any, m: int, s8: Optional[np.ndarray]) -> np.ndarray:

@@ -94,17 +94,55 @@ def _parts(cnt: np.ndarray, m: int, c: int):
     return cnt[0], cnt[1:1 + m], cnt[1 + m:1 + m + c], cnt[1 + m + c:].reshape(m, c)
 
 
+def checked_counts(cnt: Any, m: int, c: int, name: str = "counts") -> np.ndarray:
+    """Weighted counts as float64 (:func:`weighted_counts`' layout) after the checks that
+    counts of non-negative weights pass: finite, non-negative, and no part larger than the
+    whole it is part of (a group's or a label's count at most the total, a (group, label)
+    count at most both), up to the rounding of sums. ValueError naming ``name`` otherwise."""
+    for v, what, low in ((m, "m", 1), (c, "c", 0)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{what}: expected an integer, got {v!r}")
+        if v < low:
+            raise ValueError(f"{what}: must be >= {low}, got {v}")
+    try:
+        arr = np.asarray(cnt, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected numbers (weighted counts), got {type(cnt).__name__}"
+                        + (f" of {np.asarray(cnt).dtype}" if isinstance(cnt, (np.ndarray, list, tuple)) else "")) from None
+    if arr.shape != (counts_size(m, c),):
+        raise ValueError(f"{name}: expected {counts_size(m, c)} values for m={m} groups and c={c} labels, "
+                         f"got {arr.shape[0]}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: contains NaN or Inf (at {int(np.argmin(np.isfinite(arr)))})")
+    if np.any(arr < 0):
+        raise ValueError(f"{name}: weighted counts cannot be negative (value {arr.min():g} at {int(np.argmin(arr))})")
+    total, qs, qy, qsy = arr[0], arr[1:1 + m], arr[1 + m:1 + m + c], arr[1 + m + c:].reshape(m, c)
+    slack = 1e-9 * total + 1e-9
+    for part, whole, what in ((qs, total, "a group's count exceeds the total"),
+                              (qy, total, "a label's count exceeds the total"),
+                              (qsy, np.minimum(qs[:, None], qy[None, :]),
+                               "a (group, label) count exceeds its group's or its label's count")):
+        over = part - whole - slack
+        if np.any(over > 0):
+            j = int(np.argmax(over.reshape(-1)))
+            offset = 1 if part is qs else 1 + m if part is qy else 1 + m + c
+            raise ValueError(f"{name}: {what} at {offset + j} ({part.reshape(-1)[j]:g}); "
+                             "these are not the counts of non-negative weights")
+    return arr
+
+
 def group_shares(cnt: np.ndarray, m: int, c: int = 0) -> np.ndarray:
     """(m,) E_w[s_k] / E_w[1]; NaN when the total weight is 0."""
-    total, qs, _, _ = _parts(cnt, m, c)
+    total, qs, _, _ = _parts(checked_counts(cnt, m, c), m, c)
     return qs / total if total > 0 else np.full(m, np.nan)
 
 
 def target_from_counts(cnt: np.ndarray, m: int, c: int = 0) -> np.ndarray:
     """The default target (see :func:`pym4.m4.default_target`) from unweighted counts."""
-    if _parts(cnt, m, c)[0] <= 0:
+    cnt = checked_counts(cnt, m, c)
+    if cnt[0] <= 0:
         raise ValueError("counts: no examples")
-    return _inputs.target_from_shares(group_shares(cnt, m, c))
+    return _inputs.default_target_of_shares(group_shares(cnt, m, c), "counts")
 
 
 def constraint_values(cnt: np.ndarray, m: int, c: int, pi: np.ndarray, n: float) -> np.ndarray:
@@ -119,7 +157,7 @@ def constraint_values(cnt: np.ndarray, m: int, c: int, pi: np.ndarray, n: float)
 def association_gaps(cnt: np.ndarray, m: int, c: int) -> np.ndarray:
     """(m, c) ``P_w(y_r | s_k = 1) - P_w(y_r | s_k = 0)``; a row is NaN where group k holds
     no weight or all of it (the difference is undefined there)."""
-    total, qs, qy, qsy = _parts(cnt, m, c)
+    total, qs, qy, qsy = _parts(checked_counts(cnt, m, c), m, c)
     out = np.full((m, c), np.nan)
     for k in range(m):
         n1, n0 = qs[k], total - qs[k]
