@@ -140,12 +140,10 @@ def similarity_topk(queries, keys, k: int, *, chunk: Optional[int] = None):
     chunk = check_int_at_least(chunk, 1, "chunk")
     _check_finite_all((q, "queries"), (kt, "keys"))
     dtype = torch.float64 if torch.float64 in (q.dtype, kt.dtype) else torch.float32
-    # Every score (and partial sum) is within max|q_i| max|k_j| (Cauchy-Schwarz): past the
-    # compute dtype's range a block of scores holds inf - inf, and the values came out NaN.
-    reach = float(torch.linalg.vector_norm(q, dim=1, dtype=torch.float64).amax()
-                  * torch.linalg.vector_norm(kt, dim=1, dtype=torch.float64).amax())
+    # Past the compute dtype's range a block of scores holds inf - inf, and the values came out NaN.
+    reach = float(_dot_reach(q, kt))
     if not reach <= torch.finfo(dtype).max:
-        raise ValueError(f"queries, keys: the scores can reach {reach:.3g} (the product of their largest row norms), "
+        raise ValueError(f"queries, keys: the scores can reach {reach:.3g} (D times the largest |entry| of both), "
                          f"beyond {str(dtype).replace('torch.', '')}'s range: normalise or rescale them"
                          + (", or pass float64 features" if dtype == torch.float32 else ""))
     values = torch.empty((n, k), dtype=dtype, device=q.device)
@@ -187,6 +185,17 @@ def _check_features(t, name: str) -> None:
         raise ValueError(f"{name}: expected a non-empty (batch, dim) tensor, got shape {tuple(t.shape)}")
 
 
+def _dot_reach(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A float64 0-d tensor bounding every |x_i . y_j| and each of its partial sums:
+    D max|x| max|y|. One min/max read of each matrix: no copy, and no squares that overflow
+    (float32 norms of 1e20-scale rows are inf where their dot products are not)."""
+    reach = torch.tensor(float(x.shape[1]), dtype=torch.float64, device=x.device)
+    for t in (x, y):
+        lo, hi = torch.aminmax(t.detach())
+        reach = reach * torch.maximum(-lo, hi).double()
+    return reach
+
+
 def _check_finite_all(*named) -> None:
     # One device sync for all the checks, not one per tensor.
     flags = torch.stack([torch.isfinite(t).all() for t, _ in named]).cpu()
@@ -224,11 +233,9 @@ def _validate(x, y, logit_scale, logit_bias):
     scale, _ = _as_scalar(logit_scale, "logit_scale", x.device)
     bias = None if logit_bias is None else _as_scalar(logit_bias, "logit_bias", x.device)[0]
     # One sync for every value check: finiteness of features and scalars, positivity of s.
-    # The logits' reach, |s x_i . y_j| <= s max|x_i| max|y_j| (Cauchy-Schwarz, which bounds
-    # every partial sum of the dot product too), in float64 so that the norms do not overflow.
-    reach = (scale.detach().double().reshape(()) * torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).amax()
-             * torch.linalg.vector_norm(y, dim=1, dtype=torch.float64).amax())
-    limit = torch.finfo(_acc_dtype(x.dtype)).max * _LOGIT_HEADROOM
+    acc = _acc_dtype(x.dtype)
+    reach = scale.detach().double().reshape(()) * _dot_reach(x, y)
+    limit = torch.finfo(acc).max * _LOGIT_HEADROOM
     checks = [torch.isfinite(x).all(), torch.isfinite(y).all(), torch.isfinite(scale.detach()).all(),
               (scale.detach() > 0).all(), reach <= limit]
     if bias is not None:
@@ -244,11 +251,11 @@ def _validate(x, y, logit_scale, logit_bias):
     elif bias is not None and not ok[5]:
         problem = "logit_bias: must be finite"
     elif not ok[4]:
-        acc = str(_acc_dtype(x.dtype)).replace("torch.", "")
-        problem = (f"image_features, text_features: the logits can reach {float(reach):.3g} (logit_scale times the "
-                   f"largest row norms of both), beyond what the loss can sum in {acc} ({limit:.3g}): "
+        acc_name = str(acc).replace("torch.", "")
+        problem = (f"image_features, text_features: the logits can reach {float(reach):.3g} (logit_scale times D times "
+                   f"the largest |entry| of both), beyond what the loss can sum in {acc_name} ({limit:.3g}): "
                    "L2-normalise the features, as CLIP and SigLIP do"
-                   + (", or pass float64 features" if acc == "float32" else ""))
+                   + (", or pass float64 features" if acc_name == "float32" else ""))
     return scale, bias, problem
 
 

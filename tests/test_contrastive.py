@@ -323,7 +323,7 @@ def test_similarity_topk_numpy_and_errors():
 def test_similarity_topk_scores_past_the_dtypes_range():
     """Was: NaN values for features of norm 1e30 (the scores' block held inf - inf)."""
     q, keys = features(9, 4, seed=4, correlated=False)
-    with pytest.raises(ValueError, match=r"^queries, keys: the scores can reach 1e\+60 .* float32's range"):
+    with pytest.raises(ValueError, match=r"^queries, keys: the scores can reach [0-9.]+e\+60 .* float32's range"):
         pym4.similarity_topk(q * 1e30, keys * 1e30, 2)
     # float64 holds them: the order and the values of the float64 reference.
     q64, k64 = q.double() * 1e30, keys.double() * 1e30
