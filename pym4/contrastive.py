@@ -221,7 +221,7 @@ def _as_scalar(value, name: str, device) -> Tuple[torch.Tensor, bool]:
     return torch.tensor(float(value), dtype=torch.float32, device=device), False
 
 
-def _validate(x, y, logit_scale, logit_bias):
+def _validate(x, y, logit_scale, logit_bias, kind="siglip"):
     _check_features(x, "image_features")
     _check_features(y, "text_features")
     if x.shape != y.shape:
@@ -235,6 +235,9 @@ def _validate(x, y, logit_scale, logit_bias):
     # One sync for every value check: finiteness of features and scalars, positivity of s.
     acc = _acc_dtype(x.dtype)
     reach = scale.detach().double().reshape(()) * _dot_reach(x, y)
+    if bias is not None and kind == "siglip":  # (added to every logit: a float64 1e300 made the loss NaN;
+        # CLIP's cancels in its softmaxes and is left out of the logits)
+        reach = reach + bias.detach().double().reshape(()).abs()
     limit = torch.finfo(acc).max * _LOGIT_HEADROOM
     checks = [torch.isfinite(x).all(), torch.isfinite(y).all(), torch.isfinite(scale.detach()).all(),
               (scale.detach() > 0).all(), reach <= limit]
@@ -253,7 +256,8 @@ def _validate(x, y, logit_scale, logit_bias):
     elif not ok[4]:
         acc_name = str(acc).replace("torch.", "")
         problem = (f"image_features, text_features: the logits can reach {float(reach):.3g} (logit_scale times D times "
-                   f"the largest |entry| of both), beyond what the loss can sum in {acc_name} ({limit:.3g}): "
+                   f"the largest |entry| of both" + ("" if bias is None or kind != "siglip" else ", plus |logit_bias|")
+                   + f"), beyond what the loss can sum in {acc_name} ({limit:.3g}): "
                    "L2-normalise the features, as CLIP and SigLIP do"
                    + (", or pass float64 features" if acc_name == "float32" else ""))
     return scale, bias, problem
@@ -264,7 +268,7 @@ def _validate(x, y, logit_scale, logit_bias):
 def _contrastive(kind, x, y, logit_scale, logit_bias, group, backend, local_grad=False):
     error = None
     try:
-        scale, bias, problem = _validate(x, y, logit_scale, logit_bias)
+        scale, bias, problem = _validate(x, y, logit_scale, logit_bias, kind)
         name = _backend.choose(f"{kind}_loss", x.device.type, backend, dtype=str(x.dtype).replace("torch.", ""))
     except (TypeError, ValueError, RuntimeError) as e:
         if group is None:

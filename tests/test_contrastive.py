@@ -276,6 +276,12 @@ def test_logits_past_the_accumulators_range_are_refused_not_nan(kind):
         assert "or pass float64 features" in str(e.value)
     with pytest.raises(ValueError, match=r"the logits can reach .* float64"):
         f(x.double() * 1e160, y.double() * 1e160, 1.0, 0.0)
+    # A bias added to every logit counts too (was: a float64 1e300 bias made SigLIP's loss NaN).
+    if kind == "siglip":
+        with pytest.raises(ValueError, match=r"the logits can reach 1e\+300 .*plus \|logit_bias\|"):
+            f(x, y, 10.0, torch.tensor(-1e300, dtype=torch.float64))
+    else:  # CLIP's bias cancels: left out of the logits, any finite one is taken
+        assert torch.isfinite(f(x, y, 10.0, torch.tensor(-1e300, dtype=torch.float64)))
     # float64 takes what float32 cannot, and gets the reference's loss.
     got = f(x.double() * 1e15, y.double() * 1e15, 10.0, -10.0)
     want = REF[kind](x.double() * 1e15, y.double() * 1e15, torch.tensor(10.0, dtype=torch.float64),
