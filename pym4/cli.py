@@ -493,7 +493,7 @@ def _stream_balance(args, read_pass, target, kept, groups: List[str], labels: Li
             pi = default_target_of_shares(m4.group_shares(shares, len(groups)), f"--sensitive {args.sensitive}",
                                           "--target")
         if args.utility:
-            centered, shift = center_utility(np.concatenate(us))
+            centered, shift, _ = center_utility(np.concatenate(us), args.budget)
 
     def utility_of(row0, n):
         return None if centered is None else centered[row0:row0 + n]

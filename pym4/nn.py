@@ -16,6 +16,19 @@ from .contrastive import _contrastive
 __all__ = ["ClipLoss", "SigLipLoss"]
 
 
+def _check_options(rank, world_size, **flags) -> None:
+    """rank and world_size integers with 0 <= rank < world_size, each flag a bool: a
+    world_size of 2.0 or local_loss='yes' (truthy) would pick a mode the caller did not mean."""
+    for name, v in (("rank", rank), ("world_size", world_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name}: expected an integer, got {v!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank, world_size: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    for name, v in flags.items():
+        if not isinstance(v, bool):
+            raise TypeError(f"{name}: expected True or False, got {v!r}")
+
+
 def _world_group(rank: int, world_size: int, name: str):
     """The default process group, after checking it agrees with the module's rank/world_size."""
     import torch.distributed as dist
@@ -96,10 +109,10 @@ class ClipLoss(torch.nn.Module):
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
                  rank: int = 0, world_size: int = 1, use_horovod: bool = False, *, backend: Optional[str] = None):
         super().__init__()
+        _check_options(rank, world_size, local_loss=local_loss, gather_with_grad=gather_with_grad,
+                       cache_labels=cache_labels, use_horovod=use_horovod)
         if use_horovod:
             raise ValueError("use_horovod: horovod is not supported; use torch.distributed")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank, world_size: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.local_loss, self.gather_with_grad, self.cache_labels = local_loss, gather_with_grad, cache_labels
         self.rank, self.world_size, self.use_horovod, self.backend = rank, world_size, use_horovod, backend
 
@@ -148,8 +161,7 @@ class SigLipLoss(torch.nn.Module):
         dist_impl = dist_impl or "bidir"
         if dist_impl not in ("bidir", "shift", "reduce", "gather"):
             raise ValueError(f"dist_impl: expected 'bidir', 'shift', 'reduce' or 'gather', got {dist_impl!r}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank, world_size: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        _check_options(rank, world_size, cache_labels=cache_labels)
         self.cache_labels, self.rank, self.world_size, self.dist_impl = cache_labels, rank, world_size, dist_impl
         self.backend = backend
 

@@ -113,13 +113,21 @@ def m4_stream(s, y, pi, budget: float, eps_rep: float, eps_assoc: float, *, lr: 
     - mu, 0, 1); the curvature h = (running mean of a^2) + 1e-6; the gradient g = q a / n_t;
     v+ = max(0, v+ + lr (g - lam) / h), v- = max(0, v- + lr (-g - lam) / h),
     mu += lr (mean q - eta); the duals are averaged with weight (gamma + 1) / (t + gamma).
-    Returns (v_plus, v_minus, averaged w = v+ - v-, averaged mu); memory O(batch m c)."""
+    With a utility, mu (and its average) starts at the root of mean clip(eta + u - mu, 0, 1)
+    = eta over the first mini-batch (bisection). Returns (v_plus, v_minus, averaged w = v+ - v-, averaged mu); memory O(batch m c)."""
     n, m = s.shape
     c = y.shape[1]
     p = m * (c + 1)
     lam = m4_bounds(m, c, budget, eps_rep, eps_assoc)
     vp, vm, curv, avg = np.zeros(p), np.zeros(p), np.zeros(p), np.zeros(p)
     mu = avg_mu = seen = 0.0
+    if utility is not None and n:
+        head = budget + np.asarray(utility[:batch], dtype=np.float64)
+        lo, hi = head.min() - 1.0, head.max()  # mean clip(head - mu) is eta at most at lo, 0 at hi
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if np.clip(head - mid, 0, 1).mean() > budget else (lo, mid)
+        mu = avg_mu = 0.5 * (lo + hi)
     for t, b in enumerate(range(0, n, batch), start=1):
         a = m4_bias_rows(s[b:b + batch], y[b:b + batch], pi)
         u = 0.0 if utility is None else utility[b:b + batch]

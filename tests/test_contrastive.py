@@ -230,6 +230,16 @@ def test_nn_module_options():
         pym4.nn.ClipLoss(use_horovod=True)
     with pytest.raises(ValueError, match="world_size"):
         pym4.nn.ClipLoss(world_size=2)(*features(4, 3), 2.0)  # no process group
+    # A float world_size or a truthy string would pick a mode the caller did not write.
+    for make, exc, match in [
+            (lambda: pym4.nn.ClipLoss(world_size=2.0), TypeError, r"world_size: expected an integer, got 2\.0"),
+            (lambda: pym4.nn.ClipLoss(rank=True, world_size=2), TypeError, "rank: expected an integer, got True"),
+            (lambda: pym4.nn.ClipLoss(local_loss="yes"), TypeError, "local_loss: expected True or False, got 'yes'"),
+            (lambda: pym4.nn.ClipLoss(rank=2, world_size=2), ValueError, "need 0 <= rank < world_size"),
+            (lambda: pym4.nn.SigLipLoss(world_size=0), ValueError, "need 0 <= rank < world_size"),
+            (lambda: pym4.nn.SigLipLoss(cache_labels=1), TypeError, "cache_labels: expected True or False")]:
+        with pytest.raises(exc, match=match):
+            make()
 
 
 # ----- bad input -------------------------------------------------------------------------------

@@ -121,9 +121,18 @@ def test_max_iter_is_reported_and_warned():
     assert res.message.startswith("exact: stopped at max_iter=1 iterations short of the tolerance")
 
 
-def test_a_solve_that_stops_before_max_iter_says_so():
-    """The exact solve can stop with no further progress before max_iter (here a utility of
-    +-1e10): it said "stopped at max_iter=14 ... raise max_iter" with max_iter=100."""
+def test_a_solve_that_stops_before_max_iter_says_so(monkeypatch):
+    """The exact solve can stop with no further progress before max_iter: it said "stopped
+    at max_iter=14 ... raise max_iter" with max_iter=100. A utility of +-1e10 centred at its
+    midrange (the rule center_utility had before it centred at the budget's mu) starts it
+    with every q pinned, where it has no step to take."""
+    from pym4.m4 import _balance
+
+    def midrange(u, budget, clamp=None):
+        shift = float(u.min()) / 2 + float(u.max()) / 2
+        return u - shift, shift, None
+
+    monkeypatch.setattr(_balance, "center_utility", midrange)
     s = np.random.default_rng(0).random((200, 2)) < 0.4
     with pytest.warns(RuntimeWarning):
         res = m4.balance(s, utility=np.where(np.arange(200) % 2 == 0, 1e10, -1e10), eps_rep=0.5, max_iter=100)
@@ -293,6 +302,7 @@ def test_sample():
     (dict(budget=0.0), ValueError, r"budget: must be in"),
     (dict(eps_rep=-1), ValueError, r"eps_rep: must be in"),
     (dict(method="fast"), ValueError, r"method: expected"),
+    (dict(shuffle="no"), TypeError, r"shuffle: expected True or False, got 'no'"),
     (dict(utility=np.array([np.inf, 0.0])), ValueError, r"utility: contains NaN or Inf"),
     (dict(s="abc"), TypeError, r"s: expected a numpy array or a torch tensor"),
 ])
@@ -312,7 +322,7 @@ def test_solver_rejects_shape_change():
         m4.M4Solver(0.4).keep_probability(np.eye(2))
 
 
-def _distributed_worker(rank, world, init, s, y, out_dir):
+def _distributed_worker(rank, world, init, s, y, u, out_dir):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
@@ -320,17 +330,22 @@ def _distributed_worker(rank, world, init, s, y, out_dir):
         # Rank r holds rows r*50 .. r*50+49 of every block of 100: its i-th mini-batch is
         # its half of the i-th global mini-batch of 100.
         idx = np.concatenate([np.arange(b + rank * 50, b + rank * 50 + 50) for b in range(0, len(s), 100)])
-        solver.partial_fit(s[idx[:1950 - rank * 100]], y[idx[:1950 - rank * 100]])  # unequal shards
+        mine = idx[:1950 - rank * 100]  # unequal shards
+        solver.partial_fit(s[mine], y[mine], None if u is None else u[mine])
         np.save(f"{out_dir}/rank{rank}.npy", np.r_[solver.state.avg_w, solver.state.scalars()])
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.distributed
-def test_two_process_gloo_matches_single(tmp_path):
+@pytest.mark.parametrize("with_utility", [False, True])
+def test_two_process_gloo_matches_single(tmp_path, with_utility):
+    """With a utility (offset by 100), the ranks start mu where the budget holds on the
+    union of their first mini-batches: the single process's start on its first one."""
     import torch.multiprocessing as mp
-    s, y, _ = make_data(4000, 2, 5, 18)
-    mp.spawn(_distributed_worker, args=(2, f"file://{tmp_path}/init", s, y, str(tmp_path)), nprocs=2, join=True)
+    s, y, u = make_data(4000, 2, 5, 18, with_utility)
+    u = None if u is None else u + 100.0
+    mp.spawn(_distributed_worker, args=(2, f"file://{tmp_path}/init", s, y, u, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy")
     np.testing.assert_array_equal(r0, r1)
     # Single process: the same global mini-batches (rank 0's part then rank 1's part).
@@ -344,8 +359,10 @@ def test_two_process_gloo_matches_single(tmp_path):
     # global mini-batches contain rank 0's rows only.
     single = m4.M4Solver([0.35, 0.4], budget=0.6, batch_size=100)
     for part in parts_by_batch(parts):
-        single.partial_fit(s[part], y[part])
+        single.partial_fit(s[part], y[part], None if u is None else u[part])
     np.testing.assert_allclose(r0, np.r_[single.state.avg_w, single.state.scalars()], atol=1e-10)
+    if u is not None:  # mu is near the offset, not where a start at 0 leaves it after one pass
+        assert abs(single.mu - 100.0) < 1.0
 
 
 def parts_by_batch(parts):

@@ -211,6 +211,8 @@ def test_counts_functions_refuse_what_no_weights_count():
              (np.r_[10.0, 3, 7, 11, 2, 3], ValueError, r"^counts: a label's count exceeds the total at 3 \(11\)"),
              (np.r_[10.0, 3, 7, 5, 4, 3], ValueError, r"^counts: a \(group, label\) count exceeds .* at 4 \(4\)"),
              (good[:5], ValueError, r"^counts: expected 6 values for m=2 groups and c=1 labels, got 5"),
+             (np.stack([good, good]), ValueError, r"^counts: expected a 1-D array of weighted counts, got shape \(2, 6\)"),
+             (good * 1e-12 + np.r_[0, 8e-12, 0, 0, 0, 0], ValueError, r"^counts: a group's count exceeds the total"),
              (np.array(["a"] * 6), TypeError, r"^counts: expected numbers")]
     for counts, err, match in cases:
         for call in (m4.group_shares, m4.association_gaps, m4.target_from_counts):
@@ -223,6 +225,15 @@ def test_counts_functions_refuse_what_no_weights_count():
     # No default target where every group is empty: the counts named, as default_target names s.
     with pytest.raises(ValueError, match=r"^counts: no example is in any group"):
         m4.target_from_counts(np.array([10.0, 0, 0, 5, 0, 0]), 2, 1)
+
+
+def test_weighted_counts_refuse_weights_whose_sum_overflows():
+    """Weights of 1e308 gave counts of inf, which every function of counts then refused as
+    "contains NaN or Inf" without naming the weights."""
+    s = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"^weights: their sum overflows float64 \(largest 1e\+308\); scale them"):
+        m4.weighted_counts(s, weights=np.full(3, 1e308))
+    np.testing.assert_allclose(m4.weighted_counts(s, weights=np.full(3, 1e300))[:3], [3e300, 2e300, 2e300])
 
 
 def test_passes_and_dataset_take_numpy_scalars(tmp_path):

@@ -174,6 +174,82 @@ def test_constant_utility_changes_nothing(method):
     np.testing.assert_allclose(b.q, np.clip(0.5 + (u + 1e6) - margin - b.mu, 0, 1), atol=1e-6)
 
 
+def _closed_form(res, s, y, u):
+    """q_i = clip(eta + u_i - a_i^T w - mu, 0, 1) at the returned duals (mu for u as given)."""
+    d = s - res.target
+    w = res.v_plus - res.v_minus
+    with np.errstate(over="ignore"):  # 0.5 + 1e300 - ... is finite; -1e300 - mu too
+        return np.clip(0.5 + u - (d * (w[:, 0] + y @ w[:, 1:].T)).sum(axis=1) - res.mu, 0, 1)
+
+
+@pytest.mark.parametrize("method", ["exact", "stream"])
+@pytest.mark.parametrize("outlier", [1e3, 1e9, 1e300, -1e300])
+def test_one_utility_outlier_pins_only_its_row(method, outlier):
+    """One u_i far from the others pins q_i at 1 (or 0) and leaves the rest a solvable
+    problem. Centred at the midrange, u_i = 1e3 among values in [0, 0.1) stopped the exact
+    solve with every q at 0 ("making no further progress"), and 1e300 gave mean q 0.0005
+    against a budget of 0.5, with only a warning."""
+    s, y = make_data(3000, 2, 3, 7)
+    u = np.random.default_rng(1).random(3000) * 0.1
+    u[5] = outlier
+    kw = dict(budget=0.5, eps_rep=0.05, eps_assoc=0.05, method=method)
+    res = m4.balance(s, y, utility=u, **kw)  # (no RuntimeWarning: filterwarnings = error)
+    assert res.status == "optimal", res.message
+    assert res.q[5] == (1.0 if outlier > 0 else 0.0)
+    assert abs(res.q.mean() - 0.5) <= 1e-9
+    rest = np.arange(3000) != 5
+    np.testing.assert_allclose(res.q[rest], _closed_form(res, s, y, u)[rest], atol=1e-6)
+    gap = res.report.objective_gap_bound  # (the stream's Newton passes end near the optimum)
+    assert gap is not None and gap <= (1e-9 if method == "exact" else 1e-5)
+    json.dumps(res.summary(), allow_nan=False)
+    # Every outlier of one sign is the same problem: the same q.
+    same = u.copy()
+    same[5] = 1e3 if outlier > 0 else -1e3
+    np.testing.assert_allclose(res.q, m4.balance(s, y, utility=same, **kw).q, atol=1e-7)
+
+
+def test_a_clamp_too_tight_is_widened(monkeypatch):
+    """A clamp of the centred utility that pins rows the duals would not pin is widened and
+    the problem solved again: the same q as from the default clamp."""
+    from pym4.m4 import _balance
+
+    s, y = make_data(2000, 2, 3, 8)
+    u = np.random.default_rng(2).normal(size=2000)
+    kw = dict(budget=0.5, eps_rep=0.05, eps_assoc=0.05, utility=u)
+    plain = m4.balance(s, y, **kw)
+    monkeypatch.setattr(_balance, "UTILITY_CLAMP", 0.05)  # pins most rows at first
+    clamps, center = [], _balance.center_utility
+
+    def counted(*args):
+        out = center(*args)
+        clamps.append(out[2])
+        return out
+
+    monkeypatch.setattr(_balance, "center_utility", counted)
+    tight = m4.balance(s, y, **kw)
+    assert len(clamps) == 2 and clamps[0] < 1 < clamps[1]  # one solve too tight, one widened
+    assert plain.status == tight.status == "optimal"
+    np.testing.assert_allclose(tight.q, plain.q, atol=1e-9)
+    assert tight.objective == pytest.approx(plain.objective, abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_stream_solver_is_blind_to_a_utility_offset(backend):
+    """M4Solver starts mu where the budget holds on its first mini-batch: u + 100 gives the
+    q of u. From mu = 0 every q was 1 (mean 1.0 against a budget of 0.5) after the pass."""
+    s, y = make_data(20000, 2, 3, 9)
+    u = np.random.default_rng(3).random(20000) * 0.1
+    qs = []
+    for offset in (0.0, 100.0, -1e6):
+        solver = m4.M4Solver(0.4, budget=0.5, eps_rep=0.05, eps_assoc=0.05, backend=backend)
+        solver.partial_fit(s, y, u + offset)
+        qs.append(solver.keep_probability(s, y, u + offset))
+        assert abs(solver.mu - offset) < 1.0
+    np.testing.assert_allclose(qs[1], qs[0], atol=1e-9)
+    np.testing.assert_allclose(qs[2], qs[0], atol=1e-6)  # (1e6's ulp is 1.2e-10; lr steps sum them)
+    assert abs(qs[0].mean() - 0.5) < 0.01
+
+
 def test_report_of_nothing_kept_has_no_nan():
     s, y = make_data(500, 2, 3, 4)
     rep = m4.report(_counts(s, y, np.ones(500)), _counts(s, y, np.zeros(500)), target=0.4, budget=0.5,
@@ -193,6 +269,11 @@ def test_report_of_nothing_kept_has_no_nan():
     ("short_duals", r"duals: w must have 8 values \(m \(c \+ 1\) = 2 x 4\), got 5"),
     ("nan_duals", "duals: contains NaN or Inf"),
     ("iterations", "iterations: must be an integer >= 0, got 'x'"),
+    # flattened, two datasets' counts once read as one of twice the groups
+    ("two_d", r"counts_before: expected a 1-D array of weighted counts, got shape \(2, 12\)"),
+    ("tiny_over", r"counts_after: value 3e-12 at 0 exceeds counts_before's 1e-12"),  # within 1e-9 absolute
+    ("group_over_total", r"counts_before: a group's count exceeds the total at 1"),
+    ("target_2d", r"target: expected a scalar or a 1-D array of proportions, got shape \(1, 2\)"),
 ])
 def test_report_refuses_counts_no_data_can_have(change, match):
     """NaN counts were once reported "optimal" (max constraint violation nan)."""
@@ -213,6 +294,15 @@ def test_report_refuses_counts_no_data_can_have(change, match):
         kw["duals"] = (np.zeros(5), 0.0)
     elif change == "nan_duals":
         kw["duals"] = (np.full(8, np.nan), 0.0)
+    elif change == "two_d":
+        before, after = np.stack([before, before]), np.stack([after, after])
+    elif change == "tiny_over":
+        before, after = before * 1e-14, after * 5e-14  # kept 3x the data (q = 3)
+    elif change == "group_over_total":
+        before = before.copy()
+        before[1] = before[0] + 1.0
+    elif change == "target_2d":
+        kw["target"], kw["group_names"] = np.array([[0.4, 0.4]]), None
     else:
         kw["iterations"] = "x"
     with pytest.raises(ValueError, match=match):

@@ -121,7 +121,6 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         raise ValueError("s: no examples")
     lab = _inputs.as_labels(y, n)
     u_given = _inputs.utility(utility, n)
-    u, u_shift = center_utility(u_given)
     t_in, origin = to_tensor(_inputs.dense_input(s), "s")
     largest, searched = None, False
     if isinstance(budget, str) and budget == "max":
@@ -139,9 +138,11 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
     if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)) or refine < 0:
         raise ValueError(f"refine: must be an integer >= 0, got {refine!r}")
     tol = _inputs.positive_number(tol, "tol")
+    if not isinstance(shuffle, (bool, np.bool_)):  # shuffle="no" is truthy: it shuffled
+        raise TypeError(f"shuffle: expected True or False, got {shuffle!r}")
     gnames, lnames = _inputs.names(group_names, m, "group"), _inputs.names(label_names, lab.c, "label")
     p = m * (lab.c + 1)
-    data = _inputs.data_tuple(s8, lab, u)
+    u, u_shift, clamp = center_utility(u_given, problem.budget)
 
     if method is None:  # an automatic choice: the exact solve where it can run
         try:
@@ -156,55 +157,71 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
             raise RuntimeError(f"balance: method='exact' runs in the compiled core ({e}); "
                                f"method='stream' runs without it") from None
 
-    infeasible: List[str] = []
-    before = after = None
-    if method == "exact":
-        w, q = np.zeros(p), np.empty(n)
-        core = _backend.core()
-        info = core.m4_solve_exact(data, problem.core(), max_iter, float(tol), 1e6, w, q)
-        status, iterations, mu = _STATUS[info["status"]], int(info["iterations"]), float(info["mu"])
-        passes, compressed = int(info["passes"]), bool(info["compressed"])
-        # The report's counts of q and of the data: one pass over the rows for both.
-        K = _problem.counts_size(m, lab.c)
-        after, before = np.zeros(K), np.zeros(K)
-        core.m4_weighted_counts(_inputs.data_tuple(s8, lab, None), q, after, before)
-        if status == "infeasible":
-            big = np.abs(w) >= 1e-3 * np.abs(w).max()
-            order = np.argsort(-np.abs(w))
-            infeasible = [_problem.constraint_name(int(j), lab.c, gnames, lnames) for j in order if big[j]]
-    else:
-        solver = M4Solver(problem.target, budget=problem.budget, eps_rep=problem.eps_rep,
-                          eps_assoc=problem.eps_assoc, lr=lr, batch_size=batch_size, backend=backend)
-        on_core = solver._backend_for("m4_fit", s8) == "cpu"
-        # The core visits the rows in shuffled_order(n, seed) itself (seeds below 2^64).
-        order = shuffled_order(n, seed) if shuffle and not (on_core and seed < 1 << 64) else None
-        if on_core:  # the core gathers each mini-batch itself
-            # The pass also counts the data (the report's counts, independent of the duals).
-            before = np.zeros(_problem.counts_size(m, lab.c))
-            solver._fit_core(s8, lab, u, order, counts_data=before,
-                             shuffle_seed=seed if shuffle and order is None else None)
-        elif order is None:
-            solver.partial_fit(s8, lab, u)
+    def solve(u):
+        """(w, mu, q, before, after, status, iterations, passes, compressed, infeasible) for
+        the centred utility u, by ``method``."""
+        data = _inputs.data_tuple(s8, lab, u)
+        infeasible: List[str] = []
+        before = after = None
+        if method == "exact":
+            w, q = np.zeros(p), np.empty(n)
+            core = _backend.core()
+            info = core.m4_solve_exact(data, problem.core(), max_iter, float(tol), 1e6, w, q)
+            status, iterations, mu = _STATUS[info["status"]], int(info["iterations"]), float(info["mu"])
+            passes, compressed = int(info["passes"]), bool(info["compressed"])
+            # The report's counts of q and of the data: one pass over the rows for both.
+            K = _problem.counts_size(m, lab.c)
+            after, before = np.zeros(K), np.zeros(K)
+            core.m4_weighted_counts(_inputs.data_tuple(s8, lab, None), q, after, before)
+            if status == "infeasible":
+                big = np.abs(w) >= 1e-3 * np.abs(w).max()
+                order = np.argsort(-np.abs(w))
+                infeasible = [_problem.constraint_name(int(j), lab.c, gnames, lnames) for j in order if big[j]]
         else:
-            solver.partial_fit(s8[order], lab.take(order), None if u is None else u[order])
-        w, mu = solver.state.avg_w.copy(), float(solver.state.mu_avg)
-        w, mu, before = _solver.refine_duals(s8, lab, u, problem, w, mu, refine, before=before)
-        q, mu, after, counted = _solver.keep_probability_at_budget(s8, lab, u, problem, w, mu,
-                                                                   want_before=before is None)
-        before = counted if before is None else before
-        iterations, status = solver.steps + refine, "optimal"
-        passes, compressed = 1 + refine + 1, False  # the stream's pass, the refinement, the pass writing q
-        # The sampled refinement's last step can end a hair past a bound (seen on rows sorted by
-        # group or by label: 1e-5 on a bound of 8e-3). Up to EXTRA_NEWTON_PASSES more Newton
-        # passes over every row, from duals by then near the optimum, each only while some
-        # constraint is still past its bound (on an infeasible problem all of them run).
-        for _ in range(EXTRA_NEWTON_PASSES if refine > 0 else 0):
-            if not _past_a_bound(problem, before, after, lab.c):
-                break
-            w, mu, _ = _solver.refine_duals(s8, lab, u, problem, w, mu, 1, before=before)
-            q, mu, after, _ = _solver.keep_probability_at_budget(s8, lab, u, problem, w, mu)
-            iterations += 1
-            passes += 2  # the Newton pass and the pass writing q again
+            solver = M4Solver(problem.target, budget=problem.budget, eps_rep=problem.eps_rep,
+                              eps_assoc=problem.eps_assoc, lr=lr, batch_size=batch_size, backend=backend)
+            solver._start_mu_at_budget = False  # u is centred at the budget's mu (center_utility)
+            on_core = solver._backend_for("m4_fit", s8) == "cpu"
+            # The core visits the rows in shuffled_order(n, seed) itself (seeds below 2^64).
+            order = shuffled_order(n, seed) if shuffle and not (on_core and seed < 1 << 64) else None
+            if on_core:  # the core gathers each mini-batch itself
+                # The pass also counts the data (the report's counts, independent of the duals).
+                before = np.zeros(_problem.counts_size(m, lab.c))
+                solver._fit_core(s8, lab, u, order, counts_data=before,
+                                 shuffle_seed=seed if shuffle and order is None else None)
+            elif order is None:
+                solver.partial_fit(s8, lab, u)
+            else:
+                solver.partial_fit(s8[order], lab.take(order), None if u is None else u[order])
+            w, mu = solver.state.avg_w.copy(), float(solver.state.mu_avg)
+            w, mu, before = _solver.refine_duals(s8, lab, u, problem, w, mu, refine, before=before)
+            q, mu, after, counted = _solver.keep_probability_at_budget(s8, lab, u, problem, w, mu,
+                                                                       want_before=before is None)
+            before = counted if before is None else before
+            iterations, status = solver.steps + refine, "optimal"
+            passes, compressed = 1 + refine + 1, False  # the stream's pass, the refinement, the pass writing q
+            # The sampled refinement's last step can end a hair past a bound (seen on rows sorted by
+            # group or by label: 1e-5 on a bound of 8e-3). Up to EXTRA_NEWTON_PASSES more Newton
+            # passes over every row, from duals by then near the optimum, each only while some
+            # constraint is still past its bound (on an infeasible problem all of them run).
+            for _ in range(EXTRA_NEWTON_PASSES if refine > 0 else 0):
+                if not _past_a_bound(problem, before, after, lab.c):
+                    break
+                w, mu, _ = _solver.refine_duals(s8, lab, u, problem, w, mu, 1, before=before)
+                q, mu, after, _ = _solver.keep_probability_at_budget(s8, lab, u, problem, w, mu)
+                iterations += 1
+                passes += 2  # the Newton pass and the pass writing q again
+
+        return w, mu, q, before, after, status, iterations, passes, compressed, infeasible
+
+    while True:
+        w, mu, q, before, after, status, iterations, passes, compressed, infeasible = solve(u)
+        # A clamped utility pins its rows at q = 1 (u at +clamp) or 0 (at -clamp); where the
+        # duals leave them there, q solves the problem of the utility as given too (farther
+        # values only pin them harder). Else the clamp was too tight: widen it, solve again.
+        if clamp is None or clamp >= 1e300 or _pins_hold(u, clamp, q):
+            break
+        u, u_shift, clamp = center_utility(u_given, problem.budget, clamp * 1e6)
 
     if before is None:
         before = _problem.counts(s8, lab, None)
@@ -224,11 +241,9 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         rep.message = f"{rep.message}; {budget_text(largest)}"
     elif searched:
         rep.largest_feasible_budget = largest
-    # (1/N) sum 1/2 (q - eta)^2 - u q, as dot products: no N-sized temporaries but one. The
-    # utility as given is u + u_shift: its shift's term is u_shift * mean q, so that a utility
-    # near float64's limit (1e308) gives a finite objective, not u . q = inf.
+    # (1/N) sum 1/2 (q - eta)^2 - u q, as dot products: no N-sized temporaries but one.
     dq = q - problem.budget
-    utility_term = (0.0 if u is None else float(u @ q) / n) + (u_shift * float(q.mean()) if u_given is not None else 0.0)
+    utility_term = _utility_term(u_given, u, u_shift, clamp, q)
     objective = 0.5 * float(dq @ dq) / n - utility_term
     mu += u_shift  # the budget's dual for the utility as given
     if rep.status != "optimal":  # q does not solve the problem: say so even to callers who skip .status
@@ -242,6 +257,27 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         target=problem.target, method=method, iterations=iterations,
         infeasible_constraints=rep.infeasible_constraints, report=rep)
 
+
+
+def _pins_hold(u: np.ndarray, clamp: float, q: np.ndarray) -> bool:
+    """Whether the rows of the centred utility u clamped at +-clamp have q = 1 (+) and 0 (-)."""
+    return bool(np.all(q[u >= clamp] == 1.0) and np.all(q[u <= -clamp] == 0.0))
+
+
+def _utility_term(u_given, u, shift: float, clamp, q: np.ndarray) -> float:
+    """(1/N) sum u_i q_i for the utility as given, from its centred form u = u_given - shift:
+    sum u q / N + shift mean q, and the clamped rows from u_given / N, so that a utility near
+    float64's limit (1e308) gives a finite value, not u . q = inf."""
+    if u_given is None:
+        return 0.0
+    n = q.shape[0]
+    if u is None:  # a constant utility
+        return shift * float(q.mean())
+    free = slice(None) if clamp is None else (np.abs(u) < clamp)
+    value = float(u[free] @ q[free]) / n + shift * (float(q[free].sum()) / n)
+    if clamp is not None:
+        value += float((u_given[~free] / n) @ q[~free])
+    return value
 
 
 # At most this many Newton passes over every row after ``refine`` ones, while q is past a bound.
@@ -267,22 +303,42 @@ def shuffled_order(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(n)
 
 
-def center_utility(u: Optional[np.ndarray]):
-    """(u - shift, shift), or (None, shift) for a constant utility, (None, 0) for none: the
-    one place where both methods drop the part of u that cannot change q (sum q = N eta is
-    fixed, so adding a constant to every u_i only shifts mu). Without it, u = 1e16 swamps
-    eta in eta + u_i - a_i^T w - mu and rounds every q to 0 or 1. The shift is the midrange
-    min/2 + max/2 (:func:`pym4.m4._stages.utility_shift` takes the same from a pass): exact
-    for a constant utility, which then drops out entirely (np.mean of 1e30s is not 1e30, and
-    the remainder had the solve stop at max_iter), and never past float64 (the mean of 1e308s
-    overflowed, making every q 0)."""
+# A centred utility is clamped to +-UTILITY_CLAMP (1 + its 99th percentile of |u|): farther
+# values only pin q at 0 or 1, and left as they are they swamp the dual's value (one u = 1e300
+# made every line search compare numbers at 1e300). balance() checks the pins and widens it.
+UTILITY_CLAMP = 1e6
+
+
+def center_utility(u: Optional[np.ndarray], budget: float, clamp: Optional[float] = None):
+    """(centred u, shift, clamp), or (None, shift, None) for a constant utility and (None, 0,
+    None) for none: the one place where both methods drop the part of u that cannot change q
+    (sum q = N eta is fixed, so adding a constant to every u_i only shifts mu; without it
+    u = 1e16 swamps eta in eta + u_i - a_i^T w - mu and rounds every q to 0 or 1).
+
+    The shift is the mu of the problem without constraints, sum clip(eta + u_i - mu, 0, 1) =
+    N eta (:func:`~pym4.m4._solver.budget_mu`), so that the solvers start from mu = 0 with q
+    already at the budget. The midrange it replaces put a single outlier's half-range between
+    the bulk and mu: one u = 1e3 among values in [0, 1] left the exact solve with every q
+    at 0 and no step to take. The centred values are clamped to +-``clamp`` (default:
+    :data:`UTILITY_CLAMP` times 1 + the 99th percentile of |u - median|); a constant utility
+    drops out entirely, and nothing overflows even at float64's limit (the mean of 1e308s
+    did, making every q 0)."""
     if u is None:
-        return None, 0.0
-    shift = float(u.min()) / 2 + float(u.max()) / 2
-    centered = u - shift
-    if not np.any(centered):
-        return None, shift
-    return centered, shift
+        return None, 0.0, None
+    lo, hi = float(u.min()), float(u.max())
+    if lo == hi:
+        return None, lo, None
+    center = float(np.median(u))
+    with np.errstate(over="ignore"):  # 1e308 - (-1e308) is inf: the clamp takes it
+        r = u - center
+        if clamp is None:
+            clamp = UTILITY_CLAMP * (1.0 + float(np.quantile(np.abs(r), 0.99)))
+    clamp = min(clamp, 1e300)  # centred values stay finite (their sums too, divided by N)
+    np.clip(r, -clamp, clamp, out=r)
+    mu0 = _solver.budget_mu(budget + r, u.shape[0] * budget)
+    r -= mu0
+    np.clip(r, -clamp, clamp, out=r)
+    return r, center + mu0, clamp
 
 
 def sample(q, seed: int = 0):

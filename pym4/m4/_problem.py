@@ -83,7 +83,14 @@ def weighted_counts(s, y=None, weights=None) -> np.ndarray:
     :func:`report` takes.
     """
     s8 = _inputs.group_matrix(s)
-    return counts(s8, _inputs.as_labels(y, s8.shape[0]), _inputs.weights(weights, s8.shape[0]))
+    w = _inputs.weights(weights, s8.shape[0])
+    if w is not None:
+        with np.errstate(over="ignore"):
+            total = float(w.sum())
+        if not np.isfinite(total):  # every count is at most the total: only it can overflow
+            raise ValueError(f"weights: their sum overflows float64 (largest {w.max():g}); scale them down "
+                             "(shares and biases do not change when every weight is scaled)")
+    return counts(s8, _inputs.as_labels(y, s8.shape[0]), w)
 
 
 def _parts(cnt: np.ndarray, m: int, c: int):
@@ -104,20 +111,17 @@ def checked_counts(cnt: Any, m: int, c: int, name: str = "counts") -> np.ndarray
             raise TypeError(f"{what}: expected an integer, got {v!r}")
         if v < low:
             raise ValueError(f"{what}: must be >= {low}, got {v}")
-    try:
-        arr = np.asarray(cnt, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected numbers (weighted counts), got {type(cnt).__name__}"
-                        + (f" of {np.asarray(cnt).dtype}" if isinstance(cnt, (np.ndarray, list, tuple)) else "")) from None
-    if arr.shape != (counts_size(m, c),):
+    size = _vector_length(cnt, name)
+    arr = np.asarray(cnt, dtype=np.float64)
+    if size != counts_size(m, c):
         raise ValueError(f"{name}: expected {counts_size(m, c)} values for m={m} groups and c={c} labels, "
-                         f"got {arr.shape[0]}")
+                         f"got {size}")
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name}: contains NaN or Inf (at {int(np.argmin(np.isfinite(arr)))})")
     if np.any(arr < 0):
         raise ValueError(f"{name}: weighted counts cannot be negative (value {arr.min():g} at {int(np.argmin(arr))})")
     total, qs, qy, qsy = arr[0], arr[1:1 + m], arr[1 + m:1 + m + c], arr[1 + m + c:].reshape(m, c)
-    slack = 1e-9 * total + 1e-9
+    slack = 1e-9 * total  # the rounding of sums (relative: counts of tiny weights are tiny)
     for part, whole, what in ((qs, total, "a group's count exceeds the total"),
                               (qy, total, "a label's count exceeds the total"),
                               (qsy, np.minimum(qs[:, None], qy[None, :]),
@@ -129,6 +133,19 @@ def checked_counts(cnt: Any, m: int, c: int, name: str = "counts") -> np.ndarray
             raise ValueError(f"{name}: {what} at {offset + j} ({part.reshape(-1)[j]:g}); "
                              "these are not the counts of non-negative weights")
     return arr
+
+
+def _vector_length(cnt: Any, name: str) -> int:
+    """The length of a 1-D array of numbers; TypeError or ValueError naming ``name`` else
+    (a 2-D array was flattened, so counts of several datasets read as one)."""
+    try:
+        arr = np.asarray(cnt, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected numbers (weighted counts), got {type(cnt).__name__}"
+                        + (f" of {np.asarray(cnt).dtype}" if isinstance(cnt, (np.ndarray, list, tuple)) else "")) from None
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array of weighted counts, got shape {arr.shape}")
+    return int(arr.shape[0])
 
 
 def group_shares(cnt: np.ndarray, m: int, c: int = 0) -> np.ndarray:
@@ -424,31 +441,30 @@ def report(counts_before, counts_after, *, target, budget: float, eps_rep: float
     Same rules and wording as :func:`pym4.m4.balance`. ``duals`` (w (m (c + 1),), mu), the
     duals q came from, give ``objective_gap_bound``.
     """
-    before = np.asarray(counts_before, dtype=np.float64).reshape(-1)
-    after = np.asarray(counts_after, dtype=np.float64).reshape(-1)
     if group_names is not None:
         m = len(group_names)
     elif np.ndim(target) == 1:
         m = len(target)
+    elif np.ndim(target) > 1:
+        raise ValueError(f"target: expected a scalar or a 1-D array of proportions, got shape {np.shape(target)}")
     else:
         raise ValueError("group_names: required with a scalar target (it gives the number of groups)")
     # 1 + m + c (1 + m) values: c from the length.
-    c, rest = divmod(before.shape[0] - 1 - m, 1 + m)
+    size = _vector_length(counts_before, "counts_before")
+    c, rest = divmod(size - 1 - m, 1 + m)
     if rest or c < 0 or (label_names is not None and len(label_names) != c):
-        raise ValueError(f"counts_before: {before.shape[0]} values do not fit m={m} groups"
+        raise ValueError(f"counts_before: {size} values do not fit m={m} groups"
                          + ("" if label_names is None else f" and c={len(label_names)} labels"))
-    if after.shape != before.shape:
-        raise ValueError(f"counts_after: expected {before.shape[0]} values like counts_before, got {after.shape[0]}")
-    for counts, name in ((before, "counts_before"), (after, "counts_after")):
-        if not np.all(np.isfinite(counts)):
-            raise ValueError(f"{name}: contains NaN or Inf")
-        if np.any(counts < 0):
-            raise ValueError(f"{name}: weighted counts cannot be negative (value {counts.min():g} "
-                             f"at {int(np.argmin(counts))})")
+    if _vector_length(counts_after, "counts_after") != size:
+        raise ValueError(f"counts_after: expected {size} values like counts_before, got "
+                         f"{_vector_length(counts_after, 'counts_after')}")
+    before = checked_counts(counts_before, m, c, "counts_before")
+    after = checked_counts(counts_after, m, c, "counts_after")
     if not before[0] > 0:
         raise ValueError("counts_before: its first value (the number of examples) must be > 0")
-    # q in [0, 1]: every kept count is at most the data's (up to the rounding of sums of q).
-    over = after - before * (1 + 1e-9) - 1e-9
+    # q in [0, 1]: every kept count is at most the data's, up to the rounding of sums of q
+    # (relative: counts of weights of 1e-12 are not all within an absolute 1e-9).
+    over = after - before * (1 + 1e-9) - 1e-12 * before[0]
     if np.any(over > 0):
         j = int(np.argmax(over))
         raise ValueError(f"counts_after: value {after[j]:g} at {j} exceeds counts_before's {before[j]:g} "

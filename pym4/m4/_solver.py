@@ -123,6 +123,8 @@ class M4Solver:
         self.state: Optional[StreamState] = None
         self.m: Optional[int] = None
         self.c: Optional[int] = None
+        # balance() clears it: its utility comes centred where the budget holds, so mu = 0.
+        self._start_mu_at_budget = True
 
     # state ------------------------------------------------------------------------------------
     def _init(self, m: int, c: int) -> None:
@@ -238,11 +240,42 @@ class M4Solver:
         if name == "cpu":
             s8 = _inputs.group_matrix(s)
             lab = _inputs.as_labels(y, s8.shape[0])
-            self._fit_core(s8, lab, _inputs.utility(utility, s8.shape[0]))
+            u = _inputs.utility(utility, s8.shape[0])
+            self._start_mu(s8.shape[1], lab.c, u, None)
+            self._fit_core(s8, lab, u)
         else:
             device = s.device if isinstance(s, torch.Tensor) else torch.device("cpu")
-            self._fit_torch(*_device.as_rows(s, y, utility, device), use_kernel=name == "cuda")
+            rows = _device.as_rows(s, y, utility, device)
+            self._start_mu(rows[0].shape[1], rows[1].shape[1], rows[2], device)
+            self._fit_torch(*rows, use_kernel=name == "cuda")
         return self
+
+    def _start_mu(self, m: int, c: int, u, device) -> None:
+        """On the stream's first batch, mu starts where the budget holds on its first
+        mini-batch without constraints (:func:`budget_mu`; with a group, on the union of the
+        ranks' first mini-batches, as one process streaming it would): a utility offset by
+        100 left mu at 0 with every q at 1, and steps of size lr took the whole stream to move
+        it. Only mu moves with a constant part of u, so from this start the stream is blind to
+        it, as balance()'s centring makes the in-memory solve."""
+        fresh = self.m is None or self.state.n_seen == 0
+        self._init(m, c)
+        if not fresh or not self._start_mu_at_budget or (u is None and self.group is None):
+            return
+        head = None if u is None else u[:self.batch_size]
+        if isinstance(head, torch.Tensor):
+            head = head.detach().cpu().numpy()
+        if self.group is not None:  # the union of the ranks' first mini-batches; every rank joins
+            import torch.distributed as dist
+            mine = torch.full((self.batch_size,), float("nan"), dtype=torch.float64, device=device)
+            if head is not None:
+                mine[:head.shape[0]] = torch.from_numpy(np.ascontiguousarray(head)).to(mine.device)
+            every = [torch.empty_like(mine) for _ in range(dist.get_world_size(self.group))]
+            dist.all_gather(every, mine, group=self.group)
+            union = torch.cat(every).cpu().numpy()
+            head = union[~np.isnan(union)]  # (NaN pads a short or absent batch: u is finite)
+        k = 0 if head is None else head.shape[0]
+        mu = budget_mu(self.problem.budget + head, k * self.problem.budget) if k else 0.0
+        self.state.mu = self.state.mu_avg = mu
 
     def _steps(self, n: int, device=None) -> int:
         """Mini-batches this call runs: the largest count over the ranks, so that every
@@ -547,11 +580,23 @@ def keep_probability_at_budget(s8: np.ndarray, lab: _inputs.Labels, u: Optional[
     d = s8.astype(np.float64) - problem.target
     wk = w.reshape(s8.shape[1], lab.c + 1)
     z = problem.budget + (0.0 if u is None else u) - (d * (wk[:, 0] + y @ wk[:, 1:].T)).sum(axis=1)
-    lo, hi, target = z.min() - 1.0, z.max(), n * problem.budget
-    mu = min(max(mu0, lo), hi)
+    mu = budget_mu(z, n * problem.budget, mu0)
+    np.clip(z - mu, 0.0, 1.0, out=q)
+    return q, float(mu), _problem.counts(s8, lab, q), (_problem.counts(s8, lab, None) if want_before else None)
+
+
+def budget_mu(z: np.ndarray, target: float, mu0: float = 0.0) -> float:
+    """mu with sum clip(z - mu, 0, 1) = ``target`` (0 < target < len(z)), to rounding: the
+    sum is monotone and piecewise linear in mu, so safeguarded Newton steps from ``mu0``
+    (bisection where a step leaves the bracket) end in a few passes over z. The numpy form
+    of the core's ``m4_keep_probability_at_budget`` search, also the start of the utility's
+    centring (:func:`pym4.m4._balance.center_utility`) and of a stream's mu."""
+    n = z.shape[0]
+    lo, hi = float(z.min()) - 1.0, float(z.max())
+    mu = min(max(float(mu0), lo), hi)
     for _ in range(200):
         t = z - mu
-        f = np.clip(t, 0.0, 1.0).sum() - target
+        f = float(np.clip(t, 0.0, 1.0).sum()) - target
         if abs(f) <= 1e-13 * n:
             break
         if f > 0:
@@ -565,5 +610,4 @@ def keep_probability_at_budget(s8: np.ndarray, lab: _inputs.Labels, u: Optional[
         if nxt == mu or hi - lo <= 1e-15 * (1.0 + abs(mu)):
             break
         mu = nxt
-    np.clip(z - mu, 0.0, 1.0, out=q)
-    return q, float(mu), _problem.counts(s8, lab, q), (_problem.counts(s8, lab, None) if want_before else None)
+    return mu

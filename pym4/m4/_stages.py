@@ -174,9 +174,13 @@ class PatternStage:
 
 def utility_shift(stats: Optional[np.ndarray], rows: int) -> Tuple[float, bool]:
     """(midrange of the utility, whether it is constant) from the counting pass's ``[sum,
-    min, max]`` over ``rows`` rows; (0, False) without a utility. The dataset's form of
-    ``pym4.m4._balance.center_utility``: the same shift, and a constant utility drops out of
-    the problem (it may then use the pattern table)."""
+    min, max]`` over ``rows`` rows; (0, False) without a utility. A constant utility drops
+    out of the problem (it may then use the pattern table), as in
+    ``pym4.m4._balance.center_utility``, but the shift is not that one's (the budget's mu
+    without constraints needs the utility's quantiles, which one counting pass does not
+    give): an outlier far from the bulk (one u = 1e3 among values in [0, 0.1)) leaves the
+    bulk half its range below mu = 0, every q at 0, and the solve at max_passes (with its
+    RuntimeWarning), which balance() no longer does."""
     if stats is None:
         return 0.0, False
     if stats[1] == stats[2]:
