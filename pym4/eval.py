@@ -70,6 +70,29 @@ def _class_ids(x, n: int, name: str, high: Optional[int] = None) -> np.ndarray:
     return a
 
 
+def _ks(ks) -> list:
+    """Sorted distinct cut-offs from an int or a sequence of ints, each >= 1 (1.5 was
+    truncated to 1, and ks=5 raised numpy's TypeError)."""
+    values = [ks] if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool) else ks
+    if isinstance(values, str) or not isinstance(values, (Sequence, np.ndarray)):
+        raise TypeError(f"ks: expected an integer or a sequence of integers, got {ks!r}")
+    for k in values:
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"ks: expected positive integers, got {k!r} in {ks!r}")
+    if len(values) == 0:
+        raise ValueError("ks: expected at least one cut-off, got none")
+    return sorted({int(k) for k in values})
+
+
+def _names(x, name: str, what: str) -> list:
+    """A non-empty sequence of str (a str alone is refused: it would be read letter by letter)."""
+    if isinstance(x, str) or not isinstance(x, (Sequence, np.ndarray)):
+        raise TypeError(f"{name}: expected a sequence of {what}, got {type(x).__name__} {x!r}"[:200])
+    if len(x) == 0:
+        raise ValueError(f"{name}: is empty")
+    return list(x)
+
+
 def _normalize(t: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(t.float(), dim=-1)
 
@@ -92,10 +115,8 @@ def zero_shot_classifier(encode_text: Callable[[Sequence[str]], torch.Tensor], c
     -------
     float32 Tensor (C, D), rows of unit norm.
     """
-    if len(classnames) == 0:
-        raise ValueError("classnames: is empty")
-    if len(templates) == 0:
-        raise ValueError("templates: is empty")
+    classnames = _names(classnames, "classnames", "class names")
+    templates = _names(templates, "templates", "templates")
     for t in templates:
         if not isinstance(t, str) or t.count("{}") != 1:
             raise ValueError(f"templates: each must be a str with exactly one '{{}}', got {t!r}")
@@ -129,9 +150,7 @@ def zero_shot_accuracy(image_features, classifier, labels, ks: Sequence[int] = (
     x = _features(image_features, "image_features")
     w = _features(classifier, "classifier")
     y = _class_ids(labels, x.shape[0], "labels", w.shape[0])
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise ValueError(f"ks: expected positive integers, got {ks}")
+    ks = _ks(ks)
     top = zero_shot_predict(x, w, k=min(max(ks), w.shape[0]))
     top = np.asarray(top.reshape(x.shape[0], -1))
     hit = top == y[:, None]
@@ -179,9 +198,7 @@ def retrieval_recall(image_features, text_features, ks: Sequence[int] = (1, 5, 1
     else:
         ic = _class_ids(image_class, x.shape[0], "image_class")
         tc = _class_ids(text_class, t.shape[0], "text_class")
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise ValueError(f"ks: expected positive integers, got {ks}")
+    ks = _ks(ks)
     out: Dict[str, float] = {}
     for name, q, g, qc, gc in (("i2t", x, t, ic, tc), ("t2i", t, x, tc, ic)):
         kmax = min(ks[-1], g.shape[0])
@@ -215,8 +232,10 @@ def linear_probe(train_features, train_labels, test_features, test_labels, *, C:
     yte = _class_ids(test_labels, xte.shape[0], "test_labels")
     if np.unique(ytr).size < 2:
         raise ValueError("train_labels: need at least two classes")
-    if not C > 0:
-        raise ValueError(f"C: must be > 0, got {C!r}")
+    if isinstance(C, bool) or not isinstance(C, (int, float, np.integer, np.floating)) or not 0 < C < float("inf"):
+        raise ValueError(f"C: must be a finite number > 0, got {C!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ValueError(f"max_iter: must be an integer >= 1, got {max_iter!r}")
     mean, std = xtr.mean(0), xtr.std(0)
     std[std < 1e-8] = 1.0  # constant features carry nothing; keep them at 0
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
@@ -248,9 +267,17 @@ def model_representation_bias(group_predictions, n_groups: int, target=None) -> 
     if p.ndim != 1 or p.size == 0:
         raise ValueError(f"group_predictions: expected a non-empty 1-D array, got shape {p.shape}")
     p = _class_ids(p, p.shape[0], "group_predictions", n_groups)
-    pi = np.full(n_groups, 1.0 / n_groups) if target is None else np.broadcast_to(
-        np.asarray(target, dtype=np.float64), (n_groups,)).copy()
-    if not np.all((pi >= 0) & (pi <= 1)):
+    if target is None:
+        pi = np.full(n_groups, 1.0 / n_groups)
+    else:
+        try:
+            pi = np.asarray(target, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"target: expected a share or {n_groups} shares, got {target!r}") from None
+        if pi.ndim > 1 or (pi.ndim == 1 and pi.shape[0] != n_groups):
+            raise ValueError(f"target: expected a scalar or {n_groups} shares (one per group), got shape {pi.shape}")
+        pi = np.broadcast_to(pi, (n_groups,)).copy()
+    if not np.all((pi >= 0) & (pi <= 1)):  # (NaN fails it too)
         raise ValueError(f"target: expected shares in [0, 1], got {pi}")
     shares = np.bincount(p, minlength=n_groups) / p.size
     return {"rb": float(np.abs(shares - pi).max()), "shares": shares.tolist(), "target": pi.tolist()}
@@ -277,6 +304,8 @@ def model_association_bias(s, predictions, n_classes: int) -> Dict[str, object]:
     if not np.isin(sa, (0, 1)).all():
         raise ValueError("s: expected 0/1 group indicators")
     sa = sa.astype(bool)
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
+        raise ValueError(f"n_classes: expected an integer >= 1, got {n_classes!r}")
     pred = _class_ids(predictions, sa.shape[0], "predictions", n_classes)
     onehot = np.eye(n_classes)[pred]
     m = sa.shape[1]
@@ -302,6 +331,9 @@ def group_accuracy_gap(correct, groups, group_names: Optional[Sequence[str]] = N
     c = np.asarray(correct.detach().cpu() if isinstance(correct, torch.Tensor) else correct)
     if c.ndim != 1:
         raise ValueError(f"correct: expected a 1-D array, got shape {c.shape}")
+    if c.dtype.kind not in "biuf" or not np.isin(c, (0, 1)).all():  # NaN and 0.7 are not outcomes
+        raise ValueError(f"correct: expected a bool (or 0/1) per example, got {c.dtype}"
+                         + ("" if c.dtype.kind not in "biuf" else " with values other than 0 and 1"))
     g = np.asarray(groups.detach().cpu() if isinstance(groups, torch.Tensor) else groups)
     if g.shape != c.shape:
         raise ValueError(f"groups: expected shape {c.shape}, got {g.shape}")
@@ -310,8 +342,12 @@ def group_accuracy_gap(correct, groups, group_names: Optional[Sequence[str]] = N
     ids = sorted(int(v) for v in np.unique(g) if v >= 0)
     if not ids:
         raise ValueError("groups: no example has a group")
-    if group_names is not None and len(group_names) <= ids[-1]:
-        raise ValueError(f"group_names: {len(group_names)} names for group ids up to {ids[-1]}")
+    if group_names is not None:
+        group_names = _names(group_names, "group_names", "group names")
+        if len(group_names) <= ids[-1]:
+            raise ValueError(f"group_names: {len(group_names)} names for group ids up to {ids[-1]}")
+        if len({str(x) for x in group_names}) != len(group_names):  # the result is keyed by name
+            raise ValueError(f"group_names: a name is repeated ({group_names!r}); two groups would merge")
     acc, count = {}, {}
     for i in ids:
         name = str(group_names[i]) if group_names is not None else str(i)

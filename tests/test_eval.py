@@ -152,6 +152,41 @@ def test_linear_probe_separable_and_uninformative():
         ev.linear_probe(x, np.zeros(120, np.int64), x, y)
 
 
+def test_arguments_refused_with_their_names():
+    """Each was accepted and gave a wrong or unexplained result: a str of classnames read
+    letter by letter, ks=5 a numpy TypeError, ks=(1.5,) truncated to 1, a target of the wrong
+    length a broadcasting error, n_classes=0 blamed on the predictions, correct=0.7 averaged,
+    repeated group names merged, max_iter passed on to scikit-learn."""
+    w, x = np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32)
+    enc = _fake_encoder({"x a": [1, 0], "x b": [0, 1]})
+    cases = [
+        (lambda: ev.zero_shot_classifier(enc, "ab", ["x {}"]), TypeError, "classnames: expected a sequence of class names"),
+        (lambda: ev.zero_shot_classifier(enc, ["a"], "x {}"), TypeError, "templates: expected a sequence"),
+        (lambda: ev.zero_shot_classifier(enc, [], ["x {}"]), ValueError, "classnames: is empty"),
+        (lambda: ev.zero_shot_accuracy(x, w, np.arange(3), ks=(1.5,)), ValueError, r"ks: expected positive integers, got 1\.5"),
+        (lambda: ev.zero_shot_accuracy(x, w, np.arange(3), ks=(0, 1)), ValueError, "ks: expected positive integers, got 0"),
+        (lambda: ev.zero_shot_accuracy(x, w, np.arange(3), ks=()), ValueError, "ks: expected at least one"),
+        (lambda: ev.retrieval_recall(IMAGES, TEXTS, ks="5"), TypeError, "ks: expected an integer or a sequence"),
+        (lambda: ev.model_representation_bias([0, 1], 2, target=[0.5, 0.3, 0.2]), ValueError,
+         r"target: expected a scalar or 2 shares \(one per group\), got shape \(3,\)"),
+        (lambda: ev.model_representation_bias([0, 1], 2, target=float("nan")), ValueError, "target: expected shares in"),
+        (lambda: ev.model_association_bias(np.eye(2), [0, 0], 0), ValueError, "n_classes: expected an integer >= 1, got 0"),
+        (lambda: ev.group_accuracy_gap(np.array([0.7, 1.0]), np.array([0, 1])), ValueError,
+         "correct: expected a bool .* values other than 0 and 1"),
+        (lambda: ev.group_accuracy_gap(np.array([1, 0], bool), np.array([0, 1]), ["a", "a"]), ValueError,
+         "group_names: a name is repeated"),
+        (lambda: ev.linear_probe(x, np.arange(3), x, np.arange(3), max_iter=0), ValueError,
+         "max_iter: must be an integer >= 1, got 0"),
+        (lambda: ev.linear_probe(x, np.arange(3), x, np.arange(3), C=float("inf")), ValueError, "C: must be a finite"),
+    ]
+    for call, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            call()
+    # ks as one integer is the one cut-off
+    r = ev.zero_shot_accuracy(x, w, np.arange(3), ks=2)
+    assert r["top2"] == 1.0 and "top1" not in r
+
+
 def test_write_json_atomic(tmp_path):
     path = tmp_path / "summary.json"
     ev.write_json(path, {"a": 1.5})

@@ -303,6 +303,8 @@ def test_sample():
     (dict(eps_rep=-1), ValueError, r"eps_rep: must be in"),
     (dict(method="fast"), ValueError, r"method: expected"),
     (dict(shuffle="no"), TypeError, r"shuffle: expected True or False, got 'no'"),
+    (dict(group_names=["a", "a"]), ValueError, r"group_names: 'a' names two groups"),  # the report merged them
+    (dict(group_names="ab"), TypeError, r"group_names: expected a sequence of 2 names, got the str 'ab'"),
     (dict(utility=np.array([np.inf, 0.0])), ValueError, r"utility: contains NaN or Inf"),
     (dict(s="abc"), TypeError, r"s: expected a numpy array or a torch tensor"),
 ])

@@ -407,9 +407,16 @@ def names(given: Optional[Sequence[str]], n: int, prefix: str) -> List[str]:
     """n display names: the caller's, or "<prefix> <i>"."""
     if given is None:
         return [f"{prefix} {i}" for i in range(n)]
+    if isinstance(given, str):  # a str is a sequence of its letters
+        raise TypeError(f"{prefix}_names: expected a sequence of {n} names, got the str {given!r}")
     given = [str(x) for x in given]
     if len(given) != n:
         raise ValueError(f"{prefix}_names: expected {n} names, got {len(given)}")
+    seen = set()
+    for x in given:  # the report's tables are keyed by name: a repeated one hides a row
+        if x in seen:
+            raise ValueError(f"{prefix}_names: {x!r} names two {prefix}s")
+        seen.add(x)
     return given
 
 
