@@ -449,11 +449,20 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
     dtype = _compute_dtype(z.dtype)
     zc, cc = z.to(dtype), c.to(dtype)
 
-    def check_finite_features():
+    def check_finite_features(products_overflow: bool = False):
+        """Name the argument at fault: NaN or Inf in z or C, C past the range of z's dtype
+        it is cast to, or (``products_overflow``) finite features whose scores are not."""
         if not bool(torch.isfinite(zc).all()):
             raise ValueError("scores: contains NaN or Inf")
         if not bool(torch.isfinite(cc).all()):
+            if bool(torch.isfinite(c).all()):
+                raise ValueError(f"prototypes: values up to {float(c.abs().max()):g} overflow {dtype}, the dtype "
+                                 f"the scores (features) are computed in; pass the features as {c.dtype}")
             raise ValueError("prototypes: contains NaN or Inf")
+        if products_overflow:
+            raise ValueError(f"scores, prototypes: their products (the scores z @ prototypes.T) overflow {dtype} "
+                             f"(largest |z| {float(zc.abs().max()):g}, |prototypes| {float(cc.abs().max()):g}); "
+                             "normalise the features, as SwAV does")
 
     if group is not None:
         if name == "cuda":  # this rank's scores in the result buffer; the plan overwrites them
@@ -489,8 +498,9 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
             elif _swav_torch_kernel_form(q, alpha, n_iters, in_place=True) is not None:
                 return q
         except ValueError:
-            check_finite_features()  # name the argument at fault
-            if dtype != torch.float32 or name != "cpu":
+            no_retry = dtype != torch.float32 or name != "cpu"
+            check_finite_features(products_overflow=no_retry and not bool(torch.isfinite(q).all()))
+            if no_retry:
                 raise  # finite features whose scores overflow once divided by epsilon
             # (in float32: the float64 passes below hold them)
         check_finite_features()
@@ -499,6 +509,8 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
             # The scores fit in one block: form them once and run the scores path (one matmul
             # and the dense solve) instead of forming them again in every pass.
             scores = torch.mm(zc, cc.t())
+            if not bool(torch.isfinite(scores).all()):  # (the torch passes made them a NaN plan)
+                check_finite_features(products_overflow=True)
             if name == "cpu":
                 return _swav_cpu(scores, alpha, n_iters, out=q)
             if name == "triton":
@@ -516,4 +528,7 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
     # (the core's passes up to what it takes in float64: see _CORE_FLOAT64_MAX_EXPONENT)
     core_takes = name == "cpu" and alpha * bound <= _CORE_FLOAT64_MAX_EXPONENT
     passes = _FeaturePasses(zc, cc, alpha, chunk, _CorePasses if core_takes else _TorchPasses)
-    return _swav_iterate(passes, k, b_global, n_iters, z.device, group)
+    q = _swav_iterate(passes, k, b_global, n_iters, z.device, group)
+    if not bool(torch.isfinite(q).all()):  # only a score past the dtype's range leaves one
+        check_finite_features(products_overflow=True)
+    return q

@@ -476,6 +476,22 @@ def test_features_form_bad_input(kwargs, exc, match):
         pym4.sinkhorn(torch.zeros(6, 4), **kwargs)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_features_whose_scores_overflow_are_named(backend):
+    """Finite features whose products overflow were reported as "scores: contains NaN or
+    Inf", and float64 prototypes past float32's range (cast to the float32 features' dtype)
+    as "prototypes: contains NaN or Inf"."""
+    z = torch.full((6, 4), 1e200, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"scores, prototypes: their products .* overflow torch\.float64 "
+                                         r"\(largest \|z\| 1e\+200, \|prototypes\| 1e\+200\)"):
+        pym4.sinkhorn(z, prototypes=torch.full((5, 4), 1e200, dtype=torch.float64), backend=backend)
+    with pytest.raises(ValueError, match=r"scores, prototypes: their products"):  # block by block: NaN before
+        pym4.sinkhorn(z, prototypes=torch.full((5, 4), 1e200, dtype=torch.float64), chunk=2, backend=backend)
+    with pytest.raises(ValueError, match=r"prototypes: values up to 1e\+200 overflow torch\.float32, .*"
+                                         r"pass the features as torch\.float64"):
+        pym4.sinkhorn(torch.ones(6, 4), prototypes=torch.full((5, 4), 1e200, dtype=torch.float64), backend=backend)
+
+
 # ----- out= : writing into the caller's buffer --------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
