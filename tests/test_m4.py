@@ -323,6 +323,16 @@ def test_solver_rejects_shape_change():
     with pytest.raises(RuntimeError, match="partial_fit"):
         m4.M4Solver(0.4).keep_probability(np.eye(2))
 
+def test_solver_checks_its_target_when_built():
+    """A target of 1.5 or [0.2, 1.2] was accepted by the constructor and refused only at
+    the first partial_fit, far from the line that passed it."""
+    for bad, exc in ((1.5, ValueError), ([0.2, 1.2], ValueError), ("a", TypeError), (float("nan"), ValueError)):
+        with pytest.raises(exc, match="^target: "):
+            m4.M4Solver(bad)
+    solver = m4.M4Solver(torch.tensor([0.3, 0.4]))  # its length is checked against the data's groups
+    with pytest.raises(ValueError, match=r"target: expected a scalar or 3 proportions"):
+        solver.partial_fit(np.eye(3, dtype=np.uint8))
+
 
 def _distributed_worker(rank, world, init, s, y, u, out_dir):
     import torch.distributed as dist

@@ -118,7 +118,16 @@ class M4Solver:
         self.backend = backend
         if target is None:
             raise ValueError("target: required for streaming (a scalar or one proportion per group)")
-        self._target_arg = target  # checked once the first batch gives the number of groups
+        # Its values are checked now, its length once the first batch gives the number of
+        # groups (a target of 1.5 was accepted here and refused at the first partial_fit).
+        if isinstance(target, torch.Tensor):
+            given = target.numel()
+        elif isinstance(target, (list, tuple, np.ndarray)):
+            given = int(np.size(np.asarray(target, dtype=object)))
+        else:
+            given = 1  # a number (or not one: target() names its type)
+        _inputs.target(target, max(given, 1), None)
+        self._target_arg = target
         self.problem: Optional[Problem] = None
         self.state: Optional[StreamState] = None
         self.m: Optional[int] = None
