@@ -308,6 +308,12 @@ def _contrastive(kind, x, y, logit_scale, logit_bias, group, backend, local_grad
             loss = _reference(kind, x, y, scale, bias)
     else:
         loss = _ContrastiveLoss.apply(x, y, scale, bias, _Spec(kind, _engine(name), group, local_grad))
+    if x.dtype == torch.float16 and group is None and not bool(torch.isfinite(loss.detach())):
+        # Summed in float32 from checked finite inputs, so only its cast to the features'
+        # float16 can overflow (features x 100 at D = 32: a loss of 1.3e5 came back inf).
+        raise ValueError("image_features, text_features: the loss exceeds float16's range (65504), the dtype of the "
+                         "features it is returned in: L2-normalise the features, as CLIP and SigLIP do, or pass "
+                         "float32 features")
     return loss if zero is None else loss + zero.to(loss.dtype)
 
 

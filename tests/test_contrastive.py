@@ -244,6 +244,20 @@ def test_nn_module_options():
 
 # ----- bad input -------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", ["chunked", "torch"])
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_float16_loss_past_its_range_is_refused(kind, backend):
+    """Features x 100 at D = 32 in float16: the loss (1e5, summed in float32) came back inf
+    in the features' dtype. The float32 loss of the same features is finite and large."""
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(64, 32, generator=g) * 100 for _ in range(2))
+    big = LOSS[kind](x, y, 1.0, 0.0, backend=backend)
+    assert torch.isfinite(big) and float(big) > 65504
+    with pytest.raises(ValueError, match=r"^image_features, text_features: the loss exceeds float16's range"):
+        LOSS[kind](x.half(), y.half(), 1.0, 0.0, backend=backend)
+    small = LOSS[kind](x.half() / 100, y.half() / 100, 1.0, 0.0, backend=backend)  # in range: as before
+    assert small.dtype == torch.float16 and torch.isfinite(small)
+
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_bad_input_is_rejected_with_the_argument_named(kind):
     f = LOSS[kind]
