@@ -125,6 +125,25 @@ __device__ __forceinline__ float load_f<__nv_bfloat16>(const __nv_bfloat16* p) {
   return __bfloat162float(__ldg(p));
 }
 
+// A coherent load, for a phase that also writes the plan over the scores (in place, out ==
+// x): __ldg reads through the non-coherent read-only cache, and a const __restrict__ x there
+// would promise that nothing in its scope writes x.
+template <typename T>
+__device__ __forceinline__ float load_coherent(const T* p);
+template <>
+__device__ __forceinline__ float load_coherent<float>(const float* p) { return *p; }
+template <>
+__device__ __forceinline__ float load_coherent<__half>(const __half* p) { return __half2float(*p); }
+template <>
+__device__ __forceinline__ float load_coherent<__nv_bfloat16>(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
+}
+
+template <typename T, bool kWrite>
+__device__ __forceinline__ float load_row(const T* p) {
+  return kWrite ? load_coherent(p) : load_f(p);
+}
+
 template <typename T>
 __device__ __forceinline__ T from_f(float v);
 template <>
@@ -373,7 +392,8 @@ __device__ __forceinline__ void block_row_lse(float (&m)[kRowTile], float (&s)[k
 
 template <typename T, bool kWrite>
 __device__ void row_phase(const Params& p, int part, float* smem, Scratch& sc) {
-  const T* __restrict__ x = static_cast<const T*>(p.x);
+  // Not __restrict__: with kWrite the plan is written through out, which may be x itself.
+  const T* x = static_cast<const T*>(p.x);
   const int K = p.cols;
   const int64_t r0 = part_begin(p, part), r1 = part_end(p, part);
   // Thread-owned columns: gs/acc entries are written and read by the same thread only.
@@ -399,7 +419,7 @@ __device__ void row_phase(const Params& p, int part, float* smem, Scratch& sc) {
       const float gj = gs[j];
       float v[kRowTile];
 #pragma unroll
-      for (int r = 0; r < kRowTile; ++r) v[r] = r < nr ? load_f(xt + r * p.ld + j) : 0.0f;
+      for (int r = 0; r < kRowTile; ++r) v[r] = r < nr ? load_row<T, kWrite>(xt + r * p.ld + j) : 0.0f;
 #pragma unroll
       for (int r = 0; r < kRowTile; ++r)
         if (r < nr) lse_push(m[r], s[r], fmaf(alpha, v[r], gj));
@@ -410,7 +430,7 @@ __device__ void row_phase(const Params& p, int part, float* smem, Scratch& sc) {
       const float gj = gs[j];
       float v[kRowTile];
 #pragma unroll
-      for (int r = 0; r < kRowTile; ++r) v[r] = r < nr ? load_f(xt + r * p.ld + j) : 0.0f;
+      for (int r = 0; r < kRowTile; ++r) v[r] = r < nr ? load_row<T, kWrite>(xt + r * p.ld + j) : 0.0f;
       float col = 0.0f;
 #pragma unroll
       for (int r = 0; r < kRowTile; ++r) {
