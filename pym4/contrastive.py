@@ -185,15 +185,22 @@ def _check_features(t, name: str) -> None:
         raise ValueError(f"{name}: expected a non-empty (batch, dim) tensor, got shape {tuple(t.shape)}")
 
 
-def _dot_reach(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """A float64 0-d tensor bounding every |x_i . y_j| and each of its partial sums:
-    D max|x| max|y|. One min/max read of each matrix: no copy, and no squares that overflow
-    (float32 norms of 1e20-scale rows are inf where their dot products are not)."""
-    reach = torch.tensor(float(x.shape[1]), dtype=torch.float64, device=x.device)
+def _magnitudes(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(2,) float64 tensor [max|x|, max|y|]: one min/max read of each matrix, no copy."""
+    out = []
     for t in (x, y):
         lo, hi = torch.aminmax(t.detach())
-        reach = reach * torch.maximum(-lo, hi).double()
-    return reach
+        out.append(torch.maximum(-lo, hi).double())
+    return torch.stack(out)
+
+
+def _dot_reach(x: torch.Tensor, y: torch.Tensor, magnitudes: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A float64 0-d tensor bounding every |x_i . y_j| and each of its partial sums:
+    D max|x| max|y| (``magnitudes``: those maxima, e.g. over every rank's features). No
+    squares that overflow (float32 norms of 1e20-scale rows are inf where their dot products
+    are not)."""
+    mags = _magnitudes(x, y) if magnitudes is None else magnitudes
+    return float(x.shape[1]) * mags[0] * mags[1]
 
 
 def _check_finite_all(*named) -> None:
@@ -233,12 +240,8 @@ def _validate(x, y, logit_scale, logit_bias, kind="siglip"):
     scale, _ = _as_scalar(logit_scale, "logit_scale", x.device)
     bias = None if logit_bias is None else _as_scalar(logit_bias, "logit_bias", x.device)[0]
     # One sync for every value check: finiteness of features and scalars, positivity of s.
-    acc = _acc_dtype(x.dtype)
-    reach = scale.detach().double().reshape(()) * _dot_reach(x, y)
-    if bias is not None and kind == "siglip":  # (added to every logit: a float64 1e300 made the loss NaN;
-        # CLIP's cancels in its softmaxes and is left out of the logits)
-        reach = reach + bias.detach().double().reshape(()).abs()
-    limit = torch.finfo(acc).max * _LOGIT_HEADROOM
+    mags = _magnitudes(x, y)
+    reach, limit = _logit_reach(x, scale, bias, kind, mags)
     checks = [torch.isfinite(x).all(), torch.isfinite(y).all(), torch.isfinite(scale.detach()).all(),
               (scale.detach() > 0).all(), reach <= limit]
     if bias is not None:
@@ -254,21 +257,34 @@ def _validate(x, y, logit_scale, logit_bias, kind="siglip"):
     elif bias is not None and not ok[5]:
         problem = "logit_bias: must be finite"
     elif not ok[4]:
-        acc_name = str(acc).replace("torch.", "")
-        problem = (f"image_features, text_features: the logits can reach {float(reach):.3g} (logit_scale times D times "
-                   f"the largest |entry| of both" + ("" if bias is None or kind != "siglip" else ", plus |logit_bias|")
-                   + f"), beyond what the loss can sum in {acc_name} ({limit:.3g}): "
-                   "L2-normalise the features, as CLIP and SigLIP do"
-                   + (", or pass float64 features" if acc_name == "float32" else ""))
-    return scale, bias, problem
+        problem = _reach_problem(x, bias, kind, reach, limit)
+    return scale, bias, problem, mags
+
+
+def _logit_reach(x, scale, bias, kind, mags):
+    """(bound of every |logit| as a float64 0-d tensor, the largest the loss takes)."""
+    reach = scale.detach().double().reshape(()) * _dot_reach(x, x, mags)
+    if bias is not None and kind == "siglip":  # (added to every logit: a float64 1e300 made the loss NaN;
+        # CLIP's cancels in its softmaxes and is left out of the logits)
+        reach = reach + bias.detach().double().reshape(()).abs()
+    return reach, torch.finfo(_acc_dtype(x.dtype)).max * _LOGIT_HEADROOM
+
+
+def _reach_problem(x, bias, kind, reach, limit, where: str = "") -> str:
+    acc_name = str(_acc_dtype(x.dtype)).replace("torch.", "")
+    return (f"image_features, text_features: the logits can reach {float(reach):.3g} (logit_scale times D times "
+            f"the largest |entry| of both{where}" + ("" if bias is None or kind != "siglip" else ", plus |logit_bias|")
+            + f"), beyond what the loss can sum in {acc_name} ({limit:.3g}): "
+            "L2-normalise the features, as CLIP and SigLIP do"
+            + (", or pass float64 features" if acc_name == "float32" else ""))
 
 
 # ----- dispatch ------------------------------------------------------------------------------
 
 def _contrastive(kind, x, y, logit_scale, logit_bias, group, backend, local_grad=False):
-    error = None
+    error, mags = None, None
     try:
-        scale, bias, problem = _validate(x, y, logit_scale, logit_bias, kind)
+        scale, bias, problem, mags = _validate(x, y, logit_scale, logit_bias, kind)
         name = _backend.choose(f"{kind}_loss", x.device.type, backend, dtype=str(x.dtype).replace("torch.", ""))
     except (TypeError, ValueError, RuntimeError) as e:
         if group is None:
@@ -287,10 +303,20 @@ def _contrastive(kind, x, y, logit_scale, logit_bias, group, backend, local_grad
                 dev = _exchange.comm_device(x, group)
             else:
                 dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
-            bad = torch.tensor([0.0 if problem is None else 1.0], device=dev)
+            # With the largest |entries| over the ranks: this rank's rows meet every rank's
+            # texts (and its texts every rank's rows), so its logits reach D max|x| max|y|
+            # taken over all of them, not over its own features alone.
+            bad = torch.zeros(3, dtype=torch.float64, device=dev)
+            bad[0] = 0.0 if problem is None else 1.0
+            if mags is not None and problem is None:
+                bad[1:] = mags.to(bad.device)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
-            if problem is None and float(bad) > 0:
+            if problem is None and float(bad[0]) > 0:
                 problem = "image_features, text_features, logit_scale or logit_bias: bad input on another rank"
+            elif problem is None:
+                reach, limit = _logit_reach(x, scale, bias, kind, bad[1:].to(x.device))
+                if not float(reach) <= limit:  # (every rank has the same maxima: all refuse)
+                    problem = _reach_problem(x, bias, kind, reach, limit, " over every rank's features")
     if error is not None:
         raise error
     if problem is not None:

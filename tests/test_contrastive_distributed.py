@@ -72,6 +72,16 @@ def _worker(rank, world, init_file, out_dir, sizes, cases, compare_open_clip):
             results["shape"] = "no error"
         except ValueError as e:
             results["shape"] = str(e)
+        # Rank 0's images and rank 1's texts at 1e20: each rank's own logits are within
+        # float32, rank 0's against rank 1's texts (1e40) are not. Every rank refuses them
+        # (the reach once came from each rank's own features only, and the loss was NaN).
+        try:
+            big_x = x * 1e20 if rank == 0 else x
+            big_y = y * 1e20 if rank == 1 else y
+            pym4.clip_loss(big_x, big_y, SCALE, group=dist.group.WORLD, backend="chunked")
+            results["reach"] = "no error"
+        except ValueError as e:
+            results["reach"] = str(e)
         oc = open_clip_loss_module() if compare_open_clip else None
         if oc is not None:
             for local_loss in (False, True):
@@ -165,6 +175,8 @@ def test_distributed_equals_one_process(tmp_path, sizes):
     assert all("NaN" in ranks[r]["nan"] or "another rank" in ranks[r]["nan"] for r in range(world)), \
         [ranks[r]["nan"] for r in range(world)]
     assert "text_features: expected shape" in ranks[1]["shape"], ranks[1]["shape"]
+    assert all("the logits can reach" in ranks[r]["reach"] and "over every rank's features" in ranks[r]["reach"]
+               for r in range(world)), [ranks[r]["reach"] for r in range(world)]
     assert all("another rank" in ranks[r]["shape"] for r in range(world) if r != 1), \
         [ranks[r]["shape"] for r in range(world)]
     if equal and open_clip_loss_module() is not None:
