@@ -107,21 +107,23 @@ def m4_bias_rows(s, y, pi):
 
 
 def m4_stream(s, y, pi, budget: float, eps_rep: float, eps_assoc: float, *, lr: float = 0.1, gamma: float = 3.0,
-              batch: int = 256, utility=None):
+              batch: int = 256, utility=None, start_mu_at_budget: bool = True):
     """M4's streaming dual ascent (the paper's one pass; M4Solver.partial_fit) written out
     in numpy, dense labels. Per mini-batch t of ``batch`` rows: q = clip(eta + u - a (v+ - v-)
     - mu, 0, 1); the curvature h = (running mean of a^2) + 1e-6; the gradient g = q a / n_t;
     v+ = max(0, v+ + lr (g - lam) / h), v- = max(0, v- + lr (-g - lam) / h),
     mu += lr (mean q - eta); the duals are averaged with weight (gamma + 1) / (t + gamma).
     With a utility, mu (and its average) starts at the root of mean clip(eta + u - mu, 0, 1)
-    = eta over the first mini-batch (bisection). Returns (v_plus, v_minus, averaged w = v+ - v-, averaged mu); memory O(batch m c)."""
+    = eta over the first mini-batch (bisection), as M4Solver starts it (the core's pass
+    itself starts from its state: ``start_mu_at_budget=False``, mu = 0). Returns (v_plus,
+    v_minus, averaged w = v+ - v-, averaged mu); memory O(batch m c)."""
     n, m = s.shape
     c = y.shape[1]
     p = m * (c + 1)
     lam = m4_bounds(m, c, budget, eps_rep, eps_assoc)
     vp, vm, curv, avg = np.zeros(p), np.zeros(p), np.zeros(p), np.zeros(p)
     mu = avg_mu = seen = 0.0
-    if utility is not None and n:
+    if utility is not None and n and start_mu_at_budget:
         head = budget + np.asarray(utility[:batch], dtype=np.float64)
         lo, hi = head.min() - 1.0, head.max()  # mean clip(head - mu) is eta at most at lo, 0 at hi
         for _ in range(200):

@@ -195,7 +195,7 @@ def test_stream_fit_in_shares_matches_numpy(m, c, with_u, shuffled):
     assert steps == -(-n // batch)
     idx = np.arange(n) if order is None else order
     vp, vm, avg, avg_mu = m4_stream(s[idx], y[idx], pi, eta, er, ea, lr=0.1, gamma=3.0, batch=batch,
-                                    utility=None if u is None else u[idx])
+                                    utility=None if u is None else u[idx], start_mu_at_budget=False)
     assert np.abs(avg).max() > 1e-3  # the duals moved: the comparison is not of zeros
     for got, want in zip(arrays[:3], (vp, vm, avg)):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-11)
@@ -270,7 +270,7 @@ def test_stream_fit_shuffled_streams_the_shuffled_order(n, m, c, with_u, layout)
     assert steps == -(-n // batch)
     o = core.m4_shuffled_order(n, 123)
     vp, vm, avg, avg_mu = m4_stream(s[o], y[o], pi, eta, er, ea, lr=0.1, gamma=3.0, batch=batch,
-                                    utility=None if u is None else u[o])
+                                    utility=None if u is None else u[o], start_mu_at_budget=False)
     assert np.abs(avg).max() > 1e-3
     for a, want in zip(arrays[:3], (vp, vm, avg)):
         np.testing.assert_allclose(a, want, rtol=1e-9, atol=1e-11)

@@ -399,6 +399,52 @@ def test_constant_utility_changes_nothing(table, tmp_path, constant):
     np.testing.assert_allclose(loaded.keep_probability(s, y, np.full(N, constant)), q0, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("outlier", [1e3, 1e300])
+def test_one_utility_outlier_leaves_the_fit_solvable(table, tmp_path, outlier, monkeypatch):
+    """Centred at its midrange, a utility with one outlier (1e3 among values in [0, 0.1))
+    sat half its range below mu = 0: every q 0 and the fit at max_passes (violation 0.5).
+    The shift now comes from utilities sampled in the counting pass (here forced to every
+    15th row: 67 of 997), and the fit matches balance() on the rows in memory."""
+    from pym4.m4 import _stages
+
+    monkeypatch.setattr(_stages, "UTILITY_SAMPLE", 64)  # N // 64 = 15 rows apart
+    cols = dict(sensitive=["g0", "g1"], labels=["l0"])
+    u = np.random.default_rng(4).random(N) * 0.1
+    u[5] = outlier
+    write_shards(table.append_column("uo", pa.array(u)), str(tmp_path / "d"), LAYOUTS["seven"])
+    s, y = _arrays(table, cols)
+    res = _in_memory(s, y, 0.3, utility=u)
+    model = m4.fit_dataset(str(tmp_path / "d"), **cols, utility="uo", target=0.3, **PROBLEM, tol=1e-10,
+                           progress=False)
+    assert res.status == "optimal" and model.info["status"] == "optimal", model.info["message"]
+    q = model.keep_probability(s, y, u)
+    assert q[5] == 1.0
+    np.testing.assert_allclose(q, res.q, rtol=0, atol=1e-8)
+
+
+def test_utility_summaries_merge_alike_in_any_order(monkeypatch):
+    """The counting pass's sample of utilities: the rows at a multiple of the stride, the
+    same in any merge order (as Ray's and Spark's trees merge), at most 2 UTILITY_SAMPLE."""
+    from pym4.m4 import _stages
+
+    monkeypatch.setattr(_stages, "UTILITY_SAMPLE", 8)
+    u = np.random.default_rng(5).normal(size=300)
+    parts = [_stages.utility_summary(u[b:b + 37], b, 1) for b in range(0, 300, 37)]  # stride unknown: 1
+    forward, backward = parts[0], parts[-1]
+    for p in parts[1:]:
+        forward = _stages.merge_utility_summaries(forward, p)
+    for p in parts[-2::-1]:
+        backward = _stages.merge_utility_summaries(p, backward)
+    assert forward[:3].tolist() == pytest.approx([u.sum(), u.min(), u.max()])
+    stride = int(forward[3])
+    k = (forward.shape[0] - 4) // 2
+    rows, vals = forward[4:4 + k], forward[4 + k:]
+    assert 0 < k <= 16 and stride == int(backward[3])
+    assert sorted(rows.tolist()) == list(range(0, 300, stride))  # every row at the stride, no other
+    np.testing.assert_array_equal(vals, u[rows.astype(int)])
+    assert sorted(zip(rows.tolist(), vals.tolist())) == sorted(zip(backward[4:4 + k].tolist(), backward[4 + k:].tolist()))
+
+
 def _saved(model, tmp_path):
     path = str(tmp_path / "model.json")
     model.save(path)
@@ -407,7 +453,7 @@ def _saved(model, tmp_path):
 
 def test_shifted_utility_gives_the_same_q(table, tmp_path):
     """u + 5 gives the q of u (both centred to the same values, up to the rounding of their
-    midranges), and the in-memory solve's q within its own accuracy (balance() itself moves by
+    shifts), and the in-memory solve's q within its own accuracy (balance() itself moves by
     2.2e-9 between u and u + 5 on this instance: its max_violation is 4.5e-10)."""
     cols = dict(sensitive=["g0", "g1"], labels=["l0"])
     u = table.column("u").to_numpy()
@@ -420,7 +466,9 @@ def test_shifted_utility_gives_the_same_q(table, tmp_path):
     base = m4.fit_dataset(str(tmp_path / "d"), **cols, utility="u", **kw)
     assert model.info["status"] == "optimal" and not model.info["compressed"]
     u5 = u + 5.0
-    assert abs(model.info["utility_shift"] - (float(u5.min()) / 2 + float(u5.max()) / 2)) < 1e-12  # the midrange
+    # The shift puts the budget's mu without constraints at 0 (every row sampled at N = 997)
+    shift = model.info["utility_shift"]
+    assert abs(np.clip(PROBLEM["budget"] + u5 - shift, 0, 1).mean() - PROBLEM["budget"]) < 1e-12
     q = model.keep_probability(s, y, u + 5.0)
     np.testing.assert_allclose(q, base.keep_probability(s, y, u), rtol=0, atol=1e-12)
     np.testing.assert_allclose(model.transform(t).column("q").to_numpy(), q, rtol=0, atol=1e-15)

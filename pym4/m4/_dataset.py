@@ -249,6 +249,7 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
         table, before = _decode_table(saved["pattern"]["table"]), np.asarray(saved["pattern"]["counts"], np.float64)
         patterns = saved["pattern"]["patterns"]
         ustats = None if saved["pattern"]["utility"] is None else np.asarray(saved["pattern"]["utility"], np.float64)
+        shift = saved["pattern"].get("utility_shift")  # (None in a checkpoint of an earlier version)
     else:
         shards = getattr(engine, "shards", None)
         counting = PatternStage(rs, max_patterns, None if shards is None else sum(shards.rows))
@@ -256,15 +257,20 @@ def _fit(engine, spec: ColumnSpec, *, target, budget, eps_rep, eps_assoc, tol, m
         if got is None or got[1][0] == 0:
             raise DataError(f"{engine.source}: the dataset has no rows")
         table, before, ustats = counting.table(got[0]), got[1], got[2]
+        # The shift from the sampled utilities, which are then dropped (not checkpointed).
+        shift = None if ustats is None else utility_shift(ustats, int(before[0]), eta)[0]
+        ustats = None if ustats is None else ustats[:3]
         patterns = None if table is None else len(table[1])
         if ck is not None:  # first saved here: every value has been read and checked, so bad input leaves none
             ck.save(tags={k: list(v) for k, v in rs.tags.items()},
                     pattern={"counts": before.tolist(), "patterns": patterns, "table": _encode_table(table),
-                             "utility": None if ustats is None else ustats.tolist()})
+                             "utility": None if ustats is None else ustats.tolist(), "utility_shift": shift})
     rows = int(before[0])
     # The utility centred as balance() centres it (only mu moves; see ResolvedSpec), and a
     # constant one dropped: the problem is then the one without a utility.
-    shift, constant_utility = utility_shift(ustats, rows)
+    if shift is None:  # (the midrange of [sum, min, max], or 0 without a utility)
+        shift = utility_shift(ustats, rows, eta)[0]
+    constant_utility = ustats is not None and ustats[1] == ustats[2]
     if spec.utility is not None:
         rs = rs.with_utility_shift(shift)
         info["utility_shift"] = shift

@@ -114,12 +114,18 @@ class PatternStage:
         u = None
         if self.spec.spec.utility:
             # data_tuple gives None for an all-zero utility (u = 0 here: the spec is not shifted yet)
-            u = np.zeros(3) if data[5] is None else np.array([data[5].sum(), data[5].min(), data[5].max()])
+            values = np.zeros(data[0].shape[0]) if data[5] is None else data[5]
+            u = utility_summary(values, row0, self._utility_stride())
         table = None if self.over else core.m4_pattern_table(plain, None, self.max_patterns)
         if table is None or self._hopeless(table[1]):
             self.over = True
             return TOO_MANY, counts, u
         return [table], counts, u
+
+    def _utility_stride(self) -> int:
+        """Rows between two sampled utilities: about UTILITY_SAMPLE of the dataset's rows
+        when their number is known (else every row, thinned as the batches merge)."""
+        return 1 if self.rows is None else max(1, self.rows // UTILITY_SAMPLE)
 
     def _hopeless(self, counts: np.ndarray) -> bool:
         """Whether one batch already shows the dataset's table would pass the bound: more
@@ -147,7 +153,7 @@ class PatternStage:
         if a is None or b is None:  # an empty batch
             return b if a is None else a
         (ta, ca, ua), (tb, cb, ub) = a, b
-        u = None if ua is None else np.array([ua[0] + ub[0], min(ua[1], ub[1]), max(ua[2], ub[2])])
+        u = None if ua is None else merge_utility_summaries(ua, ub)
         if ta == TOO_MANY or tb == TOO_MANY or self.over:
             self.over = True
             return TOO_MANY, ca + cb, u
@@ -172,19 +178,65 @@ class PatternStage:
         return tables[0]
 
 
-def utility_shift(stats: Optional[np.ndarray], rows: int) -> Tuple[float, bool]:
-    """(midrange of the utility, whether it is constant) from the counting pass's ``[sum,
-    min, max]`` over ``rows`` rows; (0, False) without a utility. A constant utility drops
-    out of the problem (it may then use the pattern table), as in
-    ``pym4.m4._balance.center_utility``, but the shift is not that one's (the budget's mu
-    without constraints needs the utility's quantiles, which one counting pass does not
-    give): an outlier far from the bulk (one u = 1e3 among values in [0, 0.1)) leaves the
-    bulk half its range below mu = 0, every q at 0, and the solve at max_passes (with its
-    RuntimeWarning), which balance() no longer does."""
+# The utilities the counting pass keeps to centre the utility by (see utility_shift): those of
+# rows whose number is a multiple of a stride, about this many (at most twice as many).
+UTILITY_SAMPLE = 1 << 16
+
+
+def utility_summary(u: np.ndarray, row0: int, stride: int) -> np.ndarray:
+    """A batch's utility ``[sum, min, max, stride, rows..., values...]`` (float64): its sum
+    and range, and the values of its rows numbered (from ``row0``) a multiple of ``stride``,
+    with those numbers; :func:`merge_utility_summaries` adds two of them."""
+    rows = np.arange(row0, row0 + u.shape[0], dtype=np.float64)
+    return _summary(float(u.sum()), float(u.min()), float(u.max()), stride, rows, u)
+
+
+def merge_utility_summaries(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The summary of two parts: sums added, ranges joined, and the sampled rows of both at
+    the coarser stride, doubled while more than 2 UTILITY_SAMPLE remain (rows numbered
+    alike on every engine give the same sample in any merge order)."""
+    stride = max(int(a[3]) if a.shape[0] > 3 else 1, int(b[3]) if b.shape[0] > 3 else 1)
+    rows = np.concatenate([_sampled(a)[0], _sampled(b)[0]])
+    vals = np.concatenate([_sampled(a)[1], _sampled(b)[1]])
+    return _summary(a[0] + b[0], min(a[1], b[1]), max(a[2], b[2]), stride, rows, vals)
+
+
+def _summary(total, lo, hi, stride: int, rows: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """The packed summary, its sample the rows at a multiple of ``stride``, doubled while
+    more than 2 UTILITY_SAMPLE remain (a batch of unknown stride ships no more either)."""
+    while True:
+        keep = rows % stride == 0
+        if np.count_nonzero(keep) <= 2 * UTILITY_SAMPLE:
+            break
+        stride *= 2
+    return np.concatenate([[total, lo, hi, stride], rows[keep], vals[keep]])
+
+
+def _sampled(summary: np.ndarray):
+    """(row numbers, values) of a summary's sample (none in a checkpoint's [sum, min, max])."""
+    k = (summary.shape[0] - 4) // 2 if summary.shape[0] > 3 else 0
+    return summary[4:4 + k], summary[4 + k:4 + 2 * k]
+
+
+def utility_shift(stats: Optional[np.ndarray], rows: int, budget: Optional[float] = None) -> Tuple[float, bool]:
+    """(the shift the fit subtracts from the utility, whether it is constant) from the
+    counting pass's summary (:func:`utility_summary`) over ``rows`` rows; (0, False) without
+    a utility. A constant utility drops out of the problem (it may then use the pattern
+    table). Otherwise the shift is ``pym4.m4._balance.center_utility``'s (where the budget
+    holds without constraints, ``budget``, 0.5 when "max" is searched) on the sampled
+    utilities, so that the bulk of the utility sits near mu = 0 whatever its outliers: at
+    the midrange, one u = 1e3 among values in [0, 0.1) left every q at 0 and the solve at
+    max_passes. A summary with no sample (a checkpoint of an earlier version) gives the
+    midrange."""
     if stats is None:
         return 0.0, False
     if stats[1] == stats[2]:
         return float(stats[1]), True
+    sample = _sampled(stats)[1]
+    if sample.shape[0] >= 2 and sample.min() < sample.max():
+        from ._balance import center_utility
+        eta = 0.5 if budget is None or isinstance(budget, str) else float(budget)
+        return float(center_utility(sample, eta)[1]), False
     return float(stats[1]) / 2 + float(stats[2]) / 2, False
 
 
