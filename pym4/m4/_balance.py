@@ -89,8 +89,10 @@ def balance(s, y=None, *, target=None, budget: float = 0.9, eps_rep: float = 0.0
         Tolerances of the representation and association constraints (relative to eta).
     utility : (N,) array, optional
         u_i, a bonus for keeping example i. Only its differences matter: a constant added
-        to every u_i is absorbed by mu (the budget fixes sum q), so the solvers see u minus
-        its mean (and a constant utility is no utility); ``mu`` is reported for u as given.
+        to every u_i is absorbed by mu (the budget fixes sum q), so the solvers see u less
+        the mu of the problem without constraints, its far values clamped
+        (:func:`center_utility`; a constant utility is no utility); ``mu`` is reported for
+        u as given.
     method : None, "exact" or "stream"
         "exact": the dual solved to ``tol`` (proximal Newton, C++/OpenMP; the compiled core
         only). "stream": one pass of stochastic dual ascent over the examples in an order

@@ -81,8 +81,8 @@ class PatternStage:
     """``(tables, counts, utility)`` of a batch: the distinct (s, y) rows and their int64
     counts (the core's ``(data, counts)``; utility left out, since a pattern does not depend
     on it), or :data:`TOO_MANY` past ``max_patterns``; the batch's unweighted counts, added;
-    and, with a utility column, its ``[sum, min, max]`` (float64; None without one), from
-    which the fit centres the utility (:func:`utility_shift`). :meth:`table` gives the one
+    and, with a utility column, its :func:`utility_summary` (sum, range and a sample; None
+    without one), from which the fit centres the utility (:func:`utility_shift`). :meth:`table` gives the one
     table of a merged result.
 
     Tables are merged like a binary counter (an LSM tree): a result holds a few tables of
