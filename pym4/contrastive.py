@@ -194,12 +194,11 @@ def _magnitudes(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _dot_reach(x: torch.Tensor, y: torch.Tensor, magnitudes: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _dot_reach(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """A float64 0-d tensor bounding every |x_i . y_j| and each of its partial sums:
-    D max|x| max|y| (``magnitudes``: those maxima, e.g. over every rank's features). No
-    squares that overflow (float32 norms of 1e20-scale rows are inf where their dot products
-    are not)."""
-    mags = _magnitudes(x, y) if magnitudes is None else magnitudes
+    D max|x| max|y|. No squares that overflow (float32 norms of 1e20-scale rows are inf
+    where their dot products are not)."""
+    mags = _magnitudes(x, y)
     return float(x.shape[1]) * mags[0] * mags[1]
 
 
@@ -262,8 +261,9 @@ def _validate(x, y, logit_scale, logit_bias, kind="siglip"):
 
 
 def _logit_reach(x, scale, bias, kind, mags):
-    """(bound of every |logit| as a float64 0-d tensor, the largest the loss takes)."""
-    reach = scale.detach().double().reshape(()) * _dot_reach(x, x, mags)
+    """(bound of every |logit| as a float64 0-d tensor, the largest the loss takes), from
+    ``mags`` = [max|x|, max|y|] (:func:`_magnitudes`, or their maxima over the ranks)."""
+    reach = scale.detach().double().reshape(()) * float(x.shape[1]) * mags[0] * mags[1]
     if bias is not None and kind == "siglip":  # (added to every logit: a float64 1e300 made the loss NaN;
         # CLIP's cancels in its softmaxes and is left out of the logits)
         reach = reach + bias.detach().double().reshape(()).abs()
