@@ -322,19 +322,22 @@ def center_utility(u: Optional[np.ndarray], budget: float, clamp: Optional[float
     already at the budget. The midrange it replaces put a single outlier's half-range between
     the bulk and mu: one u = 1e3 among values in [0, 1] left the exact solve with every q
     at 0 and no step to take. The centred values are clamped to +-``clamp`` (default:
-    :data:`UTILITY_CLAMP` times 1 + the 99th percentile of |u - median|); a constant utility
-    drops out entirely, and nothing overflows even at float64's limit (the mean of 1e308s
-    did, making every q 0)."""
+    :data:`UTILITY_CLAMP` times 1 + the 99th percentile of |u - median|, both of at most
+    2^20 evenly spaced rows); a constant utility drops out entirely, and nothing overflows
+    even at float64's limit (the mean of 1e308s did, making every q 0)."""
     if u is None:
         return None, 0.0, None
     lo, hi = float(u.min()), float(u.max())
     if lo == hi:
         return None, lo, None
-    center = float(np.median(u))
+    # The median and the spread only need to find the bulk (budget_mu places the shift, on
+    # every row): from at most 2^20 evenly spaced rows, not copies of all N.
+    few = u[::max(1, u.shape[0] >> 20)]
+    center = float(np.median(few))
     with np.errstate(over="ignore"):  # 1e308 - (-1e308) is inf: the clamp takes it
         r = u - center
         if clamp is None:
-            clamp = UTILITY_CLAMP * (1.0 + float(np.quantile(np.abs(r), 0.99)))
+            clamp = UTILITY_CLAMP * (1.0 + float(np.quantile(np.abs(few - center), 0.99)))
     clamp = min(clamp, 1e300)  # centred values stay finite (their sums too, divided by N)
     np.clip(r, -clamp, clamp, out=r)
     mu0 = _solver.budget_mu(budget + r, u.shape[0] * budget)
