@@ -96,6 +96,10 @@ def _worker(rank, world, init_file, out_dir, sizes, cases, compare_open_clip):
                         for cls in (pym4.nn.SigLipLoss, oc.SigLipLoss)]
                 results[("open_clip_siglip", impl)] = pair
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every rank done with every collective (open_clip's "bidir" SigLIP sends and receives
+        # asynchronously) before any rank tears its group down: once, rank 0 aborted at exit
+        # ("terminate called without an active exception") under a loaded CI machine.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
