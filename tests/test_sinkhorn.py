@@ -3,6 +3,7 @@
 References are written here from the papers' formulas in float64 (SwAV's
 ``distributed_sinkhorn`` as published, and POT itself), never through pym4.
 """
+import importlib
 import math
 import os
 import sys
@@ -15,6 +16,7 @@ import torch
 import pym4
 from pym4 import _backend
 from references import swav_sinkhorn as swav_reference
+from references import swav_sinkhorn_log as swav_reference_log
 
 BACKENDS = ["cpu", "torch"]
 
@@ -574,7 +576,7 @@ def test_fresh_results_never_overwrite_live_ones():
 def test_dropped_results_are_reused():
     import sys
 
-    pool = sys.modules["pym4._sinkhorn"]._RESULTS
+    pool = importlib.import_module("pym4._sinkhorn")._RESULTS
     pool._arrays.clear()
     s = cosine_scores(1024, 1100, seed=3)
     for _ in range(4):  # each result dropped before the next call: one buffer serves them all
@@ -607,7 +609,7 @@ def test_dropped_results_are_reused_while_others_are_alive():
     # the later calls takes fresh (kernel-zeroed) memory, and at most `keep` buffers sit idle.
     import sys
 
-    pool = sys.modules["pym4._sinkhorn"]._RESULTS
+    pool = importlib.import_module("pym4._sinkhorn")._RESULTS
     pool._arrays.clear()
     s = cosine_scores(1024, 1100, seed=4)
     want = pym4.sinkhorn(s).clone()
@@ -671,7 +673,7 @@ def test_plain_call_equals_the_fully_checked_one(make, epsilon, monkeypatch):
     # fewer checks: it must give the codes of the path with every check to the bit.
     s = make()
     with monkeypatch.context() as m:
-        m.setattr(sys.modules["pym4._sinkhorn"], "_fast_cpu", lambda *args: None)  # the full path only
+        m.setattr(importlib.import_module("pym4._sinkhorn"), "_fast_cpu", lambda *args: None)  # the full path only
         full = pym4.sinkhorn(s, epsilon, 3)
     assert torch.equal(pym4.sinkhorn(s, epsilon, 3), full)
     assert torch.equal(pym4.sinkhorn(s, epsilon, 3, backend="cpu"), full)
@@ -682,7 +684,7 @@ def test_plain_call_equals_the_fully_checked_one(make, epsilon, monkeypatch):
 
 def test_plain_call_takes_the_short_path(monkeypatch):
     # The full path's first step is to_tensor: with it broken, only the short path can answer.
-    module = sys.modules["pym4._sinkhorn"]
+    module = importlib.import_module("pym4._sinkhorn")
     s = cosine_scores(33, 70)
     expected = pym4.sinkhorn(s)
 
@@ -708,6 +710,69 @@ def test_plain_call_reports_non_finite_scores():
     s[3, 4] = float("nan")
     with pytest.raises(ValueError, match="scores: contains NaN or Inf"):
         pym4.sinkhorn(s)
+
+
+def _features(b, k, d=24, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1) * scale
+    c = torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1)
+    return z, c
+
+
+@pytest.mark.parametrize("make,epsilon", [
+    (lambda: _features(257, 300), 0.05),  # the kernel form
+    (lambda: _features(16, 2000), 0.03),  # SEER's wide solve
+    (lambda: _features(257, 300), 0.01),  # a spread beyond 80: the log domain, from z and C again
+    (lambda: _features(6, 9, scale=120.0), 0.005),  # float32 too coarse: float64
+    (lambda: (_features(16, 700)[0].requires_grad_(), _features(16, 700)[1].requires_grad_()), 0.05),
+    (lambda: (_features(40, 600, d=48)[0][:, 8:32], _features(40, 600, d=48)[1][:, 8:32]), 0.05),  # strided rows
+])
+def test_features_call_equals_the_fully_checked_one(make, epsilon, monkeypatch):
+    # Float32 CPU features and prototypes with no option but out= (and backend="cpu") take a
+    # short path with fewer checks: it must give the codes of the full path to the bit.
+    z, c = make()
+    with monkeypatch.context() as m:
+        m.setattr(importlib.import_module("pym4._sinkhorn"), "_fast_cpu_features", lambda *args: None)  # the full path only
+        full = pym4.sinkhorn(z, epsilon, 3, prototypes=c)
+    assert bool(torch.isfinite(full).all())
+    scores64 = (z.detach().double() @ c.detach().double().t()).numpy()
+    torch.testing.assert_close(full.double(), torch.from_numpy(swav_reference_log(scores64, epsilon, 3)),
+                               rtol=1e-4, atol=1e-5)
+    assert torch.equal(pym4.sinkhorn(z, epsilon, 3, prototypes=c), full)
+    assert torch.equal(pym4.sinkhorn(z, epsilon, 3, prototypes=c, backend="cpu"), full)
+    buf = torch.full(tuple(full.shape), float("nan"))
+    assert pym4.sinkhorn(z, epsilon, 3, prototypes=c, out=buf) is buf
+    assert torch.equal(buf, full)
+
+
+def test_features_call_takes_the_short_path(monkeypatch):
+    module = importlib.import_module("pym4._sinkhorn")
+    z, c = _features(33, 70)
+    expected = pym4.sinkhorn(z, prototypes=c)
+
+    def broken(*args, **kwargs):
+        raise AssertionError("the full path ran")
+
+    monkeypatch.setattr(module, "to_tensor", broken)
+    assert torch.equal(pym4.sinkhorn(z, prototypes=c), expected)
+    buf = torch.empty(33, 70)
+    assert torch.equal(pym4.sinkhorn(z, prototypes=c, out=buf), expected)
+    for overlapping in (z, c):  # an out sharing bytes with an input is the full path's to refuse
+        with pytest.raises(AssertionError, match="the full path ran"):
+            pym4.sinkhorn(z, prototypes=c, out=overlapping.view(-1)[:33 * 70].view(33, 70)
+                          if overlapping.numel() >= 33 * 70 else torch.empty(0))
+    with pytest.raises(AssertionError, match="the full path ran"):  # an option it does not take
+        pym4.sinkhorn(z, prototypes=c, chunk=8)
+
+
+@pytest.mark.parametrize("where,message", [
+    ("z", "scores: contains NaN or Inf"), ("c", "prototypes: contains NaN or Inf")])
+def test_features_call_names_non_finite_input(where, message):
+    z, c = _features(20, 30)
+    (z if where == "z" else c)[3, 4] = float("nan")
+    buf = torch.zeros(20, 30)
+    with pytest.raises(ValueError, match=message):
+        pym4.sinkhorn(z, prototypes=c, out=buf)
 
 
 # ----- the torch backend's work per call, counted in operators --------------------------------
