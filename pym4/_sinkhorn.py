@@ -387,15 +387,19 @@ def _float32_too_coarse(x: torch.Tensor, alpha: float, form, max_exponent) -> bo
 
 def _swav_triton(t: torch.Tensor, alpha: float, n_iters: int,
                  out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """The Triton kernels (kernels/sinkhorn.py); writes into ``out`` when its dtype is one
-    Triton stores (float32/16, bfloat16), which may be ``t`` itself (in place: None when
-    the kernel form declined, the input then overwritten)."""
+    """The Triton kernels (kernels/sinkhorn.py); the result goes into ``out`` when given:
+    written there when its dtype is one Triton stores (float32/16, bfloat16), which may be
+    ``t`` itself (in place: None when the kernel form declined, the input then overwritten),
+    else (float64) copied there from a float32 result."""
     from pym4.kernels import sinkhorn as kernels  # lazily: triton is optional
 
     x = t if t.dtype in _CUDA_DTYPE_CODES else t.float()
     b, k = x.shape
     if out is not None and out.dtype not in _CUDA_DTYPE_CODES:
-        out = None
+        # (the features form passes its float64 scores as out: returning a fresh result
+        # beside them handed back the scores as the codes)
+        # (into a fresh result, not in place: an in-place solve can decline, its input gone)
+        return out.copy_(_swav_triton(x, alpha, n_iters))
     log_a = torch.full((b,), -math.log(b), dtype=torch.float32, device=x.device)
     log_b = torch.full((k,), -math.log(k), dtype=torch.float32, device=x.device)
     try:
@@ -412,12 +416,17 @@ def _swav_triton(t: torch.Tensor, alpha: float, n_iters: int,
 
 
 def _swav_cuda(t: torch.Tensor, alpha: float, n_iters: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The CUDA kernel of the core; ``out`` (dtype of the input) may be ``t`` itself: every
-    element is read and then written by the same thread, never read again."""
+    """The CUDA kernel of the core; ``out`` may be ``t`` itself: every element is read and
+    then written by the same thread, never read again. A float64 ``out`` (the kernel computes
+    and stores float32/16 and bfloat16) gets the float32 result copied in."""
     core = _backend.core()
     x = t if t.dtype in _CUDA_DTYPE_CODES else t.float()
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if out is not None and out.dtype != x.dtype:
+        # (the features form passes its float64 scores as out: the kernel wrote float32 codes
+        # into their first half; x is then a float32 copy of our own, solved in place)
+        return out.copy_(_swav_cuda(x, alpha, n_iters, out=x if x is not t else None))
     b, k = x.shape
     if out is None:
         out = torch.empty((b, k), dtype=x.dtype, device=x.device)
@@ -518,8 +527,11 @@ def _sinkhorn_features(z: torch.Tensor, prototypes, alpha: float, n_iters: int, 
 
     if group is not None:
         if name == "cuda":  # this rank's scores in the result buffer; the plan overwrites them
-            # (checked once formed: finite z and C can still give scores past alpha's range)
+            # (checked once formed: finite z and C can still give scores past alpha's range;
+            # float64 features: the kernel's passes take float32 scores, as for float64 scores)
             q = torch.mm(zc, cc.t())
+            if q.dtype not in _CUDA_DTYPE_CODES:
+                q = q.float()
             b_global = _global_batch(b, k, _beyond_cuda_kernel(q, alpha), group, z.device, _CUDA_REFUSES)
             return _swav_iterate(_CudaPasses(q, alpha, in_place=True), k, b_global, n_iters, z.device, group)
         b_global = _global_batch(b, k, _not_finite(zc) | _not_finite(cc), group, z.device)

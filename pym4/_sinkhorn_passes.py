@@ -32,7 +32,6 @@ _CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # it (scores/epsilon of 1e4 and more: un-normalised features, epsilon far below 0.01) float32
 # gives wrong plans, or NaN once the rounding exceeds the range of exp; float64 is exact there.
 _FLOAT32_MAX_EXPONENT = 4096.0
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -309,8 +308,12 @@ def _beyond_cuda_kernel(x: torch.Tensor, alpha: float) -> torch.Tensor:
     a group whose ranks must all stop before the first all-reduce). One read of x
     (aminmax: no B x K temporary)."""
     lo, hi = torch.aminmax(x)
-    top = torch.maximum(lo.double().abs(), hi.double().abs())  # NaN propagates, and fails the test
-    return ~((top * float(alpha) <= _FLOAT32_MAX) & (float(alpha) <= _FLOAT32_MAX))
+    top = torch.maximum(lo.float().abs(), hi.float().abs())  # NaN propagates, and fails the test
+    # In the kernel's own arithmetic: float32(alpha) * |x| rounded to float32. In float64 with
+    # alpha as given, products within ~1e-7 of FLT_MAX passed and became inf in the kernel
+    # (a NaN plan with group=, whose passes never read the kernel's flag). An alpha past
+    # float32's range is inf here, and the product inf (or NaN at x = 0): refused as before.
+    return ~torch.isfinite(top * torch.tensor(alpha, dtype=torch.float32, device=top.device))
 
 
 class _FeaturePasses:

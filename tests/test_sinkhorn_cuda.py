@@ -294,6 +294,23 @@ def test_features_form_uses_the_cuda_kernel(request, group, dtype, monkeypatch):
                                atol=atol)
 
 
+@pytest.mark.parametrize("group", [False, True])
+@pytest.mark.parametrize("use_out", [False, True])
+def test_float64_features_form_on_the_cuda_kernel(request, group, use_out):
+    # The kernel computes in float32: float64 features are solved on float32 scores and the
+    # codes delivered in float64 (once written as float32 into half of the float64 buffer
+    # without group=, and a KeyError with it).
+    g = torch.Generator().manual_seed(4)
+    z = torch.nn.functional.normalize(torch.randn(300, 64, generator=g, dtype=torch.float64), dim=1)
+    c = torch.nn.functional.normalize(torch.randn(3000, 64, generator=g, dtype=torch.float64), dim=1)
+    kwargs = {"group": request.getfixturevalue("nccl_group_of_one")} if group else {}
+    out = torch.full((300, 3000), float("nan"), dtype=torch.float64, device="cuda") if use_out else None
+    q = pym4.sinkhorn(z.cuda(), 0.05, 3, prototypes=c.cuda(), backend="cuda", out=out, **kwargs)
+    assert q.dtype == torch.float64 and q.is_cuda and (q is out if use_out else True)
+    rtol, atol, _ = TOLERANCES[torch.float32]
+    torch.testing.assert_close(q.cpu(), swav_sinkhorn(z @ c.t(), 0.05, 3), rtol=rtol, atol=atol)
+
+
 def _two_rank_worker(rank, init_file, shards, out_dir):
     import os
 

@@ -4,6 +4,7 @@ concatenated batch."""
 import os
 import traceback
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -106,3 +107,13 @@ def test_the_cuda_kernels_range_check_names_what_it_cannot_take(dtype):
     assert refused([[0.0, 0.0]], 1e39)               # alpha itself past float32 (0 * inf = NaN there)
     assert refused([[0.0, float("nan")]], 1.0)
     assert refused([[float("-inf"), 0.0]], 1.0)
+    # At the edge, in the kernel's arithmetic (float32(alpha) * x rounded to float32), not in
+    # float64: both products are within FLT_MAX in float64, the first overflows in float32.
+    with np.errstate(over="ignore"):
+        for alpha, x in ((1.2818281063347259, 2.654664397918525e+38), (157.33141375957842, 2.16283788270885e+36),
+                         (331908.4540997908, 1.0252295219813732e+33), (3.0, 1.1e38)):
+            in_float32 = bool(np.isfinite(np.float32(x) * np.float32(alpha)))
+            if dtype == torch.float32:
+                assert refused([[x, 0.0]], alpha) is not in_float32, (alpha, x)
+        assert not np.isfinite(np.float32(2.654664397918525e+38) * np.float32(1.2818281063347259))
+    assert 2.654664397918525e+38 * 1.2818281063347259 <= float(np.finfo(np.float32).max)

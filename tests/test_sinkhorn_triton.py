@@ -83,6 +83,24 @@ def test_non_contiguous_and_out_and_features_form():
                                atol=1e-7)
 
 
+@pytest.mark.parametrize("epsilon", [0.05, 0.01])  # the kernel form; the log domain
+@pytest.mark.parametrize("use_out", [False, True])
+def test_float64_features_form(epsilon, use_out):
+    # Triton stores float32/16 and bfloat16: float64 features are solved in float32 and the
+    # codes copied into the float64 result (which once came back holding the scores).
+    g = torch.Generator().manual_seed(5)
+    z = torch.nn.functional.normalize(torch.randn(37, 16, generator=g, dtype=torch.float64), dim=1).to(DEVICE)
+    c = torch.nn.functional.normalize(torch.randn(129, 16, generator=g, dtype=torch.float64), dim=1).to(DEVICE)
+    ref = swav_reference(z.cpu() @ c.cpu().t(), epsilon, 3)
+    out = torch.full((37, 129), float("nan"), dtype=torch.float64, device=DEVICE) if use_out else None
+    q = pym4.sinkhorn(z, epsilon, 3, prototypes=c, backend="triton", out=out)
+    assert q.dtype == torch.float64 and (q is out if use_out else True)
+    torch.testing.assert_close(q.cpu(), ref, rtol=5e-5, atol=1e-6)
+    scores_out = torch.full((37, 129), float("nan"), dtype=torch.float64, device=DEVICE)
+    assert pym4.sinkhorn(z @ c.t(), epsilon, 3, backend="triton", out=scores_out) is scores_out
+    torch.testing.assert_close(scores_out.cpu(), ref, rtol=5e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_scores_raise(bad):
     s = uniform_scores(7, 5)
