@@ -178,9 +178,20 @@ def _siglip_grad_kernel(a_ptr, b_ptr, w_ptr, da_ptr, ds_ptr, dbias_ptr,
 def _precision(t: torch.Tensor) -> str:
     # float32 follows torch's own switch for matmuls (off by default: exact float32), so the
     # kernels agree with open_clip's logits to float32 rounding unless the caller opted in.
-    if t.dtype == torch.float32 and not _INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+    if t.dtype == torch.float32 and not _INTERPRET and _matmul_allows_tf32():
         return "tf32"
     return "ieee"
+
+
+def _matmul_allows_tf32() -> bool:
+    """Whether torch's float32 CUDA matmuls may use TF32. Read through the fp32_precision
+    setting where torch has it (2.9 on): there, once a program has set it (torch's current
+    advice, e.g. torch.backends.fp32_precision = "tf32"), reading the legacy allow_tf32
+    raises RuntimeError ("mix of the legacy and new APIs"), which failed every float32 loss.
+    The legacy flags set it too ("tf32" after allow_tf32 = True); the default is "none"."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
 
 
 # Tiles per dtype and precision, chosen from the native sm_90 and sm_80 compiles of

@@ -169,3 +169,34 @@ def test_config_rejects_what_no_kernel_serves():
         kc._config(torch.float64, "ieee", 64, False)
     with pytest.raises(ValueError, match="tf32x3"):
         kc._config(torch.float32, "tf32x3", 64, False)
+
+
+@pytest.mark.parametrize("how", ["legacy", "matmul", "global"])
+def test_float32_precision_follows_torch_settings_of_either_api(how, monkeypatch):
+    # torch >= 2.9: once fp32_precision is set, reading the legacy allow_tf32 raises; the
+    # kernels' choice of tl.dot precision must read the setting in either form.
+    from pym4.kernels import contrastive as kc
+
+    monkeypatch.setattr(kc, "_INTERPRET", False)  # (under the interpreter float32 is always ieee)
+    t = torch.zeros(2, 2)
+    backends, matmul = torch.backends, torch.backends.cuda.matmul
+    saved = (getattr(backends, "fp32_precision", None), getattr(matmul, "fp32_precision", None))
+    try:
+        assert kc._precision(t) == "ieee" and kc._precision(t.half()) == "ieee"
+        if how == "legacy":
+            matmul.allow_tf32 = True
+        elif saved[1] is None:
+            pytest.skip("this torch has no fp32_precision setting")
+        elif how == "matmul":
+            matmul.fp32_precision = "tf32"
+        else:
+            backends.fp32_precision = "tf32"
+        assert kc._precision(t) == "tf32"
+        assert kc._precision(t.half()) == "ieee"  # (half precision is never TF32)
+    finally:
+        if saved[1] is None:
+            matmul.allow_tf32 = False
+        else:
+            backends.fp32_precision = saved[0]
+            matmul.fp32_precision = saved[1]
+    assert kc._precision(t) == "ieee"
