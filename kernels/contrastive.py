@@ -325,7 +325,11 @@ class TritonEngine:
             # Triton's CPU interpreter (numpy) has no bfloat16 and reads it as garbage; the
             # native bfloat16 path is exercised by the GPU tests.
             return t.detach().float()
-        return t.detach()
+        # Features with unit column stride: the kernels' column offsets (k * stride) are int32,
+        # which a column-major view of over 2^31 elements would overflow, and Triton
+        # specialises a stride of 1 into the faster unit-stride kernels.
+        t = t.detach()
+        return t if t.dim() != 2 or t.stride(1) == 1 else t.contiguous()
 
     @staticmethod
     def _lse(a, bm, s, b):

@@ -73,6 +73,24 @@ def test_triton_float16_interpreted(kind):
     check(kind, 37, 24, torch.float16, "cpu", True, 3e-3)
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_triton_column_major_features(kind):
+    # Features whose columns are not contiguous (a transposed buffer) are read row-contiguous
+    # (the kernels' column offsets are int32): the same loss and gradients as the plain ones.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, y = features(37, 24, torch.float32, device, seed=3)
+    s = torch.tensor(10.0, device=device)
+    loss_fn = pym4.clip_loss if kind == "clip" else pym4.siglip_loss
+    plain = losses_and_grads(lambda *a: loss_fn(*a, backend="triton"), x, y, s, None)
+    xt, yt = x.t().contiguous().t(), y.t().contiguous().t()
+    assert xt.stride(1) != 1 and torch.equal(xt, x)
+    strided = losses_and_grads(lambda *a: loss_fn(*a, backend="triton"), xt, yt, s, None)
+    for p_, s_ in zip(plain, strided):
+        torch.testing.assert_close(s_, p_, rtol=1e-6, atol=1e-7)
+    want = ref_loss(kind, x.double(), y.double(), s.double(), None)
+    torch.testing.assert_close(strided[0].double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_triton_rejects_float64_when_forced():
     x, y = features(4, 16, torch.float64, "cpu")
     with pytest.raises(TypeError, match="triton backend takes"):
