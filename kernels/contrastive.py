@@ -263,7 +263,7 @@ def compile_configs():
     """Every configuration the launcher can choose on a GPU (interpreter-only ones excluded),
     for the native compile check (scripts/gpu_compile_check.py). Yields one dict per kernel
     instance: name, fn, signature (non-constexpr arguments in order, Triton types), constexprs,
-    num_warps, num_stages.
+    num_warps, num_stages, and divisible (integer arguments compiled as multiples of 16).
 
     Covers float32 ("ieee" and "tf32"), float16 and bfloat16, D from 16 to 2048 (larger D
     reuse the D = 2048 blocks), both directions of the SigLIP gradient.
@@ -283,7 +283,10 @@ def compile_configs():
                 warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
                 d_range = f"D={ds[0]}" if len(ds) == 1 else f"D={ds[0]}..{ds[-1]}"
                 for extra in variants:
-                    constexprs = dict(extra, **cfg, PRECISION=precision)
+                    # Column strides 1, as Triton specialises them at every launch (prepare()
+                    # makes the features row-contiguous): the unit-stride kernels are the ones
+                    # that run, with other registers and pipelining than a generic stride's.
+                    constexprs = dict(extra, **cfg, PRECISION=precision, sa1=1, sb1=1)
                     constexprs = {k: constexprs[k] for k in fn.arg_names if k in constexprs}
                     tag = "".join(f",{k}={int(v)}" for k, v in extra.items())
                     yield {
@@ -293,6 +296,9 @@ def compile_configs():
                         "constexprs": constexprs,
                         "num_warps": warps,
                         "num_stages": stages,
+                        # D and the row strides, multiples of 16 at every D here (as Triton
+                        # marks such integers at launch; the usual D = 256..1024 are)
+                        "divisible": [a for a in ("D", "sa0", "sb0", "sd0") if a in fn.arg_names],
                     }
 
 

@@ -13,7 +13,9 @@ spills more than gpu_limits.SPILL_BUDGET_BYTES per thread.
     gpu_compile_check.py [--arch 90 --arch 80 | --arch native] [--jobs N] [--only SUBSTRING]
 
 ``--arch native`` compiles for the GPU of this machine (benchmarks/gpu_check.sh). Pointer
-arguments are compiled as 16-byte aligned, as torch's allocations are when the launcher runs.
+arguments are compiled as 16-byte aligned, as torch's allocations are when the launcher runs,
+and the integer arguments a config lists under the optional key ``divisible`` as multiples of
+16 (integers equal to 1, which Triton also specialises, are given as constexprs).
 """
 from __future__ import annotations
 
@@ -84,8 +86,11 @@ def _source(cfg: dict):
     fn = cfg["fn"]
     constexprs = cfg["constexprs"]
     signature = {a: ("constexpr" if a in constexprs else cfg["signature"][a]) for a in fn.arg_names}
+    # Pointers 16-byte aligned (torch's allocations), and the integers a config names in
+    # "divisible" multiples of 16: what Triton's launcher specialises on at run time.
+    divisible = set(cfg.get("divisible", ()))
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-               if a in cfg["signature"] and cfg["signature"][a].startswith("*")}
+               if a in cfg["signature"] and (cfg["signature"][a].startswith("*") or a in divisible)}
     return ASTSource(fn, signature, constexprs=dict(constexprs), attrs=aligned)
 
 
