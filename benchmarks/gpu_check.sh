@@ -50,6 +50,14 @@ fi
 DRY_RUN=${DRY_RUN:-0}
 
 nvidia-smi -L 2>&1 | tee -a "$OUT/gpu_check.log"
+# The core links the CUDA runtime of the nvcc that builds it statically: a driver older than
+# that toolkit fails the first CUDA call ("driver version is insufficient"). Both versions
+# go in the log, next to torch's own CUDA, so that such a failure reads at once.
+{ echo "driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>&1 | head -1)," \
+       "$(nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' | head -1)"
+  echo "nvcc: $("${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}" --version 2>&1 | grep -o 'release [0-9.]*' | head -1)"
+  echo "torch: $("$PY" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -1)"
+} 2>&1 | tee -a "$OUT/gpu_check.log"
 # Installed into a folder of its own (the machine's environment may be read-only), which
 # then comes first on the path; PYTHONSAFEPATH keeps the source tree's pym4/ (no compiled
 # core) from shadowing it when pytest runs from the repository root.
