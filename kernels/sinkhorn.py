@@ -312,7 +312,8 @@ def _solve(x, alpha, n_iters, log_a, log_b, log_out_scale, out, kernel_form, shi
 
 def compile_configs():
     """Every configuration the launcher can choose on a GPU (interpreter-only ones excluded),
-    for the native compile check. Yields one dict per kernel instance."""
+    for the native compile check. Yields one dict per kernel instance (keys as in
+    kernels/contrastive.py's compile_configs, "divisible" included)."""
     # The launcher's choice depends on (dtype, K) only through the block sizes, which change
     # only at powers of two (and at K = 4096): K = 2^i - 1, 2^i, 2^i + 1 meet every choice.
     ks = sorted({max(1, 2 ** i + d) for i in range(18) for d in (-1, 0, 1)})
@@ -347,5 +348,10 @@ def compile_configs():
                                           "log_b_ptr": "*fp32", "P": "i32", "K": "i32", "shift": "fp32"},
                             "constexprs": {"KERNEL_FORM": kf, "FIRST": first, "BLOCK_K": cfg["COMBINE_K"]},
                             **launch})
+    # Each twice: as launched at a K that is not a multiple of 16 (SwAV's 3000), and at one that
+    # is (SEER's 16000, 4096), where Triton marks K and the row strides divisible by 16 and
+    # compiles another kernel (vectorised loads).
     for name, config in configs.items():
         yield {"name": name, **config}
+        ints = [a for a in ("K", "stride_x", "stride_out") if a in config["signature"]]
+        yield {"name": name[:-1] + ",K%16=0]", **config, "divisible": ints}

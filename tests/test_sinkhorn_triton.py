@@ -115,9 +115,12 @@ def test_compile_configs_follow_the_launcher():
     names = [c["name"] for c in configs]
     assert len(names) == len(set(names)) and len(configs) > 0
     for c in configs:
-        assert set(c) == {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"}
+        assert set(c) - {"divisible"} == {"name", "fn", "signature", "constexprs", "num_warps", "num_stages"}
         params = list(c["fn"].arg_names)
         assert [p for p in params if p not in c["constexprs"]] == list(c["signature"]), c["name"]
+        assert set(c.get("divisible", ())) <= {p for p, ty in c["signature"].items() if ty == "i32"}, c["name"]
+    # Every kernel both as launched at K = 3000 and at K = 16000 (K, strides divisible by 16).
+    assert sum("divisible" in c for c in configs) * 2 == len(configs)
     # The SwAV shape's launch (float32, K = 3000) is one of them.
     cfg = mod.launch_config(torch.float32, 3000, interpret=False)
     assert any(c["fn"] is mod._row_kernel and c["constexprs"]["BLOCK_K"] == cfg["BLOCK_K"]
