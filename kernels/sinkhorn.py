@@ -153,32 +153,39 @@ def _row_kernel(x_ptr, out_ptr, v_ptr, log_a_ptr, row_ptr, part_ptr, B, K, strid
 
 @triton.jit
 def _combine_kernel(part_a_ptr, part_b_ptr, v_ptr, log_b_ptr, P, K, shift,
-                    KERNEL_FORM: tl.constexpr, FIRST: tl.constexpr, BLOCK_K: tl.constexpr):
+                    KERNEL_FORM: tl.constexpr, FIRST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    # Sums the P partial rows of every column, BLOCK_P rows per step (a tile, summed along
+    # its rows): at SwAV's B = 16384 the row pass leaves P = 1024 partials, and one partial per
+    # step made each program's loop a chain of 1024 dependent loads.
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = cols < K
     log_b = tl.load(log_b_ptr + cols, mask=ok, other=0.0)
     total = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    steps = tl.arange(0, BLOCK_P)
     if FIRST and not KERNEL_FORM:
-        # Merge the (max, sum) pairs of the column log-sum-exp.
-        # (Partial p's row is reached by stepping the pointers K at a time: 64-bit pointer
-        # arithmetic, where p * K in int32 would wrap past 2^31 entries of partials.)
+        # Merge the (max, sum) pairs of the column log-sum-exp. (Offsets of partial rows in
+        # int64: p * K in int32 would wrap past 2^31 entries of partials.)
         mx = tl.full((BLOCK_K,), float("-inf"), dtype=tl.float32)
-        b_row = part_b_ptr + cols
-        for p in range(0, P):
-            mx = tl.maximum(mx, tl.load(b_row, mask=ok, other=0.0))
-            b_row += K
-        a_row, b_row = part_a_ptr + cols, part_b_ptr + cols
-        for p in range(0, P):
-            m_p = tl.load(b_row, mask=ok, other=0.0)
-            s_p = tl.load(a_row, mask=ok, other=0.0)
-            total += tl.where(m_p == float("-inf"), 0.0, s_p * tl.exp(m_p - mx))
-            a_row += K
-            b_row += K
+        for p0 in range(0, P, BLOCK_P):
+            ps = p0 + steps
+            tile_ok = (ps < P)[:, None] & ok[None, :]
+            at = ps[:, None].to(tl.int64) * K + cols[None, :]
+            mx = tl.maximum(mx, tl.max(tl.load(part_b_ptr + at, mask=tile_ok, other=float("-inf")), axis=0))
+        mx = tl.where(ok, mx, 0.0)  # padding columns (never stored): finite, as every real column's
+        for p0 in range(0, P, BLOCK_P):
+            ps = p0 + steps
+            tile_ok = (ps < P)[:, None] & ok[None, :]
+            at = ps[:, None].to(tl.int64) * K + cols[None, :]
+            m_p = tl.load(part_b_ptr + at, mask=tile_ok, other=float("-inf"))
+            s_p = tl.load(part_a_ptr + at, mask=tile_ok, other=0.0)
+            # (an all -inf column part, and the padding, add s_p * exp(-inf) = 0)
+            total += tl.sum(s_p * tl.exp(m_p - mx[None, :]), axis=0)
     else:
-        a_row = part_a_ptr + cols
-        for p in range(0, P):
-            total += tl.load(a_row, mask=ok, other=0.0)
-            a_row += K
+        for p0 in range(0, P, BLOCK_P):
+            ps = p0 + steps
+            tile_ok = (ps < P)[:, None] & ok[None, :]
+            total += tl.sum(tl.load(part_a_ptr + ps[:, None].to(tl.int64) * K + cols[None, :], mask=tile_ok,
+                                    other=0.0), axis=0)
     zero_mass = log_b == float("-inf")
     total = tl.where(ok, total, 1.0)  # padding columns: no log(0) or 1/0
     if KERNEL_FORM:
@@ -203,10 +210,13 @@ def launch_config(dtype: torch.dtype, k: int, interpret: bool = _INTERPRET) -> d
     columns: shared by the launcher and ``compile_configs`` so the two cannot drift apart.
     The interpreter gets small blocks (it runs numpy per block; tiny shapes are the norm)."""
     if interpret:
-        return {"BLOCK_M": 32, "BLOCK_K": 512, "COMBINE_K": 1024, "COLUMN_M": 64, "num_warps": 1, "num_stages": 1}
+        return {"BLOCK_M": 32, "BLOCK_K": 512, "COMBINE_K": 1024, "COMBINE_P": 2, "COLUMN_M": 64, "num_warps": 1,
+                "num_stages": 1}
     wide = 128 if dtype == torch.float32 else 256  # 512-byte row segments either way
+    # The combine: 128 columns a program (24 programs at K = 3000, 125 at 16000), 32 partial
+    # rows a step (a 16 KB tile, 32 floats a thread at 4 warps).
     return {"BLOCK_M": 8 if k >= 4096 else 16, "BLOCK_K": min(wide, max(16, triton.next_power_of_2(k))),
-            "COMBINE_K": 256, "COLUMN_M": 32, "num_warps": 4, "num_stages": 2}
+            "COMBINE_K": 128, "COMBINE_P": 32, "COLUMN_M": 32, "num_warps": 4, "num_stages": 2}
 
 
 def _parts(b: int, block_m: int) -> int:
@@ -268,7 +278,7 @@ def sinkhorn(x: torch.Tensor, alpha: float, n_iters: int, log_a: torch.Tensor, l
 def _solve(x, alpha, n_iters, log_a, log_b, log_out_scale, out, kernel_form, shift):
     b, k = x.shape
     cfg = launch_config(x.dtype, k)
-    bm, bk, cm, ck = cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["COLUMN_M"], cfg["COMBINE_K"]
+    bm, bk, cm, ck, cp = cfg["BLOCK_M"], cfg["BLOCK_K"], cfg["COLUMN_M"], cfg["COMBINE_K"], cfg["COMBINE_P"]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     dev = x.device
     # The first pass splits rows into about as many groups as the row passes have programs,
@@ -288,14 +298,15 @@ def _solve(x, alpha, n_iters, log_a, log_b, log_out_scale, out, kernel_form, shi
             x, part_a, part_b, b, k, x.stride(0), alpha, shift, rows_per,
             KERNEL_FORM=kernel_form, BLOCK_M=cm, BLOCK_K=bk, **launch)
         _combine_kernel[(triton.cdiv(k, ck),)](
-            part_a, part_b, v, log_b, col_parts, k, shift, KERNEL_FORM=kernel_form, FIRST=True, BLOCK_K=ck, **launch)
+            part_a, part_b, v, log_b, col_parts, k, shift, KERNEL_FORM=kernel_form, FIRST=True, BLOCK_K=ck,
+            BLOCK_P=cp, **launch)
         for _ in range(n_iters - 1):
             _row_kernel[(row_parts,)](
                 x, out, v, log_a, row, part_a, b, k, x.stride(0), out.stride(0), alpha, shift, log_out_scale,
                 KERNEL_FORM=kernel_form, WRITE=False, BLOCK_M=bm, BLOCK_K=bk, **launch)
             _combine_kernel[(triton.cdiv(k, ck),)](
                 part_a, part_b, v, log_b, row_parts, k, shift, KERNEL_FORM=kernel_form, FIRST=False, BLOCK_K=ck,
-                **launch)
+                BLOCK_P=cp, **launch)
         _row_kernel[(row_parts,)](
             x, out, v, log_a, row, part_a, b, k, x.stride(0), out.stride(0), alpha, shift, log_out_scale,
             KERNEL_FORM=kernel_form, WRITE=True, BLOCK_M=bm, BLOCK_K=bk, **launch)
@@ -342,11 +353,13 @@ def compile_configs():
                             "constexprs": {"KERNEL_FORM": kf, "WRITE": write, "BLOCK_M": bm, "BLOCK_K": bk},
                             **launch})
                     for first in (True, False):
-                        configs.setdefault(f"_combine_kernel[{form},first={first},K={cfg['COMBINE_K']}]", {
+                        configs.setdefault(f"_combine_kernel[{form},first={first},K={cfg['COMBINE_K']},"
+                                           f"P={cfg['COMBINE_P']}]", {
                             "fn": _combine_kernel,
                             "signature": {"part_a_ptr": "*fp32", "part_b_ptr": "*fp32", "v_ptr": "*fp32",
                                           "log_b_ptr": "*fp32", "P": "i32", "K": "i32", "shift": "fp32"},
-                            "constexprs": {"KERNEL_FORM": kf, "FIRST": first, "BLOCK_K": cfg["COMBINE_K"]},
+                            "constexprs": {"KERNEL_FORM": kf, "FIRST": first, "BLOCK_K": cfg["COMBINE_K"],
+                                           "BLOCK_P": cfg["COMBINE_P"]},
                             **launch})
     # Each twice: as launched at a K that is not a multiple of 16 (SwAV's 3000), and at one that
     # is (SEER's 16000, 4096), where Triton marks K and the row strides divisible by 16 and

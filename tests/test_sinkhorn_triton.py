@@ -40,6 +40,17 @@ def test_matches_swav_reference(shape, epsilon):
     torch.testing.assert_close(q.double(), swav_reference(s, epsilon, 3), rtol=5e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("epsilon", [0.05, 0.01])  # the kernel form; the log domain
+def test_many_partials(epsilon):
+    # 161 rows: 6 partial rows after each row pass and 3 after the first column pass, which
+    # the combine sums COMBINE_P at a time (2 under the interpreter): full steps and a tail.
+    s = uniform_scores(161, 7, seed=4)
+    cfg = kernels().launch_config(torch.float32, 7)
+    assert -(-161 // cfg["BLOCK_M"]) > 2 * cfg["COMBINE_P"]
+    q = pym4.sinkhorn(s, epsilon, 3, backend="triton")
+    torch.testing.assert_close(q.double(), swav_reference(s, epsilon, 3), rtol=5e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("kernel_form", [True, False])
 @pytest.mark.parametrize("n_iters", [1, 2, 7])
 def test_both_forms_and_iteration_counts(kernel_form, n_iters):
