@@ -113,6 +113,30 @@ def test_triton_gpu_low_precision(kind, dtype, rtol):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_triton_gpu_tf32(kind):
+    # float32 with TF32 matmuls switched on (torch's setting, read by _precision): the "tf32"
+    # tiles, which run nowhere else; 10-bit mantissa products, so a loose tolerance.
+    from pym4.kernels import contrastive as kc
+
+    matmul = torch.backends.cuda.matmul
+    new_api = getattr(matmul, "fp32_precision", None) is not None
+    saved = matmul.fp32_precision if new_api else matmul.allow_tf32
+    try:
+        if new_api:
+            matmul.fp32_precision = "tf32"
+        else:
+            matmul.allow_tf32 = True
+        assert kc._precision(torch.zeros(1, device="cuda")) == "tf32"
+        check(kind, 257, 128, torch.float32, "cuda", True, 1e-2)
+    finally:
+        if new_api:
+            matmul.fp32_precision = saved
+        else:
+            matmul.allow_tf32 = saved
+
+
+@pytest.mark.gpu
 def test_triton_is_the_default_on_cuda_and_matches_cpu():
     x, y = features(300, 64, torch.float32, "cuda")
     loss = pym4.clip_loss(x.requires_grad_(), y, 20.0)
