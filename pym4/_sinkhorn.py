@@ -397,8 +397,8 @@ def _swav_triton(t: torch.Tensor, alpha: float, n_iters: int,
     b, k = x.shape
     if out is not None and out.dtype not in _CUDA_DTYPE_CODES:
         # (the features form passes its float64 scores as out: returning a fresh result
-        # beside them handed back the scores as the codes)
-        # (into a fresh result, not in place: an in-place solve can decline, its input gone)
+        # beside them handed back the scores as the codes. Solved into a fresh result, not
+        # in place: an in-place solve can decline, its input gone.)
         return out.copy_(_swav_triton(x, alpha, n_iters))
     log_a = torch.full((b,), -math.log(b), dtype=torch.float32, device=x.device)
     log_b = torch.full((k,), -math.log(k), dtype=torch.float32, device=x.device)

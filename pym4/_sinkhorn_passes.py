@@ -313,7 +313,10 @@ def _beyond_cuda_kernel(x: torch.Tensor, alpha: float) -> torch.Tensor:
     # alpha as given, products within ~1e-7 of FLT_MAX passed and became inf in the kernel
     # (a NaN plan with group=, whose passes never read the kernel's flag). An alpha past
     # float32's range is inf here, and the product inf (or NaN at x = 0): refused as before.
-    return ~torch.isfinite(top * torch.tensor(alpha, dtype=torch.float32, device=top.device))
+    # (alpha rounded on the host, not as a device tensor: no copy to the GPU; a product of two
+    # float32 values is exact in float64, so it rounds to float32 as the kernel's does)
+    alpha32 = torch.tensor(alpha, dtype=torch.float32).item()
+    return ~torch.isfinite(top * alpha32)
 
 
 class _FeaturePasses:
