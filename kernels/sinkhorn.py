@@ -152,6 +152,14 @@ def _row_kernel(x_ptr, out_ptr, v_ptr, log_a_ptr, row_ptr, part_ptr, B, K, strid
 
 
 @triton.jit
+def _partial_tile(p0, steps, P, cols, ok, K):
+    """Offsets and mask of the (BLOCK_P, BLOCK_K) tile of partial rows p0 + steps, in int64
+    (p * K in int32 would wrap past 2^31 entries of partials)."""
+    ps = p0 + steps
+    return ps[:, None].to(tl.int64) * K + cols[None, :], (ps < P)[:, None] & ok[None, :]
+
+
+@triton.jit
 def _combine_kernel(part_a_ptr, part_b_ptr, v_ptr, log_b_ptr, P, K, shift,
                     KERNEL_FORM: tl.constexpr, FIRST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
     # Sums the P partial rows of every column, BLOCK_P rows per step (a tile, summed along
@@ -163,29 +171,22 @@ def _combine_kernel(part_a_ptr, part_b_ptr, v_ptr, log_b_ptr, P, K, shift,
     total = tl.zeros((BLOCK_K,), dtype=tl.float32)
     steps = tl.arange(0, BLOCK_P)
     if FIRST and not KERNEL_FORM:
-        # Merge the (max, sum) pairs of the column log-sum-exp. (Offsets of partial rows in
-        # int64: p * K in int32 would wrap past 2^31 entries of partials.)
+        # Merge the (max, sum) pairs of the column log-sum-exp.
         mx = tl.full((BLOCK_K,), float("-inf"), dtype=tl.float32)
         for p0 in range(0, P, BLOCK_P):
-            ps = p0 + steps
-            tile_ok = (ps < P)[:, None] & ok[None, :]
-            at = ps[:, None].to(tl.int64) * K + cols[None, :]
+            at, tile_ok = _partial_tile(p0, steps, P, cols, ok, K)
             mx = tl.maximum(mx, tl.max(tl.load(part_b_ptr + at, mask=tile_ok, other=float("-inf")), axis=0))
         mx = tl.where(ok, mx, 0.0)  # padding columns (never stored): finite, as every real column's
         for p0 in range(0, P, BLOCK_P):
-            ps = p0 + steps
-            tile_ok = (ps < P)[:, None] & ok[None, :]
-            at = ps[:, None].to(tl.int64) * K + cols[None, :]
+            at, tile_ok = _partial_tile(p0, steps, P, cols, ok, K)
             m_p = tl.load(part_b_ptr + at, mask=tile_ok, other=float("-inf"))
             s_p = tl.load(part_a_ptr + at, mask=tile_ok, other=0.0)
             # (an all -inf column part, and the padding, add s_p * exp(-inf) = 0)
             total += tl.sum(s_p * tl.exp(m_p - mx[None, :]), axis=0)
     else:
         for p0 in range(0, P, BLOCK_P):
-            ps = p0 + steps
-            tile_ok = (ps < P)[:, None] & ok[None, :]
-            total += tl.sum(tl.load(part_a_ptr + ps[:, None].to(tl.int64) * K + cols[None, :], mask=tile_ok,
-                                    other=0.0), axis=0)
+            at, tile_ok = _partial_tile(p0, steps, P, cols, ok, K)
+            total += tl.sum(tl.load(part_a_ptr + at, mask=tile_ok, other=0.0), axis=0)
     zero_mass = log_b == float("-inf")
     total = tl.where(ok, total, 1.0)  # padding columns: no log(0) or 1/0
     if KERNEL_FORM:
