@@ -31,15 +31,18 @@ step() {  # step NAME TIMEOUT CMD...: run one step, log it, remember a failure, 
 # Anchors the GPU benchmarks compare against (POT, open_clip, Inf-CL), as pip name=import
 # name. The GPU machine may have no network: they come from a local wheelhouse folder
 # (git-ignored), filled beforehand on a machine with one by
-#   benchmarks/gpu_check.sh --fill-wheelhouse    (PYM4_WHEELHOUSE_PY=3.11 picks the Python)
+#   benchmarks/gpu_check.sh --fill-wheelhouse    (PYM4_WHEELHOUSE_PY picks the Python: 3.12, the
+# lent GPU machines' python3, by default; POT's wheels are per Python version)
 WHEELHOUSE=${PYM4_WHEELHOUSE:-wheelhouse}
 ANCHORS="POT=ot open_clip_torch=open_clip inf_cl=inf_cl"
 if [ "${1:-}" = "--fill-wheelhouse" ]; then
   mkdir -p "$WHEELHOUSE"
   for anchor in $ANCHORS; do
     # Binary wheels for the GPU machine's platform; no dependencies (it has numpy, torch, ...).
+    # manylinux2014 alone on purpose: POT's newest wheel (0.9.7, manylinux_2_28) is 33 MB,
+    # half of what a GPU call may carry; 0.9.5's is 0.9 MB.
     "$PY" -m pip download --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
-      --python-version "${PYM4_WHEELHOUSE_PY:-3.11}" -d "$WHEELHOUSE" "${anchor%%=*}" \
+      --python-version "${PYM4_WHEELHOUSE_PY:-3.12}" -d "$WHEELHOUSE" "${anchor%%=*}" \
       || echo "== ${anchor%%=*}: no wheel downloaded (its benchmark column will be skipped)"
   done
   ls -l "$WHEELHOUSE"
