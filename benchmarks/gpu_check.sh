@@ -127,9 +127,25 @@ step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
 # -m gpu above selects only their marked ones.
 step tests_triton 120 "$PY" -m pytest -q -m "not gpu" -p no:cacheprovider tests/test_sinkhorn_triton.py \
   tests/test_contrastive_triton.py
+# The GPU tests marked `memcheck` (small cases reaching every CUDA kernel, each launch path,
+# the group= passes, and the Triton kernels) again under compute-sanitizer: none of this code
+# had run before a GPU was lent, and an out-of-bounds access that lands in memory the process
+# owns, or a shared-memory race, passes a test and corrupts the next. torch's caching
+# allocator is off so each tensor is its own allocation (else an overrun into a neighbouring
+# tensor of the same segment goes unseen); API error codes (torch's probes) are not reported.
+sanitize() {  # sanitize TOOL PYTEST-ARGS...; $limit is the calling step's (bash's dynamic scope)
+  local tool=$1 cs=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
+  shift
+  if [ ! -x "$cs" ]; then echo "compute-sanitizer not found ($cs): $tool not run"; return 0; fi
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout --kill-after=10 "$limit" "$cs" --tool "$tool" --error-exitcode 86 \
+    --report-api-errors no --print-limit 20 "$PY" -m pytest -q -m memcheck -p no:cacheprovider "$@"
+}
+step memcheck 120 sanitize memcheck tests
 # Benchmarks, one per op (each writes CSV and PNG under $OUT); the budget above keeps the
 # whole script under 10 minutes.
 step bench_sinkhorn 70 "$PY" benchmarks/bench_sinkhorn.py --device cuda --out "$OUT"
+# Shared-memory races in pym4's own CUDA kernels (the Triton ones are Triton's code generation).
+step racecheck 60 sanitize racecheck tests/test_sinkhorn_cuda.py tests/test_m4.py
 step bench_contrastive 70 "$PY" benchmarks/bench_contrastive.py --device cuda --out "$OUT"
 step bench_m4 70 "$PY" benchmarks/bench_m4.py --device cuda --sizes 1e5,1e6,1e7 --out "$OUT"
 # Resources of every kernel for this GPU's arch, next to the timings above (the same tables

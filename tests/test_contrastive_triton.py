@@ -108,12 +108,14 @@ def test_triton_gpu(kind, n, d, with_bias):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.memcheck  # (also under compute-sanitizer in gpu_check.sh)
 def test_triton_gpu_low_precision(kind, dtype, rtol):
     check(kind, 257, 128, dtype, "cuda", True, rtol)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.memcheck  # (also under compute-sanitizer in gpu_check.sh)
 def test_triton_gpu_tf32(kind):
     # float32 with TF32 matmuls switched on (torch's setting, read by _precision): the "tf32"
     # tiles, which run nowhere else; 10-bit mantissa products, so a loose tolerance.
@@ -137,6 +139,7 @@ def test_triton_gpu_tf32(kind):
 
 
 @pytest.mark.gpu
+@pytest.mark.memcheck  # (also under compute-sanitizer in gpu_check.sh)
 def test_triton_is_the_default_on_cuda_and_matches_cpu():
     x, y = features(300, 64, torch.float32, "cuda")
     loss = pym4.clip_loss(x.requires_grad_(), y, 20.0)

@@ -390,6 +390,7 @@ def parts_by_batch(parts):
 
 
 @pytest.mark.gpu
+@pytest.mark.memcheck
 def test_cuda_stream_and_keep_probability_match_cpu():
     s, y, u = make_data(5000, 2, 32, 19, True)
     cpu = m4.M4Solver([0.35, 0.4], budget=0.6, batch_size=256).partial_fit(s, y, u)

@@ -16,6 +16,9 @@ from references import swav_sinkhorn
 from test_sinkhorn_vs_swav import swav_distributed_sinkhorn
 
 pytestmark = pytest.mark.gpu
+# The small cases that gpu_check.sh runs again under compute-sanitizer (memcheck, racecheck):
+# every kernel of the launcher and of the group= passes, each launch path, shared memory and not.
+MEMCHECK = pytest.mark.memcheck
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (rtol, atol, row-sum tolerance): float32 math inside; half-precision outputs are rounded
@@ -64,9 +67,9 @@ def assert_matches_reference(out: torch.Tensor, x: torch.Tensor, epsilon: float,
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("b,k,epsilon,n_iters", [
     (1, 1, 0.05, 3),
-    (7, 5, 0.05, 3),
-    (64, 3000, 0.05, 3),
-    (16, 16000, 0.03, 10),   # SEER per-GPU shape
+    pytest.param(7, 5, 0.05, 3, marks=MEMCHECK),
+    pytest.param(64, 3000, 0.05, 3, marks=MEMCHECK),
+    pytest.param(16, 16000, 0.03, 10, marks=MEMCHECK),   # SEER per-GPU shape
     (4096, 3000, 0.05, 3),
     (16384, 3000, 0.05, 3),  # the multi-launch path
 ])
@@ -79,12 +82,12 @@ def test_matches_swav_reference(b, k, epsilon, n_iters, dtype):
 @pytest.mark.parametrize("path", ["fused", "multi"])
 @pytest.mark.parametrize("b,k,epsilon,n_iters", [
     (1, 3000, 0.05, 3),
-    (7, 5, 0.05, 3),
-    (517, 129, 0.05, 4),
+    pytest.param(7, 5, 0.05, 3, marks=MEMCHECK),
+    pytest.param(517, 129, 0.05, 4, marks=MEMCHECK),
     (64, 3000, 0.05, 3),
     (16, 16000, 0.03, 10),
-    (2000, 700, 0.05, 3),    # > 32 parts: block-wide combine of the partials
-    (64, 6000, 0.05, 3),     # dynamic shared memory just under 48 KB next to the static part
+    pytest.param(2000, 700, 0.05, 3, marks=MEMCHECK),    # > 32 parts: block-wide combine of the partials
+    pytest.param(64, 6000, 0.05, 3, marks=MEMCHECK),     # dynamic shared memory just under 48 KB next to the static part
 ])
 def test_both_launch_paths(b, k, epsilon, n_iters, path, monkeypatch):
     monkeypatch.setenv("PYM4_SINKHORN_CUDA_PATH", path)
@@ -100,7 +103,7 @@ def test_unknown_path_override_raises(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("b,k", [(256, 3000), (4096, 3000)])
+@pytest.mark.parametrize("b,k", [pytest.param(256, 3000, marks=MEMCHECK), (4096, 3000)])
 def test_epsilon_001(b, k, dtype):
     # exp(1/0.01) = e^100 overflows float32: only the log-domain iteration stays finite.
     x = make_scores(b, k, dtype, seed=1)
@@ -108,7 +111,7 @@ def test_epsilon_001(b, k, dtype):
     assert_matches_reference(out, x, 0.01, 3)
 
 
-@pytest.mark.parametrize("b,k", [(8, 40000), (520, 40000)])
+@pytest.mark.parametrize("b,k", [pytest.param(8, 40000, marks=MEMCHECK), (520, 40000)])
 def test_many_prototypes_without_shared_memory(b, k):
     # 8 bytes per column exceed every GPU's per-block shared memory at K = 40000, so the
     # column accumulators live in the workspace; (520, K) also has > 32 parts.
@@ -122,6 +125,7 @@ def test_many_prototypes_without_shared_memory(b, k):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@MEMCHECK
 def test_non_finite_scores_raise(bad, dtype):
     x = make_scores(300, 129, dtype)
     x[217, 77] = bad
@@ -135,6 +139,7 @@ def test_overflow_once_divided_by_epsilon_raises():
         pym4.sinkhorn(x, epsilon=1e-35, backend="cuda")  # 1e4 / 1e-35 overflows float32
 
 
+@MEMCHECK
 def test_row_strided_input():
     base = make_scores(64, 3007, seed=3)
     x = base[:, :3000]
@@ -145,6 +150,7 @@ def test_row_strided_input():
     assert torch.equal(out, pym4.sinkhorn(x.contiguous(), backend="cuda"))
 
 
+@MEMCHECK
 def test_broadcast_rows_input():
     row = make_scores(1, 3000, seed=4)
     x = row.expand(64, 3000)  # row stride 0
@@ -157,6 +163,7 @@ def test_deterministic():
     assert torch.equal(pym4.sinkhorn(x, backend="cuda"), pym4.sinkhorn(x, backend="cuda"))
 
 
+@MEMCHECK
 def test_float64_input_comes_back_float64():
     x = make_scores(33, 65).double()
     out = pym4.sinkhorn(x, backend="cuda")
@@ -181,6 +188,7 @@ def test_runs_on_callers_stream():
     assert_matches_reference(out_copy, src, 0.05, 3)
 
 
+@MEMCHECK
 def test_general_marginals_through_the_launcher():
     # Entropic OT (alpha = -1/reg) with non-uniform column marginals, one of them zero,
     # straight through the launcher contract (log_b device pointer, log_a scalar).
@@ -246,7 +254,9 @@ def nccl_group_of_one(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("b,k,epsilon", [(7, 5, 0.05), (517, 129, 0.01), (4096, 3000, 0.05), (16, 16000, 0.03)])
+@pytest.mark.parametrize("b,k,epsilon", [pytest.param(7, 5, 0.05, marks=MEMCHECK),
+                                        pytest.param(517, 129, 0.01, marks=MEMCHECK),
+                                        (4096, 3000, 0.05), (16, 16000, 0.03)])
 def test_group_uses_the_cuda_kernel(nccl_group_of_one, b, k, epsilon, dtype, monkeypatch):
     x = make_scores(b, k, dtype)
     calls = []
@@ -276,6 +286,7 @@ def test_group_refuses_scores_past_the_kernels_range_before_any_pass(nccl_group_
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("group", [False, True])
+@MEMCHECK
 def test_features_form_uses_the_cuda_kernel(request, group, dtype, monkeypatch):
     g = torch.Generator().manual_seed(3)
     z = torch.nn.functional.normalize(torch.randn(300, 64, generator=g), dim=1).to(dtype)

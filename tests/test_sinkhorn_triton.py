@@ -142,7 +142,9 @@ def test_compile_configs_follow_the_launcher():
 # ----- native (GPU) -----------------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (37, 129), (3000, 64), (4096, 3000), (16, 16000)])
+@pytest.mark.parametrize("shape", [(1, 1), pytest.param((7, 5), marks=pytest.mark.memcheck),
+                                   pytest.param((37, 129), marks=pytest.mark.memcheck), (3000, 64), (4096, 3000),
+                                   (16, 16000)])  # (memcheck: the small ones again under compute-sanitizer)
 @pytest.mark.parametrize("epsilon", [0.05, 0.01])
 @pytest.mark.parametrize("dtype,rtol,atol", [(torch.float32, 5e-5, 1e-7), (torch.float16, 2e-3, 1e-4),
                                              (torch.bfloat16, 2e-2, 1e-3)])

@@ -1,0 +1,80 @@
+"""benchmarks/gpu_check.sh, the one GPU check, where it can be checked without a GPU: its
+syntax, its compute-sanitizer steps (with a stand-in for compute-sanitizer that records how
+it was called), and the selection of tests those steps run again. A GPU session has one
+call of the script: a slip found there costs the session's device time."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def test_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def _sanitize_function() -> str:
+    text = SCRIPT.read_text()
+    match = re.search(r"^sanitize\(\) \{.*?^\}$", text, flags=re.S | re.M)
+    assert match, "gpu_check.sh has no sanitize() function"
+    return match.group(0)
+
+
+def _run_sanitize(tmp_path, sanitizer: str, *args: str):
+    """sanitize() from the script, run alone, with PY and the step's limit as the script sets them."""
+    program = f"{_sanitize_function()}\nPY=python-stand-in; limit=30\nsanitize {' '.join(args)}\n"
+    env = {**os.environ, "COMPUTE_SANITIZER": sanitizer}
+    return subprocess.run(["bash", "-c", program], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=60)
+
+
+def test_sanitize_runs_the_memcheck_tests_under_the_tool_with_torchs_cache_off(tmp_path):
+    record = tmp_path / "call.txt"
+    stand_in = tmp_path / "compute-sanitizer"
+    stand_in.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "PYTORCH_NO_CUDA_MEMORY_CACHING=$PYTORCH_NO_CUDA_MEMORY_CACHING" '
+                        f'"$@" > {record}\nexit 86\n')
+    stand_in.chmod(0o755)
+    done = _run_sanitize(tmp_path, str(stand_in), "racecheck", "tests/test_sinkhorn_cuda.py")
+    assert done.returncode == 86, done  # the tool's verdict is the step's
+    call = record.read_text().split("\n")
+    assert call[0] == "PYTORCH_NO_CUDA_MEMORY_CACHING=1"  # each tensor its own allocation
+    args = call[1:]
+    assert args[args.index("--tool") + 1] == "racecheck"
+    assert args[args.index("--error-exitcode") + 1] == "86"
+    program = args[args.index("python-stand-in"):]
+    assert program[:3] == ["python-stand-in", "-m", "pytest"]
+    assert program[program.index("-m", 3) + 1] == "memcheck" and "tests/test_sinkhorn_cuda.py" in program
+
+
+def test_sanitize_without_the_tool_says_so_and_does_not_fail_the_check(tmp_path):
+    done = _run_sanitize(tmp_path, str(tmp_path / "absent"), "memcheck", "tests")
+    assert done.returncode == 0
+    assert "compute-sanitizer not found" in done.stdout and "memcheck not run" in done.stdout
+
+
+def _collected(marker: str) -> list:
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-m", marker, "tests"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode in (0, 5), done.stdout[-2000:] + done.stderr[-2000:]
+    return [line for line in done.stdout.splitlines() if "::" in line]
+
+
+@pytest.mark.slow
+def test_memcheck_selection_reaches_every_gpu_kernel_family_and_only_gpu_tests():
+    chosen = _collected("memcheck")
+    by_file = {line.split("::")[0] for line in chosen}
+    assert by_file == {"tests/test_sinkhorn_cuda.py", "tests/test_m4.py", "tests/test_sinkhorn_triton.py",
+                       "tests/test_contrastive_triton.py"}, by_file
+    names = " ".join(chosen)
+    for needed in ("test_both_launch_paths", "test_group_uses_the_cuda_kernel",  # solve paths, group= passes
+                   "test_many_prototypes_without_shared_memory", "test_epsilon_001",  # workspace, log domain
+                   "test_features_form_uses_the_cuda_kernel", "test_cuda_stream_and_keep_probability_match_cpu"):
+        assert needed in names, needed
+    # Small on purpose (one GPU call holds the whole check): under a hundred cases.
+    assert 20 <= len(chosen) < 100, len(chosen)
+    assert _collected("memcheck and not gpu") == []  # on a CPU they would only be skipped there
