@@ -334,13 +334,28 @@ def _contrastive(kind, x, y, logit_scale, logit_bias, group, backend, local_grad
             loss = _reference(kind, x, y, scale, bias)
     else:
         loss = _ContrastiveLoss.apply(x, y, scale, bias, _Spec(kind, _engine(name), group, local_grad))
-    if x.dtype == torch.float16 and group is None and not bool(torch.isfinite(loss.detach())):
-        # Summed in float32 from checked finite inputs, so only its cast to the features'
-        # float16 can overflow (features x 100 at D = 32: a loss of 1.3e5 came back inf).
-        raise ValueError("image_features, text_features: the loss exceeds float16's range (65504), the dtype of the "
-                         "features it is returned in: L2-normalise the features, as CLIP and SigLIP do, or pass "
-                         "float32 features")
+    if x.dtype == torch.float16:
+        _refuse_float16_overflow(loss, group, x)
     return loss if zero is None else loss + zero.to(loss.dtype)
+
+
+def _refuse_float16_overflow(loss: torch.Tensor, group, x: torch.Tensor) -> None:
+    """ValueError when the float16 loss came back inf: summed in float32 from checked finite
+    inputs, so only its cast to the features' float16 can overflow (features x 100 at D = 32:
+    a loss of 1.3e5). With a group each rank's loss is its own, so the ranks agree first (one
+    all-reduce of a flag, float16 only): a rank raising alone would leave the others waiting in
+    the backward pass's collectives."""
+    overflow = ~torch.isfinite(loss.detach())
+    where = ""
+    if group is not None:
+        import torch.distributed as dist
+        flag = overflow.to(device=_exchange.comm_device(x, group), dtype=torch.float64).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        overflow, where = flag[0] > 0, " on at least one rank"
+    if bool(overflow):
+        raise ValueError(f"image_features, text_features: the loss exceeds float16's range (65504){where}, the dtype "
+                         "of the features it is returned in: L2-normalise the features, as CLIP and SigLIP do, or "
+                         "pass float32 features")
 
 
 # The logits' largest magnitude, as a share of the accumulation dtype's range, that the loss

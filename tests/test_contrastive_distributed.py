@@ -82,6 +82,19 @@ def _worker(rank, world, init_file, out_dir, sizes, cases, compare_open_clip):
             results["reach"] = "no error"
         except ValueError as e:
             results["reach"] = str(e)
+        # A float16 loss past 65504 on rank 0 only (its features x 300, texts anti-aligned: a
+        # loss of 2.5e5 for CLIP and 4.7e5 for SigLIP; rank 1's 7e2 and 1.3e3): every rank
+        # refuses, rank 1 too (its own loss is finite; raising on rank 0 alone would leave
+        # rank 1 waiting in the backward pass's collectives).
+        for kind in ("clip", "siglip"):
+            half_x = (x * 300 if rank == 0 else x).half()
+            half_y = (y * -300 if rank == 0 else y).half()
+            fn, scalars = (pym4.clip_loss, (SCALE,)) if kind == "clip" else (pym4.siglip_loss, (SCALE, 0.0))
+            try:
+                loss = fn(half_x, half_y, *scalars, group=dist.group.WORLD, backend="chunked")
+                results[("float16", kind)] = f"no error: loss {float(loss)}"
+            except ValueError as e:
+                results[("float16", kind)] = str(e)
         oc = open_clip_loss_module() if compare_open_clip else None
         if oc is not None:
             for local_loss in (False, True):
@@ -183,6 +196,9 @@ def test_distributed_equals_one_process(tmp_path, sizes):
                for r in range(world)), [ranks[r]["reach"] for r in range(world)]
     assert all("another rank" in ranks[r]["shape"] for r in range(world) if r != 1), \
         [ranks[r]["shape"] for r in range(world)]
+    for kind in ("clip", "siglip"):
+        said = [ranks[r][("float16", kind)] for r in range(world)]
+        assert all("the loss exceeds float16's range (65504) on at least one rank" in m for m in said), said
     if equal and open_clip_loss_module() is not None:
         compared = [key for key in ranks[0] if isinstance(key, tuple) and str(key[0]).startswith("open_clip")]
         assert len(compared) == 6
