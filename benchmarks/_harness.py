@@ -131,7 +131,7 @@ def time_interleaved(impls: Mapping[str, Union[Case, Callable[[], Any]]], *, rou
 def _time_cuda(case: Case, rounds: int) -> Timing:
     import torch
 
-    if case.setup is None:
+    if case.setup is None and case.max_rounds is None:  # a capped (slow) case: CUDA events, max_rounds calls
         try:
             from triton.testing import do_bench
         except ImportError:

@@ -61,7 +61,9 @@ def make_step(method, device, dtype_name):
         if device != "cuda" or importlib.util.find_spec("inf_cl") is None:
             return None
         from inf_cl import cal_inf_loss
-        return lambda x, y, ls, b: (cal_inf_loss(x, y, scale=ls.exp()) + cal_inf_loss(y, x, scale=ls.exp())) / 2
+        # scale= would route logit_scale's gradient through inf_cl's GradientGather, whose backward
+        # all-reduces without a process group (ValueError): scale q ourselves, as cal_inf_loss does.
+        return lambda x, y, ls, b: (cal_inf_loss(ls.exp() * x, y) + cal_inf_loss(ls.exp() * y, x)) / 2
     raise ValueError(method)
 
 
@@ -133,6 +135,8 @@ def cuda_point(method, n, d, dtype_name, repeats):
         timing = time_interleaved({method: call}, rounds=repeats, warmup=0, device="cuda")[method]
     except torch.cuda.OutOfMemoryError:
         return {"status": "oom"}
+    except Exception as e:  # one failing point (a first GPU run's bug) must not lose the others' figures
+        return {"status": "failed", "error": [repr(e)[:300]]}
     finally:
         del x, y, call
         torch.cuda.empty_cache()

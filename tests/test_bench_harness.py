@@ -82,3 +82,27 @@ def test_plot_needs_a_known_benchmark_name(tmp_path):
     with pytest.raises(ValueError, match="name must start with one of"):
         plot.plot_csv(path)
     assert plot.main([path]) == 1
+
+
+def test_sinkhorn_benchmark_goes_on_past_a_failing_path(tmp_path, monkeypatch, capsys):
+    # A GPU session has one run of the benchmark: a path that raises (a first run's bug) is
+    # reported and dropped, and every other path's times and ratios still come out.
+    import pym4
+    import bench_sinkhorn
+
+    real = pym4.sinkhorn
+
+    def features_form_broken(*args, **kwargs):
+        if kwargs.get("prototypes") is not None:
+            raise RuntimeError("planted failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pym4, "sinkhorn", features_form_broken)
+    assert bench_sinkhorn.main(["--quick", "--no-pot", "--repeats", "2", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("pym4-features    FAILED: RuntimeError('planted failure')") == 2  # both quick shapes
+    assert text.count("ratio SwAV B=256: swav-reference / pym4-") >= 2  # the scores paths' ratios
+    assert "(matmul+pym4) / pym4-features" not in text
+    with open(tmp_path / "sinkhorn.csv") as f:
+        impls = {row["impl"] for row in csv.DictReader(f)}
+    assert "pym4-cpu" in impls and "swav-reference" in impls and "pym4-features" not in impls
