@@ -5,10 +5,35 @@
 # CI compile checks give without a GPU. Everything it prints also goes under $OUT
 # (default ./gpu_check_out). Uses the machine's own python3 (with torch and triton) and no
 # network. At most PYM4_GPU_BUDGET_S (570 s) in all: the step limits are caps, cut to the time left.
+#
+# --bundle: $OUT then gets a handful of files, whatever the steps write (a lent GPU machine
+# brings back at most 8 files from $OUT, and the steps write about 20): gpu_check.log (the
+# step summary), gpu_check_steps.log (every step's output, in order), the plots, and
+# gpu_check.tar.gz with every file; written at exit, also after a failed step or a SIGTERM.
+# On a lent machine (the session's one call; the wheelhouse carried, see --fill-wheelhouse):
+#   bash benchmarks/gpu_check.sh --bundle        (run's carry: ["wheelhouse"], timeout_s 600)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
+bundle() {  # the files of the run in $OUT, bundled into $BUNDLE_TO (--bundle), then removed
+  local name
+  : > "$BUNDLE_TO/gpu_check_steps.log"
+  for name in $(ls -tr "$OUT"/*.log 2>/dev/null); do  # in the order the steps wrote them
+    [ "$(basename "$name")" = gpu_check.log ] && continue
+    { echo "=== $(basename "$name")"; cat "$name"; } >> "$BUNDLE_TO/gpu_check_steps.log"
+  done
+  cp "$OUT/gpu_check.log" "$BUNDLE_TO/" 2>/dev/null
+  cp "$OUT"/*.png "$BUNDLE_TO/" 2>/dev/null
+  tar -czf "$BUNDLE_TO/gpu_check.tar.gz" -C "$OUT" . && rm -rf "$OUT"
+}
+if [ "${1:-}" = "--bundle" ]; then
+  shift
+  BUNDLE_TO=$OUT
+  OUT=$(mktemp -d /tmp/gpu_check.XXXXXX)
+  trap bundle EXIT
+  trap 'exit 143' TERM INT
+fi
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 log() { echo "== $*" | tee -a "$OUT/gpu_check.log"; }

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,40 @@ def test_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
-def _sanitize_function() -> str:
+def _function(name: str) -> str:
     text = SCRIPT.read_text()
-    match = re.search(r"^sanitize\(\) \{.*?^\}$", text, flags=re.S | re.M)
-    assert match, "gpu_check.sh has no sanitize() function"
+    match = re.search(rf"^{name}\(\) \{{.*?^\}}$", text, flags=re.S | re.M)
+    assert match, f"gpu_check.sh has no {name}() function"
     return match.group(0)
+
+
+def _sanitize_function() -> str:
+    return _function("sanitize")
+
+
+def test_bundle_leaves_few_files_holding_every_step_and_removes_the_run_folder(tmp_path):
+    # A lent GPU machine brings back at most 8 files from $OUT; the steps write ~20.
+    run, dest = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    dest.mkdir()
+    steps = ["build", "tests", "memcheck", "bench_sinkhorn"]
+    for i, name in enumerate(steps):
+        (run / f"{name}.log").write_text(f"{name} said {i}\n")
+        os.utime(run / f"{name}.log", (1_000_000 + i, 1_000_000 + i))  # written in this order
+    (run / "gpu_check.log").write_text("== build\n== tests FAILED (exit 1)\n")
+    (run / "sinkhorn.csv").write_text("a,b\n")
+    (run / "sinkhorn.png").write_bytes(b"png")
+    program = f"{_function('bundle')}\nOUT={run}; BUNDLE_TO={dest}\nbundle\n"
+    subprocess.run(["bash", "-c", program], check=True, timeout=60)
+    assert sorted(p.name for p in dest.iterdir()) == ["gpu_check.log", "gpu_check.tar.gz", "gpu_check_steps.log",
+                                                      "sinkhorn.png"]
+    text = (dest / "gpu_check_steps.log").read_text()
+    assert text == "".join(f"=== {name}.log\n{name} said {i}\n" for i, name in enumerate(steps))
+    assert "tests FAILED" in (dest / "gpu_check.log").read_text()
+    with tarfile.open(dest / "gpu_check.tar.gz") as tar:
+        names = {os.path.basename(n) for n in tar.getnames()}
+    assert {f"{s}.log" for s in steps} | {"gpu_check.log", "sinkhorn.csv", "sinkhorn.png"} <= names
+    assert not run.exists()
 
 
 def _run_sanitize(tmp_path, sanitizer: str, *args: str):
