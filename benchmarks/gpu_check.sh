@@ -158,24 +158,32 @@ step tests_triton 120 "$PY" -m pytest -q -m "not gpu" -p no:cacheprovider tests/
 # owns, or a shared-memory race, passes a test and corrupts the next. torch's caching
 # allocator is off so each tensor is its own allocation (else an overrun into a neighbouring
 # tensor of the same segment goes unseen); API error codes (torch's probes) are not reported.
-sanitize() {  # sanitize TOOL PYTEST-ARGS...; $limit is the calling step's (bash's dynamic scope)
+# Only pym4's kernels are checked (compute-sanitizer's filters add up: the CUDA ones, in the
+# namespace pym4::cuda, and the Triton ones by name): torch's, cuBLAS's and NCCL's run
+# uninstrumented, which keeps the steps inside their limits.
+TRITON_KERNELS='^_(column|row|combine|clip_lse|clip_grad|siglip_fwd|siglip_grad)_kernel$'
+sanitize() {  # sanitize TOOL FILTER... -- PYTEST-ARGS...; $limit is the calling step's (bash's dynamic scope)
   local tool=$1 cs=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
+  local filters=()
+  shift
+  while [ "$1" != "--" ]; do filters+=(--kernel-name "$1"); shift; done
   shift
   if [ ! -x "$cs" ]; then echo "compute-sanitizer not found ($cs): $tool not run"; return 0; fi
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout --kill-after=10 "$limit" "$cs" --tool "$tool" --error-exitcode 86 \
-    --report-api-errors no --print-limit 20 "$PY" -m pytest -q -m memcheck -p no:cacheprovider "$@"
+    --report-api-errors no --print-limit 20 "${filters[@]}" \
+    "$PY" -m pytest -q -m memcheck -p no:cacheprovider --durations=15 "$@"
 }
-step memcheck 120 sanitize memcheck tests
-# Benchmarks, one per op (each writes CSV and PNG under $OUT); the budget above keeps the
-# whole script under 10 minutes.
-step bench_sinkhorn 70 "$PY" benchmarks/bench_sinkhorn.py --device cuda --out "$OUT"
-# Shared-memory races in pym4's own CUDA kernels (the Triton ones are Triton's code generation).
-step racecheck 60 sanitize racecheck tests/test_sinkhorn_cuda.py tests/test_m4.py
-step bench_contrastive 70 "$PY" benchmarks/bench_contrastive.py --device cuda --out "$OUT"
-step bench_m4 70 "$PY" benchmarks/bench_m4.py --device cuda --sizes 1e5,1e6,1e7 --out "$OUT"
-# Resources of every kernel for this GPU's arch, next to the timings above (the same tables
-# as make gpu-compile-check and make cuda-check print for sm_90 / sm_80 without a GPU).
+# Resources of every kernel for this GPU's arch (the same tables as make gpu-compile-check
+# and make cuda-check print for sm_90 / sm_80 without a GPU): seconds, so before the long steps.
 step resources_triton 120 "$PY" scripts/gpu_compile_check.py --arch native
 step resources_cuda 120 "$PY" scripts/cuda_resources.py --nvcc native --nvcc-path "$CUDACXX"
+# Benchmarks, one per op (each writes CSV and PNG under $OUT), Sinkhorn's (issue 10's launch
+# counts and times) before the sanitizers; the budget above keeps the whole script under 10 minutes.
+step bench_sinkhorn 70 "$PY" benchmarks/bench_sinkhorn.py --device cuda --out "$OUT"
+step memcheck 120 sanitize memcheck kns=pym4 "regex=$TRITON_KERNELS" -- tests
+# Shared-memory races in pym4's own CUDA kernels (the Triton ones are Triton's code generation).
+step racecheck 60 sanitize racecheck kns=pym4 -- tests/test_sinkhorn_cuda.py tests/test_m4.py
+step bench_contrastive 70 "$PY" benchmarks/bench_contrastive.py --device cuda --out "$OUT"
+step bench_m4 70 "$PY" benchmarks/bench_m4.py --device cuda --sizes 1e5,1e6,1e7 --out "$OUT"
 log "done (status $status)"
 exit $status

@@ -69,20 +69,23 @@ def test_sanitize_runs_the_memcheck_tests_under_the_tool_with_torchs_cache_off(t
     stand_in.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "PYTORCH_NO_CUDA_MEMORY_CACHING=$PYTORCH_NO_CUDA_MEMORY_CACHING" '
                         f'"$@" > {record}\nexit 86\n')
     stand_in.chmod(0o755)
-    done = _run_sanitize(tmp_path, str(stand_in), "racecheck", "tests/test_sinkhorn_cuda.py")
+    done = _run_sanitize(tmp_path, str(stand_in), "racecheck", "kns=pym4", "'regex=^_x_kernel$'", "--",
+                         "tests/test_sinkhorn_cuda.py")
     assert done.returncode == 86, done  # the tool's verdict is the step's
     call = record.read_text().split("\n")
     assert call[0] == "PYTORCH_NO_CUDA_MEMORY_CACHING=1"  # each tensor its own allocation
     args = call[1:]
     assert args[args.index("--tool") + 1] == "racecheck"
     assert args[args.index("--error-exitcode") + 1] == "86"
+    filters = [args[i + 1] for i, a in enumerate(args) if a == "--kernel-name"]
+    assert filters == ["kns=pym4", "regex=^_x_kernel$"]  # one option each: compute-sanitizer adds them up
     program = args[args.index("python-stand-in"):]
     assert program[:3] == ["python-stand-in", "-m", "pytest"]
     assert program[program.index("-m", 3) + 1] == "memcheck" and "tests/test_sinkhorn_cuda.py" in program
 
 
 def test_sanitize_without_the_tool_says_so_and_does_not_fail_the_check(tmp_path):
-    done = _run_sanitize(tmp_path, str(tmp_path / "absent"), "memcheck", "tests")
+    done = _run_sanitize(tmp_path, str(tmp_path / "absent"), "memcheck", "kns=pym4", "--", "tests")
     assert done.returncode == 0
     assert "compute-sanitizer not found" in done.stdout and "memcheck not run" in done.stdout
 
@@ -108,3 +111,20 @@ def test_memcheck_selection_reaches_every_gpu_kernel_family_and_only_gpu_tests()
     # Small on purpose (one GPU call holds the whole check): under a hundred cases.
     assert 20 <= len(chosen) < 100, len(chosen)
     assert _collected("memcheck and not gpu") == []  # on a CPU they would only be skipped there
+
+
+def test_memcheck_filter_names_every_triton_kernel():
+    # Kernels outside the filter run unchecked: a new @triton.jit kernel must be added to it.
+    match = re.search(r"^TRITON_KERNELS='(.*)'$", SCRIPT.read_text(), flags=re.M)
+    assert match
+    pattern = re.compile(match.group(1))
+    launched = []
+    for source in (ROOT / "kernels").glob("*.py"):
+        launched += re.findall(r"^(\w+)\[", "\n".join(l.strip() for l in source.read_text().splitlines()), flags=re.M)
+    kernels = {name for name in launched if name.endswith("_kernel")}
+    assert {"_row_kernel", "_column_kernel", "_combine_kernel", "_clip_lse_kernel", "_clip_grad_kernel",
+            "_siglip_fwd_kernel", "_siglip_grad_kernel"} <= kernels, kernels
+    assert all(pattern.search(name) for name in kernels), [n for n in kernels if not pattern.search(n)]
+    # and the step passes both filters: pym4's CUDA kernels (namespace pym4::cuda) and these
+    assert re.search(r"^step memcheck \d+ sanitize memcheck kns=pym4 \"regex=\$TRITON_KERNELS\" -- tests$",
+                     SCRIPT.read_text(), flags=re.M)

@@ -42,11 +42,14 @@ def test_matches_swav_reference(shape, epsilon):
 
 @pytest.mark.parametrize("epsilon", [0.05, 0.01])  # the kernel form; the log domain
 def test_many_partials(epsilon):
-    # 161 rows: 6 partial rows after each row pass and 3 after the first column pass, which
-    # the combine sums COMBINE_P at a time (2 under the interpreter): full steps and a tail.
-    s = uniform_scores(161, 7, seed=4)
+    # BLOCK_M (2 COMBINE_P + 1) + 1 rows: 2 COMBINE_P + 2 partial rows after each row pass,
+    # which the combine sums COMBINE_P at a time: two full steps and a tail. Taken from the
+    # launch configuration, as the block sizes differ natively (1041 rows) and under the
+    # interpreter (161 rows: 6 partials after a row pass, 3 after the first column pass).
     cfg = kernels().launch_config(torch.float32, 7)
-    assert -(-161 // cfg["BLOCK_M"]) > 2 * cfg["COMBINE_P"]
+    b = cfg["BLOCK_M"] * (2 * cfg["COMBINE_P"] + 1) + 1
+    assert -(-b // cfg["BLOCK_M"]) == 2 * cfg["COMBINE_P"] + 2
+    s = uniform_scores(b, 7, seed=4)
     q = pym4.sinkhorn(s, epsilon, 3, backend="triton")
     torch.testing.assert_close(q.double(), swav_reference(s, epsilon, 3), rtol=5e-5, atol=1e-7)
 
