@@ -131,7 +131,9 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
     elif name == "cpu":
         q = _swav_cpu(t, alpha, n_iters)
     elif name == "cuda":
-        q = _swav_cuda(t, alpha, n_iters)
+        q = _swav_cuda(t, alpha, n_iters, out_t)  # into the caller's buffer: no B x K allocation, no copy
+        if q is out_t is not None:
+            return out
     elif name == "triton":
         q = _swav_triton(t, alpha, n_iters, out_t)
         if q is out_t:

@@ -163,6 +163,20 @@ def test_deterministic():
     assert torch.equal(pym4.sinkhorn(x, backend="cuda"), pym4.sinkhorn(x, backend="cuda"))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_out_is_written_by_the_kernel_itself(dtype, monkeypatch):
+    # out= is a training loop's reused buffer: the kernel writes the codes there (it once
+    # solved into a fresh result and copied it over).
+    x = make_scores(300, 129, dtype, seed=8)
+    out = torch.full_like(x, float("nan"))
+    core = _backend.core()
+    real, written_to = core.sinkhorn_solve_cuda, []
+    monkeypatch.setattr(core, "sinkhorn_solve_cuda", lambda *a: written_to.append(a[10]) or real(*a))
+    q = pym4.sinkhorn(x, 0.05, 3, out=out, backend="cuda")
+    assert q is out and written_to == [out.data_ptr()]
+    assert_matches_reference(out, x, 0.05, 3)
+
+
 @MEMCHECK
 def test_float64_input_comes_back_float64():
     x = make_scores(33, 65).double()
