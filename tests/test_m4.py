@@ -402,3 +402,25 @@ def test_cuda_stream_and_keep_probability_match_cpu():
     q_gpu = gpu.keep_probability(torch.from_numpy(s).to(dev), torch.from_numpy(y).to(dev), torch.from_numpy(u).to(dev))
     assert q_gpu.device.type == "cuda"
     np.testing.assert_allclose(q_gpu.cpu().numpy(), cpu.keep_probability(s, y, u), atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bool, torch.float32, torch.float64])
+def test_rows_for_the_cuda_kernel_come_straight_in_its_layout(dtype):
+    # The kernel's rows (contiguous uint8 s and y) from the values as given, with the same
+    # checks as the torch path's float64 rows: no float64 copy on the way (8 bytes per entry).
+    from pym4.m4 import _device
+
+    s, y, u = make_data(300, 2, 5, 3, True)
+    st, yt = torch.from_numpy(s).to(dtype), torch.from_numpy(y).to(dtype).t().contiguous().t()  # y column-major
+    s8, y8, u8 = _device.as_rows(st, yt, torch.from_numpy(u), torch.device("cpu"), for_kernel=True)
+    assert s8.dtype == y8.dtype == torch.uint8 and s8.is_contiguous() and y8.is_contiguous()
+    assert np.array_equal(s8.numpy(), s.astype(np.uint8)) and np.array_equal(y8.numpy(), y.astype(np.uint8))
+    assert u8.dtype == torch.float64 and np.array_equal(u8.numpy(), u)
+    s64, y64, _ = _device.as_rows(st, yt, None, torch.device("cpu"))
+    assert s64.dtype == y64.dtype == torch.float64 and np.array_equal(s64.numpy(), s.astype(np.float64))
+    if dtype.is_floating_point:
+        bad = yt.clone()
+        bad[7, 1] = 0.5
+        for for_kernel in (False, True):
+            with pytest.raises(ValueError, match=r"^y: values must be 0 or 1"):
+                _device.as_rows(st, bad, None, torch.device("cpu"), for_kernel=for_kernel)

@@ -15,11 +15,13 @@ from .._arrays import to_tensor
 from ._inputs import Labels, dense_input
 
 
-def as_rows(s, y, utility, device: torch.device):
+def as_rows(s, y, utility, device: torch.device, for_kernel: bool = False):
     """(s, y, u) as float64 tensors on ``device``, shapes and values checked before any
-    kernel reads raw pointers."""
+    kernel reads raw pointers; with ``for_kernel``, s and y in the CUDA kernel's layout
+    instead (:func:`cuda_rows`: contiguous uint8), converted once from the values given: a
+    float64 copy on the way, 8 bytes per entry, was 2.6 GB for 1e7 rows of 32 labels."""
     st, _ = to_tensor(dense_input(s), "s")
-    s_t = (st[:, None] if st.dim() == 1 else st).to(device=device, dtype=torch.float64)
+    s_t = (st[:, None] if st.dim() == 1 else st).to(device=device)
     if s_t.dim() != 2:
         raise ValueError(f"s: expected a 1-D or 2-D array (examples, columns), got shape {tuple(s_t.shape)}")
     if s_t.shape[1] == 0:  # (as _inputs.group_matrix says it on the host)
@@ -31,7 +33,7 @@ def as_rows(s, y, utility, device: torch.device):
         # The torch path reads dense rows (sparse of any kind made dense, tensors detached).
         y = y.to_dense() if isinstance(y, Labels) else dense_input(y)
         yt, _ = to_tensor(y, "y")
-        y_t = (yt[:, None] if yt.dim() == 1 else yt).to(device=device, dtype=torch.float64)
+        y_t = (yt[:, None] if yt.dim() == 1 else yt).to(device=device)
     if y_t.dim() != 2 or y_t.shape[0] != n:
         raise ValueError(f"y: expected {n} rows (one per example), got shape {tuple(y_t.shape)}")
     u_t = None
@@ -39,12 +41,14 @@ def as_rows(s, y, utility, device: torch.device):
         u_t = to_tensor(dense_input(utility), "utility")[0].to(device=device, dtype=torch.float64)
         if u_t.dim() != 1 or u_t.shape[0] != n:
             raise ValueError(f"utility: expected shape ({n},), got {tuple(u_t.shape)}")
-    for name, t in (("s", s_t), ("y", y_t)):
+    for name, t in (("s", s_t), ("y", y_t)):  # (on the values as given: exact in any dtype)
         if not bool(((t == 0) | (t == 1)).all()):
             raise ValueError(f"{name}: values must be 0 or 1 (binary)")
     if u_t is not None and not bool(torch.isfinite(u_t).all()):
         raise ValueError("utility: contains NaN or Inf")
-    return s_t, y_t, u_t
+    if for_kernel:
+        return cuda_rows(s_t, y_t, u_t)
+    return s_t.to(torch.float64), y_t.to(torch.float64), u_t
 
 
 def _margins(s, y, pi, w):

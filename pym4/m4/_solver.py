@@ -254,7 +254,7 @@ class M4Solver:
             self._fit_core(s8, lab, u)
         else:
             device = s.device if isinstance(s, torch.Tensor) else torch.device("cpu")
-            rows = _device.as_rows(s, y, utility, device)
+            rows = _device.as_rows(s, y, utility, device, for_kernel=name == "cuda")
             self._start_mu(rows[0].shape[1], rows[1].shape[1], rows[2], device)
             self._fit_torch(*rows, use_kernel=name == "cuda")
         return self
@@ -342,8 +342,8 @@ class M4Solver:
         pi = torch.from_numpy(self.problem.target).to(dev)
         lam = torch.from_numpy(self.problem.tolerances(self.c)).to(dev)
         eta = self.problem.budget
-        if use_kernel:
-            s8, y8, u_k = _device.cuda_rows(s, y, u)
+        if use_kernel:  # (the rows came in the kernel's layout: as_rows(for_kernel=True))
+            s8, y8, u_k = s, y, u
         B = self.batch_size
         for j in range(self._steps(n, dev)):
             b, e = min(j * B, n), min((j + 1) * B, n)
@@ -367,14 +367,14 @@ class M4Solver:
         name = self._backend_for("m4_keep_probability", s)
         t, origin = to_tensor(_inputs.dense_input(s), "s")
         if name != "cpu":
-            st, yt, ut = _device.as_rows(s, y, utility, t.device)
+            st, yt, ut = _device.as_rows(s, y, utility, t.device, for_kernel=name == "cuda")
             self._init(st.shape[1], yt.shape[1])
             w = torch.from_numpy(self.state.avg_w).to(t.device)
             pi = torch.from_numpy(self.problem.target).to(t.device)
             mu = torch.tensor([float(self.state.mu_avg)], dtype=torch.float64, device=t.device)
             if name == "cuda":
                 q = torch.empty(st.shape[0], dtype=torch.float64, device=t.device)
-                _device.cuda_batch(*_device.cuda_rows(st, yt, ut), 0, st.shape[0], pi, self.problem.budget, w, mu, q=q)
+                _device.cuda_batch(st, yt, ut, 0, st.shape[0], pi, self.problem.budget, w, mu, q=q)
             else:
                 q = _device.keep_probability(st, yt, ut, pi, self.problem.budget, w, mu[0])
             return q.cpu().numpy() if origin.is_numpy else q
