@@ -8,22 +8,19 @@
 #
 # --bundle: $OUT then gets a handful of files, whatever the steps write (a lent GPU machine
 # brings back at most 8 files from $OUT, and the steps write about 20): gpu_check.log (the
-# step summary), gpu_check_steps.log (every step's output, in order), the plots, and
-# gpu_check.tar.gz with every file; written at exit, also after a failed step or a SIGTERM.
+# step summary) and gpu_check_steps.log (every step's output, in order), both written as the
+# run goes (a run killed mid-way still leaves them), and at exit (after a failed step or a
+# SIGTERM too) the plots and gpu_check.tar.gz with every file.
 # On a lent machine (the session's one call; the wheelhouse carried, see --fill-wheelhouse):
 #   bash benchmarks/gpu_check.sh --bundle        (run's carry: ["wheelhouse"], timeout_s 600)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
-bundle() {  # the files of the run in $OUT, bundled into $BUNDLE_TO (--bundle), then removed
-  local name
-  : > "$BUNDLE_TO/gpu_check_steps.log"
-  for name in $(ls -tr "$OUT"/*.log 2>/dev/null); do  # in the order the steps wrote them
-    [ "$(basename "$name")" = gpu_check.log ] && continue
-    { echo "=== $(basename "$name")"; cat "$name"; } >> "$BUNDLE_TO/gpu_check_steps.log"
-  done
-  cp "$OUT/gpu_check.log" "$BUNDLE_TO/" 2>/dev/null
+# Where the summary and every step's output also go as they are written (--bundle: into the
+# destination folder itself; else nowhere more, the per-step logs in $OUT holding them).
+LIVE_SUMMARY=/dev/null LIVE_STEPS=/dev/null
+bundle() {  # the files of the run in $OUT (a folder of its own) into $BUNDLE_TO, then removed
   cp "$OUT"/*.png "$BUNDLE_TO/" 2>/dev/null
   tar -czf "$BUNDLE_TO/gpu_check.tar.gz" -C "$OUT" . && rm -rf "$OUT"
 }
@@ -31,12 +28,16 @@ if [ "${1:-}" = "--bundle" ]; then
   shift
   BUNDLE_TO=$OUT
   OUT=$(mktemp -d /tmp/gpu_check.XXXXXX)
+  LIVE_SUMMARY=$BUNDLE_TO/gpu_check.log LIVE_STEPS=$BUNDLE_TO/gpu_check_steps.log
+  : > "$LIVE_SUMMARY"
+  : > "$LIVE_STEPS"
   trap bundle EXIT
-  trap 'exit 143' TERM INT
+  trap 'exit 143' TERM
+  trap 'exit 130' INT
 fi
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-log() { echo "== $*" | tee -a "$OUT/gpu_check.log"; }
+log() { echo "== $*" | tee -a "$OUT/gpu_check.log" "$LIVE_SUMMARY"; }
 status=0
 # The whole script's time (a GPU session's one call is at most 600 s): each step's limit is
 # cut to what is left, and a step with under 15 s left is skipped (logged as a failure), so
@@ -48,7 +49,10 @@ step() {  # step NAME TIMEOUT CMD...: run one step, log it, remember a failure, 
   if [ "$left" -lt 15 ]; then log "$name SKIPPED (${left}s of the ${BUDGET}s budget left)"; status=1; return; fi
   [ "$limit" -le "$left" ] || limit=$left
   log "$name (limit ${limit}s)"
-  if [ "$(type -t "$1")" = "function" ]; then "$@"; else timeout "$limit" "$@"; fi 2>&1 | tee -a "$OUT/$name.log"
+  echo "=== $name" >> "$LIVE_STEPS"
+  # (-k: a step that ignores the TERM is killed 10 s later, within the budget's margin)
+  if [ "$(type -t "$1")" = "function" ]; then "$@"; else timeout -k 10 "$limit" "$@"; fi 2>&1 \
+    | tee -a "$OUT/$name.log" "$LIVE_STEPS"
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { log "$name FAILED (exit $rc)"; status=1; }
 }
@@ -77,7 +81,7 @@ fi
 # without one: shows the build, the install of the anchors and the imports work).
 DRY_RUN=${DRY_RUN:-0}
 
-nvidia-smi -L 2>&1 | tee -a "$OUT/gpu_check.log"
+nvidia-smi -L 2>&1 | tee -a "$OUT/gpu_check.log" "$LIVE_SUMMARY"
 # The core links the CUDA runtime of the nvcc that builds it statically: a driver older than
 # that toolkit fails the first CUDA call ("driver version is insufficient"). Both versions
 # go in the log, next to torch's own CUDA, so that such a failure reads at once.
@@ -85,7 +89,7 @@ nvidia-smi -L 2>&1 | tee -a "$OUT/gpu_check.log"
        "$(nvidia-smi 2>/dev/null | grep -o 'CUDA Version: [0-9.]*' | head -1)"
   echo "nvcc: $("${CUDACXX:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}" --version 2>&1 | grep -o 'release [0-9.]*' | head -1)"
   echo "torch: $("$PY" -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -1)"
-} 2>&1 | tee -a "$OUT/gpu_check.log"
+} 2>&1 | tee -a "$OUT/gpu_check.log" "$LIVE_SUMMARY"
 # Installed into a folder of its own (the machine's environment may be read-only), which
 # then comes first on the path; PYTHONSAFEPATH keeps the source tree's pym4/ (no compiled
 # core) from shadowing it when pytest runs from the repository root.
@@ -163,12 +167,13 @@ step tests_triton 120 "$PY" -m pytest -q -m "not gpu" -p no:cacheprovider tests/
 # uninstrumented, which keeps the steps inside their limits.
 TRITON_KERNELS='^_(column|row|combine|clip_lse|clip_grad|siglip_fwd|siglip_grad)_kernel$'
 sanitize() {  # sanitize TOOL FILTER... -- PYTEST-ARGS...; $limit is the calling step's (bash's dynamic scope)
-  local tool=$1 cs=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
+  local tool=$1 cs=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || command -v "$(dirname "$CUDACXX")/compute-sanitizer" \
+    || echo /usr/local/cuda/bin/compute-sanitizer)}
   local filters=()
   shift
   while [ "$1" != "--" ]; do filters+=(--kernel-name "$1"); shift; done
   shift
-  if [ ! -x "$cs" ]; then echo "compute-sanitizer not found ($cs): $tool not run"; return 0; fi
+  if [ ! -x "$cs" ]; then log "$tool SKIPPED: compute-sanitizer not found ($cs)"; return 0; fi
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout --kill-after=10 "$limit" "$cs" --tool "$tool" --error-exitcode 86 \
     --report-api-errors no --print-limit 20 "${filters[@]}" \
     "$PY" -m pytest -q -m memcheck -p no:cacheprovider --durations=15 "$@"

@@ -62,7 +62,8 @@ def sinkhorn(scores, epsilon: float = 0.05, n_iters: int = 3, *, prototypes=None
         sharing no memory with ``scores`` or ``prototypes`` (ValueError before any work). A
         training loop that passes last step's buffer saves allocating (and the kernel
         zeroing) a fresh B x K result every step. A solve stopped by Ctrl-C
-        (KeyboardInterrupt) leaves unspecified values in it.
+        (KeyboardInterrupt), or one whose error is known only once the kernel ran (the CUDA
+        kernel's NaN/Inf flag), leaves unspecified values in it.
     backend : {"cpu", "cuda", "triton", "torch"}, optional
         Force an implementation (default: the best available; see ``pym4._backend``). On
         CUDA the default is the core's CUDA kernel, else (a core built without CUDA) the

@@ -306,15 +306,23 @@ def _contrastive(kind, x, y, logit_scale, logit_bias, group, backend, local_grad
             # With the largest |entries| over the ranks: this rank's rows meet every rank's
             # texts (and its texts every rank's rows), so its logits reach D max|x| max|y|
             # taken over all of them, not over its own features alone.
-            bad = torch.zeros(3, dtype=torch.float64, device=dev)
+            # The features' dtype, as +code and -code (the maximum of both: max and -min): the
+            # ranks must agree, or their collectives would not match (the float16 check below
+            # is one more all-reduce on float16 ranks only).
+            bad = torch.zeros(5, dtype=torch.float64, device=dev)
             bad[0] = 0.0 if problem is None else 1.0
             if mags is not None and problem is None:
-                bad[1:] = mags.to(bad.device)
+                bad[1:3] = mags.to(bad.device)
+                code = float(_FEATURE_DTYPES.index(x.dtype) + 1)
+                bad[3], bad[4] = code, -code
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
             if problem is None and float(bad[0]) > 0:
                 problem = "image_features, text_features, logit_scale or logit_bias: bad input on another rank"
+            elif problem is None and float(bad[3]) != -float(bad[4]):
+                problem = (f"image_features, text_features: the ranks' features differ in dtype (this rank's: "
+                           f"{str(x.dtype).replace('torch.', '')}); every rank must pass the same")
             elif problem is None:
-                reach, limit = _logit_reach(x, scale, bias, kind, bad[1:].to(x.device))
+                reach, limit = _logit_reach(x, scale, bias, kind, bad[1:3].to(x.device))
                 if not float(reach) <= limit:  # (every rank has the same maxima: all refuse)
                     problem = _reach_problem(x, bias, kind, reach, limit, " over every rank's features")
     if error is not None:

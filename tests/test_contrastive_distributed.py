@@ -95,6 +95,14 @@ def _worker(rank, world, init_file, out_dir, sizes, cases, compare_open_clip):
                 results[("float16", kind)] = f"no error: loss {float(loss)}"
             except ValueError as e:
                 results[("float16", kind)] = str(e)
+        # Features of another dtype on the last rank: every rank refuses before any gather
+        # (the float16 ranks alone would otherwise enter one more all-reduce).
+        try:
+            last = rank == world - 1
+            pym4.clip_loss(x.half() if last else x, y.half() if last else y, SCALE, group=dist.group.WORLD)
+            results["dtype"] = "no error"
+        except ValueError as e:
+            results["dtype"] = str(e)
         oc = open_clip_loss_module() if compare_open_clip else None
         if oc is not None:
             for local_loss in (False, True):
@@ -196,6 +204,8 @@ def test_distributed_equals_one_process(tmp_path, sizes):
                for r in range(world)), [ranks[r]["reach"] for r in range(world)]
     assert all("another rank" in ranks[r]["shape"] for r in range(world) if r != 1), \
         [ranks[r]["shape"] for r in range(world)]
+    said = [ranks[r]["dtype"] for r in range(world)]
+    assert all("the ranks' features differ in dtype" in m for m in said), said
     for kind in ("clip", "siglip"):
         said = [ranks[r][("float16", kind)] for r in range(world)]
         assert all("the loss exceeds float16's range (65504) on at least one rank" in m for m in said), said

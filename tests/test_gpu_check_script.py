@@ -21,7 +21,7 @@ def test_script_parses():
 
 def _function(name: str) -> str:
     text = SCRIPT.read_text()
-    match = re.search(rf"^{name}\(\) \{{.*?^\}}$", text, flags=re.S | re.M)
+    match = re.search(rf"^{name}\(\) \{{.*?^\}}$|^{name}\(\) \{{.*\}}$", text, flags=re.S | re.M)
     assert match, f"gpu_check.sh has no {name}() function"
     return match.group(0)
 
@@ -30,34 +30,36 @@ def _sanitize_function() -> str:
     return _function("sanitize")
 
 
-def test_bundle_leaves_few_files_holding_every_step_and_removes_the_run_folder(tmp_path):
-    # A lent GPU machine brings back at most 8 files from $OUT; the steps write ~20.
+def test_bundle_leaves_few_files_and_the_logs_are_written_as_the_run_goes(tmp_path):
+    # A lent GPU machine brings back at most 8 files from $OUT; the steps write ~20. The
+    # summary and every step's output go straight into the destination while the run goes
+    # (a call killed mid-way still leaves them); at exit the plots and a tarball of the rest.
     run, dest = tmp_path / "run", tmp_path / "out"
     run.mkdir()
     dest.mkdir()
-    steps = ["build", "tests", "memcheck", "bench_sinkhorn"]
-    for i, name in enumerate(steps):
-        (run / f"{name}.log").write_text(f"{name} said {i}\n")
-        os.utime(run / f"{name}.log", (1_000_000 + i, 1_000_000 + i))  # written in this order
-    (run / "gpu_check.log").write_text("== build\n== tests FAILED (exit 1)\n")
-    (run / "sinkhorn.csv").write_text("a,b\n")
-    (run / "sinkhorn.png").write_bytes(b"png")
-    program = f"{_function('bundle')}\nOUT={run}; BUNDLE_TO={dest}\nbundle\n"
-    subprocess.run(["bash", "-c", program], check=True, timeout=60)
+    program = "\n".join([_function("log"), _function("step"), _function("bundle"),
+                         f"OUT={run} BUNDLE_TO={dest} LIVE_SUMMARY={dest}/gpu_check.log "
+                         f"LIVE_STEPS={dest}/gpu_check_steps.log BUDGET=100 status=0",
+                         "step build 20 echo built", "step tests 20 bash -c 'echo ran; exit 3'",
+                         "echo png > $OUT/sinkhorn.png; echo a,b > $OUT/sinkhorn.csv",
+                         "cp $LIVE_STEPS $OUT/../steps_before_exit.log", "bundle", "echo status=$status"])
+    done = subprocess.run(["bash", "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "status=1" in done.stdout, done
+    assert (tmp_path / "steps_before_exit.log").read_text() == "=== build\nbuilt\n=== tests\nran\n"
     assert sorted(p.name for p in dest.iterdir()) == ["gpu_check.log", "gpu_check.tar.gz", "gpu_check_steps.log",
                                                       "sinkhorn.png"]
-    text = (dest / "gpu_check_steps.log").read_text()
-    assert text == "".join(f"=== {name}.log\n{name} said {i}\n" for i, name in enumerate(steps))
-    assert "tests FAILED" in (dest / "gpu_check.log").read_text()
+    summary = (dest / "gpu_check.log").read_text()
+    assert "== build (limit 20s)" in summary and "== tests FAILED (exit 3)" in summary
     with tarfile.open(dest / "gpu_check.tar.gz") as tar:
         names = {os.path.basename(n) for n in tar.getnames()}
-    assert {f"{s}.log" for s in steps} | {"gpu_check.log", "sinkhorn.csv", "sinkhorn.png"} <= names
+    assert {"build.log", "tests.log", "gpu_check.log", "sinkhorn.csv", "sinkhorn.png"} <= names
     assert not run.exists()
 
 
 def _run_sanitize(tmp_path, sanitizer: str, *args: str):
     """sanitize() from the script, run alone, with PY and the step's limit as the script sets them."""
-    program = f"{_sanitize_function()}\nPY=python-stand-in; limit=30\nsanitize {' '.join(args)}\n"
+    program = (f"{_function('log')}\n{_sanitize_function()}\nPY=python-stand-in; limit=30; OUT={tmp_path}\n"
+               f"LIVE_SUMMARY=/dev/null CUDACXX=/nonexistent/nvcc\nsanitize {' '.join(args)}\n")
     env = {**os.environ, "COMPUTE_SANITIZER": sanitizer}
     return subprocess.run(["bash", "-c", program], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=60)
@@ -87,7 +89,8 @@ def test_sanitize_runs_the_memcheck_tests_under_the_tool_with_torchs_cache_off(t
 def test_sanitize_without_the_tool_says_so_and_does_not_fail_the_check(tmp_path):
     done = _run_sanitize(tmp_path, str(tmp_path / "absent"), "memcheck", "kns=pym4", "--", "tests")
     assert done.returncode == 0
-    assert "compute-sanitizer not found" in done.stdout and "memcheck not run" in done.stdout
+    assert "== memcheck SKIPPED: compute-sanitizer not found" in done.stdout  # in the summary too
+    assert "memcheck SKIPPED" in (tmp_path / "gpu_check.log").read_text()
 
 
 def _collected(marker: str) -> list:

@@ -48,7 +48,6 @@ def test_many_partials(epsilon):
     # interpreter (161 rows: 6 partials after a row pass, 3 after the first column pass).
     cfg = kernels().launch_config(torch.float32, 7)
     b = cfg["BLOCK_M"] * (2 * cfg["COMBINE_P"] + 1) + 1
-    assert -(-b // cfg["BLOCK_M"]) == 2 * cfg["COMBINE_P"] + 2
     s = uniform_scores(b, 7, seed=4)
     q = pym4.sinkhorn(s, epsilon, 3, backend="triton")
     torch.testing.assert_close(q.double(), swav_reference(s, epsilon, 3), rtol=5e-5, atol=1e-7)
