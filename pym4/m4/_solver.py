@@ -342,15 +342,14 @@ class M4Solver:
         pi = torch.from_numpy(self.problem.target).to(dev)
         lam = torch.from_numpy(self.problem.tolerances(self.c)).to(dev)
         eta = self.problem.budget
-        if use_kernel:  # (the rows came in the kernel's layout: as_rows(for_kernel=True))
-            s8, y8, u_k = s, y, u
         B = self.batch_size
         for j in range(self._steps(n, dev)):
             b, e = min(j * B, n), min((j + 1) * B, n)
             w = state.v_plus - state.v_minus
             if use_kernel:
                 stats = torch.zeros(2 * lam.shape[0] + 2, dtype=torch.float64, device=dev)
-                _device.cuda_batch(s8, y8, u_k, b, e - b, pi, eta, w, state.mu, stats=stats)
+                # (the rows came in the kernel's layout: as_rows(for_kernel=True))
+                _device.cuda_batch(s, y, u, b, e - b, pi, eta, w, state.mu, stats=stats)
             else:
                 stats = _device.batch_stats(s[b:e], y[b:e], None if u is None else u[b:e], pi, eta, w, state.mu)
             if self.group is not None:
