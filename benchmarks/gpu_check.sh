@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The single GPU check: on a machine with an NVIDIA GPU, build pym4 with CUDA, run the GPU
-# tests, then the GPU benchmarks of every op, then the resource table (registers, spills,
-# shared memory) of every Triton and CUDA kernel compiled for this GPU's arch, the figures the
-# CI compile checks give without a GPU. Everything it prints also goes under $OUT
+# tests, the resource table (registers, spills, shared memory) of every Triton and CUDA kernel
+# compiled for this GPU's arch (the figures the CI compile checks give without a GPU), the GPU
+# benchmark of every op, and the small GPU tests again under compute-sanitizer (memcheck,
+# racecheck). Everything it prints also goes under $OUT
 # (default ./gpu_check_out). Uses the machine's own python3 (with torch and triton) and no
 # network. At most PYM4_GPU_BUDGET_S (570 s) in all: the step limits are caps, cut to the time left.
 #
