@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh, the one GPU check, where it can be checked without a GPU: its
-syntax, its compute-sanitizer steps (with a stand-in for compute-sanitizer that records how
-it was called), and the selection of tests those steps run again. A GPU session has one
+syntax, its --bundle output, its compute-sanitizer steps (with a stand-in for compute-sanitizer
+that records how it was called), and the selection of tests those steps run again. A GPU session has one
 call of the script: a slip found there costs the session's device time."""
 import os
 import re
@@ -24,10 +24,6 @@ def _function(name: str) -> str:
     match = re.search(rf"^{name}\(\) \{{.*?^\}}$|^{name}\(\) \{{.*\}}$", text, flags=re.S | re.M)
     assert match, f"gpu_check.sh has no {name}() function"
     return match.group(0)
-
-
-def _sanitize_function() -> str:
-    return _function("sanitize")
 
 
 def test_bundle_leaves_few_files_and_the_logs_are_written_as_the_run_goes(tmp_path):
@@ -58,7 +54,7 @@ def test_bundle_leaves_few_files_and_the_logs_are_written_as_the_run_goes(tmp_pa
 
 def _run_sanitize(tmp_path, sanitizer: str, *args: str):
     """sanitize() from the script, run alone, with PY and the step's limit as the script sets them."""
-    program = (f"{_function('log')}\n{_sanitize_function()}\nPY=python-stand-in; limit=30; OUT={tmp_path}\n"
+    program = (f"{_function('log')}\n{_function('sanitize')}\nPY=python-stand-in; limit=30; OUT={tmp_path}\n"
                f"LIVE_SUMMARY=/dev/null CUDACXX=/nonexistent/nvcc\nsanitize {' '.join(args)}\n")
     env = {**os.environ, "COMPUTE_SANITIZER": sanitizer}
     return subprocess.run(["bash", "-c", program], capture_output=True, text=True, env=env, cwd=tmp_path,
